@@ -1,0 +1,38 @@
+"""Incremental detokenization for streaming.
+
+Decoding one token at a time breaks multi-byte characters and merges that depend on their
+neighbours, so each step decodes a short window (from `prefix_offset`) and emits only the text
+beyond what that window already produced, holding back while the tail is an incomplete
+character (U+FFFD).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+
+class IncrementalDetokenizer:
+    def __init__(self, decode: Callable[[Sequence[int]], str]):
+        self._decode = decode
+        self.token_ids: list[int] = []
+        self.text = ""
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Append tokens; return the newly completed text (possibly empty)."""
+        self.token_ids.extend(token_ids)
+        prefix = self._decode(self.token_ids[self._prefix_offset: self._read_offset])
+        full = self._decode(self.token_ids[self._prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        self.text += delta
+        return delta
+
+    def finish(self) -> str:
+        """Flush: the final text is the plain decode of all tokens; return what was not yet emitted."""
+        final = self._decode(self.token_ids)
+        delta = final[len(self.text):] if final.startswith(self.text) else ""
+        self.text = final
+        return delta

@@ -1,0 +1,62 @@
+"""glmrt.LLM: the offline Python API (vLLM's shape)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .engine.engine import LLMEngine
+from .outputs import Request, RequestOutput
+from .processor import task_prompt
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a GLM-OCR checkpoint (local directory or Hub id) and generate.
+
+    device / dtype accept strings ("cpu", "cuda", "float32", "bfloat16", ...) or torch objects;
+    by default CUDA + bfloat16 when a GPU is present, else CPU + float32. backend "auto" is
+    "triton" on CUDA and "torch" on CPU. Other options: max_num_seqs, max_num_batched_tokens,
+    max_model_len, kv_cache_tokens, gpu_memory_utilization, block_size, enforce_eager.
+    """
+
+    def __init__(self, model: str, *, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, backend: str = "auto", **options: Any):
+        self.engine = LLMEngine(model, device=device, dtype=dtype, backend=backend, **options)
+
+    @property
+    def processor(self):
+        return self.engine.processor
+
+    def generate(self, requests: Request | dict | Sequence[Request | dict],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run every request to completion (batched); outputs come back in request order."""
+        if isinstance(requests, (Request, dict)):
+            requests = [requests]
+        requests = list(requests)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(requests)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(requests):
+                raise ValueError(f"{len(params)} sampling_params for {len(requests)} requests")
+        ids = []
+        try:
+            for request, p in zip(requests, params):
+                ids.append(self.engine.add_request(request, p))
+        except Exception:
+            for request_id in ids:  # a bad request in the list fails the call, and leaves nothing queued
+                self.engine.abort(request_id)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[i] for i in ids]
+
+    def ocr(self, image: Any, task: str = "text", schema: str | dict | None = None,
+            sampling_params: SamplingParams | None = None) -> str:
+        """Recognise one image: task "text" | "table" | "formula", or JSON extraction with `schema`."""
+        request = Request(prompt=task_prompt(task, schema), images=[image])
+        return self.generate(request, sampling_params)[0].text

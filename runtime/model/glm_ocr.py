@@ -1,0 +1,52 @@
+"""GLM-OCR: vision tower + image-embedding scatter + text decoder, over one set of ops."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..loader import load_checkpoint
+from .ops import TorchOps
+from .text import AttentionMetadata, TextDecoder
+from .vision import VisionTower
+
+
+class GlmOcrModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops: TorchOps):
+        self.config = config
+        self.ops = ops
+        self.vision = VisionTower(config.vision, weights, ops)
+        self.text = TextDecoder(config.text, weights, ops, tied_lm_head=config.tie_word_embeddings)
+        self.dtype = self.text.embed_tokens.dtype
+        self.device = self.text.embed_tokens.device
+
+    @classmethod
+    def from_pretrained(cls, path: Path, config: ModelConfig, ops: TorchOps, device: torch.device,
+                        dtype: torch.dtype) -> "GlmOcrModel":
+        return cls(config, load_checkpoint(path, config, device, dtype).weights, ops)
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
+        """All images of a step in one packed vision pass -> [sum tokens, hidden] in image order."""
+        return self.vision(pixel_values, image_grid_thw)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """input_ids [T] -> [T, hidden]; `<|image|>` rows replaced, in order, by image_embeds."""
+        embeds = self.text.embed_tokens[input_ids]
+        is_image = input_ids == self.config.image_token_id
+        n_slots = int(is_image.sum())
+        n_embeds = 0 if image_embeds is None else image_embeds.shape[0]
+        if n_slots != n_embeds:
+            raise ValueError(f"{n_slots} <|image|> tokens but {n_embeds} image embeddings")
+        if n_slots:
+            embeds[is_image] = image_embeds.to(embeds.dtype)
+        return embeds
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """-> final hidden states [T, hidden]."""
+        return self.text.forward(self.embed(input_ids, image_embeds), positions, attn, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.text.compute_logits(hidden)

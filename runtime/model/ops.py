@@ -1,0 +1,114 @@
+"""The operations the GLM-OCR model is written in, one class per backend.
+
+The model code (vision.py, text.py) calls only these methods, so a backend replaces ops one by
+one without a second copy of the model. `TorchOps` is plain PyTorch with transformers' numerics
+(the CPU path and the oracle); `TritonOps` runs the same math through glmrt.kernels.
+
+Shapes: T tokens in a step, Hq/Hkv heads, D head dim, S vision patches.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from glmrt.kernels import activation, attention, paged, rmsnorm, rope
+
+
+class TorchOps:
+    name = "torch"
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        return rmsnorm.rms_norm_ref(x, weight, eps, residual)
+
+    def sandwich_rms_norm(self, branch, residual, post_weight, pre_weight, eps):
+        return rmsnorm.sandwich_rms_norm_ref(branch, residual, post_weight, pre_weight, eps)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return activation.silu_and_mul_ref(x)
+
+    def layer_norm_gelu(self, x, weight, bias, eps):
+        return activation.layer_norm_gelu_ref(x, weight, bias, eps)
+
+    def vision_qk_norm_rope(self, q, k, q_weight, k_weight, positions, theta, eps):
+        """q, k [S, H, D] -> normed and rotated (q, k)."""
+        return rope.vision_qk_norm_rope_ref(q, k, q_weight, k_weight, positions, theta, eps)
+
+    def mrope(self, q, k, positions, mrope_section, theta):
+        """q [T, Hq, D], k [T, Hkv, D], positions [3, T] -> rotated (q, k).
+
+        Exactly transformers' text path: fp32 angles, cos/sin cast to the activation dtype, then
+        `x * cos + rotate_pairs(x) * sin` in that dtype.
+        """
+        d = q.shape[-1]
+        inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=q.device) / d))
+        angles = positions.to(torch.float32)[..., None] * inv_freq  # [3, T, D/2]
+        row_of_freq = torch.repeat_interleave(
+            torch.arange(3, device=q.device), torch.tensor(mrope_section, device=q.device)
+        )
+        angles = angles.gather(0, row_of_freq.view(1, 1, -1).expand(1, angles.shape[1], -1))[0]  # [T, D/2]
+        cos = angles.cos().repeat_interleave(2, dim=-1).to(q.dtype)[:, None, :]  # [T, 1, D]
+        sin = angles.sin().repeat_interleave(2, dim=-1).to(q.dtype)[:, None, :]
+
+        def rotate_pairs(x: torch.Tensor) -> torch.Tensor:  # (x0, x1) -> (-x1, x0) per pair
+            return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+        return q * cos + rotate_pairs(q) * sin, k * cos + rotate_pairs(k) * sin
+
+    def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, causal):
+        return attention.varlen_attention_ref(q, k, v, cu_seqlens, causal)
+
+    def write_kv_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        """Scatter K/V [T, Hkv, D] into the paged caches [blocks, block_size, Hkv, D]; slot -1 skipped."""
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep]
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+    def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens):
+        return paged.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens)
+
+
+class TritonOps(TorchOps):
+    """Every op that has a Triton kernel runs it; GEMMs stay with torch (cuBLAS)."""
+
+    name = "triton"
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        return rmsnorm.rms_norm(x, weight, eps, residual)
+
+    def sandwich_rms_norm(self, branch, residual, post_weight, pre_weight, eps):
+        return rmsnorm.sandwich_rms_norm(branch, residual, post_weight, pre_weight, eps)
+
+    def silu_and_mul(self, x):
+        return activation.silu_and_mul(x)
+
+    def layer_norm_gelu(self, x, weight, bias, eps):
+        return activation.layer_norm_gelu(x, weight, bias, eps)
+
+    def vision_qk_norm_rope(self, q, k, q_weight, k_weight, positions, theta, eps):
+        rope.vision_qk_norm_rope_(q, k, q_weight, k_weight, positions, theta, eps)
+        return q, k
+
+    def mrope(self, q, k, positions, mrope_section, theta):
+        rope.mrope_(q, k, positions, mrope_section, theta)
+        return q, k
+
+    def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, causal):
+        return attention.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal)
+
+    def write_kv_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        paged.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+    def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens):
+        return paged.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)
+
+
+def make_ops(backend: str) -> TorchOps:
+    if backend == "torch":
+        return TorchOps()
+    if backend == "triton":
+        return TritonOps()
+    raise ValueError(f"backend {backend!r} is not one of 'torch', 'triton'")

@@ -1,0 +1,96 @@
+"""GLM-OCR text decoder: 16 sandwich-norm layers with M-RoPE, GQA and a paged KV cache (spec §3).
+
+One forward runs a whole step: either a varlen prefill of several sequences (attention over the
+new tokens only, causal per sequence) or one decode token per sequence (attention over the
+paged cache). K/V of every new token are written into the cache through the slot mapping.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TextConfig
+from .ops import TorchOps
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention inputs, all on the model's device."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (-1: padding, not written)
+    cu_seqlens: torch.Tensor | None = None  # prefill: [B+1] int32 over the packed new tokens
+    max_seqlen: int = 0  # prefill: longest sequence of the step
+    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # decode: [B] int32, including the new token
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    post_attn_branch_norm: torch.Tensor  # post_self_attn_layernorm: on the attention output
+    pre_mlp_norm: torch.Tensor  # post_attention_layernorm: the MLP's input norm
+    post_mlp_branch_norm: torch.Tensor  # post_mlp_layernorm: on the MLP output
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) D, hidden]: q_proj | k_proj | v_proj fused into one GEMM
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+class TextDecoder:
+    def __init__(self, config: TextConfig, weights: dict[str, torch.Tensor], ops: TorchOps, tied_lm_head: bool,
+                 prefix: str = "model.language_model."):
+        self.config = config
+        self.ops = ops
+        w = lambda name: weights[prefix + name]  # noqa: E731
+        self.embed_tokens = w("embed_tokens.weight")
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"layers.{i}."
+            self.layers.append(LayerWeights(
+                input_norm=w(p + "input_layernorm.weight"),
+                post_attn_branch_norm=w(p + "post_self_attn_layernorm.weight"),
+                pre_mlp_norm=w(p + "post_attention_layernorm.weight"),
+                post_mlp_branch_norm=w(p + "post_mlp_layernorm.weight"),
+                qkv=torch.cat([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
+                               w(p + "self_attn.v_proj.weight")]),
+                o=w(p + "self_attn.o_proj.weight"),
+                gate_up=w(p + "mlp.gate_up_proj.weight"),
+                down=w(p + "mlp.down_proj.weight"),
+            ))
+        self.final_norm = w("norm.weight")
+        self.lm_head = self.embed_tokens if tied_lm_head else weights["lm_head.weight"]
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """inputs_embeds [T, hidden], positions [3, T] -> final-normed hidden states [T, hidden]."""
+        c, ops = self.config, self.ops
+        t, hq, hkv, d, eps = inputs_embeds.shape[0], c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
+        residual = inputs_embeds
+        h = ops.rms_norm(residual, self.layers[0].input_norm, eps)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+            qkv = ops.linear(h, layer.qkv)  # [T, (Hq + 2 Hkv) D]
+            q = qkv[:, : hq * d].view(t, hq, d)
+            k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
+            v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
+            q, k = ops.mrope(q, k, positions, c.mrope_section, c.rope_theta)
+            ops.write_kv_cache(k, v, k_cache, v_cache, attn.slot_mapping)
+            if attn.is_prefill:
+                o = ops.varlen_attention(q, k, v, attn.cu_seqlens, attn.max_seqlen, causal=True)
+            else:
+                o = ops.paged_decode_attention(q, k_cache, v_cache, attn.block_tables, attn.context_lens)
+            a = ops.linear(o.reshape(t, hq * d), layer.o)
+            # Sandwich: residual += post_norm(branch), then the next branch's input norm, in one op.
+            h, residual = ops.sandwich_rms_norm(a, residual, layer.post_attn_branch_norm, layer.pre_mlp_norm, eps)
+            mlp = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up)), layer.down)
+            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+            h, residual = ops.sandwich_rms_norm(mlp, residual, layer.post_mlp_branch_norm, next_norm, eps)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] (only the rows that sample) -> logits [N, vocab] in the model dtype."""
+        return self.ops.linear(hidden, self.lm_head)

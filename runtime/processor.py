@@ -1,0 +1,140 @@
+"""Prompt side of preprocessing: chat template, tokenizer, `<|image|>` expansion (spec §6).
+
+`Processor(images=..., prompt=...)` gives what transformers' Glm46VProcessor gives after
+`apply_chat_template`: input ids with each `<|image|>` expanded to grid_h*grid_w/merge² copies,
+pixel_values [N, 1176] and image_grid_thw [n, 3].
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jinja2 import TemplateError, ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from .image_processor import ImageProcessor
+
+IMAGE_TOKEN = "<|image|>"
+TASK_PROMPTS = {
+    "text": "Text Recognition:",
+    "table": "Table Recognition:",
+    "formula": "Formula Recognition:",
+}
+EXTRACTION_PREFIX = "请按下列JSON格式输出图中信息:"
+
+
+def task_prompt(task: str = "text", schema: str | dict | None = None) -> str:
+    """The model card's prompt for a task, or the information-extraction prompt for a JSON schema."""
+    if schema is not None:
+        body = schema if isinstance(schema, str) else json.dumps(schema, ensure_ascii=False, indent=4)
+        return f"{EXTRACTION_PREFIX}\n{body}"
+    if task not in TASK_PROMPTS:
+        raise ValueError(f"task {task!r} is not one of {sorted(TASK_PROMPTS)} (or pass a schema)")
+    return TASK_PROMPTS[task]
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class ChatTemplate:
+    """A checkpoint's chat template rendered in a sandbox, with the globals transformers provides."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str]):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self._template = env.from_string(source)
+        self._special_tokens = special_tokens
+
+    @classmethod
+    def from_pretrained(cls, path: Path) -> "ChatTemplate":
+        config = _read_json(path / "tokenizer_config.json")
+        special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+        jinja_file = path / "chat_template.jinja"
+        if jinja_file.is_file():
+            return cls(jinja_file.read_text(), special)
+        source = config.get("chat_template")
+        if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
+            source = next((t["template"] for t in source if t.get("name") == "default"), None)
+        if not isinstance(source, str):
+            raise ValueError(f"no chat template in {path} (chat_template.jinja or tokenizer_config.json)")
+        return cls(source, special)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+            **self._special_tokens,
+        )
+
+
+def _read_json(file: Path) -> dict:
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+@dataclass
+class ProcessedPrompt:
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None  # float32 [N, patch_dim]
+    image_grid_thw: torch.Tensor | None  # int64 [n, 3]
+
+
+class Processor:
+    """Tokenizer + chat template + image processor of one checkpoint."""
+
+    def __init__(self, tokenizer: Tokenizer, chat_template: ChatTemplate, image_processor: ImageProcessor):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_processor = image_processor
+        image_id = tokenizer.token_to_id(IMAGE_TOKEN)
+        if image_id is None:
+            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token")
+        self.image_token_id = image_id
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Processor":
+        path = Path(path)
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ValueError(f"no tokenizer.json in {path}")
+        return cls(
+            Tokenizer.from_file(str(tokenizer_file)),
+            ChatTemplate.from_pretrained(path),
+            ImageProcessor.from_pretrained(path),
+        )
+
+    @staticmethod
+    def messages(num_images: int, prompt: str) -> list[dict]:
+        """One user turn: the images first, then the text (the model card's order)."""
+        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+        return [{"role": "user", "content": content}]
+
+    def __call__(self, images: Sequence[Any] = (), prompt: str = "") -> ProcessedPrompt:
+        text = self.chat_template.render(self.messages(len(images), prompt))
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        n_slots = ids.count(self.image_token_id)
+        if n_slots != len(images):
+            raise ValueError(f"the rendered prompt has {n_slots} {IMAGE_TOKEN} slots for {len(images)} images")
+        if not images:
+            return ProcessedPrompt(ids, None, None)
+        vision = self.image_processor(list(images))
+        grid = vision["image_grid_thw"]
+        merge = self.image_processor.merge_size**2
+        counts = iter((grid.prod(-1) // merge).tolist())
+        expanded: list[int] = []
+        for token in ids:
+            expanded.extend([token] * next(counts) if token == self.image_token_id else [token])
+        return ProcessedPrompt(expanded, vision["pixel_values"], grid)
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)

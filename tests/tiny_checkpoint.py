@@ -1,0 +1,135 @@
+"""Tiny random GLM-OCR checkpoints built by transformers, for parity tests.
+
+Small sizes but every structural feature of the real model: head_dim != hidden/heads, GQA, three
+M-RoPE sections, q/k norms, several vision blocks and text layers, untied lm_head, an MTP layer
+on disk (as in the real checkpoint), the real vocabulary size so the special tokens sit at
+GLM-OCR's ids, and weights perturbed so that norms and biases are not trivial.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = {
+    "<|endoftext|>": 59246, "[MASK]": 59247, "[gMASK]": 59248, "[sMASK]": 59249, "<sop>": 59250,
+    "<eop>": 59251, "<|system|>": 59252, "<|user|>": 59253, "<|assistant|>": 59254,
+    "<|observation|>": 59255, "<|begin_of_image|>": 59256, "<|end_of_image|>": 59257,
+    "<|begin_of_video|>": 59258, "<|end_of_video|>": 59259, "<think>": 59267, "</think>": 59268,
+    "<|image|>": 59280, "<|video|>": 59281,
+}
+VOCAB_SIZE = 59392
+
+# A GLM-style chat template (our own text) rendering the layout of spec §6.
+CHAT_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'system' -%}<|system|>{{ '\\n' }}{{ m.content }}"
+    "{%- elif m.role == 'user' -%}<|user|>{{ '\\n' }}"
+    "{%- if m.content is string -%}{{ m.content }}"
+    "{%- else -%}{%- for item in m.content -%}"
+    "{%- if item.type == 'image' -%}<|begin_of_image|><|image|><|end_of_image|>"
+    "{%- elif item.type == 'text' -%}{{ item.text }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- elif m.role == 'assistant' -%}<|assistant|>{{ '\\n' }}<think></think>{{ '\\n' }}{{ m.content }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}{%- endif -%}"
+)
+
+PREPROCESSOR_CONFIG = {
+    "size": {"shortest_edge": 12544, "longest_edge": 9633792},
+    "do_rescale": True,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Glm46VImageProcessor",
+    "processor_class": "Glm46VProcessor",
+}
+
+
+def tiny_config():
+    from transformers import GlmOcrConfig
+
+    return GlmOcrConfig(
+        text_config=dict(
+            vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                             "partial_rotary_factor": 1.0, "rope_theta": 10000.0},
+            eos_token_id=[59246, 59253], pad_token_id=59246, max_position_embeddings=4096,
+            num_nextn_predict_layers=1,
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=48,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, rms_norm_eps=1e-5,
+        ),
+    )
+
+
+def build_tokenizer():
+    """Byte-level BPE over 256 byte symbols, with GLM-OCR's special tokens at their real ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    merges = [("Ġ", "t"), ("e", "x"), ("Ġt", "ex"), ("o", "n"), ("i", "on")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    by_id = {i: tok for tok, i in SPECIAL_TOKENS.items()}
+    for i in range(len(vocab), VOCAB_SIZE):
+        vocab[by_id.get(i, f"<r{i}>")] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok
+
+
+def _perturb_(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("norm.weight") or "layernorm" in name or "norm1" in name or "norm2" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+                p.copy_(noise / math.sqrt(fan_in))
+
+
+def build_tiny_checkpoint(path: Path, seed: int = 0, with_mtp: bool = True) -> Path:
+    """Write config, safetensors weights, tokenizer and preprocessor files into `path`."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GlmOcrForConditionalGeneration
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = GlmOcrForConditionalGeneration(tiny_config()).eval()
+    _perturb_(model, seed)
+    model.save_pretrained(path)  # safetensors
+    if with_mtp:
+        # The real checkpoint carries an MTP layer as layer index num_layers; transformers drops it.
+        weights = load_file(path / "model.safetensors")
+        gen = torch.Generator().manual_seed(seed + 1)
+        for name in [n for n in weights if n.startswith("model.language_model.layers.0.")]:
+            mtp = name.replace("layers.0.", "layers.2.")
+            weights[mtp] = torch.randn(weights[name].shape, generator=gen)
+        for extra, shape in {"enorm.weight": (48,), "hnorm.weight": (48,), "eh_proj.weight": (48, 96)}.items():
+            weights[f"model.language_model.layers.2.{extra}"] = torch.randn(shape, generator=gen)
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    build_tokenizer().save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
+    }))
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
+    return path
