@@ -134,13 +134,20 @@ class LLMEngine:
     def add_request(self, request: Request | dict, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Validate and queue one request; errors name the problem and leave other requests untouched."""
+        return self.enqueue(self.prepare(request, sampling_params, request_id))
+
+    def prepare(self, request: Request | dict, sampling_params: SamplingParams | None = None,
+                request_id: str | None = None) -> Sequence:
+        """Validate and preprocess a request into a Sequence without touching the scheduler.
+
+        This is the expensive, request-local part (image decoding and patchifying), so the async
+        engine runs it in a worker thread while a model step is in flight.
+        """
         request = Request.coerce(request)
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a glmrt.SamplingParams, got {type(params).__name__}")
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self._sequences:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         processed = self.processor(images=request.images, prompt=request.prompt)
         ids = processed.input_ids
         limit = min(self.max_model_len, self.kv_capacity_tokens)
@@ -159,18 +166,23 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(
+        return Sequence(
             request_id=request_id, prompt_token_ids=ids, prompt_positions=positions, rope_delta=rope_delta,
             sampling_params=params, stop_token_ids=frozenset(stop),
             max_total_tokens=min(limit, len(ids) + params.max_tokens),
             pixel_values=processed.pixel_values, image_grid_thw=grids, generator=generator,
         )
-        self._sequences[request_id] = seq
-        self._detokenizers[request_id] = IncrementalDetokenizer(
-            lambda t: self.processor.decode(t, skip_special_tokens=params.skip_special_tokens)
+
+    def enqueue(self, seq: Sequence) -> str:
+        if seq.request_id in self._sequences:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self._sequences[seq.request_id] = seq
+        skip = seq.sampling_params.skip_special_tokens
+        self._detokenizers[seq.request_id] = IncrementalDetokenizer(
+            lambda t: self.processor.decode(t, skip_special_tokens=skip)
         )
         self.scheduler.add(seq)
-        return request_id
+        return seq.request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; None if it is unknown or already done."""
@@ -183,6 +195,13 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._sequences
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._sequences)
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; -> an output (with deltas) for every sequence that advanced."""
