@@ -1,0 +1,390 @@
+"""GLM-OCR image preprocessing (spec §5): load -> RGB -> smart_resize -> PIL bicubic -> patchify.
+
+Matches transformers' PIL-backend processor `Glm46VImageProcessorPil`
+(transformers/models/glm46v/image_processing_pil_glm46v.py): the image is converted to RGB the way
+`transformers.image_transforms.convert_to_rgb` does it, resized as an 8-bit RGB PIL image with
+`Image.resize((w, h), BICUBIC)` (no reducing_gap), then rescaled+normalized and patchified. Grids are
+identical to transformers'; pixel values agree within 4e-7 (transformers rescales in float64 and then
+normalizes in float32 in two steps, here it is one fused fp32 step).
+
+The default transformers v5 backend (torchvision, uint8 antialiased bicubic) differs slightly in
+pixel values from the PIL backend; this module follows the PIL backend.
+
+`patchify` uses the C++ extension `glmrt._C` when it was built and `patchify_numpy` otherwise; the
+two give bit-identical results.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import os
+import pathlib
+import urllib.parse
+import warnings
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+try:  # optional C++ extension
+    from glmrt import _C  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _C = None
+
+HAS_CPP = _C is not None and hasattr(_C, "patchify")
+
+# GLM-OCR defaults (spec §5, the checkpoint's preprocessor_config.json).
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_PIXELS = 12544
+MAX_PIXELS = 9633792
+PATCH_SIZE = 14
+TEMPORAL_PATCH_SIZE = 2
+MERGE_SIZE = 2
+MAX_ASPECT_RATIO = 200
+
+ImageLike = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview]
+
+__all__ = [
+    "HAS_CPP",
+    "ImageProcessor",
+    "load_image",
+    "patchify",
+    "patchify_numpy",
+    "smart_resize",
+    "to_rgb",
+]
+
+
+# --------------------------------------------------------------------------------------- loading
+def _decode(data: bytes, what: str, exif_transpose: bool = True) -> Image.Image:
+    """Decodes encoded image bytes fully, refusing decompression bombs before pixel allocation."""
+    if not data:
+        raise ValueError(f"cannot decode {what}: it is empty")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; both are refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"refusing to decode {what}: decompression bomb ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ValueError(f"cannot decode {what}: not a recognised image format") from exc
+    except Exception as exc:  # any failure on untrusted data means it is undecodable
+        raise ValueError(f"cannot decode {what}: corrupt image header ({type(exc).__name__}: {exc})") from exc
+    _check_pixel_budget(img.size, what)  # belt and braces, independent of the warnings filters
+    try:
+        img.load()
+        if exif_transpose:  # as transformers.image_utils.load_image does for paths/URLs/base64
+            ImageOps.exif_transpose(img, in_place=True)
+    except Exception as exc:
+        raise ValueError(
+            f"cannot decode {what}: corrupt or truncated image data ({type(exc).__name__}: {exc})"
+        ) from exc
+    return img
+
+
+def _check_pixel_budget(size: tuple[int, int], what: str) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = size
+    if limit is not None and w * h > limit:
+        raise ValueError(
+            f"refusing to decode {what}: decompression bomb ({w}x{h} = {w * h} pixels exceeds "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {limit})"
+        )
+
+
+def _decode_data_uri(uri: str) -> bytes:
+    header, sep, payload = uri.partition(",")
+    if not sep:
+        raise ValueError("malformed data URI: no ',' separating header and data")
+    params = header[len("data:"):].split(";")
+    if params[0] and not params[0].lower().startswith("image/"):
+        raise ValueError(f"data URI media type {params[0]!r} is not an image type")
+    if any(p.strip().lower() == "base64" for p in params[1:]):
+        compact = "".join(urllib.parse.unquote(payload).split())
+        try:
+            return base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"data URI payload is not valid base64 ({exc})") from exc
+    return urllib.parse.unquote_to_bytes(payload)
+
+
+def load_image(image: ImageLike, exif_transpose: bool = True) -> Image.Image:
+    """Returns a PIL image from a PIL image, a file path, encoded bytes or a `data:` URI.
+
+    Decoded inputs are turned upright by their EXIF orientation tag (`exif_transpose`), as
+    transformers.image_utils.load_image does for paths, URLs and base64; a PIL image is returned as
+    is (it is already decoded, so neither orientation nor the pixel limit is applied to it).
+    Undecodable input and images over `PIL.Image.MAX_IMAGE_PIXELS` raise ValueError; a missing
+    file raises FileNotFoundError. Nothing is fetched from the network.
+    """
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _decode(bytes(image), "image bytes", exif_transpose)
+    if isinstance(image, str) and image[:5].lower() == "data:":
+        return _decode(_decode_data_uri(image), "data URI", exif_transpose)
+    if isinstance(image, str) and image.split("://", 1)[0].lower() in ("http", "https", "ftp", "file"):
+        raise ValueError("image URLs are not fetched; pass a local path, bytes or a data URI")
+    if isinstance(image, (str, os.PathLike)):
+        path = pathlib.Path(image)
+        shown = _short(str(path))
+        try:
+            is_file = path.is_file()
+        except (OSError, ValueError) as exc:  # e.g. a name too long (a bare base64 string), a NUL byte
+            raise ValueError(f"not a usable image path or data URI: {shown} ({exc.__class__.__name__})") from exc
+        if not is_file:
+            raise FileNotFoundError(f"image file not found: {shown}")
+        return _decode(path.read_bytes(), f"image file {shown}", exif_transpose)
+    raise TypeError(
+        f"unsupported image input {type(image).__name__}; expected PIL.Image, path, bytes or data URI"
+    )
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Converts to RGB exactly like transformers.image_transforms.convert_to_rgb.
+
+    An image with an alpha band or a `transparency` info entry is converted to RGBA and composited
+    onto opaque white; any other mode is `convert("RGB")` (a no-op copy for RGB).
+    """
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------- resize
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = 28,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+    temporal: int = TEMPORAL_PATCH_SIZE,
+) -> tuple[int, int]:
+    """Target (height, width), multiples of `factor`, for one image (spec §5 step 2).
+
+    The pixel budget [min_pixels, max_pixels] applies to a `temporal`-frame clip, i.e. to
+    temporal*h*w; a single image counts as `temporal` frames.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height = int(height * scale)
+        width = int(width * scale)
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, got {ratio}")
+    h_bar = round(height / factor) * factor  # Python round: half to even, as transformers
+    w_bar = round(width / factor) * factor
+    frames = temporal  # num_frames == temporal_factor for one image: t_bar == temporal
+    if frames * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(frames * height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif frames * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+# -------------------------------------------------------------------------------------- patchify
+def _normalize_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """[C, 256] fp32 table of (v - f32(255*mean_c)) / f32(255*std_c); same ops as the C++ one."""
+    shift = (255.0 * np.asarray(mean, dtype=np.float64)).astype(np.float32)
+    scale = (255.0 * np.asarray(std, dtype=np.float64)).astype(np.float32)
+    values = np.arange(256, dtype=np.float32)
+    return (values[None, :] - shift[:, None]) / scale[:, None]
+
+
+def _check_patchify_args(image, mean, std, patch_size, temporal_patch_size, merge_size) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise ValueError(f"patchify: image must be a uint8 array, got {getattr(image, 'dtype', type(image))}")
+    if image.ndim != 3:
+        raise ValueError(f"patchify: image must be HWC (3 dims), got {image.ndim} dims")
+    h, w, c = image.shape
+    if c < 1:
+        raise ValueError("patchify: image has no channels")
+    if len(mean) != c or len(std) != c:
+        raise ValueError(
+            f"patchify: mean and std need {c} values (one per channel), got {len(mean)} and {len(std)}"
+        )
+    if not all(math.isfinite(m) for m in mean):
+        raise ValueError("patchify: mean must be finite")
+    if not all(math.isfinite(s) and s != 0 for s in std):
+        raise ValueError("patchify: std must be finite and non-zero")
+    if patch_size < 1 or temporal_patch_size < 1 or merge_size < 1:
+        raise ValueError("patchify: patch_size, temporal_patch_size and merge_size must be >= 1")
+    unit = patch_size * merge_size
+    if h < 1 or w < 1 or h % unit or w % unit:
+        raise ValueError(
+            f"patchify: image size {h}x{w} is not a positive multiple of patch_size*merge_size = {unit}"
+        )
+
+
+def patchify_numpy(
+    image: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    patch_size: int = PATCH_SIZE,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+    merge_size: int = MERGE_SIZE,
+) -> np.ndarray:
+    """numpy twin of glmrt._C.patchify: uint8 HWC -> float32 [N, C*T*P*P] (spec §5 steps 4-6).
+
+    Rows in merge-block-major order (bh, bw, mh, mw), row vector order (c, t, py, px), the T
+    temporal copies identical, x = (pixel - 255*mean_c) / (255*std_c) in fp32.
+    """
+    _check_patchify_args(image, mean, std, patch_size, temporal_patch_size, merge_size)
+    h, w, c = image.shape
+    p, t, m = patch_size, temporal_patch_size, merge_size
+    lut = _normalize_lut(mean, std)
+    normed = np.empty((h, w, c), dtype=np.float32)
+    for ch in range(c):
+        normed[..., ch] = lut[ch][image[..., ch]]
+    gh, gw = h // p, w // p
+    blocks = normed.reshape(gh // m, m, p, gw // m, m, p, c)
+    blocks = blocks.transpose(0, 3, 1, 4, 6, 2, 5)  # (bh, bw, mh, mw, c, py, px)
+    out = np.empty((gh // m, gw // m, m, m, c, t, p, p), dtype=np.float32)
+    out[...] = blocks[:, :, :, :, :, None]  # temporal copies
+    return out.reshape(gh * gw, c * t * p * p)
+
+
+def patchify(
+    image: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    patch_size: int = PATCH_SIZE,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+    merge_size: int = MERGE_SIZE,
+) -> np.ndarray:
+    """uint8 HWC image -> float32 [N, C*T*P*P]; C++ when built, else `patchify_numpy`."""
+    if not HAS_CPP:
+        return patchify_numpy(image, mean, std, patch_size, temporal_patch_size, merge_size)
+    if isinstance(image, np.ndarray) and not image.flags.c_contiguous:
+        image = np.ascontiguousarray(image)
+    return _C.patchify(
+        image, [float(v) for v in mean], [float(v) for v in std], patch_size, temporal_patch_size, merge_size
+    )
+
+
+# ------------------------------------------------------------------------------------- processor
+class ImageProcessor:
+    """GLM-OCR image processor: list of images -> pixel_values [sum N, 1176] + image_grid_thw [n, 3]."""
+
+    def __init__(
+        self,
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int = MAX_PIXELS,
+        image_mean: Sequence[float] = IMAGE_MEAN,
+        image_std: Sequence[float] = IMAGE_STD,
+        patch_size: int = PATCH_SIZE,
+        temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+        merge_size: int = MERGE_SIZE,
+    ) -> None:
+        if len(image_mean) != 3 or len(image_std) != 3:
+            raise ValueError("image_mean and image_std need 3 values (RGB)")
+        if min(patch_size, temporal_patch_size, merge_size) < 1:
+            raise ValueError("patch_size, temporal_patch_size and merge_size must be >= 1")
+        if not 0 < min_pixels <= max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+        self.min_pixels = int(min_pixels)
+        self.max_pixels = int(max_pixels)
+        self.image_mean = tuple(float(v) for v in image_mean)
+        self.image_std = tuple(float(v) for v in image_std)
+        self.patch_size = int(patch_size)
+        self.temporal_patch_size = int(temporal_patch_size)
+        self.merge_size = int(merge_size)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "ImageProcessor":
+        """Reads `preprocessor_config.json` from a checkpoint directory; GLM-OCR defaults if absent."""
+        cfg_path = pathlib.Path(path) / "preprocessor_config.json"
+        if not cfg_path.is_file():
+            return cls()
+        try:
+            cfg: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from exc
+        # Settings this implementation hard-wires: refuse configs that ask for something else.
+        unsupported = {
+            "do_resize": (True,),
+            "do_rescale": (True,),
+            "do_normalize": (True,),
+            "do_convert_rgb": (True,),
+            "resample": (3,),  # PIL BICUBIC
+        }
+        for key, allowed in unsupported.items():
+            if key in cfg and cfg[key] not in allowed:
+                raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported (only {allowed[0]!r})")
+        if "rescale_factor" in cfg and not math.isclose(cfg["rescale_factor"], 1 / 255, rel_tol=1e-6):
+            raise ValueError(f"{cfg_path}: rescale_factor={cfg['rescale_factor']!r} is not supported (only 1/255)")
+        size = cfg.get("size") or {}
+        min_pixels = size.get("shortest_edge", cfg.get("min_pixels", MIN_PIXELS))
+        max_pixels = size.get("longest_edge", cfg.get("max_pixels", MAX_PIXELS))
+        return cls(
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            image_mean=cfg.get("image_mean", IMAGE_MEAN),
+            image_std=cfg.get("image_std", IMAGE_STD),
+            patch_size=cfg.get("patch_size", PATCH_SIZE),
+            temporal_patch_size=cfg.get("temporal_patch_size", TEMPORAL_PATCH_SIZE),
+            merge_size=cfg.get("merge_size", MERGE_SIZE),
+        )
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(
+            height, width, self.factor, self.min_pixels, self.max_pixels, self.temporal_patch_size
+        )
+
+    def preprocess_one(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """One image -> (float32 [gh*gw, 3*T*P*P] patches, (1, gh, gw))."""
+        rgb = to_rgb(load_image(image))
+        h, w = self.resized_size(rgb.height, rgb.width)
+        # Same call transformers' PIL backend makes on the uint8 RGB image (it always resizes).
+        resized = rgb.resize((w, h), resample=Image.Resampling.BICUBIC)
+        pixels = np.asarray(resized, dtype=np.uint8)
+        patches = patchify(
+            pixels, self.image_mean, self.image_std, self.patch_size, self.temporal_patch_size, self.merge_size
+        )
+        return patches, (1, h // self.patch_size, w // self.patch_size)
+
+    def __call__(self, images: Sequence[ImageLike] | ImageLike) -> dict[str, torch.Tensor]:
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise ValueError("no images given")
+        patches, grids = [], []
+        for image in images:
+            p, grid = self.preprocess_one(image)
+            patches.append(p)
+            grids.append(grid)
+        pixel_values = patches[0] if len(patches) == 1 else np.concatenate(patches, axis=0)
+        return {
+            "pixel_values": torch.from_numpy(pixel_values),
+            "image_grid_thw": torch.tensor(grids, dtype=torch.int64),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageProcessor(min_pixels={self.min_pixels}, max_pixels={self.max_pixels}, "
+            f"image_mean={self.image_mean}, image_std={self.image_std}, patch_size={self.patch_size}, "
+            f"temporal_patch_size={self.temporal_patch_size}, merge_size={self.merge_size})"
+        )
