@@ -104,7 +104,12 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, self.options.max_num_seqs, self.options.max_num_batched_tokens or self.max_model_len
         )
-        self.runner = ModelRunner(self.model, num_blocks, block_size, Sampler())
+        use_graphs = self.device.type == "cuda" and self.backend == "triton" and not self.options.enforce_eager
+        self.runner = ModelRunner(
+            self.model, num_blocks, block_size, Sampler(use_kernels=self.backend == "triton"),
+            graph_max_num_seqs=self.options.max_num_seqs if use_graphs else 0,
+            max_blocks_per_seq=-(-self.max_model_len // block_size),
+        )
         self._sequences: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()

@@ -30,23 +30,25 @@ class GlmOcrModel:
         """All images of a step in one packed vision pass -> [sum tokens, hidden] in image order."""
         return self.vision(pixel_values, image_grid_thw)
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """input_ids [T] -> [T, hidden]; `<|image|>` rows replaced, in order, by image_embeds."""
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+              image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [T] -> [T, hidden]; rows where image_mask [T] is set are replaced, in order, by
+        image_embeds. Without image_embeds every id is embedded as is (a decode step never syncs)."""
         embeds = self.text.embed_tokens[input_ids]
-        is_image = input_ids == self.config.image_token_id
-        n_slots = int(is_image.sum())
-        n_embeds = 0 if image_embeds is None else image_embeds.shape[0]
-        if n_slots != n_embeds:
-            raise ValueError(f"{n_slots} <|image|> tokens but {n_embeds} image embeddings")
-        if n_slots:
-            embeds[is_image] = image_embeds.to(embeds.dtype)
+        if image_embeds is None:
+            return embeds
+        n_slots = int(image_mask.sum())
+        if n_slots != image_embeds.shape[0]:
+            raise ValueError(f"{n_slots} <|image|> tokens but {image_embeds.shape[0]} image embeddings")
+        embeds[image_mask] = image_embeds.to(embeds.dtype)
         return embeds
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], image_embeds: torch.Tensor | None = None,
+                image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """-> final hidden states [T, hidden]."""
-        return self.text.forward(self.embed(input_ids, image_embeds), positions, attn, kv_caches)
+        return self.text.forward(self.embed(input_ids, image_embeds, image_mask), positions, attn, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.text.compute_logits(hidden)
