@@ -1,0 +1,349 @@
+"""Paged KV cache: the cache write and split-KV decode attention (flash-decoding).
+
+Cache layout (vLLM / nano-vllm "flash" layout), one tensor per layer for K and one for V:
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], last dim contiguous.
+A slot is `block_id * block_size + offset_in_block`; `slot_mapping[t]` is where token t goes, -1
+means "no slot" (padding rows of a CUDA-graph batch) and is skipped.
+`block_tables[b, i]` is the block holding tokens [i*block_size, (i+1)*block_size) of sequence b;
+`context_lens[b]` is how many of them are valid (0 is allowed and yields a zero output row).
+
+Neither launcher reads a device tensor: grids and intermediates depend on shapes only, so both
+calls are safe to capture in a CUDA graph and replay with new slot mappings / tables / lengths.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# Decode tile: 64 tokens x 128 dims x 2 B = 16 KiB per K (and V) tile, whole cache blocks for
+# block_size <= 64; K/V rows are copied as 16-byte vectors.
+_BLOCK_N = 64
+# All q heads of one kv group go through tl.dot together, padded to 16 rows (mma's minimum M).
+# With GLM-OCR's group of 2, 7/8 of the MMA rows are wasted, but that is free: the padded dots
+# need 16 flop per byte of K/V, Hopper's tensor cores do ~200 per byte of HBM bandwidth. What the
+# dot path buys is that Triton's pipeliner turns the K/V loads feeding it into cp.async copies
+# through shared memory issued ahead of use (see test_decode_kernel_is_pipelined_on_sm90).
+_MIN_DOT_M = 16
+# The block-table load is itself a pipeline stage (the K/V addresses depend on it), so it takes 5
+# stages to get two K/V buffers: tile i+1 (and soon i+2) is in flight while tile i is consumed,
+# 32-64 KiB per program. 3 stages gives a single buffer, filled only after the previous tile is
+# used. Triton 3.6 and 3.7 (ptxas, sm_90): 122-124 registers with 4 warps and ~72 KiB of shared
+# memory, so 3 programs fit on an SM (shared memory bound).
+_DECODE_WARPS = 4
+_DECODE_STAGES = 5
+_RESIDENT_PROGRAMS = 132 * 3  # H100 / H200: 132 SMs x 3 programs
+_MAX_SPLITS = 64
+
+
+# ----------------------------------------------------------------------------- cache write
+
+
+@triton.jit
+def _write_kv_cache_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kc_block, stride_kc_slot, stride_kc_head,
+    stride_vc_block, stride_vc_slot, stride_vc_head,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per token: all kv heads of its K and V rows, [H, D] each.
+    t = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (slot >= 0) & (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    t64 = t.to(tl.int64)
+
+    k = tl.load(k_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(v_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    kc = k_cache_ptr + block * stride_kc_block + offset * stride_kc_slot
+    vc = v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot
+    tl.store(kc + offs_h[:, None] * stride_kc_head + offs_d[None, :],
+             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc + offs_h[:, None] * stride_vc_head + offs_d[None, :],
+             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension, got strides {t.stride()}")
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} {v_cache.dtype} must match k_cache "
+                         f"{tuple(k_cache.shape)} {k_cache.dtype}")
+    _check_last_dim_contiguous("k_cache", k_cache)
+    _check_last_dim_contiguous("v_cache", v_cache)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, Hkv, D] at slot_mapping [T] (int32/int64, -1 = skip) into the caches, in place.
+
+    k and v may be strided views (e.g. slices of a packed qkv projection) as long as the head_dim
+    axis is contiguous.
+    """
+    _check_cache(k_cache, v_cache)
+    _, block_size, num_heads, head_dim = k_cache.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 3 or tuple(t.shape[1:]) != (num_heads, head_dim):
+            raise ValueError(f"{name} must be [T, {num_heads}, {head_dim}], got {tuple(t.shape)}")
+        _check_last_dim_contiguous(name, t)
+    if v.shape[0] != k.shape[0] or slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} and v {tuple(v.shape)} must "
+                         f"have k's {k.shape[0]} tokens")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    num_tokens = k.shape[0]
+    if num_tokens == 0:
+        return
+    _write_kv_cache_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: index_put into clones of the caches; rows with slot -1 are dropped."""
+    num_blocks, block_size, num_heads, head_dim = k_cache.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_out = k_cache.clone().view(num_blocks * block_size, num_heads, head_dim)
+    v_out = v_cache.clone().view(num_blocks * block_size, num_heads, head_dim)
+    k_out.index_put_((slots,), k[keep].to(k_cache.dtype))
+    v_out.index_put_((slots,), v[keep].to(v_cache.dtype))
+    return k_out.view_as(k_cache), v_out.view_as(v_cache)
+
+
+# ----------------------------------------------------------------------------- decode attention
+
+
+@triton.jit
+def _paged_decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
+    max_blocks,
+    stride_qb, stride_qh,
+    stride_kc_block, stride_kc_slot, stride_kc_head,
+    stride_vc_block, stride_vc_slot, stride_vc_head,
+    stride_bt,
+    stride_ob, stride_oh,
+    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # grid (Hkv, NUM_SPLITS, B). Split s of sequence b covers its own context, cut into BLOCK_N
+    # tiles and shared out evenly, so the work follows context_lens (read here, on the device)
+    # while the grid follows shapes only. A split with no tile leaves lse = -inf, out = 0.
+    # kv heads vary fastest so that programs launched together read neighbouring 256-byte head
+    # rows of the same cache blocks (same DRAM pages).
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+
+    ctx = tl.minimum(tl.load(context_lens_ptr + b), max_blocks * BLOCK_SIZE)
+    num_tiles = tl.cdiv(ctx, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_start = split * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+
+    # [BLOCK_H, BLOCK_D]; rows past the group are zeros (finite scores, never stored).
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    k_base = k_cache_ptr + kv_head * stride_kc_head
+    v_base = v_cache_ptr + kv_head * stride_vc_head
+    bt_row = block_tables_ptr + b64 * stride_bt
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for tile in range(tile_start, tile_end):
+        pos = tile * BLOCK_N + offs_n  # [BLOCK_N] token positions in the sequence
+        n_mask = pos < ctx
+        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        in_block = pos % BLOCK_SIZE
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + block[:, None] * stride_kc_block + in_block[:, None] * stride_kc_slot
+                    + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        # The first token of every visited tile is valid, so m_new is finite: no NaN from exp2.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + block[:, None] * stride_vc_block + in_block[:, None] * stride_vc_slot
+                    + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_tokens = l_i > 0.0
+    out = tl.where(has_tokens[:, None], acc / tl.where(has_tokens, l_i, 1.0)[:, None], 0.0)
+    store_mask = h_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        # part_out [B, Hq, NUM_SPLITS, HEAD_DIM] fp32, part_lse [B, Hq, NUM_SPLITS] fp32 (base 2)
+        row = (b64 * NUM_Q_HEADS + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=store_mask)
+        lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=h_mask)
+
+
+@triton.jit
+def _paged_decode_combine_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    stride_ob, stride_oh,
+    NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # grid (B * Hq): out = sum_s 2^(lse_s - max) * out_s / sum_s 2^(lse_s - max).
+    row = tl.program_id(0).to(tl.int64)
+    b = row // NUM_Q_HEADS
+    h = row % NUM_Q_HEADS
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    # All splits empty (context_len 0): every weight becomes 0 and the row is written as zeros.
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.exp2(lse - lse_max)  # [BLOCK_S]
+    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    denom = tl.sum(w, axis=0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=d_mask)
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int) -> int:
+    """KV splits per (sequence, kv head): as many as fit B * Hkv * splits programs into one wave
+    of resident programs on 132 SMs (equal splits finish together; a second, partial wave would
+    leave SMs idle at the end), keeping at least one tile (BLOCK_N tokens, whole cache blocks)
+    per split of a full table. Depends on shapes only, so a captured graph keeps its grid."""
+    wanted = _RESIDENT_PROGRAMS // max(batch * num_kv_heads, 1)
+    tiles = triton.cdiv(max_blocks * block_size, _BLOCK_N)
+    return max(1, min(wanted, tiles, _MAX_SPLITS))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float | None = None, num_splits: int | None = None
+                           ) -> torch.Tensor:
+    """One decode query per sequence against its paged K/V; returns [B, Hq, D] in q.dtype.
+
+    q: [B, Hq, D] (any batch/head strides, contiguous D); k_cache, v_cache: [num_blocks,
+    block_size, Hkv, D]; block_tables: [B, max_blocks] int32; context_lens: [B] int32.
+    Query head h reads kv head h // (Hq // Hkv). Tokens past max_blocks * block_size are ignored.
+    """
+    _check_cache(k_cache, v_cache)
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    if q.dim() != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads != 0:
+        raise ValueError(f"q must be [B, Hq, {head_dim}] with Hq a multiple of {num_kv_heads}, "
+                         f"got {tuple(q.shape)}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} must match the cache dtype {k_cache.dtype}")
+    _check_last_dim_contiguous("q", q)
+    batch, num_q_heads, _ = q.shape
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [{batch}, max_blocks], got {tuple(block_tables.shape)}")
+    if block_tables.stride(1) != 1 or block_tables.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_tables must be int32/int64 with contiguous rows, got "
+                         f"{block_tables.dtype} strides {block_tables.stride()}")
+    if context_lens.shape != (batch,) or context_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"context_lens must be [{batch}] int32/int64, got "
+                         f"{tuple(context_lens.shape)} {context_lens.dtype}")
+    max_blocks = block_tables.shape[1]
+    if num_splits is None:
+        num_splits = default_num_splits(batch, num_kv_heads, max_blocks, block_size)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+    out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if num_splits == 1:  # the split kernel writes `out` itself; the part buffers are unused
+        part_out = part_lse = out
+    else:
+        part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32,
+                               device=q.device)
+    group = num_q_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    _paged_decode_split_kernel[(num_kv_heads, num_splits, batch)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, part_out, part_lse,
+        scale * math.log2(math.e), max_blocks,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        NUM_Q_HEADS=num_q_heads, GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        BLOCK_H=max(_MIN_DOT_M, triton.next_power_of_2(group)), BLOCK_D=max(16, block_d),
+        BLOCK_N=_BLOCK_N,
+        # fp32 inputs (tests, CPU) must not silently drop to tf32 on the GPU
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=_DECODE_WARPS, num_stages=_DECODE_STAGES,
+    )
+    if num_splits > 1:
+        _paged_decode_combine_kernel[(batch * num_q_heads,)](
+            part_out, part_lse, out,
+            out.stride(0), out.stride(1),
+            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        )
+    return out
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """Reference: gather each sequence's K/V through its block table, fp32 softmax attention."""
+    batch, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.zeros(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        n = int(context_lens[b])
+        if n == 0:
+            continue
+        blocks = block_tables[b, : triton.cdiv(n, block_size)].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()  # [n, Hkv, D]
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        k = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v)
+    return out.to(q.dtype)

@@ -1,0 +1,268 @@
+"""Rotary position embeddings for GLM-OCR, applied in place.
+
+Two kernels, both memory-bound elementwise passes that read q/k once and write them once:
+
+- `vision_qk_norm_rope_`: the vision attention's per-head q/k RMSNorm fused with the 2D
+  (row, col) rotary embedding, NeoX half-rotate over the whole head dim (spec §2 steps 2-3).
+- `mrope_`: the text decoder's 3D M-RoPE, GPT-J interleaved pairs over the whole head dim with
+  contiguous (t, h, w) frequency sections (spec §3 "Text M-RoPE").
+
+cos/sin are computed in the kernel from integer positions, so no [T, D] table is read from memory.
+The inverse frequencies are the only table: a few floats built once on the host with the same torch
+expression transformers uses, so every angle is bit-identical to the reference's.
+
+Rounding mirrors transformers in bf16/fp16:
+- vision: RMSNorm in fp32, rounded to the dtype, times the weight, rounded again; rotation in fp32
+  with fp32 cos/sin; one final rounding (GlmOcrRMSNorm + apply_rotary_pos_emb_vision).
+- text: cos/sin rounded to the dtype (transformers casts them to the activation dtype); the two
+  products and their sum in fp32, one final rounding (transformers rounds each product and the sum
+  separately in bf16: three roundings where we do one).
+"""
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements of q a program holds: [BLOCK_T, BLOCK_H, D] ~ 4096 is 32 fp32 values per thread at 4 warps,
+# enough independent 16-byte loads in flight to cover latency without spilling.
+_TILE_ELEMS = 4096
+
+
+@lru_cache(maxsize=None)
+def _inv_freq(theta: float, rotary_dim: int, device: torch.device) -> torch.Tensor:
+    """[rotary_dim // 2] fp32: theta^(-2i/rotary_dim), built on the CPU exactly as transformers does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+    return inv_freq.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vision: per-head RMSNorm + 2D NeoX rotary
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_rope_neox(x_ptr, w_ptr, stride_s, stride_h, offs_s, offs_h, offs_d, mask, cos, sin,
+                        eps, HALF: tl.constexpr):
+    # x [BLOCK_S, BLOCK_H, 2*HALF] as two halves; cos/sin [BLOCK_S, 1, HALF] fp32
+    dtype = x_ptr.dtype.element_ty
+    ptrs = (x_ptr + offs_s.to(tl.int64)[:, None, None] * stride_s
+            + offs_h[None, :, None] * stride_h + offs_d[None, None, :])
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + offs_d).to(tl.float32)[None, None, :]
+    w2 = tl.load(w_ptr + HALF + offs_d).to(tl.float32)[None, None, :]
+    mean_sq = (tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / (2 * HALF)
+    rstd = tl.math.rsqrt(mean_sq + eps)[:, :, None]
+    y1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    y2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    tl.store(ptrs, (y1 * cos - y2 * sin).to(dtype), mask=mask)
+    tl.store(ptrs + HALF, (y2 * cos + y1 * sin).to(dtype), mask=mask)
+
+
+@triton.jit
+def _vision_qk_norm_rope_kernel(
+    q_ptr, k_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr,
+    S, H,
+    stride_qs, stride_qh, stride_ks, stride_kh, stride_ps, stride_pc,
+    eps,
+    HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # One program: BLOCK_S tokens x all heads, q then k; cos/sin computed once for both.
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HALF)
+    mask_s = offs_s < S
+    pos_row = tl.load(pos_ptr + offs_s * stride_ps, mask=mask_s, other=0).to(tl.float32)
+    pos_col = tl.load(pos_ptr + offs_s * stride_ps + stride_pc, mask=mask_s, other=0).to(tl.float32)
+    # angle slot i < HALF/2 rotates with the row, the rest with the column (same frequencies)
+    inv_freq = tl.load(inv_freq_ptr + offs_d % (HALF // 2))
+    pos = tl.where((offs_d < HALF // 2)[None, :], pos_row[:, None], pos_col[:, None])
+    angle = pos * inv_freq[None, :]
+    cos = tl.cos(angle)[:, None, :]
+    sin = tl.sin(angle)[:, None, :]
+    mask = mask_s[:, None, None] & (offs_h < H)[None, :, None]
+    _rms_norm_rope_neox(q_ptr, qw_ptr, stride_qs, stride_qh, offs_s, offs_h, offs_d, mask, cos, sin,
+                        eps, HALF)
+    _rms_norm_rope_neox(k_ptr, kw_ptr, stride_ks, stride_kh, offs_s, offs_h, offs_d, mask, cos, sin,
+                        eps, HALF)
+
+
+def _check_heads(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [tokens, heads, head_dim], got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in head_dim, got strides {x.stride()}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be fp32, fp16 or bf16, got {x.dtype}")
+
+
+def _check_positions(positions: torch.Tensor, shape: tuple[int, int], like: torch.Tensor) -> None:
+    if tuple(positions.shape) != shape:
+        raise ValueError(f"positions must have shape {shape}, got {tuple(positions.shape)}")
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be int32 or int64, got {positions.dtype}")
+    if positions.device != like.device:
+        raise ValueError(f"positions is on {positions.device}, q on {like.device}")
+
+
+def vision_qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+                         k_weight: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
+                         eps: float = 1e-5) -> None:
+    """In place: q = rope(RMSNorm(q) * q_weight), k likewise, per head.
+
+    q, k: [S, H, D] (same shape and dtype, any token/head strides, head_dim contiguous; typically
+    the q and k slices of the packed qkv output viewed as [S, 3, H, D]). q_weight, k_weight: [D].
+    positions: [S, 2] int32/int64, (row, col) of each patch (transformers' get_vision_position_ids).
+    D must be a power of two >= 4; angles are [row * f, col * f] with f = theta^(-2i/(D/2)), i < D/4.
+    The first call per (theta, D, device) uploads a small frequency table: make it before CUDA-graph
+    capture (any warm-up run does).
+    """
+    _check_heads("q", q)
+    _check_heads("k", k)
+    if k.shape != q.shape or k.dtype != q.dtype:
+        raise ValueError(f"k {tuple(k.shape)} {k.dtype} must match q {tuple(q.shape)} {q.dtype}")
+    S, H, D = q.shape
+    if D < 4 or D & (D - 1):
+        raise ValueError(f"head_dim must be a power of two >= 4, got {D}")
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w.shape != (D,) or w.stride(0) != 1:
+            raise ValueError(f"{name} must be a contiguous [{D}] tensor, got {tuple(w.shape)}")
+    _check_positions(positions, (S, 2), q)
+    if S == 0:
+        return
+    block_h = triton.next_power_of_2(H)
+    block_s = max(1, min(triton.next_power_of_2(S), _TILE_ELEMS // (block_h * D)))
+    _vision_qk_norm_rope_kernel[(triton.cdiv(S, block_s),)](
+        q, k, q_weight, k_weight, positions, _inv_freq(float(theta), D // 2, q.device),
+        S, H,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions.stride(0), positions.stride(1),
+        float(eps),
+        HALF=D // 2, BLOCK_S=block_s, BLOCK_H=block_h, num_warps=4,
+    )
+
+
+def vision_qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+                            k_weight: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
+                            eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch twin of `vision_qk_norm_rope_` (GlmOcrRMSNorm + apply_rotary_pos_emb_vision)."""
+    D = q.shape[-1]
+    freqs = positions[..., None].float() * _inv_freq(float(theta), D // 2, q.device)  # [S, 2, D/4]
+    freqs = freqs.flatten(1)  # [S, D/2]: row frequencies, then column frequencies
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # [S, 1, D]
+    cos, sin = emb.cos(), emb.sin()
+
+    def norm_rope(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = (weight.float() * xf.to(x.dtype).float()).to(x.dtype).float()
+        y1, y2 = y.chunk(2, dim=-1)
+        return (y * cos + torch.cat([-y2, y1], dim=-1) * sin).to(x.dtype)
+
+    return norm_rope(q, q_weight), norm_rope(k, k_weight)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text: 3D M-RoPE, interleaved pairs
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_interleaved(x_ptr, stride_t, stride_h, H, offs_t, mask_t, cos, sin,
+                      HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    # x [BLOCK_T, BLOCK_H, D] loaded contiguously (16-byte vectors), then split into its even and odd
+    # lanes in registers; loading the two lanes with stride-2 pointers would halve the vector width.
+    dtype = x_ptr.dtype.element_ty
+    BLOCK_T: tl.constexpr = offs_t.shape[0]
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, 2 * HALF)
+    ptrs = (x_ptr + offs_t.to(tl.int64)[:, None, None] * stride_t
+            + offs_h[None, :, None] * stride_h + offs_d[None, None, :])
+    mask = mask_t[:, None, None] & (offs_h < H)[None, :, None]
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_H, HALF, 2)))
+    out = tl.join(x_even * cos - x_odd * sin, x_odd * cos + x_even * sin)
+    tl.store(ptrs, tl.reshape(out, (BLOCK_T, BLOCK_H, 2 * HALF)).to(dtype), mask=mask)
+
+
+@triton.jit
+def _mrope_kernel(
+    q_ptr, k_ptr, pos_ptr, inv_freq_ptr,
+    T, HQ, HK,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_pr, stride_pt,
+    HALF: tl.constexpr, SEC_T: tl.constexpr, SEC_TH: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+):
+    # One program: BLOCK_T tokens x all q heads and all k heads; cos/sin computed once for both.
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_j = tl.arange(0, HALF)
+    mask_t = offs_t < T
+    pos_ptrs = pos_ptr + offs_t * stride_pt
+    pos_t = tl.load(pos_ptrs, mask=mask_t, other=0).to(tl.float32)
+    pos_h = tl.load(pos_ptrs + stride_pr, mask=mask_t, other=0).to(tl.float32)
+    pos_w = tl.load(pos_ptrs + 2 * stride_pr, mask=mask_t, other=0).to(tl.float32)
+    # frequency slot j takes its position from row t, h or w by contiguous section
+    pos = tl.where((offs_j < SEC_T)[None, :], pos_t[:, None],
+                   tl.where((offs_j < SEC_TH)[None, :], pos_h[:, None], pos_w[:, None]))
+    angle = pos * tl.load(inv_freq_ptr + offs_j)[None, :]  # [BLOCK_T, HALF]
+    dtype = q_ptr.dtype.element_ty
+    cos = tl.cos(angle).to(dtype).to(tl.float32)[:, None, :]
+    sin = tl.sin(angle).to(dtype).to(tl.float32)[:, None, :]
+    _rope_interleaved(q_ptr, stride_qt, stride_qh, HQ, offs_t, mask_t, cos, sin, HALF, BLOCK_HQ)
+    _rope_interleaved(k_ptr, stride_kt, stride_kh, HK, offs_t, mask_t, cos, sin, HALF, BLOCK_HK)
+
+
+def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+           mrope_section: tuple[int, int, int] | list[int], theta: float = 10000.0) -> None:
+    """In place: rotate q [T, Hq, D] and k [T, Hk, D] with 3D M-RoPE over the whole head dim.
+
+    q, k: same dtype, any token/head strides, head_dim contiguous (views into a packed q|k|v
+    projection output are fine). positions: [3, T] int32/int64 (t, h, w rows), any strides.
+    mrope_section: 3 section sizes summing to D/2 (GLM-OCR: [16, 24, 24] with D = 128); D/2 must be
+    a power of two. Dims (2j, 2j+1) rotate by pos[row(j)] * theta^(-2j/D). As for the vision kernel,
+    make the first call per (theta, D, device) before CUDA-graph capture.
+    """
+    _check_heads("q", q)
+    _check_heads("k", k)
+    T, HQ, D = q.shape
+    if k.shape[0] != T or k.shape[2] != D or k.dtype != q.dtype:
+        raise ValueError(f"k {tuple(k.shape)} {k.dtype} must match q {tuple(q.shape)} {q.dtype} "
+                         "in tokens, head_dim and dtype")
+    HK = k.shape[1]
+    half = D // 2
+    if D % 2 or half & (half - 1):
+        raise ValueError(f"head_dim must be twice a power of two, got {D}")
+    sections = [int(s) for s in mrope_section]
+    if len(sections) != 3 or sum(sections) != half or min(sections) < 0:
+        raise ValueError(f"mrope_section must be 3 sizes summing to head_dim/2 = {half}, got {sections}")
+    _check_positions(positions, (3, T), q)
+    if T == 0:
+        return
+    block_hq = triton.next_power_of_2(HQ)
+    block_hk = triton.next_power_of_2(HK)
+    block_t = max(1, min(triton.next_power_of_2(T), _TILE_ELEMS // (block_hq * D)))
+    _mrope_kernel[(triton.cdiv(T, block_t),)](
+        q, k, positions, _inv_freq(float(theta), D, q.device),
+        T, HQ, HK,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions.stride(0), positions.stride(1),
+        HALF=half, SEC_T=sections[0], SEC_TH=sections[0] + sections[1],
+        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=4,
+    )
+
+
+def mrope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+              mrope_section: tuple[int, int, int] | list[int], theta: float = 10000.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch twin of `mrope_` (GlmOcrTextRotaryEmbedding + apply_rotary_pos_emb)."""
+    D = q.shape[-1]
+    freqs = positions[..., None].float() * _inv_freq(float(theta), D, q.device)  # [3, T, D/2]
+    freqs = torch.cat([f[i] for i, f in enumerate(freqs.split(list(mrope_section), dim=-1))], dim=-1)
+    cos = freqs.cos().to(q.dtype).float().repeat_interleave(2, dim=-1)[:, None, :]  # [T, 1, D]
+    sin = freqs.sin().to(q.dtype).float().repeat_interleave(2, dim=-1)[:, None, :]
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        rotated = torch.stack((-xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
+        return (xf * cos + rotated * sin).to(x.dtype)
+
+    return rope(q), rope(k)

@@ -1,0 +1,321 @@
+"""Paged KV cache write and split-KV decode attention against their torch references."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+
+from glmrt.kernels.paged import (
+    default_num_splits,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+    write_kv_cache,
+    write_kv_cache_ref,
+)
+from tests.kernels.hopper import compile_for_hopper
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SENTINEL = -1234.5
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    return {torch.float32: dict(atol=1e-5, rtol=1e-5),
+            torch.float16: dict(atol=2e-3, rtol=2e-3),
+            torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}[dtype]
+
+
+def _make_tables(context_lens: list[int], block_size: int, max_blocks: int, num_blocks: int,
+                 gen: torch.Generator) -> torch.Tensor:
+    """Block tables drawn from a random permutation of the pool: non-contiguous, unordered ids.
+    Entries past a sequence's last block point at blocks that other sequences own."""
+    perm = torch.randperm(num_blocks, generator=gen)
+    tables = torch.empty(len(context_lens), max_blocks, dtype=torch.int32)
+    next_free = 0
+    for b, n in enumerate(context_lens):
+        used = -(-n // block_size)
+        tables[b, :used] = perm[next_free: next_free + used]
+        next_free += used
+        tables[b, used:] = perm[torch.randint(0, num_blocks, (max_blocks - used,), generator=gen)]
+    assert next_free <= num_blocks
+    return tables
+
+
+def _decode_case(context_lens, block_size, num_q_heads, num_kv_heads, head_dim, dtype,
+                 max_blocks=None, seed=0, packed_q=False):
+    gen = torch.Generator().manual_seed(seed)
+    needed = sum(-(-n // block_size) for n in context_lens)
+    max_blocks = max_blocks or max(1, max(-(-n // block_size) for n in context_lens))
+    num_blocks = needed + 3
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    batch = len(context_lens)
+    if packed_q:  # q as a strided view of a packed [B, (Hq + 2 Hkv) * D] projection output
+        qkv = torch.randn(batch, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=gen)
+        q = qkv.to(dtype)[:, : num_q_heads * head_dim].view(batch, num_q_heads, head_dim)
+    else:
+        q = torch.randn(batch, num_q_heads, head_dim, generator=gen).to(dtype)
+    tables = _make_tables(context_lens, block_size, max_blocks, num_blocks, gen)
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    return [t.to(DEVICE) for t in (q, k_cache, v_cache, tables, lens)]
+
+
+# ----------------------------------------------------------------------------- write_kv_cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_write_kv_cache_strided_with_padding_slots(dtype, block_size, slot_dtype):
+    gen = torch.Generator().manual_seed(1)
+    num_blocks, num_kv_heads, num_q_heads, head_dim, tokens = 6, 2, 4, 32, 21
+    # k and v are strided views of one packed [T, (Hq + 2 Hkv) * D] projection output.
+    qkv = torch.randn(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
+    k = qkv[:, num_q_heads * head_dim: (num_q_heads + num_kv_heads) * head_dim]
+    v = qkv[:, (num_q_heads + num_kv_heads) * head_dim:]
+    k = k.view(tokens, num_kv_heads, head_dim)
+    v = v.view(tokens, num_kv_heads, head_dim)
+    assert not k.is_contiguous()
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[[0, 5, 6, 20]] = -1  # padding rows of a graph batch: must write nothing
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, SENTINEL, dtype=dtype)
+    v_cache = torch.full(shape, SENTINEL, dtype=dtype)
+    k, v, k_cache, v_cache = (t.to(DEVICE) for t in (k, v, k_cache, v_cache))
+    slots = slots.to(slot_dtype).to(DEVICE)
+
+    k_ref, v_ref = write_kv_cache_ref(k, v, k_cache, v_cache, slots)
+    assert write_kv_cache(k, v, k_cache, v_cache, slots) is None
+    assert torch.equal(k_cache, k_ref)
+    assert torch.equal(v_cache, v_ref)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written[slots[slots >= 0].long().cpu()] = True
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim).cpu()
+    assert (flat_k[~written] == SENTINEL).all()
+    assert (flat_k[written] != SENTINEL).all()
+
+
+def test_write_kv_cache_all_padding_touches_nothing():
+    k = torch.randn(3, 2, 16, device=DEVICE)
+    k_cache = torch.full((2, 16, 2, 16), SENTINEL, device=DEVICE)
+    v_cache = k_cache.clone()
+    write_kv_cache(k, k, k_cache, v_cache, torch.full((3,), -1, dtype=torch.int32, device=DEVICE))
+    assert (k_cache == SENTINEL).all() and (v_cache == SENTINEL).all()
+
+
+def test_write_kv_cache_rejects_bad_shapes():
+    k_cache = torch.zeros(2, 16, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="k must be"):
+        write_kv_cache(torch.zeros(3, 4, 16, device=DEVICE), torch.zeros(3, 2, 16, device=DEVICE),
+                       k_cache, k_cache.clone(), torch.zeros(3, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv_cache(torch.zeros(3, 2, 16, device=DEVICE), torch.zeros(3, 2, 16, device=DEVICE),
+                       k_cache, k_cache.clone(), torch.zeros(3, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- decode attention
+
+CONTEXT_LENS = [1, 15, 16, 0, 17, 100]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_splits", [1, 3, 12, None])  # 12 > blocks (and tiles) of any row
+def test_paged_decode_matches_reference(dtype, block_size, num_splits):
+    q, k_cache, v_cache, tables, lens = _decode_case(CONTEXT_LENS, block_size, 4, 2, 32, dtype,
+                                                     max_blocks=9)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, num_splits=num_splits)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    assert (out[CONTEXT_LENS.index(0)] == 0).all()
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_paged_decode_glm_heads_long_context(num_splits):
+    # GLM-OCR's head shape (16 q / 8 kv heads, D 128) over several tiles; q a packed-qkv view.
+    lens = [300, 0, 129]
+    q, k_cache, v_cache, tables, lens_t = _decode_case(lens, 16, 16, 8, 128, torch.float16,
+                                                       seed=3, packed_q=True)
+    assert not q.is_contiguous()
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens_t, scale=0.1,
+                                 num_splits=num_splits)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens_t, scale=0.1)
+    assert (out[1] == 0).all()
+    torch.testing.assert_close(out, ref, **_tol(torch.float16))
+
+
+def test_paged_decode_non_power_of_two_head_dim_and_group():
+    # 6 q heads over 2 kv heads (group 3), D 80: the padded head/dim lanes must stay inert.
+    # Tables and lengths in int64 this time.
+    q, k_cache, v_cache, tables, lens = _decode_case([33, 7], 16, 6, 2, 80, torch.float32, seed=4)
+    tables, lens = tables.long(), lens.long()
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, num_splits=2)
+    torch.testing.assert_close(out, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens),
+                               **_tol(torch.float32))
+
+
+def test_paged_decode_after_write_kv_cache():
+    # Tokens written through write_kv_cache are the ones decode reads back.
+    gen = torch.Generator().manual_seed(5)
+    block_size, num_kv_heads, head_dim, n = 16, 2, 32, 40
+    k = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    v = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    table = torch.tensor([[4, 1, 6]], dtype=torch.int32, device=DEVICE)
+    pos = torch.arange(n, device=DEVICE)
+    slots = table[0, pos // block_size].long() * block_size + pos % block_size
+    k_cache = torch.full((8, block_size, num_kv_heads, head_dim), SENTINEL, device=DEVICE)
+    v_cache = k_cache.clone()
+    write_kv_cache(k, v, k_cache, v_cache, slots)
+    q = torch.randn(1, 4, head_dim, generator=gen).to(DEVICE)
+    out = paged_decode_attention(q, k_cache, v_cache, table, torch.tensor([n], dtype=torch.int32,
+                                                                        device=DEVICE))
+    kk, vv = (t.repeat_interleave(2, dim=1) for t in (k, v))
+    ref = torch.einsum("hn,nhd->hd", (torch.einsum("hd,nhd->hn", q[0], kk) / head_dim ** 0.5)
+                       .softmax(-1), vv)
+    torch.testing.assert_close(out[0], ref, **_tol(torch.float32))
+
+
+def test_default_num_splits_is_static_and_bounded():
+    assert default_num_splits(32, 8, 256, 16) == 1   # 256 programs already fill 132 SMs
+    assert default_num_splits(8, 8, 256, 16) == 6    # 384 programs: one wave of 3 x 132
+    assert default_num_splits(1, 8, 256, 16) == 49
+    assert default_num_splits(1, 8, 2, 16) == 1      # a 32-token table holds a single tile
+    assert default_num_splits(512, 8, 512, 16) == 1
+
+
+def test_paged_decode_rejects_bad_shapes():
+    q, k_cache, v_cache, tables, lens = _decode_case([5], 16, 4, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="q must be"):
+        paged_decode_attention(q[:, :3], k_cache, v_cache, tables, lens)
+    with pytest.raises(ValueError, match="context_lens"):
+        paged_decode_attention(q, k_cache, v_cache, tables, lens.float())
+
+
+# ----------------------------------------------------------------------------- sm_90 compile
+
+
+def _write_spec(dtype: str, slot: str, block_size: int) -> tuple:
+    sig = {n: f"*{dtype}" for n in ("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr")}
+    sig["slot_mapping_ptr"] = f"*{slot}"
+    for n in ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_kc_block",
+              "stride_kc_slot", "stride_kc_head", "stride_vc_block", "stride_vc_slot",
+              "stride_vc_head"):
+        sig[n] = "i32"
+    consts = dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=block_size, BLOCK_H=8, BLOCK_D=128)
+    sig.update({n: "constexpr" for n in consts})
+    return ("glmrt.kernels.paged", "_write_kv_cache_kernel", sig, consts)
+
+
+def _split_spec(dtype: str, num_splits: int, block_size: int, group: int, head_dim: int) -> tuple:
+    sig = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
+           "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "out_ptr": f"*{dtype}",
+           "part_out_ptr": "*fp32" if num_splits > 1 else f"*{dtype}",
+           "part_lse_ptr": "*fp32" if num_splits > 1 else f"*{dtype}",
+           "qk_scale": "fp32", "max_blocks": "i32"}
+    for n in ("stride_qb", "stride_qh", "stride_kc_block", "stride_kc_slot", "stride_kc_head",
+              "stride_vc_block", "stride_vc_slot", "stride_vc_head", "stride_bt", "stride_ob",
+              "stride_oh"):
+        sig[n] = "i32"
+    consts = dict(NUM_Q_HEADS=8 * group, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+                  NUM_SPLITS=num_splits, BLOCK_H=16, BLOCK_D=triton.next_power_of_2(head_dim),
+                  BLOCK_N=64, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    sig.update({n: "constexpr" for n in consts})
+    return ("glmrt.kernels.paged", "_paged_decode_split_kernel", sig, consts)
+
+
+def _combine_spec(dtype: str, num_splits: int) -> tuple:
+    sig = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
+           "stride_ob": "i32", "stride_oh": "i32"}
+    consts = dict(NUM_Q_HEADS=16, HEAD_DIM=128, NUM_SPLITS=num_splits,
+                  BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=128)
+    sig.update({n: "constexpr" for n in consts})
+    return ("glmrt.kernels.paged", "_paged_decode_combine_kernel", sig, consts)
+
+
+def test_paged_kernels_compile_for_sm90():
+    specs = []
+    for dtype in ("fp16", "bf16"):
+        for slot in ("i32", "i64"):
+            specs.append(_write_spec(dtype, slot, 16))
+        specs.append(_write_spec(dtype, "i64", 32))
+        for num_splits, block_size in ((1, 16), (3, 16), (4, 32), (64, 16)):
+            specs.append(_split_spec(dtype, num_splits, block_size, group=2, head_dim=128))
+        specs.append(_split_spec(dtype, 2, 16, group=3, head_dim=80))
+        for num_splits in (3, 64):
+            specs.append(_combine_spec(dtype, num_splits))
+    specs.append(_split_spec("fp32", 2, 16, group=2, head_dim=128))
+    compile_for_hopper(specs)
+
+
+_PIPELINE_SCRIPT = r"""
+import json, sys, triton
+from triton.backends.compiler import GPUTarget
+import glmrt.kernels.paged as P
+sig, consts = json.loads(sys.argv[1])
+# As the JIT specializes real launches: 16-byte aligned pointers, strides multiple of 16.
+attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
+         if ty.startswith("*") or name.startswith("stride")}
+src = triton.compiler.ASTSource(fn=P._paged_decode_split_kernel, signature=sig,
+                                constexprs=consts, attrs=attrs)
+options = dict(num_warps=P._DECODE_WARPS, num_stages=P._DECODE_STAGES)
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+print(json.dumps({k: ptx.count(k) for k in ("cp.async", "mma.sync", "ld.global.v4")}))
+"""
+
+
+def test_decode_kernel_is_pipelined_on_sm90():
+    # The bandwidth of decode rests on K/V tiles copied asynchronously ahead of use (cp.async or
+    # bulk copies) as 16-byte vectors, and on the MMA path; the interpreter cannot show either.
+    _, _, sig, consts = _split_spec("bf16", 2, 16, group=2, head_dim=128)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT, json.dumps([sig, consts])],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts["cp.async"] > 0, f"K/V loads are not pipelined: {counts}"
+    assert counts["mma.sync"] > 0, f"no tensor-core MMA: {counts}"
+
+
+# ----------------------------------------------------------------------------- GPU, real sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_paged_decode_bf16_real_sizes(num_splits):
+    batch, context, block_size = 32, 4096, 16
+    lens = [context - (b * 37) % 100 for b in range(batch)]  # ragged last blocks
+    q, k_cache, v_cache, tables, lens_t = _decode_case(lens, block_size, 16, 8, 128, torch.bfloat16,
+                                                       max_blocks=context // block_size, seed=8)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens_t, num_splits=num_splits)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens_t)
+    torch.testing.assert_close(out, ref, **_tol(torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_paged_decode_cuda_graph_replay():
+    # Captured once at fixed shapes, replayed with new lengths / tables / a zero-length row.
+    block_size, max_blocks = 16, 64
+    lens_a = [1000, 17, 0, 512]
+    lens_b = [3, 1024, 700, 0]
+    # the pool is sized for four full tables, enough for either set of lengths
+    q, k_cache, v_cache, tables, lens_t = _decode_case([max_blocks * block_size] * 4, block_size,
+                                                       16, 8, 128, torch.bfloat16)
+    gen = torch.Generator().manual_seed(9)
+    paged_decode_attention(q, k_cache, v_cache, tables, lens_t)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, k_cache, v_cache, tables, lens_t)
+    for lens in (lens_a, lens_b):
+        lens_t.copy_(torch.tensor(lens, dtype=torch.int32))
+        tables.copy_(_make_tables(lens, block_size, max_blocks, k_cache.shape[0], gen))
+        q.copy_(torch.randn(q.shape, generator=gen).to(torch.bfloat16))
+        graph.replay()
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens_t)
+        torch.testing.assert_close(out, ref, **_tol(torch.bfloat16))
+        assert (out[lens.index(0)] == 0).all()

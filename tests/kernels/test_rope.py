@@ -1,0 +1,228 @@
+"""glmrt.kernels.rope: kernels vs their plain-torch references vs transformers' GlmOcr code."""
+import pytest
+import torch
+from transformers import GlmOcrTextConfig, GlmOcrVisionConfig
+from transformers.models.glm_ocr.modeling_glm_ocr import (
+    GlmOcrRMSNorm,
+    GlmOcrTextRotaryEmbedding,
+    GlmOcrVisionRotaryEmbedding,
+    apply_rotary_pos_emb,
+    apply_rotary_pos_emb_vision,
+)
+
+from glmrt.kernels.rope import mrope_, mrope_ref, vision_qk_norm_rope_, vision_qk_norm_rope_ref
+from tests.kernels.hopper import compile_for_hopper
+
+THETA = 10000.0
+EPS = 1e-5
+MAX_POS = 10000
+
+
+def _assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32: within 1e-5. fp16/bf16: the kernel follows the reference's rounding, so almost every
+    element is bit-identical; the rest differ where an fp32 ulp (sum order, rsqrt, cos) tipped one
+    rounding of an intermediate, i.e. by about one ulp of the head's largest value."""
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        return
+    ulp = 2.0 ** (-10 if out.dtype == torch.float16 else -7)
+    diff = (out.float() - ref.float()).abs()
+    bound = 4 * ulp * ref.float().abs().amax(-1, keepdim=True)
+    assert (diff <= bound).all(), f"max |out - ref| {diff.max().item()} exceeds an intermediate's ulp"
+    exact = (out == ref).float().mean().item()
+    assert exact > 0.99, f"only {exact:.4f} of elements are bit-identical to the reference"
+
+
+def _packed_qkv(tokens: int, heads: tuple[int, int, int], head_dim: int, dtype: torch.dtype,
+                device: str = "cpu"):
+    """A packed projection output [T, (Hq+Hk+Hv)*D] and q, k strided views into it."""
+    hq, hk, hv = heads
+    qkv = torch.randn(tokens, (hq + hk + hv) * head_dim, dtype=torch.float32, device=device).to(dtype)
+    q = qkv[:, : hq * head_dim].view(tokens, hq, head_dim)
+    k = qkv[:, hq * head_dim: (hq + hk) * head_dim].view(tokens, hk, head_dim)
+    return qkv, q, k
+
+
+def _vision_positions(S: int, device: str = "cpu", dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """[S, 2] (row, col), a column-major strided view with large values."""
+    return torch.randint(0, MAX_POS, (2, S), device=device, dtype=dtype).t()
+
+
+def _text_positions(T: int, device: str = "cpu", dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """[3, T] (t, h, w), every other column of a wider tensor, with large values."""
+    return torch.randint(0, MAX_POS, (3, 2 * T), device=device, dtype=dtype)[:, ::2]
+
+
+def _run_vision(S: int, H: int, D: int, dtype: torch.dtype, device: str = "cpu",
+                pos_dtype: torch.dtype = torch.int64) -> None:
+    qkv, q, k = _packed_qkv(S, (H, H, H), D, dtype, device)
+    v_before = qkv[:, 2 * H * D:].clone()
+    q_weight = (1 + 0.5 * torch.randn(D, device=device)).to(dtype)
+    k_weight = (1 + 0.5 * torch.randn(D, device=device)).to(dtype)
+    positions = _vision_positions(S, device, pos_dtype)
+    q_ref, k_ref = vision_qk_norm_rope_ref(q, k, q_weight, k_weight, positions, THETA, EPS)
+    vision_qk_norm_rope_(q, k, q_weight, k_weight, positions, THETA, EPS)
+    _assert_matches(q, q_ref)
+    _assert_matches(k, k_ref)
+    assert torch.equal(qkv[:, 2 * H * D:], v_before), "v was written"
+
+
+def _run_mrope(T: int, HQ: int, HK: int, D: int, sections: list[int], dtype: torch.dtype,
+               device: str = "cpu", pos_dtype: torch.dtype = torch.int64) -> None:
+    qkv, q, k = _packed_qkv(T, (HQ, HK, HK), D, dtype, device)
+    v_before = qkv[:, (HQ + HK) * D:].clone()
+    positions = _text_positions(T, device, pos_dtype)
+    q_ref, k_ref = mrope_ref(q, k, positions, sections, THETA)
+    mrope_(q, k, positions, sections, THETA)
+    _assert_matches(q, q_ref)
+    _assert_matches(k, k_ref)
+    assert torch.equal(qkv[:, (HQ + HK) * D:], v_before), "v was written"
+
+
+# ---- kernels vs references (Triton interpreter on CPU, compiled on a GPU) --------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("S,H,D", [(1, 16, 64), (37, 3, 64), (130, 5, 32), (9, 2, 16)])
+def test_vision_qk_norm_rope_matches_ref(S, H, D, dtype):
+    torch.manual_seed(S * 100 + H)
+    _run_vision(S, H, D, dtype, pos_dtype=torch.int32 if S % 2 else torch.int64)
+
+
+def test_vision_qk_norm_rope_contiguous_inputs():
+    torch.manual_seed(1)
+    S, H, D = 11, 4, 64
+    q, k = torch.randn(S, H, D), torch.randn(S, H, D)
+    q_weight, k_weight = torch.randn(D), torch.randn(D)
+    positions = torch.randint(0, MAX_POS, (S, 2), dtype=torch.int32)
+    q_ref, k_ref = vision_qk_norm_rope_ref(q, k, q_weight, k_weight, positions, THETA, EPS)
+    vision_qk_norm_rope_(q, k, q_weight, k_weight, positions, THETA, EPS)
+    _assert_matches(q, q_ref)
+    _assert_matches(k, k_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,HQ,HK", [(1, 16, 8), (7, 16, 8), (33, 5, 3), (130, 2, 1)])
+def test_mrope_matches_ref(T, HQ, HK, dtype):
+    torch.manual_seed(T * 100 + HQ)
+    _run_mrope(T, HQ, HK, 128, [16, 24, 24], dtype, pos_dtype=torch.int32 if T % 2 else torch.int64)
+
+
+@pytest.mark.parametrize("D,sections", [(32, [4, 6, 6]), (64, [0, 16, 16]), (16, [8, 0, 0])])
+def test_mrope_other_sections(D, sections):
+    torch.manual_seed(D)
+    _run_mrope(5, 3, 2, D, sections, torch.float32)
+
+
+def test_errors_name_the_offending_tensor():
+    q, k = torch.randn(4, 2, 64), torch.randn(4, 2, 64)
+    w = torch.ones(64)
+    with pytest.raises(ValueError, match="positions"):
+        vision_qk_norm_rope_(q, k, w, w, torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="q_weight"):
+        vision_qk_norm_rope_(q, k, torch.ones(32), w, torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="mrope_section"):
+        mrope_(q, k, torch.zeros(3, 4, dtype=torch.int64), [8, 12, 8])
+    with pytest.raises(ValueError, match="contiguous in head_dim"):
+        mrope_(q.transpose(1, 2), k, torch.zeros(3, 4, dtype=torch.int64), [8, 12, 12])
+
+
+# ---- references and kernels vs transformers (fp32) --------------------------------------------------
+
+
+def test_vision_matches_transformers():
+    torch.manual_seed(2)
+    S, H, D = 45, 4, 64
+    config = GlmOcrVisionConfig(hidden_size=H * D, num_heads=H, depth=1, rms_norm_eps=EPS)
+    qkv, q, k = _packed_qkv(S, (H, H, H), D, torch.float32)
+    q_norm, k_norm = GlmOcrRMSNorm(D, eps=EPS), GlmOcrRMSNorm(D, eps=EPS)
+    with torch.no_grad():
+        q_norm.weight.normal_(1.0, 0.5)
+        k_norm.weight.normal_(1.0, 0.5)
+    positions = torch.randint(0, MAX_POS, (S, 2))  # transformers' get_vision_position_ids layout
+    with torch.no_grad():
+        cos, sin = GlmOcrVisionRotaryEmbedding(config)(q, positions)
+        q_hf, k_hf = apply_rotary_pos_emb_vision(q_norm(q), k_norm(k), cos, sin)
+        q_ref, k_ref = vision_qk_norm_rope_ref(q, k, q_norm.weight, k_norm.weight, positions,
+                                               config.rope_parameters["rope_theta"], EPS)
+        vision_qk_norm_rope_(q, k, q_norm.weight, k_norm.weight, positions,
+                             config.rope_parameters["rope_theta"], EPS)
+    for ours in (q_ref, q):
+        torch.testing.assert_close(ours, q_hf, atol=1e-5, rtol=1e-5)
+    for ours in (k_ref, k):
+        torch.testing.assert_close(ours, k_hf, atol=1e-5, rtol=1e-5)
+
+
+def test_mrope_matches_transformers():
+    torch.manual_seed(3)
+    T, HQ, HK, D = 29, 4, 2, 128
+    config = GlmOcrTextConfig(
+        hidden_size=96, num_attention_heads=HQ, num_key_value_heads=HK, head_dim=D,
+        rope_parameters={"rope_type": "default", "rope_theta": THETA, "mrope_section": [16, 24, 24]},
+    )
+    qkv, q, k = _packed_qkv(T, (HQ, HK, HK), D, torch.float32)
+    positions = torch.randint(0, MAX_POS, (3, T))
+    with torch.no_grad():
+        cos, sin = GlmOcrTextRotaryEmbedding(config)(q, positions[:, None, :])  # [1, T, D]
+        # transformers' attention layout is [B, H, T, D]
+        q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    q_hf, k_hf = q_hf[0].transpose(0, 1), k_hf[0].transpose(0, 1)
+    section = config.rope_parameters["mrope_section"]
+    q_ref, k_ref = mrope_ref(q, k, positions, section, THETA)
+    mrope_(q, k, positions, section, THETA)
+    for ours in (q_ref, q):
+        torch.testing.assert_close(ours, q_hf, atol=1e-5, rtol=1e-5)
+    for ours in (k_ref, k):
+        torch.testing.assert_close(ours, k_hf, atol=1e-5, rtol=1e-5)
+
+
+# ---- sm_90 compile ----------------------------------------------------------------------------------
+
+
+def _vision_spec(dtype: str, pos: str) -> tuple[str, str, dict, dict]:
+    signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "qw_ptr", "kw_ptr")}
+    signature |= {"pos_ptr": f"*{pos}", "inv_freq_ptr": "*fp32", "S": "i32", "H": "i32"}
+    signature |= {s: "i32" for s in ("stride_qs", "stride_qh", "stride_ks", "stride_kh",
+                                     "stride_ps", "stride_pc")}
+    signature |= {"eps": "fp32", "HALF": "constexpr", "BLOCK_S": "constexpr", "BLOCK_H": "constexpr"}
+    return ("glmrt.kernels.rope", "_vision_qk_norm_rope_kernel", signature,
+            {"HALF": 32, "BLOCK_S": 4, "BLOCK_H": 16})
+
+
+def _mrope_spec(dtype: str, pos: str, block_t: int) -> tuple[str, str, dict, dict]:
+    signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "pos_ptr": f"*{pos}",
+                 "inv_freq_ptr": "*fp32", "T": "i32", "HQ": "i32", "HK": "i32"}
+    signature |= {s: "i32" for s in ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
+                                     "stride_pr", "stride_pt")}
+    constexprs = {"HALF": 64, "SEC_T": 16, "SEC_TH": 40, "BLOCK_T": block_t, "BLOCK_HQ": 16,
+                  "BLOCK_HK": 8}
+    signature |= {name: "constexpr" for name in constexprs}
+    return "glmrt.kernels.rope", "_mrope_kernel", signature, constexprs
+
+
+def test_compiles_for_sm90():
+    specs = []
+    for dtype in ("fp16", "bf16"):
+        for pos in ("i32", "i64"):
+            specs += [_vision_spec(dtype, pos), _mrope_spec(dtype, pos, block_t=1),
+                      _mrope_spec(dtype, pos, block_t=2)]
+    compile_for_hopper(specs)
+
+
+# ---- GPU, real sizes, bf16 ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("S", [24576, 4099])
+def test_vision_qk_norm_rope_gpu_bf16(S, pos_dtype):
+    torch.manual_seed(S)
+    _run_vision(S, 16, 64, torch.bfloat16, device="cuda", pos_dtype=pos_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("T", [1, 3, 912, 6157])
+def test_mrope_gpu_bf16(T, pos_dtype):
+    torch.manual_seed(T)
+    _run_mrope(T, 16, 8, 128, [16, 24, 24], torch.bfloat16, device="cuda", pos_dtype=pos_dtype)
