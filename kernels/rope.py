@@ -14,9 +14,9 @@ expression transformers uses, so every angle is bit-identical to the reference's
 Rounding mirrors transformers in bf16/fp16:
 - vision: RMSNorm in fp32, rounded to the dtype, times the weight, rounded again; rotation in fp32
   with fp32 cos/sin; one final rounding (GlmOcrRMSNorm + apply_rotary_pos_emb_vision).
-- text: cos/sin rounded to the dtype (transformers casts them to the activation dtype); the two
-  products and their sum in fp32, one final rounding (transformers rounds each product and the sum
-  separately in bf16: three roundings where we do one).
+- text: cos/sin rounded to the dtype (transformers casts them to the activation dtype); each of
+  the two products rounded to the dtype, then their sum rounded: exactly transformers'
+  `q * cos + rotate_half_llm(q) * sin` evaluated in bf16/fp16 (a no-op in fp32).
 """
 from functools import lru_cache
 
@@ -181,7 +181,10 @@ def _rope_interleaved(x_ptr, stride_t, stride_h, H, offs_t, mask_t, cos, sin,
     mask = mask_t[:, None, None] & (offs_h < H)[None, :, None]
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_H, HALF, 2)))
-    out = tl.join(x_even * cos - x_odd * sin, x_odd * cos + x_even * sin)
+    # Each product is rounded to the storage dtype before the add, as transformers' bf16 math does.
+    even = (x_even * cos).to(dtype).to(tl.float32) - (x_odd * sin).to(dtype).to(tl.float32)
+    odd = (x_odd * cos).to(dtype).to(tl.float32) + (x_even * sin).to(dtype).to(tl.float32)
+    out = tl.join(even, odd)
     tl.store(ptrs, tl.reshape(out, (BLOCK_T, BLOCK_H, 2 * HALF)).to(dtype), mask=mask)
 
 
@@ -260,9 +263,9 @@ def mrope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     cos = freqs.cos().to(q.dtype).float().repeat_interleave(2, dim=-1)[:, None, :]  # [T, 1, D]
     sin = freqs.sin().to(q.dtype).float().repeat_interleave(2, dim=-1)[:, None, :]
 
-    def rope(x: torch.Tensor) -> torch.Tensor:
+    def rope(x: torch.Tensor) -> torch.Tensor:  # x * cos + rotate_pairs(x) * sin, rounded like x's dtype
         xf = x.float()
         rotated = torch.stack((-xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
-        return (xf * cos + rotated * sin).to(x.dtype)
+        return ((xf * cos).to(x.dtype).float() + (rotated * sin).to(x.dtype).float()).to(x.dtype)
 
     return rope(q), rope(k)

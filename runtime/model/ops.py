@@ -37,25 +37,8 @@ class TorchOps:
         return rope.vision_qk_norm_rope_ref(q, k, q_weight, k_weight, positions, theta, eps)
 
     def mrope(self, q, k, positions, mrope_section, theta):
-        """q [T, Hq, D], k [T, Hkv, D], positions [3, T] -> rotated (q, k).
-
-        Exactly transformers' text path: fp32 angles, cos/sin cast to the activation dtype, then
-        `x * cos + rotate_pairs(x) * sin` in that dtype.
-        """
-        d = q.shape[-1]
-        inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=q.device) / d))
-        angles = positions.to(torch.float32)[..., None] * inv_freq  # [3, T, D/2]
-        row_of_freq = torch.repeat_interleave(
-            torch.arange(3, device=q.device), torch.tensor(mrope_section, device=q.device)
-        )
-        angles = angles.gather(0, row_of_freq.view(1, 1, -1).expand(1, angles.shape[1], -1))[0]  # [T, D/2]
-        cos = angles.cos().repeat_interleave(2, dim=-1).to(q.dtype)[:, None, :]  # [T, 1, D]
-        sin = angles.sin().repeat_interleave(2, dim=-1).to(q.dtype)[:, None, :]
-
-        def rotate_pairs(x: torch.Tensor) -> torch.Tensor:  # (x0, x1) -> (-x1, x0) per pair
-            return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-
-        return q * cos + rotate_pairs(q) * sin, k * cos + rotate_pairs(k) * sin
+        """q [T, Hq, D], k [T, Hkv, D], positions [3, T] -> rotated (q, k), rounded as transformers does."""
+        return rope.mrope_ref(q, k, positions, mrope_section, theta)
 
     def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, causal):
         return attention.varlen_attention_ref(q, k, v, cu_seqlens, causal)

@@ -176,6 +176,25 @@ def test_mrope_matches_transformers():
         torch.testing.assert_close(ours, k_hf, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mrope_ref_is_bit_exact_with_transformers_low_precision(dtype):
+    """The reference (torch backend) rounds like transformers' bf16/fp16 text rope, bit for bit."""
+    torch.manual_seed(4)
+    T, HQ, HK, D = 37, 4, 2, 128
+    config = GlmOcrTextConfig(
+        hidden_size=96, num_attention_heads=HQ, num_key_value_heads=HK, head_dim=D,
+        rope_parameters={"rope_type": "default", "rope_theta": THETA, "mrope_section": [16, 24, 24]},
+    )
+    q, k = torch.randn(T, HQ, D).to(dtype), torch.randn(T, HK, D).to(dtype)
+    positions = torch.randint(0, MAX_POS, (3, T))
+    with torch.no_grad():
+        cos, sin = GlmOcrTextRotaryEmbedding(config)(q, positions[:, None, :])
+        q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    q_ref, k_ref = mrope_ref(q, k, positions, [16, 24, 24], THETA)
+    assert torch.equal(q_ref, q_hf[0].transpose(0, 1))
+    assert torch.equal(k_ref, k_hf[0].transpose(0, 1))
+
+
 # ---- sm_90 compile ----------------------------------------------------------------------------------
 
 
