@@ -9,6 +9,7 @@ import torch
 from ..config import ModelConfig
 from ..loader import resolve_model_path
 from ..model.glm_ocr import GlmOcrModel
+from ..model.text import AttentionMetadata
 from ..model.ops import make_ops
 from ..model.positions import mrope_positions
 from ..outputs import Request, RequestOutput
@@ -16,7 +17,7 @@ from ..processor import Processor
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
-from .runner import ModelRunner, kv_bytes_per_token
+from .runner import ModelRunner, allocate_kv_cache, kv_bytes_per_token
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -119,11 +120,10 @@ class LLMEngine:
             return self.options.kv_cache_tokens
         if self.device.type != "cuda":
             return self.max_model_len
+        peak = self._profile_peak_memory()
         free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
-        # Headroom for activations: the largest vision pass (a full page) and prefill dominate.
-        reserve = 4 << 30
-        budget = int(total * self.options.gpu_memory_utilization) - used - reserve
+        other = total - free - torch.cuda.memory_reserved(self.device)  # other processes, CUDA context
+        budget = int(total * self.options.gpu_memory_utilization) - peak - other
         tokens = budget // kv_bytes_per_token(self.model)
         if tokens < self.max_model_len:
             raise ValueError(
@@ -131,6 +131,34 @@ class LLMEngine:
                 f"{self.options.gpu_memory_utilization}; need max_model_len={self.max_model_len}"
             )
         return tokens
+
+    @torch.inference_mode()
+    def _profile_peak_memory(self) -> int:
+        """Peak bytes of the worst step: a vision pass over the largest page, then a prefill of
+        max_num_batched_tokens tokens with logits for max_num_seqs rows (no KV is written)."""
+        model, device = self.model, self.device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        ip = self.processor.image_processor
+        patches = ip.max_pixels // (ip.patch_size**2 * ip.temporal_patch_size)
+        m = ip.merge_size
+        h = max(m, int(patches**0.5) // m * m)
+        w = max(m, patches // h // m * m)
+        model.encode_images(torch.zeros(h * w, self.config.vision.patch_dim, device=device), [(1, h, w)])
+        tokens = self.options.max_num_batched_tokens or self.max_model_len
+        kv = allocate_kv_cache(model, 1, self.options.block_size)
+        attn = AttentionMetadata(
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=device),
+            cu_seqlens=torch.tensor([0, tokens], dtype=torch.int32, device=device), max_seqlen=tokens,
+        )
+        positions = torch.arange(tokens, device=device).expand(3, -1)
+        hidden = model.forward(torch.zeros(tokens, dtype=torch.int64, device=device), positions, attn, kv)
+        model.compute_logits(hidden[: self.options.max_num_seqs])
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del kv, hidden
+        torch.cuda.empty_cache()
+        return peak
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -1,0 +1,629 @@
+"""Every glmrt.kernels kernel at GLM-OCR's real sizes, against its PyTorch reference and the hardware.
+
+    python benchmarks/kernels.py [--out DIR] [--only NAME ...] [--smoke]
+
+On a CUDA GPU (bf16, real sizes) the run first measures the device's own ceilings, the copy
+bandwidth of a 2 GiB device-to-device copy and the throughput of an 8192^3 bf16 matmul, then
+prints one row per case: Triton time, reference time and speed-up (for attention also torch SDPA),
+achieved GB/s or TFLOP/s, % of the measured ceiling, and PASS/MISS against the target:
+  - memory-bound kernels: >= 80% of copy bandwidth for calls moving >= 64 MiB (smaller calls take
+    < ~25 us at 3 TB/s, where launch and ramp-up alone cost more than the missing 20%);
+  - varlen attention: >= 50% of matmul throughput at >= 4096 tokens;
+  - paged decode attention: >= 70% of copy bandwidth at batch >= 32.
+The repetition penalty is a scattered gather/scatter over B x L ids, not a stream: no target.
+
+Timing is triton.testing.do_bench's median. do_bench zeroes a 256 MB buffer before every rep
+(outside the timed events), so each rep starts with a cold L2: memory-bound numbers are HBM
+numbers, and a small case shows its cold-cache latency, as in a real step where the weights
+stream through L2 between two kernels. Every case is first checked once against its reference
+(allclose with loose bf16 tolerances); a failing row is marked FAIL and the exit status is 1.
+
+`--smoke` runs tiny sizes with one rep, in fp32 and in Triton's interpreter when there is no GPU
+(bf16 arithmetic is broken there), only to prove every code path; it prints n/a for % of peak.
+Raw numbers go to <out>/kernels-<device>-<timestamp>.json and the table to the same name .md.
+"""
+import argparse
+import itertools
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # must precede the first import of a kernel module (@triton.jit reads it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton
+from triton.testing import do_bench
+
+from glmrt.kernels import activation, attention, paged, rmsnorm, rope, sampling
+from glmrt.model.ops import TorchOps
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+REPO = Path(__file__).resolve().parent.parent
+
+# GLM-OCR's real config.
+TEXT_HIDDEN, TEXT_HEADS, TEXT_KV_HEADS, TEXT_HEAD_DIM, TEXT_INTER = 1536, 16, 8, 128, 4608
+VOCAB, MROPE_SECTION, ROPE_THETA, EPS = 59392, (16, 24, 24), 10000.0, 1e-5
+VISION_HIDDEN, VISION_HEADS, VISION_HEAD_DIM, VISION_INTER = 1024, 16, 64, 4096
+MERGER_WIDTH, MERGE = 1536, 4  # the merger's LayerNorm+GELU width; 2x2 patches per merged token
+BLOCK_SIZE = 16  # KV cache [num_blocks, 16, 8, 128]
+
+# Targets, as fractions of the measured ceilings, and the sizes from which they apply.
+MEMORY_TARGET, LARGE_BYTES = 0.80, 64 * 2**20
+ATTENTION_TARGET, ATTENTION_MIN_TOKENS = 0.50, 4096
+DECODE_TARGET, DECODE_MIN_BATCH = 0.70, 32
+# The fp32 attention reference holds ~3 [Hq, L, L] score tensors per sequence; above this size
+# for one of them (one 24k-patch image: 38 GB) it is not timed, only checked on one kv group.
+REF_SCORE_LIMIT = 4 * 2**30
+# allclose atol = rtol by output dtype: loose for bf16 (one rounding is 2^-8 relative); integer
+# outputs (argmax's indices) must match exactly
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+@dataclass(frozen=True)
+class Workload:
+    vision_patches: int  # patches of one vision pass, all images packed (a full page: 24,576)
+    vision_images: tuple[int, ...]  # how many equal images those patches come from
+    prefill_packs: tuple[tuple[int, int], ...]  # (new tokens, prompts) of one prefill step
+    decode_batches: tuple[int, ...]
+    decode_contexts: tuple[int, ...]  # tokens already in the cache per sequence
+
+
+REAL = Workload(24576, (1, 2, 4, 8), ((1024, 1), (2048, 1), (4096, 1), (6144, 1), (6144, 6)),
+                (1, 8, 32, 128, 256), (1024, 4096, 8192))
+SMOKE = Workload(64, (1, 2), ((48, 1), (48, 3)), (1, 3), (40,))
+
+
+@dataclass
+class Case:
+    kernel: str
+    name: str
+    triton: Callable[[], object]  # the timed kernel call
+    reference: Callable[[], object] | None  # its plain-PyTorch twin; None: too big to run
+    # -> (kernel output, reference output), run once before timing; default (triton(), reference()).
+    # In-place kernels work on copies here, since the timed calls mutate their inputs.
+    check: Callable[[], tuple[object, object]] | None = None
+    bytes: int | None = None  # essential HBM traffic of one call (memory-bound kernels)
+    flops: int | None = None  # FLOPs of one call (attention)
+    target: float | None = None  # fraction of the measured ceiling; None: no target at this size
+    sdpa: Callable[[], object] | None = None  # torch SDPA on the same problem (attention only)
+    note: str = ""
+
+
+@dataclass
+class Peaks:
+    copy_bytes: int
+    copy_ms: float
+    copy_gbps: float
+    matmul_n: int
+    matmul_ms: float
+    matmul_tflops: float
+
+
+@dataclass
+class Result:
+    kernel: str
+    case: str
+    triton_ms: float | None
+    reference_ms: float | None
+    sdpa_ms: float | None
+    bytes: int | None
+    flops: int | None
+    achieved: float | None  # GB/s or TFLOP/s, per `unit`
+    unit: str
+    peak_pct: float | None
+    target_pct: float | None
+    status: str  # PASS / MISS against the target, "-" without one, n/a on the CPU
+    check: str  # ok / FAIL / ERROR
+    max_abs_error: float | None
+    note: str
+
+
+# ----------------------------------------------------------------------------- byte / FLOP counts
+
+
+def rowwise_bytes(rows: int, read: int, written: int, elt: int, extra: int = 0) -> int:
+    """A row-wise pass reads `read` and writes `written` elements per row, each once:
+    rows * (read + written) * elt, plus `extra` bytes (weights, positions, slot ids)."""
+    return rows * (read + written) * elt + extra
+
+
+def attention_flops(seqlens: list[int], heads: int, head_dim: int, causal: bool) -> int:
+    """QK^T and PV are 2 * L * L * D FLOPs each per head and sequence: 4 * sum(L^2) * H * D;
+    causal visits half the (query, key) pairs: 2 * 2 * sum(L^2) / 2 * H * D (FlashAttention's count)."""
+    flops = 4 * sum(n * n for n in seqlens) * heads * head_dim
+    return flops // 2 if causal else flops
+
+
+def decode_attention_bytes(context_lens: list[int], q_heads: int, kv_heads: int, head_dim: int,
+                           elt: int) -> int:
+    """K + V actually read over the contexts (2 * sum(ctx) * Hkv * D), q and out (2 * B * Hq * D),
+    all times elt; plus the int32 block-table entries read (cdiv(ctx, 16) each) and context lens."""
+    kv = 2 * sum(context_lens) * kv_heads * head_dim * elt
+    q_out = 2 * len(context_lens) * q_heads * head_dim * elt
+    tables = 4 * sum(-(-n // BLOCK_SIZE) for n in context_lens) + 4 * len(context_lens)
+    return kv + q_out + tables
+
+
+def penalty_bytes(batch: int, history: int, id_elt: int, logit_elt: int) -> int:
+    """The ids read once and every named logit read and written once: B * L * (id + 2 * logit)."""
+    return batch * history * (id_elt + 2 * logit_elt)
+
+
+def memory_target(nbytes: int) -> float | None:
+    return MEMORY_TARGET if nbytes >= LARGE_BYTES else None
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _randn(*shape: int, dtype: torch.dtype = DTYPE) -> torch.Tensor:
+    return torch.randn(shape, device=DEVICE, dtype=dtype)
+
+
+def _weight(width: int) -> torch.Tensor:
+    return 1.0 + 0.1 * _randn(width)  # a norm weight near 1, as trained ones are
+
+
+def rms_norm_case(label: str, rows: int, width: int, residual: bool) -> Case:
+    x, w = _randn(rows, width), _weight(width)  # [rows, D], [D]
+    res = _randn(rows, width) if residual else None
+    io = 2 if residual else 1  # x (+ residual) in, out (+ sum) out
+    n = rowwise_bytes(rows, io * width, io * width, x.element_size(), width * x.element_size())
+    return Case("rms_norm", f"{label} {rows}x{width}" + (" +residual" if residual else ""),
+                triton=lambda: rmsnorm.rms_norm(x, w, EPS, res),
+                reference=lambda: rmsnorm.rms_norm_ref(x, w, EPS, res),
+                bytes=n, target=memory_target(n))
+
+
+def sandwich_rms_norm_case(label: str, rows: int) -> Case:
+    branch, res = _randn(rows, TEXT_HIDDEN), _randn(rows, TEXT_HIDDEN)  # [T, 1536] each
+    post, pre = _weight(TEXT_HIDDEN), _weight(TEXT_HIDDEN)
+    args = (branch, res, post, pre, EPS)
+    n = rowwise_bytes(rows, 2 * TEXT_HIDDEN, 2 * TEXT_HIDDEN, branch.element_size(),
+                      2 * TEXT_HIDDEN * branch.element_size())
+    return Case("sandwich_rms_norm", f"{label} {rows}x{TEXT_HIDDEN}",
+                triton=lambda: rmsnorm.sandwich_rms_norm(*args),
+                reference=lambda: rmsnorm.sandwich_rms_norm_ref(*args),
+                bytes=n, target=memory_target(n))
+
+
+def silu_and_mul_case(label: str, rows: int, inter: int) -> Case:
+    x = _randn(rows, 2 * inter)  # the gate_up projection output [rows, gate | up]
+    n = rowwise_bytes(rows, 2 * inter, inter, x.element_size())
+    return Case("silu_and_mul", f"{label} {rows}x{2 * inter}",
+                triton=lambda: activation.silu_and_mul(x),
+                reference=lambda: activation.silu_and_mul_ref(x),
+                bytes=n, target=memory_target(n))
+
+
+def layer_norm_gelu_case(rows: int) -> Case:
+    x, w, b = _randn(rows, MERGER_WIDTH), _weight(MERGER_WIDTH), 0.1 * _randn(MERGER_WIDTH)
+    n = rowwise_bytes(rows, MERGER_WIDTH, MERGER_WIDTH, x.element_size(),
+                      2 * MERGER_WIDTH * x.element_size())
+    return Case("layer_norm_gelu", f"merger {rows}x{MERGER_WIDTH}",
+                triton=lambda: activation.layer_norm_gelu(x, w, b, EPS),
+                reference=lambda: activation.layer_norm_gelu_ref(x, w, b, EPS),
+                bytes=n, target=memory_target(n))
+
+
+def vision_rope_case(patches: int) -> Case:
+    H, D = VISION_HEADS, VISION_HEAD_DIM
+    qkv = _randn(patches, 3, H, D)  # the qkv projection output; q, k rotated in place as views
+    qw, kw = _weight(D), _weight(D)
+    # (row, col) of each patch; the values only set angles, the cost does not depend on them
+    pos = torch.randint(0, 160, (patches, 2), device=DEVICE)
+
+    def check() -> tuple[object, object]:
+        work = qkv.clone()
+        rope.vision_qk_norm_rope_(work[:, 0], work[:, 1], qw, kw, pos, ROPE_THETA, EPS)
+        ref = rope.vision_qk_norm_rope_ref(qkv[:, 0], qkv[:, 1], qw, kw, pos, ROPE_THETA, EPS)
+        return (work[:, 0], work[:, 1]), ref
+
+    elt = qkv.element_size()
+    n = rowwise_bytes(patches, 2 * H * D, 2 * H * D, elt,
+                      2 * D * elt + pos.numel() * pos.element_size())
+    return Case("vision_qk_norm_rope", f"vision S={patches} H{H} D{D}",
+                triton=lambda: rope.vision_qk_norm_rope_(qkv[:, 0], qkv[:, 1], qw, kw, pos,
+                                                         ROPE_THETA, EPS),
+                reference=lambda: rope.vision_qk_norm_rope_ref(qkv[:, 0], qkv[:, 1], qw, kw, pos,
+                                                               ROPE_THETA, EPS),
+                check=check, bytes=n, target=memory_target(n))
+
+
+def _text_qkv(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The text qkv projection output [T, Hq + 2 Hkv, D] and its q, k, v views (read in place)."""
+    qkv = _randn(tokens, TEXT_HEADS + 2 * TEXT_KV_HEADS, TEXT_HEAD_DIM)
+    return qkv, *qkv.split([TEXT_HEADS, TEXT_KV_HEADS, TEXT_KV_HEADS], dim=1)
+
+
+def mrope_case(label: str, tokens: int) -> Case:
+    qkv, q, k, _ = _text_qkv(tokens)
+    pos = torch.randint(0, 8192, (3, tokens), device=DEVICE)  # (t, h, w) rows
+
+    def check() -> tuple[object, object]:
+        wq, wk, _ = qkv.clone().split([TEXT_HEADS, TEXT_KV_HEADS, TEXT_KV_HEADS], dim=1)
+        rope.mrope_(wq, wk, pos, MROPE_SECTION, ROPE_THETA)
+        return (wq, wk), rope.mrope_ref(q, k, pos, MROPE_SECTION, ROPE_THETA)
+
+    elt, heads = qkv.element_size(), TEXT_HEADS + TEXT_KV_HEADS
+    n = rowwise_bytes(tokens, heads * TEXT_HEAD_DIM, heads * TEXT_HEAD_DIM, elt,
+                      pos.numel() * pos.element_size())
+    return Case("mrope", f"{label} T={tokens} {TEXT_HEADS}q/{TEXT_KV_HEADS}k D{TEXT_HEAD_DIM}",
+                triton=lambda: rope.mrope_(q, k, pos, MROPE_SECTION, ROPE_THETA),
+                reference=lambda: rope.mrope_ref(q, k, pos, MROPE_SECTION, ROPE_THETA),
+                check=check, bytes=n, target=memory_target(n))
+
+
+def write_kv_cache_case(label: str, tokens: int, prefill: bool) -> Case:
+    _, _, k, v = _text_qkv(tokens)
+    num_blocks = -(-tokens // BLOCK_SIZE) if prefill else tokens
+    shape = (num_blocks, BLOCK_SIZE, TEXT_KV_HEADS, TEXT_HEAD_DIM)
+    k_cache = torch.zeros(shape, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.zeros_like(k_cache)
+    blocks = torch.randperm(num_blocks, device=DEVICE)  # pool order after many admissions
+    offsets = torch.arange(BLOCK_SIZE, device=DEVICE)
+    if prefill:  # a prompt fills whole blocks, in order
+        slots = (blocks[:, None] * BLOCK_SIZE + offsets).flatten()[:tokens]
+    else:  # one new token per sequence, at some offset of that sequence's last block
+        slots = blocks * BLOCK_SIZE + torch.randint(0, BLOCK_SIZE, (tokens,), device=DEVICE)
+
+    def check() -> tuple[object, object]:
+        expected = paged.write_kv_cache_ref(k, v, k_cache, v_cache, slots)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        paged.write_kv_cache(k, v, kc, vc, slots)
+        return (kc, vc), expected
+
+    row = 2 * TEXT_KV_HEADS * TEXT_HEAD_DIM  # K and V of one token
+    n = rowwise_bytes(tokens, row, row, k.element_size(), tokens * slots.element_size())
+    return Case("write_kv_cache", f"{label} T={tokens}",
+                triton=lambda: paged.write_kv_cache(k, v, k_cache, v_cache, slots),
+                # write_kv_cache_ref clones the whole cache (an oracle); time the torch backend's
+                # in-place scatter instead
+                reference=lambda: TorchOps().write_kv_cache(k, v, k_cache, v_cache, slots),
+                check=check, bytes=n, target=memory_target(n))
+
+
+def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int],
+                       causal: bool) -> list[torch.Tensor]:
+    """torch SDPA called once per sequence, as transformers' GLM vision attention does for sdpa.
+    A block-diagonal mask would push SDPA off its flash kernel and spend FLOPs on all T^2 pairs
+    (8x the work for 8 images); nested tensors reach the same flash kernel, but need an NJT built
+    per step. Per-sequence [1, H, L, D] views keep flash at full speed. The outputs are left as a
+    list: concatenating back to [T, H, D] is not timed, in SDPA's favour."""
+    gqa = q.shape[1] != k.shape[1]
+    return [F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None],
+                                           v[s:e].transpose(0, 1)[None], is_causal=causal,
+                                           enable_gqa=gqa)
+            for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def varlen_attention_case(label: str, seqlens: list[int], q_heads: int, kv_heads: int,
+                          head_dim: int, causal: bool) -> Case:
+    tokens, group = sum(seqlens), q_heads // kv_heads
+    qkv = _randn(tokens, q_heads + 2 * kv_heads, head_dim)  # packed projection output
+    q, k, v = qkv.split([q_heads, kv_heads, kv_heads], dim=1)  # strided views, read in place
+    bounds = [0, *itertools.accumulate(seqlens)]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    max_len = max(seqlens)
+
+    def run() -> torch.Tensor:
+        return attention.varlen_attention(q, k, v, cu, max_len, causal)
+
+    def check() -> tuple[object, object]:
+        # one kv head and its q heads: the fp32 reference of all heads would not fit at 24k patches
+        expected = attention.varlen_attention_ref(q[:, :group], k[:, :1], v[:, :1], cu, causal)
+        return run()[:, :group], expected
+
+    fits = q_heads * max_len**2 * 4 <= REF_SCORE_LIMIT
+
+    def reference() -> torch.Tensor:
+        return attention.varlen_attention_ref(q, k, v, cu, causal)
+
+    flops = attention_flops(seqlens, q_heads, head_dim, causal)
+    shape = f"{len(seqlens)} x {max_len}" if len(set(seqlens)) == 1 else f"{len(seqlens)} seqs"
+    return Case("varlen_attention",
+                f"{label} T={tokens} ({shape}) {q_heads}q/{kv_heads}k D{head_dim}",
+                triton=run,
+                reference=reference if fits else None,
+                check=check, flops=flops,
+                target=ATTENTION_TARGET if tokens >= ATTENTION_MIN_TOKENS else None,
+                sdpa=lambda: _sdpa_per_sequence(q, k, v, bounds, causal),
+                note="" if fits else "fp32 reference too large to time; checked on one kv group")
+
+
+def paged_decode_case(batch: int, context: int) -> Case:
+    per_seq = -(-context // BLOCK_SIZE)
+    num_blocks = batch * per_seq
+    shape = (num_blocks, BLOCK_SIZE, TEXT_KV_HEADS, TEXT_HEAD_DIM)
+    k_cache, v_cache = _randn(*shape), _randn(*shape)
+    # every sequence owns its blocks, scattered over the pool as after many admissions
+    tables = torch.randperm(num_blocks, device=DEVICE).view(batch, per_seq).to(torch.int32)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    q = _randn(batch, TEXT_HEADS, TEXT_HEAD_DIM)  # [B, Hq, D]
+
+    def dense(cache: torch.Tensor) -> torch.Tensor:  # -> [B, Hkv, ctx, D], transformers' layout
+        return cache[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
+
+    # SDPA over a dense, already gathered cache (transformers' static cache): the gather is not
+    # timed and all contexts are equal, so no mask; it reads the same K/V bytes as the kernel.
+    k_dense, v_dense = dense(k_cache), dense(v_cache)
+    args = (q, k_cache, v_cache, tables, lens)
+    return Case("paged_decode_attention", f"B={batch} ctx={context}",
+                triton=lambda: paged.paged_decode_attention(*args),
+                reference=lambda: paged.paged_decode_attention_ref(*args),
+                bytes=decode_attention_bytes([context] * batch, TEXT_HEADS, TEXT_KV_HEADS,
+                                             TEXT_HEAD_DIM, q.element_size()),
+                target=DECODE_TARGET if batch >= DECODE_MIN_BATCH else None,
+                sdpa=lambda: F.scaled_dot_product_attention(q[:, :, None], k_dense, v_dense,
+                                                            enable_gqa=True))
+
+
+def argmax_case(batch: int) -> Case:
+    logits = _randn(batch, VOCAB, dtype=torch.float32)  # the sampler works on fp32 logits
+    n = rowwise_bytes(batch, VOCAB, 0, logits.element_size(), batch * 8)  # + the int64 indices
+    return Case("argmax", f"B={batch} V={VOCAB} fp32",
+                triton=lambda: sampling.argmax(logits),
+                reference=lambda: sampling.argmax_ref(logits),
+                bytes=n, target=memory_target(n))
+
+
+def repetition_penalty_case(batch: int, history: int) -> Case:
+    logits = _randn(batch, VOCAB, dtype=torch.float32)
+    ids = torch.randint(0, VOCAB, (batch, history), device=DEVICE)  # prompt + output ids, [B, L]
+    penalty = torch.full((batch,), 1.1, device=DEVICE)  # per-row, as the sampler passes it
+
+    def check() -> tuple[object, object]:
+        expected = sampling.apply_repetition_penalty_ref(logits, ids, penalty)
+        return sampling.apply_repetition_penalty_(logits.clone(), ids, penalty), expected
+
+    return Case("repetition_penalty", f"B={batch} L={history}",
+                triton=lambda: sampling.apply_repetition_penalty_(logits, ids, penalty),
+                reference=lambda: sampling.apply_repetition_penalty_ref(logits, ids, penalty),
+                check=check,
+                bytes=penalty_bytes(batch, history, ids.element_size(), logits.element_size()))
+
+
+def _split(tokens: int, parts: int) -> list[int]:
+    """tokens cut into `parts` near-equal sequence lengths (the remainder goes to the last)."""
+    return [tokens // parts] * (parts - 1) + [tokens - tokens // parts * (parts - 1)]
+
+
+def plan(w: Workload) -> dict[str, list[Callable[[], Case]]]:
+    """Kernel name -> its cases at workload w, built lazily so only one case's tensors are alive."""
+    decode_b, prefill_t = max(w.decode_batches), max(t for t, _ in w.prefill_packs)
+    merged = w.vision_patches // MERGE
+    return {
+        "rms_norm": [partial(rms_norm_case, "text decode", decode_b, TEXT_HIDDEN, False),
+                     partial(rms_norm_case, "text prefill", prefill_t, TEXT_HIDDEN, False),
+                     partial(rms_norm_case, "vision", w.vision_patches, VISION_HIDDEN, True)],
+        "sandwich_rms_norm": [partial(sandwich_rms_norm_case, "decode", decode_b),
+                              partial(sandwich_rms_norm_case, "prefill", prefill_t)],
+        "silu_and_mul": [partial(silu_and_mul_case, "text decode", decode_b, TEXT_INTER),
+                         partial(silu_and_mul_case, "text prefill / merger", prefill_t, TEXT_INTER),
+                         partial(silu_and_mul_case, "vision", w.vision_patches, VISION_INTER)],
+        "layer_norm_gelu": [partial(layer_norm_gelu_case, merged)],
+        "vision_qk_norm_rope": [partial(vision_rope_case, w.vision_patches)],
+        "mrope": [partial(mrope_case, "decode", decode_b), partial(mrope_case, "prefill", prefill_t)],
+        "write_kv_cache": [partial(write_kv_cache_case, "decode", decode_b, False),
+                           partial(write_kv_cache_case, "prefill", prefill_t, True)],
+        "varlen_attention": [
+            *(partial(varlen_attention_case, "vision", [w.vision_patches // n] * n,
+                      VISION_HEADS, VISION_HEADS, VISION_HEAD_DIM, False) for n in w.vision_images),
+            *(partial(varlen_attention_case, "prefill causal", _split(t, s),
+                      TEXT_HEADS, TEXT_KV_HEADS, TEXT_HEAD_DIM, True) for t, s in w.prefill_packs)],
+        "paged_decode_attention": [partial(paged_decode_case, b, c)
+                                   for b, c in itertools.product(w.decode_batches, w.decode_contexts)],
+        "argmax": [partial(argmax_case, b) for b in w.decode_batches],
+        "repetition_penalty": [partial(repetition_penalty_case, b, max(w.decode_contexts))
+                               for b in (min(w.decode_batches), decode_b)],
+    }
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def time_ms(fn: Callable[[], object], smoke: bool) -> float:
+    """Median ms of fn over do_bench's reps (cold L2 each), or one synchronized call in smoke runs."""
+    if not smoke:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure_peaks(smoke: bool) -> Peaks:
+    """The device's own ceilings: a large device-to-device copy (read + write bytes) and a square
+    matmul in the benchmark dtype (2 n^3 FLOPs)."""
+    copy_bytes = 64 * 2**20 if smoke else 2 * 2**30
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), smoke)
+    del src, dst
+    n = 512 if smoke else 8192
+    a, b, c = _randn(n, n), _randn(n, n), _randn(n, n)
+    matmul_ms = time_ms(lambda: torch.mm(a, b, out=c), smoke)
+    return Peaks(copy_bytes, copy_ms, 2 * copy_bytes / copy_ms / 1e6,
+                 n, matmul_ms, 2 * n**3 / matmul_ms / 1e9)
+
+
+def _pairs(actual: object, expected: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(actual, torch.Tensor):
+        return [(actual, expected)]
+    return list(zip(actual, expected, strict=True))
+
+
+def compare(actual: object, expected: object) -> tuple[bool, float]:
+    """(all allclose at the output dtype's tolerance, max abs error) over tensors or tuples of them."""
+    ok, err = True, 0.0
+    for a, e in _pairs(actual, expected):
+        tol = TOLERANCE.get(e.dtype, 0.0)
+        a, e = a.float(), e.float()
+        ok &= a.shape == e.shape and torch.allclose(a, e, atol=tol, rtol=tol)
+        err = max(err, (a - e).abs().max().item() if a.numel() else 0.0)
+    return ok, err
+
+
+def run_case(case: Case, peaks: Peaks, smoke: bool) -> Result:
+    ok, err = compare(*(case.check() if case.check else (case.triton(), case.reference())))
+    triton_ms = time_ms(case.triton, smoke)
+    ref_ms = time_ms(case.reference, smoke) if case.reference else None
+    sdpa_ms = time_ms(case.sdpa, smoke) if case.sdpa else None
+    if case.flops is not None:
+        achieved, unit, peak = case.flops / triton_ms / 1e9, "TFLOP/s", peaks.matmul_tflops
+    else:
+        achieved, unit, peak = case.bytes / triton_ms / 1e6, "GB/s", peaks.copy_gbps
+    pct = 100 * achieved / peak if HAS_CUDA else None
+    if pct is None:
+        status = "n/a"
+    elif case.target is None:
+        status = "-"
+    else:
+        status = "PASS" if pct >= 100 * case.target else "MISS"
+    return Result(case.kernel, case.name, triton_ms, ref_ms, sdpa_ms, case.bytes, case.flops,
+                  achieved, unit, pct, None if case.target is None else 100 * case.target,
+                  status, "ok" if ok else "FAIL", err,
+                  "; ".join(filter(None, [case.note, None if ok else f"max abs error {err:.3g}"])))
+
+
+# ----------------------------------------------------------------------------- reporting
+
+COLUMNS = ("kernel", "case", "triton ms", "ref ms", "x ref", "sdpa ms", "x sdpa", "achieved",
+           "% peak", "target", "result", "check")
+WIDTHS = (22, 52, 9, 9, 7, 9, 7, 15, 6, 6, 6, 5)
+
+
+def _num(x: float | None, fmt: str = ".4g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _speedup(other_ms: float | None, triton_ms: float | None) -> float | None:
+    return None if other_ms is None or triton_ms is None else other_ms / triton_ms
+
+
+def cells(r: Result) -> list[str]:
+    return [r.kernel, r.case, _num(r.triton_ms),
+            _num(r.reference_ms), _num(_speedup(r.reference_ms, r.triton_ms), ".3g"),
+            _num(r.sdpa_ms), _num(_speedup(r.sdpa_ms, r.triton_ms), ".3g"),
+            "-" if r.achieved is None else f"{r.achieved:.4g} {r.unit}",
+            _num(r.peak_pct, ".1f") if HAS_CUDA else "n/a",
+            "-" if r.target_pct is None else f">={r.target_pct:.0f}%", r.status, r.check]
+
+
+def console_row(values: list[str]) -> str:
+    return " ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(values, WIDTHS)))
+
+
+def device_info() -> dict:
+    if HAS_CUDA:
+        p = torch.cuda.get_device_properties(0)
+        return dict(name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                    memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return dict(name=f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)",
+                cores=os.cpu_count())
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return done.stdout.strip()
+    return dict(commit=git("rev-parse", "HEAD") or None, dirty=bool(git("status", "--porcelain")))
+
+
+def write_reports(out: Path, meta: dict, peaks: Peaks, results: list[Result]) -> tuple[Path, Path]:
+    name = meta["device"]["name"].lower() if HAS_CUDA else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    stem = out / f"kernels-{slug}-{meta['timestamp']}"
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps({**meta, "peaks": asdict(peaks),
+                                     "cases": [asdict(r) for r in results]}, indent=2) + "\n")
+    lines = [f"# glmrt kernels on {meta['device']['name']}", "",
+             f"- commit `{meta['commit']}`{' (dirty tree)' if meta['dirty'] else ''}, "
+             f"torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, {meta['timing']}",
+             f"- measured peaks: copy {peaks.copy_gbps:.0f} GB/s ({peaks.copy_bytes / 2**20:.0f} MiB "
+             f"device-to-device), matmul {peaks.matmul_tflops:.4g} TFLOP/s ({peaks.matmul_n}^3)", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in results]
+    notes = [f"- {r.kernel} {r.case}: {r.note}" for r in results if r.note]
+    md_path.write_text("\n".join(lines + ([""] + notes if notes else [])) + "\n")
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    kernels = list(plan(REAL))
+    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; "
+                        "a temp folder with --smoke)")
+    parser.add_argument("--only", nargs="+", choices=kernels, metavar="NAME",
+                        help=f"run only these kernels: {', '.join(kernels)}")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one rep (CPU-capable)")
+    args = parser.parse_args(argv)
+    if not HAS_CUDA and not args.smoke:
+        parser.error("no CUDA device: only --smoke runs here (in Triton's interpreter)")
+    out = args.out or (Path(tempfile.mkdtemp(prefix="glmrt-bench-")) if args.smoke
+                       else REPO / "benchmarks" / "results")
+    torch.manual_seed(0)
+
+    meta = dict(device=device_info(), timestamp=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                **git_state(), dtype=str(DTYPE).removeprefix("torch."), smoke=args.smoke,
+                timing="one synchronized call" if args.smoke
+                else "triton.testing.do_bench median, L2 flushed before every rep")
+    print(f"device: {meta['device']['name']}; torch {meta['torch']}, triton {meta['triton']}, "
+          f"commit {meta['commit']}{' (dirty)' if meta['dirty'] else ''}, {meta['dtype']}")
+    peaks = measure_peaks(args.smoke)
+    print(f"measured peaks: copy {peaks.copy_gbps:.0f} GB/s, matmul {peaks.matmul_tflops:.4g} TFLOP/s"
+          + ("" if HAS_CUDA else " (CPU: no % of peak)"))
+    print(console_row(list(COLUMNS)))
+
+    results = []
+    for kernel, builders in plan(SMOKE if args.smoke else REAL).items():
+        if args.only and kernel not in args.only:
+            continue
+        for build in builders:
+            try:
+                case = build()
+                result = run_case(case, peaks, args.smoke)
+            except Exception as exc:  # a crash or OOM costs one row, not the whole run
+                traceback.print_exc()
+                result = Result(kernel, " ".join(map(str, build.args)), None, None, None, None,
+                                None, None, "", None, None, "-", "ERROR", None,
+                                f"{type(exc).__name__}: {exc}")
+            finally:
+                case = None  # drop this case's tensors before the next one is built
+                if HAS_CUDA:
+                    torch.cuda.empty_cache()
+            results.append(result)
+            print(console_row(cells(result)), flush=True)
+
+    json_path, md_path = write_reports(out, meta, peaks, results)
+    print(f"wrote {json_path}\nwrote {md_path}")
+    bad = [r for r in results if r.check != "ok"]
+    if bad:
+        print(f"{len(bad)} case(s) failed their correctness check or raised: "
+              + ", ".join(f"{r.kernel} {r.case}" for r in bad), file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
