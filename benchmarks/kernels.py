@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,12 +48,13 @@ if not HAS_CUDA:  # must precede the first import of a kernel module (@triton.ji
 import triton
 from triton.testing import do_bench
 
+from common import REPO, device_info, git_state
 from glmrt.kernels import activation, attention, paged, rmsnorm, rope, sampling
 from glmrt.model.ops import TorchOps
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
-REPO = Path(__file__).resolve().parent.parent
+
 
 # GLM-OCR's real config.
 TEXT_HIDDEN, TEXT_HEADS, TEXT_KV_HEADS, TEXT_HEAD_DIM, TEXT_INTER = 1536, 16, 8, 128, 4608
@@ -531,22 +531,6 @@ def cells(r: Result) -> list[str]:
 
 def console_row(values: list[str]) -> str:
     return " ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(values, WIDTHS)))
-
-
-def device_info() -> dict:
-    if HAS_CUDA:
-        p = torch.cuda.get_device_properties(0)
-        return dict(name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                    memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
-    return dict(name=f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)",
-                cores=os.cpu_count())
-
-
-def git_state() -> dict:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-        return done.stdout.strip()
-    return dict(commit=git("rev-parse", "HEAD") or None, dirty=bool(git("status", "--porcelain")))
 
 
 def write_reports(out: Path, meta: dict, peaks: Peaks, results: list[Result]) -> tuple[Path, Path]:

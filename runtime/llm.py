@@ -40,20 +40,7 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(requests):
                 raise ValueError(f"{len(params)} sampling_params for {len(requests)} requests")
-        ids = []
-        try:
-            for request, p in zip(requests, params):
-                ids.append(self.engine.add_request(request, p))
-        except Exception:
-            for request_id in ids:  # a bad request in the list fails the call, and leaves nothing queued
-                self.engine.abort(request_id)
-            raise
-        finished: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
-        return [finished[i] for i in ids]
+        return self.engine.generate(requests, params)
 
     def ocr(self, image: Any, task: str = "text", schema: str | dict | None = None,
             sampling_params: SamplingParams | None = None) -> str:

@@ -71,6 +71,26 @@ def tiny_config():
     )
 
 
+def real_config():
+    """GLM-OCR's real config.json values (spec §1.1), for random-weight GPU tests and benchmarks."""
+    from transformers import GlmOcrConfig
+
+    return GlmOcrConfig(
+        text_config=dict(
+            vocab_size=VOCAB_SIZE, hidden_size=1536, intermediate_size=4608, num_hidden_layers=16,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                             "partial_rotary_factor": 1.0, "rope_theta": 10000.0},
+            eos_token_id=[59246, 59253], pad_token_id=59246, max_position_embeddings=131072,
+            num_nextn_predict_layers=1,
+        ),
+        vision_config=dict(
+            depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096, out_hidden_size=1536,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, rms_norm_eps=1e-5,
+        ),
+    )
+
+
 def build_tokenizer():
     """Byte-level BPE over 256 byte symbols, with GLM-OCR's special tokens at their real ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -105,26 +125,31 @@ def _perturb_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(noise / math.sqrt(fan_in))
 
 
-def build_tiny_checkpoint(path: Path, seed: int = 0, with_mtp: bool = True) -> Path:
-    """Write config, safetensors weights, tokenizer and preprocessor files into `path`."""
+def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    return build_checkpoint(path, tiny_config(), seed)
+
+
+def build_checkpoint(path: Path, config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write config, safetensors weights (random, perturbed, plus an MTP layer as the real checkpoint
+    has), tokenizer, chat template and preprocessor config into `path`."""
     from safetensors.torch import load_file, save_file
     from transformers import GlmOcrForConditionalGeneration
 
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = GlmOcrForConditionalGeneration(tiny_config()).eval()
+    model = GlmOcrForConditionalGeneration(config).eval()
     _perturb_(model, seed)
-    model.save_pretrained(path)  # safetensors
-    if with_mtp:
-        # The real checkpoint carries an MTP layer as layer index num_layers; transformers drops it.
-        weights = load_file(path / "model.safetensors")
-        gen = torch.Generator().manual_seed(seed + 1)
-        for name in [n for n in weights if n.startswith("model.language_model.layers.0.")]:
-            mtp = name.replace("layers.0.", "layers.2.")
-            weights[mtp] = torch.randn(weights[name].shape, generator=gen)
-        for extra, shape in {"enorm.weight": (48,), "hnorm.weight": (48,), "eh_proj.weight": (48, 96)}.items():
-            weights[f"model.language_model.layers.2.{extra}"] = torch.randn(shape, generator=gen)
-        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    model.to(dtype).save_pretrained(path, max_shard_size="100GB")  # one safetensors file, as the real one
+    # The real checkpoint carries an MTP layer as layer index num_layers; transformers drops it.
+    text = config.text_config
+    hidden, mtp = text.hidden_size, f"model.language_model.layers.{text.num_hidden_layers}."
+    weights = load_file(path / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name in [n for n in weights if n.startswith("model.language_model.layers.0.")]:
+        weights[name.replace("model.language_model.layers.0.", mtp)] = torch.randn(weights[name].shape, generator=gen).to(dtype)
+    for extra, shape in {"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden)}.items():
+        weights[mtp + extra] = torch.randn(shape, generator=gen).to(dtype)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     build_tokenizer().save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",

@@ -217,6 +217,24 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq.request_id
 
+    def generate(self, requests: list[Request | dict], params: list[SamplingParams]) -> list[RequestOutput]:
+        """Run the requests to completion, batched; outputs in request order. If any request is
+        invalid, the call fails naming it and none of them stays queued."""
+        ids = []
+        try:
+            for request, p in zip(requests, params, strict=True):
+                ids.append(self.add_request(request, p))
+        except Exception:
+            for request_id in ids:
+                self.abort(request_id)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        while len(finished) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[i] for i in ids]
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; None if it is unknown or already done."""
         seq = self._sequences.get(request_id)
