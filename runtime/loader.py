@@ -147,17 +147,19 @@ def load_checkpoint(path: Path, config: ModelConfig, device: torch.device, dtype
             by_file.setdefault(files[name], []).append(name)
     wrong_shape: list[str] = []
     weights: dict[str, torch.Tensor] = {}
+    # safetensors reads each tensor straight into the target device's memory.
+    target = "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
     for file, names in by_file.items():
         if not file.is_file():
             raise CheckpointError(f"{file.name} is listed in {INDEX_FILE} but missing from {path}")
         try:
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with safe_open(file, framework="pt", device=target) as f:
                 for name in names:
                     shape = tuple(f.get_slice(name).get_shape())
                     if shape != expected[name]:
                         wrong_shape.append(f"{name}: checkpoint {list(shape)} != expected {list(expected[name])}")
                     elif not (missing or unexpected or wrong_shape):
-                        weights[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                        weights[name] = f.get_tensor(name).to(dtype)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from exc
     problems = (

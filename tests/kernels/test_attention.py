@@ -1,0 +1,281 @@
+"""Varlen flash-attention forward against its per-sequence torch reference (and SDPA on a GPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmrt.kernels.attention import _launch_config, varlen_attention, varlen_attention_ref
+from tests.kernels.hopper import compile_for_hopper
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer the launcher allocates starts as NaN, so a row the kernel skips fails."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    # fp16: P is rounded to fp16 before the P @ V dot (as in every flash kernel)
+    return {torch.float32: dict(atol=1e-5, rtol=1e-5),
+            torch.float16: dict(atol=3e-3, rtol=3e-3),
+            torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]
+
+
+def _cu_seqlens(lens: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    cu = torch.zeros(len(lens) + 1, dtype=dtype)
+    cu[1:] = torch.tensor(lens, dtype=dtype).cumsum(0)
+    return cu.to(DEVICE)
+
+
+def _qkv(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+         layout: str = "packed", seed: int = 0, q_scale: float = 1.0):
+    """q [T, Hq, D], k and v [T, Hkv, D] in one of three memory layouts:
+    packed: views into a text-style qkv projection [T, (Hq + 2 Hkv) D];
+    vision: views into a vision-style [T, 3, H, D] projection (Hq == Hkv);
+    contiguous: three separate tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, d = num_q_heads, num_kv_heads, head_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    if layout == "packed":
+        qkv = randn(num_tokens, (hq + 2 * hkv) * d)
+        q = qkv[:, : hq * d].view(num_tokens, hq, d)
+        k = qkv[:, hq * d: (hq + hkv) * d].view(num_tokens, hkv, d)
+        v = qkv[:, (hq + hkv) * d:].view(num_tokens, hkv, d)
+    elif layout == "vision":
+        assert hq == hkv
+        qkv = randn(num_tokens, 3, hq, d)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    else:
+        q, k, v = randn(num_tokens, hq, d), randn(num_tokens, hkv, d), randn(num_tokens, hkv, d)
+    return q * q_scale if q_scale != 1.0 else q, k, v
+
+
+def _check(lens, num_q_heads, num_kv_heads, head_dim, dtype, causal, layout="packed", seed=0,
+           q_scale=1.0, tol=None):
+    q, k, v = _qkv(sum(lens), num_q_heads, num_kv_heads, head_dim, dtype, layout, seed, q_scale)
+    cu = _cu_seqlens(lens)
+    out = varlen_attention(q, k, v, cu, max(lens), causal)
+    ref = varlen_attention_ref(q, k, v, cu, causal)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **(tol or _tol(dtype)))
+
+
+# ----------------------------------------------------------------------------- interpreter / GPU
+
+CASES = [  # (sequence lengths, Hq, Hkv, D)
+    ([1], 4, 4, 64),
+    ([1, 1, 1], 4, 2, 128),
+    ([17, 64, 3, 130], 4, 2, 64),   # partial / exact / tiny tiles, two query blocks in the last
+    ([17, 64, 3, 130], 4, 4, 128),
+    ([200], 4, 2, 128),             # several key tiles, diagonal tiles in both query blocks
+    ([9, 70], 16, 8, 32),           # GLM's GQA head counts at a small D
+    ([5, 40], 4, 2, 16),            # the tiny test checkpoint's head dim
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lens, num_q_heads, num_kv_heads, head_dim", CASES)
+def test_varlen_attention_matches_reference(lens, num_q_heads, num_kv_heads, head_dim, causal,
+                                            dtype):
+    _check(lens, num_q_heads, num_kv_heads, head_dim, dtype, causal)
+
+
+@pytest.mark.parametrize("layout", ["vision", "contiguous"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_layouts(layout, causal):
+    _check([33, 80], 2, 2, 64, torch.float16, causal, layout=layout, seed=1)
+
+
+def test_varlen_attention_empty_sequences_and_loose_max_seqlen():
+    # Empty sequences in the pack, a max_seqlen above the longest sequence (extra query blocks
+    # exit at once), int64 cu_seqlens and a custom scale.
+    lens = [0, 70, 0, 5]
+    q, k, v = _qkv(sum(lens), 4, 2, 64, torch.float32, seed=2)
+    cu = _cu_seqlens(lens, torch.int64)
+    for causal in (False, True):
+        out = varlen_attention(q, k, v, cu, 300, causal, scale=0.3)
+        torch.testing.assert_close(out, varlen_attention_ref(q, k, v, cu, causal, scale=0.3),
+                                   **_tol(torch.float32))
+
+
+def test_varlen_attention_large_scores_are_stable():
+    # Scores in the hundreds: the running max must keep every exp2 in range. A score's rounding
+    # error grows with its size (~300 * 2^-24), and so does the softmax's, hence the looser bound.
+    for causal in (False, True):
+        _check([100, 37], 2, 1, 64, torch.float32, causal, q_scale=30.0, seed=3,
+               tol=dict(atol=1e-4, rtol=1e-4))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_never_crosses_sequences(causal):
+    # Changing one sequence's K/V leaves every other sequence's output bit-identical.
+    lens = [40, 70, 20]
+    q, k, v = _qkv(sum(lens), 4, 2, 32, torch.float16, seed=4)
+    cu = _cu_seqlens(lens)
+    before = varlen_attention(q, k, v, cu, max(lens), causal)
+    k2, v2 = k.clone(), v.clone()
+    k2[40:110] = -k2[40:110]
+    v2[40:110] = v2[40:110] * 3
+    after = varlen_attention(q, k2, v2, cu, max(lens), causal)
+    assert torch.equal(before[:40], after[:40]) and torch.equal(before[110:], after[110:])
+    assert not torch.equal(before[40:110], after[40:110])
+
+
+def test_varlen_attention_causal_first_token_is_its_value():
+    # Causal query 0 of each sequence sees only key 0: its output is v[0] of its kv head.
+    lens = [3, 66]
+    q, k, v = _qkv(sum(lens), 4, 2, 64, torch.float32, seed=5)
+    out = varlen_attention(q, k, v, _cu_seqlens(lens), max(lens), causal=True)
+    for s in (0, 3):
+        torch.testing.assert_close(out[s], v[s].repeat_interleave(2, dim=0), atol=1e-6, rtol=0)
+
+
+def test_varlen_attention_no_tokens():
+    q, k, v = _qkv(0, 4, 2, 64, torch.float32)
+    assert varlen_attention(q, k, v, _cu_seqlens([]), 0, causal=True).shape == (0, 4, 64)
+
+
+def test_varlen_attention_rejects_bad_inputs():
+    q, k, v = _qkv(8, 4, 2, 64, torch.float32)
+    cu = _cu_seqlens([8])
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        varlen_attention(q[:, :3], k, v, cu, 8, causal=False)
+    with pytest.raises(ValueError, match="k .* and v"):
+        varlen_attention(q, k, v[:, :1], cu, 8, causal=False)
+    with pytest.raises(ValueError, match="share a dtype"):
+        varlen_attention(q, k.half(), v, cu, 8, causal=False)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        varlen_attention(q, k, v, cu.float(), 8, causal=False)
+    with pytest.raises(ValueError, match="head_dim"):
+        varlen_attention(q[..., :48], k[..., :48], v[..., :48], cu, 8, causal=False)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        varlen_attention(torch.zeros(8, 64, 4, device=DEVICE).transpose(1, 2), k, v, cu, 8,
+                         causal=False)
+    with pytest.raises(ValueError, match="scale"):
+        varlen_attention(q, k, v, cu, 8, causal=False, scale=-1.0)
+
+
+# ----------------------------------------------------------------------------- sm_90 compile
+
+_STRIDES = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+            "stride_ot", "stride_oh")
+
+
+def _spec(dtype: str, head_dim: int, causal: bool, group: int) -> tuple:
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    config = _launch_config(head_dim, torch_dtype)
+    sig = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
+    sig.update(cu_seqlens_ptr="*i32", qk_scale="fp32", **{n: "i32" for n in _STRIDES})
+    consts = dict(GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=config["BLOCK_M"],
+                  BLOCK_N=config["BLOCK_N"], DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    sig.update({n: "constexpr" for n in consts})
+    return ("glmrt.kernels.attention", "_varlen_attention_kernel", sig, consts)
+
+
+def test_attention_kernel_compiles_for_sm90():
+    specs = [_spec(dtype, head_dim, causal, group)
+             for dtype in ("fp16", "bf16")
+             for head_dim, group in ((64, 1), (128, 2))
+             for causal in (False, True)]
+    specs += [_spec("bf16", 16, True, 2), _spec("fp16", 32, False, 8), _spec("fp32", 64, True, 2)]
+    compile_for_hopper(specs)
+
+
+_RESOURCES_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile, triton
+from triton.backends.compiler import GPUTarget
+import glmrt.kernels.attention as A
+import torch
+dtype, sig, consts = json.loads(sys.argv[1])
+# As the JIT specializes real launches: 16-byte aligned pointers, strides multiple of 16.
+attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
+         if ty.startswith("*") or name.startswith("stride")}
+src = triton.compiler.ASTSource(fn=A._varlen_attention_kernel, signature=sig, constexprs=consts,
+                                attrs=attrs)
+config = A._launch_config(consts["HEAD_DIM"], getattr(torch, dtype))
+options = {k: v for k, v in config.items() if not k.startswith("BLOCK")}
+compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(compiled.asm["cubin"])
+    f.flush()
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
+                           check=True).stdout
+fields = dict(w.split(":") for w in usage.split() if w.startswith(("REG:", "STACK:")))
+ptx = compiled.asm["ptx"]
+print(json.dumps(dict(wgmma=ptx.count("wgmma.mma_async"), cp_async=ptx.count("cp.async"),
+                      regs=int(fields["REG"]), stack=int(fields["STACK"]),
+                      shared=compiled.metadata.shared, threads=32 * options["num_warps"])))
+"""
+
+
+@pytest.mark.parametrize("head_dim, causal", [(64, False), (64, True), (128, False), (128, True)])
+def test_attention_kernel_hopper_resources(head_dim, causal):
+    # What the speed rests on, which the interpreter cannot show: wgmma for both dots, K/V tiles
+    # copied asynchronously ahead of use, no register spills, and two programs per SM (registers
+    # and shared memory) so that one's softmax overlaps the other's MMAs.
+    _, _, sig, consts = _spec("bf16", head_dim, causal, group=2)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _RESOURCES_SCRIPT,
+                           json.dumps(["bfloat16", sig, consts])],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["wgmma"] > 0, f"no warpgroup MMA: {r}"
+    assert r["cp_async"] > 0, f"K/V loads are not pipelined: {r}"
+    assert r["stack"] == 0, f"registers spill: {r}"
+    assert 2 * r["regs"] * r["threads"] <= 65536, f"two programs do not fit an SM's registers: {r}"
+    assert 2 * r["shared"] <= 228 * 1024, f"two programs do not fit an SM's shared memory: {r}"
+
+
+# ----------------------------------------------------------------------------- GPU, real sizes
+
+
+def _sdpa_per_sequence(q, k, v, lens, causal, dtype):
+    """SDPA on each sequence alone, with q, k, v cast to dtype; [T, Hq, D] in dtype."""
+    group = q.shape[1] // k.shape[1]
+    outs, s = [], 0
+    for n in lens:
+        # [1, H, n, D] each
+        qs, ks, vs = (t[s: s + n].to(dtype).transpose(0, 1)[None] for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)[0].transpose(0, 1))
+        s += n
+    return torch.cat(outs)
+
+
+def _check_against_sdpa(lens, num_q_heads, num_kv_heads, head_dim, causal, layout, seed):
+    q, k, v = _qkv(sum(lens), num_q_heads, num_kv_heads, head_dim, torch.bfloat16, layout, seed)
+    out = varlen_attention(q, k, v, _cu_seqlens(lens), max(lens), causal)
+    sdpa = _sdpa_per_sequence(q, k, v, lens, causal, torch.bfloat16)
+    exact = _sdpa_per_sequence(q, k, v, lens, causal, torch.float32)
+    torch.testing.assert_close(out, sdpa, **_tol(torch.bfloat16))
+    # Outputs average many values and are small, so also hold the kernel to SDPA's own bf16 error.
+    err = (out.float() - exact).abs().max().item()
+    sdpa_err = (sdpa.float() - exact).abs().max().item()
+    assert err <= 2 * sdpa_err + 1e-3, f"max error {err} vs SDPA's {sdpa_err}"
+
+
+@pytest.mark.gpu
+def test_vision_attention_bf16_real_sizes():
+    # A full page: 24,576 patches from images of uneven sizes, 16 heads, D 64, non-causal.
+    _check_against_sdpa([12288, 4096, 5000, 3000, 192], 16, 16, 64, False, "vision", seed=6)
+
+
+@pytest.mark.gpu
+def test_text_prefill_bf16_real_sizes():
+    # Several prompts prefilled together: causal, 16 q / 8 kv heads, D 128.
+    _check_against_sdpa([6144, 1000, 4097, 2500], 16, 8, 128, True, "packed", seed=7)
