@@ -41,7 +41,19 @@ class TorchOps:
         return rope.mrope_ref(q, k, positions, mrope_section, theta)
 
     def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, causal):
-        return attention.varlen_attention_ref(q, k, v, cu_seqlens, causal)
+        """q [T, Hq, D], k/v [T, Hkv, D] packed by cu_seqlens -> [T, Hq, D].
+
+        Per-sequence SDPA, as transformers' default (sdpa) attention computes it. SDPA's fused
+        kernels never materialise the [H, L, L] scores, which for a full page (24,576 patches)
+        would take 38 GB in fp32.
+        """
+        out = torch.empty_like(q)
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            seq = [x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]  # [1, H, L, D]
+            o = F.scaled_dot_product_attention(*seq, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+            out[start:end] = o[0].transpose(0, 1)
+        return out
 
     def write_kv_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         """Scatter K/V [T, Hkv, D] into the paged caches [blocks, block_size, Hkv, D]; slot -1 skipped."""

@@ -1,0 +1,77 @@
+"""GPU-only end-to-end checks at GLM-OCR's real size (random bf16 weights): CUDA-graph decode vs
+eager decode, and logits close to transformers' bf16 forward. Skipped without a GPU."""
+import pytest
+import torch
+
+import glmrt
+from glmrt.engine.runner import allocate_kv_cache
+from glmrt.model.positions import mrope_positions
+from glmrt.model.text import AttentionMetadata
+from tests.helpers import make_image
+from tests.tiny_checkpoint import build_checkpoint, real_config
+
+pytestmark = pytest.mark.gpu
+
+REQUESTS = [
+    {"images": [make_image(640, 480, 0)], "prompt": "Text Recognition:"},
+    {"images": [make_image(300, 900, 1), make_image(500, 120, 2)], "prompt": "Table Recognition:"},
+    {"images": [], "prompt": "plain text prompt"},
+    {"images": [make_image(1200, 1600, 3)], "prompt": "Formula Recognition:"},
+    {"images": [make_image(90, 60, 4)], "prompt": "Text Recognition:"},
+]
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("glm-ocr-real-random"), real_config(), dtype=torch.bfloat16)
+
+
+def test_graph_decode_matches_eager(real_checkpoint):
+    params = glmrt.SamplingParams(max_tokens=48, ignore_eos=True)
+    graphs = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, gpu_memory_utilization=0.4)
+    assert graphs.engine.backend == "triton" and graphs.engine.runner.graphs is not None
+    with_graphs = [o.token_ids for o in graphs.generate(REQUESTS, params)]
+    del graphs
+    torch.cuda.empty_cache()
+    eager = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, kv_cache_tokens=65536,
+                      enforce_eager=True)
+    assert eager.engine.runner.graphs is None
+    assert [o.token_ids for o in eager.generate(REQUESTS, params)] == with_graphs
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_prefill_logits_close_to_transformers_bf16(real_checkpoint, backend):
+    """Our bf16 error against transformers in fp32 is at most about transformers' own bf16 error."""
+    from transformers import GlmOcrForConditionalGeneration
+
+    llm = glmrt.LLM(str(real_checkpoint), backend=backend, kv_cache_tokens=16384)
+    request = REQUESTS[0]
+    processed = llm.processor(**request)
+    ids = torch.tensor(processed.input_ids, device="cuda")
+    grids = [tuple(g) for g in processed.image_grid_thw.tolist()]
+    model = llm.engine.model
+    positions, _ = mrope_positions(processed.input_ids, grids, 59280, 2)
+    t = len(processed.input_ids)
+    attn = AttentionMetadata(slot_mapping=torch.arange(t, device="cuda"),
+                             cu_seqlens=torch.tensor([0, t], dtype=torch.int32, device="cuda"), max_seqlen=t)
+    with torch.inference_mode():
+        embeds = model.encode_images(processed.pixel_values.cuda(), grids)
+        hidden = model.forward(ids, positions.cuda(), attn, allocate_kv_cache(model, -(-t // 16), 16), embeds, ids == 59280)
+        ours = model.compute_logits(hidden).float()
+    del llm
+    hf_inputs = dict(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
+                     mm_token_type_ids=(ids == 59280).int()[None], pixel_values=processed.pixel_values.cuda(),
+                     image_grid_thw=processed.image_grid_thw.cuda())
+    logits = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        hf = GlmOcrForConditionalGeneration.from_pretrained(real_checkpoint, dtype=dtype, attn_implementation="sdpa").cuda().eval()
+        with torch.inference_mode():
+            logits[dtype] = hf(**hf_inputs).logits[0].float()
+        del hf
+        torch.cuda.empty_cache()
+    reference = logits[torch.float32]
+    scale = reference.abs().max()
+    hf_bf16_error = (logits[torch.bfloat16] - reference).abs().max() / scale
+    our_error = (ours - reference).abs().max() / scale
+    assert our_error <= 2 * hf_bf16_error + 1e-3, (our_error, hf_bf16_error)
+    assert (ours.argmax(-1) == logits[torch.bfloat16].argmax(-1)).float().mean() > 0.9
