@@ -44,7 +44,7 @@ class Sampler:
         logits = logits.float()
         params = [s.sampling_params for s in seqs]
         if any(p.repetition_penalty != 1.0 for p in params):
-            histories = [s.all_token_ids for s in seqs]
+            histories = [s.distinct_token_ids for s in seqs]  # a token penalised once however often seen
             width = max(len(h) for h in histories)
             ids = torch.tensor([h + [-1] * (width - len(h)) for h in histories], dtype=torch.int64, device=device)
             penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)

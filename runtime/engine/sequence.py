@@ -37,6 +37,19 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     seq_id: int = field(default_factory=lambda: next(_ids))
     generator: torch.Generator | None = None  # per-request RNG when a seed is given
+    # Distinct ids of prompt + output, in first-seen order, for the repetition penalty: a page
+    # prompt is thousands of identical <|image|> ids, so the sampler's per-step upload stays small.
+    distinct_token_ids: list[int] = field(default_factory=list)
+    _seen: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        for token in self.prompt_token_ids + self.output_token_ids:
+            self._note(token)
+
+    def _note(self, token_id: int) -> None:
+        if token_id not in self._seen:
+            self._seen.add(token_id)
+            self.distinct_token_ids.append(token_id)
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +79,7 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
+        self._note(token_id)
         if token_id in self.stop_token_ids:
             self.finish("stop")
         elif len(self.output_token_ids) >= self.sampling_params.max_tokens or self.num_tokens >= self.max_total_tokens:
