@@ -7,6 +7,7 @@ a KV budget small enough to force queueing and preemption.
 import asyncio
 
 import pytest
+import torch
 
 import glmrt
 from glmrt.engine.async_engine import AsyncEngine
@@ -159,3 +160,28 @@ def test_async_engine_streams_and_aborts(tiny_checkpoint, expected):
         assert bm.num_free_blocks == bm.num_blocks
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("max_num_seqs", [3, 8])
+def test_graph_static_buffers_and_padding_match_eager_decode(tiny_checkpoint, max_num_seqs):
+    """The CUDA-graph path's static buffers, bucket padding (slot -1, context 0) and fixed-width block
+    tables, run eagerly on CPU (capture=False), give the eager decode's logits."""
+    from glmrt.engine.graphs import DecodeGraphs
+
+    engine = make_engine(tiny_checkpoint, "triton", max_num_seqs=max_num_seqs)
+    for case in REQUESTS[:max_num_seqs]:
+        engine.add_request(as_request(case), glmrt.SamplingParams(max_tokens=MAX_TOKENS))
+    seqs, is_prefill = engine.scheduler.schedule()
+    engine.runner.run(seqs, is_prefill)  # fill the KV cache
+    for s in seqs:
+        s.append_token(11)
+    seqs, is_prefill = engine.scheduler.schedule()
+    assert not is_prefill
+    graphs = DecodeGraphs(engine.model, engine.runner.kv_caches, max_num_seqs,
+                          max_blocks=-(-engine.max_model_len // engine.block_manager.block_size), capture=False)
+    assert graphs.bucket_for(len(seqs)) > len(seqs) or max_num_seqs == len(seqs)
+    runner = engine.runner
+    eager = runner._decode(seqs)
+    runner.graphs = graphs
+    padded = runner._decode(seqs)
+    torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
