@@ -13,34 +13,43 @@ import torch.nn.functional as F
 
 from glmrt.kernels import activation, attention, paged, rmsnorm, rope
 
+Tensor = torch.Tensor
+
 
 class TorchOps:
     name = "torch"
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
 
-    def rms_norm(self, x, weight, eps, residual=None):
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """x [N, D] -> normed; with residual: (norm(x + residual), x + residual)."""
         return rmsnorm.rms_norm_ref(x, weight, eps, residual)
 
-    def sandwich_rms_norm(self, branch, residual, post_weight, pre_weight, eps):
+    def sandwich_rms_norm(self, branch: Tensor, residual: Tensor, post_weight: Tensor, pre_weight: Tensor,
+                          eps: float) -> tuple[Tensor, Tensor]:
+        """-> (pre_norm(r), r) with r = residual + post_norm(branch)."""
         return rmsnorm.sandwich_rms_norm_ref(branch, residual, post_weight, pre_weight, eps)
 
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+    def silu_and_mul(self, x: Tensor) -> Tensor:
+        """x [N, 2I] (gate | up) -> silu(gate) * up [N, I]."""
         return activation.silu_and_mul_ref(x)
 
-    def layer_norm_gelu(self, x, weight, bias, eps):
+    def layer_norm_gelu(self, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         return activation.layer_norm_gelu_ref(x, weight, bias, eps)
 
-    def vision_qk_norm_rope(self, q, k, q_weight, k_weight, positions, theta, eps):
-        """q, k [S, H, D] -> normed and rotated (q, k)."""
+    def vision_qk_norm_rope(self, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, positions: Tensor,
+                            theta: float, eps: float) -> tuple[Tensor, Tensor]:
+        """q, k [S, H, D], positions [S, 2] -> normed and rotated (q, k)."""
         return rope.vision_qk_norm_rope_ref(q, k, q_weight, k_weight, positions, theta, eps)
 
-    def mrope(self, q, k, positions, mrope_section, theta):
+    def mrope(self, q: Tensor, k: Tensor, positions: Tensor, mrope_section: tuple[int, int, int],
+              theta: float) -> tuple[Tensor, Tensor]:
         """q [T, Hq, D], k [T, Hkv, D], positions [3, T] -> rotated (q, k), rounded as transformers does."""
         return rope.mrope_ref(q, k, positions, mrope_section, theta)
 
-    def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, causal):
+    def varlen_attention(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                         causal: bool) -> Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] packed by cu_seqlens -> [T, Hq, D].
 
         Per-sequence SDPA, as transformers' default (sdpa) attention computes it. SDPA's fused
@@ -55,14 +64,16 @@ class TorchOps:
             out[start:end] = o[0].transpose(0, 1)
         return out
 
-    def write_kv_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+    def write_kv_cache(self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
         """Scatter K/V [T, Hkv, D] into the paged caches [blocks, block_size, Hkv, D]; slot -1 skipped."""
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
         k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
         v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
-    def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens):
+    def paged_decode_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                               context_lens: Tensor) -> Tensor:
+        """q [B, Hq, D] over each sequence's cached K/V -> [B, Hq, D]."""
         return paged.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens)
 
 
