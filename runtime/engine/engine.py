@@ -69,7 +69,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # default: max_model_len
     max_model_len: int | None = None  # default: min(16384, the model's max positions)
     kv_cache_tokens: int | None = None  # default: max_model_len tokens on CPU, memory-based on GPU
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = 0.9  # share of the GPU memory left after weights + peak activations
     block_size: int = 16
     enforce_eager: bool = False
 
@@ -120,10 +120,12 @@ class LLMEngine:
             return self.options.kv_cache_tokens
         if self.device.type != "cuda":
             return self.max_model_len
+        # gpu_memory_utilization is the fraction of the memory still free once the weights and the
+        # peak activations of the worst step are accounted for that goes to the KV cache.
         peak = self._profile_peak_memory()
         free, total = torch.cuda.mem_get_info(self.device)
         other = total - free - torch.cuda.memory_reserved(self.device)  # other processes, CUDA context
-        budget = int(total * self.options.gpu_memory_utilization) - peak - other
+        budget = int((total - other - peak) * self.options.gpu_memory_utilization)
         tokens = budget // kv_bytes_per_token(self.model)
         if tokens < self.max_model_len:
             raise ValueError(
