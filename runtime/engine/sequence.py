@@ -19,7 +19,7 @@ class SequenceStatus(enum.Enum):
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: identity, never field-by-field (tensors) equality
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
