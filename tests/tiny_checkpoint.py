@@ -52,43 +52,34 @@ PREPROCESSOR_CONFIG = {
 }
 
 
-def tiny_config():
+def _glm_ocr_config(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                    mrope_section: list[int], max_positions: int, vision: dict):
     from transformers import GlmOcrConfig
 
     return GlmOcrConfig(
         text_config=dict(
-            vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+            vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "mrope_section": mrope_section,
                              "partial_rotary_factor": 1.0, "rope_theta": 10000.0},
-            eos_token_id=[59246, 59253], pad_token_id=59246, max_position_embeddings=4096,
+            eos_token_id=[59246, 59253], pad_token_id=59246, max_position_embeddings=max_positions,
             num_nextn_predict_layers=1,
         ),
-        vision_config=dict(
-            depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=48,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, rms_norm_eps=1e-5,
-        ),
+        vision_config=dict(out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           rms_norm_eps=1e-5, **vision),
     )
+
+
+def tiny_config():
+    """Small, but head_dim != hidden/heads, GQA, three M-RoPE sections, 2 vision blocks, 2 layers."""
+    return _glm_ocr_config(48, 72, 2, 4, 2, 16, [2, 3, 3], 4096,
+                           dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64))
 
 
 def real_config():
     """GLM-OCR's real config.json values (spec §1.1), for random-weight GPU tests and benchmarks."""
-    from transformers import GlmOcrConfig
-
-    return GlmOcrConfig(
-        text_config=dict(
-            vocab_size=VOCAB_SIZE, hidden_size=1536, intermediate_size=4608, num_hidden_layers=16,
-            num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
-                             "partial_rotary_factor": 1.0, "rope_theta": 10000.0},
-            eos_token_id=[59246, 59253], pad_token_id=59246, max_position_embeddings=131072,
-            num_nextn_predict_layers=1,
-        ),
-        vision_config=dict(
-            depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096, out_hidden_size=1536,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, rms_norm_eps=1e-5,
-        ),
-    )
+    return _glm_ocr_config(1536, 4608, 16, 16, 8, 128, [16, 24, 24], 131072,
+                           dict(depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096))
 
 
 def build_tokenizer():
