@@ -1,12 +1,25 @@
-"""What every benchmark records: the device, the versions, the commit."""
+"""What every benchmark shares: the run's metadata (device, versions, commit), where its results
+go and how they are written, and the key numbers that benchmarks/gpu_suite.sh quotes from them.
+
+    python benchmarks/common.py summary DIR   # markdown of the key numbers of DIR's result JSONs
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
 import os
 import platform
+import re
 import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
 
 
 def device_info() -> dict:
@@ -19,7 +32,125 @@ def device_info() -> dict:
 
 
 def git_state() -> dict:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-        return done.stdout.strip()
-    return dict(commit=git("rev-parse", "HEAD") or None, dirty=bool(git("status", "--porcelain")))
+    """The checkout's commit and whether it has uncommitted changes outside benchmarks/results
+    (results are outputs, not code). A copy of the tree without git metadata (or without git)
+    gives commit $GLMRT_GIT_COMMIT, else None, and dirty None."""
+    def git(*args: str) -> str | None:
+        # safe.directory: the copy may belong to another user than the one running (root on a GPU box)
+        command = ["git", "-c", "safe.directory=*", "-C", str(REPO), *args]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True)
+        except OSError:  # no git binary
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return dict(commit=os.environ.get("GLMRT_GIT_COMMIT"), dirty=None)
+    return dict(commit=commit, dirty=bool(git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")))
+
+
+def _version(distribution: str) -> str | None:
+    """Installed version, read from package metadata without importing the package."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def metadata(**extra: object) -> dict:
+    """Everything a result file records about its run: UTC timestamp, device, host CPU, versions,
+    commit; `extra` holds the benchmark's own settings (dtype, smoke, ...)."""
+    return dict(timestamp=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+                device=device_info(),
+                host=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count()),
+                python=platform.python_version(), torch=torch.__version__,
+                triton=_version("triton"), transformers=_version("transformers"),
+                **git_state(), **extra)
+
+
+def provenance(meta: dict) -> str:
+    """One markdown bullet: commit (and dirty state), versions."""
+    dirty = {True: " (dirty tree)", False: "", None: " (dirty state unknown)"}[meta["dirty"]]
+    return (f"- commit `{meta['commit']}`{dirty}, python {meta['python']}, torch {meta['torch']}, "
+            f"triton {meta['triton']}, transformers {meta['transformers']}")
+
+
+def output_dir(out: Path | None, smoke: bool) -> Path:
+    """--out if given; else a fresh temp folder for smoke runs (their numbers mean nothing) and
+    benchmarks/results for real ones."""
+    if out is not None:
+        return out
+    return Path(tempfile.mkdtemp(prefix="glmrt-bench-")) if smoke else RESULTS
+
+
+def write_report(out: Path, benchmark: str, meta: dict, results: dict,
+                 markdown: list[str]) -> tuple[Path, Path]:
+    """Writes <out>/<benchmark>-<device>-<timestamp>.json ({**meta, **results}) and the same
+    name .md (the markdown lines); returns both paths."""
+    name = meta["device"]["name"].lower() if torch.cuda.is_available() else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    stem = out / f"{benchmark}-{slug}-{meta['timestamp']}"
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps({**meta, **results}, indent=2) + "\n")
+    md_path.write_text("\n".join(markdown) + "\n")
+    return json_path, md_path
+
+
+# ----------------------------------------------------------------------------- suite summary
+
+
+def _kernels_numbers(data: dict) -> list[str]:
+    peaks, cases = data["peaks"], data["cases"]
+    status = [c["status"] for c in cases]
+    bad = [f"{c['kernel']} {c['case']}" for c in cases if c["check"] != "ok"]
+    missed = [f"{c['kernel']} {c['case']} ({c['peak_pct']:.0f}% < {c['target_pct']:.0f}%)"
+              for c in cases if c["status"] == "MISS"]
+    lines = [f"- measured peaks: copy {peaks['copy_gbps']:.0f} GB/s, "
+             f"matmul {peaks['matmul_tflops']:.4g} TFLOP/s",
+             f"- {len(cases)} cases: {status.count('PASS')} PASS, {status.count('MISS')} MISS "
+             f"against their targets; {len(bad)} failed their correctness check or raised"]
+    lines += [f"  - check failed: {name}" for name in bad]
+    lines += [f"  - target missed: {name}" for name in missed]
+    return lines
+
+
+def _e2e_numbers(data: dict) -> list[str]:
+    lines = [f"- backend {data['backend']}, CUDA graphs {data['cuda_graphs']}, "
+             f"HBM floor {data['hbm_floor_ms_per_token']:.3f} ms/token", "",
+             "| metric | glmrt | transformers | speed-up | % of floor |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        pct = f"{r['pct_of_floor']:.0f}%" if "pct_of_floor" in r else "-"
+        lines.append(f"| {r['metric']} | {r['glmrt']:.4g} | {r['transformers']:.4g} | "
+                     f"{r['speedup']:.2f}x | {pct} |")
+    return lines
+
+
+def _patchify_numbers(data: dict) -> list[str]:
+    cpp = "not built" if data["cpp_best_ms"] is None else f"{data['cpp_best_ms']:.2f} ms"
+    return [f"- {data['patches']} patches: numpy {data['numpy_best_ms']:.2f} ms, C++ {cpp} (best of "
+            f"{data['repeats']}); ImageProcessor end to end {data['processor_best_ms']:.2f} ms"]
+
+
+SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers}
+
+
+def key_numbers(folder: Path) -> list[str]:
+    """Markdown quoting the key numbers of every result JSON in `folder`: one section per file.
+    A file of another benchmark, or one whose fields are not as expected, is only named."""
+    lines = []
+    for path in sorted(folder.glob("*.json")):
+        lines += ["", f"### {path.name}", ""]
+        summarize = SUMMARIZERS.get(path.name.split("-", 1)[0])
+        try:
+            lines += summarize(json.loads(path.read_text())) if summarize else ["- (see the file)"]
+        except (KeyError, TypeError, ValueError) as exc:
+            lines.append(f"- could not read its key numbers ({type(exc).__name__}: {exc})")
+    return lines
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "summary":
+        sys.exit("usage: python benchmarks/common.py summary DIR")
+    print("\n".join(key_numbers(Path(sys.argv[2]))))

@@ -19,13 +19,10 @@ CPU with small sizes to prove every code path (numbers meaningless).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -33,11 +30,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import REPO, device_info, git_state  # noqa: E402
+from common import REPO, metadata, output_dir, provenance, write_report  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
-import triton  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import glmrt  # noqa: E402
@@ -134,19 +130,22 @@ def hf_decode_ms(hf: HFSide, prompt: str, steps: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="checkpoint dir (default: real config, random weights)")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; a temp folder with --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="tiny checkpoint and sizes (CPU-capable)")
     args = parser.parse_args(argv)
     smoke = args.smoke
     if smoke:
         contexts, decode_steps, page, crops, crop_tokens, concurrency = [64, 160], 4, (200, 260), 6, 8, 3
     else:
         contexts, decode_steps, page, crops, crop_tokens, concurrency = [1024, 5120], 64, (1700, 2200), 64, 256, 32
-    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="glmrt-e2e-")) if smoke else REPO / "benchmarks" / "results")
+    out_dir = output_dir(args.out, smoke)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or build_checkpoint(Path(tmp) / "ckpt", tiny_config() if smoke else real_config(),
                                               dtype=DTYPE)
-        engine = LLMEngine(str(path), device=DEVICE, dtype=DTYPE, max_num_seqs=concurrency)
+        # half the free GPU memory for glmrt's KV cache (far more than these requests need), so
+        # that transformers, loaded next on the same GPU, has room for its batch of 32 crops
+        engine = LLMEngine(str(path), device=DEVICE, dtype=DTYPE, max_num_seqs=concurrency,
+                           gpu_memory_utilization=0.5)
         hf = HFSide(path)
         bandwidth = copy_bandwidth_gbps()
         floor_ms = decoder_weight_bytes(engine) / (bandwidth * 1e9) * 1e3
@@ -187,27 +186,20 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(dict(metric=f"throughput tok/s, {crops} crops x {crop_tokens} tokens, concurrency {concurrency}",
                          glmrt=generated / ours, transformers=hf_generated / theirs, speedup=theirs / ours))
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    meta = dict(device=device_info(), torch=torch.__version__, triton=triton.__version__, **git_state(),
-                dtype=str(DTYPE), backend=engine.backend, cuda_graphs=engine.runner.graphs is not None,
-                copy_bandwidth_gbps=bandwidth, decoder_weight_bytes=decoder_weight_bytes(engine),
-                hbm_floor_ms_per_token=floor_ms, smoke=smoke, timestamp=stamp)
-    slug = re.sub(r"[^a-z0-9]+", "-", meta["device"]["name"].lower() if CUDA else "cpu").strip("-")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"e2e-{slug}-{stamp}"
-    stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    lines = [f"# glmrt vs transformers on {meta['device']['name']}", "",
-             f"- commit `{meta['commit']}`{' (dirty)' if meta['dirty'] else ''}, torch {meta['torch']}, "
-             f"triton {meta['triton']}, {DTYPE}, backend {engine.backend}, CUDA graphs {meta['cuda_graphs']}",
+    meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=smoke, backend=engine.backend,
+                    cuda_graphs=engine.runner.graphs is not None, copy_bandwidth_gbps=bandwidth,
+                    decoder_weight_bytes=decoder_weight_bytes(engine), hbm_floor_ms_per_token=floor_ms)
+    lines = [f"# glmrt vs transformers on {meta['device']['name']}", "", provenance(meta),
+             f"- {meta['dtype']}, backend {engine.backend}, CUDA graphs {meta['cuda_graphs']}",
              f"- copy bandwidth {bandwidth:.0f} GB/s; decoder weights {meta['decoder_weight_bytes'] / 1e9:.3f} GB; "
              f"HBM floor {floor_ms:.3f} ms/token", "",
              "| metric | glmrt | transformers | speed-up | % of floor |", "|---|---|---|---|---|"]
     for r in rows:
         pct = f"{r['pct_of_floor']:.0f}%" if "pct_of_floor" in r else "-"
         lines.append(f"| {r['metric']} | {r['glmrt']:.4g} | {r['transformers']:.4g} | {r['speedup']:.1f}x | {pct} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    json_path, md_path = write_report(out_dir, "e2e", meta, dict(rows=rows), lines)
     print("\n".join(lines))
-    print(f"wrote {stem}.json and .md")
+    print(f"wrote {json_path}\nwrote {md_path}")
     return 0
 
 

@@ -10,7 +10,7 @@ achieved GB/s or TFLOP/s, % of the measured ceiling, and PASS/MISS against the t
     < ~25 us at 3 TB/s, where launch and ramp-up alone cost more than the missing 20%);
   - varlen attention: >= 50% of matmul throughput at >= 4096 tokens;
   - paged decode attention: >= 70% of copy bandwidth at batch >= 32.
-The repetition penalty is a scattered gather/scatter over B x L ids, not a stream: no target.
+The repetition penalty is one pass over a [B, V] presence mask and the logits: memory-bound too.
 
 Timing is triton.testing.do_bench's median. do_bench zeroes a 256 MB buffer before every rep
 (outside the timed events), so each rep starts with a cold L2: memory-bound numbers are HBM
@@ -24,16 +24,11 @@ Raw numbers go to <out>/kernels-<device>-<timestamp>.json and the table to the s
 """
 import argparse
 import itertools
-import json
 import os
-import platform
-import re
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -45,10 +40,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # must precede the first import of a kernel module (@triton.jit reads it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton
 from triton.testing import do_bench
 
-from common import REPO, device_info, git_state
+from common import metadata, output_dir, provenance, write_report
 from glmrt.kernels import activation, attention, paged, rmsnorm, rope, sampling
 from glmrt.model.ops import TorchOps
 
@@ -160,9 +154,10 @@ def decode_attention_bytes(context_lens: list[int], q_heads: int, kv_heads: int,
     return kv + q_out + tables
 
 
-def penalty_bytes(batch: int, history: int, id_elt: int, logit_elt: int) -> int:
-    """The ids read once and every named logit read and written once: B * L * (id + 2 * logit)."""
-    return batch * history * (id_elt + 2 * logit_elt)
+def penalty_bytes(batch: int, present: int, logit_elt: int) -> int:
+    """The bool presence mask and the logits read once (B * V * (1 + logit)), the `present`
+    penalised logits written back, and the fp32 per-row penalties."""
+    return batch * VOCAB * (1 + logit_elt) + present * logit_elt + 4 * batch
 
 
 def memory_target(nbytes: int) -> float | None:
@@ -386,17 +381,19 @@ def argmax_case(batch: int) -> Case:
 def repetition_penalty_case(batch: int, history: int) -> Case:
     logits = _randn(batch, VOCAB, dtype=torch.float32)
     ids = torch.randint(0, VOCAB, (batch, history), device=DEVICE)  # prompt + output ids, [B, L]
+    presence = torch.zeros(batch, VOCAB, dtype=torch.bool, device=DEVICE)  # the sampler's [B, V] mask
+    presence.scatter_(1, ids, True)
     penalty = torch.full((batch,), 1.1, device=DEVICE)  # per-row, as the sampler passes it
 
     def check() -> tuple[object, object]:
-        expected = sampling.apply_repetition_penalty_ref(logits, ids, penalty)
-        return sampling.apply_repetition_penalty_(logits.clone(), ids, penalty), expected
+        expected = sampling.apply_repetition_penalty_ref(logits, presence, penalty)
+        return sampling.apply_repetition_penalty_(logits.clone(), presence, penalty), expected
 
+    n = penalty_bytes(batch, int(presence.sum()), logits.element_size())
     return Case("repetition_penalty", f"B={batch} L={history}",
-                triton=lambda: sampling.apply_repetition_penalty_(logits, ids, penalty),
-                reference=lambda: sampling.apply_repetition_penalty_ref(logits, ids, penalty),
-                check=check,
-                bytes=penalty_bytes(batch, history, ids.element_size(), logits.element_size()))
+                triton=lambda: sampling.apply_repetition_penalty_(logits, presence, penalty),
+                reference=lambda: sampling.apply_repetition_penalty_ref(logits, presence, penalty),
+                check=check, bytes=n, target=memory_target(n))
 
 
 def _split(tokens: int, parts: int) -> list[int]:
@@ -534,23 +531,15 @@ def console_row(values: list[str]) -> str:
 
 
 def write_reports(out: Path, meta: dict, peaks: Peaks, results: list[Result]) -> tuple[Path, Path]:
-    name = meta["device"]["name"].lower() if HAS_CUDA else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-    stem = out / f"kernels-{slug}-{meta['timestamp']}"
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps({**meta, "peaks": asdict(peaks),
-                                     "cases": [asdict(r) for r in results]}, indent=2) + "\n")
-    lines = [f"# glmrt kernels on {meta['device']['name']}", "",
-             f"- commit `{meta['commit']}`{' (dirty tree)' if meta['dirty'] else ''}, "
-             f"torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}, {meta['timing']}",
+    lines = [f"# glmrt kernels on {meta['device']['name']}", "", provenance(meta),
+             f"- {meta['dtype']}, {meta['timing']}",
              f"- measured peaks: copy {peaks.copy_gbps:.0f} GB/s ({peaks.copy_bytes / 2**20:.0f} MiB "
              f"device-to-device), matmul {peaks.matmul_tflops:.4g} TFLOP/s ({peaks.matmul_n}^3)", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells(r)) + " |" for r in results]
     notes = [f"- {r.kernel} {r.case}: {r.note}" for r in results if r.note]
-    md_path.write_text("\n".join(lines + ([""] + notes if notes else [])) + "\n")
-    return json_path, md_path
+    return write_report(out, "kernels", meta, dict(peaks=asdict(peaks), cases=[asdict(r) for r in results]),
+                        lines + ([""] + notes if notes else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -564,15 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not HAS_CUDA and not args.smoke:
         parser.error("no CUDA device: only --smoke runs here (in Triton's interpreter)")
-    out = args.out or (Path(tempfile.mkdtemp(prefix="glmrt-bench-")) if args.smoke
-                       else REPO / "benchmarks" / "results")
+    out = output_dir(args.out, args.smoke)
     torch.manual_seed(0)
 
-    meta = dict(device=device_info(), timestamp=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
-                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                **git_state(), dtype=str(DTYPE).removeprefix("torch."), smoke=args.smoke,
-                timing="one synchronized call" if args.smoke
-                else "triton.testing.do_bench median, L2 flushed before every rep")
+    meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=args.smoke,
+                    timing="one synchronized call" if args.smoke
+                    else "triton.testing.do_bench median, L2 flushed before every rep")
     print(f"device: {meta['device']['name']}; torch {meta['torch']}, triton {meta['triton']}, "
           f"commit {meta['commit']}{' (dirty)' if meta['dirty'] else ''}, {meta['dtype']}")
     peaks = measure_peaks(args.smoke)
