@@ -1,14 +1,23 @@
-"""GLM-OCR image preprocessing (spec §5): load -> RGB -> smart_resize -> PIL bicubic -> patchify.
+"""GLM-OCR image preprocessing: load -> RGB -> smart_resize -> bicubic resize -> normalize -> patchify.
 
-Matches transformers' PIL-backend processor `Glm46VImageProcessorPil`
-(transformers/models/glm46v/image_processing_pil_glm46v.py): the image is converted to RGB the way
-`transformers.image_transforms.convert_to_rgb` does it, resized as an 8-bit RGB PIL image with
-`Image.resize((w, h), BICUBIC)` (no reducing_gap), then rescaled+normalized and patchified. Grids are
-identical to transformers'; pixel values agree within 4e-7 (transformers rescales in float64 and then
-normalizes in float32 in two steps, here it is one fused fp32 step).
+Two backends, named as in transformers v5 (`ImageProcessor(backend=...)`):
 
-The default transformers v5 backend (torchvision, uint8 antialiased bicubic) differs slightly in
-pixel values from the PIL backend; this module follows the PIL backend.
+* "torchvision" (default): equal to transformers' `Glm46VImageProcessor`, the class `AutoProcessor`
+  picks whenever torchvision is installed (every GPU install, vLLM, SGLang). The uint8 RGB image is
+  resized as a uint8 [1, 3, H, W] tensor by torch's antialiased bicubic kernel (what torchvision's
+  `resize(..., BICUBIC, antialias=True)` calls on CPU), then normalized as (x - m_c) / s_c in fp32 with
+  m_c = fp32(mean_c) * 255 and s_c = fp32(std_c) * 255 rounded in fp32, as transformers fuses
+  rescale into normalize. Pixel values are bit-identical to transformers'.
+* "pil": equal to transformers' `Glm46VImageProcessorPil`: `Image.resize((w, h), BICUBIC)` on the
+  8-bit RGB PIL image (bit-identical uint8 pixels), normalized as (x - fp32(255*mean_c)) /
+  fp32(255*std_c) in one fp32 step; transformers rescales in float64 and normalizes in fp32 in two
+  steps, so pixel values agree within 4e-7.
+
+The two backends' resized pixels differ by 1-2 uint8 levels in many places (0.015-0.03 in pixel
+values), enough to change greedy output, so the backend must match the reference compared against.
+The torchvision resize makes the very call torchvision makes, so it matches on every CPU kind
+(torch picks the same uint8 kernel for both). Grids (smart_resize) and RGB conversion are the same
+for both backends.
 
 `patchify` uses the C++ extension `glmrt._C` when it was built and `patchify_numpy` otherwise; the
 two give bit-identical results.
@@ -38,7 +47,7 @@ except ImportError:  # pragma: no cover - depends on the build
 
 HAS_CPP = _C is not None and hasattr(_C, "patchify")
 
-# GLM-OCR defaults (spec §5, the checkpoint's preprocessor_config.json).
+# GLM-OCR defaults (the checkpoint's preprocessor_config.json).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_PIXELS = 12544
@@ -48,14 +57,24 @@ TEMPORAL_PATCH_SIZE = 2
 MERGE_SIZE = 2
 MAX_ASPECT_RATIO = 200
 
+BACKENDS = ("torchvision", "pil")
+# Config files and the processor class names they may carry (older and current Hub revisions).
+PROCESSOR_CONFIG = "processor_config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+IMAGE_PROCESSOR_TYPES = tuple(
+    base + suffix for base in ("Glm46VImageProcessor", "GlmOcrImageProcessor") for suffix in ("", "Fast", "Pil")
+)
+
 ImageLike = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview]
 
 __all__ = [
+    "BACKENDS",
     "HAS_CPP",
     "ImageProcessor",
     "load_image",
     "patchify",
     "patchify_numpy",
+    "resize_torchvision",
     "smart_resize",
     "to_rgb",
 ]
@@ -173,7 +192,7 @@ def smart_resize(
     max_pixels: int = MAX_PIXELS,
     temporal: int = TEMPORAL_PATCH_SIZE,
 ) -> tuple[int, int]:
-    """Target (height, width), multiples of `factor`, for one image (spec §5 step 2).
+    """Target (height, width), multiples of `factor`, for one image (transformers' smart_resize).
 
     The pixel budget [min_pixels, max_pixels] applies to a `temporal`-frame clip, i.e. to
     temporal*h*w; a single image counts as `temporal` frames.
@@ -199,6 +218,40 @@ def smart_resize(
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+def resize_torchvision(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 HWC -> uint8 [height, width, C], bit-identical to torchvision's CPU
+    `resize(uint8 CHW tensor, [height, width], BICUBIC, antialias=True)`.
+
+    On CPU torchvision hands the uint8 tensor, as a contiguous [1, C, H, W] batch, straight to
+    torch's native uint8 antialiased bicubic kernel (which rounds and saturates to [0, 255] itself)
+    and returns the input unchanged when the size does not change; this makes the same call.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"resize_torchvision: image must be uint8 HWC, got {image.dtype} with {image.ndim} dims")
+    if image.shape[:2] == (height, width):
+        return image
+    chw = torch.tensor(image).permute(2, 0, 1).contiguous()  # a copy: PIL-backed arrays are read-only
+    out = torch.nn.functional.interpolate(
+        chw[None], size=[height, width], mode="bicubic", align_corners=False, antialias=True
+    )
+    return out[0].permute(1, 2, 0).contiguous().numpy()
+
+
+def _torchvision_normalize_stats(
+    mean: Sequence[float], std: Sequence[float]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """mean/std to give `patchify` so that it normalizes exactly like the torchvision backend.
+
+    That backend fuses rescale (1/255) into normalize by scaling fp32(mean_c) and fp32(std_c) by 255
+    in fp32, which can be 1 ulp away from patchify's fp32(255 * mean_c) computed in double. Those fp32
+    products divided by 255 in double come back exactly through patchify's fp32(255.0 * value): the
+    double round trip is off by far less than half an fp32 ulp.
+    """
+    shift = np.asarray(mean, dtype=np.float32) * np.float32(255.0)
+    scale = np.asarray(std, dtype=np.float32) * np.float32(255.0)
+    return tuple(float(v) / 255.0 for v in shift), tuple(float(v) / 255.0 for v in scale)
 
 
 # -------------------------------------------------------------------------------------- patchify
@@ -243,7 +296,7 @@ def patchify_numpy(
     temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
     merge_size: int = MERGE_SIZE,
 ) -> np.ndarray:
-    """numpy twin of glmrt._C.patchify: uint8 HWC -> float32 [N, C*T*P*P] (spec §5 steps 4-6).
+    """numpy twin of glmrt._C.patchify: uint8 HWC -> float32 [N, C*T*P*P].
 
     Rows in merge-block-major order (bh, bw, mh, mw), row vector order (c, t, py, px), the T
     temporal copies identical, x = (pixel - 255*mean_c) / (255*std_c) in fp32.
@@ -282,8 +335,40 @@ def patchify(
 
 
 # ------------------------------------------------------------------------------------- processor
+def read_config_json(path: pathlib.Path) -> dict[str, Any] | None:
+    """A JSON object from a checkpoint config file; None if the file is absent."""
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _image_processor_config(path: pathlib.Path) -> tuple[dict[str, Any], pathlib.Path] | None:
+    """The image processor settings and the file they came from, with transformers' precedence: the
+    `image_processor` entry of processor_config.json (current Hub revisions), else
+    preprocessor_config.json; None if neither has them."""
+    processor_file = path / PROCESSOR_CONFIG
+    nested = (read_config_json(processor_file) or {}).get("image_processor")
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise ValueError(f"{processor_file}: image_processor must be a JSON object, got {type(nested).__name__}")
+        return nested, processor_file
+    preprocessor_file = path / PREPROCESSOR_CONFIG
+    cfg = read_config_json(preprocessor_file)
+    return None if cfg is None else (cfg, preprocessor_file)
+
+
 class ImageProcessor:
-    """GLM-OCR image processor: list of images -> pixel_values [sum N, 1176] + image_grid_thw [n, 3]."""
+    """GLM-OCR image processor: list of images -> pixel_values [sum N, 1176] + image_grid_thw [n, 3].
+
+    `backend` is "torchvision" (transformers' default `Glm46VImageProcessor`) or "pil"
+    (`Glm46VImageProcessorPil`); see the module docstring for what each computes.
+    """
 
     def __init__(
         self,
@@ -294,7 +379,10 @@ class ImageProcessor:
         patch_size: int = PATCH_SIZE,
         temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
         merge_size: int = MERGE_SIZE,
+        backend: str = "torchvision",
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"ImageProcessor.backend must be one of {BACKENDS}, got {backend!r}")
         if len(image_mean) != 3 or len(image_std) != 3:
             raise ValueError("image_mean and image_std need 3 values (RGB)")
         if min(patch_size, temporal_patch_size, merge_size) < 1:
@@ -308,17 +396,27 @@ class ImageProcessor:
         self.patch_size = int(patch_size)
         self.temporal_patch_size = int(temporal_patch_size)
         self.merge_size = int(merge_size)
+        self.backend = backend
+        # What patchify gets: it normalizes as (x - fp32(255*mean)) / fp32(255*std).
+        if backend == "torchvision":
+            self._patchify_mean, self._patchify_std = _torchvision_normalize_stats(self.image_mean, self.image_std)
+        else:
+            self._patchify_mean, self._patchify_std = self.image_mean, self.image_std
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "ImageProcessor":
-        """Reads `preprocessor_config.json` from a checkpoint directory; GLM-OCR defaults if absent."""
-        cfg_path = pathlib.Path(path) / "preprocessor_config.json"
-        if not cfg_path.is_file():
-            return cls()
-        try:
-            cfg: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    def from_pretrained(cls, path: str | os.PathLike, backend: str = "torchvision") -> "ImageProcessor":
+        """Reads a checkpoint directory's image processor settings (processor_config.json's
+        `image_processor` entry, else preprocessor_config.json); GLM-OCR defaults if neither has them."""
+        found = _image_processor_config(pathlib.Path(path))
+        if found is None:
+            return cls(backend=backend)
+        cfg, cfg_path = found
+        kind = cfg.get("image_processor_type")
+        if kind is not None and kind not in IMAGE_PROCESSOR_TYPES:
+            raise ValueError(
+                f"{cfg_path}: image_processor_type={kind!r} is not a GLM-OCR image processor "
+                f"(expected one of {IMAGE_PROCESSOR_TYPES})"
+            )
         # Settings this implementation hard-wires: refuse configs that ask for something else.
         unsupported = {
             "do_resize": (True,),
@@ -343,6 +441,7 @@ class ImageProcessor:
             patch_size=cfg.get("patch_size", PATCH_SIZE),
             temporal_patch_size=cfg.get("temporal_patch_size", TEMPORAL_PATCH_SIZE),
             merge_size=cfg.get("merge_size", MERGE_SIZE),
+            backend=backend,
         )
 
     @property
@@ -354,15 +453,19 @@ class ImageProcessor:
             height, width, self.factor, self.min_pixels, self.max_pixels, self.temporal_patch_size
         )
 
+    def resize(self, rgb: Image.Image, height: int, width: int) -> np.ndarray:
+        """RGB PIL image -> uint8 [height, width, 3], as the backend's transformers class resizes it."""
+        if self.backend == "pil":  # the PIL backend always resizes, even to the same size
+            return np.asarray(rgb.resize((width, height), resample=Image.Resampling.BICUBIC), dtype=np.uint8)
+        return resize_torchvision(np.asarray(rgb, dtype=np.uint8), height, width)
+
     def preprocess_one(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int, int]]:
         """One image -> (float32 [gh*gw, 3*T*P*P] patches, (1, gh, gw))."""
         rgb = to_rgb(load_image(image))
         h, w = self.resized_size(rgb.height, rgb.width)
-        # Same call transformers' PIL backend makes on the uint8 RGB image (it always resizes).
-        resized = rgb.resize((w, h), resample=Image.Resampling.BICUBIC)
-        pixels = np.asarray(resized, dtype=np.uint8)
         patches = patchify(
-            pixels, self.image_mean, self.image_std, self.patch_size, self.temporal_patch_size, self.merge_size
+            self.resize(rgb, h, w), self._patchify_mean, self._patchify_std,
+            self.patch_size, self.temporal_patch_size, self.merge_size,
         )
         return patches, (1, h // self.patch_size, w // self.patch_size)
 
@@ -386,5 +489,6 @@ class ImageProcessor:
         return (
             f"ImageProcessor(min_pixels={self.min_pixels}, max_pixels={self.max_pixels}, "
             f"image_mean={self.image_mean}, image_std={self.image_std}, patch_size={self.patch_size}, "
-            f"temporal_patch_size={self.temporal_patch_size}, merge_size={self.merge_size})"
+            f"temporal_patch_size={self.temporal_patch_size}, merge_size={self.merge_size}, "
+            f"backend={self.backend!r})"
         )

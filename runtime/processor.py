@@ -1,8 +1,10 @@
-"""Prompt side of preprocessing: chat template, tokenizer, `<|image|>` expansion (spec §6).
+"""Prompt side of preprocessing: chat template, tokenizer, `<|image|>` expansion.
 
-`Processor(images=..., prompt=...)` gives what transformers' Glm46VProcessor gives after
-`apply_chat_template`: input ids with each `<|image|>` expanded to grid_h*grid_w/merge² copies,
-pixel_values [N, 1176] and image_grid_thw [n, 3].
+`Processor(images=..., prompt=...)` gives what transformers' Glm46VProcessor (the class AutoProcessor
+builds for GLM-OCR) gives after `apply_chat_template`: input ids with each `<|image|>` expanded to
+grid_h*grid_w/merge² copies, pixel_values [N, 1176] and image_grid_thw [n, 3]. The image processor
+backend ("torchvision", transformers' default, or "pil") is chosen with
+`Processor.from_pretrained(path, image_backend=...)`.
 """
 from __future__ import annotations
 
@@ -13,13 +15,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from jinja2 import TemplateError, ext
+from jinja2 import TemplateError, TemplateSyntaxError, ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from .image_processor import ImageProcessor
+from .image_processor import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, ImageProcessor, read_config_json
 
 IMAGE_TOKEN = "<|image|>"
+VIDEO_TOKEN = "<|video|>"
+# processor_class names of GLM-OCR checkpoints (older and current Hub revisions).
+PROCESSOR_CLASSES = ("Glm46VProcessor", "GlmOcrProcessor")
 TASK_PROMPTS = {
     "text": "Text Recognition:",
     "table": "Table Recognition:",
@@ -46,40 +51,55 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-class ChatTemplate:
-    """A checkpoint's chat template rendered in a sandbox, with the globals transformers provides."""
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
-    def __init__(self, source: str, special_tokens: dict[str, str]):
+
+class ChatTemplate:
+    """A checkpoint's chat template rendered in a sandbox, with the globals transformers provides.
+
+    `origin` names where the template came from, for error messages.
+    """
+
+    def __init__(self, source: str, special_tokens: dict[str, str], origin: str = "chat template"):
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        self._template = env.from_string(source)
+        self.origin = origin
+        try:
+            self._template = env.from_string(source)
+        except TemplateSyntaxError as exc:
+            raise ValueError(
+                f"{origin}: chat template syntax error at line {exc.lineno}: {_one_line(exc)}"
+            ) from exc
         self._special_tokens = special_tokens
 
     @classmethod
     def from_pretrained(cls, path: Path) -> "ChatTemplate":
-        config = _read_json(path / "tokenizer_config.json")
+        config_file = path / "tokenizer_config.json"
+        config = read_config_json(config_file) or {}
         special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
         jinja_file = path / "chat_template.jinja"
         if jinja_file.is_file():
-            return cls(jinja_file.read_text(), special)
+            return cls(jinja_file.read_text(encoding="utf-8"), special, str(jinja_file))
         source = config.get("chat_template")
         if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
             source = next((t["template"] for t in source if t.get("name") == "default"), None)
         if not isinstance(source, str):
             raise ValueError(f"no chat template in {path} (chat_template.jinja or tokenizer_config.json)")
-        return cls(source, special)
+        return cls(source, special, f"{config_file} (chat_template)")
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
-            **self._special_tokens,
-        )
-
-
-def _read_json(file: Path) -> dict:
-    return json.loads(file.read_text()) if file.is_file() else {}
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                **self._special_tokens,
+            )
+        except Exception as exc:  # raise_exception(), undefined filters/tests, type errors inside the template
+            raise ValueError(
+                f"chat template {self.origin} failed to render: {type(exc).__name__}: {_one_line(exc)}"
+            ) from exc
 
 
 @dataclass
@@ -102,16 +122,27 @@ class Processor:
         self.image_token_id = image_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Processor":
+    def from_pretrained(cls, path: str | Path, image_backend: str = "torchvision") -> "Processor":
+        """Tokenizer, chat template and image processor of a checkpoint directory.
+
+        `image_backend`: "torchvision" (what transformers' AutoProcessor uses when torchvision is
+        installed, as with vLLM and SGLang) or "pil" (transformers without torchvision).
+        """
         path = Path(path)
+        for config_file in (path / PROCESSOR_CONFIG, path / PREPROCESSOR_CONFIG):
+            name = (read_config_json(config_file) or {}).get("processor_class")
+            if name is not None and name not in PROCESSOR_CLASSES:
+                raise ValueError(
+                    f"{config_file}: processor_class={name!r} is not a GLM-OCR processor (expected one of {PROCESSOR_CLASSES})"
+                )
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise ValueError(f"no tokenizer.json in {path}")
-        return cls(
-            Tokenizer.from_file(str(tokenizer_file)),
-            ChatTemplate.from_pretrained(path),
-            ImageProcessor.from_pretrained(path),
-        )
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # tokenizers raises a bare Exception for unparsable files
+            raise ValueError(f"{tokenizer_file}: cannot load the tokenizer: {_one_line(exc)}") from exc
+        return cls(tokenizer, ChatTemplate.from_pretrained(path), ImageProcessor.from_pretrained(path, image_backend))
 
     @staticmethod
     def messages(num_images: int, prompt: str) -> list[dict]:
@@ -121,6 +152,8 @@ class Processor:
 
     def __call__(self, images: Sequence[Any] = (), prompt: str = "") -> ProcessedPrompt:
         text = self.chat_template.render(self.messages(len(images), prompt))
+        if VIDEO_TOKEN in text:  # transformers' processor raises too: video tokens without videos
+            raise ValueError(f"the rendered prompt contains {VIDEO_TOKEN}; glmrt takes images only, not videos")
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         n_slots = ids.count(self.image_token_id)
         if n_slots != len(images):

@@ -3,11 +3,27 @@
 Without a CUDA GPU the Triton kernels run in Triton's CPU interpreter; TRITON_INTERPRET must be
 set before any kernel module is imported, which is why it happens here, first.
 Tests marked `gpu` are skipped cleanly when no GPU is present.
+
+transformers' reference processor is its default, torchvision-backed one. On CPU-only machines
+torchvision comes from `.torchvision/` in the repository root (`pip install --no-deps
+torchvision==0.28.0 --target .torchvision`, as .ci/run does): a CUDA wheel whose compiled ops do not
+register against the CPU torch, so its two op-registration modules are replaced by empty ones; the
+pure-torch transforms the processor uses then work. This must happen before transformers is
+imported (it probes torchvision once). Where torchvision is installed normally, nothing is changed.
 """
 import os
+import pathlib
+import sys
+import types
 
 import pytest
 import torch
+
+TORCHVISION_DIR = pathlib.Path(__file__).resolve().parent.parent / ".torchvision"
+if TORCHVISION_DIR.is_dir():
+    for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+        sys.modules.setdefault(_name, types.ModuleType(_name))
+    sys.path.insert(0, str(TORCHVISION_DIR))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -41,35 +57,38 @@ def hf_model(tiny_checkpoint):
     ).eval()
 
 
+def require_torchvision() -> None:
+    """Fails (on CI, where .ci/run installs it) or skips (elsewhere) when torchvision is missing."""
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return
+    reason = f"torchvision is not importable: install it with `pip install --no-deps torchvision==0.28.0 --target {TORCHVISION_DIR}`"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 class HFProcessor:
-    """transformers' side of preprocessing: the tokenizer's apply_chat_template, the PIL image
-    processor, and Glm46VProcessor's expansion rule (each `<|image|>` becomes grid.prod() / merge²
-    copies in the text before tokenizing). Glm46VProcessor itself cannot be built here: it insists
-    on a video processor, which needs torchvision."""
+    """transformers' default processor for the checkpoint (AutoProcessor: Glm46VProcessor with the
+    torchvision image processor), applied to chat messages the way its apply_chat_template does."""
 
     def __init__(self, path):
-        from transformers import AutoTokenizer, Glm46VImageProcessorPil
+        from transformers import AutoProcessor
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.image_processor = Glm46VImageProcessorPil.from_pretrained(path)
+        self.processor = AutoProcessor.from_pretrained(path)
 
     def __call__(self, messages, images):
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        out = {}
-        if images:
-            vision = self.image_processor(images=images, return_tensors="pt")
-            out.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
-            merge = self.image_processor.merge_size**2
-            pieces = text.split("<|image|>")
-            assert len(pieces) == len(images) + 1
-            text = pieces[0] + "".join(
-                "<|image|>" * int(grid.prod() // merge) + piece for grid, piece in zip(vision["image_grid_thw"], pieces[1:])
-            )
-        ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
-        out.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == 59280).int())
-        return out
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return dict(self.processor(text=[text], images=list(images) or None, return_tensors="pt"))
 
 
 @pytest.fixture(scope="session")
-def hf_processor(tiny_checkpoint):
+def torchvision_available():
+    """Requests torchvision for a test: see require_torchvision."""
+    require_torchvision()
+
+
+@pytest.fixture(scope="session")
+def hf_processor(tiny_checkpoint, torchvision_available):
     return HFProcessor(tiny_checkpoint)

@@ -1,11 +1,14 @@
-"""glmrt.image_processor against transformers' Glm46VImageProcessorPil (spec §5).
+"""glmrt.image_processor against both transformers backends of the GLM-OCR image processor.
 
-The reference is the PIL backend (transformers/models/glm46v/image_processing_pil_glm46v.py),
-built with the GLM-OCR preprocessor_config.json values; its class default longest_edge
-(28*28*15000) is NOT the checkpoint's 9633792, so the size is passed explicitly.
+References: `Glm46VImageProcessor` (the torchvision backend, what AutoProcessor builds when
+torchvision is installed) must be matched bit for bit by backend="torchvision" (the default);
+`Glm46VImageProcessorPil` by backend="pil" within ATOL (it rescales in float64 and normalizes in
+fp32 in two steps). Both are built with the GLM-OCR preprocessor_config.json values; their class
+default longest_edge (28*28*15000) is NOT the checkpoint's 9633792, so the size is passed explicitly.
 """
 import base64
 import io
+import json
 import threading
 
 import numpy as np
@@ -16,30 +19,43 @@ from PIL import Image
 from glmrt import image_processor as ip
 
 MEAN, STD = ip.IMAGE_MEAN, ip.IMAGE_STD
-ATOL = 1e-6  # fused fp32 normalize vs transformers' float64-rescale-then-fp32-normalize: <= 3.6e-7
+ATOL = 1e-6  # PIL backend: fused fp32 normalize vs float64 rescale then fp32 normalize: <= 3.6e-7
+HF_KWARGS = dict(
+    size={"shortest_edge": 12544, "longest_edge": 9633792},
+    image_mean=list(MEAN),
+    image_std=list(STD),
+    patch_size=14,
+    temporal_patch_size=2,
+    merge_size=2,
+)
+TOLERANCE = {"torchvision": 0.0, "pil": ATOL}
 
 needs_cpp = pytest.mark.skipif(not ip.HAS_CPP, reason="glmrt._C extension not built")
 
 
 @pytest.fixture(scope="module")
-def hf_processor():
+def hf_pil():
     transformers = pytest.importorskip("transformers")
-    cls = getattr(transformers, "Glm46VImageProcessorPil", None)
-    if cls is None:
-        pytest.skip("transformers has no Glm46VImageProcessorPil")
-    return cls(
-        size={"shortest_edge": 12544, "longest_edge": 9633792},
-        image_mean=list(MEAN),
-        image_std=list(STD),
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-    )
+    return transformers.Glm46VImageProcessorPil(**HF_KWARGS)
 
 
 @pytest.fixture(scope="module")
-def proc():
-    return ip.ImageProcessor()
+def hf_torchvision(torchvision_available):
+    import transformers
+
+    return transformers.Glm46VImageProcessor(**HF_KWARGS)
+
+
+@pytest.fixture(scope="module", params=["torchvision", "pil"])
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pair(request, backend):
+    """(transformers' processor of this backend, ours with the same backend, atol)."""
+    hf = request.getfixturevalue("hf_torchvision" if backend == "torchvision" else "hf_pil")
+    return hf, ip.ImageProcessor(backend=backend), TOLERANCE[backend]
 
 
 def noise_image(h, w, seed=0, mode="RGB"):
@@ -53,14 +69,17 @@ def noise_image(h, w, seed=0, mode="RGB"):
     return img if mode == "RGB" else img.convert(mode)
 
 
-def assert_matches_hf(hf_processor, proc, images):
-    ref = hf_processor(images, return_tensors="np")
+def assert_matches_hf(hf, proc, images, atol):
+    ref = hf(images, return_tensors="np")
     out = proc(images)
     assert out["pixel_values"].dtype == torch.float32
     assert out["image_grid_thw"].dtype == torch.int64
     np.testing.assert_array_equal(out["image_grid_thw"].numpy(), ref["image_grid_thw"])
     assert out["pixel_values"].shape == ref["pixel_values"].shape
-    np.testing.assert_allclose(out["pixel_values"].numpy(), ref["pixel_values"], rtol=0, atol=ATOL)
+    if atol == 0:
+        np.testing.assert_array_equal(out["pixel_values"].numpy(), ref["pixel_values"])
+    else:
+        np.testing.assert_allclose(out["pixel_values"].numpy(), ref["pixel_values"], rtol=0, atol=atol)
 
 
 # ----------------------------------------------------------------------------- parity with HF
@@ -69,27 +88,49 @@ def assert_matches_hf(hf_processor, proc, images):
     [
         (5, 9),  # tiny: upscale-to-28 path, then min_pixels path
         (9, 5),
+        (1, 1),
         (27, 300),
         (28, 28),
         (30, 2000),  # thin
         (2000, 30),
+        (28, 5600),  # aspect ratio exactly 200
+        (5600, 28),
         (100, 100),
         (113, 97),
+        (300, 400),
         (480, 640),
         (1000, 777),
         (140, 5600),  # aspect 40
+        (3508, 2480),  # A4 page at 300 dpi: downscaled to the pixel budget
     ],
 )
-def test_matches_transformers_sizes(hf_processor, proc, h, w):
-    assert_matches_hf(hf_processor, proc, [noise_image(h, w, seed=h * 7 + w)])
+def test_matches_transformers_sizes(pair, h, w):
+    hf, proc, atol = pair
+    assert_matches_hf(hf, proc, [noise_image(h, w, seed=h * 7 + w)], atol)
 
 
-def test_matches_transformers_huge_downscale(hf_processor, proc):
+def test_matches_transformers_huge_downscale(pair):
     h, w = 3000, 2600
     th, tw = ip.smart_resize(h, w)
     assert 2 * round(h / 28) * 28 * round(w / 28) * 28 > ip.MAX_PIXELS  # takes the downscale path
     assert (th, tw) == (2352, 2016)
-    assert_matches_hf(hf_processor, proc, [noise_image(h, w, seed=3)])
+    hf, proc, atol = pair
+    assert_matches_hf(hf, proc, [noise_image(h, w, seed=3)], atol)
+
+
+def test_same_size_is_not_resampled(pair):
+    """84x84 is already a valid size: torchvision returns it untouched, PIL resamples it anyway."""
+    hf, proc, atol = pair
+    assert proc.resized_size(84, 84) == (84, 84)
+    assert_matches_hf(hf, proc, [noise_image(84, 84, seed=4)], atol)
+
+
+def test_backends_differ(hf_torchvision, hf_pil):
+    """The backend choice matters: PIL and torchvision bicubic give different pixels."""
+    img = [noise_image(300, 400, seed=5)]
+    pil = ip.ImageProcessor(backend="pil")(img)["pixel_values"].numpy()
+    tv = hf_torchvision(img, return_tensors="np")["pixel_values"]
+    assert np.abs(pil - tv).max() > 0.01  # at least 2 uint8 levels somewhere
 
 
 def _p_with_transparency(index_form):
@@ -146,9 +187,9 @@ def _with_info(img, **info):
 
 
 @pytest.mark.parametrize("case", sorted(MODE_CASES))
-def test_matches_transformers_modes(hf_processor, proc, case):
-    img = MODE_CASES[case]()
-    assert_matches_hf(hf_processor, proc, [img])
+def test_matches_transformers_modes(pair, case):
+    hf, proc, atol = pair
+    assert_matches_hf(hf, proc, [MODE_CASES[case]()], atol)
 
 
 @pytest.mark.parametrize("case", sorted(MODE_CASES))
@@ -168,9 +209,12 @@ def test_to_rgb_composites_on_white():
     assert all(abs(v - 127) <= 1 for v in px[2])
 
 
-def test_matches_transformers_batch(hf_processor, proc):
-    images = [noise_image(200, 300, 1), MODE_CASES["RGBA"](), noise_image(5, 9, 2), noise_image(900, 400, 3)]
-    assert_matches_hf(hf_processor, proc, images)
+def test_matches_transformers_batch(pair):
+    # Two images of one shape: the torchvision backend resizes them as one stacked batch.
+    images = [noise_image(200, 300, 1), MODE_CASES["RGBA"](), noise_image(5, 9, 2), noise_image(900, 400, 3),
+              noise_image(200, 300, 6)]
+    hf, proc, atol = pair
+    assert_matches_hf(hf, proc, images, atol)
     out = proc(images)
     grids = out["image_grid_thw"]
     assert out["pixel_values"].shape[0] == int((grids[:, 0] * grids[:, 1] * grids[:, 2]).sum())
@@ -179,15 +223,58 @@ def test_matches_transformers_batch(hf_processor, proc):
     torch.testing.assert_close(out["pixel_values"][: first.shape[0]], first, rtol=0, atol=0)
 
 
-def test_numpy_fallback_matches_transformers(hf_processor, proc, monkeypatch):
+def test_numpy_fallback_matches_transformers(pair, monkeypatch):
     monkeypatch.setattr(ip, "HAS_CPP", False)
-    assert_matches_hf(hf_processor, proc, [noise_image(300, 211, seed=21), MODE_CASES["P+transparency-index"]()])
+    hf, proc, atol = pair
+    assert_matches_hf(hf, proc, [noise_image(300, 211, seed=21), MODE_CASES["P+transparency-index"]()], atol)
+
+
+# ------------------------------------------------------------------------ torchvision resize
+@pytest.mark.parametrize(
+    "h,w,th,tw,c",
+    [(300, 400, 336, 448, 3), (5, 9, 112, 196, 3), (1000, 777, 364, 280, 3), (61, 83, 61, 84, 3),
+     (17, 33, 47, 5, 1), (29, 31, 28, 28, 3), (40, 40, 40, 40, 3)],
+)
+def test_resize_torchvision_equals_torchvision(torchvision_available, h, w, th, tw, c):
+    from torchvision.transforms.v2 import functional as tvF
+
+    img = np.random.default_rng(h * w).integers(0, 256, (h, w, c), dtype=np.uint8)
+    ref = tvF.resize(torch.from_numpy(img).permute(2, 0, 1).contiguous(), [th, tw],
+                     interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+    out = ip.resize_torchvision(img, th, tw)
+    assert out.dtype == np.uint8 and out.shape == (th, tw, c)
+    np.testing.assert_array_equal(out, ref.permute(1, 2, 0).numpy())
+
+
+def test_resize_torchvision_rejects_non_uint8():
+    with pytest.raises(ValueError, match="uint8 HWC"):
+        ip.resize_torchvision(np.zeros((4, 4, 3), np.float32), 8, 8)
+
+
+def test_torchvision_normalize_constants():
+    """patchify's fp32(255 * value) must give back transformers' fused constants,
+    torch.tensor(mean) * (1 / rescale_factor) in fp32, for the CLIP stats and random ones."""
+    rng = np.random.default_rng(0)
+    stats = [(MEAN, STD)] + [(tuple(rng.uniform(0, 1, 3)), tuple(rng.uniform(0.01, 1, 3))) for _ in range(2000)]
+    for mean, std in stats:
+        m, s = ip._torchvision_normalize_stats(mean, std)
+        for ours, theirs in ((m, mean), (s, std)):
+            expected = (torch.tensor([float(v) for v in theirs]) * (1.0 / (1 / 255))).numpy()
+            np.testing.assert_array_equal((255.0 * np.asarray(ours)).astype(np.float32), expected)
+
+
+def test_backend_validation():
+    with pytest.raises(ValueError, match=r"ImageProcessor.backend .*'torch'"):
+        ip.ImageProcessor(backend="torch")
+    with pytest.raises(ValueError, match=r"ImageProcessor.backend"):
+        ip.ImageProcessor.from_pretrained("/nonexistent", backend="PIL")
+    assert ip.ImageProcessor().backend == "torchvision"
 
 
 # ------------------------------------------------------------------------------ smart_resize
 @pytest.mark.parametrize(
     "width,height,grid",
-    [  # spec §5: grids measured with the real HF processor (sizes are width x height)
+    [  # grids measured with the real HF processor on the real checkpoint (sizes are width x height)
         (6000, 4000, (1, 128, 192)),
         (4000, 3000, (1, 134, 180)),
         (3000, 3000, (1, 156, 156)),
@@ -233,9 +320,10 @@ def test_smart_resize_aspect_ratio_error():
     assert ip.smart_resize(28, 28 * 200)  # exactly 200 is allowed
 
 
-def test_processor_aspect_ratio_error(proc):
+@pytest.mark.parametrize("backend_name", ip.BACKENDS)
+def test_processor_aspect_ratio_error(backend_name):
     with pytest.raises(ValueError, match="aspect ratio"):
-        proc([noise_image(10, 2100)])
+        ip.ImageProcessor(backend=backend_name)([noise_image(10, 2100)])
 
 
 def test_smart_resize_rejects_empty():
@@ -245,7 +333,7 @@ def test_smart_resize_rejects_empty():
 
 # ---------------------------------------------------------------------------------- patchify
 def patchify_reference(img, mean, std, p, t, m):
-    """Explicit-loop reference for the layout (spec §5 step 6), fp32 formula of step 4."""
+    """Explicit-loop reference for the layout: rows (bh, bw, mh, mw), row vectors (c, t, py, px), fp32 normalize."""
     h, w, c = img.shape
     gh, gw = h // p, w // p
     shift = (255.0 * np.asarray(mean)).astype(np.float32)
@@ -389,7 +477,8 @@ def test_load_image_sources(tmp_path):
     assert ip.load_image(img) is img
 
 
-def test_processor_accepts_all_sources(hf_processor, proc, tmp_path):
+def test_processor_accepts_all_sources(pair, tmp_path):
+    hf, proc, atol = pair
     img = MODE_CASES["P+transparency-index"]()
     data = _png_bytes(img)
     path = tmp_path / "p.png"
@@ -397,17 +486,18 @@ def test_processor_accepts_all_sources(hf_processor, proc, tmp_path):
     uri = "data:image/png;base64," + base64.b64encode(data).decode()
     reloaded = Image.open(io.BytesIO(data))
     assert reloaded.info.get("transparency") is not None  # survives the PNG round trip
-    ref = hf_processor([reloaded], return_tensors="np")["pixel_values"]
+    ref = hf([reloaded], return_tensors="np")["pixel_values"]
     for src in (str(path), path, data, uri):
-        np.testing.assert_allclose(proc([src])["pixel_values"].numpy(), ref, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(proc([src])["pixel_values"].numpy(), ref, rtol=0, atol=atol)
 
 
-def test_load_image_jpeg_bytes(proc, hf_processor):
+def test_load_image_jpeg_bytes(pair):
+    hf, proc, atol = pair
     buf = io.BytesIO()
     noise_image(120, 90, seed=10, mode="CMYK").save(buf, format="JPEG")
     img = ip.load_image(buf.getvalue())
     assert img.mode == "CMYK"
-    assert_matches_hf(hf_processor, proc, [img])
+    assert_matches_hf(hf, proc, [img], atol)
 
 
 def test_load_image_exif_orientation(tmp_path):
@@ -491,36 +581,81 @@ def test_from_pretrained_missing_file_gives_defaults(tmp_path):
     assert (p.min_pixels, p.max_pixels) == (12544, 9633792)
     assert p.image_mean == MEAN and p.image_std == STD
     assert (p.patch_size, p.temporal_patch_size, p.merge_size) == (14, 2, 2)
+    assert p.backend == "torchvision"
+    assert ip.ImageProcessor.from_pretrained(tmp_path, backend="pil").backend == "pil"
 
 
-def test_from_pretrained_reads_config(tmp_path):
-    import json
+CUSTOM_CONFIG = {
+    "size": {"shortest_edge": 3136, "longest_edge": 200704},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.25, 0.25, 0.25],
+    "image_processor_type": "Glm46VImageProcessor",
+    "processor_class": "Glm46VProcessor",
+}
 
-    cfg = {
-        "size": {"shortest_edge": 3136, "longest_edge": 200704},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.25, 0.25, 0.25],
-        "image_processor_type": "Glm46VImageProcessor",
-        "processor_class": "Glm46VProcessor",
-    }
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
-    p = ip.ImageProcessor.from_pretrained(tmp_path)
+
+def _hf_kwargs(cfg):
+    return {k: v for k, v in cfg.items() if "type" not in k and "class" not in k}
+
+
+def test_from_pretrained_reads_config(tmp_path, backend):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(CUSTOM_CONFIG))
+    p = ip.ImageProcessor.from_pretrained(tmp_path, backend=backend)
+    assert p.backend == backend
     assert (p.min_pixels, p.max_pixels) == (3136, 200704)
     assert p.image_mean == (0.5, 0.5, 0.5) and p.image_std == (0.25, 0.25, 0.25)
     out = p([noise_image(1000, 800)])
     t, gh, gw = out["image_grid_thw"][0].tolist()
     assert 2 * gh * gw * 14 * 14 <= 200704
     transformers = pytest.importorskip("transformers")
-    ref = transformers.Glm46VImageProcessorPil(**{k: v for k, v in cfg.items() if "type" not in k and "class" not in k})
-    assert_matches_hf(ref, p, [noise_image(1000, 800)])
+    if backend == "torchvision":
+        pytest.importorskip("torchvision")
+        ref = transformers.Glm46VImageProcessor(**_hf_kwargs(CUSTOM_CONFIG))
+    else:
+        ref = transformers.Glm46VImageProcessorPil(**_hf_kwargs(CUSTOM_CONFIG))
+    assert_matches_hf(ref, p, [noise_image(1000, 800)], TOLERANCE[backend])
 
 
-def test_from_pretrained_rejects_unsupported(tmp_path):
-    (tmp_path / "preprocessor_config.json").write_text('{"resample": 2}')
-    with pytest.raises(ValueError, match="resample"):
+def test_from_pretrained_prefers_processor_config(tmp_path):
+    """Current Hub revisions nest the image processor in processor_config.json; transformers reads
+    that entry first and preprocessor_config.json only without it."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 1, "longest_edge": 2}}))
+    nested = dict(CUSTOM_CONFIG, image_processor_type="GlmOcrImageProcessor")
+    (tmp_path / "processor_config.json").write_text(
+        json.dumps({"processor_class": "GlmOcrProcessor", "image_processor": nested})
+    )
+    p = ip.ImageProcessor.from_pretrained(tmp_path)
+    assert (p.min_pixels, p.max_pixels) == (3136, 200704)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "GlmOcrProcessor"}))
+    p = ip.ImageProcessor.from_pretrained(tmp_path)
+    assert (p.min_pixels, p.max_pixels) == (1, 2)
+
+
+@pytest.mark.parametrize("kind", ip.IMAGE_PROCESSOR_TYPES)
+def test_from_pretrained_accepts_glm_types(tmp_path, kind):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(dict(CUSTOM_CONFIG, image_processor_type=kind)))
+    assert ip.ImageProcessor.from_pretrained(tmp_path).max_pixels == 200704
+
+
+@pytest.mark.parametrize(
+    "file,text,msg",
+    [
+        ("preprocessor_config.json", '{"resample": 2}', "resample=2"),
+        ("preprocessor_config.json", '{"image_processor_type": "Qwen2VLImageProcessor"}',
+         "image_processor_type='Qwen2VLImageProcessor'"),
+        ("preprocessor_config.json", "[1, 2]", "expected a JSON object"),
+        ("preprocessor_config.json", "{not json", "not valid JSON"),
+        ("processor_config.json", '{"image_processor": [1]}', "image_processor must be a JSON object"),
+        ("processor_config.json", '{"image_processor": {"do_normalize": false}}', "do_normalize=False"),
+    ],
+)
+def test_from_pretrained_rejects_bad_config(tmp_path, file, text, msg):
+    (tmp_path / file).write_text(text)
+    with pytest.raises(ValueError, match=msg) as info:
         ip.ImageProcessor.from_pretrained(tmp_path)
+    assert file in str(info.value)
