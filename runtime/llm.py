@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import torch
 
 from .engine.engine import LLMEngine
+from .generation_config import GenerationConfig
 from .outputs import Request, RequestOutput
 from .processor import task_prompt
 from .sampling_params import SamplingParams
@@ -18,28 +19,45 @@ class LLM:
     by default CUDA + bfloat16 when a GPU is present, else CPU + float32. backend "auto" is
     "triton" on CUDA and "torch" on CPU. Other options: max_num_seqs, max_num_batched_tokens,
     max_model_len, kv_cache_tokens, gpu_memory_utilization, block_size, enforce_eager.
+    Requests without SamplingParams use the checkpoint's generation_config.json defaults.
     """
 
     def __init__(self, model: str, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, backend: str = "auto", **options: Any):
         self.engine = LLMEngine(model, device=device, dtype=dtype, backend=backend, **options)
+        self.generation_config = GenerationConfig.from_pretrained(self.engine.model_path)
 
     @property
     def processor(self):
         return self.engine.processor
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """A fresh SamplingParams with the checkpoint's generation_config.json defaults."""
+        return self.generation_config.sampling_params()
+
     def generate(self, requests: Request | dict | Sequence[Request | dict],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run every request to completion (batched); outputs come back in request order."""
+        """Run every request to completion (batched); outputs come back in request order.
+        sampling_params: one for all requests, one per request, or None for the defaults."""
         if isinstance(requests, (Request, dict)):
             requests = [requests]
         requests = list(requests)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(requests)
-        else:
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(requests)
+        elif isinstance(sampling_params, (list, tuple)):
             params = list(sampling_params)
+            for i, p in enumerate(params):
+                if not isinstance(p, SamplingParams):
+                    raise TypeError(f"sampling_params[{i}] must be a glmrt.SamplingParams, got {type(p).__name__}")
             if len(params) != len(requests):
                 raise ValueError(f"{len(params)} sampling_params for {len(requests)} requests")
+        else:
+            raise TypeError(
+                "sampling_params must be a glmrt.SamplingParams, a list of them or None, "
+                f"got {type(sampling_params).__name__}"
+            )
         return self.engine.generate(requests, params)
 
     def ocr(self, image: Any, task: str = "text", schema: str | dict | None = None,

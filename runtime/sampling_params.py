@@ -1,15 +1,46 @@
 """Per-request generation settings, with vLLM's names and meanings."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_MAX_TOKENS = 8192  # the model card's max_new_tokens for a full page
+# Below this temperature a request is greedy, as in vLLM: dividing logits by a tiny temperature
+# overflows to inf and the softmax turns into NaN.
+GREEDY_TEMPERATURE = 1e-5
+# torch.Generator.manual_seed accepts exactly this range.
+SEED_RANGE = (-(2**63), 2**64)
+
+
+def _int(name: str, value: Any) -> int:
+    """An int field: ints (numpy ints too), never bools or floats."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"SamplingParams.{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _real(name: str, value: Any, rule: str) -> float:
+    """A float field: finite ints or floats, never bools, strings, NaN or inf; `rule` describes the range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"SamplingParams.{name} must be a finite number {rule}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"SamplingParams.{name} must be a finite number {rule}, got {value}")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"SamplingParams.{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 @dataclass
 class SamplingParams:
     max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # < GREEDY_TEMPERATURE = greedy (then top_k and top_p are off)
     top_k: int = 0  # 0 or -1 = off
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # over prompt + generated tokens, as in transformers and vLLM
@@ -19,19 +50,44 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        self.max_tokens = _int("max_tokens", self.max_tokens)
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        self.temperature = _real("temperature", self.temperature, ">= 0")
         if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, got {self.temperature}")
+        self.top_k = _int("top_k", self.top_k)
         if self.top_k < -1:
             raise ValueError(f"SamplingParams.top_k must be -1, 0 (off) or >= 1, got {self.top_k}")
+        self.top_p = _real("top_p", self.top_p, "in (0, 1]")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"SamplingParams.top_p must be a finite number in (0, 1], got {self.top_p}")
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty, "> 0")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
-            raise ValueError(f"SamplingParams.stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
+            raise ValueError(f"SamplingParams.repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)):
+                raise TypeError(
+                    f"SamplingParams.stop_token_ids must be a list of ints, got {type(self.stop_token_ids).__name__} "
+                    f"{self.stop_token_ids!r}"
+                )
+            bad = [t for t in self.stop_token_ids
+                   if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0]
+            if bad:
+                raise ValueError(
+                    f"SamplingParams.stop_token_ids must hold non-negative ints, got {self.stop_token_ids!r} "
+                    f"(bad: {bad[0]!r})"
+                )
+            self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        self.ignore_eos = _bool("ignore_eos", self.ignore_eos)
+        self.skip_special_tokens = _bool("skip_special_tokens", self.skip_special_tokens)
+        if self.seed is not None:
+            self.seed = _int("seed", self.seed)
+            if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+                raise ValueError(f"SamplingParams.seed must be in [-2**63, 2**64), got {self.seed}")
+        if self.greedy:
+            self.top_k, self.top_p = 0, 1.0  # greedy ignores them; keep the object saying so
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE

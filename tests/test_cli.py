@@ -1,13 +1,21 @@
-"""`glmrt ocr` end to end on the tiny checkpoint, through the installed console script."""
+"""`glmrt ocr` end to end on the tiny checkpoint: in-process through main(), and as a real process
+for the console script, `python -m glmrt`, missing-driver errors and Ctrl-C."""
+import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 
+import glmrt
 from glmrt.cli import main
+from glmrt.engine.engine import LLMEngine
 from tests.helpers import IMAGES
+
+TORCH_CPU = ["--backend", "torch", "--device", "cpu", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +28,18 @@ def image_files(tmp_path_factory):
     return paths
 
 
-def test_console_script_prints_text(tiny_checkpoint, image_files):
+def run_glmrt(args, env=None, **kw):
     exe = shutil.which("glmrt")
-    cmd = [exe] if exe else [sys.executable, "-m", "glmrt.cli"]
-    done = subprocess.run(cmd + ["ocr", image_files[0], "--model", str(tiny_checkpoint), "--max-tokens", "8"],
-                          capture_output=True, text=True, timeout=300)
+    cmd = [exe] if exe else [sys.executable, "-m", "glmrt"]
+    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, env=env, **kw)
+
+
+def error_lines(err):
+    return [line for line in err.splitlines() if line.startswith("glmrt: error:")]
+
+
+def test_console_script_prints_text(tiny_checkpoint, image_files):
+    done = run_glmrt(["ocr", image_files[0], "--model", str(tiny_checkpoint), "--max-tokens", "8"])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
 
@@ -33,17 +48,121 @@ def test_json_output_and_tasks(tiny_checkpoint, image_files, tmp_path, capsys):
     schema = tmp_path / "schema.json"
     schema.write_text('{"title": ""}')
     assert main(["ocr", *image_files, "--model", str(tiny_checkpoint), "--schema", str(schema),
-                 "--json", "--max-tokens", "5", "--backend", "torch"]) == 0
+                 "--json", "--max-tokens", "5", *TORCH_CPU]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["image"] for r in rows] == image_files
+    assert sorted(r["image"] for r in rows) == sorted(image_files)  # completion order
+    assert all(set(r) == {"image", "text", "finish_reason", "num_tokens"} for r in rows)
     assert all(r["num_tokens"] <= 5 and r["finish_reason"] in ("stop", "length") for r in rows)
     assert main(["ocr", image_files[0], "--model", str(tiny_checkpoint), "--task", "table", "--max-tokens", "3"]) == 0
 
 
-def test_errors_are_clear(tiny_checkpoint, tmp_path, capsys):
-    assert main(["ocr", str(tmp_path / "missing.png"), "--model", str(tiny_checkpoint)]) == 2
-    assert "no such image file" in capsys.readouterr().err
-    bad = tmp_path / "bad.png"
+def test_bad_images_fail_alone(tiny_checkpoint, image_files, tmp_path, capsys):
+    missing, bad = str(tmp_path / "missing.png"), tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    assert main(["ocr", str(bad), "--model", str(tiny_checkpoint)]) == 1
-    assert "error:" in capsys.readouterr().err
+    assert main(["ocr", image_files[0], missing, str(bad), image_files[1], "--model", str(tiny_checkpoint),
+                 "--max-tokens", "3", *TORCH_CPU]) == 1
+    out, err = capsys.readouterr()
+    for path in image_files:
+        assert f"==> {path} <==" in out
+    assert missing not in out and str(bad) not in out
+    errors = error_lines(err)
+    assert len(errors) == 2, err
+    assert any(line.startswith(f"glmrt: error: {missing}: ") for line in errors)
+    assert any(line.startswith(f"glmrt: error: {bad}: ") for line in errors)
+    assert "Traceback" not in err
+
+
+def test_results_stream_as_each_image_finishes(tiny_checkpoint, image_files, monkeypatch):
+    """With one sequence at a time, the first image's row must be written before the last step runs."""
+    events = []
+    step = LLMEngine.step
+
+    def recording_step(self):
+        events.append("step")
+        return step(self)
+
+    class Stdout(io.StringIO):
+        def write(self, text):
+            if text.strip():
+                events.append(text)
+            return super().write(text)
+
+    monkeypatch.setattr(LLMEngine, "step", recording_step)
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    assert main(["ocr", *image_files, image_files[0], "--model", str(tiny_checkpoint), "--json", "--max-tokens", "4",
+                 "--max-num-seqs", "1", *TORCH_CPU]) == 0
+    rows = [json.loads(e) for e in events if e != "step"]
+    assert sorted(r["image"] for r in rows) == sorted([*image_files, image_files[0]])
+    last_step = max(i for i, e in enumerate(events) if e == "step")
+    assert events.index(next(e for e in events if e != "step")) < last_step
+
+
+def test_usage_errors_exit_2(tiny_checkpoint, image_files, tmp_path, capsys):
+    schema = tmp_path / "schema.txt"
+    schema.write_text("title: string")
+    assert main(["ocr", image_files[0], "--model", str(tiny_checkpoint), "--schema", str(schema)]) == 2
+    assert f"--schema {schema} is not valid JSON" in capsys.readouterr().err
+    assert main(["ocr", image_files[0], "--model", str(tiny_checkpoint), "--schema", str(tmp_path / "none")]) == 2
+    assert "cannot read --schema" in capsys.readouterr().err
+    for flags, shown in [(["--max-tokens", "0"], "--max-tokens 0"), (["--top-p", "2"], "--top-p 2.0"),
+                         (["--temperature", "nan"], "--temperature nan"), (["--max-num-seqs", "0"], "max_num_seqs")]:
+        assert main(["ocr", image_files[0], "--model", str(tiny_checkpoint), *flags]) == 2
+        assert shown in capsys.readouterr().err
+    assert main(["ocr", image_files[0], "--no-such-flag"]) == 2
+    assert main(["ocr"]) == 2
+
+
+def test_version_and_default_model(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"glmrt {glmrt.__version__}"
+    from glmrt.cli import _parser
+
+    assert _parser().parse_args(["ocr", "a.png"]).model == "zai-org/GLM-OCR"
+    done = subprocess.run([sys.executable, "-m", "glmrt", "--version"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == f"glmrt {glmrt.__version__}"
+
+
+@pytest.mark.parametrize("file,content", [("tokenizer.json", '{"model": '),
+                                          ("chat_template.jinja", "{% for m in messages %}{{ m.content }"),
+                                          ("config.json", "[]")])
+def test_broken_checkpoint_is_one_line(tiny_checkpoint, image_files, tmp_path, capsys, monkeypatch, file, content):
+    path = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (path / file).write_text(content)
+    assert main(["ocr", image_files[0], "--model", str(path), "--max-tokens", "2", *TORCH_CPU]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("glmrt: error: "), err
+    monkeypatch.setenv("GLMRT_DEBUG", "1")  # full traceback on request
+    with pytest.raises(Exception):
+        main(["ocr", image_files[0], "--model", str(path), "--max-tokens", "2", *TORCH_CPU])
+
+
+def test_triton_backend_without_gpu_is_one_line(tiny_checkpoint, image_files):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = run_glmrt(["ocr", image_files[0], "--model", str(tiny_checkpoint), "--max-tokens", "2",
+                      "--backend", "triton", "--device", "cpu"], env=env)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(error_lines(done.stderr)) == 1, done.stderr
+
+
+def test_ctrl_c_exits_130_without_traceback(tiny_checkpoint, image_files):
+    """One image at a time, all the same (so each runs as long as the first): SIGINT lands once
+    the first result is out, while the second image is being generated."""
+    exe = shutil.which("glmrt")
+    cmd = [exe] if exe else [sys.executable, "-m", "glmrt"]
+    proc = subprocess.Popen(
+        cmd + ["ocr", *[image_files[0]] * 3, "--model", str(tiny_checkpoint), "--json", "--max-tokens", "40",
+               "--max-num-seqs", "1", *TORCH_CPU],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        first = proc.stdout.readline()
+        assert json.loads(first)["num_tokens"] > 0
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "glmrt: interrupted"
+    assert len(out.splitlines()) < 2  # the images still running or queued were abandoned
