@@ -4,19 +4,18 @@ argmax: one program per row loops over the vocabulary (59,392 for GLM-OCR) in BL
 keeping a per-lane running (max, index); one launch, no partial buffers, so a decode step stays
 graph-capturable. Ties go to the lowest index and a NaN wins over any number, as in torch.argmax.
 
-repetition penalty (transformers' RepetitionPenaltyLogitsProcessor): every vocabulary entry named
-in a row's token ids is penalised exactly once, however often it repeats. Done as gather, then
-scatter, in two launches: the first reads every named score and writes its penalised value to a
-[B, L] buffer, the second writes those values back. Duplicates write the same value and the
-launch boundary orders all reads before all writes, so a score is never penalised twice; the
-work is O(B * L), independent of the vocabulary.
+repetition penalty (transformers' RepetitionPenaltyLogitsProcessor): every vocabulary entry that
+a row's prompt or output contains is penalised once, however often it occurs. The engine keeps a
+per-row presence mask [B, V] on the device (seeded from the prompt at admission, one entry set per
+sampled token), so the penalty is one elementwise pass whose cost does not grow with the history
+and whose inputs never change shape: it is captured in the decode graph.
 """
 import torch
 import triton
 import triton.language as tl
 
 _ARGMAX_BLOCK = 4096  # logits per loop step: 16 per thread at 8 warps
-_PENALTY_BLOCK = 1024  # token ids per program
+_PENALTY_BLOCK = 4096  # vocabulary entries per program
 
 
 @triton.jit
@@ -42,34 +41,17 @@ def _argmax_kernel(logits_ptr, out_ptr, V, stride_row, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _penalty_gather_kernel(
-    logits_ptr, ids_ptr, penalty_ptr, vals_ptr, penalty, V, L, stride_lrow, stride_irow,
-    BLOCK: tl.constexpr, PER_ROW: tl.constexpr,
-):
-    # grid (B, cdiv(L, BLOCK)): vals[b, j] = penalise(logits[b, ids[b, j]]); ids outside [0, V) skipped
+def _penalty_kernel(logits_ptr, presence_ptr, penalty_ptr, V, stride_lrow, stride_prow, BLOCK: tl.constexpr):
+    # grid (B, cdiv(V, BLOCK)): logits[b, v] penalised where presence[b, v]; a penalty of 1 is exact
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + row * stride_irow + offs, mask=offs < L, other=-1).to(tl.int64)
-    valid = (ids >= 0) & (ids < V)
-    score = tl.load(logits_ptr + row * stride_lrow + ids, mask=valid, other=0.0).to(tl.float32)
-    if PER_ROW:
-        penalty = tl.load(penalty_ptr + row)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < V
+    seen = tl.load(presence_ptr + row * stride_prow + cols, mask=mask, other=0) != 0
+    ptrs = logits_ptr + row * stride_lrow + cols
+    score = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    penalty = tl.load(penalty_ptr + row)
     penalised = tl.where(score < 0, score * penalty, tl.math.div_rn(score, penalty))
-    tl.store(vals_ptr + row * L + offs, penalised.to(vals_ptr.dtype.element_ty), mask=valid)
-
-
-@triton.jit
-def _penalty_scatter_kernel(
-    logits_ptr, ids_ptr, vals_ptr, V, L, stride_lrow, stride_irow,
-    BLOCK: tl.constexpr,
-):
-    # grid (B, cdiv(L, BLOCK)): logits[b, ids[b, j]] = vals[b, j] (duplicates carry equal values)
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + row * stride_irow + offs, mask=offs < L, other=-1).to(tl.int64)
-    valid = (ids >= 0) & (ids < V)
-    vals = tl.load(vals_ptr + row * L + offs, mask=valid)
-    tl.store(logits_ptr + row * stride_lrow + ids, vals, mask=valid)
+    tl.store(ptrs, penalised.to(logits_ptr.dtype.element_ty), mask=mask & seen)
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -95,41 +77,32 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def apply_repetition_penalty_(logits: torch.Tensor, token_ids: torch.Tensor,
-                              penalty: float | torch.Tensor) -> torch.Tensor:
-    """In place on logits [B, V]: for every distinct id v >= 0 in token_ids[b] (a [B, L] int32/int64
-    tensor, -1 = padding), logits[b, v] becomes logits[b, v] * p if negative, else logits[b, v] / p.
-    penalty: one float for every row, or a [B] tensor of per-row penalties. Returns logits."""
+def apply_repetition_penalty_(logits: torch.Tensor, presence: torch.Tensor,
+                              penalty: torch.Tensor) -> torch.Tensor:
+    """In place on logits [B, V]: where presence[b, v] (a [B, V] bool mask), logits[b, v] becomes
+    logits[b, v] * penalty[b] if negative, else logits[b, v] / penalty[b]. Returns logits."""
+    _check_presence(logits, presence, penalty)
+    B, V = logits.shape
+    if B > 0 and V > 0:
+        block = min(triton.next_power_of_2(V), _PENALTY_BLOCK)
+        _penalty_kernel[(B, triton.cdiv(V, block))](
+            logits, presence.view(torch.uint8), penalty, V, logits.stride(0), presence.stride(0),
+            BLOCK=block, num_warps=4,
+        )
+    return logits
+
+
+def _check_presence(logits: torch.Tensor, presence: torch.Tensor, penalty: torch.Tensor) -> None:
     _check_logits(logits)
     B, V = logits.shape
-    if token_ids.dim() != 2 or token_ids.shape[0] != B:
-        raise ValueError(f"token_ids must be [{B}, L], got shape {tuple(token_ids.shape)}")
-    if token_ids.dtype not in (torch.int32, torch.int64) or token_ids.device != logits.device:
-        raise ValueError(f"token_ids must be int32/int64 on {logits.device}, "
-                         f"got {token_ids.dtype} on {token_ids.device}")
-    if token_ids.stride(1) != 1:
-        raise ValueError(f"token_ids must be contiguous along L, got strides {token_ids.stride()}")
-    per_row = isinstance(penalty, torch.Tensor)
-    if per_row and (penalty.shape != (B,) or penalty.dtype != torch.float32
-                    or penalty.device != logits.device or penalty.stride(0) != 1):
-        raise ValueError(f"penalty tensor must be a contiguous [{B}] fp32 tensor on "
-                         f"{logits.device}, got {tuple(penalty.shape)} {penalty.dtype} "
-                         f"{penalty.device}")
-    L = token_ids.shape[1]
-    if B == 0 or L == 0:
-        return logits
-    vals = torch.empty((B, L), dtype=logits.dtype, device=logits.device)
-    block = min(triton.next_power_of_2(L), _PENALTY_BLOCK)
-    grid = (B, triton.cdiv(L, block))
-    _penalty_gather_kernel[grid](
-        logits, token_ids, penalty if per_row else vals, vals, 1.0 if per_row else float(penalty),
-        V, L, logits.stride(0), token_ids.stride(0), BLOCK=block, PER_ROW=per_row, num_warps=4,
-    )
-    _penalty_scatter_kernel[grid](
-        logits, token_ids, vals, V, L, logits.stride(0), token_ids.stride(0),
-        BLOCK=block, num_warps=4,
-    )
-    return logits
+    if presence.shape != (B, V) or presence.dtype != torch.bool or presence.device != logits.device:
+        raise ValueError(f"presence must be a [{B}, {V}] bool tensor on {logits.device}, "
+                         f"got {tuple(presence.shape)} {presence.dtype} on {presence.device}")
+    if presence.stride(1) != 1:
+        raise ValueError(f"presence must be contiguous over the vocab, got strides {presence.stride()}")
+    if penalty.shape != (B,) or penalty.dtype != torch.float32 or penalty.device != logits.device:
+        raise ValueError(f"penalty must be a [{B}] fp32 tensor on {logits.device}, "
+                         f"got {tuple(penalty.shape)} {penalty.dtype} on {penalty.device}")
 
 
 def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
@@ -137,18 +110,12 @@ def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
     return torch.argmax(logits, dim=-1)
 
 
-def apply_repetition_penalty_ref(logits: torch.Tensor, token_ids: torch.Tensor,
-                                 penalty: float | torch.Tensor) -> torch.Tensor:
-    """Plain-torch twin of `apply_repetition_penalty_`, out of place: the math of transformers'
-    RepetitionPenaltyLogitsProcessor (gather, where(score < 0, score * p, score / p), scatter),
-    with -1 padding ids pointed at an extra column that is dropped afterwards."""
-    V = logits.shape[1]
-    ids = torch.where(token_ids < 0, V, token_ids.clamp(max=V)).long()
-    scores = torch.nn.functional.pad(logits, (0, 1))
-    score = torch.gather(scores, 1, ids)
-    if isinstance(penalty, torch.Tensor):
-        p = penalty[:, None]
-        score = torch.where(score < 0, score.float() * p, score.float() / p).to(logits.dtype)
-    else:
-        score = torch.where(score < 0, score * penalty, score / penalty)
-    return scores.scatter(1, ids, score)[:, :V]
+def apply_repetition_penalty_ref(logits: torch.Tensor, presence: torch.Tensor,
+                                 penalty: torch.Tensor) -> torch.Tensor:
+    """Plain-torch twin of `apply_repetition_penalty_`, out of place: transformers' math
+    (where(score < 0, score * p, score / p)) on the entries the presence mask names."""
+    _check_presence(logits, presence, penalty)
+    p = penalty[:, None]
+    score = logits.float()
+    penalised = torch.where(score < 0, score * p, score / p).to(logits.dtype)
+    return torch.where(presence, penalised, logits)

@@ -35,9 +35,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens, including the stop token if one ended the request
     text: str  # detokenized output, without the stop token
-    finish_reason: str | None  # "stop" | "length" | "abort"; None while streaming
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"; None while streaming
     delta_text: str = ""  # streaming: text added by this step
     delta_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None  # finish_reason "error": what failed (the step this request was in raised)
 
     @property
     def finished(self) -> bool:

@@ -7,10 +7,9 @@ a KV budget small enough to force queueing and preemption.
 import asyncio
 
 import pytest
-import torch
 
 import glmrt
-from glmrt.engine.async_engine import AsyncEngine
+from glmrt.engine.async_engine import AsyncEngine, RequestFailed
 from glmrt.engine.engine import LLMEngine
 from tests.helpers import IMAGES, hf_greedy, make_image
 
@@ -61,8 +60,9 @@ def run_to_completion(engine, submit_at):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_together_and_staggered_match_transformers(tiny_checkpoint, expected, backend):
-    engine = make_engine(tiny_checkpoint, backend)
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_together_and_staggered_match_transformers(tiny_checkpoint, expected, backend, async_scheduling):
+    engine = make_engine(tiny_checkpoint, backend, async_scheduling=async_scheduling)
     assert run_to_completion(engine, {0: list(range(6))}) == expected
     staggered = run_to_completion(engine, {0: [0], 3: [1, 2], 5: [3], 9: [4, 5]})
     assert staggered == expected
@@ -71,31 +71,166 @@ def test_together_and_staggered_match_transformers(tiny_checkpoint, expected, ba
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_small_kv_budget_queues_and_preempts(tiny_checkpoint, expected, backend):
-    engine = make_engine(tiny_checkpoint, backend, kv_cache_tokens=256, max_num_seqs=6)
+    engine = make_engine(tiny_checkpoint, backend, kv_cache_tokens=256, max_model_len=256, max_num_seqs=6)
     assert run_to_completion(engine, {0: list(range(6))}) == expected
     assert engine.scheduler.num_preemptions > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_prompt_that_cannot_fit_is_rejected(tiny_checkpoint):
-    engine = make_engine(tiny_checkpoint, "torch", kv_cache_tokens=64)
-    with pytest.raises(ValueError, match="leaves no room to generate within the KV cache"):
+    engine = make_engine(tiny_checkpoint, "torch", kv_cache_tokens=64, max_model_len=64)
+    with pytest.raises(ValueError, match="leaves no room to generate within max_model_len"):
         engine.add_request(as_request(REQUESTS[2]))
     assert not engine.has_unfinished()
 
 
-def test_abort_frees_every_block(tiny_checkpoint):
-    engine = make_engine(tiny_checkpoint, "torch")
-    ids = [engine.add_request(as_request(c), glmrt.SamplingParams(max_tokens=50)) for c in REQUESTS]
-    for _ in range(4):
-        engine.step()
-    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
-    for request_id in ids:
+def test_kv_cache_smaller_than_max_model_len_is_refused_at_start(tiny_checkpoint):
+    with pytest.raises(ValueError, match="kv_cache_tokens=256 cannot hold one request of max_model_len=4096"):
+        make_engine(tiny_checkpoint, "torch", kv_cache_tokens=256)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(tiny_checkpoint, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend 'triton' needs a CUDA device"):
+        make_engine(tiny_checkpoint, "triton")
+
+
+def test_unknown_engine_option_is_named(tiny_checkpoint):
+    with pytest.raises(ValueError, match="max_num_seq"):
+        make_engine(tiny_checkpoint, "torch", max_num_seq=4)
+    with pytest.raises(ValueError, match="max_num_seqs must be an int >= 1, got 0"):
+        make_engine(tiny_checkpoint, "torch", max_num_seqs=0)
+
+
+def assert_all_free(engine):
+    bm = engine.block_manager
+    assert not engine.has_unfinished() and not engine.request_ids
+    assert bm.num_free_blocks == bm.num_blocks and all(c == 0 for c in bm.ref_counts)
+    assert not engine.runner.image_cache
+    assert not engine.runner.batch.active.any() and not engine.runner.batch.context_lens.any()
+
+
+def test_abort_in_every_state_frees_everything(tiny_checkpoint):
+    engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=3)
+    params = glmrt.SamplingParams(max_tokens=50)
+    ids = [engine.add_request(as_request(c), params) for c in REQUESTS]
+    last = engine.add_request(as_request(REQUESTS[0]), glmrt.SamplingParams(max_tokens=2))
+    engine.step()  # prefill of three requests, in flight
+    engine.step()  # their first decode launched, the prefill's tokens read
+    engine.step()
+    states = {s.request_id: s.status.value for s in engine._sequences.values()}
+    assert set(states.values()) >= {"waiting", "running"}
+    assert engine._in_flight is not None
+    for request_id in [ids[4], ids[0], last]:  # waiting, running with a token in flight, waiting
         out = engine.abort(request_id)
-        assert out is None or out.finish_reason == "abort"
-    assert not engine.has_unfinished()
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert all(count == 0 for count in engine.block_manager.ref_counts)
+        assert out.finish_reason == "abort" and out.finished
+    assert engine.abort(ids[0]) is None  # already done
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id not in (ids[4], ids[0], last)
+            if out.request_id == ids[1] and len(out.token_ids) == 3:
+                for request_id in ids:
+                    engine.abort(request_id)
+    assert_all_free(engine)
+
+
+def test_abort_of_a_draining_request(tiny_checkpoint):
+    """A request whose last token is scheduled but not read back yet (no row, still holds blocks)."""
+    engine = make_engine(tiny_checkpoint, "torch")
+    request_id = engine.add_request(as_request(REQUESTS[1]), glmrt.SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()  # prefill: token 1 in flight
+    engine.step()  # decode of token 2 launched, token 1 read back
+    assert engine.scheduler.schedule() is None  # nothing left to schedule: the request gives up its row
+    seq = engine._sequences[request_id]
+    assert seq.status.value == "draining" and seq.row is None and seq.block_table
+    assert engine.abort(request_id).finish_reason == "abort"
+    assert engine.step() == []  # the in-flight token is dropped
+    assert_all_free(engine)
+
+
+def test_eos_as_the_max_tokens_th_token_finishes_with_length(tiny_checkpoint, expected):
+    tokens = expected[0]
+    stop = tokens[4]
+    k = tokens.index(stop)
+    llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch")
+    req = as_request(REQUESTS[0])
+    at_limit = llm.generate(req, glmrt.SamplingParams(max_tokens=k + 1, stop_token_ids=[stop]))[0]
+    assert at_limit.finish_reason == "length" and at_limit.token_ids == tokens[: k + 1]
+    before_limit = llm.generate(req, glmrt.SamplingParams(max_tokens=k + 2, stop_token_ids=[stop]))[0]
+    assert before_limit.finish_reason == "stop" and before_limit.token_ids == tokens[: k + 1]
+
+
+def test_a_failing_prefill_step_fails_only_its_requests(tiny_checkpoint, expected, monkeypatch):
+    engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=2)
+    params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)
+    first = engine.add_request(as_request(REQUESTS[1]), params)
+    engine.step()
+    encode = engine.model.encode_images
+    h, w = engine.processor.image_processor.resized_size(ALL_IMAGES["tall"].height, ALL_IMAGES["tall"].width)
+
+    def broken(pixels, grids):
+        if (1, h // 14, w // 14) in grids:  # the "tall" image: REQUESTS[5]
+            raise RuntimeError("injected vision fault")
+        return encode(pixels, grids)
+
+    monkeypatch.setattr(engine.model, "encode_images", broken)
+    bad = engine.add_request(as_request(REQUESTS[5]), params)
+    later = [engine.add_request(as_request(REQUESTS[i]), params) for i in (0, 4)]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert done[bad].finish_reason == "error" and "injected vision fault" in done[bad].error
+    assert done[first].token_ids == expected[1]
+    assert [done[i].token_ids for i in later] == [expected[0], expected[4]]
+    assert_all_free(engine)
+
+
+def test_a_failing_decode_step_fails_only_its_requests(tiny_checkpoint, expected, monkeypatch):
+    engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=2)
+    params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)
+    ids = [engine.add_request(as_request(REQUESTS[i]), params) for i in range(4)]
+    decode, calls = engine.runner.decode, []
+
+    def broken(step):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected decode fault")
+        return decode(step)
+
+    monkeypatch.setattr(engine.runner, "decode", broken)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert [done[i].finish_reason for i in ids[:2]] == ["error", "error"]
+    assert [done[i].token_ids for i in ids[2:]] == expected[2:4]
+    assert engine.scheduler.running == [] and engine.scheduler.draining == []
+    assert_all_free(engine)
+
+
+def test_interrupted_generate_leaves_nothing_running(tiny_checkpoint, expected, monkeypatch):
+    llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch")
+    engine = llm.engine
+    step, calls = engine.step, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([as_request(c) for c in REQUESTS], glmrt.SamplingParams(max_tokens=MAX_TOKENS))
+    monkeypatch.setattr(engine, "step", step)
+    while engine.has_unfinished():  # only the dropped in-flight step is left
+        assert engine.step() == []
+    assert_all_free(engine)
+    outs = llm.generate([as_request(c) for c in REQUESTS[:3]], glmrt.SamplingParams(max_tokens=MAX_TOKENS))
+    assert [o.token_ids for o in outs] == expected[:3]
 
 
 def test_generate_rejects_bad_request_and_queues_nothing(tiny_checkpoint):
@@ -111,16 +246,40 @@ def test_sampling_seeds_reproduce(tiny_checkpoint, backend):
     llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend=backend)
     req = as_request(REQUESTS[0])
 
-    def sample(seed, **kw):
+    def sample(seed, others=1, **kw):
         params = glmrt.SamplingParams(max_tokens=12, temperature=0.8, top_k=50, top_p=0.9, seed=seed, **kw)
-        return llm.generate([req, as_request(REQUESTS[1])], [params, glmrt.SamplingParams(max_tokens=5)])[0].token_ids
+        requests = [as_request(REQUESTS[i]) for i in range(1, 1 + others)] + [req]
+        return llm.generate(requests, [glmrt.SamplingParams(max_tokens=5)] * others + [params])[-1].token_ids
 
     first = sample(7)
-    assert sample(7) == first
+    assert sample(7, others=3) == first  # whatever else is in the batch
     assert sample(8) != first
     greedy = llm.generate(req, glmrt.SamplingParams(max_tokens=12))[0].token_ids
     top1 = llm.generate(req, glmrt.SamplingParams(max_tokens=12, temperature=1.0, top_k=1, seed=1))[0].token_ids
     assert top1 == greedy
+
+
+def test_overlapped_engine_equals_serial_engine(tiny_checkpoint):
+    """Sampled, seeded, penalised and greedy requests with different lengths, under preemption:
+    the overlapped engine gives the serial engine's tokens, token for token."""
+    cases = [
+        glmrt.SamplingParams(max_tokens=40, temperature=0.9, top_p=0.8, seed=3, ignore_eos=True),
+        glmrt.SamplingParams(max_tokens=45, repetition_penalty=1.3, ignore_eos=True),
+        glmrt.SamplingParams(max_tokens=60, temperature=1.2, top_k=20, seed=4, repetition_penalty=1.1, ignore_eos=True),
+        glmrt.SamplingParams(max_tokens=40, ignore_eos=True),
+        glmrt.SamplingParams(max_tokens=1),
+        glmrt.SamplingParams(max_tokens=50, temperature=0.7, seed=5, ignore_eos=True),
+    ]
+    results = []
+    for async_scheduling in (True, False):
+        engine = make_engine(tiny_checkpoint, "torch", kv_cache_tokens=256, max_model_len=256, max_num_seqs=6,
+                             async_scheduling=async_scheduling)
+        outs = engine.generate([as_request(c) for c in REQUESTS], cases)
+        results.append([(o.token_ids, o.finish_reason, o.text) for o in outs])
+        assert engine.scheduler.num_preemptions > 0
+        assert_all_free(engine)
+    assert results[0] == results[1]
+    assert [len(tokens) for tokens, _, _ in results[0]][4] == 1
 
 
 def test_async_engine_streams_and_aborts(tiny_checkpoint, expected):
@@ -162,26 +321,79 @@ def test_async_engine_streams_and_aborts(tiny_checkpoint, expected):
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("max_num_seqs", [3, 8])
-def test_graph_static_buffers_and_padding_match_eager_decode(tiny_checkpoint, max_num_seqs):
-    """The CUDA-graph path's static buffers, bucket padding (slot -1, context 0) and fixed-width block
-    tables, run eagerly on CPU (capture=False), give the eager decode's logits."""
-    from glmrt.engine.graphs import DecodeGraphs
+def test_async_abort_races(tiny_checkpoint, monkeypatch):
+    """Aborts that arrive while a request's images are decoded, after it was prepared but before
+    the engine picked it up, and a consumer cancelled mid-preparation: each ends with a final
+    output (or a clean cancellation) and leaves nothing behind."""
+    import threading
 
-    engine = make_engine(tiny_checkpoint, "triton", max_num_seqs=max_num_seqs)
-    for case in REQUESTS[:max_num_seqs]:
-        engine.add_request(as_request(case), glmrt.SamplingParams(max_tokens=MAX_TOKENS))
-    seqs, is_prefill = engine.scheduler.schedule()
-    engine.runner.run(seqs, is_prefill)  # fill the KV cache
-    for s in seqs:
-        s.append_token(11)
-    seqs, is_prefill = engine.scheduler.schedule()
-    assert not is_prefill
-    graphs = DecodeGraphs(engine.model, engine.runner.kv_caches, max_num_seqs,
-                          max_blocks=-(-engine.max_model_len // engine.block_manager.block_size), capture=False)
-    assert graphs.bucket_for(len(seqs)) > len(seqs) or max_num_seqs == len(seqs)
-    runner = engine.runner
-    eager = runner._decode(seqs)
-    runner.graphs = graphs
-    padded = runner._decode(seqs)
-    torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
+    async def main():
+        engine = AsyncEngine(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch")
+        prepare, gate = engine.engine.prepare, threading.Event()
+
+        def slow_prepare(*args):
+            gate.wait(timeout=30)
+            return prepare(*args)
+
+        async def first(stream):
+            return await asyncio.wait_for(stream.__anext__(), timeout=60)
+
+        # 1. abort while the images are being decoded
+        monkeypatch.setattr(engine.engine, "prepare", slow_prepare)
+        task = asyncio.create_task(first(engine.generate(as_request(REQUESTS[0]), request_id="decoding")))
+        while "decoding" not in engine._preparing:
+            await asyncio.sleep(0.01)
+        engine.abort("decoding")
+        gate.set()
+        out = await task
+        assert out.finish_reason == "abort" and out.request_id == "decoding"
+
+        # 2. abort after preparation, before the engine loop queues it
+        monkeypatch.setattr(engine.engine, "prepare", prepare)
+        ensure = engine._ensure_loop
+        monkeypatch.setattr(engine, "_ensure_loop", lambda: None)
+        task = asyncio.create_task(first(engine.generate(as_request(REQUESTS[0]), request_id="prepared")))
+        while not engine._pending:
+            await asyncio.sleep(0.01)
+        engine.abort("prepared")
+        monkeypatch.setattr(engine, "_ensure_loop", ensure)
+        engine._ensure_loop()
+        out = await task
+        assert out.finish_reason == "abort" and out.request_id == "prepared"
+
+        # 3. the consumer is cancelled while its images are being decoded
+        gate.clear()
+        monkeypatch.setattr(engine.engine, "prepare", slow_prepare)
+        task = asyncio.create_task(first(engine.generate(as_request(REQUESTS[0]), request_id="cancelled")))
+        while "cancelled" not in engine._preparing:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)  # the worker thread finishes its preparation; nothing may be queued
+        engine._ensure_loop()
+        for _ in range(100):
+            if not engine.engine.has_unfinished() and not engine._pending:
+                break
+            await asyncio.sleep(0.05)
+        assert not engine._streams and not engine._preparing and not engine._pending
+        assert_all_free(engine.engine)
+
+        # 4. a failed step ends its request with RequestFailed; the next request is unaffected
+        monkeypatch.setattr(engine.engine, "prepare", prepare)
+        decode = engine.engine.runner.decode
+
+        def broken(step):
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(engine.engine.runner, "decode", broken)
+        with pytest.raises(RequestFailed, match="injected"):
+            async for _ in engine.generate(as_request(REQUESTS[1]), glmrt.SamplingParams(max_tokens=5)):
+                pass
+        monkeypatch.setattr(engine.engine.runner, "decode", decode)
+        outs = [o async for o in engine.generate(as_request(REQUESTS[1]), glmrt.SamplingParams(max_tokens=5))]
+        assert outs[-1].finished and outs[-1].finish_reason in ("stop", "length")
+        assert_all_free(engine.engine)
+
+    asyncio.run(main())

@@ -1,9 +1,12 @@
 """AsyncEngine: the asyncio front of LLMEngine, for services and the server.
 
 One background task drives the engine. Model steps run in a worker thread so the event loop
-stays responsive; request preprocessing also runs in worker threads, and new requests and aborts
-are applied to the scheduler only between steps, on the loop, so the engine is never touched by
-two threads at once.
+stays responsive; request preprocessing also runs in worker threads. New requests and aborts are
+applied to the engine only between steps, on the loop, so the engine is never touched by two
+threads at once.
+
+Every request ends with a final output whatever state it was in when it was aborted or its
+consumer went away: still being preprocessed, prepared but not yet queued, queued, running.
 """
 from __future__ import annotations
 
@@ -15,43 +18,65 @@ from ..sampling_params import SamplingParams
 from .engine import LLMEngine
 
 
+class RequestFailed(RuntimeError):
+    """The engine step that carried this request failed; other requests are unaffected."""
+
+
 class AsyncEngine:
     def __init__(self, model: str, **kwargs):
         self.engine = LLMEngine(model, **kwargs)
         self._streams: dict[str, asyncio.Queue] = {}
+        self._preparing: set[str] = set()  # ids whose images are being decoded in a worker thread
+        self._cancelled: set[str] = set()  # ids aborted while preparing
         self._pending_aborts: set[str] = set()
-        self._pending: list = []
+        self._pending: list = []  # prepared sequences, queued at the next step boundary
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
 
     async def generate(self, request: Request | dict, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield an output per step with the new text/token delta; the last one has finish_reason set.
-
-        Invalid requests raise here (ValueError/TypeError) before anything is queued. Closing the
-        iterator early (e.g. a client disconnect) aborts the request and frees its blocks.
-        """
-        seq = await asyncio.to_thread(self.engine.prepare, request, sampling_params, request_id)
-        if seq.request_id in self._streams or self.engine.has_request(seq.request_id):
-            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        """Yield an output per step with the new text/token delta; the last one has finish_reason set
+        ("stop", "length" or "abort"). Invalid requests raise ValueError/TypeError before anything is
+        queued; a failed step raises RequestFailed. Closing the iterator early (a client disconnect)
+        aborts the request and frees everything it holds."""
+        request_id = self.engine.new_request_id() if request_id is None else request_id
+        if request_id in self._streams or self.engine.has_request(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[seq.request_id] = stream
-        self._pending.append(seq)
-        self._ensure_loop()
+        self._streams[request_id] = stream
         finished = False
         try:
+            self._preparing.add(request_id)
+            try:
+                seq = await asyncio.to_thread(self.engine.prepare, request, sampling_params, request_id)
+            finally:
+                self._preparing.discard(request_id)
+            if request_id in self._cancelled:
+                self._cancelled.discard(request_id)
+                finished = True
+                yield _aborted(request_id, seq.prompt_token_ids)
+                return
+            self._pending.append(seq)
+            self._ensure_loop()
             while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+                out = await stream.get()
+                finished = out.finished
+                if out.finish_reason == "error":
+                    raise RequestFailed(f"request {request_id} failed: {out.error}")
+                yield out
         finally:
+            self._cancelled.discard(request_id)
             if not finished:
-                self.abort(seq.request_id)
+                self.abort(request_id)
+            else:
+                self._streams.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request; its KV blocks are freed before the next step."""
+        """Stop a request; its consumer gets a final "abort" output and everything it holds is
+        freed before the next step."""
+        if request_id in self._preparing:
+            self._cancelled.add(request_id)
+            return
         self._pending_aborts.add(request_id)
         self._ensure_loop()
 
@@ -64,18 +89,27 @@ class AsyncEngine:
 
     def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []
+        aborts, self._pending_aborts = self._pending_aborts, set()
         for seq in pending:
-            if seq.request_id in self._pending_aborts:
-                self._pending_aborts.discard(seq.request_id)
-                self._streams.pop(seq.request_id, None)
+            if seq.request_id in aborts:  # aborted between preparation and queueing
+                aborts.discard(seq.request_id)
+                self._deliver(_aborted(seq.request_id, seq.prompt_token_ids))
                 continue
             self.engine.enqueue(seq)
-        aborts, self._pending_aborts = self._pending_aborts, set()
         for request_id in aborts:
             out = self.engine.abort(request_id)
-            stream = self._streams.pop(request_id, None)
-            if stream is not None and out is not None:
-                stream.put_nowait(out)
+            if out is not None:
+                self._deliver(out)
+            else:  # never queued (its consumer left while it was being prepared) or already done
+                self._streams.pop(request_id, None)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        stream.put_nowait(out)
+        if out.finished:
+            del self._streams[out.request_id]
 
     async def _run(self) -> None:
         while True:
@@ -88,17 +122,14 @@ class AsyncEngine:
                 continue
             try:
                 outputs = await asyncio.to_thread(self.engine.step)
-            except Exception as exc:  # an internal failure ends the requests of that step, not the engine
-                for request_id in self.engine.request_ids:
-                    self.engine.abort(request_id)
-                    stream = self._streams.pop(request_id, None)
-                    if stream is not None:
-                        stream.put_nowait(RuntimeError(f"engine step failed: {exc!r}"))
-                continue
+            except Exception as exc:  # a fault in the engine's own host code: no request can go on
+                outputs = [self.engine.abort(i) for i in self.engine.request_ids]
+                for out in outputs:
+                    out.finish_reason, out.error = "error", f"engine step failed: {exc!r}"
             for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is None:
-                    continue
-                stream.put_nowait(out)
-                if out.finished:
-                    del self._streams[out.request_id]
+                self._deliver(out)
+
+
+def _aborted(request_id: str, prompt_token_ids: list[int]) -> RequestOutput:
+    return RequestOutput(request_id=request_id, prompt_token_ids=prompt_token_ids, token_ids=[], text="",
+                         finish_reason="abort")

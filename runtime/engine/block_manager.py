@@ -22,22 +22,27 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        return self.blocks_needed(seq.num_tokens) <= self.num_free_blocks
+    def can_allocate(self, num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
-        """Blocks for every token of `seq` (prefill of the prompt, or of prompt + output after preemption)."""
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Blocks for the first num_tokens tokens of `seq` (a prefill: the prompt, or prompt +
+        output when a preempted request is recomputed)."""
         assert not seq.block_table, f"request {seq.request_id} already holds blocks"
-        for _ in range(self.blocks_needed(seq.num_tokens)):
+        for _ in range(self.blocks_needed(num_tokens)):
             seq.block_table.append(self._take())
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether the token at index num_tokens-1 (about to be decoded) has a slot."""
-        return len(seq.block_table) >= self.blocks_needed(seq.num_tokens) or self.num_free_blocks > 0
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `seq` can hold num_tokens tokens (at most one more block than it has)."""
+        return len(seq.block_table) >= self.blocks_needed(num_tokens) or self.num_free_blocks > 0
 
-    def append_slot(self, seq: Sequence) -> None:
-        if len(seq.block_table) < self.blocks_needed(seq.num_tokens):
-            seq.block_table.append(self._take())
+    def grow(self, seq: Sequence, num_tokens: int) -> int | None:
+        """Make room for num_tokens tokens; -> the new block id if one was added."""
+        if len(seq.block_table) >= self.blocks_needed(num_tokens):
+            return None
+        block_id = self._take()
+        seq.block_table.append(block_id)
+        return block_id
 
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):

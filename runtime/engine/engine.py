@@ -1,25 +1,38 @@
-"""LLMEngine: requests in, outputs out, one scheduler step at a time."""
+"""LLMEngine: requests in, outputs out, one scheduler step at a time.
+
+Steps overlap (async_scheduling, on by default): `step()` schedules and launches step N+1, then
+reads step N's tokens and does its host work (stop checks, detokenization, outputs) while the
+device runs N+1. A token computed for a request that turned out to have finished at step N is
+dropped. With async_scheduling=False each step is read back before the next is scheduled; both
+give the same tokens.
+
+Failures stay with the requests they concern: a bad request is refused by `prepare` before it is
+queued; a step that raises fails the requests of that step (finish_reason "error") and the
+engine goes on with the others; an abort, from any state, frees everything the request holds.
+"""
 from __future__ import annotations
 
 import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from ..config import ModelConfig
+from ..generation_config import GenerationConfig
 from ..loader import resolve_model_path
 from ..model.glm_ocr import GlmOcrModel
-from ..model.text import AttentionMetadata
 from ..model.ops import make_ops
+from ..model.text import AttentionMetadata
 from ..model.positions import mrope_positions
 from ..outputs import Request, RequestOutput
 from ..processor import Processor
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
-from .runner import ModelRunner, allocate_kv_cache, kv_bytes_per_token
-from .sampler import Sampler
-from .scheduler import Scheduler
+from .runner import ModelRunner, StepHandle, allocate_kv_cache, kv_bytes_per_token, random_seed
+from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
 
 _DTYPES = {
@@ -60,6 +73,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" else "torch"
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend {backend!r} is not one of 'auto', 'torch', 'triton'")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend 'triton' needs a CUDA device, got {device.type!r}; use backend 'torch' there "
+            "(or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter)"
+        )
     return backend
 
 
@@ -71,49 +89,64 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # default: max_model_len tokens on CPU, memory-based on GPU
     gpu_memory_utilization: float = 0.9  # share of the GPU memory left after weights + peak activations
     block_size: int = 16
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: bool = True  # overlap the host work of step N with step N+1 on the device
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens"):
+            value = getattr(self, name)
+            if value is None and name not in ("max_num_seqs", "block_size"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.block_size & (self.block_size - 1) or self.block_size < 16:
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        for name in ("enforce_eager", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
 
 class LLMEngine:
     def __init__(self, model: str, *, device=None, dtype=None, backend: str = "auto", **options):
+        unknown = set(options) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown engine options {sorted(unknown)} (known: {sorted(EngineConfig.__dataclass_fields__)})")
         self.options = EngineConfig(**options)
         path = resolve_model_path(model)
+        self.model_path = path
         self.config = ModelConfig.from_pretrained(path)
+        self.generation_config = GenerationConfig.from_pretrained(path)
         self.processor = Processor.from_pretrained(path)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.backend = resolve_backend(backend, self.device)
-        self.model = GlmOcrModel.from_pretrained(path, self.config, make_ops(self.backend), self.device, self.dtype)
+        if self.backend == "triton":
+            from glmrt.kernels import check_head_dims
+
+            check_head_dims(self.config.text.head_dim, self.config.vision.head_dim)
         text = self.config.text
         self.max_model_len = min(self.options.max_model_len or 16384, text.max_position_embeddings)
+        if self.options.kv_cache_tokens is not None and self.options.kv_cache_tokens < self.max_model_len:
+            raise ValueError(
+                f"kv_cache_tokens={self.options.kv_cache_tokens} cannot hold one request of max_model_len="
+                f"{self.max_model_len} tokens; raise kv_cache_tokens or lower max_model_len"
+            )
+        self.model = GlmOcrModel.from_pretrained(path, self.config, make_ops(self.backend), self.device, self.dtype)
         block_size = self.options.block_size
         num_blocks = -(-self._kv_cache_tokens() // block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(
-            self.block_manager, self.options.max_num_seqs, self.options.max_num_batched_tokens or self.max_model_len
-        )
         use_graphs = self.device.type == "cuda" and self.backend == "triton" and not self.options.enforce_eager
-        self.runner = ModelRunner(
-            self.model, num_blocks, block_size, Sampler(use_kernels=self.backend == "triton"),
-            graph_max_num_seqs=self.options.max_num_seqs if use_graphs else 0,
-            max_blocks_per_seq=-(-self.max_model_len // block_size),
-        )
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.options.max_num_seqs,
+                                  max_blocks_per_seq=-(-self.max_model_len // block_size), use_graphs=use_graphs)
+        self.scheduler = Scheduler(self.block_manager, self.options.max_num_seqs,
+                                   self.options.max_num_batched_tokens or self.max_model_len, rows=self.runner.batch)
         self._sequences: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._in_flight: StepHandle | None = None
         self._ids = itertools.count()
+        self._pool: ThreadPoolExecutor | None = None
 
     def _kv_cache_tokens(self) -> int:
         if self.options.kv_cache_tokens is not None:
@@ -166,6 +199,11 @@ class LLMEngine:
     def kv_capacity_tokens(self) -> int:
         return self.block_manager.num_blocks * self.block_manager.block_size
 
+    # ------------------------------------------------------------------------------- requests
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
     def add_request(self, request: Request | dict, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Validate and queue one request; errors name the problem and leave other requests untouched."""
@@ -175,14 +213,16 @@ class LLMEngine:
                 request_id: str | None = None) -> Sequence:
         """Validate and preprocess a request into a Sequence without touching the scheduler.
 
-        This is the expensive, request-local part (image decoding and patchifying), so the async
-        engine runs it in a worker thread while a model step is in flight.
+        This is the expensive, request-local part (image decoding and patchifying); it holds no
+        engine state, so several run at once in worker threads.
         """
         request = Request.coerce(request)
-        params = sampling_params or SamplingParams()
+        params = self.generation_config.sampling_params() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a glmrt.SamplingParams, got {type(params).__name__}")
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        request_id = request_id if request_id is not None else self.new_request_id()
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         processed = self.processor(images=request.images, prompt=request.prompt)
         ids = processed.input_ids
         limit = min(self.max_model_len, self.kv_capacity_tokens)
@@ -191,22 +231,32 @@ class LLMEngine:
                 f"request {request_id}: the prompt has {len(ids)} tokens, which leaves no room to generate within "
                 f"{'max_model_len' if limit == self.max_model_len else 'the KV cache'} ({limit} tokens)"
             )
+        vocab = self.config.text.vocab_size
+        bad_stop = [t for t in params.stop_token_ids or [] if t >= vocab]
+        if bad_stop:
+            raise ValueError(f"SamplingParams.stop_token_ids {bad_stop} are not in the vocabulary (size {vocab})")
         grids = [tuple(g) for g in processed.image_grid_thw.tolist()] if processed.image_grid_thw is not None else []
         positions, rope_delta = mrope_positions(
             ids, grids, self.config.image_token_id, self.config.vision.spatial_merge_size
         )
         stop = set(params.stop_token_ids or [])
         if not params.ignore_eos:
-            stop |= set(self.config.text.eos_token_ids)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            stop |= set(self.config.text.eos_token_ids) | set(self.generation_config.eos_token_ids)
         return Sequence(
             request_id=request_id, prompt_token_ids=ids, prompt_positions=positions, rope_delta=rope_delta,
             sampling_params=params, stop_token_ids=frozenset(stop),
             max_total_tokens=min(limit, len(ids) + params.max_tokens),
-            pixel_values=processed.pixel_values, image_grid_thw=grids, generator=generator,
+            seed=random_seed() if params.seed is None else params.seed,
+            pixel_values=processed.pixel_values, image_grid_thw=grids,
         )
+
+    def prepare_many(self, requests: list[Request | dict], params: list[SamplingParams]) -> list[Sequence]:
+        """`prepare` for several requests at once on a pool of worker threads (image decoding,
+        resizing and the C++ patchify release the GIL); raises the first request's error, if any."""
+        jobs = [(request, p, self.new_request_id()) for request, p in zip(requests, params, strict=True)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="glmrt-prep")
+        return list(self._pool.map(lambda job: self.prepare(*job), jobs))
 
     def enqueue(self, seq: Sequence) -> str:
         if seq.request_id in self._sequences:
@@ -220,34 +270,37 @@ class LLMEngine:
         return seq.request_id
 
     def generate(self, requests: list[Request | dict], params: list[SamplingParams]) -> list[RequestOutput]:
-        """Run the requests to completion, batched; outputs in request order. If any request is
-        invalid, the call fails naming it and none of them stays queued."""
-        ids = []
-        try:
-            for request, p in zip(requests, params, strict=True):
-                ids.append(self.add_request(request, p))
-        except Exception:
-            for request_id in ids:
-                self.abort(request_id)
-            raise
+        """Run the requests to completion, batched; outputs in request order. Images are decoded in
+        parallel worker threads. If any request is invalid, the call fails naming it and none of them
+        is queued; if the call is interrupted (KeyboardInterrupt), its requests are aborted."""
+        seqs = self.prepare_many(requests, params)
+        ids = [seq.request_id for seq in seqs]
         finished: dict[str, RequestOutput] = {}
-        while len(finished) < len(ids):
-            for out in self.step():
-                if out.finished:
-                    finished[out.request_id] = out
+        try:
+            for seq in seqs:
+                self.enqueue(seq)
+            while len(finished) < len(ids):
+                for out in self.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+        finally:
+            for request_id in ids:
+                if request_id not in finished:
+                    self.abort(request_id)
         return [finished[i] for i in ids]
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its KV blocks; None if it is unknown or already done."""
+        """Stop a request now, from any state, and free its KV blocks, row and image embeddings;
+        -> its final output (finish_reason "abort"), or None if it is unknown or already done."""
         seq = self._sequences.get(request_id)
         if seq is None:
             return None
         seq.finish("abort")
-        self.scheduler.finish(seq)
+        self._release(seq)
         return self._output(seq, [])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._sequences
@@ -256,20 +309,64 @@ class LLMEngine:
     def request_ids(self) -> list[str]:
         return list(self._sequences)
 
+    # ---------------------------------------------------------------------------------- steps
+
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; -> an output (with deltas) for every sequence that advanced."""
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
-            return []
-        tokens = self.runner.run(seqs, is_prefill)
-        outputs = []
-        for seq, token in zip(seqs, tokens):
-            seq.append_token(token)
-            new = [] if token in seq.stop_token_ids else [token]
-            if seq.is_finished:
-                self.scheduler.finish(seq)
-            outputs.append(self._output(seq, new))
+        """Launch the next step and return the outputs (with deltas) of the sequences whose
+        tokens were read back in this call: the previous step's with async_scheduling, else this one's."""
+        outputs: list[RequestOutput] = []
+        plan = self.scheduler.schedule()
+        if plan == NEEDS_DRAIN:  # preemption needs every in-flight token read first
+            outputs += self._read_in_flight()
+            plan = self.scheduler.schedule()
+        handle = self._launch(plan, outputs) if plan is not None else None
+        outputs += self._read_in_flight()
+        if handle is not None:
+            self._in_flight = handle
+            if not self.options.async_scheduling:
+                outputs += self._read_in_flight()
         return outputs
+
+    def _launch(self, plan: ScheduledStep, outputs: list[RequestOutput]) -> StepHandle | None:
+        try:
+            return self.runner.prefill(plan) if plan.is_prefill else self.runner.decode(plan)
+        except BaseException as exc:  # fail this step's requests only; an interrupt still propagates
+            outputs += self._fail(plan.seqs, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return None
+
+    def _read_in_flight(self) -> list[RequestOutput]:
+        handle, self._in_flight = self._in_flight, None
+        if handle is None:
+            return []
+        try:
+            tokens = handle.tokens()
+        except Exception as exc:
+            return self._fail(handle.seqs, exc)
+        outputs = []
+        for seq, token in zip(handle.seqs, tokens):
+            if seq.is_finished:  # finished or aborted after this step was launched: drop the token
+                continue
+            seq.append_token(token)
+            if seq.is_finished:
+                self._release(seq)
+            outputs.append(self._output(seq, [] if seq.finish_reason == "stop" else [token]))
+        return outputs
+
+    def _fail(self, seqs: list[Sequence], exc: BaseException) -> list[RequestOutput]:
+        message = f"{type(exc).__name__}: {exc}"
+        outputs = []
+        for seq in seqs:
+            if not seq.is_finished:
+                seq.finish("error", error=message)
+                self._release(seq)
+                outputs.append(self._output(seq, []))
+        return outputs
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self.runner.release(seq)
 
     def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
         detok = self._detokenizers[seq.request_id]
@@ -280,4 +377,5 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
             text=detok.text, finish_reason=seq.finish_reason, delta_text=delta, delta_token_ids=new_tokens,
+            error=seq.error,
         )

@@ -1,19 +1,19 @@
-"""CUDA-graph decode: one captured step (decoder forward + lm_head) per batch-size bucket.
+"""CUDA-graph decode: the whole decode step (inputs from device state, decoder, lm_head,
+sampling, state updates) captured once per batch-size bucket and per sampling mode.
 
-A decode step of this small decoder is bound by kernel-launch overhead, so every bucket's whole
-step is captured once at start-up and replayed. Inputs live in static buffers sized for the
-largest bucket; a batch is padded up to its bucket with rows whose slot is -1 (no KV write) and
-whose context length is 0 (the decode kernel returns zeros for them), so no padded row touches
-real state. Block tables are always `max_blocks` wide, which keeps every kernel's grid static.
-All buckets share one memory pool. With capture=False every bucket runs eagerly through the same
-static buffers and padding, which lets CPU tests check everything but the capture itself.
+A decode step of this small decoder is bound by kernel-launch overhead, so each step is one
+replay. The step reads only the device-resident batch (block tables of fixed width, context
+lengths, last tokens, sampling state), so a replay needs no input copy at all; rows past the
+running count are inactive (no KV write, context 0). Two graphs per bucket: greedy-only, and with
+the sampled path (temperature, top-k/top-p sort, draw), so greedy steps never pay for a sort.
+All graphs share one memory pool. Capture happens at start-up, while every row is inactive,
+so warm-up runs touch no request's state.
 """
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
-from ..model.glm_ocr import GlmOcrModel
-from ..model.text import AttentionMetadata
+import torch
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -24,61 +24,24 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: GlmOcrModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 max_num_seqs: int, max_blocks: int, capture: bool = True):
-        self.model = model
-        self.capture = capture
-        self.kv_caches = kv_caches
-        self.max_blocks = max_blocks
-        self.buckets = batch_buckets(max_num_seqs)
-        n, device = self.buckets[-1], model.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(3, n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        if capture:
-            self._capture_all()
-
-    def _step(self, bs: int) -> torch.Tensor:
-        attn = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs], context_lens=self.context_lens[:bs]
-        )
-        hidden = self.model.forward(self.input_ids[:bs], self.positions[:, :bs], attn, self.kv_caches)
-        return self.model.compute_logits(hidden)
-
-    @torch.inference_mode()
-    def _capture_all(self) -> None:
+    def __init__(self, step: Callable[[int, bool], torch.Tensor], buckets: list[int]):
+        """step(bs, do_sample) -> [bs] tokens: the runner's decode step over rows [0, bs)."""
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         pool = None
-        for bs in reversed(self.buckets):  # largest first, so later captures fit in its pool
-            self._step(bs)  # warm-up: Triton compiles and cuBLAS picks its kernels outside capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self._step(bs)
-            pool = graph.pool()
-            self.graphs[bs] = graph
+        with torch.inference_mode():
+            for bs in reversed(buckets):  # largest first, so later captures fit in its pool
+                for do_sample in (True, False):
+                    step(bs, do_sample)  # warm-up: Triton compiles and cuBLAS picks its kernels outside capture
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self.outputs[bs, do_sample] = step(bs, do_sample)
+                    pool = graph.pool()
+                    self.graphs[bs, do_sample] = graph
         torch.cuda.synchronize()
 
-    def bucket_for(self, batch: int) -> int | None:
-        return next((b for b in self.buckets if b >= batch), None)
-
-    @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        """Replay the bucket that fits; inputs are [B]-sized host or device tensors. -> logits [B, V]."""
-        b = input_ids.shape[0]
-        bs = self.bucket_for(b)
-        self.input_ids[:b].copy_(input_ids, non_blocking=True)
-        self.positions[:, :b].copy_(positions, non_blocking=True)
-        self.slot_mapping[:b].copy_(slot_mapping, non_blocking=True)
-        self.slot_mapping[b:bs].fill_(-1)
-        self.block_tables[:b, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
-        self.context_lens[:b].copy_(context_lens, non_blocking=True)
-        self.context_lens[b:bs].fill_(0)
-        if not self.capture:
-            return self._step(bs)[:b]
-        self.graphs[bs].replay()
-        return self.logits[bs][:b]
+    def replay(self, bs: int, do_sample: bool) -> torch.Tensor:
+        """-> the bucket's static [bs] token output (valid until the next replay)."""
+        self.graphs[bs, do_sample].replay()
+        return self.outputs[bs, do_sample]

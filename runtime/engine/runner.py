@@ -1,16 +1,25 @@
-"""Turns a scheduled batch into model inputs, runs the model, samples.
+"""Runs scheduled steps on the device: the paged KV cache, the device-resident batch, the image
+embedding cache, CUDA-graph decode, and the sampler.
 
-Owns the paged KV cache: per layer a (K, V) pair of [num_blocks, block_size, Hkv, D] tensors.
-Decode steps replay CUDA graphs when they were captured (CUDA, triton backend, not eager).
+A decode step reads everything it needs from device tensors that persist across steps
+(`DeviceBatch`): the block tables (updated by one new block id when a sequence crosses a block
+boundary), context lengths and positions (advanced on the device), the previous step's sampled
+tokens (fed straight back as inputs) and the sampling state. The host uploads only what changes:
+a new request's row at admission, new block ids, row moves when a request leaves. Steps are
+launched without waiting; each returns a `StepHandle` whose tokens are copied to pinned host
+memory asynchronously and read when the engine gets to them.
 """
 from __future__ import annotations
+
+import random
 
 import torch
 
 from ..model.glm_ocr import GlmOcrModel
 from ..model.text import AttentionMetadata
-from .graphs import DecodeGraphs
-from .sampler import Sampler
+from .graphs import DecodeGraphs, batch_buckets
+from .sampler import Sampler, SamplingState
+from .scheduler import ScheduledStep
 from .sequence import Sequence
 
 
@@ -28,24 +37,127 @@ def kv_bytes_per_token(model: GlmOcrModel) -> int:
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize
 
 
+_seed_source = random.Random()
+
+
+def random_seed() -> int:
+    """A seed for a request that gave none (int64 range)."""
+    return _seed_source.getrandbits(63)
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list -> device tensor through pinned memory, without waiting for the copy."""
+    pinned = device.type == "cuda"
+    return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
+
+
+class DeviceBatch:
+    """Per-row decode state on the device. Row i belongs to the scheduler's running[i]; rows
+    past the running count are inactive (context length 0, no KV write, output ignored)."""
+
+    def __init__(self, max_rows: int, max_blocks: int, block_size: int, vocab_size: int, device: torch.device):
+        self.device = device
+        self.block_size = block_size
+        self.block_tables = torch.zeros(max_rows, max_blocks, dtype=torch.int32, device=device)
+        self.context_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)  # incl. the step's token
+        self.active = torch.zeros(max_rows, dtype=torch.bool, device=device)
+        self.rope_deltas = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.next_tokens = torch.zeros(max_rows, dtype=torch.int64, device=device)  # last sampled token
+        self.sampling = SamplingState(max_rows, vocab_size, device)
+        self._row_tensors = [self.block_tables, self.context_lens, self.active, self.rope_deltas, self.next_tokens,
+                             *self.sampling.row_tensors]
+
+    def move_row(self, src: int, dst: int) -> None:
+        for t in self._row_tensors:
+            t[dst] = t[src]
+
+    def clear_row(self, row: int) -> None:
+        self.context_lens[row] = 0
+        self.active[row] = False
+
+    def admit(self, seqs: list[Sequence], first_row: int) -> None:
+        """Upload the rows of newly admitted sequences (after their prefill, the context holds
+        every known token)."""
+        rows = slice(first_row, first_row + len(seqs))
+        width = self.block_tables.shape[1]
+        self.block_tables[rows] = _upload([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                                          torch.int32, self.device)
+        ints = _upload([[s.num_tokens, s.rope_delta, s.sampling_params.top_k, s.seed, len(s.output_token_ids)]
+                        for s in seqs], torch.int64, self.device)
+        self.context_lens[rows] = ints[:, 0].int()
+        self.rope_deltas[rows] = ints[:, 1]
+        st = self.sampling
+        st.top_k[rows], st.seeds[rows], st.counters[rows] = ints[:, 2], ints[:, 3], ints[:, 4]
+        floats = _upload([[0.0 if s.sampling_params.greedy else s.sampling_params.temperature,
+                           s.sampling_params.top_p, s.sampling_params.repetition_penalty] for s in seqs],
+                         torch.float32, self.device)
+        st.temperature[rows], st.top_p[rows], st.penalty[rows] = floats[:, 0], floats[:, 1], floats[:, 2]
+        self.active[rows] = True
+        # Presence of every distinct id seen so far; a page prompt is thousands of <|image|> ids.
+        pairs = [(first_row + i, t) for i, s in enumerate(seqs) for t in set(s.all_token_ids)]
+        st.presence[rows] = False
+        index = _upload(pairs, torch.int64, self.device)
+        st.presence[index[:, 0], index[:, 1]] = True
+
+    def set_blocks(self, new_blocks: list[tuple[int, int, int]]) -> None:
+        """(row, table index, block id) for each sequence that crossed into a new block."""
+        if new_blocks:
+            index = _upload(new_blocks, torch.int64, self.device)
+            self.block_tables[index[:, 0], index[:, 1]] = index[:, 2].int()
+
+    def decode_inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Advance rows [0, bs) by one token on the device -> (input ids, positions, attention)."""
+        active = self.active[:bs]
+        context = self.context_lens[:bs]
+        context += active.int()
+        pos = (context - 1).clamp(min=0).long()  # cache index of the token fed in this step
+        tables = self.block_tables[:bs]
+        block = tables.gather(1, (pos // self.block_size)[:, None])[:, 0].long()
+        slots = torch.where(active, block * self.block_size + pos % self.block_size, -1)
+        positions = (pos + self.rope_deltas[:bs]).expand(3, bs)
+        attn = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=context)
+        return self.next_tokens[:bs], positions, attn
+
+
+class StepHandle:
+    """A launched step: its sequences (row order at launch) and their sampled tokens, copied to
+    host memory asynchronously."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor):
+        self.seqs = seqs
+        on_cuda = tokens.device.type == "cuda"
+        self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_cuda)
+        self._host.copy_(tokens, non_blocking=on_cuda)
+        self._event = None
+        if on_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def tokens(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
 class ModelRunner:
-    def __init__(self, model: GlmOcrModel, num_blocks: int, block_size: int, sampler: Sampler,
-                 graph_max_num_seqs: int = 0, max_blocks_per_seq: int = 0):
+    def __init__(self, model: GlmOcrModel, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_blocks_per_seq: int, use_graphs: bool = False):
         self.model = model
         self.block_size = block_size
         self.kv_caches = allocate_kv_cache(model, num_blocks, block_size)
-        self.sampler = sampler
-        self.graphs = (
-            DecodeGraphs(model, self.kv_caches, graph_max_num_seqs, max_blocks_per_seq) if graph_max_num_seqs else None
-        )
+        self.batch = DeviceBatch(max_num_seqs, max_blocks_per_seq, block_size, model.config.text.vocab_size,
+                                 model.device)
+        self.sampler = Sampler(model.ops, self.batch.sampling)
+        self.image_cache: dict[str, torch.Tensor] = {}  # request id -> image embeddings, kept for recompute
+        self.buckets = batch_buckets(max_num_seqs)
+        self.graphs = DecodeGraphs(self.decode_step, self.buckets) if use_graphs else None
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [seq.block_table[i // bs] * bs + i % bs for i in range(start, end)]
+    def release(self, seq: Sequence) -> None:
+        self.image_cache.pop(seq.request_id, None)
 
     def _image_embeds(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Run one packed vision pass over every image of the batch not yet encoded."""
-        todo = [s for s in seqs if s.image_embeds is None and s.pixel_values is not None]
+        todo = [s for s in seqs if s.request_id not in self.image_cache and s.pixel_values is not None]
         if todo:
             pixels = torch.cat([s.pixel_values for s in todo])
             grids = [g for s in todo for g in s.image_grid_thw]
@@ -54,15 +166,16 @@ class ModelRunner:
             offset = 0
             for s in todo:
                 n = sum(t * h * w for t, h, w in s.image_grid_thw) // m2
-                s.image_embeds = embeds[offset: offset + n]
+                self.image_cache[s.request_id] = embeds[offset: offset + n]
                 s.pixel_values = None
                 offset += n
-        parts = [s.image_embeds for s in seqs if s.image_embeds is not None]
+        parts = [self.image_cache[s.request_id] for s in seqs if s.request_id in self.image_cache]
         return torch.cat(parts) if parts else None
 
-    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Varlen prefill of every token of each sequence -> logits at each sequence's last token."""
-        device = self.model.device
+    @torch.inference_mode()
+    def prefill(self, step: ScheduledStep) -> StepHandle:
+        """Varlen prefill of every known token of each admitted sequence, then one sampled token each."""
+        seqs, device, bs = step.seqs, self.model.device, self.block_size
         image_id = self.model.config.image_token_id
         ids = torch.tensor([t for s in seqs for t in s.all_token_ids], dtype=torch.int64)
         # Only prompt tokens can be image slots (a generated <|image|> id is embedded as text).
@@ -72,33 +185,35 @@ class ModelRunner:
         lens = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int32)
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lens, 0)
-        attn = AttentionMetadata(
-            slot_mapping=torch.tensor([x for s in seqs for x in self._slots(s, 0, s.num_tokens)], device=device),
-            cu_seqlens=cu.to(device), max_seqlen=int(lens.max()),
-        )
+        slots = [s.block_table[i // bs] * bs + i % bs for s in seqs for i in range(s.num_tokens)]
+        attn = AttentionMetadata(slot_mapping=_upload(slots, torch.int64, device), cu_seqlens=cu.to(device),
+                                 max_seqlen=int(lens.max()))
         positions = torch.cat([s.positions() for s in seqs], dim=1).to(device)
         hidden = self.model.forward(ids.to(device), positions, attn, self.kv_caches,
                                     self._image_embeds(seqs), image_mask.to(device))
-        return self.model.compute_logits(hidden[(cu[1:] - 1).to(device=device, dtype=torch.int64)])
+        logits = self.model.compute_logits(hidden[(cu[1:] - 1).to(device=device, dtype=torch.int64)])
+        self.batch.admit(seqs, step.first_row)
+        rows = slice(step.first_row, step.first_row + len(seqs))
+        tokens = self.sampler(logits, rows, do_sample=any(not s.sampling_params.greedy for s in seqs))
+        self.batch.next_tokens[rows] = tokens
+        return StepHandle(seqs, tokens)
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per sequence (its last, not yet cached) -> logits [B, V]."""
-        device = self.model.device
-        input_ids = torch.tensor([s.last_token_id for s in seqs], dtype=torch.int64)
-        positions = torch.tensor([s.num_tokens - 1 + s.rope_delta for s in seqs]).expand(3, -1)
-        slots = torch.tensor([self._slots(s, s.num_tokens - 1, s.num_tokens)[0] for s in seqs], dtype=torch.int64)
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        context_lens = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int32)
-        if self.graphs is not None and self.graphs.bucket_for(len(seqs)) is not None:
-            return self.graphs.run(input_ids, positions, slots, tables, context_lens)
-        attn = AttentionMetadata(
-            slot_mapping=slots.to(device), block_tables=tables.to(device), context_lens=context_lens.to(device)
-        )
-        hidden = self.model.forward(input_ids.to(device), positions.to(device), attn, self.kv_caches)
-        return self.model.compute_logits(hidden)
+    def decode_step(self, bs: int, do_sample: bool) -> torch.Tensor:
+        """The whole decode step of rows [0, bs) on device state only -> [bs] tokens.
+        Captured per (bucket, do_sample) by DecodeGraphs, or run as is."""
+        input_ids, positions, attn = self.batch.decode_inputs(bs)
+        hidden = self.model.forward(input_ids, positions, attn, self.kv_caches)
+        tokens = self.sampler(self.model.compute_logits(hidden), slice(0, bs), do_sample)
+        self.batch.next_tokens[:bs] = tokens
+        return tokens
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        logits = self._prefill(seqs) if is_prefill else self._decode(seqs)
-        return self.sampler(logits, seqs)
+    def decode(self, step: ScheduledStep) -> StepHandle:
+        """One token for every running sequence. Eager and graph decode both run the step at the
+        batch's bucket size, so they share every kernel's grid (and split-KV choice)."""
+        self.batch.set_blocks(step.new_blocks)
+        b = len(step.seqs)
+        bs = next(x for x in self.buckets if x >= b)
+        do_sample = any(not s.sampling_params.greedy for s in step.seqs)
+        tokens = self.graphs.replay(bs, do_sample) if self.graphs is not None else self.decode_step(bs, do_sample)
+        return StepHandle(step.seqs, tokens[:b])

@@ -1,23 +1,45 @@
-"""Token selection for a batch, on the logits' device: repetition penalty, temperature, top-k,
-top-p, per-request seeds.
+"""Token selection for rows of the device-resident batch, inside the captured decode step.
 
 Semantics follow transformers' logits processors (and vLLM): the repetition penalty covers
-prompt + generated tokens (x < 0 -> x * p, else x / p), then temperature, top-k, top-p (the
-smallest set whose probability reaches top_p, at least one token), then a draw. Temperature 0
-is greedy: argmax after the penalty. The draw is the exponential race argmax(p / E), E ~ Exp(1),
-which samples exactly from p; each seeded request draws E from its own generator, so a fixed
-seed reproduces whatever else is in the batch.
+prompt + generated tokens (x < 0 -> x * p, else x / p) on fp32 logits, then temperature, top-k,
+top-p (the smallest set whose probability reaches top_p, at least one token), then a draw.
+Temperature 0 is greedy: argmax after the penalty. Greedy and sampled rows share one step.
 
-`use_kernels` runs the penalty and argmax as Triton kernels (triton backend); the default uses
-their plain-torch twins and is the oracle.
+Everything reads per-row state from device tensors of static shape (no host sync, no per-step
+upload), so the sampler is captured in the decode graph. The draw is the exponential race
+argmax(p / E), E = -log(u), which samples exactly from p. u comes from a counter-based hash of
+(row seed, tokens generated so far, vocabulary id), so a request's draws depend on its own seed
+and position only: a fixed seed reproduces whatever else is in the batch, and a preempted request
+recomputed later continues the same stream.
 """
 from __future__ import annotations
 
 import torch
 
-from glmrt.kernels import sampling
+from ..model.ops import TorchOps
 
-from .sequence import Sequence
+# splitmix64's constants as signed int64 (torch has no uint64 arithmetic); products wrap.
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def hashed_uniform(seeds: torch.Tensor, counters: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
+    """seeds, counters [N] int64, vocab_ids [V] int64 -> [N, V] float32 uniform in (0, 1), 24 bits."""
+    key = _mix64(seeds * _GOLDEN + counters)  # [N]: one stream per (request, step)
+    bits = _mix64(key[:, None] + (vocab_ids + 1)[None, :] * _GOLDEN)
+    return (_shr(bits, 40).float() + 0.5) * (1.0 / (1 << 24))
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -34,35 +56,42 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.empty_like(logits).scatter_(1, order, ascending)
 
 
-class Sampler:
-    def __init__(self, use_kernels: bool = False):
-        self.use_kernels = use_kernels
+class SamplingState:
+    """Per-row sampling state on the device, [R] or [R, V]; rows follow the batch's rows."""
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits [B, V] (rows in `seqs` order) -> one token id per sequence."""
-        device = logits.device
-        logits = logits.float()
-        params = [s.sampling_params for s in seqs]
-        if any(p.repetition_penalty != 1.0 for p in params):
-            histories = [s.distinct_token_ids for s in seqs]  # a token penalised once however often seen
-            width = max(len(h) for h in histories)
-            ids = torch.tensor([h + [-1] * (width - len(h)) for h in histories], dtype=torch.int64, device=device)
-            penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device)
-            if self.use_kernels:
-                sampling.apply_repetition_penalty_(logits, ids, penalty)
-            else:
-                logits = sampling.apply_repetition_penalty_ref(logits, ids, penalty)
-        tokens = sampling.argmax(logits) if self.use_kernels else sampling.argmax_ref(logits)
-        rows = [i for i, p in enumerate(params) if not p.greedy]
-        if rows:
-            sub = logits[rows] / torch.tensor([params[i].temperature for i in rows], device=device)[:, None]
-            sub = top_k_top_p_filter(
-                sub,
-                torch.tensor([params[i].top_k for i in rows], dtype=torch.int64, device=device),
-                torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=device),
-            )
-            race = torch.stack([
-                torch.empty(sub.shape[1], device=device).exponential_(generator=seqs[i].generator) for i in rows
-            ])
-            tokens[rows] = (sub.softmax(-1) / race).argmax(-1)
-        return tokens.tolist()
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device):
+        self.presence = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=device)  # ids seen
+        self.penalty = torch.ones(max_rows, dtype=torch.float32, device=device)
+        self.temperature = torch.zeros(max_rows, dtype=torch.float32, device=device)  # 0: greedy
+        self.top_k = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.top_p = torch.ones(max_rows, dtype=torch.float32, device=device)
+        self.seeds = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.counters = torch.zeros(max_rows, dtype=torch.int64, device=device)  # tokens drawn so far
+        self.vocab_ids = torch.arange(vocab_size, device=device)
+
+    @property
+    def row_tensors(self) -> list[torch.Tensor]:
+        return [self.presence, self.penalty, self.temperature, self.top_k, self.top_p, self.seeds, self.counters]
+
+
+class Sampler:
+    def __init__(self, ops: TorchOps, state: SamplingState):
+        self.ops = ops
+        self.state = state
+
+    def __call__(self, logits: torch.Tensor, rows: slice, do_sample: bool) -> torch.Tensor:
+        """logits [N, V] of the batch rows `rows` -> [N] int64 tokens; records them in the
+        presence mask and advances the rows' RNG counters. do_sample=False skips the sampled
+        path (every row greedy), which keeps the common greedy step free of a vocabulary sort."""
+        st = self.state
+        logits = self.ops.apply_repetition_penalty(logits.float(), st.presence[rows], st.penalty[rows])
+        tokens = self.ops.argmax(logits)
+        if do_sample:
+            temperature = st.temperature[rows]
+            scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+            probs = top_k_top_p_filter(scaled, st.top_k[rows], st.top_p[rows]).softmax(-1)
+            race = -torch.log(hashed_uniform(st.seeds[rows], st.counters[rows], st.vocab_ids))
+            tokens = torch.where(temperature > 0, (probs / race).argmax(-1), tokens)
+        st.presence[rows].scatter_(1, tokens[:, None], True)
+        st.counters[rows] += 1
+        return tokens

@@ -2,78 +2,141 @@
 
 A step is either a prefill of several new (or preempted) sequences packed into one varlen batch,
 or one decode token for every running sequence. Prefill goes first, so new requests reach their
-first token quickly. When a decode step runs out of blocks, the most recently admitted
-sequence is preempted: its blocks are freed and it re-enters the waiting queue at the front, to
-be recomputed from its prompt and the tokens it already produced. No request is dropped.
+first token quickly.
+
+Running sequences own the rows 0..B-1 of the device-resident batch (`running[i]` is row i), so
+a decode step is always rows [0, B) and a CUDA graph for a bucket >= B covers it. A sequence that
+leaves (finished, aborted, preempted, or with its last token scheduled) gives its row to the last
+row's sequence; `rows` mirrors every move on the device.
+
+Steps may overlap: the engine schedules step N+1 before it has read step N's tokens. The
+scheduler therefore counts scheduled tokens (`num_cached`, `num_pending`) rather than known ones;
+a sequence whose stop token is still in flight is scheduled once more and that token is dropped.
+When a decode step needs more blocks than are free, in-flight results must be read first
+(`NEEDS_DRAIN`); then the most recently admitted sequences are preempted: their blocks are freed
+and they re-enter the waiting queue at the front, to be recomputed from their prompt and the
+tokens they already produced. No request is dropped.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 
 
+class RowMirror(Protocol):
+    """The device side of the batch's rows (the runner's DeviceBatch)."""
+
+    def move_row(self, src: int, dst: int) -> None: ...
+
+    def clear_row(self, row: int) -> None: ...
+
+
+@dataclass
+class ScheduledStep:
+    is_prefill: bool
+    seqs: list[Sequence]  # prefill: the admitted sequences; decode: every running one, in row order
+    first_row: int  # row of seqs[0]
+    new_blocks: list[tuple[int, int, int]] = field(default_factory=list)  # decode: (row, table index, block id)
+
+
+NEEDS_DRAIN = "needs-drain"
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, rows: RowMirror):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.rows = rows
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.draining: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.draining)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """-> (sequences of this step, is_prefill)."""
+    def schedule(self) -> ScheduledStep | str | None:
+        """-> the next step, NEEDS_DRAIN (read in-flight results, then ask again), or None."""
+        for seq in reversed(self.running):  # reversed: releasing a row only moves rows already visited
+            if not seq.can_schedule_more():
+                self._release_row(seq)
+                seq.status = SequenceStatus.DRAINING
+                self.draining.append(seq)
+
         batch: list[Sequence] = []
         num_tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # A prompt longer than the token budget still runs, alone, rather than never.
             if batch and num_tokens + seq.num_tokens > self.max_num_batched_tokens:
                 break
-            if not self.block_manager.can_allocate(seq):
+            if not self.block_manager.can_allocate(seq.num_tokens):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq, seq.num_tokens)
             seq.status = SequenceStatus.RUNNING
+            seq.row = len(self.running)
+            seq.num_cached, seq.num_pending = seq.num_tokens, 1
+            self.running.append(seq)
             batch.append(seq)
             num_tokens += seq.num_tokens
         if batch:
-            self.running.extend(batch)
-            return batch, True
+            return ScheduledStep(True, batch, first_row=batch[0].row)
+        if not self.running:
+            return None
 
-        decode: list[Sequence] = []
-        for seq in list(self.running):
-            if seq not in self.running:  # preempted below to make room for an earlier one
-                continue
-            while not self.block_manager.can_append(seq):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            else:
-                self.block_manager.append_slot(seq)
-                decode.append(seq)
-        return decode, False
+        while self._new_blocks_needed() > self.block_manager.num_free_blocks:
+            if self.draining or any(s.num_pending for s in self.running):
+                return NEEDS_DRAIN
+            self._preempt(self.running[-1])
+        new_blocks = []
+        for row, seq in enumerate(self.running):
+            block_id = self.block_manager.grow(seq, seq.num_cached + 1)
+            if block_id is not None:
+                new_blocks.append((row, len(seq.block_table) - 1, block_id))
+            seq.num_cached += 1
+            seq.num_pending += 1
+        return ScheduledStep(False, list(self.running), first_row=0, new_blocks=new_blocks)
+
+    def _new_blocks_needed(self) -> int:
+        bm = self.block_manager
+        return sum(len(s.block_table) < bm.blocks_needed(s.num_cached + 1) for s in self.running)
+
+    def _release_row(self, seq: Sequence) -> None:
+        row, last = seq.row, len(self.running) - 1
+        if row != last:
+            moved = self.running[last]
+            self.running[row] = moved
+            moved.row = row
+            self.rows.move_row(last, row)
+        self.running.pop()
+        self.rows.clear_row(last)
+        seq.row = None
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        self._release_row(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
+        seq.num_cached = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
-        """Release a finished or aborted sequence wherever it is."""
-        if seq in self.running:
-            self.running.remove(seq)
+        """Release a sequence wherever it is (call after seq.finish()); its blocks may still be
+        written by an in-flight step, which is safe: later steps run after it on the stream."""
+        if seq.row is not None:
+            self._release_row(seq)
+            self.block_manager.free(seq)
+        elif seq in self.draining:
+            self.draining.remove(seq)
             self.block_manager.free(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)

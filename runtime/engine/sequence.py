@@ -1,8 +1,7 @@
-"""One request's state inside the engine."""
+"""One request's host-side state inside the engine."""
 from __future__ import annotations
 
 import enum
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -11,12 +10,10 @@ from ..sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds KV blocks and a row of the device-resident batch
+    DRAINING = "draining"  # holds KV blocks; its last token is scheduled, its result not yet read
     FINISHED = "finished"
-
-
-_ids = itertools.count()
 
 
 @dataclass(eq=False)  # a request is itself: identity, never field-by-field (tensors) equality
@@ -28,31 +25,23 @@ class Sequence:
     sampling_params: SamplingParams
     stop_token_ids: frozenset[int]
     max_total_tokens: int  # prompt + generated may not exceed this (context limit and max_tokens)
+    seed: int  # the per-request RNG stream: the user's seed, or a random one
     pixel_values: torch.Tensor | None = None  # [N, patch_dim] float32, until the vision pass ran
     image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
-    image_embeds: torch.Tensor | None = None  # kept after the vision pass, so a preempted request recomputes no vision
-    output_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)  # tokens read back so far
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    generator: torch.Generator | None = None  # per-request RNG when a seed is given
-    # Distinct ids of prompt + output, in first-seen order, for the repetition penalty: a page
-    # prompt is thousands of identical <|image|> ids, so the sampler's per-step upload stays small.
-    distinct_token_ids: list[int] = field(default_factory=list)
-    _seen: set[int] = field(default_factory=set, repr=False)
-
-    def __post_init__(self) -> None:
-        for token in self.prompt_token_ids + self.output_token_ids:
-            self._note(token)
-
-    def _note(self, token_id: int) -> None:
-        if token_id not in self._seen:
-            self._seen.add(token_id)
-            self.distinct_token_ids.append(token_id)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why a request failed (finish_reason "error")
+    # Scheduled but not yet read back: with overlapped steps the host schedules step N+1 before
+    # it has read step N's token, so a running sequence is ahead of what it knows by 0 or 1 token.
+    num_pending: int = 0
+    num_cached: int = 0  # tokens whose K/V the launched steps write (the device's context length)
+    row: int | None = None  # its row in the device-resident batch while RUNNING
 
     @property
     def num_tokens(self) -> int:
+        """Prompt + generated tokens known on the host."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -64,12 +53,14 @@ class Sequence:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
-    def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
-
-    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    def can_schedule_more(self) -> bool:
+        """Whether one more token may be scheduled (max_tokens and the context limit, counting the
+        tokens already scheduled); stop tokens are only known once read back."""
+        outputs = len(self.output_token_ids) + self.num_pending
+        return outputs < self.sampling_params.max_tokens and self.num_prompt_tokens + outputs < self.max_total_tokens
 
     def positions(self) -> torch.Tensor:
         """[3, num_tokens]: the prompt's M-RoPE positions, then p + rope_delta for generated tokens."""
@@ -78,15 +69,18 @@ class Sequence:
         return torch.cat([self.prompt_positions, gen.expand(3, -1)], dim=1)
 
     def append_token(self, token_id: int) -> None:
+        """Record a token read back from the device and finish the request if it ends here.
+        As in vLLM, the length limit is checked first: a stop token that is also the
+        max_tokens-th token ends the request with "length"."""
         self.output_token_ids.append(token_id)
-        self._note(token_id)
-        if token_id in self.stop_token_ids:
-            self.finish("stop")
-        elif len(self.output_token_ids) >= self.sampling_params.max_tokens or self.num_tokens >= self.max_total_tokens:
+        self.num_pending -= 1
+        if len(self.output_token_ids) >= self.sampling_params.max_tokens or self.num_tokens >= self.max_total_tokens:
             self.finish("length")
+        elif token_id in self.stop_token_ids:
+            self.finish("stop")
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, error: str | None = None) -> None:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
+        self.error = error
         self.pixel_values = None
-        self.image_embeds = None

@@ -1,8 +1,9 @@
 """The operations the GLM-OCR model is written in, one class per backend.
 
 The model code (vision.py, text.py) calls only these methods, so a backend replaces ops one by
-one without a second copy of the model. `TorchOps` is plain PyTorch with transformers' numerics
-(the CPU path and the oracle); `TritonOps` runs the same math through glmrt.kernels.
+one without a second copy of the model. `TorchOps` is plain PyTorch making the calls transformers
+makes (the CPU path and the oracle: bit-identical to transformers on CPU in fp32, bf16 and fp16);
+`TritonOps` runs the same math through glmrt.kernels, equal within rounding.
 
 Shapes: T tokens in a step, Hq/Hkv heads, D head dim, S vision patches.
 """
@@ -11,9 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmrt.kernels import activation, attention, paged, rmsnorm, rope
+from glmrt.kernels import activation, attention, paged, rmsnorm, rope, sampling
 
 Tensor = torch.Tensor
+# Weights (or biases) of projections sharing an input, in the backend's form (see fuse_rows).
+FusedRows = Tensor | tuple[Tensor, ...]
 
 
 class TorchOps:
@@ -21,6 +24,47 @@ class TorchOps:
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
+
+    def fuse_rows(self, weights: list[Tensor]) -> FusedRows:
+        """Prepare the weights (or biases) of projections that share an input, which transformers
+        runs as separate nn.Linears, for fused_linear / linear_silu_and_mul.
+
+        Kept separate and as loaded: on CPU a GEMM's rounding can depend on its output width
+        (bf16/fp16) and, for a single fp32 row (a decode step), on the weight's address modulo 16
+        bytes. Only the same separate calls on tensors at the same addresses reproduce
+        transformers' bits; when no dtype conversion is needed, both it and the loader keep views
+        of the memory-mapped checkpoint file.
+        """
+        return tuple(weights)
+
+    def fused_linear(self, x: Tensor, weight: FusedRows, bias: FusedRows | None = None) -> Tensor:
+        """x [N, K] -> [N, sum of out sizes]: the projections of fuse_rows' weight side by side."""
+        biases = bias if bias is not None else (None,) * len(weight)
+        return torch.cat([F.linear(x, w, b) for w, b in zip(weight, biases)], dim=-1)
+
+    def linear_silu_and_mul(self, x: Tensor, weight: FusedRows, bias: FusedRows | None) -> Tensor:
+        """x [N, K] -> silu(gate) * up [N, I], with gate and up the projections of fuse_rows' (gate, up).
+
+        transformers applies silu to the whole gate tensor; silu over a column view of one
+        [N, 2I] product would not give the same bits (in fp32 a vector loop's scalar tail rounds
+        differently, and the tails fall elsewhere).
+        """
+        gate_w, up_w = weight
+        gate_b, up_b = bias if bias is not None else (None, None)
+        return F.silu(F.linear(x, gate_w, gate_b)) * F.linear(x, up_w, up_b)
+
+    def patch_embed(self, pixels: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """pixels [S, C*T*P*P] -> [S, W]: the Conv3d (kernel == stride) weight [W, C, T, P, P] applied
+        to each patch, as the convolution transformers runs."""
+        patches = pixels.view(-1, *weight.shape[1:])  # [S, C, T, P, P]
+        return F.conv3d(patches, weight, bias, stride=weight.shape[2:]).view(-1, weight.shape[0])
+
+    def downsample(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """x [S, W], each m*m consecutive rows one merge block in row-major (i, j) order -> [S/m², O]:
+        the Conv2d (kernel == stride == m) weight [O, W, m, m] over each block, as transformers runs it."""
+        m = weight.shape[-1]
+        blocks = x.view(-1, m, m, x.shape[-1]).permute(0, 3, 1, 2)  # [S/m², W, m, m], channels-last
+        return F.conv2d(blocks, weight, bias, stride=m).view(-1, weight.shape[0])
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """x [N, D] -> normed; with residual: (norm(x + residual), x + residual)."""
@@ -50,19 +94,8 @@ class TorchOps:
 
     def varlen_attention(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                          causal: bool) -> Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] packed by cu_seqlens -> [T, Hq, D].
-
-        Per-sequence SDPA, as transformers' default (sdpa) attention computes it. SDPA's fused
-        kernels never materialise the [H, L, L] scores, which for a full page (24,576 patches)
-        would take 38 GB in fp32.
-        """
-        out = torch.empty_like(q)
-        bounds = cu_seqlens.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            seq = [x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]  # [1, H, L, D]
-            o = F.scaled_dot_product_attention(*seq, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
-            out[start:end] = o[0].transpose(0, 1)
-        return out
+        """q [T, Hq, D], k/v [T, Hkv, D] packed by cu_seqlens -> [T, Hq, D]: per-sequence SDPA."""
+        return attention.varlen_attention_ref(q, k, v, cu_seqlens, causal)
 
     def write_kv_cache(self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
         """Scatter K/V [T, Hkv, D] into the paged caches [blocks, block_size, Hkv, D]; slot -1 skipped."""
@@ -73,14 +106,36 @@ class TorchOps:
 
     def paged_decode_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                                context_lens: Tensor) -> Tensor:
-        """q [B, Hq, D] over each sequence's cached K/V -> [B, Hq, D]."""
+        """q [B, Hq, D] over each sequence's cached K/V -> [B, Hq, D]: per-sequence SDPA."""
         return paged.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens)
+
+    def apply_repetition_penalty(self, logits: Tensor, presence: Tensor, penalty: Tensor) -> Tensor:
+        """logits [B, V] fp32, presence [B, V] bool, penalty [B] -> penalised logits (maybe in place)."""
+        return sampling.apply_repetition_penalty_ref(logits, presence, penalty)
+
+    def argmax(self, logits: Tensor) -> Tensor:
+        """logits [B, V] -> [B] int64, lowest index on ties."""
+        return sampling.argmax_ref(logits)
 
 
 class TritonOps(TorchOps):
     """Every op that has a Triton kernel runs it; GEMMs stay with torch (cuBLAS)."""
 
     name = "triton"
+
+    def fuse_rows(self, weights):
+        # One GEMM for all projections: their weights stacked once, at load time.
+        return torch.cat(weights)
+
+    def fused_linear(self, x, weight, bias=None):
+        return F.linear(x, weight, bias)
+
+    def linear_silu_and_mul(self, x, weight, bias):
+        return self.silu_and_mul(F.linear(x, weight, bias))
+
+    def patch_embed(self, pixels, weight, bias):
+        # A Conv3d whose kernel equals its stride is a GEMM over the flattened patches.
+        return F.linear(pixels, weight.view(weight.shape[0], -1), bias)
 
     def rms_norm(self, x, weight, eps, residual=None):
         return rmsnorm.rms_norm(x, weight, eps, residual)
@@ -110,6 +165,12 @@ class TritonOps(TorchOps):
 
     def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens):
         return paged.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)
+
+    def apply_repetition_penalty(self, logits, presence, penalty):
+        return sampling.apply_repetition_penalty_(logits, presence, penalty)
+
+    def argmax(self, logits):
+        return sampling.argmax(logits)
 
 
 def make_ops(backend: str) -> TorchOps:

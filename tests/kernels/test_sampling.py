@@ -69,66 +69,44 @@ def test_argmax_rejects_bad_arguments():
 # ----------------------------------------------------------------------------- repetition penalty
 
 
-def _token_ids(batch: int, length: int, vocab: int, dtype: torch.dtype,
-               gen: torch.Generator) -> torch.Tensor:
-    """Ids drawn from a small pool (many duplicates), with -1 padding in the tail of every row."""
-    pool = torch.randint(0, vocab, (64,), generator=gen)
-    ids = pool[torch.randint(0, 64, (batch, length), generator=gen)]
-    pad_from = torch.randint(length // 2, length + 1, (batch, 1), generator=gen)
-    ids = torch.where(torch.arange(length)[None, :] >= pad_from, -1, ids)
-    return ids.to(dtype).to(DEVICE)
+def _presence(batch: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
+    """A [batch, vocab] mask with a different density per row (row 0 empty)."""
+    density = torch.linspace(0.0, 0.9, batch)[:, None]
+    return (torch.rand(batch, vocab, generator=gen) < density).to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("batch,length,vocab", [(1, 1, 50), (3, 40, 1000), (4, 2500, 3001)])
-def test_repetition_penalty_matches_reference(dtype, ids_dtype, batch, length, vocab):
-    gen = torch.Generator().manual_seed(batch * length)
+@pytest.mark.parametrize("batch,vocab", [(1, 50), (3, 1000), (4, 5003), (2, VOCAB)])
+def test_repetition_penalty_matches_reference(dtype, batch, vocab):
+    gen = torch.Generator().manual_seed(batch * vocab)
     logits = _strided_logits(batch, vocab, dtype, gen)
-    ids = _token_ids(batch, length, vocab, ids_dtype, gen)
-    ref = apply_repetition_penalty_ref(logits, ids, 1.1)
-    out = apply_repetition_penalty_(logits, ids, 1.1)
+    presence = _presence(batch, vocab, gen)
+    penalty = (1.0 + torch.rand(batch, generator=gen)).to(DEVICE)
+    penalty[0] = 1.0
+    ref = apply_repetition_penalty_ref(logits, presence, penalty)
+    out = apply_repetition_penalty_(logits, presence, penalty)
     assert out is logits
-    assert torch.equal(logits, ref)  # gather, one dtype rounding, scatter: bit-exact
+    assert torch.equal(logits, ref)  # one fp32 multiply/divide, one rounding: bit-exact
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_repetition_penalty_per_row_and_duplicates_penalised_once(dtype):
-    logits = torch.tensor([[2.0, -2.0, 1.0, 4.0], [2.0, -2.0, 1.0, 4.0], [2.0, -2.0, 1.0, 4.0]],
-                          dtype=dtype, device=DEVICE)
-    # row 0: 0 and 1 five times each (L > one program's block of ids would be the same);
-    # row 1: only padding and an id past the vocab; row 2: every id once
-    ids = torch.tensor([[0, 1, 0, 1, 0, 1, 0, 1, 0, 1], [-1] * 9 + [7], [3, 2, 1, 0] + [-1] * 6],
-                       device=DEVICE)
+def test_repetition_penalty_values():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 4.0]] * 3, device=DEVICE)
+    presence = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool, device=DEVICE)
     penalty = torch.tensor([2.0, 3.0, 4.0], device=DEVICE)
-    ref = apply_repetition_penalty_ref(logits, ids, penalty)
-    apply_repetition_penalty_(logits, ids, penalty)
-    expected = [[1.0, -4.0, 1.0, 4.0], [2.0, -2.0, 1.0, 4.0], [0.5, -8.0, 0.25, 1.0]]
-    assert logits.tolist() == expected
-    assert torch.equal(logits, ref)
-
-
-def test_repetition_penalty_duplicates_across_programs():
-    gen = torch.Generator().manual_seed(4)
-    logits = _strided_logits(2, 100, torch.float32, gen)
-    ids = torch.full((2, 5000), 17, device=DEVICE)  # five programs of ids, one token
-    ref = apply_repetition_penalty_ref(logits, ids, 1.3)
-    apply_repetition_penalty_(logits, ids, 1.3)
-    assert torch.equal(logits, ref)
+    apply_repetition_penalty_(logits, presence, penalty)
+    assert logits.tolist() == [[1.0, -4.0, 1.0, 4.0], [2.0, -2.0, 1.0, 4.0], [0.5, -8.0, 0.25, 1.0]]
 
 
 def test_repetition_penalty_rejects_bad_arguments():
     logits = torch.randn(2, 10, device=DEVICE)
-    with pytest.raises(ValueError, match="token_ids"):
-        apply_repetition_penalty_(logits, torch.zeros(3, 4, dtype=torch.int64, device=DEVICE), 1.1)
-    with pytest.raises(ValueError, match="token_ids"):
-        apply_repetition_penalty_(logits, torch.zeros(2, 4, device=DEVICE), 1.1)
+    ones = torch.ones(2, device=DEVICE)
+    with pytest.raises(ValueError, match="presence"):
+        apply_repetition_penalty_(logits, torch.zeros(3, 10, dtype=torch.bool, device=DEVICE), ones)
+    with pytest.raises(ValueError, match="presence"):
+        apply_repetition_penalty_(logits, torch.zeros(2, 10, device=DEVICE), ones)
     with pytest.raises(ValueError, match="penalty"):
-        apply_repetition_penalty_(logits, torch.zeros(2, 4, dtype=torch.int64, device=DEVICE),
+        apply_repetition_penalty_(logits, torch.zeros(2, 10, dtype=torch.bool, device=DEVICE),
                                   torch.ones(3, device=DEVICE))
-    untouched = logits.clone()
-    apply_repetition_penalty_(logits, torch.zeros(2, 0, dtype=torch.int64, device=DEVICE), 1.1)
-    assert torch.equal(logits, untouched)
 
 
 # ----------------------------------------------------------------------------- sm_90 compile
@@ -141,20 +119,10 @@ def test_sampling_kernels_compile_for_sm90():
             sig = {"logits_ptr": f"*{dtype}", "out_ptr": "*i64", "V": "i32", "stride_row": "i32",
                    "BLOCK": "constexpr"}
             specs.append(("glmrt.kernels.sampling", "_argmax_kernel", sig, dict(BLOCK=block)))
-    for dtype in ("fp16", "bf16"):
-        for ids in ("i32", "i64"):
-            for per_row in (False, True):
-                sig = {"logits_ptr": f"*{dtype}", "ids_ptr": f"*{ids}", "penalty_ptr": "*fp32",
-                       "vals_ptr": f"*{dtype}", "penalty": "fp32", "V": "i32", "L": "i32",
-                       "stride_lrow": "i32", "stride_irow": "i32", "BLOCK": "constexpr",
-                       "PER_ROW": "constexpr"}
-                specs.append(("glmrt.kernels.sampling", "_penalty_gather_kernel", sig,
-                              dict(BLOCK=1024, PER_ROW=per_row)))
-            sig = {"logits_ptr": f"*{dtype}", "ids_ptr": f"*{ids}", "vals_ptr": f"*{dtype}",
-                   "V": "i32", "L": "i32", "stride_lrow": "i32", "stride_irow": "i32",
-                   "BLOCK": "constexpr"}
-            specs.append(("glmrt.kernels.sampling", "_penalty_scatter_kernel", sig,
-                          dict(BLOCK=1024)))
+    for dtype in ("fp16", "bf16", "fp32"):
+        sig = {"logits_ptr": f"*{dtype}", "presence_ptr": "*u8", "penalty_ptr": "*fp32", "V": "i32",
+               "stride_lrow": "i32", "stride_prow": "i32", "BLOCK": "constexpr"}
+        specs.append(("glmrt.kernels.sampling", "_penalty_kernel", sig, dict(BLOCK=4096)))
     compile_for_hopper(specs)
 
 
@@ -168,13 +136,10 @@ def test_sampling_bf16_real_sizes(batch):
     for integer_valued in (False, True):
         logits = _strided_logits(batch, VOCAB, torch.bfloat16, gen, integer_valued)
         assert torch.equal(argmax(logits), argmax_ref(logits))
-    ids = _token_ids(batch, 8192, VOCAB, torch.int64, torch.Generator().manual_seed(batch))
+    presence = _presence(batch, VOCAB, torch.Generator().manual_seed(batch))
     penalty = 1.0 + torch.rand(batch, generator=gen, device=DEVICE)
-    ref = apply_repetition_penalty_ref(logits, ids, penalty)
-    apply_repetition_penalty_(logits, ids, penalty)
-    assert torch.equal(logits, ref)
-    ref = apply_repetition_penalty_ref(logits, ids, 1.1)
-    apply_repetition_penalty_(logits, ids, 1.1)
+    ref = apply_repetition_penalty_ref(logits, presence, penalty)
+    apply_repetition_penalty_(logits, presence, penalty)
     assert torch.equal(logits, ref)
     assert torch.equal(argmax(logits), argmax_ref(ref))
 
@@ -184,20 +149,20 @@ def test_sampling_cuda_graph_replay():
     # penalty then argmax captured once at fixed shapes, replayed on new logits and ids
     gen = torch.Generator(DEVICE).manual_seed(0)
     logits = torch.randn(32, VOCAB, generator=gen, device=DEVICE).to(torch.bfloat16)
-    ids = torch.randint(-1, VOCAB, (32, 2048), generator=gen, device=DEVICE)
+    presence = torch.rand(32, VOCAB, generator=gen, device=DEVICE) < 0.1
     penalty = torch.full((32,), 1.1, device=DEVICE)
-    argmax(apply_repetition_penalty_(logits.clone(), ids, penalty))  # compile outside the capture
+    argmax(apply_repetition_penalty_(logits.clone(), presence, penalty))  # compile outside the capture
     torch.cuda.synchronize()
     work = logits.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        tokens = argmax(apply_repetition_penalty_(work, ids, penalty))
+        tokens = argmax(apply_repetition_penalty_(work, presence, penalty))
     for seed in (1, 2):
         gen.manual_seed(seed)
         logits = torch.randn(32, VOCAB, generator=gen, device=DEVICE).to(torch.bfloat16)
-        ids.copy_(torch.randint(-1, VOCAB, (32, 2048), generator=gen, device=DEVICE))
+        presence.copy_(torch.rand(32, VOCAB, generator=gen, device=DEVICE) < 0.1)
         work.copy_(logits)
         graph.replay()
-        ref = apply_repetition_penalty_ref(logits, ids, penalty)
+        ref = apply_repetition_penalty_ref(logits, presence, penalty)
         assert torch.equal(work, ref)
         assert torch.equal(tokens, argmax_ref(ref))
