@@ -133,7 +133,16 @@ def _patchify_numbers(data: dict) -> list[str]:
             f"{data['repeats']}); ImageProcessor end to end {data['processor_best_ms']:.2f} ms"]
 
 
-SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers}
+def _host_overhead_numbers(data: dict) -> list[str]:
+    lines = [f"- decode, batch {r['batch']}, history {r['history_tokens']}: {r['median_us']:.0f} us/step (median)"
+             for r in data["decode"]]
+    p = data["prefill"]
+    return lines + [f"- prefill of {p['crops']} crops: {p['prefill_step_median_us']:.0f} us engine step, "
+                    f"{p['preprocess_median_ms']:.1f} ms preprocessing"]
+
+
+SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers,
+               "host_overhead": _host_overhead_numbers}
 
 
 def key_numbers(folder: Path) -> list[str]:

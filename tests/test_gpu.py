@@ -26,17 +26,27 @@ def real_checkpoint(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("glm-ocr-real-random"), real_config(), dtype=torch.bfloat16)
 
 
-def test_graph_decode_matches_eager(real_checkpoint):
-    params = glmrt.SamplingParams(max_tokens=48, ignore_eos=True)
+PARAMS = [  # greedy, penalised, and seeded sampled rows in the same batches
+    glmrt.SamplingParams(max_tokens=48, ignore_eos=True),
+    glmrt.SamplingParams(max_tokens=48, ignore_eos=True, repetition_penalty=1.1),
+    glmrt.SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.8, top_p=0.9, seed=1),
+    glmrt.SamplingParams(max_tokens=48, ignore_eos=True),
+    glmrt.SamplingParams(max_tokens=33, ignore_eos=True, temperature=1.0, top_k=20, seed=2, repetition_penalty=1.1),
+]
+
+
+def test_graph_decode_matches_eager_and_serial(real_checkpoint):
+    """CUDA-graph decode (sampling inside the graph, overlapped steps) gives the tokens of eager,
+    serial decode: graph and eager share the bucket size, block-table width and split-KV choice."""
     graphs = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, gpu_memory_utilization=0.4)
     assert graphs.engine.backend == "triton" and graphs.engine.runner.graphs is not None
-    with_graphs = [o.token_ids for o in graphs.generate(REQUESTS, params)]
+    with_graphs = [o.token_ids for o in graphs.generate(REQUESTS, PARAMS)]
     del graphs
     torch.cuda.empty_cache()
     eager = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, kv_cache_tokens=65536,
-                      enforce_eager=True)
+                      enforce_eager=True, async_scheduling=False)
     assert eager.engine.runner.graphs is None
-    assert [o.token_ids for o in eager.generate(REQUESTS, params)] == with_graphs
+    assert [o.token_ids for o in eager.generate(REQUESTS, PARAMS)] == with_graphs
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
