@@ -91,6 +91,7 @@ class EngineConfig:
     block_size: int = 16
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool = True  # overlap the host work of step N with step N+1 on the device
+    image_backend: str = "torchvision"  # resize like transformers' default image processor, or "pil"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens"):
@@ -118,7 +119,7 @@ class LLMEngine:
         self.model_path = path
         self.config = ModelConfig.from_pretrained(path)
         self.generation_config = GenerationConfig.from_pretrained(path)
-        self.processor = Processor.from_pretrained(path)
+        self.processor = Processor.from_pretrained(path, image_backend=self.options.image_backend)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.backend = resolve_backend(backend, self.device)

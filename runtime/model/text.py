@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TextConfig
-from .ops import TorchOps
+from .ops import FusedRows, TorchOps
 
 
 @dataclass
@@ -35,7 +35,7 @@ class LayerWeights:
     post_attn_branch_norm: torch.Tensor  # post_self_attn_layernorm: on the attention output
     pre_mlp_norm: torch.Tensor  # post_attention_layernorm: the MLP's input norm
     post_mlp_branch_norm: torch.Tensor  # post_mlp_layernorm: on the MLP output
-    qkv: torch.Tensor  # [(Hq + 2 Hkv) D, hidden]: q_proj | k_proj | v_proj fused into one GEMM
+    qkv: FusedRows  # q_proj [Hq D, hidden], k_proj and v_proj [Hkv D, hidden] (ops.fuse_rows)
     o: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
@@ -56,8 +56,8 @@ class TextDecoder:
                 post_attn_branch_norm=w(p + "post_self_attn_layernorm.weight"),
                 pre_mlp_norm=w(p + "post_attention_layernorm.weight"),
                 post_mlp_branch_norm=w(p + "post_mlp_layernorm.weight"),
-                qkv=torch.cat([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
-                               w(p + "self_attn.v_proj.weight")]),
+                qkv=ops.fuse_rows([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
+                                   w(p + "self_attn.v_proj.weight")]),
                 o=w(p + "self_attn.o_proj.weight"),
                 gate_up=w(p + "mlp.gate_up_proj.weight"),
                 down=w(p + "mlp.down_proj.weight"),
@@ -73,7 +73,7 @@ class TextDecoder:
         residual = inputs_embeds
         h = ops.rms_norm(residual, self.layers[0].input_norm, eps)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
-            qkv = ops.linear(h, layer.qkv)  # [T, (Hq + 2 Hkv) D]
+            qkv = ops.fused_linear(h, layer.qkv)  # [T, (Hq + 2 Hkv) D]
             q = qkv[:, : hq * d].view(t, hq, d)
             k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
             v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)

@@ -1,7 +1,6 @@
 """GLM-OCR vision tower (CogViT): patch embed, 24 pre-norm blocks, downsample, merger (spec §2).
 
 All images of a step are packed into one varlen sequence; attention is block-diagonal per image.
-Convolutions are applied as GEMMs on weights rearranged once at load time.
 """
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import VisionConfig
-from .ops import TorchOps
+from .ops import FusedRows, TorchOps
 from .positions import vision_cu_seqlens, vision_positions
 
 
@@ -24,8 +23,8 @@ class VisionBlockWeights:
     proj_b: torch.Tensor
     q_norm: torch.Tensor  # [D]
     k_norm: torch.Tensor
-    gate_up_w: torch.Tensor  # [2I, W]: gate rows then up rows, fused into one GEMM
-    gate_up_b: torch.Tensor
+    gate_up_w: FusedRows  # gate_proj, up_proj weights [I, W] (ops.fuse_rows)
+    gate_up_b: FusedRows
     down_w: torch.Tensor
     down_b: torch.Tensor
 
@@ -36,8 +35,7 @@ class VisionTower:
         self.ops = ops
         w = lambda name: weights[prefix + name]  # noqa: E731
         c = config
-        # Conv3d with kernel == stride over [C, T, P, P] rows is a GEMM with W viewed as [W, C*T*P*P].
-        self.patch_w = w("patch_embed.proj.weight").reshape(c.hidden_size, c.patch_dim)
+        self.patch_w = w("patch_embed.proj.weight")  # Conv3d [W, C, T, P, P]
         self.patch_b = w("patch_embed.proj.bias")
         self.blocks = []
         for b in range(c.depth):
@@ -47,20 +45,17 @@ class VisionTower:
                 qkv_w=w(p + "attn.qkv.weight"), qkv_b=w(p + "attn.qkv.bias"),
                 proj_w=w(p + "attn.proj.weight"), proj_b=w(p + "attn.proj.bias"),
                 q_norm=w(p + "attn.q_norm.weight"), k_norm=w(p + "attn.k_norm.weight"),
-                gate_up_w=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                gate_up_b=torch.cat([w(p + "mlp.gate_proj.bias"), w(p + "mlp.up_proj.bias")]),
+                gate_up_w=ops.fuse_rows([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                gate_up_b=ops.fuse_rows([w(p + "mlp.gate_proj.bias"), w(p + "mlp.up_proj.bias")]),
                 down_w=w(p + "mlp.down_proj.weight"), down_b=w(p + "mlp.down_proj.bias"),
             ))
         self.post_norm = w("post_layernorm.weight")
-        # Conv2d(k=s=m) over each m x m block: the 4 patch rows of a block are consecutive, so
-        # reorder W [O, C, i, j] -> [O, i, j, C] and the block's rows flatten to (i, j, C).
-        m = c.spatial_merge_size
-        self.down_w = w("downsample.weight").permute(0, 2, 3, 1).reshape(c.out_hidden_size, m * m * c.hidden_size).contiguous()
+        self.down_w = w("downsample.weight")  # Conv2d [O, W, m, m]
         self.down_b = w("downsample.bias")
         self.merger_proj = w("merger.proj.weight")
         self.merger_norm_w = w("merger.post_projection_norm.weight")
         self.merger_norm_b = w("merger.post_projection_norm.bias")
-        self.merger_gate_up = torch.cat([w("merger.gate_proj.weight"), w("merger.up_proj.weight")])
+        self.merger_gate_up = ops.fuse_rows([w("merger.gate_proj.weight"), w("merger.up_proj.weight")])
         self.merger_down = w("merger.down_proj.weight")
 
     def __call__(self, pixel_values: torch.Tensor, image_grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -72,7 +67,7 @@ class VisionTower:
         expected = sum(t * h * w for t, h, w in image_grid_thw)
         if pixel_values.shape[0] != expected:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw describes {expected}")
-        x = ops.linear(pixel_values.to(device=device, dtype=dtype), self.patch_w, self.patch_b)  # [S, W]
+        x = ops.patch_embed(pixel_values.to(device=device, dtype=dtype), self.patch_w, self.patch_b)  # [S, W]
         positions = vision_positions(image_grid_thw, c.spatial_merge_size).to(device)  # [S, 2]
         cu_seqlens, max_seqlen = vision_cu_seqlens(image_grid_thw)
         cu_seqlens = cu_seqlens.to(device)
@@ -84,11 +79,10 @@ class VisionTower:
             attn = ops.varlen_attention(q, k, qkv[:, 2], cu_seqlens, max_seqlen, causal=False)  # [S, H, D]
             # The residual adds are fused into the following norm: (norm(x + branch), x + branch).
             h, x = ops.rms_norm(ops.linear(attn.reshape(s, heads * d), blk.proj_w, blk.proj_b), blk.norm2, eps, residual=x)
-            mlp = ops.linear(ops.silu_and_mul(ops.linear(h, blk.gate_up_w, blk.gate_up_b)), blk.down_w, blk.down_b)
+            mlp = ops.linear(ops.linear_silu_and_mul(h, blk.gate_up_w, blk.gate_up_b), blk.down_w, blk.down_b)
             next_norm = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.post_norm
             h, x = ops.rms_norm(mlp, next_norm, eps, residual=x)
         x = h  # post_layernorm output
-        m2 = c.spatial_merge_size**2
-        x = ops.linear(x.reshape(s // m2, m2 * c.hidden_size), self.down_w, self.down_b)  # [S/m², out]
+        x = ops.downsample(x, self.down_w, self.down_b)  # [S/m², out]
         x = ops.layer_norm_gelu(ops.linear(x, self.merger_proj), self.merger_norm_w, self.merger_norm_b, 1e-5)
-        return ops.linear(ops.silu_and_mul(ops.linear(x, self.merger_gate_up)), self.merger_down)
+        return ops.linear(ops.linear_silu_and_mul(x, self.merger_gate_up, None), self.merger_down)
