@@ -6,7 +6,6 @@ from typing import Any, Sequence
 import torch
 
 from .engine.engine import LLMEngine
-from .generation_config import GenerationConfig
 from .outputs import Request, RequestOutput
 from .processor import task_prompt
 from .sampling_params import SamplingParams
@@ -25,7 +24,7 @@ class LLM:
     def __init__(self, model: str, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, backend: str = "auto", **options: Any):
         self.engine = LLMEngine(model, device=device, dtype=dtype, backend=backend, **options)
-        self.generation_config = GenerationConfig.from_pretrained(self.engine.model_path)
+        self.generation_config = self.engine.generation_config
 
     @property
     def processor(self):
