@@ -16,8 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_head_dim
+
 # Decode tile: 64 tokens x 128 dims x 2 B = 16 KiB per K (and V) tile, whole cache blocks for
-# block_size <= 64; K/V rows are copied as 16-byte vectors.
+# block_size <= 64; K/V rows are copied as 16-byte vectors. Head dims padded past 128 take
+# 32-token tiles of the same 16 KiB: with 64 tokens ptxas needs 253-255 registers and 140 KiB of
+# shared memory (one program per SM), with 32 it needs ~110 and 74 KiB, as at D 128.
 _BLOCK_N = 64
 # All q heads of one kv group go through tl.dot together, padded to 16 rows (mma's minimum M).
 # With GLM-OCR's group of 2, 7/8 of the MMA rows are wasted, but that is free: the padded dots
@@ -84,15 +88,12 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     _check_last_dim_contiguous("v_cache", v_cache)
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """Store k, v [T, Hkv, D] at slot_mapping [T] (int32/int64, -1 = skip) into the caches, in place.
-
-    k and v may be strided views (e.g. slices of a packed qkv projection) as long as the head_dim
-    axis is contiguous.
-    """
+def check_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """The arguments of a cache write: k, v [T, Hkv, D] with contiguous D, caches [num_blocks,
+    block_size, Hkv, D], slot_mapping [T] int32/int64."""
     _check_cache(k_cache, v_cache)
-    _, block_size, num_heads, head_dim = k_cache.shape
+    _, _, num_heads, head_dim = k_cache.shape
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 3 or tuple(t.shape[1:]) != (num_heads, head_dim):
             raise ValueError(f"{name} must be [T, {num_heads}, {head_dim}], got {tuple(t.shape)}")
@@ -100,8 +101,20 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     if v.shape[0] != k.shape[0] or slot_mapping.shape != (k.shape[0],):
         raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} and v {tuple(v.shape)} must "
                          f"have k's {k.shape[0]} tokens")
-    if slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64) or not slot_mapping.is_contiguous():
+        raise ValueError(f"slot_mapping must be a contiguous int32 or int64 tensor, got "
+                         f"{slot_mapping.dtype} strides {slot_mapping.stride()}")
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, Hkv, D] at slot_mapping [T] (int32/int64, -1 = skip) into the caches, in place.
+
+    k and v may be strided views (e.g. slices of a packed qkv projection) as long as the head_dim
+    axis is contiguous.
+    """
+    check_kv_write(k, v, k_cache, v_cache, slot_mapping)
+    _, block_size, num_heads, head_dim = k_cache.shape
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
@@ -243,6 +256,13 @@ def _paged_decode_combine_kernel(
              mask=d_mask)
 
 
+def decode_tiles(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_N) of the decode kernel: the head dim padded to a power of two >= 16
+    (tl.dot's minimum K), and tokens per K/V tile (see _BLOCK_N)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return block_d, _BLOCK_N if block_d <= 128 else _BLOCK_N // 2
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int) -> int:
     """KV splits per (sequence, kv head): as many as fit B * Hkv * splits programs into one wave
     of resident programs on 132 SMs (equal splits finish together; a second, partial wave would
@@ -259,12 +279,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            ) -> torch.Tensor:
     """One decode query per sequence against its paged K/V; returns [B, Hq, D] in q.dtype.
 
-    q: [B, Hq, D] (any batch/head strides, contiguous D); k_cache, v_cache: [num_blocks,
-    block_size, Hkv, D]; block_tables: [B, max_blocks] int32; context_lens: [B] int32.
+    q: [B, Hq, D] (any batch/head strides, contiguous D, any D from 1 to 256); k_cache, v_cache:
+    [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks] int32; context_lens: [B] int32.
     Query head h reads kv head h // (Hq // Hkv). Tokens past max_blocks * block_size are ignored.
     """
     _check_cache(k_cache, v_cache)
     _, block_size, num_kv_heads, head_dim = k_cache.shape
+    check_head_dim("head_dim", head_dim)
     if q.dim() != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads != 0:
         raise ValueError(f"q must be [B, Hq, {head_dim}] with Hq a multiple of {num_kv_heads}, "
                          f"got {tuple(q.shape)}")
@@ -298,7 +319,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32,
                                device=q.device)
     group = num_q_heads // num_kv_heads
-    block_d = triton.next_power_of_2(head_dim)
+    block_d, block_n = decode_tiles(head_dim)
     _paged_decode_split_kernel[(num_kv_heads, num_splits, batch)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_out, part_lse,
@@ -310,8 +331,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1),
         NUM_Q_HEADS=num_q_heads, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
-        BLOCK_H=max(_MIN_DOT_M, triton.next_power_of_2(group)), BLOCK_D=max(16, block_d),
-        BLOCK_N=_BLOCK_N,
+        BLOCK_H=max(_MIN_DOT_M, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         # fp32 inputs (tests, CPU) must not silently drop to tf32 on the GPU
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=_DECODE_WARPS, num_stages=_DECODE_STAGES,
@@ -321,7 +341,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             part_out, part_lse, out,
             out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(head_dim),
         )
     return out
 
@@ -329,21 +349,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
                                scale: float | None = None) -> torch.Tensor:
-    """Reference: gather each sequence's K/V through its block table, fp32 softmax attention."""
+    """Reference: per sequence, gather its K/V through its block table, then the SDPA call of
+    transformers' sdpa attention over a DynamicCache (one query, contiguous [1, Hkv, n, D] K/V, no
+    mask, not causal, enable_gqa when Hq != Hkv): on CPU bit-identical to it, in q.dtype.
+    A sequence with context_len 0 gets a zero row."""
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_q_heads // num_kv_heads
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    out = torch.zeros(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    scale = head_dim ** -0.5 if scale is None else scale
+    out = torch.zeros(batch, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
     for b in range(batch):
         n = int(context_lens[b])
         if n == 0:
             continue
         blocks = block_tables[b, : triton.cdiv(n, block_size)].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()  # [n, Hkv, D]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
-        k = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
-        v = v.repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
-        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v)
-    return out.to(q.dtype)
+        k, v = (c[blocks].reshape(-1, num_kv_heads, head_dim)[:n].transpose(0, 1).unsqueeze(0).contiguous()
+                for c in (k_cache, v_cache))  # [1, Hkv, n, D]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[b, :, None].unsqueeze(0), k, v, scale=scale, enable_gqa=num_q_heads != num_kv_heads)
+        out[b] = o[0, :, 0]  # [1, Hq, 1, D] -> [Hq, D]
+    return out

@@ -3,9 +3,17 @@
 Two kernels, both memory-bound elementwise passes that read q/k once and write them once:
 
 - `vision_qk_norm_rope_`: the vision attention's per-head q/k RMSNorm fused with the 2D
-  (row, col) rotary embedding, NeoX half-rotate over the whole head dim (spec §2 steps 2-3).
+  (row, col) rotary embedding, NeoX half-rotate over the whole head dim.
 - `mrope_`: the text decoder's 3D M-RoPE, GPT-J interleaved pairs over the whole head dim with
-  contiguous (t, h, w) frequency sections (spec §3 "Text M-RoPE").
+  contiguous (t, h, w) frequency sections.
+
+`mrope_write_kv_` is `mrope_` fused with the paged KV-cache write (one launch instead of two per
+decoder layer): it lives here because it is the M-RoPE kernel with a store epilogue, while the
+cache layout it stores into is a few lines of slot addressing (see paged.py).
+
+Head dims: tiles pad D to a power of two and mask the padding, so any D up to MAX_HEAD_DIM works
+that the rotation allows: even for M-RoPE (pairs), a multiple of 4 for the vision rope (halves,
+each split into row and column frequencies).
 
 cos/sin are computed in the kernel from integer positions, so no [T, D] table is read from memory.
 The inverse frequencies are the only table: a few floats built once on the host with the same torch
@@ -24,9 +32,19 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements of q a program holds: [BLOCK_T, BLOCK_H, D] ~ 4096 is 32 fp32 values per thread at 4 warps,
-# enough independent 16-byte loads in flight to cover latency without spilling.
+from . import check_head_dim
+from .paged import check_kv_write, write_kv_cache_ref
+
+# Elements of q a program holds: [BLOCK_T, BLOCK_H, BLOCK_D] ~ 4096 is 32 fp32 values per thread at
+# 4 warps, enough independent 16-byte loads in flight to cover latency without spilling.
 _TILE_ELEMS = 4096
+
+
+def _tile(num_tokens: int, block_h: int, block_d: int) -> tuple[int, int]:
+    """(tokens per program, warps): about _TILE_ELEMS elements of q per program; a single token's
+    heads may hold more (e.g. 32 heads x 256 dims), then warps grow to keep 32 values a thread."""
+    block_t = max(1, min(triton.next_power_of_2(num_tokens), _TILE_ELEMS // (block_h * block_d)))
+    return block_t, min(16, max(4, block_t * block_h * block_d // 1024))
 
 
 @lru_cache(maxsize=None)
@@ -42,16 +60,17 @@ def _inv_freq(theta: float, rotary_dim: int, device: torch.device) -> torch.Tens
 
 
 @triton.jit
-def _rms_norm_rope_neox(x_ptr, w_ptr, stride_s, stride_h, offs_s, offs_h, offs_d, mask, cos, sin,
-                        eps, HALF: tl.constexpr):
-    # x [BLOCK_S, BLOCK_H, 2*HALF] as two halves; cos/sin [BLOCK_S, 1, HALF] fp32
+def _rms_norm_rope_neox(x_ptr, w_ptr, stride_s, stride_h, offs_s, offs_h, offs_d, d_valid, mask,
+                        cos, sin, eps, HALF: tl.constexpr):
+    # x [BLOCK_S, BLOCK_H, 2*HALF] as two halves of BLOCK_HALF lanes, those past HALF masked;
+    # cos/sin [BLOCK_S, 1, BLOCK_HALF] fp32
     dtype = x_ptr.dtype.element_ty
     ptrs = (x_ptr + offs_s.to(tl.int64)[:, None, None] * stride_s
             + offs_h[None, :, None] * stride_h + offs_d[None, None, :])
     x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + offs_d).to(tl.float32)[None, None, :]
-    w2 = tl.load(w_ptr + HALF + offs_d).to(tl.float32)[None, None, :]
+    w1 = tl.load(w_ptr + offs_d, mask=d_valid, other=0.0).to(tl.float32)[None, None, :]
+    w2 = tl.load(w_ptr + HALF + offs_d, mask=d_valid, other=0.0).to(tl.float32)[None, None, :]
     mean_sq = (tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / (2 * HALF)
     rstd = tl.math.rsqrt(mean_sq + eps)[:, :, None]
     y1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
@@ -66,12 +85,13 @@ def _vision_qk_norm_rope_kernel(
     S, H,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_ps, stride_pc,
     eps,
-    HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     # One program: BLOCK_S tokens x all heads, q then k; cos/sin computed once for both.
     offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HALF)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_valid = offs_d < HALF
     mask_s = offs_s < S
     pos_row = tl.load(pos_ptr + offs_s * stride_ps, mask=mask_s, other=0).to(tl.float32)
     pos_col = tl.load(pos_ptr + offs_s * stride_ps + stride_pc, mask=mask_s, other=0).to(tl.float32)
@@ -81,11 +101,11 @@ def _vision_qk_norm_rope_kernel(
     angle = pos * inv_freq[None, :]
     cos = tl.cos(angle)[:, None, :]
     sin = tl.sin(angle)[:, None, :]
-    mask = mask_s[:, None, None] & (offs_h < H)[None, :, None]
-    _rms_norm_rope_neox(q_ptr, qw_ptr, stride_qs, stride_qh, offs_s, offs_h, offs_d, mask, cos, sin,
-                        eps, HALF)
-    _rms_norm_rope_neox(k_ptr, kw_ptr, stride_ks, stride_kh, offs_s, offs_h, offs_d, mask, cos, sin,
-                        eps, HALF)
+    mask = mask_s[:, None, None] & (offs_h < H)[None, :, None] & d_valid[None, None, :]
+    _rms_norm_rope_neox(q_ptr, qw_ptr, stride_qs, stride_qh, offs_s, offs_h, offs_d, d_valid, mask,
+                        cos, sin, eps, HALF)
+    _rms_norm_rope_neox(k_ptr, kw_ptr, stride_ks, stride_kh, offs_s, offs_h, offs_d, d_valid, mask,
+                        cos, sin, eps, HALF)
 
 
 def _check_heads(name: str, x: torch.Tensor) -> None:
@@ -114,7 +134,7 @@ def vision_qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tenso
     q, k: [S, H, D] (same shape and dtype, any token/head strides, head_dim contiguous; typically
     the q and k slices of the packed qkv output viewed as [S, 3, H, D]). q_weight, k_weight: [D].
     positions: [S, 2] int32/int64, (row, col) of each patch (transformers' get_vision_position_ids).
-    D must be a power of two >= 4; angles are [row * f, col * f] with f = theta^(-2i/(D/2)), i < D/4.
+    D a multiple of 4 up to 256; angles are [row * f, col * f] with f = theta^(-2i/(D/2)), i < D/4.
     The first call per (theta, D, device) uploads a small frequency table: make it before CUDA-graph
     capture (any warm-up run does).
     """
@@ -123,8 +143,7 @@ def vision_qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tenso
     if k.shape != q.shape or k.dtype != q.dtype:
         raise ValueError(f"k {tuple(k.shape)} {k.dtype} must match q {tuple(q.shape)} {q.dtype}")
     S, H, D = q.shape
-    if D < 4 or D & (D - 1):
-        raise ValueError(f"head_dim must be a power of two >= 4, got {D}")
+    check_head_dim("head_dim", D, 4)
     for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
         if w.shape != (D,) or w.stride(0) != 1:
             raise ValueError(f"{name} must be a contiguous [{D}] tensor, got {tuple(w.shape)}")
@@ -132,13 +151,14 @@ def vision_qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tenso
     if S == 0:
         return
     block_h = triton.next_power_of_2(H)
-    block_s = max(1, min(triton.next_power_of_2(S), _TILE_ELEMS // (block_h * D)))
+    block_half = triton.next_power_of_2(D // 2)
+    block_s, num_warps = _tile(S, block_h, 2 * block_half)
     _vision_qk_norm_rope_kernel[(triton.cdiv(S, block_s),)](
         q, k, q_weight, k_weight, positions, _inv_freq(float(theta), D // 2, q.device),
         S, H,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions.stride(0), positions.stride(1),
         float(eps),
-        HALF=D // 2, BLOCK_S=block_s, BLOCK_H=block_h, num_warps=4,
+        HALF=D // 2, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
     )
 
 
@@ -168,24 +188,48 @@ def vision_qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Te
 
 
 @triton.jit
+def _mrope_cos_sin(pos_ptr, inv_freq_ptr, stride_pr, stride_pt, offs_t, mask_t, dtype: tl.constexpr,
+                   HALF: tl.constexpr, SEC_T: tl.constexpr, SEC_TH: tl.constexpr,
+                   BLOCK_HALF: tl.constexpr):
+    # -> cos, sin [BLOCK_T, 1, BLOCK_HALF] fp32, rounded to the activation dtype like transformers
+    offs_j = tl.arange(0, BLOCK_HALF)
+    pos_ptrs = pos_ptr + offs_t * stride_pt
+    pos_t = tl.load(pos_ptrs, mask=mask_t, other=0).to(tl.float32)
+    pos_h = tl.load(pos_ptrs + stride_pr, mask=mask_t, other=0).to(tl.float32)
+    pos_w = tl.load(pos_ptrs + 2 * stride_pr, mask=mask_t, other=0).to(tl.float32)
+    # frequency slot j takes its position from row t, h or w by contiguous section
+    pos = tl.where((offs_j < SEC_T)[None, :], pos_t[:, None],
+                   tl.where((offs_j < SEC_TH)[None, :], pos_h[:, None], pos_w[:, None]))
+    inv_freq = tl.load(inv_freq_ptr + offs_j, mask=offs_j < HALF, other=0.0)
+    angle = pos * inv_freq[None, :]  # [BLOCK_T, BLOCK_HALF]
+    cos = tl.cos(angle).to(dtype).to(tl.float32)[:, None, :]
+    sin = tl.sin(angle).to(dtype).to(tl.float32)[:, None, :]
+    return cos, sin
+
+
+@triton.jit
 def _rope_interleaved(x_ptr, stride_t, stride_h, H, offs_t, mask_t, cos, sin,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    # x [BLOCK_T, BLOCK_H, D] loaded contiguously (16-byte vectors), then split into its even and odd
-    # lanes in registers; loading the two lanes with stride-2 pointers would halve the vector width.
+    # x [BLOCK_T, BLOCK_H, 2 * BLOCK_HALF] loaded contiguously (16-byte vectors), then split into
+    # its even and odd lanes in registers; loading the two lanes with stride-2 pointers would halve
+    # the vector width. Lanes past 2 * HALF (padding up to a power of two) are masked. Rotated in
+    # place; returns the rotated tile in x's dtype.
     dtype = x_ptr.dtype.element_ty
     BLOCK_T: tl.constexpr = offs_t.shape[0]
+    BLOCK_HALF: tl.constexpr = cos.shape[2]
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, 2 * HALF)
+    offs_d = tl.arange(0, 2 * BLOCK_HALF)
     ptrs = (x_ptr + offs_t.to(tl.int64)[:, None, None] * stride_t
             + offs_h[None, :, None] * stride_h + offs_d[None, None, :])
-    mask = mask_t[:, None, None] & (offs_h < H)[None, :, None]
+    mask = mask_t[:, None, None] & (offs_h < H)[None, :, None] & (offs_d < 2 * HALF)[None, None, :]
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_H, HALF, 2)))
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_H, BLOCK_HALF, 2)))
     # Each product is rounded to the storage dtype before the add, as transformers' bf16 math does.
     even = (x_even * cos).to(dtype).to(tl.float32) - (x_odd * sin).to(dtype).to(tl.float32)
     odd = (x_odd * cos).to(dtype).to(tl.float32) + (x_even * sin).to(dtype).to(tl.float32)
-    out = tl.join(even, odd)
-    tl.store(ptrs, tl.reshape(out, (BLOCK_T, BLOCK_H, 2 * HALF)).to(dtype), mask=mask)
+    out = tl.reshape(tl.join(even, odd), (BLOCK_T, BLOCK_H, 2 * BLOCK_HALF)).to(dtype)
+    tl.store(ptrs, out, mask=mask)
+    return out
 
 
 @triton.jit
@@ -195,24 +239,71 @@ def _mrope_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_pr, stride_pt,
     HALF: tl.constexpr, SEC_T: tl.constexpr, SEC_TH: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     # One program: BLOCK_T tokens x all q heads and all k heads; cos/sin computed once for both.
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_j = tl.arange(0, HALF)
     mask_t = offs_t < T
-    pos_ptrs = pos_ptr + offs_t * stride_pt
-    pos_t = tl.load(pos_ptrs, mask=mask_t, other=0).to(tl.float32)
-    pos_h = tl.load(pos_ptrs + stride_pr, mask=mask_t, other=0).to(tl.float32)
-    pos_w = tl.load(pos_ptrs + 2 * stride_pr, mask=mask_t, other=0).to(tl.float32)
-    # frequency slot j takes its position from row t, h or w by contiguous section
-    pos = tl.where((offs_j < SEC_T)[None, :], pos_t[:, None],
-                   tl.where((offs_j < SEC_TH)[None, :], pos_h[:, None], pos_w[:, None]))
-    angle = pos * tl.load(inv_freq_ptr + offs_j)[None, :]  # [BLOCK_T, HALF]
-    dtype = q_ptr.dtype.element_ty
-    cos = tl.cos(angle).to(dtype).to(tl.float32)[:, None, :]
-    sin = tl.sin(angle).to(dtype).to(tl.float32)[:, None, :]
+    cos, sin = _mrope_cos_sin(pos_ptr, inv_freq_ptr, stride_pr, stride_pt, offs_t, mask_t,
+                              q_ptr.dtype.element_ty, HALF, SEC_T, SEC_TH, BLOCK_HALF)
     _rope_interleaved(q_ptr, stride_qt, stride_qh, HQ, offs_t, mask_t, cos, sin, HALF, BLOCK_HQ)
     _rope_interleaved(k_ptr, stride_kt, stride_kh, HK, offs_t, mask_t, cos, sin, HALF, BLOCK_HK)
+
+
+@triton.jit
+def _mrope_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    T, HQ, HK,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_pt,
+    stride_kc_block, stride_kc_slot, stride_kc_head,
+    stride_vc_block, stride_vc_slot, stride_vc_head,
+    HALF: tl.constexpr, SEC_T: tl.constexpr, SEC_TH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    # _mrope_kernel, then the rotated k (still in registers) and v of the same BLOCK_T tokens are
+    # stored at their cache slots: [BLOCK_T, BLOCK_HK, 2 * BLOCK_HALF] each, slot -1 rows skipped.
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    cos, sin = _mrope_cos_sin(pos_ptr, inv_freq_ptr, stride_pr, stride_pt, offs_t, mask_t,
+                              q_ptr.dtype.element_ty, HALF, SEC_T, SEC_TH, BLOCK_HALF)
+    _rope_interleaved(q_ptr, stride_qt, stride_qh, HQ, offs_t, mask_t, cos, sin, HALF, BLOCK_HQ)
+    k = _rope_interleaved(k_ptr, stride_kt, stride_kh, HK, offs_t, mask_t, cos, sin, HALF,
+                          BLOCK_HK)
+
+    slot = tl.load(slot_mapping_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_HK)
+    offs_d = tl.arange(0, 2 * BLOCK_HALF)
+    mask = ((slot >= 0)[:, None, None] & (offs_h < HK)[None, :, None]
+            & (offs_d < 2 * HALF)[None, None, :])
+    block = (slot // BLOCK_SIZE)[:, None, None]
+    in_block = (slot % BLOCK_SIZE)[:, None, None]
+    kc = (k_cache_ptr + block * stride_kc_block + in_block * stride_kc_slot
+          + offs_h[None, :, None] * stride_kc_head + offs_d[None, None, :])
+    tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + offs_t.to(tl.int64)[:, None, None] * stride_vt
+                + offs_h[None, :, None] * stride_vh + offs_d[None, None, :], mask=mask)
+    vc = (v_cache_ptr + block * stride_vc_block + in_block * stride_vc_slot
+          + offs_h[None, :, None] * stride_vc_head + offs_d[None, None, :])
+    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_mrope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 mrope_section: tuple[int, int, int] | list[int]) -> list[int]:
+    """Validate mrope_'s arguments; returns the three section sizes."""
+    _check_heads("q", q)
+    _check_heads("k", k)
+    T, _, D = q.shape
+    if k.shape[0] != T or k.shape[2] != D or k.dtype != q.dtype:
+        raise ValueError(f"k {tuple(k.shape)} {k.dtype} must match q {tuple(q.shape)} {q.dtype} "
+                         "in tokens, head_dim and dtype")
+    check_head_dim("head_dim", D, 2)
+    sections = [int(s) for s in mrope_section]
+    if len(sections) != 3 or sum(sections) != D // 2 or min(sections) < 0:
+        raise ValueError(f"mrope_section must be 3 sizes summing to head_dim/2 = {D // 2}, got "
+                         f"{sections}")
+    _check_positions(positions, (3, T), q)
+    return sections
 
 
 def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -220,36 +311,61 @@ def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     """In place: rotate q [T, Hq, D] and k [T, Hk, D] with 3D M-RoPE over the whole head dim.
 
     q, k: same dtype, any token/head strides, head_dim contiguous (views into a packed q|k|v
-    projection output are fine). positions: [3, T] int32/int64 (t, h, w rows), any strides.
-    mrope_section: 3 section sizes summing to D/2 (GLM-OCR: [16, 24, 24] with D = 128); D/2 must be
-    a power of two. Dims (2j, 2j+1) rotate by pos[row(j)] * theta^(-2j/D). As for the vision kernel,
+    projection output are fine); D even, up to 256. positions: [3, T] int32/int64 (t, h, w rows),
+    any strides. mrope_section: 3 section sizes summing to D/2 (GLM-OCR: [16, 24, 24] with
+    D = 128). Dims (2j, 2j+1) rotate by pos[row(j)] * theta^(-2j/D). As for the vision kernel,
     make the first call per (theta, D, device) before CUDA-graph capture.
     """
-    _check_heads("q", q)
-    _check_heads("k", k)
+    sections = _check_mrope(q, k, positions, mrope_section)
     T, HQ, D = q.shape
-    if k.shape[0] != T or k.shape[2] != D or k.dtype != q.dtype:
-        raise ValueError(f"k {tuple(k.shape)} {k.dtype} must match q {tuple(q.shape)} {q.dtype} "
-                         "in tokens, head_dim and dtype")
     HK = k.shape[1]
-    half = D // 2
-    if D % 2 or half & (half - 1):
-        raise ValueError(f"head_dim must be twice a power of two, got {D}")
-    sections = [int(s) for s in mrope_section]
-    if len(sections) != 3 or sum(sections) != half or min(sections) < 0:
-        raise ValueError(f"mrope_section must be 3 sizes summing to head_dim/2 = {half}, got {sections}")
-    _check_positions(positions, (3, T), q)
     if T == 0:
         return
     block_hq = triton.next_power_of_2(HQ)
-    block_hk = triton.next_power_of_2(HK)
-    block_t = max(1, min(triton.next_power_of_2(T), _TILE_ELEMS // (block_hq * D)))
+    block_half = triton.next_power_of_2(D // 2)
+    block_t, num_warps = _tile(T, block_hq, 2 * block_half)
     _mrope_kernel[(triton.cdiv(T, block_t),)](
         q, k, positions, _inv_freq(float(theta), D, q.device),
         T, HQ, HK,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions.stride(0), positions.stride(1),
-        HALF=half, SEC_T=sections[0], SEC_TH=sections[0] + sections[1],
-        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=4,
+        HALF=D // 2, SEC_T=sections[0], SEC_TH=sections[0] + sections[1],
+        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(HK),
+        BLOCK_HALF=block_half, num_warps=num_warps,
+    )
+
+
+def mrope_write_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    mrope_section: tuple[int, int, int] | list[int], theta: float,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """`mrope_(q, k, ...)` then `write_kv_cache(k, v, ...)` in one launch, with the same results.
+
+    q [T, Hq, D] and k [T, Hkv, D] are rotated in place (prefill attention reads k from there);
+    the rotated k and v [T, Hkv, D] are stored at slot_mapping [T] (contiguous int32/int64, -1 =
+    skip) into k_cache, v_cache [num_blocks, block_size, Hkv, D]. Same argument rules as the two
+    calls it replaces; reads no device tensor on the host, so it can be captured in a CUDA graph
+    (after a first call per (theta, D, device), which uploads the frequency table).
+    """
+    sections = _check_mrope(q, k, positions, mrope_section)
+    check_kv_write(k, v, k_cache, v_cache, slot_mapping)
+    T, HQ, D = q.shape
+    HK = k.shape[1]
+    if T == 0:
+        return
+    block_hq = triton.next_power_of_2(HQ)
+    block_half = triton.next_power_of_2(D // 2)
+    block_t, num_warps = _tile(T, block_hq, 2 * block_half)
+    _mrope_write_kv_kernel[(triton.cdiv(T, block_t),)](
+        q, k, v, positions, _inv_freq(float(theta), D, q.device), k_cache, v_cache, slot_mapping,
+        T, HQ, HK,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        positions.stride(0), positions.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HALF=D // 2, SEC_T=sections[0], SEC_TH=sections[0] + sections[1],
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(HK),
+        BLOCK_HALF=block_half, num_warps=num_warps,
     )
 
 
@@ -269,3 +385,14 @@ def mrope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         return ((xf * cos).to(x.dtype).float() + (rotated * sin).to(x.dtype).float()).to(x.dtype)
 
     return rope(q), rope(k)
+
+
+def mrope_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       mrope_section: tuple[int, int, int] | list[int], theta: float,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-torch twin of `mrope_write_kv_`: returns (rotated q, rotated k, new k_cache, new
+    v_cache), the inputs left untouched (`mrope_ref` then `write_kv_cache_ref`)."""
+    q_rot, k_rot = mrope_ref(q, k, positions, mrope_section, theta)
+    k_out, v_out = write_kv_cache_ref(k_rot, v, k_cache, v_cache, slot_mapping)
+    return q_rot, k_rot, k_out, v_out

@@ -10,7 +10,16 @@ from transformers.models.glm_ocr.modeling_glm_ocr import (
     apply_rotary_pos_emb_vision,
 )
 
-from glmrt.kernels.rope import mrope_, mrope_ref, vision_qk_norm_rope_, vision_qk_norm_rope_ref
+from glmrt.kernels.paged import write_kv_cache
+from glmrt.kernels.rope import (
+    _tile,
+    mrope_,
+    mrope_ref,
+    mrope_write_kv_,
+    mrope_write_kv_ref,
+    vision_qk_norm_rope_,
+    vision_qk_norm_rope_ref,
+)
 from tests.kernels.hopper import compile_for_hopper
 
 THETA = 10000.0
@@ -89,6 +98,14 @@ def test_vision_qk_norm_rope_matches_ref(S, H, D, dtype):
     _run_vision(S, H, D, dtype, pos_dtype=torch.int32 if S % 2 else torch.int64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("S,H,D", [(3, 2, 4), (5, 3, 24), (4, 2, 40), (6, 3, 80), (2, 16, 256)])
+def test_vision_qk_norm_rope_any_head_dim(S, H, D, dtype):
+    # D a multiple of 4 but not a power of two: padded lanes of each half must stay inert.
+    torch.manual_seed(D)
+    _run_vision(S, H, D, dtype)
+
+
 def test_vision_qk_norm_rope_contiguous_inputs():
     torch.manual_seed(1)
     S, H, D = 11, 4, 64
@@ -114,6 +131,22 @@ def test_mrope_other_sections(D, sections):
     _run_mrope(5, 3, 2, D, sections, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D,sections", [(2, [1, 0, 0]), (24, [4, 4, 4]), (40, [6, 7, 7]),
+                                        (80, [8, 16, 16]), (96, [16, 16, 16]), (256, [32, 48, 48])])
+def test_mrope_any_head_dim(D, sections, dtype):
+    torch.manual_seed(D)
+    _run_mrope(5, 3, 2, D, sections, dtype)
+
+
+def test_tile_keeps_glm_shapes_and_grows_warps_for_wide_tokens():
+    # GLM-OCR's shapes keep 4 warps; a token whose heads alone exceed the tile gets more warps.
+    assert _tile(1000, 16, 128) == (2, 4)
+    assert _tile(3, 16, 64) == (4, 4)
+    assert _tile(1000, 32, 256) == (1, 8)
+    assert _tile(1000, 128, 256) == (1, 16)
+
+
 def test_errors_name_the_offending_tensor():
     q, k = torch.randn(4, 2, 64), torch.randn(4, 2, 64)
     w = torch.ones(64)
@@ -125,6 +158,101 @@ def test_errors_name_the_offending_tensor():
         mrope_(q, k, torch.zeros(3, 4, dtype=torch.int64), [8, 12, 8])
     with pytest.raises(ValueError, match="contiguous in head_dim"):
         mrope_(q.transpose(1, 2), k, torch.zeros(3, 4, dtype=torch.int64), [8, 12, 12])
+    odd = torch.randn(4, 2, 7)
+    with pytest.raises(ValueError, match="head_dim 7 is not supported.*multiple of 2"):
+        mrope_(odd, odd, torch.zeros(3, 4, dtype=torch.int64), [1, 1, 1])
+    six = torch.randn(4, 2, 6)
+    with pytest.raises(ValueError, match="head_dim 6 is not supported.*multiple of 4"):
+        vision_qk_norm_rope_(six, six, torch.ones(6), torch.ones(6),
+                             torch.zeros(4, 2, dtype=torch.int64))
+    big = torch.randn(4, 2, 260)
+    with pytest.raises(ValueError, match="head_dim 260 is not supported"):
+        mrope_(big, big, torch.zeros(3, 4, dtype=torch.int64), [130, 0, 0])
+
+
+# ---- M-RoPE fused with the paged KV-cache write -----------------------------------------------------
+
+SENTINEL = -1234.5
+
+
+def _v_view(qkv: torch.Tensor, HQ: int, HK: int, D: int) -> torch.Tensor:
+    return qkv[:, (HQ + HK) * D:].view(qkv.shape[0], HK, D)
+
+
+def _fused_case(T: int, HQ: int, HK: int, D: int, dtype: torch.dtype, device: str = "cpu",
+                block_size: int = 16, slot_dtype: torch.dtype = torch.int64):
+    """Packed q|k|v views, sentinel-filled caches, and a slot mapping with a few -1 rows."""
+    qkv, q, k = _packed_qkv(T, (HQ, HK, HK), D, dtype, device)
+    v = _v_view(qkv, HQ, HK, D)
+    num_blocks = T // block_size + 2
+    cache_shape = (num_blocks, block_size, HK, D)
+    k_cache = torch.full(cache_shape, SENTINEL, dtype=dtype, device=device)
+    v_cache = torch.full(cache_shape, SENTINEL, dtype=dtype, device=device)
+    slots = torch.randperm(num_blocks * block_size)[:T]
+    slots[1::4] = -1  # padding rows of a graph batch
+    return qkv, q, k, v, k_cache, v_cache, slots.to(slot_dtype).to(device)
+
+
+def _run_mrope_write_kv(T: int, HQ: int, HK: int, D: int, sections: list[int],
+                        dtype: torch.dtype, device: str = "cpu",
+                        slot_dtype: torch.dtype = torch.int64) -> None:
+    qkv, q, k, v, k_cache, v_cache, slots = _fused_case(T, HQ, HK, D, dtype, device,
+                                                        slot_dtype=slot_dtype)
+    positions = _text_positions(T, device)
+    # the two launches the fused kernel replaces, on copies
+    qkv2 = qkv.clone()
+    q2 = qkv2[:, : HQ * D].view(T, HQ, D)
+    k2 = qkv2[:, HQ * D: (HQ + HK) * D].view(T, HK, D)
+    v2 = _v_view(qkv2, HQ, HK, D)
+    k_cache2, v_cache2 = k_cache.clone(), v_cache.clone()
+    mrope_(q2, k2, positions, sections, THETA)
+    write_kv_cache(k2, v2, k_cache2, v_cache2, slots)
+
+    q_ref, k_ref, k_cache_ref, v_cache_ref = mrope_write_kv_ref(q, k, v, positions, sections, THETA,
+                                                                k_cache, v_cache, slots)
+    assert mrope_write_kv_(q, k, v, positions, sections, THETA, k_cache, v_cache, slots) is None
+    # exactly what the two launches produce, bit for bit (v untouched in the packed output)
+    assert torch.equal(qkv, qkv2)
+    assert torch.equal(k_cache, k_cache2) and torch.equal(v_cache, v_cache2)
+    # and the reference's numbers; slot -1 rows and untouched slots keep the sentinel
+    _assert_matches(q, q_ref)
+    _assert_matches(k, k_ref)
+    written = (k_cache_ref != SENTINEL).any(-1).any(-1)  # [num_blocks, block_size]
+    assert written.sum().item() == (slots >= 0).sum().item()
+    _assert_matches(k_cache[written], k_cache_ref[written])
+    assert (k_cache[~written] == SENTINEL).all()
+    assert torch.equal(v_cache, v_cache_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,HQ,HK,D,sections", [
+    (1, 16, 8, 128, [16, 24, 24]),   # a decode row, GLM-OCR's heads
+    (7, 16, 8, 128, [16, 24, 24]),   # GQA, odd T
+    (33, 5, 3, 128, [16, 24, 24]),   # odd head counts, several programs, ragged last program
+    (13, 4, 2, 40, [6, 7, 7]),       # a head dim that is not a power of two
+    (3, 2, 1, 256, [32, 48, 48]),
+])
+def test_mrope_write_kv_matches_two_launches_and_ref(T, HQ, HK, D, sections, dtype):
+    torch.manual_seed(T * 10 + D)
+    _run_mrope_write_kv(T, HQ, HK, D, sections, dtype,
+                        slot_dtype=torch.int32 if T % 2 else torch.int64)
+
+
+def test_mrope_write_kv_no_tokens_and_bad_arguments():
+    _, q, k, v, k_cache, v_cache, slots = _fused_case(4, 4, 2, 32, torch.float32)
+    positions = _text_positions(4)
+    mrope_write_kv_(q[:0], k[:0], v[:0], positions[:, :0], [4, 6, 6], THETA, k_cache, v_cache,
+                    slots[:0])
+    assert (k_cache == SENTINEL).all() and (v_cache == SENTINEL).all()
+    with pytest.raises(ValueError, match="slot_mapping"):
+        mrope_write_kv_(q, k, v, positions, [4, 6, 6], THETA, k_cache, v_cache, slots[:3])
+    with pytest.raises(ValueError, match="v must be"):
+        mrope_write_kv_(q, k, v[:, :1], positions, [4, 6, 6], THETA, k_cache, v_cache, slots)
+    with pytest.raises(ValueError, match="mrope_section"):
+        mrope_write_kv_(q, k, v, positions, [4, 6, 4], THETA, k_cache, v_cache, slots)
+    with pytest.raises(ValueError, match="slot_mapping must be a contiguous"):
+        mrope_write_kv_(q, k, v, positions, [4, 6, 6], THETA, k_cache, v_cache,
+                        torch.zeros(8, dtype=torch.int64)[::2])
 
 
 # ---- references and kernels vs transformers (fp32) --------------------------------------------------
@@ -198,25 +326,53 @@ def test_mrope_ref_is_bit_exact_with_transformers_low_precision(dtype):
 # ---- sm_90 compile ----------------------------------------------------------------------------------
 
 
-def _vision_spec(dtype: str, pos: str) -> tuple[str, str, dict, dict]:
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _vision_spec(dtype: str, pos: str, D: int = 64, H: int = 16,
+                 block_s: int = 4) -> tuple[str, str, dict, dict]:
     signature = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "qw_ptr", "kw_ptr")}
     signature |= {"pos_ptr": f"*{pos}", "inv_freq_ptr": "*fp32", "S": "i32", "H": "i32"}
     signature |= {s: "i32" for s in ("stride_qs", "stride_qh", "stride_ks", "stride_kh",
                                      "stride_ps", "stride_pc")}
-    signature |= {"eps": "fp32", "HALF": "constexpr", "BLOCK_S": "constexpr", "BLOCK_H": "constexpr"}
-    return ("glmrt.kernels.rope", "_vision_qk_norm_rope_kernel", signature,
-            {"HALF": 32, "BLOCK_S": 4, "BLOCK_H": 16})
+    constexprs = {"HALF": D // 2, "BLOCK_S": block_s, "BLOCK_H": _pow2(H),
+                  "BLOCK_HALF": _pow2(D // 2)}
+    signature |= {"eps": "fp32"} | {name: "constexpr" for name in constexprs}
+    return "glmrt.kernels.rope", "_vision_qk_norm_rope_kernel", signature, constexprs
 
 
-def _mrope_spec(dtype: str, pos: str, block_t: int) -> tuple[str, str, dict, dict]:
+def _mrope_constexprs(D: int, HQ: int, HK: int, block_t: int) -> dict:
+    sec_t = D // 8  # GLM-OCR's split of D/2 = 64 is [16, 24, 24]
+    return {"HALF": D // 2, "SEC_T": sec_t, "SEC_TH": sec_t + (D // 2 - sec_t) // 2,
+            "BLOCK_T": block_t, "BLOCK_HQ": _pow2(HQ), "BLOCK_HK": _pow2(HK),
+            "BLOCK_HALF": _pow2(D // 2)}
+
+
+def _mrope_spec(dtype: str, pos: str, block_t: int, D: int = 128, HQ: int = 16,
+                HK: int = 8) -> tuple[str, str, dict, dict]:
     signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "pos_ptr": f"*{pos}",
                  "inv_freq_ptr": "*fp32", "T": "i32", "HQ": "i32", "HK": "i32"}
     signature |= {s: "i32" for s in ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
                                      "stride_pr", "stride_pt")}
-    constexprs = {"HALF": 64, "SEC_T": 16, "SEC_TH": 40, "BLOCK_T": block_t, "BLOCK_HQ": 16,
-                  "BLOCK_HK": 8}
+    constexprs = _mrope_constexprs(D, HQ, HK, block_t)
     signature |= {name: "constexpr" for name in constexprs}
     return "glmrt.kernels.rope", "_mrope_kernel", signature, constexprs
+
+
+def _mrope_write_kv_spec(dtype: str, pos: str, slot: str, block_t: int, D: int = 128,
+                         HQ: int = 16, HK: int = 8) -> tuple[str, str, dict, dict]:
+    signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}",
+                 "pos_ptr": f"*{pos}", "inv_freq_ptr": "*fp32", "k_cache_ptr": f"*{dtype}",
+                 "v_cache_ptr": f"*{dtype}", "slot_mapping_ptr": f"*{slot}",
+                 "T": "i32", "HQ": "i32", "HK": "i32"}
+    signature |= {s: "i32" for s in ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
+                                     "stride_vt", "stride_vh", "stride_pr", "stride_pt",
+                                     "stride_kc_block", "stride_kc_slot", "stride_kc_head",
+                                     "stride_vc_block", "stride_vc_slot", "stride_vc_head")}
+    constexprs = _mrope_constexprs(D, HQ, HK, block_t) | {"BLOCK_SIZE": 16}
+    signature |= {name: "constexpr" for name in constexprs}
+    return "glmrt.kernels.rope", "_mrope_write_kv_kernel", signature, constexprs
 
 
 def test_compiles_for_sm90():
@@ -224,7 +380,13 @@ def test_compiles_for_sm90():
     for dtype in ("fp16", "bf16"):
         for pos in ("i32", "i64"):
             specs += [_vision_spec(dtype, pos), _mrope_spec(dtype, pos, block_t=1),
-                      _mrope_spec(dtype, pos, block_t=2)]
+                      _mrope_spec(dtype, pos, block_t=2),
+                      _mrope_write_kv_spec(dtype, pos, "i64" if pos == "i32" else "i32", 2)]
+        for D in (4, 24, 40, 80, 256):
+            specs += [_vision_spec(dtype, "i64", D, H=3, block_s=2)]
+        for D in (2, 24, 40, 80, 96, 256):
+            specs += [_mrope_spec(dtype, "i64", 1, D, HQ=5, HK=3),
+                      _mrope_write_kv_spec(dtype, "i64", "i64", 2, D, HQ=5, HK=3)]
     compile_for_hopper(specs)
 
 
@@ -245,3 +407,36 @@ def test_vision_qk_norm_rope_gpu_bf16(S, pos_dtype):
 def test_mrope_gpu_bf16(T, pos_dtype):
     torch.manual_seed(T)
     _run_mrope(T, 16, 8, 128, [16, 24, 24], torch.bfloat16, device="cuda", pos_dtype=pos_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 5, 912])
+def test_mrope_write_kv_gpu_bf16(T):
+    torch.manual_seed(T)
+    _run_mrope_write_kv(T, 16, 8, 128, [16, 24, 24], torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+def test_mrope_write_kv_cuda_graph_replay():
+    # Captured once, replayed with new positions and slots: nothing is read on the host.
+    T, HQ, HK, D, sections = 8, 16, 8, 128, [16, 24, 24]
+    qkv, q, k, v, k_cache, v_cache, slots = _fused_case(T, HQ, HK, D, torch.bfloat16, "cuda")
+    positions = _text_positions(T, "cuda").contiguous()
+    mrope_write_kv_(q, k, v, positions, sections, THETA, k_cache, v_cache, slots)  # compile, table
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mrope_write_kv_(q, k, v, positions, sections, THETA, k_cache, v_cache, slots)
+    for _ in range(2):
+        qkv.copy_(torch.randn(qkv.shape, device="cuda").to(qkv.dtype))
+        positions.copy_(torch.randint(0, MAX_POS, positions.shape, device="cuda"))
+        new_slots = torch.randperm(k_cache.shape[0] * k_cache.shape[1], device="cuda")[:T]
+        new_slots[::3] = -1
+        slots.copy_(new_slots)
+        q_ref, k_ref, k_cache_ref, v_cache_ref = mrope_write_kv_ref(
+            q, k, v, positions, sections, THETA, k_cache, v_cache, slots)
+        graph.replay()
+        _assert_matches(q, q_ref)
+        _assert_matches(k, k_ref)
+        _assert_matches(k_cache, k_cache_ref)
+        assert torch.equal(v_cache, v_cache_ref)
