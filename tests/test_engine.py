@@ -59,8 +59,9 @@ def run_to_completion(engine, submit_at):
     return [done[i] for i in range(len(REQUESTS))]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("async_scheduling", [True, False])
+# Serial and overlapped steps are compared token for token on the torch backend (below); the
+# Triton interpreter is slow, so the triton backend runs the default (overlapped) engine only.
+@pytest.mark.parametrize("backend,async_scheduling", [("torch", True), ("torch", False), ("triton", True)])
 def test_together_and_staggered_match_transformers(tiny_checkpoint, expected, backend, async_scheduling):
     engine = make_engine(tiny_checkpoint, backend, async_scheduling=async_scheduling)
     assert run_to_completion(engine, {0: list(range(6))}) == expected
@@ -241,9 +242,10 @@ def test_generate_rejects_bad_request_and_queues_nothing(tiny_checkpoint):
     assert llm.generate(as_request(REQUESTS[1]), glmrt.SamplingParams(max_tokens=3))[0].finish_reason
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_sampling_seeds_reproduce(tiny_checkpoint, backend):
-    llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend=backend)
+def test_sampling_seeds_reproduce(tiny_checkpoint):
+    """(The triton backend's sampler differs only by its penalty and argmax kernels, tested in
+    tests/kernels/test_sampling.py, and runs greedy end to end in the other engine tests.)"""
+    llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch")
     req = as_request(REQUESTS[0])
 
     def sample(seed, others=1, **kw):

@@ -4,7 +4,7 @@ import torch
 
 from glmrt.engine.block_manager import BlockManager
 from glmrt.engine.detokenizer import IncrementalDetokenizer
-from glmrt.engine.scheduler import Scheduler
+from glmrt.engine.scheduler import NEEDS_DRAIN, Scheduler
 from glmrt.engine.sequence import Sequence, SequenceStatus
 from glmrt.sampling_params import SamplingParams
 from tests.tiny_checkpoint import build_tokenizer
@@ -13,83 +13,146 @@ from tests.tiny_checkpoint import build_tokenizer
 def seq(name: str, prompt_len: int, max_tokens: int = 100) -> Sequence:
     return Sequence(
         request_id=name, prompt_token_ids=list(range(prompt_len)), prompt_positions=torch.zeros(3, prompt_len),
-        rope_delta=0, sampling_params=SamplingParams(max_tokens=max_tokens), stop_token_ids=frozenset({-5}),
-        max_total_tokens=prompt_len + max_tokens,
+        rope_delta=0, sampling_params=SamplingParams(max_tokens=max_tokens), stop_token_ids=frozenset({5}),
+        max_total_tokens=prompt_len + max_tokens, seed=0,
     )
 
 
-def test_block_manager_allocates_appends_and_frees():
+class Rows:
+    """Records the row moves the scheduler asks the device batch for."""
+
+    def __init__(self):
+        self.log = []
+
+    def move_row(self, src, dst):
+        self.log.append(("move", src, dst))
+
+    def clear_row(self, row):
+        self.log.append(("clear", row))
+
+
+def scheduler(num_blocks, max_num_seqs=4, max_num_batched_tokens=1000):
+    return Scheduler(BlockManager(num_blocks, 16), max_num_seqs, max_num_batched_tokens, Rows())
+
+
+def read_back(step, token=7):
+    """What the engine does when a step's tokens arrive."""
+    for s in step.seqs:
+        s.append_token(token)
+
+
+def test_block_manager_allocates_grows_and_frees():
     bm = BlockManager(num_blocks=4, block_size=16)
     s = seq("a", 17)
-    assert bm.can_allocate(s)
-    bm.allocate(s)
+    assert bm.can_allocate(17) and not bm.can_allocate(65)
+    bm.allocate(s, 17)
     assert len(s.block_table) == 2 and bm.num_free_blocks == 2
-    for token in range(15):  # fills the second block (32 tokens) without a new block
-        s.append_token(token)
-        bm.append_slot(s)
-    assert len(s.block_table) == 2
-    s.append_token(1)  # token 33 needs a third block
-    bm.append_slot(s)
-    assert len(s.block_table) == 3
+    assert all(bm.grow(s, n) is None for n in range(18, 33))  # the second block holds tokens 17..32
+    new = bm.grow(s, 33)
+    assert new is not None and s.block_table[-1] == new and len(s.block_table) == 3
     bm.free(s)
     assert bm.num_free_blocks == 4 and s.block_table == [] and set(bm.ref_counts) == {0}
 
 
 def test_prefill_respects_max_num_seqs_and_token_budget():
-    sched = Scheduler(BlockManager(100, 16), max_num_seqs=2, max_num_batched_tokens=50)
+    sched = scheduler(100, max_num_seqs=2, max_num_batched_tokens=50)
     for name, n in [("a", 30), ("b", 30), ("c", 10)]:
         sched.add(seq(name, n))
-    batch, is_prefill = sched.schedule()
-    assert is_prefill and [s.request_id for s in batch] == ["a"]  # b would exceed 50 tokens
-    batch, _ = sched.schedule()
-    assert [s.request_id for s in batch] == ["b"]  # max_num_seqs=2 now reached
-    batch, is_prefill = sched.schedule()
-    assert not is_prefill and [s.request_id for s in batch] == ["a", "b"]
+    step = sched.schedule()
+    assert step.is_prefill and [s.request_id for s in step.seqs] == ["a"] and step.first_row == 0
+    step = sched.schedule()  # b would have exceeded 50 tokens together with a
+    assert step.is_prefill and [s.request_id for s in step.seqs] == ["b"] and step.first_row == 1
+    step = sched.schedule()  # max_num_seqs=2 reached: c waits, a and b decode
+    assert not step.is_prefill and [s.request_id for s in step.seqs] == ["a", "b"]
+    assert [s.num_pending for s in step.seqs] == [2, 2]  # the prefill's token and this one, unread
 
 
 def test_long_prompt_runs_alone_rather_than_never():
-    sched = Scheduler(BlockManager(100, 16), max_num_seqs=4, max_num_batched_tokens=32)
+    sched = scheduler(100, max_num_batched_tokens=32)
     sched.add(seq("long", 200))
-    batch, is_prefill = sched.schedule()
-    assert is_prefill and batch[0].request_id == "long"
+    step = sched.schedule()
+    assert step.is_prefill and step.seqs[0].request_id == "long"
 
 
-def test_decode_preempts_latest_and_requeues_it_first():
-    bm = BlockManager(num_blocks=4, block_size=16)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=1000)
+def test_decode_counts_scheduled_tokens_and_hands_out_new_blocks():
+    sched = scheduler(8)
+    a = seq("a", 31)
+    sched.add(a)
+    sched.schedule()  # prefill: 31 tokens cached, 2 blocks, token 32 pending
+    step = sched.schedule()  # decode feeds token 32 (cache index 31): still block 2
+    assert step.new_blocks == [] and a.num_cached == 32
+    read_back(sched.schedule())  # feeds cache index 32: a third block, before a token is read
+    assert a.num_cached == 33 and len(a.block_table) == 3
+
+
+def test_decode_drains_then_preempts_latest_and_requeues_it_first():
+    sched = scheduler(4)
     a, b = seq("a", 32), seq("b", 32)
     sched.add(a)
     sched.add(b)
-    sched.schedule()  # both prefilled: 4 blocks used
-    a.append_token(7)
-    b.append_token(7)  # both now need a third block, none is free
-    batch, is_prefill = sched.schedule()
-    assert not is_prefill and batch == [a]
+    prefill = sched.schedule()  # both prefilled: 4 blocks used, a token each in flight
+    assert sched.schedule() == NEEDS_DRAIN  # both need a third block; in-flight tokens first
+    read_back(prefill)
+    step = sched.schedule()
+    assert not step.is_prefill and step.seqs == [a]
     assert b.status == SequenceStatus.WAITING and sched.waiting[0] is b and b.block_table == []
+    assert b.row is None and b.num_cached == 0 and b.output_token_ids == [7]
     assert sched.num_preemptions == 1 and len(a.block_table) == 3
+    assert sched.rows.log == [("clear", 1)]
+
+
+def test_leaving_rows_are_filled_by_the_last_row():
+    sched = scheduler(100)
+    seqs = [seq(name, 10) for name in "abcd"]
+    for s in seqs:
+        sched.add(s)
+    sched.schedule()
+    seqs[1].finish("abort")
+    sched.finish(seqs[1])
+    assert sched.running == [seqs[0], seqs[3], seqs[2]] and seqs[3].row == 1
+    assert sched.rows.log == [("move", 3, 1), ("clear", 3)]
+
+
+def test_sequence_with_its_last_token_scheduled_drains_without_a_row():
+    sched = scheduler(100)
+    a, b = seq("a", 10, max_tokens=2), seq("b", 10)
+    sched.add(a)
+    sched.add(b)
+    prefill = sched.schedule()
+    decode = sched.schedule()  # a's second and last token is scheduled
+    read_back(prefill)
+    step = sched.schedule()  # a leaves its row; b moves into row 0
+    assert step.seqs == [b] and b.row == 0 and a.row is None
+    assert a.status == SequenceStatus.DRAINING and a.block_table and sched.draining == [a]
+    read_back(decode)
+    assert a.finish_reason == "length"
+    sched.finish(a)
+    assert sched.draining == [] and a.block_table == []
 
 
 def test_finish_releases_blocks_wherever_the_sequence_is():
     bm = BlockManager(8, 16)
-    sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=1000)
+    sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=1000, rows=Rows())
     a, b = seq("a", 20), seq("b", 20)
     sched.add(a)
     sched.add(b)
     sched.schedule()
-    for s in (a, b):
+    for s in (a, b):  # running, waiting
         s.finish("abort")
         sched.finish(s)
     assert not sched.has_unfinished() and bm.num_free_blocks == 8
 
 
-def test_stop_and_length_finish_reasons():
+def test_length_is_checked_before_stop():
     s = seq("a", 4, max_tokens=3)
+    s.num_pending = 3
     s.append_token(1)
-    s.append_token(-5)
+    s.append_token(5)  # the stop token
     assert s.finish_reason == "stop"
     t = seq("b", 4, max_tokens=2)
+    t.num_pending = 2
     t.append_token(1)
-    t.append_token(2)
+    t.append_token(5)  # the stop token as the max_tokens-th token: "length", as in vLLM
     assert t.finish_reason == "length"
 
 

@@ -189,8 +189,11 @@ class ModelRunner:
         attn = AttentionMetadata(slot_mapping=_upload(slots, torch.int64, device), cu_seqlens=cu.to(device),
                                  max_seqlen=int(lens.max()))
         positions = torch.cat([s.positions() for s in seqs], dim=1).to(device)
-        hidden = self.model.forward(ids.to(device), positions, attn, self.kv_caches,
-                                    self._image_embeds(seqs), image_mask.to(device))
+        image_embeds = self._image_embeds(seqs)
+        num_slots, num_embeds = int(image_mask.sum()), 0 if image_embeds is None else image_embeds.shape[0]
+        if num_slots != num_embeds:
+            raise ValueError(f"{num_slots} <|image|> tokens but {num_embeds} image embeddings")
+        hidden = self.model.forward(ids.to(device), positions, attn, self.kv_caches, image_embeds, image_mask.to(device))
         logits = self.model.compute_logits(hidden[(cu[1:] - 1).to(device=device, dtype=torch.int64)])
         self.batch.admit(seqs, step.first_row)
         rows = slice(step.first_row, step.first_row + len(seqs))

@@ -33,15 +33,13 @@ class GlmOcrModel:
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
               image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [T] -> [T, hidden]; rows where image_mask [T] is set are replaced, in order, by
-        image_embeds. Without image_embeds every id is embedded as is (a decode step never syncs)."""
+        image_embeds [image_mask.sum(), hidden] (the caller checks the count on the host). Done with
+        a gather and a select rather than boolean indexing, so it never waits for the device."""
         embeds = self.text.embed_tokens[input_ids]
         if image_embeds is None:
             return embeds
-        n_slots = int(image_mask.sum())
-        if n_slots != image_embeds.shape[0]:
-            raise ValueError(f"{n_slots} <|image|> tokens but {image_embeds.shape[0]} image embeddings")
-        embeds[image_mask] = image_embeds.to(embeds.dtype)
-        return embeds
+        order = (image_mask.cumsum(0) - 1).clamp(min=0)  # [T]: which image row each slot takes
+        return torch.where(image_mask[:, None], image_embeds.to(embeds.dtype)[order], embeds)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,

@@ -87,10 +87,14 @@ class TorchOps:
         """q, k [S, H, D], positions [S, 2] -> normed and rotated (q, k)."""
         return rope.vision_qk_norm_rope_ref(q, k, q_weight, k_weight, positions, theta, eps)
 
-    def mrope(self, q: Tensor, k: Tensor, positions: Tensor, mrope_section: tuple[int, int, int],
-              theta: float) -> tuple[Tensor, Tensor]:
-        """q [T, Hq, D], k [T, Hkv, D], positions [3, T] -> rotated (q, k), rounded as transformers does."""
-        return rope.mrope_ref(q, k, positions, mrope_section, theta)
+    def mrope_write_kv(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor,
+                       mrope_section: tuple[int, int, int], theta: float, k_cache: Tensor, v_cache: Tensor,
+                       slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
+        """q [T, Hq, D], k/v [T, Hkv, D], positions [3, T] -> rotated (q, k), rounded as transformers
+        does; the rotated k and v are written into the paged caches at slot_mapping."""
+        q, k = rope.mrope_ref(q, k, positions, mrope_section, theta)
+        self.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        return q, k
 
     def varlen_attention(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                          causal: bool) -> Tensor:
@@ -153,15 +157,12 @@ class TritonOps(TorchOps):
         rope.vision_qk_norm_rope_(q, k, q_weight, k_weight, positions, theta, eps)
         return q, k
 
-    def mrope(self, q, k, positions, mrope_section, theta):
-        rope.mrope_(q, k, positions, mrope_section, theta)
+    def mrope_write_kv(self, q, k, v, positions, mrope_section, theta, k_cache, v_cache, slot_mapping):
+        rope.mrope_write_kv_(q, k, v, positions, mrope_section, theta, k_cache, v_cache, slot_mapping)  # one launch
         return q, k
 
     def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, causal):
         return attention.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal)
-
-    def write_kv_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
-        paged.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
     def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens):
         return paged.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)

@@ -77,8 +77,8 @@ class TextDecoder:
             q = qkv[:, : hq * d].view(t, hq, d)
             k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
             v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
-            q, k = ops.mrope(q, k, positions, c.mrope_section, c.rope_theta)
-            ops.write_kv_cache(k, v, k_cache, v_cache, attn.slot_mapping)
+            q, k = ops.mrope_write_kv(q, k, v, positions, c.mrope_section, c.rope_theta, k_cache, v_cache,
+                                      attn.slot_mapping)
             if attn.is_prefill:
                 o = ops.varlen_attention(q, k, v, attn.cu_seqlens, attn.max_seqlen, causal=True)
             else:
