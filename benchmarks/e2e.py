@@ -76,7 +76,8 @@ def page_image(width: int, height: int, seed: int) -> Image.Image:
 def decoder_weight_bytes(engine: LLMEngine) -> int:
     text = engine.model.text
     tensors = [text.final_norm, text.lm_head] + [t for layer in text.layers for t in vars(layer).values()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    flat = [p for t in tensors for p in (t if isinstance(t, tuple) else (t,))]  # torch backend: unfused rows
+    return sum(t.numel() * t.element_size() for t in flat)
 
 
 class HFSide:
@@ -110,6 +111,23 @@ class HFSide:
         inputs = self.inputs(requests)
         out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         return (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
+
+
+def decode_device_ops(engine: LLMEngine) -> int | None:
+    """Device operations (kernels, memsets, copies) of one batch-1 decode step, i.e. the launches
+    a captured step replays; counted with the profiler on an eager run of the step while no row
+    is active (the step then touches no request's state). None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        engine.runner.decode_step(1, False)  # warm-up
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.runner.decode_step(1, False)
+            sync()
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
 
 
 def glmrt_decode_ms(engine: LLMEngine, prompt: str, steps: int) -> float:
@@ -149,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         hf = HFSide(path)
         bandwidth = copy_bandwidth_gbps()
         floor_ms = decoder_weight_bytes(engine) / (bandwidth * 1e9) * 1e3
+        device_ops = decode_device_ops(engine)
+        layers = engine.config.text.num_layers
+        if device_ops is not None:
+            print(f"decode step, batch 1: {device_ops} device ops, {device_ops / layers:.1f} per decoder layer")
         rows = []
 
         for context in contexts:  # (a)
@@ -188,11 +210,14 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=smoke, backend=engine.backend,
                     cuda_graphs=engine.runner.graphs is not None, copy_bandwidth_gbps=bandwidth,
-                    decoder_weight_bytes=decoder_weight_bytes(engine), hbm_floor_ms_per_token=floor_ms)
+                    decoder_weight_bytes=decoder_weight_bytes(engine), hbm_floor_ms_per_token=floor_ms,
+                    decode_device_ops=device_ops, decoder_layers=layers)
     lines = [f"# glmrt vs transformers on {meta['device']['name']}", "", provenance(meta),
              f"- {meta['dtype']}, backend {engine.backend}, CUDA graphs {meta['cuda_graphs']}",
              f"- copy bandwidth {bandwidth:.0f} GB/s; decoder weights {meta['decoder_weight_bytes'] / 1e9:.3f} GB; "
-             f"HBM floor {floor_ms:.3f} ms/token", "",
+             f"HBM floor {floor_ms:.3f} ms/token",
+             f"- device ops per batch-1 decode step: {device_ops} ("
+             f"{'-' if device_ops is None else f'{device_ops / layers:.1f}'} per decoder layer; target <= 7)", "",
              "| metric | glmrt | transformers | speed-up | % of floor |", "|---|---|---|---|---|"]
     for r in rows:
         pct = f"{r['pct_of_floor']:.0f}%" if "pct_of_floor" in r else "-"
