@@ -1,4 +1,4 @@
-// GLM-OCR image patchify (spec §5 steps 4-6), host side, no CUDA.
+// GLM-OCR image patchify, host side, no CUDA.
 //
 // Input: one resized RGB image, uint8, HWC, C-contiguous. Output: float32 [N, C*T*P*P] with
 //   N = (H/P) * (W/P) rows in merge-block-major order (bh, bw, mh, mw) and each row in

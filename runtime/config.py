@@ -1,4 +1,4 @@
-"""Typed view of a GLM-OCR checkpoint's config.json (spec §1.1).
+"""Typed view of a GLM-OCR checkpoint's config.json.
 
 Only the fields inference needs are read. A missing required field or an unknown model_type is
 an error naming it: guessing a default here would silently load a different architecture

@@ -1,8 +1,8 @@
 """Checkpoint resolution and safetensors loading (never pickle).
 
-Every tensor name and shape the architecture needs (spec §1.3) is checked before anything is
+Every tensor name and shape the architecture needs is checked before anything is
 used; missing, unexpected and mis-shaped tensors are reported together, by name, in one error.
-The MTP layer (`model.language_model.layers.{num_layers}.*`, spec §7) is recognised and kept
+The MTP layer (`model.language_model.layers.{num_layers}.*`) is recognised and kept
 aside: inference without speculative decoding does not load it.
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ SPECIAL_TOKENS = {
 }
 VOCAB_SIZE = 59392
 
-# A GLM-style chat template (our own text) rendering the layout of spec §6.
+# A GLM-style chat template (our own text) rendering the prompt layout of GLM-OCR.
 CHAT_TEMPLATE = (
     "[gMASK]<sop>"
     "{%- for m in messages -%}"
@@ -77,7 +77,7 @@ def tiny_config():
 
 
 def real_config():
-    """GLM-OCR's real config.json values (spec §1.1), for random-weight GPU tests and benchmarks."""
+    """GLM-OCR's real config.json values, for random-weight GPU tests and benchmarks."""
     return _glm_ocr_config(1536, 4608, 16, 16, 8, 128, [16, 24, 24], 131072,
                            dict(depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096))
 

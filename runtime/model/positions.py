@@ -1,4 +1,4 @@
-"""Position ids: 3D M-RoPE positions of a prompt (spec §4) and 2D vision patch positions (spec §2).
+"""Position ids: 3D M-RoPE positions of a prompt and 2D vision patch positions.
 
 Both are computed on the host from token ids and image grids: they are tiny, and computing them
 once per request keeps the device step free of data-dependent control flow.

@@ -1,4 +1,4 @@
-"""GLM-OCR text decoder: 16 sandwich-norm layers with M-RoPE, GQA and a paged KV cache (spec §3).
+"""GLM-OCR text decoder: 16 sandwich-norm layers with M-RoPE, GQA and a paged KV cache.
 
 One forward runs a whole step: either a varlen prefill of several sequences (attention over the
 new tokens only, causal per sequence) or one decode token per sequence (attention over the

@@ -1,4 +1,4 @@
-"""GLM-OCR vision tower (CogViT): patch embed, 24 pre-norm blocks, downsample, merger (spec §2).
+"""GLM-OCR vision tower (CogViT): patch embed, 24 pre-norm blocks, downsample, merger.
 
 All images of a step are packed into one varlen sequence; attention is block-diagonal per image.
 """
