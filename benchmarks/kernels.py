@@ -294,6 +294,36 @@ def write_kv_cache_case(label: str, tokens: int, prefill: bool) -> Case:
                 check=check, bytes=n, target=memory_target(n))
 
 
+def mrope_write_kv_case(label: str, tokens: int) -> Case:
+    """The decoder's op: M-RoPE on q/k and the KV-cache write in one launch (vs the two kernels)."""
+    qkv, q, k, v = _text_qkv(tokens)
+    pos = torch.randint(0, 8192, (3, tokens), device=DEVICE)
+    blocks = -(-tokens // BLOCK_SIZE)
+    k_cache = torch.zeros(blocks, BLOCK_SIZE, TEXT_KV_HEADS, TEXT_HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(blocks * BLOCK_SIZE, device=DEVICE)[:tokens]
+
+    def fused(q_, k_, v_, kc, vc) -> None:
+        rope.mrope_write_kv_(q_, k_, v_, pos, MROPE_SECTION, ROPE_THETA, kc, vc, slots)
+
+    def two_kernels() -> None:
+        rope.mrope_(q, k, pos, MROPE_SECTION, ROPE_THETA)
+        paged.write_kv_cache(k, v, k_cache, v_cache, slots)
+
+    def check() -> tuple[object, object]:
+        wq, wk, wv = qkv.clone().split([TEXT_HEADS, TEXT_KV_HEADS, TEXT_KV_HEADS], dim=1)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        fused(wq, wk, wv, kc, vc)
+        return (wq, wk, kc, vc), rope.mrope_write_kv_ref(q, k, v, pos, MROPE_SECTION, ROPE_THETA, k_cache, v_cache,
+                                                          slots)
+
+    elt, heads = qkv.element_size(), TEXT_HEADS + TEXT_KV_HEADS
+    n = rowwise_bytes(tokens, (heads + TEXT_KV_HEADS) * TEXT_HEAD_DIM, (heads + 2 * TEXT_KV_HEADS) * TEXT_HEAD_DIM,
+                      elt, pos.numel() * pos.element_size() + slots.numel() * slots.element_size())
+    return Case("mrope_write_kv", f"{label} T={tokens}", triton=lambda: fused(q, k, v, k_cache, v_cache),
+                reference=two_kernels, check=check, bytes=n, target=memory_target(n))
+
+
 def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int],
                        causal: bool) -> list[torch.Tensor]:
     """torch SDPA called once per sequence, as transformers' GLM vision attention does for sdpa.
@@ -417,6 +447,8 @@ def plan(w: Workload) -> dict[str, list[Callable[[], Case]]]:
         "layer_norm_gelu": [partial(layer_norm_gelu_case, merged)],
         "vision_qk_norm_rope": [partial(vision_rope_case, w.vision_patches)],
         "mrope": [partial(mrope_case, "decode", decode_b), partial(mrope_case, "prefill", prefill_t)],
+        "mrope_write_kv": [partial(mrope_write_kv_case, "decode", decode_b),
+                           partial(mrope_write_kv_case, "prefill", prefill_t)],
         "write_kv_cache": [partial(write_kv_cache_case, "decode", decode_b, False),
                            partial(write_kv_cache_case, "prefill", prefill_t, True)],
         "varlen_attention": [
