@@ -31,7 +31,8 @@ from ..processor import Processor
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
-from .runner import ModelRunner, StepHandle, allocate_kv_cache, kv_bytes_per_token, random_seed
+from .runner import ModelRunner, StepHandle, allocate_kv_cache, kv_bytes_per_token
+from .sampler import random_seed
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
 

@@ -11,8 +11,6 @@ memory asynchronously and read when the engine gets to them.
 """
 from __future__ import annotations
 
-import random
-
 import torch
 
 from ..model.glm_ocr import GlmOcrModel
@@ -35,14 +33,6 @@ def allocate_kv_cache(model: GlmOcrModel, num_blocks: int, block_size: int) -> l
 def kv_bytes_per_token(model: GlmOcrModel) -> int:
     c = model.config.text
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize
-
-
-_seed_source = random.Random()
-
-
-def random_seed() -> int:
-    """A seed for a request that gave none (int64 range)."""
-    return _seed_source.getrandbits(63)
 
 
 def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

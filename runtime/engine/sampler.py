@@ -14,6 +14,8 @@ recomputed later continues the same stream.
 """
 from __future__ import annotations
 
+import random
+
 import torch
 
 from ..model.ops import TorchOps
@@ -22,6 +24,14 @@ from ..model.ops import TorchOps
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
 _MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+_seed_source = random.Random()
+
+
+def random_seed() -> int:
+    """A seed for a request that gave none (int64 range)."""
+    return _seed_source.getrandbits(63)
 
 
 def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
