@@ -1,44 +1,135 @@
 """What callers pass in and get back."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+# The content parts of transformers' chat format that a request can carry, with their keys.
+# An image part holds no image: request['images'] fill the image parts in order.
+PART_KEYS = {"text": {"type", "text"}, "image": {"type"}}
+PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 
 
 @dataclass
 class Request:
-    """One OCR request: images (PIL images, paths, bytes or data URIs) and the user prompt text."""
+    """One request: images (PIL images, paths, bytes or data URIs) and exactly one of
+    - `prompt`: the user text, rendered as one user turn with the images first (the model card's layout);
+    - `messages`: chat messages in transformers' format, {"role": str, "content": str | [parts]} with
+      parts {"type": "text", "text": str} or {"type": "image"}, rendered with the chat template in
+      the order given; `images` fill the image parts in order;
+    - `prompt_token_ids`: a raw prompt, no chat template and no images.
 
-    prompt: str
+    Checked on construction; errors name the field as in the dict form (request['messages'][0]...).
+    """
+
+    prompt: str | None = None
     images: list[Any] = field(default_factory=list)
+    messages: list[dict] | None = None
+    prompt_token_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in PROMPT_FIELDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a request takes exactly one of {PROMPT_FIELDS}, got {given or 'none'}")
+        if self.images is None:
+            self.images = []
+        self.images = list(self.images) if isinstance(self.images, (list, tuple)) else [self.images]
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise ValueError(f"request['prompt'] must be a string, got {type(self.prompt).__name__}")
+        if self.messages is not None:
+            n_parts = _image_parts(self.messages)
+            if n_parts != len(self.images):
+                raise ValueError(
+                    f"request['messages'] has {n_parts} image parts but request['images'] has {len(self.images)} images"
+                )
+        if self.prompt_token_ids is not None:
+            self.prompt_token_ids = _token_ids(self.prompt_token_ids)
+            if self.images:
+                raise ValueError("request['prompt_token_ids'] is a raw text prompt: it takes no request['images']")
 
     @classmethod
     def coerce(cls, request: "Request | dict") -> "Request":
         if isinstance(request, Request):
             return request
         if isinstance(request, dict):
-            unknown = set(request) - {"prompt", "images"}
+            unknown = set(request) - set(cls.__dataclass_fields__)
             if unknown:
-                raise ValueError(f"request has unknown keys {sorted(unknown)} (expected 'prompt' and 'images')")
-            if not isinstance(request.get("prompt"), str):
-                raise ValueError("request['prompt'] must be a string")
-            images = request.get("images") or []
-            if not isinstance(images, (list, tuple)):
-                images = [images]
-            return cls(prompt=request["prompt"], images=list(images))
+                expected = f"'images' and one of {PROMPT_FIELDS}"
+                raise ValueError(f"request has unknown keys {sorted(unknown, key=str)} (expected {expected})")
+            return cls(**request)
         raise TypeError(f"a request must be a glmrt.Request or a dict, got {type(request).__name__}")
+
+
+def _image_parts(messages: Any) -> int:
+    """Checks chat messages; -> the number of image parts."""
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"request['messages'] must be a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("request['messages'] must not be empty")
+    count = 0
+    for i, message in enumerate(messages):
+        where = f"request['messages'][{i}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}")
+        unknown = set(message) - {"role", "content"}
+        if unknown:
+            raise ValueError(f"{where} has unknown keys {sorted(unknown, key=str)} (expected 'role' and 'content')")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"{where}['role'] must be a non-empty string, got {role!r}")
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise ValueError(f"{where}['content'] must be a string or a list of parts, got {type(content).__name__}")
+        for j, part in enumerate(content):
+            at = f"{where}['content'][{j}]"
+            if not isinstance(part, dict):
+                raise ValueError(f"{at} must be a dict with a 'type', got {type(part).__name__}")
+            kind = part.get("type")
+            if kind not in PART_KEYS:
+                raise ValueError(f"{at}['type'] must be 'text' or 'image', got {kind!r}")
+            unknown = set(part) - PART_KEYS[kind]
+            if unknown:
+                hint = "; images go in request['images'], in part order" if kind == "image" else ""
+                raise ValueError(
+                    f"{at} has unknown keys {sorted(unknown, key=str)} (allowed: {sorted(PART_KEYS[kind])}{hint})"
+                )
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"{at}['text'] must be a string, got {type(part.get('text')).__name__}")
+            count += kind == "image"
+    return count
+
+
+def _token_ids(ids: Any) -> list[int]:
+    """A raw prompt: a non-empty list of ints (numpy ints too, never bools); the engine checks the range."""
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"request['prompt_token_ids'] must be a list of ints, got {type(ids).__name__}")
+    if not ids:
+        raise ValueError("request['prompt_token_ids'] must not be empty")
+    for i, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise ValueError(f"request['prompt_token_ids'][{i}] must be an int, got {type(token).__name__} {token!r}")
+    return [int(t) for t in ids]
 
 
 @dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]  # generated tokens, including the stop token if one ended the request
-    text: str  # detokenized output, without the stop token
+    # Generated tokens, including the stop token or the token that completed the stop string.
+    token_ids: list[int]
+    # Detokenized output without the stop token, cut before the stop string (after it with
+    # include_stop_str_in_output); while streaming, the text sent so far (all deltas joined).
+    text: str
     finish_reason: str | None  # "stop" | "length" | "abort" | "error"; None while streaming
     delta_text: str = ""  # streaming: text added by this step
     delta_token_ids: list[int] = field(default_factory=list)
     error: str | None = None  # finish_reason "error": what failed (the step this request was in raised)
+    # finish_reason "stop": the stop string that ended the request, or the token id from
+    # SamplingParams.stop_token_ids that did; None for an eos token and every other ending.
+    stop_reason: int | str | None = None
 
     @property
     def finished(self) -> bool:

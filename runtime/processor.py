@@ -1,10 +1,10 @@
 """Prompt side of preprocessing: chat template, tokenizer, `<|image|>` expansion.
 
-`Processor(images=..., prompt=...)` gives what transformers' Glm46VProcessor (the class AutoProcessor
-builds for GLM-OCR) gives after `apply_chat_template`: input ids with each `<|image|>` expanded to
-grid_h*grid_w/merge² copies, pixel_values [N, 1176] and image_grid_thw [n, 3]. The image processor
-backend ("torchvision", transformers' default, or "pil") is chosen with
-`Processor.from_pretrained(path, image_backend=...)`.
+`Processor(images=..., prompt=...)` (or `messages=...` for a whole chat) gives what transformers'
+Glm46VProcessor (the class AutoProcessor builds for GLM-OCR) gives after `apply_chat_template`: input
+ids with each `<|image|>` expanded to grid_h*grid_w/merge² copies, pixel_values [N, 1176] and
+image_grid_thw [n, 3]. The image processor backend ("torchvision", transformers' default, or "pil")
+is chosen with `Processor.from_pretrained(path, image_backend=...)`.
 """
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ class Processor:
         if image_id is None:
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token")
         self.image_token_id = image_id
+        self.video_token_id = tokenizer.token_to_id(VIDEO_TOKEN)  # None if the tokenizer has no video token
 
     @classmethod
     def from_pretrained(cls, path: str | Path, image_backend: str = "torchvision") -> "Processor":
@@ -150,8 +151,16 @@ class Processor:
         content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
         return [{"role": "user", "content": content}]
 
-    def __call__(self, images: Sequence[Any] = (), prompt: str = "") -> ProcessedPrompt:
-        text = self.chat_template.render(self.messages(len(images), prompt))
+    def __call__(self, images: Sequence[Any] = (), prompt: str | None = None,
+                 messages: list[dict] | None = None) -> ProcessedPrompt:
+        """Render `prompt` as one user turn with the images first, or `messages` (transformers' chat
+        format, {"type": "image"} parts filled by `images` in order) exactly as given; then tokenize
+        and expand each `<|image|>` to its image's token count."""
+        if messages is None:
+            messages = self.messages(len(images), prompt or "")
+        elif prompt is not None:
+            raise ValueError("pass either prompt or messages to the processor, not both")
+        text = self.chat_template.render(messages)
         if VIDEO_TOKEN in text:  # transformers' processor raises too: video tokens without videos
             raise ValueError(f"the rendered prompt contains {VIDEO_TOKEN}; glmrt takes images only, not videos")
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -44,10 +44,12 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1 = off
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # over prompt + generated tokens, as in transformers and vLLM
+    stop: str | list[str] | None = None  # stop strings; a str becomes a one-element list
     stop_token_ids: list[int] | None = None  # in addition to the model's eos ids
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         self.max_tokens = _int("max_tokens", self.max_tokens)
@@ -65,6 +67,18 @@ class SamplingParams:
         self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty, "> 0")
         if self.repetition_penalty <= 0:
             raise ValueError(f"SamplingParams.repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.stop is not None:
+            stop = [self.stop] if isinstance(self.stop, str) else self.stop
+            if not isinstance(stop, (list, tuple)):
+                raise TypeError(
+                    f"SamplingParams.stop must be a str or a list of str, got {type(self.stop).__name__} {self.stop!r}"
+                )
+            bad = [s for s in stop if not isinstance(s, str) or not s]
+            if bad:
+                raise ValueError(
+                    f"SamplingParams.stop must hold non-empty strings, got {self.stop!r} (bad: {bad[0]!r})"
+                )
+            self.stop = list(stop)
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple)):
                 raise TypeError(
@@ -81,6 +95,7 @@ class SamplingParams:
             self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         self.ignore_eos = _bool("ignore_eos", self.ignore_eos)
         self.skip_special_tokens = _bool("skip_special_tokens", self.skip_special_tokens)
+        self.include_stop_str_in_output = _bool("include_stop_str_in_output", self.include_stop_str_in_output)
         if self.seed is not None:
             self.seed = _int("seed", self.seed)
             if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:

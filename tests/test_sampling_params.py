@@ -45,6 +45,14 @@ BAD = [
     ("stop_token_ids", ["3"], "'3'"),
     ("stop_token_ids", 5, "5"),
     ("stop_token_ids", "12", "'12'"),
+    ("stop", "", "''"),
+    ("stop", [""], "''"),
+    ("stop", ["a", 3], "3"),
+    ("stop", [None], "None"),
+    ("stop", 5, "5"),
+    ("stop", b"a", "b'a'"),
+    ("include_stop_str_in_output", 1, "1"),
+    ("include_stop_str_in_output", None, "None"),
     ("ignore_eos", 1, "1"),
     ("ignore_eos", "no", "'no'"),
     ("skip_special_tokens", None, "None"),
@@ -78,6 +86,13 @@ def test_valid_values_are_kept_and_normalised():
     assert p.stop_token_ids == [3, 4] and all(type(t) is int for t in p.stop_token_ids)
     assert not SamplingParams(temperature=1e-5).greedy
     assert SamplingParams(top_k=0).top_k == 0 and SamplingParams(top_k=1, temperature=1).top_k == 1
+
+
+def test_stop_strings_are_normalised_to_a_list():
+    assert SamplingParams().stop is None and not SamplingParams().include_stop_str_in_output
+    assert SamplingParams(stop="<|user|>").stop == ["<|user|>"]
+    assert SamplingParams(stop=("a", "bc")).stop == ["a", "bc"]
+    assert SamplingParams(stop=[]).stop == []
 
 
 @pytest.mark.parametrize("seed", [-(2**63), 0, 2**63, 2**64 - 1])

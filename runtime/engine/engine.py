@@ -27,7 +27,7 @@ from ..model.ops import make_ops
 from ..model.text import AttentionMetadata
 from ..model.positions import mrope_positions
 from ..outputs import Request, RequestOutput
-from ..processor import Processor
+from ..processor import IMAGE_TOKEN, VIDEO_TOKEN, Processor
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -35,6 +35,7 @@ from .runner import ModelRunner, StepHandle, allocate_kv_cache, kv_bytes_per_tok
 from .sampler import random_seed
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
+from .stop import StopChecker
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -146,6 +147,9 @@ class LLMEngine:
                                    self.options.max_num_batched_tokens or self.max_model_len, rows=self.runner.batch)
         self._sequences: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._stop_checkers: dict[str, StopChecker] = {}
+        # An eos token that ends a request is no stop_reason, even when stop_token_ids lists it (vLLM).
+        self._eos_token_ids = frozenset(self.config.text.eos_token_ids + self.generation_config.eos_token_ids)
         self._in_flight: StepHandle | None = None
         self._ids = itertools.count()
         self._pool: ThreadPoolExecutor | None = None
@@ -225,19 +229,33 @@ class LLMEngine:
         request_id = request_id if request_id is not None else self.new_request_id()
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
-        processed = self.processor(images=request.images, prompt=request.prompt)
-        ids = processed.input_ids
+        vocab = self.config.text.vocab_size
+        if request.prompt_token_ids is not None:  # a raw prompt: no chat template, no images
+            ids, pixel_values, grids = request.prompt_token_ids, None, []
+            needs_pixels = {self.processor.image_token_id: IMAGE_TOKEN, self.processor.video_token_id: VIDEO_TOKEN}
+            for i, token in enumerate(ids):
+                if not 0 <= token < vocab:
+                    raise ValueError(
+                        f"request['prompt_token_ids'][{i}] = {token} is not in the vocabulary [0, {vocab})"
+                    )
+                if token in needs_pixels:
+                    raise ValueError(
+                        f"request['prompt_token_ids'][{i}] = {token} is the {needs_pixels[token]} token, which needs "
+                        "pixels; send images with 'prompt' or 'messages'"
+                    )
+        else:
+            processed = self.processor(images=request.images, prompt=request.prompt, messages=request.messages)
+            ids, pixel_values = processed.input_ids, processed.pixel_values
+            grids = [tuple(g) for g in processed.image_grid_thw.tolist()] if processed.image_grid_thw is not None else []
         limit = min(self.max_model_len, self.kv_capacity_tokens)
         if len(ids) >= limit:
             raise ValueError(
                 f"request {request_id}: the prompt has {len(ids)} tokens, which leaves no room to generate within "
                 f"{'max_model_len' if limit == self.max_model_len else 'the KV cache'} ({limit} tokens)"
             )
-        vocab = self.config.text.vocab_size
         bad_stop = [t for t in params.stop_token_ids or [] if t >= vocab]
         if bad_stop:
             raise ValueError(f"SamplingParams.stop_token_ids {bad_stop} are not in the vocabulary (size {vocab})")
-        grids = [tuple(g) for g in processed.image_grid_thw.tolist()] if processed.image_grid_thw is not None else []
         positions, rope_delta = mrope_positions(
             ids, grids, self.config.image_token_id, self.config.vision.spatial_merge_size
         )
@@ -249,7 +267,7 @@ class LLMEngine:
             sampling_params=params, stop_token_ids=frozenset(stop),
             max_total_tokens=min(limit, len(ids) + params.max_tokens),
             seed=random_seed() if params.seed is None else params.seed,
-            pixel_values=processed.pixel_values, image_grid_thw=grids,
+            pixel_values=pixel_values, image_grid_thw=grids,
         )
 
     def prepare_many(self, requests: list[Request | dict], params: list[SamplingParams]) -> list[Sequence]:
@@ -268,6 +286,8 @@ class LLMEngine:
         self._detokenizers[seq.request_id] = IncrementalDetokenizer(
             lambda t: self.processor.decode(t, skip_special_tokens=skip)
         )
+        params = seq.sampling_params
+        self._stop_checkers[seq.request_id] = StopChecker(params.stop or [], params.include_stop_str_in_output)
         self.scheduler.add(seq)
         return seq.request_id
 
@@ -351,9 +371,10 @@ class LLMEngine:
             if seq.is_finished:  # finished or aborted after this step was launched: drop the token
                 continue
             seq.append_token(token)
+            out = self._output(seq, [token])  # may finish the request on a stop string
             if seq.is_finished:
                 self._release(seq)
-            outputs.append(self._output(seq, [] if seq.finish_reason == "stop" else [token]))
+            outputs.append(out)
         return outputs
 
     def _fail(self, seqs: list[Sequence], exc: BaseException) -> list[RequestOutput]:
@@ -371,13 +392,31 @@ class LLMEngine:
         self.runner.release(seq)
 
     def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
-        detok = self._detokenizers[seq.request_id]
-        delta = detok.add(new_tokens)
+        """The request's output after `new_tokens` were read back for it ([] when it was aborted or
+        failed). As in vLLM, a stop token is left out of the text (kept with
+        include_stop_str_in_output) and of delta_token_ids, and a stop string in the new text ends
+        the request with "stop", also when this token reached the length limit; the caller then
+        releases it like any finished request. An aborted or failed request keeps its reason."""
+        request_id, params = seq.request_id, seq.sampling_params
+        detok, stops = self._detokenizers[request_id], self._stop_checkers[request_id]
+        by_token = bool(new_tokens) and seq.finish_reason == "stop"
+        stops.add(detok.add([] if by_token and not params.include_stop_str_in_output else new_tokens))
         if seq.is_finished:
-            delta += detok.finish()
-            del self._sequences[seq.request_id], self._detokenizers[seq.request_id]
+            stops.add(detok.finish())  # the tail held back as an incomplete character
+        if stops.stop_str is not None and seq.finish_reason in (None, "length", "stop"):
+            seq.finish("stop")
+        stop_reason = None  # the stop string, or the stop_token_ids token (not an eos) that ended it
+        if seq.finish_reason == "stop":
+            token = seq.output_token_ids[-1]
+            stop_reason = stops.stop_str
+            if stop_reason is None and token in (params.stop_token_ids or ()) and (
+                    params.ignore_eos or token not in self._eos_token_ids):
+                stop_reason = token
+        delta = stops.pop_delta(seq.is_finished)
+        if seq.is_finished:
+            del self._sequences[request_id], self._detokenizers[request_id], self._stop_checkers[request_id]
         return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
-            text=detok.text, finish_reason=seq.finish_reason, delta_text=delta, delta_token_ids=new_tokens,
-            error=seq.error,
+            request_id=request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
+            text=stops.sent_text, finish_reason=seq.finish_reason, delta_text=delta,
+            delta_token_ids=[] if by_token else new_tokens, error=seq.error, stop_reason=stop_reason,
         )
