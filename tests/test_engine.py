@@ -188,6 +188,65 @@ def test_a_failing_prefill_step_fails_only_its_requests(tiny_checkpoint, expecte
     assert_all_free(engine)
 
 
+def test_a_shared_prefill_that_fails_is_retried_request_by_request(tiny_checkpoint, expected, monkeypatch):
+    """Three requests prefilled together, one of which breaks the vision pass: each is prefilled
+    again alone, the two good ones give transformers' tokens and only the bad one fails."""
+    engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=4)
+    params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)
+    encode, prefills = engine.model.encode_images, []
+    h, w = engine.processor.image_processor.resized_size(ALL_IMAGES["tall"].height, ALL_IMAGES["tall"].width)
+
+    def broken(pixels, grids):
+        if (1, h // 14, w // 14) in grids:  # the "tall" image: REQUESTS[5]
+            raise RuntimeError("injected vision fault")
+        return encode(pixels, grids)
+
+    prefill = engine.runner.prefill
+
+    def counting(step):
+        prefills.append([s.request_id for s in step.seqs])
+        return prefill(step)
+
+    monkeypatch.setattr(engine.model, "encode_images", broken)
+    monkeypatch.setattr(engine.runner, "prefill", counting)
+    good = [engine.add_request(as_request(REQUESTS[i]), params) for i in (0, 2)]
+    bad = engine.add_request(as_request(REQUESTS[5]), params)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert prefills == [[*good, bad], [good[0]], [good[1]], [bad]]
+    assert done[bad].finish_reason == "error" and "injected vision fault" in done[bad].error
+    assert [done[i].token_ids for i in good] == [expected[0], expected[2]]
+    assert engine.scheduler.num_preemptions == 0
+    assert_all_free(engine)
+
+
+def test_a_request_whose_detokenization_fails_fails_alone(tiny_checkpoint, expected, monkeypatch):
+    engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=4)
+    params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)
+    ids = [engine.add_request(as_request(REQUESTS[i]), params) for i in range(3)]
+    detok = engine._detokenizers[ids[1]]
+    calls = []
+
+    def broken(tokens):
+        calls.append(1)
+        if len(calls) == 3:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "injected")
+        return type(detok).add(detok, tokens)
+
+    monkeypatch.setattr(detok, "add", broken)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert done[ids[1]].finish_reason == "error" and "injected" in done[ids[1]].error
+    assert [done[ids[i]].token_ids for i in (0, 2)] == [expected[0], expected[2]]
+    assert_all_free(engine)
+
+
 def test_a_failing_decode_step_fails_only_its_requests(tiny_checkpoint, expected, monkeypatch):
     engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=2)
     params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)

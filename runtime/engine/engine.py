@@ -249,9 +249,14 @@ class LLMEngine:
             grids = [tuple(g) for g in processed.image_grid_thw.tolist()] if processed.image_grid_thw is not None else []
         limit = min(self.max_model_len, self.kv_capacity_tokens)
         if len(ids) >= limit:
+            image_tokens = sum(t * h * w for t, h, w in grids) // self.config.vision.spatial_merge_size**2
+            # With images, say so in the words of vLLM's error, which clients (docling-glm-ocr) look
+            # for to retry with smaller images.
+            hint = (f" ({image_tokens} of them for images: they need more of the encoder cache than one request "
+                    "may use; send smaller images)" if image_tokens else "")
             raise ValueError(
-                f"request {request_id}: the prompt has {len(ids)} tokens, which leaves no room to generate within "
-                f"{'max_model_len' if limit == self.max_model_len else 'the KV cache'} ({limit} tokens)"
+                f"request {request_id}: the prompt has {len(ids)} tokens{hint}, which leaves no room to generate "
+                f"within {'max_model_len' if limit == self.max_model_len else 'the KV cache'} ({limit} tokens)"
             )
         bad_stop = [t for t in params.stop_token_ids or [] if t >= vocab]
         if bad_stop:
@@ -352,11 +357,19 @@ class LLMEngine:
     def _launch(self, plan: ScheduledStep, outputs: list[RequestOutput]) -> StepHandle | None:
         try:
             return self.runner.prefill(plan) if plan.is_prefill else self.runner.decode(plan)
-        except BaseException as exc:  # fail this step's requests only; an interrupt still propagates
-            outputs += self._fail(plan.seqs, exc)
-            if not isinstance(exc, Exception):
-                raise
+        except Exception as exc:
+            if plan.is_prefill and len(plan.seqs) > 1:
+                # Which request broke a shared prefill is unknown: each is prefilled again alone,
+                # and only one that fails alone fails.
+                for seq in plan.seqs:
+                    self.runner.release(seq)
+                self.scheduler.retry_alone(plan.seqs)
+            else:  # fail this step's requests only
+                outputs += self._fail(plan.seqs, exc)
             return None
+        except BaseException as exc:  # an interrupt: fail the step's requests and propagate
+            outputs += self._fail(plan.seqs, exc)
+            raise
 
     def _read_in_flight(self) -> list[RequestOutput]:
         handle, self._in_flight = self._in_flight, None
@@ -370,8 +383,12 @@ class LLMEngine:
         for seq, token in zip(handle.seqs, tokens):
             if seq.is_finished:  # finished or aborted after this step was launched: drop the token
                 continue
-            seq.append_token(token)
-            out = self._output(seq, [token])  # may finish the request on a stop string
+            try:
+                seq.append_token(token)
+                out = self._output(seq, [token])  # may finish the request on a stop string
+            except Exception as exc:  # e.g. detokenization: this request's own host work failed
+                outputs += self._fail([seq], exc)
+                continue
             if seq.is_finished:
                 self._release(seq)
             outputs.append(out)
@@ -381,10 +398,19 @@ class LLMEngine:
         message = f"{type(exc).__name__}: {exc}"
         outputs = []
         for seq in seqs:
-            if not seq.is_finished:
-                seq.finish("error", error=message)
-                self._release(seq)
+            if self._sequences.get(seq.request_id) is not seq:  # its final output was already made
+                continue
+            seq.finish("error", error=message)
+            self._release(seq)
+            try:
                 outputs.append(self._output(seq, []))
+            except Exception:  # its text cannot be made either (the detokenizer failed): none then
+                for table in (self._sequences, self._detokenizers, self._stop_checkers):
+                    table.pop(seq.request_id, None)
+                outputs.append(RequestOutput(
+                    request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+                    token_ids=list(seq.output_token_ids), text="", finish_reason="error", error=message,
+                ))
         return outputs
 
     def _release(self, seq: Sequence) -> None:

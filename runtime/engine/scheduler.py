@@ -76,7 +76,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # A prompt longer than the token budget still runs, alone, rather than never.
-            if batch and num_tokens + seq.num_tokens > self.max_num_batched_tokens:
+            if batch and (seq.prefill_alone or num_tokens + seq.num_tokens > self.max_num_batched_tokens):
                 break
             if not self.block_manager.can_allocate(seq.num_tokens):
                 break
@@ -88,6 +88,8 @@ class Scheduler:
             self.running.append(seq)
             batch.append(seq)
             num_tokens += seq.num_tokens
+            if seq.prefill_alone:
+                break
         if batch:
             return ScheduledStep(True, batch, first_row=batch[0].row)
         if not self.running:
@@ -122,12 +124,24 @@ class Scheduler:
         seq.row = None
 
     def _preempt(self, seq: Sequence) -> None:
+        self._requeue(seq)
+        self.num_preemptions += 1
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Free a running sequence's row and blocks and put it at the head of the queue; it is
+        recomputed from its tokens when admitted again."""
         self._release_row(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_cached = 0
+        seq.num_cached = seq.num_pending = 0
         self.waiting.appendleft(seq)
-        self.num_preemptions += 1
+
+    def retry_alone(self, seqs: list[Sequence]) -> None:
+        """The prefill of `seqs` (just admitted, in admission order) failed before it ran: queue
+        them again at the head, in their order, each to be prefilled in a step of its own."""
+        for seq in reversed(seqs):  # the last admitted holds the last row: no rows move
+            self._requeue(seq)
+            seq.prefill_alone = True
 
     def finish(self, seq: Sequence) -> None:
         """Release a sequence wherever it is (call after seq.finish()); its blocks may still be

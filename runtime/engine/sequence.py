@@ -38,6 +38,9 @@ class Sequence:
     num_pending: int = 0
     num_cached: int = 0  # tokens whose K/V the launched steps write (the device's context length)
     row: int | None = None  # its row in the device-resident batch while RUNNING
+    # Set when a prefill shared with other requests failed: it is prefilled again in a step of
+    # its own, so that a request that breaks a step fails alone.
+    prefill_alone: bool = False
 
     @property
     def num_tokens(self) -> int:
