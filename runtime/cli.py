@@ -23,7 +23,14 @@ from .sampling_params import SamplingParams
 
 DEFAULT_MODEL = "zai-org/GLM-OCR"
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
-ENGINE_FLAGS = ("max_num_seqs", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization")
+ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization",
+                "block_size", "image_backend")
+
+SERVE_DESCRIPTION = """\
+an OpenAI-compatible server (POST /v1/chat/completions, /v1/completions; GET /v1/models, /health,
+/metrics) for the glmocr SDK, docling and any OpenAI client. Sampling fields a request leaves out
+take the checkpoint's generation_config.json values, then the glmocr SDK's (greedy,
+repetition_penalty 1.1, max_tokens 8192)."""
 
 EPILOG = """\
 sampling flags left out take their values from the checkpoint's generation_config.json
@@ -56,17 +63,58 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float)
     sampling.add_argument("--repetition-penalty", type=float)
     sampling.add_argument("--seed", type=int)
-    engine = ocr.add_argument_group("engine")
+    _add_engine_flags(ocr)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs glmrt[serve])",
+                           description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                       help=f"checkpoint directory or Hub id (default: {DEFAULT_MODEL})")
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                       help="names clients may send as 'model' (default: glm-ocr and the model argument)")
+    serve.add_argument("--api-key", default=os.environ.get("GLMRT_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $GLMRT_API_KEY, else none)")
+    serve.add_argument("--allowed-media-domains", nargs="+", default=[], metavar="HOST",
+                       help="hosts http(s) image URLs may be fetched from (default: none)")
+    serve.add_argument("--allowed-local-media-path", type=Path,
+                       help="directory file:// image URLs may read from (default: none)")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="requests accepted beyond --max-num-seqs before answering 503 (default 1024)")
+    serve.add_argument("--max-images-per-request", type=int, default=16)
+    serve.add_argument("--max-image-pixels", type=int,
+                       help="decoded pixels (width x height) per image (default: PIL's limit, 89478485)")
+    serve.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, help="request body size")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_engine_flags(serve)
+    return parser
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    engine = parser.add_argument_group("engine")
     engine.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     engine.add_argument("--dtype", default=None,
                         help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     engine.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     engine.add_argument("--max-num-seqs", type=int, help="requests decoded together (default 32)")
+    engine.add_argument("--max-num-batched-tokens", type=int, help="prompt tokens per prefill step (default: max model len)")
     engine.add_argument("--max-model-len", type=int, help="prompt + output tokens per request")
     engine.add_argument("--kv-cache-tokens", type=int, help="KV cache size (default: from GPU memory)")
     engine.add_argument("--gpu-memory-utilization", type=float, help="share of free GPU memory for the KV cache")
+    engine.add_argument("--block-size", type=int, help="tokens per KV-cache block (default 16)")
+    engine.add_argument("--image-backend", choices=["torchvision", "pil"],
+                        help="resize as transformers' default (torchvision) or its PIL image processor")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    return parser
+    engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                        help="read each step back before scheduling the next (same tokens, slower)")
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    options = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+    if args.enforce_eager:
+        options["enforce_eager"] = True
+    if not args.async_scheduling:
+        options["async_scheduling"] = False
+    return options
 
 
 def _read_schema(path: Path | None) -> str | None:
@@ -137,9 +185,7 @@ class _Printer:
 def _ocr(args: argparse.Namespace) -> int:
     prompt = task_prompt(args.task, _read_schema(args.schema))
     overrides = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
-    options = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
-    if args.enforce_eager:
-        options["enforce_eager"] = True
+    options = _engine_options(args)
     _check_flags(overrides, options)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **options)
     params = llm.generation_config.sampling_params(**overrides)
@@ -179,6 +225,37 @@ def _ocr(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .engine.async_engine import AsyncEngine
+        from .server.app import ServerConfig, build_app
+        from .server.media import MediaPolicy
+    except ImportError as exc:
+        raise UsageError(f"glmrt serve needs the server extra: pip install 'glmrt[serve]' ({exc})") from exc
+    options = _engine_options(args)
+    _check_flags({}, options)
+    if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
+        raise UsageError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
+    names = tuple(args.served_model_name or dict.fromkeys(["glm-ocr", args.model]))
+    try:
+        config = ServerConfig(
+            served_model_names=names, api_key=args.api_key or None, max_queue=args.max_queue,
+            max_request_bytes=args.max_request_bytes, max_images_per_request=args.max_images_per_request,
+            media=MediaPolicy(allowed_domains=tuple(args.allowed_media_domains),
+                              allowed_local_path=args.allowed_local_media_path,
+                              **({} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels})),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    engine = AsyncEngine(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **options)
+    print(f"glmrt: serving {args.model} as {', '.join(names)} on http://{args.host}:{args.port}", file=sys.stderr)
+    uvicorn.run(build_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
 def _print_result(printer: _Printer, image: str, out: RequestOutput, args: argparse.Namespace) -> None:
     if args.json:
         printer.write(json.dumps({"image": image, "text": out.text, "finish_reason": out.finish_reason,
@@ -196,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return _ocr(args)
+        return _serve(args) if args.command == "serve" else _ocr(args)
     except KeyboardInterrupt:
         print("glmrt: interrupted", file=sys.stderr)
         return 130

@@ -66,18 +66,22 @@ class GenerationConfig:
             values[name] = value
         return cls(do_sample=bool(do_sample), eos_token_ids=_eos_ids(data.get("eos_token_id"), where), **values)
 
+    def sampling_fields(self) -> dict[str, Any]:
+        """The SamplingParams fields this file decides (greedy unless do_sample, then its sampling
+        values or transformers' defaults; repetition_penalty and max_tokens only if it sets them)."""
+        fields: dict[str, Any] = {"temperature": 0.0} if not self.do_sample else {
+            name: default if getattr(self, name) is None else getattr(self, name)
+            for name, default in _SAMPLING_DEFAULTS.items()
+        }
+        if self.repetition_penalty is not None:
+            fields["repetition_penalty"] = self.repetition_penalty
+        if self.max_new_tokens is not None:
+            fields["max_tokens"] = self.max_new_tokens
+        return fields
+
     def sampling_params(self, **overrides: Any) -> SamplingParams:
         """The default SamplingParams; `overrides` (SamplingParams fields) win over the file."""
-        defaults: dict[str, Any] = {"temperature": 0.0}
-        if self.do_sample:
-            for name, default in _SAMPLING_DEFAULTS.items():
-                value = getattr(self, name)
-                defaults[name] = default if value is None else value
-        if self.repetition_penalty is not None:
-            defaults["repetition_penalty"] = self.repetition_penalty
-        if self.max_new_tokens is not None:
-            defaults["max_tokens"] = self.max_new_tokens
-        return SamplingParams(**{**defaults, **overrides})
+        return SamplingParams(**{**self.sampling_fields(), **overrides})
 
 
 def _eos_ids(value: Any, where: str) -> tuple[int, ...]:

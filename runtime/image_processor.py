@@ -118,7 +118,8 @@ def _check_pixel_budget(size: tuple[int, int], what: str) -> None:
         )
 
 
-def _decode_data_uri(uri: str) -> bytes:
+def decode_data_uri(uri: str) -> bytes:
+    """The bytes of a `data:` URI (base64 or percent-encoded); ValueError if malformed or not an image type."""
     header, sep, payload = uri.partition(",")
     if not sep:
         raise ValueError("malformed data URI: no ',' separating header and data")
@@ -148,7 +149,7 @@ def load_image(image: ImageLike, exif_transpose: bool = True) -> Image.Image:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return _decode(bytes(image), "image bytes", exif_transpose)
     if isinstance(image, str) and image[:5].lower() == "data:":
-        return _decode(_decode_data_uri(image), "data URI", exif_transpose)
+        return _decode(decode_data_uri(image), "data URI", exif_transpose)
     if isinstance(image, str) and image.split("://", 1)[0].lower() in ("http", "https", "ftp", "file"):
         raise ValueError("image URLs are not fetched; pass a local path, bytes or a data URI")
     if isinstance(image, (str, os.PathLike)):

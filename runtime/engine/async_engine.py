@@ -80,6 +80,12 @@ class AsyncEngine:
         self._pending_aborts.add(request_id)
         self._ensure_loop()
 
+    @property
+    def num_preparing(self) -> int:
+        """Requests accepted but not yet in the scheduler (images being decoded, or prepared and
+        waiting for the next step boundary)."""
+        return len(self._preparing) + len(self._pending)
+
     def _ensure_loop(self) -> None:
         if self._wakeup is None:
             self._wakeup = asyncio.Event()

@@ -1,0 +1,308 @@
+"""The OpenAI-compatible HTTP app: FastAPI routes over one AsyncEngine.
+
+Endpoints: POST /v1/chat/completions and /v1/completions (JSON, or SSE with `stream: true`),
+GET /v1/models, /health and /metrics. A request is validated (body size, JSON, fields, model name,
+images) before anything is queued; every refusal is an OpenAI-style error body naming the field.
+Each request owns one engine request: when its client disconnects, the engine request is aborted
+and its KV blocks freed; when its engine step fails, that request alone gets a 500 (or an error
+event in its stream) and the server goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..engine.async_engine import AsyncEngine, RequestFailed
+from ..image_processor import load_image
+from ..outputs import Request as EngineRequest
+from ..outputs import RequestOutput
+from .media import MediaLoader, MediaPolicy
+from .metrics import RequestTimer, ServerMetrics
+from .protocol import APIError, ImageRef, ParsedRequest, ResponseShape, parse_chat, parse_completion
+
+# Request defaults after the checkpoint's generation_config.json: the glmocr SDK's profile
+# (greedy, repetition_penalty 1.1, up to 8192 new tokens).
+SDK_PROFILE = {"temperature": 0.0, "repetition_penalty": 1.1, "max_tokens": 8192}
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass
+class ServerConfig:
+    served_model_names: tuple[str, ...]
+    api_key: str | None = None
+    max_queue: int = 1024  # requests accepted beyond max_num_seqs before answering 503
+    max_request_bytes: int = 64 * 1024 * 1024  # request body
+    max_images_per_request: int = 16
+    retry_after_s: int = 1  # the Retry-After of a 503
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names:
+            raise ValueError("served_model_names must name at least one model")
+        for name in ("max_queue", "max_request_bytes", "max_images_per_request", "retry_after_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+class _StatusCounter:
+    """Pure ASGI middleware counting responses by endpoint and status (works for streams, unlike
+    BaseHTTPMiddleware, which would also hide client disconnects from the routes)."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.http_requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    metrics = ServerMetrics(engine)
+    media = MediaLoader(config.media)
+    generation_config = engine.engine.generation_config
+    defaults = {**SDK_PROFILE, **generation_config.sampling_fields()}
+    tokenizer = engine.engine.processor.tokenizer
+    max_in_flight = engine.engine.options.max_num_seqs + config.max_queue
+    in_flight = 0
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await media.aclose()
+
+    app = FastAPI(title="glmrt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(_StatusCounter, metrics=metrics)
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(APIError(f"internal error: {type(exc).__name__}: {exc}", status=500).body(),
+                            status_code=500)
+
+    def check_auth(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or token.strip() != config.api_key:
+            raise APIError("missing or wrong API key (send 'Authorization: Bearer <key>')", status=401)
+
+    def served_name(model: str | None) -> str:
+        if model is None:
+            return config.served_model_names[0]
+        if model not in config.served_model_names:
+            raise APIError(f"The model `{model}` does not exist (served: {', '.join(config.served_model_names)}).",
+                           "model", status=404)
+        return model
+
+    async def read_json(request: Request) -> Any:
+        limit = config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(f"the request body is {declared} bytes, more than the limit of {limit} bytes", "body")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(f"the request body is more than the limit of {limit} bytes", "body")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise APIError(f"the request body is not valid JSON ({exc})", "body") from exc
+
+    async def load_images(refs: list[ImageRef]) -> list:
+        """Encoded bytes (policy-checked) -> decoded PIL images, in worker threads; errors name the field."""
+        encoded = await media.load_all(refs)
+
+        async def decode(data: bytes, ref: ImageRef):
+            try:
+                return await asyncio.to_thread(load_image, data)
+            except ValueError as exc:
+                raise APIError(f"'{ref.param}': {exc}", ref.param) from exc
+
+        return list(await asyncio.gather(*(decode(d, r) for d, r in zip(encoded, refs))))
+
+    def admit() -> None:
+        if in_flight >= max_in_flight:
+            raise APIError(f"the server is at capacity ({in_flight} requests in flight); retry later", status=503,
+                           headers={"Retry-After": str(config.retry_after_s)})
+
+    async def respond(request: Request, kind: str, parsed: ParsedRequest, model: str,
+                      engine_request: EngineRequest) -> Response:
+        nonlocal in_flight
+        admit()
+        shape = ResponseShape(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", model)
+        timer = RequestTimer(metrics)
+        outputs = engine.generate(engine_request, parsed.params, request_id=shape.id)
+        in_flight += 1
+        released = False
+
+        async def release(ended: str | None = "abort") -> None:
+            """Leave the in-flight count; `ended` is the finish reason counted if no final output was
+            seen (the client left: "abort"), None for a request the engine refused before queueing it."""
+            nonlocal in_flight, released
+            if not released:
+                released = True
+                in_flight -= 1
+                await outputs.aclose()  # aborts the engine request if it is still going
+                if ended is not None:
+                    timer.end(ended)
+
+        try:
+            first = await _until_disconnected(request, _next(outputs, timer))
+        except (ValueError, TypeError) as exc:  # refused by the engine before anything was queued
+            await release(ended=None)
+            raise APIError(str(exc), _param_of(str(exc), "messages" if kind == "chat" else "prompt")) from exc
+        except Exception:
+            await release(ended="error")
+            raise
+        except BaseException:
+            await release()
+            raise
+        if first is None:  # the client left during prefill
+            await release()
+            return Response(status_code=499)
+        if not parsed.stream:
+            try:
+                final = first
+                if not final.finished:
+                    final = await _until_disconnected(request, _last(outputs, timer))
+                if final is None:
+                    return Response(status_code=499)
+                return JSONResponse(shape.full(final))
+            finally:
+                await release()
+
+        async def events() -> AsyncIterator[str]:
+            usage = None if not parsed.include_usage else parsed.continuous_usage
+            out = first
+            try:
+                yield _sse(shape.chunk(out, "", first=True, with_usage=usage))
+                if out.delta_text or out.finished:
+                    yield _sse(shape.chunk(out, out.delta_text, with_usage=usage))
+                while not out.finished:
+                    out = await _next(outputs, timer)
+                    if out.delta_text or out.finished:
+                        yield _sse(shape.chunk(out, out.delta_text, with_usage=usage))
+                if parsed.include_usage:
+                    yield _sse(shape.usage_chunk(out))
+            except RequestFailed as exc:
+                yield _sse(APIError(str(exc), status=500).body())
+            finally:
+                await release()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check_auth(request)
+        parsed = parse_chat(await read_json(request), defaults, config.max_images_per_request)
+        model = served_name(parsed.model)
+        admit()
+        images = await load_images(parsed.images)
+        return await respond(request, "chat", parsed, model, EngineRequest(messages=parsed.messages, images=images))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        check_auth(request)
+        parsed = parse_completion(await read_json(request), defaults)
+        model = served_name(parsed.model)
+        admit()
+        ids = parsed.prompt
+        if isinstance(ids, str):
+            ids = (await asyncio.to_thread(tokenizer.encode, ids, add_special_tokens=True)).ids
+        return await respond(request, "completion", parsed, model, EngineRequest(prompt_token_ids=ids))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        check_auth(request)
+        created = int(time.time())
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "glmrt",
+             "root": str(engine.engine.model_path), "max_model_len": engine.engine.max_model_len}
+            for name in config.served_model_names]})
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+async def _next(outputs: AsyncIterator[RequestOutput], timer: RequestTimer) -> RequestOutput:
+    try:
+        out = await outputs.__anext__()
+    except RequestFailed:
+        timer.end("error")
+        raise
+    timer.observe(out)
+    return out
+
+
+async def _last(outputs: AsyncIterator[RequestOutput], timer: RequestTimer) -> RequestOutput:
+    while True:
+        out = await _next(outputs, timer)
+        if out.finished:
+            return out
+
+
+async def _until_disconnected(request: Request, work) -> Any:
+    """Run `work` until it finishes (its result) or the client disconnects (None; `work` is
+    cancelled, which aborts its engine request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _param_of(message: str, default: str) -> str:
+    match = re.search(r"SamplingParams\.(\w+)", message)
+    return match.group(1) if match else default
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

@@ -1,0 +1,100 @@
+"""Prometheus metrics of one server (its own registry, so several apps in one process do not mix).
+
+Engine state (queue, running sequences, KV-cache usage, preemptions) is read when /metrics is
+scraped; request events (HTTP status, finish reason, tokens, latencies) are counted as they happen.
+Names follow vLLM's with the `glmrt:` prefix.
+"""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0, 160.0, 640.0)
+
+
+class EngineCollector:
+    """Gauges and counters read from the engine at scrape time (plain int reads: safe while a step runs)."""
+
+    def __init__(self, async_engine):
+        self.async_engine = async_engine
+
+    def collect(self):
+        engine = self.async_engine.engine
+        scheduler, blocks = engine.scheduler, engine.block_manager
+        waiting = GaugeMetricFamily("glmrt:num_requests_waiting", "Requests queued for their first step.")
+        waiting.add_metric([], len(scheduler.waiting) + self.async_engine.num_preparing)
+        yield waiting
+        running = GaugeMetricFamily("glmrt:num_requests_running", "Requests holding a row of the running batch.")
+        running.add_metric([], len(scheduler.running) + len(scheduler.draining))
+        yield running
+        usage = GaugeMetricFamily("glmrt:kv_cache_usage_perc", "Share of KV-cache blocks in use (0 to 1).")
+        usage.add_metric([], 1.0 - blocks.num_free_blocks / blocks.num_blocks)
+        yield usage
+        preempted = CounterMetricFamily("glmrt:num_preemptions", "Sequences preempted to free KV blocks.")
+        preempted.add_metric([], scheduler.num_preemptions)
+        yield preempted
+
+
+class ServerMetrics:
+    def __init__(self, async_engine):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter("glmrt:http_requests", "HTTP requests by endpoint and status code.",
+                                     ["endpoint", "status"], registry=r)
+        self.finished = Counter("glmrt:request_success", "Engine requests finished, by finish reason.",
+                                ["finished_reason"], registry=r)
+        self.prompt_tokens = Counter("glmrt:prompt_tokens", "Prompt tokens of requests admitted to the engine.",
+                                     registry=r)
+        self.generation_tokens = Counter("glmrt:generation_tokens", "Tokens generated.", registry=r)
+        self.ttft = Histogram("glmrt:time_to_first_token_seconds", "Time from arrival to the first token.",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("glmrt:inter_token_latency_seconds", "Time between outputs of one request, per token.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("glmrt:e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        r.register(EngineCollector(async_engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Feeds one request's outputs into the metrics: tokens, TTFT, inter-token latency, end-to-end."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+        self.arrival = time.monotonic()
+        self.last: float | None = None
+        self.prompt_counted = False
+        self.num_tokens = 0  # generated tokens counted so far (the final stop token has no delta)
+        self.ended = False  # its finish reason has been counted
+
+    def observe(self, out: RequestOutput) -> None:
+        m, now = self.metrics, time.monotonic()
+        if not self.prompt_counted:
+            m.prompt_tokens.inc(len(out.prompt_token_ids))
+            self.prompt_counted = True
+        n = len(out.token_ids) - self.num_tokens
+        self.num_tokens = len(out.token_ids)
+        if n:
+            m.generation_tokens.inc(n)
+            if self.last is None:
+                m.ttft.observe(now - self.arrival)
+            else:
+                m.itl.observe((now - self.last) / n)
+            self.last = now
+        if out.finished:
+            self.end(out.finish_reason)
+            m.e2e.observe(now - self.arrival)
+
+    def end(self, finish_reason: str) -> None:
+        """Counts the request's finish reason once; also for a request that ends without a final
+        output: its client left ("abort") or its step failed ("error")."""
+        if not self.ended:
+            self.ended = True
+            self.metrics.finished.labels(finish_reason).inc()

@@ -1,0 +1,295 @@
+"""OpenAI request bodies -> glmrt requests, and glmrt outputs -> OpenAI response bodies.
+
+Parsing is plain validation of the decoded JSON (no schema library): every problem becomes an
+`APIError` that names the offending field the way OpenAI does (`messages[0].content[1].image_url`),
+answered as HTTP 400 with an OpenAI-style error body. Field semantics follow vLLM's server:
+`null` means "not set"; non-OpenAI sampling fields (`top_k`, `repetition_penalty`, `stop_token_ids`,
+`ignore_eos`, `skip_special_tokens`, `include_stop_str_in_output`) are accepted at the top level;
+fields glmrt does not implement are refused only when they ask for something (`n: 2`,
+`logprobs: true`), and names it does not know are ignored, as vLLM ignores them.
+"""
+from __future__ import annotations
+
+import numbers
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI-style body: {"error": {message, type, param, code}}."""
+
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+             500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.headers = message, param, status, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "APIError"),
+                          "param": self.param, "code": self.status}}
+
+
+# Request field -> SamplingParams field. max_completion_tokens is OpenAI's newer name for max_tokens.
+SAMPLING_FIELDS = {
+    "max_completion_tokens": "max_tokens", "max_tokens": "max_tokens", "temperature": "temperature",
+    "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty", "seed": "seed",
+    "stop": "stop", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
+    "skip_special_tokens": "skip_special_tokens", "include_stop_str_in_output": "include_stop_str_in_output",
+}
+# OpenAI fields glmrt does not implement, with the values that ask for nothing (accepted).
+INERT_VALUES = {
+    "n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],),
+    "tool_choice": ("none",), "functions": ([],), "suffix": ("",), "min_tokens": (0,),
+    "parallel_tool_calls": (False, True),
+}
+ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass
+class ImageRef:
+    url: str  # a data URI, http(s) URL or file:// URL, resolved by the MediaLoader
+    param: str  # where it came from, for errors: "messages[0].content[1].image_url"
+
+
+@dataclass
+class ParsedRequest:
+    """What a validated request asks for; `messages` has {"type": "image"} placeholders that
+    `images` fill in order (chat), or `prompt` is the raw completion prompt text."""
+
+    model: str | None
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    messages: list[dict] | None = None
+    images: list[ImageRef] = field(default_factory=list)
+    prompt: str | list[int] | None = None
+
+
+def _path(*parts: str | int) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """JSON equality without Python's True == 1."""
+    if isinstance(value, bool) or isinstance(allowed, bool):
+        return value is allowed
+    return value == allowed and isinstance(value, numbers.Real) == isinstance(allowed, numbers.Real)
+
+
+def _check_inert(body: dict) -> None:
+    for name, allowed in INERT_VALUES.items():
+        value = body.get(name)
+        if value is not None and not any(_same(value, a) for a in allowed):
+            raise APIError(f"'{name}' = {value!r} is not supported by this server "
+                           f"(accepted: {', '.join(repr(a) for a in allowed)} or null)", name)
+
+
+def sampling_params(body: dict, defaults: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from the request fields over the server's defaults; errors name the field."""
+    values = dict(defaults)
+    given: dict[str, str] = {}  # SamplingParams field -> request field, for error messages
+    for name, target in SAMPLING_FIELDS.items():
+        value = body.get(name)
+        if value is None or target in given:  # max_completion_tokens wins over max_tokens
+            continue
+        given[target] = name
+        values[target] = value
+    for target, name in given.items():
+        try:
+            SamplingParams(**{target: values[target]})
+        except (TypeError, ValueError) as exc:
+            raise APIError(f"'{name}': {str(exc).replace('SamplingParams.' + target, name)}", name) from exc
+    try:
+        return SamplingParams(**values)
+    except (TypeError, ValueError) as exc:  # a combination of valid fields that does not hold
+        raise APIError(str(exc)) from exc
+
+
+def _stream_options(body: dict) -> tuple[bool, bool, bool]:
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise APIError(f"'stream' must be a boolean, got {_type_name(stream)}", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False, False
+    if not isinstance(options, dict):
+        raise APIError(f"'stream_options' must be an object, got {_type_name(options)}", "stream_options")
+    if not stream:
+        raise APIError("'stream_options' is only allowed with 'stream': true", "stream_options")
+    flags = []
+    for name in ("include_usage", "continuous_usage_stats"):
+        value = options.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise APIError(f"'stream_options.{name}' must be a boolean", f"stream_options.{name}")
+        flags.append(bool(value))
+    return stream, flags[0], flags[1]
+
+
+def _model(body: dict) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(f"'model' must be a string, got {_type_name(model)}", "model")
+    return model
+
+
+def parse_chat(body: Any, defaults: dict[str, Any], max_images: int) -> ParsedRequest:
+    """Validate a /v1/chat/completions body."""
+    if not isinstance(body, dict):
+        raise APIError(f"the request body must be a JSON object, got {_type_name(body)}")
+    model = _model(body)
+    _check_inert(body)
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise APIError("'response_format' other than {\"type\": \"text\"} is not supported by this server",
+                       "response_format")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError("'messages' must be a non-empty array of messages", "messages")
+    rendered, images = [], []
+    for i, message in enumerate(messages):
+        where = _path("messages", i)
+        if not isinstance(message, dict):
+            raise APIError(f"'{where}' must be an object, got {_type_name(message)}", where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise APIError(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        rendered.append({"role": "system" if role == "developer" else role,
+                         "content": _content(content, f"{where}.content", role, images)})
+    if len(images) > max_images:
+        raise APIError(f"the request has {len(images)} images; at most {max_images} are allowed per request",
+                       "messages")
+    stream, include_usage, continuous = _stream_options(body)
+    return ParsedRequest(model=model, params=sampling_params(body, defaults), stream=stream,
+                         include_usage=include_usage, continuous_usage=continuous,
+                         messages=rendered, images=images)
+
+
+def _content(content: Any, where: str, role: str, images: list[ImageRef]) -> str | list[dict]:
+    """OpenAI content -> transformers' chat-template content: a string stays a string; parts become
+    {"type": "text", "text"} and {"type": "image"} (images only in user turns)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(f"'{where}' must be a string or an array of content parts, got {_type_name(content)}", where)
+    parts = []
+    for j, part in enumerate(content):
+        at = _path(where, j)
+        if not isinstance(part, dict):
+            raise APIError(f"'{at}' must be an object, got {_type_name(part)}", at)
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise APIError(f"'{at}.text' must be a string, got {_type_name(text)}", f"{at}.text")
+            parts.append({"type": "text", "text": text})
+        elif kind == "image_url":
+            if role != "user":
+                raise APIError(f"'{at}': images are only allowed in user messages", at)
+            ref = part.get("image_url")
+            url = ref.get("url") if isinstance(ref, dict) else ref  # {"url": ...} or, as the SDK documents, a bare string
+            if not isinstance(url, str) or not url:
+                raise APIError(f"'{at}.image_url' must be an object with a non-empty 'url' string", f"{at}.image_url")
+            images.append(ImageRef(url, f"{at}.image_url"))
+            parts.append({"type": "image"})
+        else:
+            raise APIError(f"'{at}.type' must be 'text' or 'image_url', got {kind!r}", f"{at}.type")
+    return parts
+
+
+def parse_completion(body: Any, defaults: dict[str, Any]) -> ParsedRequest:
+    """Validate a /v1/completions body: one prompt, a string or a list of token ids."""
+    if not isinstance(body, dict):
+        raise APIError(f"the request body must be a JSON object, got {_type_name(body)}")
+    model = _model(body)
+    _check_inert(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list):
+        if not prompt or any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
+            raise APIError("'prompt' must be a string, a non-empty array of token ids, or an array of one of those "
+                           "(one prompt per request)", "prompt")
+    elif not isinstance(prompt, str) or not prompt:
+        raise APIError("'prompt' must be a non-empty string or an array of token ids", "prompt")
+    stream, include_usage, continuous = _stream_options(body)
+    return ParsedRequest(model=model, params=sampling_params(body, defaults), stream=stream,
+                         include_usage=include_usage, continuous_usage=continuous, prompt=prompt)
+
+
+# ------------------------------------------------------------------------------------ responses
+
+def usage(out: RequestOutput) -> dict:
+    prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@dataclass
+class ResponseShape:
+    """The id, model name and creation time shared by all chunks of one response."""
+
+    kind: str  # "chat" | "completion"
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _choice(self, out: RequestOutput, text: str, delta: bool, first: bool) -> dict:
+        choice: dict[str, Any] = {"index": 0}
+        if self.kind == "chat":
+            if delta:
+                choice["delta"] = ({"role": "assistant", "content": text} if first else
+                                   {"content": text} if text else {})
+            else:
+                choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = None
+        # A stream's first chunk only opens it (role, no text): the chunk after it carries the end,
+        # even when the request finished on its first token.
+        finished = out.finished and not (delta and first)
+        choice["finish_reason"] = out.finish_reason if finished else None
+        if finished:
+            choice["stop_reason"] = getattr(out, "stop_reason", None)
+        return choice
+
+    @property
+    def _object(self) -> str:
+        return "chat.completion" if self.kind == "chat" else "text_completion"
+
+    def full(self, out: RequestOutput) -> dict:
+        return {"id": self.id, "object": self._object, "created": self.created, "model": self.model,
+                "choices": [self._choice(out, out.text, delta=False, first=False)], "usage": usage(out)}
+
+    def chunk(self, out: RequestOutput, text: str, first: bool = False, with_usage: bool | None = None) -> dict:
+        """A streaming chunk; `with_usage` None leaves usage out, False sets it to null (include_usage
+        asks for usage: null in every chunk but the last), True fills it (continuous_usage_stats)."""
+        body = {"id": self.id, "object": self._object + ("" if self.kind == "completion" else ".chunk"),
+                "created": self.created, "model": self.model,
+                "choices": [self._choice(out, text, delta=True, first=first)]}
+        if with_usage is not None:
+            body["usage"] = usage(out) if with_usage else None
+        return body
+
+    def usage_chunk(self, out: RequestOutput) -> dict:
+        return {"id": self.id, "object": self._object + ("" if self.kind == "completion" else ".chunk"),
+                "created": self.created, "model": self.model, "choices": [], "usage": usage(out)}

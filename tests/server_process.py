@@ -1,0 +1,78 @@
+"""A real `glmrt serve` process on a free loopback port, for the server tests."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m glmrt serve MODEL --host 127.0.0.1 --port P ARGS...`, started on enter and stopped
+    (SIGTERM, then SIGKILL) on exit. `launcher` replaces `-m glmrt` with another module that ends in
+    glmrt.cli.main (e.g. one that injects faults first)."""
+
+    def __init__(self, model: str | Path, *args: str, launcher: str = "glmrt", startup_timeout_s: float = 120.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", launcher, "serve", str(model), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--device", "cpu", "--log-level", "warning", *args]
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServerProcess":
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        # A file, not a pipe: a server that logs a lot must never block on a full pipe.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"glmrt serve exited with {self.proc.returncode}:\n{self.read_log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"glmrt serve did not answer /health within {self.startup_timeout_s} s")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.output = self.read_log()
+        self.log.close()
+
+    def read_log(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics as {'name{labels}': value}, without the *_created series."""
+        values = {}
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                if not name.split("{")[0].endswith("_created"):
+                    values[name] = float(value)
+        return values
