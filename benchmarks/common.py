@@ -141,8 +141,23 @@ def _host_overhead_numbers(data: dict) -> list[str]:
                     f"{p['preprocess_median_ms']:.1f} ms preprocessing"]
 
 
+def _serve_numbers(data: dict) -> list[str]:
+    lines = [f"- {data['checkpoint']}, {len(data['regions'])} region requests, {data['preemptions']} preemptions",
+             "", "| run | concurrency | req/s | output tok/s | TTFT p50/p99 ms | latency p50/p99 ms |",
+             "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['run']} | {r['concurrency']} | {r['requests_per_s']:.3g} | {r['output_tokens_per_s']:.4g} | "
+                     f"{r['ttft_p50_ms']:.4g} / {r['ttft_p99_ms']:.4g} | "
+                     f"{r['latency_p50_ms']:.4g} / {r['latency_p99_ms']:.4g} |")
+    if data["ratios"]:
+        lines.append("")
+    lines += [f"- glmrt / transformers, {r['comparison']}: {r['output_tokens_per_s']:.2f}x tokens/s, "
+              f"{r['latency_p50']:.2f}x p50 latency" for r in data["ratios"]]
+    return lines
+
+
 SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers,
-               "host_overhead": _host_overhead_numbers}
+               "host_overhead": _host_overhead_numbers, "serve": _serve_numbers}
 
 
 def key_numbers(folder: Path) -> list[str]:

@@ -38,7 +38,7 @@ die() {
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-STEPS=(install cpp-ext gpu-tests bench-kernels bench-e2e bench-host bench-patchify kernel-tests-gpu)
+STEPS=(install cpp-ext gpu-tests bench-kernels bench-e2e bench-host bench-patchify bench-serve kernel-tests-gpu)
 MIN_STEP_SECONDS=10  # a step given less than this is skipped rather than started
 out="" quick=0 dry_run=0 allow_cpu=0 tar_path="" budget=840 only="" skip=""
 
@@ -114,6 +114,11 @@ else
     add bench-host 180 1 ""  # skipped, with a note; not a failure
 fi
 add bench-patchify 120 1 "$py benchmarks/patchify.py --out $o$( ((quick)) && echo " --repeats 3")"
+add bench-serve 300 1 "$py benchmarks/serve.py --out $o$smoke"
+# glmrt serve needs the server extra (glmrt[serve]), which the install step (--no-deps) does not add:
+# without it bench-serve is skipped, with the import error as its note; not a failure
+serve_missing=$(timeout 120 "$PYTHON" -c 'import fastapi, uvicorn, prometheus_client, httpx' 2>&1) \
+    && serve_missing="" || serve_missing=$(tail -n 1 <<<"$serve_missing")
 # Last, with whatever time is left: tests/kernels with TRITON_INTERPRET unset, so that on a GPU the
 # kernels are compiled and run for real (they are written for the interpreter).
 add kernel-tests-gpu 240 0 "env -u TRITON_INTERPRET $py -m pytest -q -p no:cacheprovider tests/kernels"
@@ -123,6 +128,7 @@ skip_reason() {  # why step $1 is not run, or nothing
     elif listed "$1" "$skip"; then echo "--skip"
     elif ((quick)) && [[ $1 == kernel-tests-gpu ]]; then echo "--quick"
     elif [[ -z ${COMMAND[$1]} ]]; then echo "$host_script is absent"
+    elif [[ $1 == bench-serve && -n $serve_missing ]]; then echo "glmrt[serve] is not installed ($serve_missing)"
     fi
 }
 

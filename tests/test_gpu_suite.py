@@ -14,7 +14,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
 STEPS = ["install", "cpp-ext", "gpu-tests", "bench-kernels", "bench-e2e", "bench-host",
-         "bench-patchify", "kernel-tests-gpu"]
+         "bench-patchify", "bench-serve", "kernel-tests-gpu"]
 
 
 def run_suite(*args: str, python: str = sys.executable, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -57,6 +57,7 @@ def test_quick_dry_run_passes_smoke_to_the_benchmarks(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"benchmarks/kernels.py --out {tmp_path} --smoke" in done.stdout
     assert f"benchmarks/e2e.py --out {tmp_path} --smoke" in done.stdout
+    assert f"benchmarks/serve.py --out {tmp_path} --smoke" in done.stdout
     assert any("kernel-tests-gpu" in line and "skipped (--quick)" in line for line in done.stdout.splitlines())
 
 
@@ -100,6 +101,31 @@ def test_allow_cpu_quick_run_writes_summary_and_tarball(tmp_path):
         names = set(tar.getnames())
     assert {"results/SUMMARY.md", "results/steps.tsv", "results/logs/bench-patchify.log"} <= names
     assert any(n.startswith("results/patchify-") and n.endswith(".json") for n in names)
+
+
+def test_serve_benchmark_is_skipped_without_the_server_extra(tmp_path):
+    """A python without fastapi: bench-serve is skipped with the import error, not run and failed."""
+    python = tmp_path / "python"
+    python.write_text('#!/usr/bin/env bash\nif [[ "$*" == *"import fastapi"* ]]; then\n'
+                      '    echo "ModuleNotFoundError: No module named \'fastapi\'" >&2; exit 1\nfi\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    done = run_suite("--dry-run", python=str(python))
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if " bench-serve " in line)
+    assert "skipped (glmrt[serve] is not installed (ModuleNotFoundError: No module named 'fastapi'))" in line
+
+
+def test_allow_cpu_quick_serve_benchmark_reaches_the_summary(tmp_path):
+    """benchmarks/serve.py --smoke against a real glmrt serve process; its rows reach SUMMARY.md."""
+    results = tmp_path / "results"
+    done = run_suite("--allow-cpu", "--quick", "--only", "bench-serve", "--out", str(results), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert step_rows(results)["bench-serve"][:2] == ["PASS", "0"]
+    summary = (results / "SUMMARY.md").read_text()
+    assert "### serve-cpu-" in summary and "tiny test checkpoint, 16 region requests" in summary
+    for concurrency in (1, 8, 16):  # 32 in flight is capped by the 16 requests
+        assert f"| glmrt serve | {concurrency} |" in summary
 
 
 def test_hung_step_is_cut_by_the_budget(tmp_path):
