@@ -272,6 +272,9 @@ CASES = [
     Case("too-many-images", lambda m: user(*[img(data_uri(SMALL_PNG))] * (MAX_IMAGES + 1), txt("x")), "messages",
          f"at most {MAX_IMAGES}"),
     Case("oversize-prompt", lambda m: user(txt("word " * (MAX_MODEL_LEN + 100))), "messages", "max_model_len"),
+    # Two ~1300-token images: vLLM's words, which docling-glm-ocr looks for to retry with smaller images.
+    Case("images-too-large-for-the-context", lambda m: user(*[img(data_uri(encode(Image.new("L", (1000, 1000)))))] * 2,
+                                                            txt("x")), "messages", "encoder cache"),
     # sampling fields
     _field_case("max_tokens-string", max_tokens="10"),
     _field_case("max_tokens-zero", max_tokens=0),
