@@ -346,6 +346,18 @@ def test_still_serves_exact_text_after_the_corpus(main_server, strict_server, ex
         assert body["usage"]["prompt_tokens"] == want.prompt_tokens
 
 
+def test_unknown_fields_and_inert_openai_fields_are_accepted(main_server, expect):
+    """As vLLM: names the server does not know are ignored; OpenAI fields it does not implement are
+    accepted at the values that ask for nothing (n 1, logprobs false, penalties 0, ...)."""
+    parts = [img(data_uri(SMALL_PNG)), txt("Text Recognition:")]
+    body = user(*parts, max_tokens=8, user="someone", metadata={"k": "v"}, frobnicate=[1, {"x": None}],
+                n=1, logprobs=False, presence_penalty=0.0, frequency_penalty=0, logit_bias={},
+                response_format={"type": "text"}, stream_options=None)
+    response = post(main_server, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == expect(parts, 8).text
+
+
 # --------------------------------------------------------------------------- allowed media
 
 def test_file_url_inside_allowed_dir(main_server, media, expect):
