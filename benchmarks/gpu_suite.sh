@@ -115,6 +115,13 @@ else
 fi
 add bench-patchify 120 1 "$py benchmarks/patchify.py --out $o$( ((quick)) && echo " --repeats 3")"
 add bench-serve 300 1 "$py benchmarks/serve.py --out $o$smoke"
+# Packages the GPU image lacks travel as wheels in .whl/ (benchmarks/fetch_wheels.sh fetches them):
+# installed aside, into a folder put first on PYTHONPATH, never over the image's own packages.
+if ((!dry_run)) && compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+    wheel_site=$(mktemp -d)
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$wheel_site" \
+        "$REPO"/.whl/*.whl && export PYTHONPATH=$wheel_site${PYTHONPATH:+:$PYTHONPATH}
+fi
 # glmrt serve needs the server extra (glmrt[serve]), which the install step (--no-deps) does not add:
 # without it bench-serve is skipped, with the import error as its note; not a failure
 serve_missing=$(timeout 120 "$PYTHON" -c 'import fastapi, uvicorn, prometheus_client, httpx' 2>&1) \
