@@ -309,6 +309,8 @@ CASES = [
     # bodies
     Case("body-not-json", lambda m: b'{"messages": [', "body", "not valid JSON"),
     Case("body-not-utf8", lambda m: b'{"messages": "\xff\xfe"}', "body", "not valid JSON"),
+    Case("body-nested-too-deep", lambda m: b"[" * 100_000 + b"]" * 100_000, "body", "not valid JSON"),
+    Case("body-int-too-long", lambda m: b'{"max_tokens": ' + b"9" * 5000 + b"}", "body", "not valid JSON"),
     Case("body-json-array", lambda m: [GOOD], None, "JSON object"),
     Case("body-over-limit", lambda m: user(txt("x" * MAX_REQUEST_BYTES)), "body", f"{MAX_REQUEST_BYTES} bytes"),
     Case("body-over-limit-chunked", lambda m: iter([json.dumps(user(txt("x" * MAX_REQUEST_BYTES))).encode()]),

@@ -130,8 +130,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             chunks.append(chunk)
         try:
             return json.loads(b"".join(chunks))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise APIError(f"the request body is not valid JSON ({exc})", "body") from exc
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, too deep, an int too long
+            raise APIError(f"the request body is not valid JSON ({type(exc).__name__}: {exc})", "body") from exc
 
     async def load_images(refs: list[ImageRef]) -> list:
         """Encoded bytes (policy-checked) -> decoded PIL images, in worker threads; errors name the field."""
