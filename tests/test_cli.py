@@ -112,6 +112,20 @@ def test_usage_errors_exit_2(tiny_checkpoint, image_files, tmp_path, capsys):
     assert main(["ocr"]) == 2
 
 
+def test_serve_usage_errors_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load for a usage error")
+
+    monkeypatch.setattr(LLMEngine, "__init__", no_load)
+    model = str(tmp_path)  # never read
+    for flags, shown in [(["--allowed-local-media-path", str(tmp_path / "none")], "is not a directory"),
+                         (["--max-queue", "-1"], "max_queue"), (["--max-num-seqs", "0"], "max_num_seqs"),
+                         (["--block-size", "24"], "block_size"), (["--max-images-per-request", "-2"], "max_images")]:
+        assert main(["serve", model, *flags]) == 2
+        assert shown in capsys.readouterr().err
+    assert main(["serve", model, "--image-backend", "cv2"]) == 2
+
+
 def test_version_and_default_model(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"glmrt {glmrt.__version__}"
