@@ -269,12 +269,16 @@ class ResponseShape:
         finished = out.finished and not (delta and first)
         choice["finish_reason"] = out.finish_reason if finished else None
         if finished:
-            choice["stop_reason"] = getattr(out, "stop_reason", None)
+            choice["stop_reason"] = out.stop_reason
         return choice
 
     @property
     def _object(self) -> str:
         return "chat.completion" if self.kind == "chat" else "text_completion"
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
     def full(self, out: RequestOutput) -> dict:
         return {"id": self.id, "object": self._object, "created": self.created, "model": self.model,
@@ -283,7 +287,7 @@ class ResponseShape:
     def chunk(self, out: RequestOutput, text: str, first: bool = False, with_usage: bool | None = None) -> dict:
         """A streaming chunk; `with_usage` None leaves usage out, False sets it to null (include_usage
         asks for usage: null in every chunk but the last), True fills it (continuous_usage_stats)."""
-        body = {"id": self.id, "object": self._object + ("" if self.kind == "completion" else ".chunk"),
+        body = {"id": self.id, "object": self._chunk_object,
                 "created": self.created, "model": self.model,
                 "choices": [self._choice(out, text, delta=True, first=first)]}
         if with_usage is not None:
@@ -291,5 +295,5 @@ class ResponseShape:
         return body
 
     def usage_chunk(self, out: RequestOutput) -> dict:
-        return {"id": self.id, "object": self._object + ("" if self.kind == "completion" else ".chunk"),
+        return {"id": self.id, "object": self._chunk_object,
                 "created": self.created, "model": self.model, "choices": [], "usage": usage(out)}
