@@ -19,6 +19,7 @@ from jinja2 import TemplateError, TemplateSyntaxError, ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from .extraction import extraction_prompt
 from .image_processor import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, ImageProcessor, read_config_json
 
 IMAGE_TOKEN = "<|image|>"
@@ -30,14 +31,13 @@ TASK_PROMPTS = {
     "table": "Table Recognition:",
     "formula": "Formula Recognition:",
 }
-EXTRACTION_PREFIX = "请按下列JSON格式输出图中信息:"
 
 
 def task_prompt(task: str = "text", schema: str | dict | None = None) -> str:
-    """The model card's prompt for a task, or the information-extraction prompt for a JSON schema."""
+    """The model card's prompt for a task, or the information-extraction prompt for a JSON
+    template or JSON Schema (see glmrt.extraction)."""
     if schema is not None:
-        body = schema if isinstance(schema, str) else json.dumps(schema, ensure_ascii=False, indent=4)
-        return f"{EXTRACTION_PREFIX}\n{body}"
+        return extraction_prompt(schema)
     if task not in TASK_PROMPTS:
         raise ValueError(f"task {task!r} is not one of {sorted(TASK_PROMPTS)} (or pass a schema)")
     return TASK_PROMPTS[task]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_MAX_TOKENS = 8192  # the model card's max_new_tokens for a full page
@@ -50,6 +51,15 @@ class SamplingParams:
     seed: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs (vLLM's meanings; at most one): the output is JSON valid against the
+    # schema (a dict or its JSON text), any JSON object, a full match of the regex, or exactly one
+    # of the strings in `choice`.
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    # The compiled constraint (llguidance grammar), derived from the four fields above.
+    grammar: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.max_tokens = _int("max_tokens", self.max_tokens)
@@ -100,8 +110,37 @@ class SamplingParams:
             self.seed = _int("seed", self.seed)
             if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
                 raise ValueError(f"SamplingParams.seed must be in [-2**63, 2**64), got {self.seed}")
+        self._check_constraint()
         if self.greedy:
             self.top_k, self.top_p = 0, 1.0  # greedy ignores them; keep the object saying so
+
+    def _check_constraint(self) -> None:
+        from .engine.structured import build_grammar
+
+        self.json_object = _bool("json_object", self.json_object)
+        given = [name for name in ("json_schema", "regex", "choice") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) > 1:
+            raise ValueError(f"SamplingParams takes at most one of json_schema, json_object, regex and choice, "
+                             f"got {' and '.join(given)}")
+        if isinstance(self.json_schema, str):
+            try:
+                self.json_schema = json.loads(self.json_schema)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"SamplingParams.json_schema is not valid JSON: {exc}") from None
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise TypeError(f"SamplingParams.json_schema must be a JSON Schema object (a dict or its JSON text), "
+                            f"got {type(self.json_schema).__name__} {self.json_schema!r:.80}")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise TypeError(f"SamplingParams.regex must be a non-empty str, got {type(self.regex).__name__} "
+                            f"{self.regex!r:.80}")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise TypeError(f"SamplingParams.choice must be a non-empty list of non-empty strings, "
+                                f"got {self.choice!r:.80}")
+            self.choice = list(self.choice)
+        self.grammar = build_grammar(self.json_schema, self.json_object, self.regex, self.choice)
 
     @property
     def greedy(self) -> bool:
