@@ -426,6 +426,23 @@ def repetition_penalty_case(batch: int, history: int) -> Case:
                 check=check, bytes=n, target=memory_target(n))
 
 
+def token_bitmask_case(batch: int) -> Case:
+    """A structured-output mask over fp32 logits; half the words allow nothing (the worst case:
+    many -inf stores). Reads the logits and the mask, writes the disallowed entries."""
+    logits = _randn(batch, VOCAB, dtype=torch.float32)
+    words = (VOCAB + 31) // 32
+    mask = torch.where(torch.arange(words, device=DEVICE) % 2 == 0, -1, 0).to(torch.int32).expand(batch, words).contiguous()
+
+    def check() -> tuple[object, object]:
+        return sampling.apply_token_bitmask_(logits.clone(), mask), sampling.apply_token_bitmask_ref(logits, mask)
+
+    n = batch * VOCAB * logits.element_size() * 3 // 2 + mask.numel() * 4
+    return Case("token_bitmask", f"B={batch} V={VOCAB} fp32",
+                triton=lambda: sampling.apply_token_bitmask_(logits, mask),
+                reference=lambda: sampling.apply_token_bitmask_ref(logits, mask),
+                check=check, bytes=n, target=memory_target(n))
+
+
 def _split(tokens: int, parts: int) -> list[int]:
     """tokens cut into `parts` near-equal sequence lengths (the remainder goes to the last)."""
     return [tokens // parts] * (parts - 1) + [tokens - tokens // parts * (parts - 1)]
@@ -459,6 +476,7 @@ def plan(w: Workload) -> dict[str, list[Callable[[], Case]]]:
         "paged_decode_attention": [partial(paged_decode_case, b, c)
                                    for b, c in itertools.product(w.decode_batches, w.decode_contexts)],
         "argmax": [partial(argmax_case, b) for b in w.decode_batches],
+        "token_bitmask": [partial(token_bitmask_case, b) for b in w.decode_batches],
         "repetition_penalty": [partial(repetition_penalty_case, b, max(w.decode_contexts))
                                for b in (min(w.decode_batches), decode_b)],
     }

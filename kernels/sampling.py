@@ -9,6 +9,11 @@ a row's prompt or output contains is penalised once, however often it occurs. Th
 per-row presence mask [B, V] on the device (seeded from the prompt at admission, one entry set per
 sampled token), so the penalty is one elementwise pass whose cost does not grow with the history
 and whose inputs never change shape: it is captured in the decode graph.
+
+token bitmask (structured outputs): the engine computes, on the host with llguidance, which tokens
+each constrained row may take next (bit v % 32 of int32 word v // 32 set = token v allowed) while
+the device runs the decoder forward; this kernel then sets every disallowed logit to -inf, before
+the penalty, temperature and draw. Allowed entries are never rewritten (masked store).
 """
 import torch
 import triton
@@ -16,6 +21,7 @@ import triton.language as tl
 
 _ARGMAX_BLOCK = 4096  # logits per loop step: 16 per thread at 8 warps
 _PENALTY_BLOCK = 4096  # vocabulary entries per program
+_BITMASK_BLOCK = 4096  # vocabulary entries per program (128 mask words)
 
 
 @triton.jit
@@ -52,6 +58,19 @@ def _penalty_kernel(logits_ptr, presence_ptr, penalty_ptr, V, stride_lrow, strid
     penalty = tl.load(penalty_ptr + row)
     penalised = tl.where(score < 0, score * penalty, tl.math.div_rn(score, penalty))
     tl.store(ptrs, penalised.to(logits_ptr.dtype.element_ty), mask=mask & seen)
+
+
+@triton.jit
+def _token_bitmask_kernel(logits_ptr, mask_ptr, V, stride_lrow, stride_mrow, BLOCK: tl.constexpr):
+    # grid (B, cdiv(V, BLOCK)): logits[b, v] = -inf where bit v % 32 of mask[b, v // 32] is 0
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < V
+    words = tl.load(mask_ptr + row * stride_mrow + cols // 32, mask=inside, other=-1)
+    allowed = ((words >> (cols % 32)) & 1) != 0  # arithmetic shift: `& 1` keeps the wanted bit
+    ptrs = logits_ptr + row * stride_lrow + cols
+    minus_inf = tl.full([BLOCK], float("-inf"), tl.float32).to(logits_ptr.dtype.element_ty)
+    tl.store(ptrs, minus_inf, mask=inside & ~allowed)
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -92,6 +111,28 @@ def apply_repetition_penalty_(logits: torch.Tensor, presence: torch.Tensor,
     return logits
 
 
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """In place on logits [B, V]: entry v of row b becomes -inf unless bit v % 32 of
+    bitmask[b, v // 32] (an int32 [B, >= ceil(V / 32)] mask, llguidance's layout) is set. Returns logits."""
+    _check_bitmask(logits, bitmask)
+    B, V = logits.shape
+    if B > 0 and V > 0:
+        block = min(triton.next_power_of_2(V), _BITMASK_BLOCK)
+        _token_bitmask_kernel[(B, triton.cdiv(V, block))](logits, bitmask, V, logits.stride(0), bitmask.stride(0),
+                                                          BLOCK=block, num_warps=4)
+    return logits
+
+
+def _check_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    _check_logits(logits)
+    B, V = logits.shape
+    words = (V + 31) // 32
+    if (bitmask.dim() != 2 or bitmask.shape[0] != B or bitmask.shape[1] < words or bitmask.dtype != torch.int32
+            or bitmask.device != logits.device or (bitmask.numel() and bitmask.stride(1) != 1)):
+        raise ValueError(f"bitmask must be a [{B}, >= {words}] int32 tensor on {logits.device}, contiguous over "
+                         f"its words, got {tuple(bitmask.shape)} {bitmask.dtype} on {bitmask.device}")
+
+
 def _check_presence(logits: torch.Tensor, presence: torch.Tensor, penalty: torch.Tensor) -> None:
     _check_logits(logits)
     B, V = logits.shape
@@ -119,3 +160,11 @@ def apply_repetition_penalty_ref(logits: torch.Tensor, presence: torch.Tensor,
     score = logits.float()
     penalised = torch.where(score < 0, score * p, score / p).to(logits.dtype)
     return torch.where(presence, penalised, logits)
+
+
+def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Plain-torch twin of `apply_token_bitmask_`, out of place."""
+    _check_bitmask(logits, bitmask)
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    allowed = ((bitmask[:, cols // 32] >> (cols % 32)) & 1).bool()
+    return logits.masked_fill(~allowed, float("-inf"))

@@ -117,6 +117,11 @@ class TorchOps:
         """logits [B, V] fp32, presence [B, V] bool, penalty [B] -> penalised logits (maybe in place)."""
         return sampling.apply_repetition_penalty_ref(logits, presence, penalty)
 
+    def apply_token_bitmask(self, logits: Tensor, bitmask: Tensor) -> Tensor:
+        """logits [B, V], bitmask [B, ceil(V / 32)] int32 (bit set = allowed) -> logits with every
+        disallowed entry -inf (maybe in place)."""
+        return sampling.apply_token_bitmask_ref(logits, bitmask)
+
     def argmax(self, logits: Tensor) -> Tensor:
         """logits [B, V] -> [B] int64, lowest index on ties."""
         return sampling.argmax_ref(logits)
@@ -169,6 +174,9 @@ class TritonOps(TorchOps):
 
     def apply_repetition_penalty(self, logits, presence, penalty):
         return sampling.apply_repetition_penalty_(logits, presence, penalty)
+
+    def apply_token_bitmask(self, logits, bitmask):
+        return sampling.apply_token_bitmask_(logits, bitmask)
 
     def argmax(self, logits):
         return sampling.argmax(logits)

@@ -1,10 +1,13 @@
-"""Device argmax and repetition penalty against torch.argmax and transformers' penalty math."""
+"""Device argmax, repetition penalty and token bitmask against torch.argmax, transformers' penalty
+math and a plain-torch unpacking of llguidance's bitmask layout."""
 import pytest
 import torch
 
 from glmrt.kernels.sampling import (
     apply_repetition_penalty_,
     apply_repetition_penalty_ref,
+    apply_token_bitmask_,
+    apply_token_bitmask_ref,
     argmax,
     argmax_ref,
 )
@@ -109,6 +112,56 @@ def test_repetition_penalty_rejects_bad_arguments():
                                   torch.ones(3, device=DEVICE))
 
 
+# ----------------------------------------------------------------------------- token bitmask
+
+
+def _bitmask(batch: int, words: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "random":  # every bit pattern, sign bit included
+        return torch.randint(-2**31, 2**31 - 1, (batch, words), generator=gen, dtype=torch.int32).to(DEVICE)
+    if kind == "sparse":  # a handful of allowed tokens per row, as inside a JSON structure
+        words_ = torch.zeros(batch, words, dtype=torch.int32)
+        words_[:, torch.randint(0, words, (3,), generator=gen)] = torch.tensor(1 << 31, dtype=torch.int64).to(torch.int32)
+        return words_.to(DEVICE)
+    return torch.full((batch, words), {"none": 0, "all": -1}[kind], dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,vocab", [(1, 1), (3, 31), (5, 32), (3, 33), (2, 10007), (1, VOCAB)])
+@pytest.mark.parametrize("kind", ["random", "sparse", "none", "all"])
+def test_token_bitmask_matches_reference(dtype, batch, vocab, kind):
+    gen = torch.Generator().manual_seed(batch * vocab)
+    logits = _strided_logits(batch, vocab, dtype, gen)
+    logits[0, :: max(vocab // 5, 1)] = float("nan")  # allowed NaN and inf stay as they are
+    logits[-1, 0] = float("inf")
+    extra = 2 if kind == "random" else 0  # extra trailing words are ignored
+    mask = _bitmask(batch, (vocab + 31) // 32 + extra, kind, gen)
+    expected = apply_token_bitmask_ref(logits, mask)
+    out = apply_token_bitmask_(logits, mask)
+    assert out is logits
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.nan_to_num(0.0), expected.nan_to_num(0.0))
+    if kind == "all":
+        assert not (out == float("-inf")).any()
+    if kind == "none":
+        assert (out == float("-inf")).all()
+
+
+def test_token_bitmask_bits_are_little_endian_within_words():
+    logits = torch.zeros(1, 70, device=DEVICE)
+    mask = torch.zeros(1, 3, dtype=torch.int32, device=DEVICE)
+    mask[0, 0], mask[0, 1], mask[0, 2] = 1 << 3, torch.tensor(1 << 31).to(torch.int32), 1 << 5  # tokens 3, 63, 69
+    out = apply_token_bitmask_(logits, mask)
+    assert torch.nonzero(out[0] == 0).flatten().tolist() == [3, 63, 69]
+
+
+def test_token_bitmask_rejects_bad_masks():
+    logits = torch.zeros(2, 40, device=DEVICE)
+    for bad in (torch.zeros(2, 1, dtype=torch.int32), torch.zeros(3, 2, dtype=torch.int32),
+                torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.int32)[:, ::2]):
+        with pytest.raises(ValueError, match="bitmask must be"):
+            apply_token_bitmask_(logits, bad.to(DEVICE))
+
+
 # ----------------------------------------------------------------------------- sm_90 compile
 
 
@@ -123,6 +176,10 @@ def test_sampling_kernels_compile_for_sm90():
         sig = {"logits_ptr": f"*{dtype}", "presence_ptr": "*u8", "penalty_ptr": "*fp32", "V": "i32",
                "stride_lrow": "i32", "stride_prow": "i32", "BLOCK": "constexpr"}
         specs.append(("glmrt.kernels.sampling", "_penalty_kernel", sig, dict(BLOCK=4096)))
+    for dtype in ("fp16", "bf16", "fp32"):
+        sig = {"logits_ptr": f"*{dtype}", "mask_ptr": "*i32", "V": "i32", "stride_lrow": "i32",
+               "stride_mrow": "i32", "BLOCK": "constexpr"}
+        specs.append(("glmrt.kernels.sampling", "_token_bitmask_kernel", sig, dict(BLOCK=4096)))
     compile_for_hopper(specs)
 
 
