@@ -156,8 +156,15 @@ def _serve_numbers(data: dict) -> list[str]:
     return lines
 
 
+def _structured_numbers(data: dict) -> list[str]:
+    lines = [f"- host, batch {r['batch']}, {'json_schema' if r['constrained'] else 'unconstrained'}: "
+             f"{r['mean_us']:.0f} us/step (masks {r['masks_us']:.0f} us)" for r in data["host"]]
+    return lines + [f"- device, batch {r['batch']}, {'json_schema' if r['constrained'] else 'unconstrained'}: "
+                    f"{r['median_ms']:.3f} ms/step" for r in data["device_steps"]]
+
+
 SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers,
-               "host_overhead": _host_overhead_numbers, "serve": _serve_numbers}
+               "host_overhead": _host_overhead_numbers, "serve": _serve_numbers, "structured": _structured_numbers}
 
 
 def key_numbers(folder: Path) -> list[str]:

@@ -38,7 +38,7 @@ die() {
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-STEPS=(install cpp-ext gpu-tests bench-kernels bench-e2e bench-host bench-patchify bench-serve kernel-tests-gpu)
+STEPS=(install cpp-ext gpu-tests bench-kernels bench-e2e bench-host bench-structured bench-patchify bench-serve kernel-tests-gpu)
 MIN_STEP_SECONDS=10  # a step given less than this is skipped rather than started
 out="" quick=0 dry_run=0 allow_cpu=0 tar_path="" budget=840 only="" skip=""
 
@@ -113,6 +113,7 @@ if [[ -f $REPO/$host_script ]]; then
 else
     add bench-host 180 1 ""  # skipped, with a note; not a failure
 fi
+add bench-structured 240 1 "$py benchmarks/structured.py --out $o$smoke"
 add bench-patchify 120 1 "$py benchmarks/patchify.py --out $o$( ((quick)) && echo " --repeats 3")"
 add bench-serve 300 1 "$py benchmarks/serve.py --out $o$smoke"
 # Packages the GPU image lacks travel as wheels in .whl/ (benchmarks/fetch_wheels.sh fetches them):

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,11 +41,14 @@ TEXT_TOKENS = torch.arange(300, 364)  # byte-level ids of ordinary characters: r
 
 class StubDevice:
     """Stands in for the device work of a step: forward, vision, lm_head, sampler. Tokens cycle
-    through ordinary text ids so that detokenization does its usual work."""
+    through ordinary text ids so that detokenization does its usual work; under a structured-output
+    mask, a row takes a pseudo-random allowed token instead (that choice is the stub's own work:
+    `seconds` accumulates it, for callers to subtract)."""
 
     def __init__(self, engine: LLMEngine):
         runner, model = engine.runner, engine.model
         self.step = 0
+        self.seconds = 0.0
         hidden = model.config.text.hidden_size
         model.forward = lambda input_ids, *a, **k: torch.zeros(input_ids.shape[0], hidden)
         model.encode_images = lambda pixels, grids: torch.zeros(
@@ -53,10 +57,19 @@ class StubDevice:
         runner.sampler = self.sample
         runner.decode_step = lambda bs, do_sample: self.sample(None, slice(0, bs), do_sample)
 
-    def sample(self, logits, rows: slice, do_sample: bool) -> torch.Tensor:
+    def sample(self, logits, rows: slice, do_sample: bool, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         self.step += 1
         n = rows.stop - rows.start
-        return TEXT_TOKENS[(torch.arange(n) + self.step) % len(TEXT_TOKENS)]
+        tokens = TEXT_TOKENS[(torch.arange(n) + self.step) % len(TEXT_TOKENS)]
+        if token_mask is not None:
+            start = time.perf_counter()
+            bits = np.unpackbits(token_mask[:n].numpy().view(np.uint8), axis=1, bitorder="little")
+            for i in range(n):
+                allowed = np.flatnonzero(bits[i])
+                if len(allowed) < bits.shape[1]:  # a constrained row
+                    tokens[i] = int(allowed[(self.step * 7919 + i * 104729) % len(allowed)])
+            self.seconds += time.perf_counter() - start
+        return tokens
 
 
 def decode_case(path: Path, batch: int, prompt_tokens: int, steps: int) -> dict:

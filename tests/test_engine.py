@@ -203,9 +203,9 @@ def test_a_shared_prefill_that_fails_is_retried_request_by_request(tiny_checkpoi
 
     prefill = engine.runner.prefill
 
-    def counting(step):
+    def counting(step, masks=None):
         prefills.append([s.request_id for s in step.seqs])
-        return prefill(step)
+        return prefill(step, masks)
 
     monkeypatch.setattr(engine.model, "encode_images", broken)
     monkeypatch.setattr(engine.runner, "prefill", counting)

@@ -36,6 +36,7 @@ from .sampler import random_seed
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
 from .stop import StopChecker
+from .structured import StructuredOutputs
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -150,7 +151,9 @@ class LLMEngine:
         self._stop_checkers: dict[str, StopChecker] = {}
         # An eos token that ends a request is no stop_reason, even when stop_token_ids lists it (vLLM).
         self._eos_token_ids = frozenset(self.config.text.eos_token_ids + self.generation_config.eos_token_ids)
+        self.structured = StructuredOutputs(path / "tokenizer.json", text.vocab_size, sorted(self._eos_token_ids))
         self._in_flight: StepHandle | None = None
+        self._held_releases: list[Sequence] | None = None  # see _launch
         self._ids = itertools.count()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -273,6 +276,7 @@ class LLMEngine:
             max_total_tokens=min(limit, len(ids) + params.max_tokens),
             seed=random_seed() if params.seed is None else params.seed,
             pixel_values=pixel_values, image_grid_thw=grids,
+            grammar=self.structured.matcher(params.grammar, request_id) if params.grammar is not None else None,
         )
 
     def prepare_many(self, requests: list[Request | dict], params: list[SamplingParams]) -> list[Sequence]:
@@ -356,7 +360,23 @@ class LLMEngine:
 
     def _launch(self, plan: ScheduledStep, outputs: list[RequestOutput]) -> StepHandle | None:
         try:
-            return self.runner.prefill(plan) if plan.is_prefill else self.runner.decode(plan)
+            if plan.is_prefill:
+                return self.runner.prefill(plan, self._token_masks(plan.seqs))
+            if all(seq.grammar is None for seq in plan.seqs):
+                return self.runner.decode(plan)
+            # Structured-output rows need the previous step's tokens for their masks: the device
+            # runs this step's forward while the host reads them and fills the masks. Requests
+            # that finish meanwhile keep their rows until the sampling is launched (a row move
+            # now would reorder the sampling state under the forward's logits).
+            logits = self.runner.decode_forward(plan)
+            self._held_releases = []
+            try:
+                outputs += self._read_in_flight()
+                return self.runner.decode_sample(plan, logits, self._token_masks(plan.seqs))
+            finally:
+                held, self._held_releases = self._held_releases, None
+                for seq in held:
+                    self._release(seq)
         except Exception as exc:
             if plan.is_prefill and len(plan.seqs) > 1:
                 # Which request broke a shared prefill is unknown: each is prefilled again alone,
@@ -370,6 +390,14 @@ class LLMEngine:
         except BaseException as exc:  # an interrupt: fail the step's requests and propagate
             outputs += self._fail(plan.seqs, exc)
             raise
+
+    def _token_masks(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Host bitmasks [len(seqs), W] for a step's rows (their grammars have seen every token
+        before this step), or None when no row is constrained."""
+        if all(seq.grammar is None for seq in seqs):
+            return None
+        matchers = [None if seq.is_finished else seq.grammar for seq in seqs]
+        return self.structured.fill_masks(matchers, pin=self.device.type == "cuda")
 
     def _read_in_flight(self) -> list[RequestOutput]:
         handle, self._in_flight = self._in_flight, None
@@ -385,6 +413,8 @@ class LLMEngine:
                 continue
             try:
                 seq.append_token(token)
+                if seq.grammar is not None and self.structured.accept(seq.grammar, token) and not seq.is_finished:
+                    seq.finish("stop")  # an ignored eos that completes the constraint still ends it
                 out = self._output(seq, [token])  # may finish the request on a stop string
             except Exception as exc:  # e.g. detokenization: this request's own host work failed
                 outputs += self._fail([seq], exc)
@@ -414,6 +444,9 @@ class LLMEngine:
         return outputs
 
     def _release(self, seq: Sequence) -> None:
+        if self._held_releases is not None:
+            self._held_releases.append(seq)
+            return
         self.scheduler.finish(seq)
         self.runner.release(seq)
 

@@ -6,8 +6,10 @@ replay. The step reads only the device-resident batch (block tables of fixed wid
 lengths, last tokens, sampling state), so a replay needs no input copy at all; rows past the
 running count are inactive (no KV write, context 0). Two graphs per bucket: greedy-only, and with
 the sampled path (temperature, top-k/top-p sort, draw), so greedy steps never pay for a sort.
-All graphs share one memory pool. Capture happens at start-up, while every row is inactive,
-so warm-up runs touch no request's state.
+Steps with a structured-output row replay two graphs instead: the forward up to the logits, then
+(once the host has filled the token masks) the masked sampling. All graphs share one memory
+pool. Capture happens at start-up, while every row is inactive, so warm-up runs touch no
+request's state.
 """
 from __future__ import annotations
 
@@ -24,24 +26,28 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, step: Callable[[int, bool], torch.Tensor], buckets: list[int]):
-        """step(bs, do_sample) -> [bs] tokens: the runner's decode step over rows [0, bs)."""
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
-        pool = None
-        with torch.inference_mode():
-            for bs in reversed(buckets):  # largest first, so later captures fit in its pool
-                for do_sample in (True, False):
-                    step(bs, do_sample)  # warm-up: Triton compiles and cuBLAS picks its kernels outside capture
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        self.outputs[bs, do_sample] = step(bs, do_sample)
-                    pool = graph.pool()
-                    self.graphs[bs, do_sample] = graph
+    """CUDA graphs keyed by what they run, all in one memory pool. Capture the largest batch
+    bucket first, so that later (smaller) captures fit in the pool it reserved."""
+
+    def __init__(self):
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple, torch.Tensor] = {}
+        self._pool = None
+
+    @torch.inference_mode()
+    def capture(self, key: tuple, run: Callable[[], torch.Tensor]) -> None:
+        """Capture `run` (reading and writing device state only) under `key`; its output tensor
+        is static: every replay rewrites it."""
+        run()  # warm-up: Triton compiles and cuBLAS picks its kernels outside capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self.outputs[key] = run()
+        self._pool = graph.pool()
+        self.graphs[key] = graph
         torch.cuda.synchronize()
 
-    def replay(self, bs: int, do_sample: bool) -> torch.Tensor:
-        """-> the bucket's static [bs] token output (valid until the next replay)."""
-        self.graphs[bs, do_sample].replay()
-        return self.outputs[bs, do_sample]
+    def replay(self, key: tuple) -> torch.Tensor:
+        """-> the graph's static output (valid until its next replay)."""
+        self.graphs[key].replay()
+        return self.outputs[key]

@@ -54,6 +54,9 @@ class DeviceBatch:
         self.rope_deltas = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.next_tokens = torch.zeros(max_rows, dtype=torch.int64, device=device)  # last sampled token
         self.sampling = SamplingState(max_rows, vocab_size, device)
+        # Structured-output bitmasks of the step being sampled (rows without a constraint: all
+        # ones); uploaded for every step that has a constrained row, so never moved with rows.
+        self.token_masks = torch.full((max_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32, device=device)
         self._row_tensors = [self.block_tables, self.context_lens, self.active, self.rope_deltas, self.next_tokens,
                              *self.sampling.row_tensors]
 
@@ -94,6 +97,13 @@ class DeviceBatch:
         if new_blocks:
             index = _upload(new_blocks, torch.int64, self.device)
             self.block_tables[index[:, 0], index[:, 1]] = index[:, 2].int()
+
+    def set_token_masks(self, first_row: int, masks: torch.Tensor) -> torch.Tensor:
+        """Upload host bitmasks [N, W] (pinned on CUDA) for rows [first_row, first_row + N) -> that
+        device slice."""
+        rows = self.token_masks[first_row: first_row + masks.shape[0]]
+        rows.copy_(masks, non_blocking=masks.is_pinned())
+        return rows
 
     def decode_inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Advance rows [0, bs) by one token on the device -> (input ids, positions, attention)."""
@@ -140,7 +150,20 @@ class ModelRunner:
         self.sampler = Sampler(model.ops, self.batch.sampling)
         self.image_cache: dict[str, torch.Tensor] = {}  # request id -> image embeddings, kept for recompute
         self.buckets = batch_buckets(max_num_seqs)
-        self.graphs = DecodeGraphs(self.decode_step, self.buckets) if use_graphs else None
+        self.graphs = self._capture_graphs() if use_graphs else None
+
+    def _capture_graphs(self) -> DecodeGraphs:
+        """Per bucket: the whole step (greedy-only and sampled), and for steps with structured-
+        output rows the forward to the logits plus the masked sampling of those logits."""
+        graphs = DecodeGraphs()
+        for bs in reversed(self.buckets):  # largest first, so later captures fit in its pool
+            for do_sample in (True, False):
+                graphs.capture(("step", bs, do_sample), lambda: self.decode_step(bs, do_sample))
+            graphs.capture(("logits", bs), lambda: self.decode_logits(bs))
+            logits = graphs.outputs["logits", bs]
+            for do_sample in (True, False):
+                graphs.capture(("masked", bs, do_sample), lambda: self.sample_rows(logits, bs, do_sample, masked=True))
+        return graphs
 
     def release(self, seq: Sequence) -> None:
         self.image_cache.pop(seq.request_id, None)
@@ -163,8 +186,9 @@ class ModelRunner:
         return torch.cat(parts) if parts else None
 
     @torch.inference_mode()
-    def prefill(self, step: ScheduledStep) -> StepHandle:
-        """Varlen prefill of every known token of each admitted sequence, then one sampled token each."""
+    def prefill(self, step: ScheduledStep, masks: torch.Tensor | None = None) -> StepHandle:
+        """Varlen prefill of every known token of each admitted sequence, then one sampled token
+        each (under the host bitmasks [N, W] of structured-output rows, when given)."""
         seqs, device, bs = step.seqs, self.model.device, self.block_size
         image_id = self.model.config.image_token_id
         ids = torch.tensor([t for s in seqs for t in s.all_token_ids], dtype=torch.int64)
@@ -187,26 +211,63 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[(cu[1:] - 1).to(device=device, dtype=torch.int64)])
         self.batch.admit(seqs, step.first_row)
         rows = slice(step.first_row, step.first_row + len(seqs))
-        tokens = self.sampler(logits, rows, do_sample=any(not s.sampling_params.greedy for s in seqs))
+        token_mask = self.batch.set_token_masks(step.first_row, masks) if masks is not None else None
+        tokens = self.sampler(logits, rows, self._do_sample(step), token_mask)
         self.batch.next_tokens[rows] = tokens
         return StepHandle(seqs, tokens)
 
-    def decode_step(self, bs: int, do_sample: bool) -> torch.Tensor:
-        """The whole decode step of rows [0, bs) on device state only -> [bs] tokens.
-        Captured per (bucket, do_sample) by DecodeGraphs, or run as is."""
+    def decode_logits(self, bs: int) -> torch.Tensor:
+        """The decoder forward of rows [0, bs) on device state only -> [bs, V] logits."""
         input_ids, positions, attn = self.batch.decode_inputs(bs)
-        hidden = self.model.forward(input_ids, positions, attn, self.kv_caches)
-        tokens = self.sampler(self.model.compute_logits(hidden), slice(0, bs), do_sample)
+        return self.model.compute_logits(self.model.forward(input_ids, positions, attn, self.kv_caches))
+
+    def sample_rows(self, logits: torch.Tensor, bs: int, do_sample: bool, masked: bool) -> torch.Tensor:
+        """Sample rows [0, bs) (with the uploaded token masks when `masked`) -> [bs] tokens, which
+        the next step reads as its inputs."""
+        tokens = self.sampler(logits, slice(0, bs), do_sample, self.batch.token_masks[:bs] if masked else None)
         self.batch.next_tokens[:bs] = tokens
         return tokens
 
+    def decode_step(self, bs: int, do_sample: bool) -> torch.Tensor:
+        """The whole decode step of rows [0, bs) on device state only -> [bs] tokens.
+        Captured per (bucket, do_sample), or run as is."""
+        return self.sample_rows(self.decode_logits(bs), bs, do_sample, masked=False)
+
+    def _start_decode(self, step: ScheduledStep) -> int:
+        """Upload the step's new block ids -> the bucket size it runs at. Eager and graph decode
+        both run at the bucket size, so they share every kernel's grid (and split-KV choice)."""
+        self.batch.set_blocks(step.new_blocks)
+        return next(x for x in self.buckets if x >= len(step.seqs))
+
+    @staticmethod
+    def _do_sample(step: ScheduledStep) -> bool:
+        return any(not s.sampling_params.greedy for s in step.seqs)
+
     @torch.inference_mode()
     def decode(self, step: ScheduledStep) -> StepHandle:
-        """One token for every running sequence. Eager and graph decode both run the step at the
-        batch's bucket size, so they share every kernel's grid (and split-KV choice)."""
-        self.batch.set_blocks(step.new_blocks)
+        """One token for every running sequence, in one launch (no structured-output row)."""
+        bs, do_sample = self._start_decode(step), self._do_sample(step)
+        if self.graphs is not None:
+            tokens = self.graphs.replay(("step", bs, do_sample))
+        else:
+            tokens = self.decode_step(bs, do_sample)
+        return StepHandle(step.seqs, tokens[: len(step.seqs)])
+
+    @torch.inference_mode()
+    def decode_forward(self, step: ScheduledStep) -> torch.Tensor:
+        """The first half of a step with structured-output rows: launch the forward -> logits to
+        pass to `decode_sample` once the host has the token masks."""
+        bs = self._start_decode(step)
+        return self.graphs.replay(("logits", bs)) if self.graphs is not None else self.decode_logits(bs)
+
+    @torch.inference_mode()
+    def decode_sample(self, step: ScheduledStep, logits: torch.Tensor, masks: torch.Tensor) -> StepHandle:
+        """The second half: upload the host bitmasks [B, W] of the step's rows, sample."""
         b = len(step.seqs)
-        bs = next(x for x in self.buckets if x >= b)
-        do_sample = any(not s.sampling_params.greedy for s in step.seqs)
-        tokens = self.graphs.replay(bs, do_sample) if self.graphs is not None else self.decode_step(bs, do_sample)
+        bs, do_sample = logits.shape[0], self._do_sample(step)
+        self.batch.set_token_masks(0, masks)
+        if self.graphs is not None:
+            tokens = self.graphs.replay(("masked", bs, do_sample))
+        else:
+            tokens = self.sample_rows(logits, bs, do_sample, masked=True)
         return StepHandle(step.seqs, tokens[:b])

@@ -1,6 +1,7 @@
 """Token selection for rows of the device-resident batch, inside the captured decode step.
 
-Semantics follow transformers' logits processors (and vLLM): the repetition penalty covers
+Semantics follow transformers' logits processors (and vLLM): a structured-output request's token
+bitmask comes first (disallowed tokens -inf), then the repetition penalty covers
 prompt + generated tokens (x < 0 -> x * p, else x / p) on fp32 logits, then temperature, top-k,
 top-p (the smallest set whose probability reaches top_p, at least one token), then a draw.
 Temperature 0 is greedy: argmax after the penalty. Greedy and sampled rows share one step.
@@ -46,10 +47,13 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
 
 
 def hashed_uniform(seeds: torch.Tensor, counters: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
-    """seeds, counters [N] int64, vocab_ids [V] int64 -> [N, V] float32 uniform in (0, 1), 24 bits."""
+    """seeds, counters [N] int64, vocab_ids [V] int64 -> [N, V] float32 uniform in (0, 1): the
+    midpoints (2k + 1) / 2**24 of 2**23 cells, all exact in float32, so u < 1 and -log(u) > 0
+    (with 24 bits, k + 0.5 rounds to 2**24 for the top cell: u = 1 would make a filtered-out
+    token's 0 / 0 a NaN that wins the race)."""
     key = _mix64(seeds * _GOLDEN + counters)  # [N]: one stream per (request, step)
     bits = _mix64(key[:, None] + (vocab_ids + 1)[None, :] * _GOLDEN)
-    return (_shr(bits, 40).float() + 0.5) * (1.0 / (1 << 24))
+    return (_shr(bits, 41) * 2 + 1).float() * (1.0 / (1 << 24))
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -89,12 +93,18 @@ class Sampler:
         self.ops = ops
         self.state = state
 
-    def __call__(self, logits: torch.Tensor, rows: slice, do_sample: bool) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, rows: slice, do_sample: bool,
+                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """logits [N, V] of the batch rows `rows` -> [N] int64 tokens; records them in the
         presence mask and advances the rows' RNG counters. do_sample=False skips the sampled
-        path (every row greedy), which keeps the common greedy step free of a vocabulary sort."""
+        path (every row greedy), which keeps the common greedy step free of a vocabulary sort.
+        token_mask [N, ceil(V / 32)] int32: the structured-output bitmask (1 bits = allowed),
+        applied first, as in vLLM, so that the penalty, temperature and draw see allowed tokens only."""
         st = self.state
-        logits = self.ops.apply_repetition_penalty(logits.float(), st.presence[rows], st.penalty[rows])
+        logits = logits.float()
+        if token_mask is not None:
+            logits = self.ops.apply_token_bitmask(logits, token_mask)
+        logits = self.ops.apply_repetition_penalty(logits, st.presence[rows], st.penalty[rows])
         tokens = self.ops.argmax(logits)
         if do_sample:
             temperature = st.temperature[rows]

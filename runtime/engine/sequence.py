@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,9 @@ class Sequence:
     # Set when a prefill shared with other requests failed: it is prefilled again in a step of
     # its own, so that a request that breaks a step fails alone.
     prefill_alone: bool = False
+    # The llguidance matcher of a constrained request (json_schema, regex, ...), advanced by every
+    # token read back; None when unconstrained.
+    grammar: Any = None
 
     @property
     def num_tokens(self) -> int:

@@ -30,6 +30,10 @@ import torch
 
 # Literal strings in llguidance's Lark dialect take JSON string syntax, so json.dumps quotes a choice.
 _LARK_HEADER = "start: "
+# JSON may be laid out freely (the model's habit is the template's 4-space indentation), but each
+# run of whitespace is bounded: unbounded runs let a model loop on whitespace until max_tokens.
+# A schema's own "x-guidance" options override this.
+JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,48}"}
 
 
 def _llguidance():
@@ -44,9 +48,9 @@ def build_grammar(json_schema: dict | None = None, json_object: bool = False, re
     ValueError naming the SamplingParams field when the constraint is malformed."""
     llg = _llguidance().LLMatcher
     if json_schema is not None:
-        field, grammar = "json_schema", llg.grammar_from_json_schema(json_schema)
+        field, grammar = "json_schema", llg.grammar_from_json_schema(json_schema, defaults=JSON_OPTIONS)
     elif json_object:
-        field, grammar = "json_object", llg.grammar_from_json_schema({"type": "object"})
+        field, grammar = "json_object", llg.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     elif regex is not None:
         field, grammar = "regex", llg.grammar_from_regex(regex)
     elif choice is not None:
@@ -95,15 +99,13 @@ class StructuredOutputs:
             raise ValueError(f"request {request_id}: the constraint cannot be compiled: {matcher.get_error()}")
         return matcher
 
-    @staticmethod
-    def accept(matcher: Any, token: int) -> bool:
-        """Advance a request's matcher by its newly read token -> whether the grammar is complete
-        and this token ended it (an eos after a complete grammar). Raises GrammarRejected."""
-        if matcher.is_stopped():  # a token after the end (ignore_eos): nothing more to match
-            return True
+    def accept(self, matcher: Any, token: int) -> bool:
+        """Advance a request's matcher by its newly read token -> whether this token ends the
+        request's constraint (an eos after a complete grammar; it matters when eos does not stop
+        the request, i.e. ignore_eos). Raises GrammarRejected."""
         if not matcher.consume_token(token):
             raise GrammarRejected(f"token {token} is not allowed by the request's constraint: {matcher.get_error()}")
-        return matcher.is_stopped()
+        return token in self._eos_token_ids and matcher.is_stopped()
 
     def fill_masks(self, matchers: list[Any | None], pin: bool) -> torch.Tensor | None:
         """[len(matchers), W] int32 host bitmask (pinned when `pin`): row i from matchers[i], or all

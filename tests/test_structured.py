@@ -1,0 +1,234 @@
+"""Structured outputs (json_schema, json_object, regex, choice) on the tiny random checkpoint.
+
+Unconstrained, its random weights emit garbage; constrained, every output must parse and validate.
+Strings are bounded with maxLength, arrays with maxItems and numbers with ranges, so that random
+weights reach the end of the grammar. The mask is also checked against transformers: its greedy
+generate with the same llguidance mask as a logits processor gives the same tokens, and a
+constraint that allows every token the model picks changes nothing.
+"""
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+import glmrt
+from glmrt import SamplingParams
+from tests.helpers import hf_inputs, make_image
+
+MAX_TOKENS = 400
+
+
+def _obj(properties: dict, required: list | None = None) -> dict:
+    return {"type": "object", "properties": properties, "required": list(properties) if required is None else required,
+            "additionalProperties": False}
+
+
+def _str(n: int = 8) -> dict:
+    return {"type": "string", "maxLength": n}
+
+
+SCHEMAS = {
+    "flat": _obj({"name": _str(), "date": _str(10)}),
+    "nested": _obj({"person": _obj({"first": _str(), "last": _str()}), "address": _obj({"city": _str(6)})}),
+    "array of objects": _obj({"items": {"type": "array", "maxItems": 3,
+                                        "items": _obj({"name": _str(5), "price": {"type": "number", "minimum": 0,
+                                                                                  "maximum": 999}})}}),
+    "array of strings": _obj({"tags": {"type": "array", "items": _str(4), "minItems": 1, "maxItems": 2}}),
+    "enum": _obj({"status": {"enum": ["paid", "due", "void"]}, "currency": {"enum": ["CNY", "USD"]}}),
+    "numbers": _obj({"count": {"type": "integer", "minimum": 0, "maximum": 99},
+                     "ratio": {"type": "number", "minimum": -1, "maximum": 1}, "ok": {"type": "boolean"}}),
+    "unicode keys": _obj({"姓名": _str(6), "身份证号": {"type": "string", "pattern": "^[0-9]{6}$"},
+                          "地址": _obj({"城市": {"enum": ["北京", "上海"]}})}),
+    "optional keys": _obj({"id": {"type": "integer", "minimum": 1, "maximum": 9}, "note": _str(4)}, required=["id"]),
+    "nullable": _obj({"value": {"anyOf": [_str(5), {"type": "null"}]}}),
+    "defs and refs": {"$defs": {"line": _obj({"qty": {"type": "integer", "minimum": 1, "maximum": 9}})},
+                      **_obj({"lines": {"type": "array", "maxItems": 2, "items": {"$ref": "#/$defs/line"}}})},
+    "top-level array": {"type": "array", "maxItems": 3, "items": {"enum": [1, 2, 3]}},
+    "model-card template": None,  # below
+}
+
+
+def _bounded_template_schema() -> dict:
+    """The schema glmrt makes of a model-card template, with its unbounded strings and array bounded."""
+    schema = glmrt.extraction.template_to_schema({"id_number": "", "name": "", "items": [{"price": ""}]})
+    props = schema["properties"]
+    for leaf in (props["id_number"], props["name"], props["items"]["items"]["properties"]["price"]):
+        leaf["maxLength"] = 6
+    props["items"]["maxItems"] = 2
+    return schema
+
+
+SCHEMAS["model-card template"] = _bounded_template_schema()
+
+PROMPTS = [  # (image sizes, prompt): with and without images
+    ([(56, 84)], "请按下列JSON格式输出图中信息:"),
+    ([], "Extract the fields as JSON."),
+    ([(112, 56), (56, 56)], "Information extraction:"),
+]
+
+
+def _request(i: int) -> dict:
+    sizes, prompt = PROMPTS[i % len(PROMPTS)]
+    return {"prompt": prompt, "images": [make_image(w, h, i) for w, h in sizes]}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch", max_num_seqs=16)
+
+
+def _constrained_cases():
+    """(SamplingParams, check(text)) for every schema, greedy and sampled, plus regex and choice."""
+    cases = []
+    for i, schema in enumerate(SCHEMAS.values()):
+        sampled = dict(temperature=0.9, top_p=0.95, seed=i) if i % 2 else {}
+        cases.append((SamplingParams(max_tokens=MAX_TOKENS, json_schema=schema, repetition_penalty=1.1, **sampled),
+                      lambda text, schema=schema: jsonschema.validate(json.loads(text), schema)))
+    pattern = r"[A-Z]{2}-[0-9]{3}(\.[a-z]{1,3})?"
+    cases.append((SamplingParams(max_tokens=MAX_TOKENS, regex=pattern, temperature=1.0, seed=7),
+                  lambda text: re.fullmatch(pattern, text) is not None))
+    choices = ["invoice", "receipt", "身份证", "other \"kind\""]
+    cases.append((SamplingParams(max_tokens=MAX_TOKENS, choice=choices), lambda text: text in choices))
+    return cases
+
+
+def test_every_constrained_output_parses_and_validates(llm):
+    cases = _constrained_cases()
+    outputs = llm.generate([_request(i) for i in range(len(cases))], [params for params, _ in cases])
+    for (params, check), out in zip(cases, outputs):
+        assert out.finish_reason == "stop", (out.finish_reason, out.error, out.text)
+        assert out.token_ids[-1] in llm.engine._eos_token_ids  # ended by eos, as unconstrained output does
+        assert check(out.text) is not False, out.text
+
+
+def test_json_object_output_follows_the_grammar_at_every_token(llm):
+    """Any JSON object: its keys are unbounded, so random weights may not finish one; every token
+    must still be allowed, and a finished output must be an object."""
+    params = SamplingParams(max_tokens=120, json_object=True)
+    outputs = llm.generate([_request(i) for i in range(3)], params)
+    for out in outputs:
+        matcher = llm.engine.structured.matcher(params.grammar, "check")
+        assert all(matcher.consume_token(t) for t in out.token_ids), out.text
+        assert out.text.startswith("{")
+        if out.finish_reason == "stop":
+            assert isinstance(json.loads(out.text), dict)
+
+
+def test_a_constraint_that_allows_every_chosen_token_changes_nothing(llm):
+    """Greedy with a penalty, and seeded sampling without top_p (a top_p cut-off renormalised over
+    the allowed tokens could differ), under a regex that admits any text. (Any text: a lone byte
+    of a multi-byte character is no text, and seeds were picked whose draws contain none.)"""
+    params = [SamplingParams(max_tokens=40, repetition_penalty=1.2),
+              SamplingParams(max_tokens=40, temperature=0.8, top_k=100, seed=3),
+              SamplingParams(max_tokens=40, temperature=1.0, seed=12)]
+    requests = [_request(i) for i in range(len(params))]
+    permissive = [_replace(p, regex=r"[\s\S]*") for p in params]
+    free = llm.generate(requests, params)
+    for out, p in zip(free, permissive):  # the precondition: the constraint allows every token chosen
+        matcher = llm.engine.structured.matcher(p.grammar, "check")
+        assert all(matcher.consume_token(t) for t in out.token_ids), out.token_ids
+    constrained = llm.generate(requests, permissive)
+    for a, b in zip(free, constrained):
+        assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason
+
+
+def _replace(params: SamplingParams, **changes) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, **changes)
+
+
+def test_constrained_and_unconstrained_requests_in_one_batch_do_not_affect_each_other(llm):
+    cases = _constrained_cases()[:4]
+    free_params = [SamplingParams(max_tokens=30, repetition_penalty=1.1),
+                   SamplingParams(max_tokens=30, temperature=0.7, seed=5)]
+    requests = [_request(i) for i in range(len(cases) + len(free_params))]
+    alone_constrained = llm.generate(requests[:len(cases)], [p for p, _ in cases])
+    alone_free = llm.generate(requests[len(cases):], free_params)
+    mixed = llm.generate(requests, [p for p, _ in cases] + free_params)
+    assert [o.token_ids for o in mixed] == [o.token_ids for o in alone_constrained + alone_free]
+
+
+def test_serial_steps_and_preemption_give_the_same_constrained_outputs(llm, tiny_checkpoint):
+    cases = _constrained_cases()[:6]
+    requests = [_request(i) for i in range(len(cases))]
+    reference = llm.generate(requests, [p for p, _ in cases])
+    # Serial steps, and a KV cache so small that running requests are preempted and recomputed.
+    tight = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch",
+                      async_scheduling=False, max_model_len=320, kv_cache_tokens=320, block_size=16)
+    outputs = tight.generate(requests, [p for p, _ in cases])
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+
+
+def test_greedy_constrained_tokens_equal_transformers_generate_with_the_same_mask(llm, hf_model, hf_processor):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    schema = SCHEMAS["nested"]
+    params = SamplingParams(max_tokens=MAX_TOKENS, json_schema=schema, repetition_penalty=1.1)
+    names_sizes, prompt = [(56, 84)], "请按下列JSON格式输出图中信息:"
+    images = [make_image(w, h, 0) for w, h in names_sizes]
+    ours = llm.generate({"prompt": prompt, "images": images}, params)[0]
+
+    structured = llm.engine.structured
+    matcher = structured.matcher(params.grammar, "hf")
+
+    class Guidance(LogitsProcessor):  # llguidance's mask as a transformers logits processor
+        def __init__(self):
+            self.start = None
+
+        def __call__(self, input_ids, scores):
+            if self.start is None:
+                self.start = input_ids.shape[1]
+            elif input_ids.shape[1] > self.start:
+                assert matcher.consume_token(int(input_ids[0, -1]))
+            mask = structured.fill_masks([matcher], pin=False)
+            cols = torch.arange(scores.shape[1])
+            allowed = ((mask[0, cols // 32] >> (cols % 32)) & 1).bool()
+            return scores.masked_fill(~allowed[None], float("-inf"))
+
+    inputs = hf_inputs(hf_processor, images, prompt)
+    with torch.no_grad():
+        out = hf_model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, repetition_penalty=1.1,
+                                logits_processor=LogitsProcessorList([Guidance()]))
+    theirs = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert ours.finish_reason == "stop" and ours.token_ids == theirs
+    jsonschema.validate(json.loads(ours.text), schema)
+
+
+def test_ignore_eos_still_ends_when_the_constraint_is_complete(llm):
+    choices = ["yes", "no"]
+    out = llm.generate(_request(1), SamplingParams(max_tokens=50, choice=choices, ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.text in choices
+    assert out.token_ids[-1] in llm.engine._eos_token_ids
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"json_schema": "{not json"}, r"SamplingParams\.json_schema is not valid JSON"),
+    ({"json_schema": [1, 2]}, r"SamplingParams\.json_schema must be a JSON Schema object"),
+    ({"json_schema": {"type": "bogus"}}, r"SamplingParams\.json_schema cannot be used.*bogus"),
+    ({"json_schema": {"$ref": "#/$defs/missing"}}, r"SamplingParams\.json_schema cannot be used"),
+    ({"regex": "a(b"}, r"(?s)SamplingParams\.regex cannot be used.*unclosed group"),
+    ({"regex": ""}, r"SamplingParams\.regex must be a non-empty str"),
+    ({"choice": []}, r"SamplingParams\.choice must be a non-empty list"),
+    ({"choice": ["a", 1]}, r"SamplingParams\.choice must be a non-empty list"),
+    ({"json_object": "yes"}, r"SamplingParams\.json_object must be a bool"),
+    ({"regex": "a", "choice": ["a"]}, r"at most one of json_schema, json_object, regex and choice, got regex and choice"),
+])
+def test_a_malformed_constraint_is_refused_naming_its_field(fields, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        SamplingParams(**fields)
+
+
+
+def test_triton_backend_gives_the_torch_backends_constrained_tokens(llm, tiny_checkpoint):
+    """The Triton bitmask kernel in the engine (interpreted on CPU): same tokens as the torch ops."""
+    params = [SamplingParams(max_tokens=12, choice=["yes", "no", "maybe"], repetition_penalty=1.1),
+              SamplingParams(max_tokens=12, regex=r"[A-Z]{2}-[0-9]{3}", temperature=1.0, seed=4)]
+    requests = [_request(1), _request(1)]
+    triton = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend="triton")
+    ours = triton.generate(requests, params)
+    assert all(o.finish_reason == "stop" for o in ours)
+    assert [o.token_ids for o in ours] == [o.token_ids for o in llm.generate(requests, params)]
