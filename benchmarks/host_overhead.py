@@ -56,6 +56,7 @@ class StubDevice:
         model.compute_logits = lambda h: h[:, :1]
         runner.sampler = self.sample
         runner.decode_step = lambda bs, do_sample: self.sample(None, slice(0, bs), do_sample)
+        runner.decode_logits = lambda bs: torch.zeros(bs, 1)  # the forward half of a constrained step
 
     def sample(self, logits, rows: slice, do_sample: bool, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         self.step += 1
@@ -63,11 +64,14 @@ class StubDevice:
         tokens = TEXT_TOKENS[(torch.arange(n) + self.step) % len(TEXT_TOKENS)]
         if token_mask is not None:
             start = time.perf_counter()
-            bits = np.unpackbits(token_mask[:n].numpy().view(np.uint8), axis=1, bitorder="little")
+            words = token_mask[:n].numpy()
             for i in range(n):
-                allowed = np.flatnonzero(bits[i])
-                if len(allowed) < bits.shape[1]:  # a constrained row
-                    tokens[i] = int(allowed[(self.step * 7919 + i * 104729) % len(allowed)])
+                if (words[i] == -1).all():  # no constraint on this row
+                    continue
+                nonzero = np.flatnonzero(words[i])  # words with an allowed token
+                w = int(nonzero[(self.step * 7919 + i * 104729) % len(nonzero)])
+                bits = [b for b in range(32) if (int(words[i, w]) >> b) & 1]
+                tokens[i] = 32 * w + bits[(self.step + i) % len(bits)]
             self.seconds += time.perf_counter() - start
         return tokens
 

@@ -165,6 +165,6 @@ def apply_repetition_penalty_ref(logits: torch.Tensor, presence: torch.Tensor,
 def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Plain-torch twin of `apply_token_bitmask_`, out of place."""
     _check_bitmask(logits, bitmask)
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    allowed = ((bitmask[:, cols // 32] >> (cols % 32)) & 1).bool()
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]  # [B, 32 W] -> [B, V]
     return logits.masked_fill(~allowed, float("-inf"))
