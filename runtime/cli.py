@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .engine.engine import EngineConfig
+from .extraction import as_json_schema
 from .llm import LLM
 from .outputs import RequestOutput
 from .processor import TASK_PROMPTS, task_prompt
@@ -53,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     ocr.add_argument("images", nargs="+", help="image files (each one is its own request)")
     ocr.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or Hub id (default: {DEFAULT_MODEL})")
     ocr.add_argument("--task", choices=sorted(TASK_PROMPTS), default="text")
-    ocr.add_argument("--schema", type=Path, help="JSON schema file for information extraction (overrides --task)")
+    ocr.add_argument("--schema", type=Path,
+                     help="information extraction (overrides --task): a JSON file with the model card's template "
+                          '(e.g. {"name": "", "items": [{"price": ""}]}) or a JSON Schema; the output is constrained to it')
     ocr.add_argument("--json", action="store_true",
                      help='print one JSON object per image: {"image", "text", "finish_reason", "num_tokens"}')
     sampling = ocr.add_argument_group("sampling (default: the checkpoint's generation_config.json)")
@@ -117,17 +120,20 @@ def _engine_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _read_schema(path: Path | None) -> str | None:
+def _read_schema(path: Path | None) -> tuple[str | None, dict | None]:
+    """--schema FILE (a model-card template or a JSON Schema) -> (its text for the prompt, the JSON
+    Schema the output is constrained to); (None, None) without it. Exit 2 when it is unusable."""
     if path is None:
-        return None
+        return None, None
     try:
         text = path.read_text(encoding="utf-8")
-        json.loads(text)
+        schema = as_json_schema(text, what=f"--schema {path}")
+        SamplingParams(json_schema=schema)  # llguidance compiles it: a bad schema fails here, not per image
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read --schema {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--schema {path} is not valid JSON ({exc})") from exc
-    return text
+    except (TypeError, ValueError) as exc:
+        raise UsageError(_one_line(exc).replace("SamplingParams.json_schema", f"--schema {path}")) from exc
+    return text, schema
 
 
 def _check_flags(overrides: dict, options: dict) -> None:
@@ -183,12 +189,13 @@ class _Printer:
 
 
 def _ocr(args: argparse.Namespace) -> int:
-    prompt = task_prompt(args.task, _read_schema(args.schema))
+    schema_text, schema = _read_schema(args.schema)
+    prompt = task_prompt(args.task, schema_text)
     overrides = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     options = _engine_options(args)
     _check_flags(overrides, options)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **options)
-    params = llm.generation_config.sampling_params(**overrides)
+    params = llm.generation_config.sampling_params(**overrides, json_schema=schema)
     engine = llm.engine
     printer = _Printer(len(args.images))
     todo = list(reversed(args.images))

@@ -1,11 +1,13 @@
 """glmrt.LLM: the offline Python API (vLLM's shape)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import torch
 
 from .engine.engine import LLMEngine
+from .extraction import as_json_schema
 from .outputs import Request, RequestOutput
 from .processor import task_prompt
 from .sampling_params import SamplingParams
@@ -61,6 +63,16 @@ class LLM:
 
     def ocr(self, image: Any, task: str = "text", schema: str | dict | None = None,
             sampling_params: SamplingParams | None = None) -> str:
-        """Recognise one image: task "text" | "table" | "formula", or JSON extraction with `schema`."""
+        """Recognise one image: task "text" | "table" | "formula", or extract fields as JSON with
+        `schema`: the model card's example template (`{"name": "", "items": [{"price": ""}]}`) or
+        a JSON Schema, as a dict or JSON text. The prompt is the model card's (with the template;
+        a schema is shown as the template it describes) and the output is constrained to the
+        schema (a template's: every key, in order, strings at the leaves)."""
+        params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
+        if schema is not None:
+            if params.grammar is not None:
+                raise ValueError("sampling_params already carries a constraint (json_schema, json_object, regex or "
+                                 "choice); ocr(schema=...) sets its own")
+            params = dataclasses.replace(params, json_schema=as_json_schema(schema))
         request = Request(prompt=task_prompt(task, schema), images=[image])
-        return self.generate(request, sampling_params)[0].text
+        return self.generate(request, params)[0].text

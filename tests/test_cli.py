@@ -56,6 +56,28 @@ def test_json_output_and_tasks(tiny_checkpoint, image_files, tmp_path, capsys):
     assert main(["ocr", image_files[0], "--model", str(tiny_checkpoint), "--task", "table", "--max-tokens", "3"]) == 0
 
 
+def test_schema_file_constrains_the_output(tiny_checkpoint, image_files, tmp_path, capsys):
+    """A JSON Schema file: every image's text validates. A template file: the output follows it
+    from its first token (random weights need not close its unbounded strings in a few tokens)."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 6}}, "required": ["title"],
+              "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    assert main(["ocr", *image_files, "--model", str(tiny_checkpoint), "--schema", str(path), "--json",
+                 "--max-tokens", "300", *TORCH_CPU]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == len(image_files) and all(r["finish_reason"] == "stop" for r in rows)
+    for r in rows:
+        jsonschema.validate(json.loads(r["text"]), schema)
+    template = tmp_path / "template.json"
+    template.write_text('{"标题": ""}')
+    assert main(["ocr", image_files[0], "--model", str(tiny_checkpoint), "--schema", str(template),
+                 "--max-tokens", "4", *TORCH_CPU]) == 0
+    assert capsys.readouterr().out.startswith("{")
+
+
 def test_bad_images_fail_alone(tiny_checkpoint, image_files, tmp_path, capsys):
     missing, bad = str(tmp_path / "missing.png"), tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
@@ -104,6 +126,10 @@ def test_usage_errors_exit_2(tiny_checkpoint, image_files, tmp_path, capsys):
     assert f"--schema {schema} is not valid JSON" in capsys.readouterr().err
     assert main(["ocr", image_files[0], "--model", str(tiny_checkpoint), "--schema", str(tmp_path / "none")]) == 2
     assert "cannot read --schema" in capsys.readouterr().err
+    schema.write_text('{"type": "object", "properties": {"a": {"type": "bogus"}}}')
+    assert main(["ocr", image_files[0], "--model", str(tiny_checkpoint), "--schema", str(schema)]) == 2
+    err = capsys.readouterr().err
+    assert f"--schema {schema} cannot be used as a constraint" in err and "bogus" in err and len(err.splitlines()) == 1
     for flags, shown in [(["--max-tokens", "0"], "--max-tokens 0"), (["--top-p", "2"], "--top-p 2.0"),
                          (["--temperature", "nan"], "--temperature nan"), (["--max-num-seqs", "0"], "max_num_seqs")]:
         assert main(["ocr", image_files[0], "--model", str(tiny_checkpoint), *flags]) == 2
