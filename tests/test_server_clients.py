@@ -11,8 +11,10 @@ import base64
 import copy
 import io
 import json
+import re
 
 import httpx
+import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -250,6 +252,74 @@ def test_openai_completions(client, llm, tiny_checkpoint):
     assert full.object == "text_completion" and len(full.choices) == 1
     assert full.choices[0].text == expected.text and full.choices[0].finish_reason == "length"
     assert full.usage.model_dump(exclude_none=True) == usage_of(expected)
+
+
+# ---------------------------------------------------------------------- structured outputs
+
+INVOICE = {"type": "object", "additionalProperties": False, "required": ["number", "lines"], "properties": {
+    "number": {"type": "string", "maxLength": 8},
+    "lines": {"type": "array", "maxItems": 2, "items": {
+        "type": "object", "additionalProperties": False, "required": ["qty"],
+        "properties": {"qty": {"type": "integer", "minimum": 0, "maximum": 99}}}}}}
+EXTRACT = "请按下列JSON格式输出图中信息:"
+
+
+def test_openai_response_format_json_schema_plain_and_streamed(client, llm):
+    sent, messages, images = user_turn(png(96, 64, 30), EXTRACT)
+    expected = reference(llm, messages, images, max_tokens=200, json_schema=INVOICE)
+    assert expected.finish_reason == "stop"
+    response_format = {"type": "json_schema", "json_schema": {"name": "invoice", "schema": INVOICE, "strict": True}}
+    full = client.chat.completions.create(model="glm-ocr", messages=sent, max_tokens=200,
+                                          response_format=response_format)
+    assert full.choices[0].message.content == expected.text and full.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(full.choices[0].message.content), INVOICE)
+    chunks = list(client.chat.completions.create(model="glm-ocr", messages=sent, max_tokens=200, stream=True,
+                                                 response_format=response_format))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+
+
+def test_response_format_takes_a_model_card_template_and_json_object(client, llm):
+    sent, messages, images = user_turn(png(64, 64, 31), EXTRACT)
+    template = {"编号": "", "lines": [{"qty": ""}]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "t", "schema": template}}
+    full = client.chat.completions.create(model="glm-ocr", messages=sent, max_tokens=40, response_format=response_format)
+    expected = reference(llm, messages, images, max_tokens=40, json_schema=glmrt.extraction.template_to_schema(template))
+    assert full.choices[0].message.content == expected.text and expected.text.startswith("{")
+    full = client.chat.completions.create(model="glm-ocr", messages=sent, max_tokens=40,
+                                          response_format={"type": "json_object"})
+    assert full.choices[0].message.content == reference(llm, messages, images, max_tokens=40, json_object=True).text
+
+
+def test_vllm_structured_outputs_and_guided_fields(server, client, llm, tiny_checkpoint):
+    sent, messages, images = user_turn(png(64, 48, 32), "Which document is this?")
+    choices = ["invoice", "receipt", "身份证"]
+    full = client.chat.completions.create(model="glm-ocr", messages=sent, max_tokens=20,
+                                          extra_body={"structured_outputs": {"choice": choices}})
+    assert full.choices[0].message.content in choices and full.choices[0].finish_reason == "stop"
+    pattern = r"[A-Z]{2}-[0-9]{2,4}"
+    full = client.chat.completions.create(model="glm-ocr", messages=sent, max_tokens=20,
+                                          extra_body={"guided_regex": pattern})
+    assert re.fullmatch(pattern, full.choices[0].message.content)
+    # completions, with guided_json as JSON text
+    done = client.completions.create(model="glm-ocr", prompt="Invoice:", max_tokens=200,
+                                     extra_body={"guided_json": json.dumps(INVOICE)})
+    assert done.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(done.choices[0].text), INVOICE)
+
+
+def test_constrained_and_unconstrained_requests_at_once(client, llm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sent, messages, images = user_turn(png(80, 56, 33), EXTRACT)
+    free = reference(llm, messages, images, max_tokens=16)
+    constrained = reference(llm, messages, images, max_tokens=200, json_schema=INVOICE)
+    fmt = {"type": "json_schema", "json_schema": {"name": "invoice", "schema": INVOICE}}
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(client.chat.completions.create, model="glm-ocr", messages=sent, max_tokens=16),
+                pool.submit(client.chat.completions.create, model="glm-ocr", messages=sent, max_tokens=200,
+                            response_format=fmt)] * 2
+        texts = [job.result().choices[0].message.content for job in jobs]
+    assert texts == [free.text, constrained.text] * 2
 
 
 def test_openai_models_list(client):

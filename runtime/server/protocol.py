@@ -7,6 +7,12 @@ answered as HTTP 400 with an OpenAI-style error body. Field semantics follow vLL
 `ignore_eos`, `skip_special_tokens`, `include_stop_str_in_output`) are accepted at the top level;
 fields glmrt does not implement are refused only when they ask for something (`n: 2`,
 `logprobs: true`), and names it does not know are ignored, as vLLM ignores them.
+
+Structured outputs come in three spellings, all mapped onto SamplingParams' constraint fields:
+OpenAI's `response_format` ({"type": "json_schema", "json_schema": {"schema": ...}} or
+{"type": "json_object"}), vLLM's `structured_outputs` ({"json" | "regex" | "choice" |
+"json_object": ...}) and vLLM's older `guided_json` / `guided_regex` / `guided_choice`. A JSON
+schema may also be the model card's example template (`{"name": "", "items": [{"price": ""}]}`).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..extraction import as_json_schema
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 
@@ -50,6 +57,11 @@ INERT_VALUES = {
     "parallel_tool_calls": (False, True),
 }
 ROLES = ("system", "developer", "user", "assistant")
+# Structured-output request fields -> SamplingParams constraint fields (response_format aside).
+GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice"}
+STRUCTURED_OUTPUTS_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "json_object": "json_object"}
+# vLLM constraint options glmrt does not implement: refused unless null or false.
+UNSUPPORTED_GUIDED = ("guided_grammar", "guided_whitespace_pattern")
 
 
 @dataclass
@@ -100,6 +112,55 @@ def _check_inert(body: dict) -> None:
                            f"(accepted: {', '.join(repr(a) for a in allowed)} or null)", name)
 
 
+def _constraints(body: dict) -> list[tuple[str, str, Any]]:
+    """The structured-output constraints a body asks for, as (request field, SamplingParams field,
+    value); JSON schemas (or templates) already turned into JSON Schemas."""
+    found = []
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise APIError(f"'response_format' must be an object, got {_type_name(response_format)}", "response_format")
+        kind = response_format.get("type")
+        if kind == "json_object":
+            found.append(("response_format", "json_object", True))
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict):
+                raise APIError("'response_format.json_schema' must be an object with a 'schema'",
+                               "response_format.json_schema")
+            if spec.get("schema") is None:
+                raise APIError("'response_format.json_schema.schema' is required (a JSON Schema or a template)",
+                               "response_format.json_schema.schema")
+            found.append(("response_format.json_schema.schema", "json_schema", spec["schema"]))
+        elif kind != "text":
+            raise APIError(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           "response_format.type")
+    for name in UNSUPPORTED_GUIDED:
+        if body.get(name) not in (None, False):
+            raise APIError(f"'{name}' is not supported by this server", name)
+    found += [(name, target, body[name]) for name, target in GUIDED_FIELDS.items() if body.get(name) is not None]
+    options = body.get("structured_outputs")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise APIError(f"'structured_outputs' must be an object, got {_type_name(options)}", "structured_outputs")
+        for key, value in options.items():
+            name = f"structured_outputs.{key}"
+            if key in STRUCTURED_OUTPUTS_KEYS and value not in (None, False):
+                found.append((name, STRUCTURED_OUTPUTS_KEYS[key], value))
+            elif key not in STRUCTURED_OUTPUTS_KEYS and value not in (None, False):
+                raise APIError(f"'{name}' is not supported by this server", name)
+    if len(found) > 1:
+        raise APIError(f"at most one structured-output constraint per request, got {' and '.join(f[0] for f in found)}",
+                       found[1][0])
+    for i, (name, target, value) in enumerate(found):
+        if target == "json_schema":
+            try:
+                found[i] = (name, target, as_json_schema(value, what=f"'{name}'"))
+            except (TypeError, ValueError) as exc:
+                raise APIError(str(exc), name) from exc
+    return found
+
+
 def sampling_params(body: dict, defaults: dict[str, Any]) -> SamplingParams:
     """SamplingParams from the request fields over the server's defaults; errors name the field."""
     values = dict(defaults)
@@ -108,6 +169,9 @@ def sampling_params(body: dict, defaults: dict[str, Any]) -> SamplingParams:
         value = body.get(name)
         if value is None or target in given:  # max_completion_tokens wins over max_tokens
             continue
+        given[target] = name
+        values[target] = value
+    for name, target, value in _constraints(body):
         given[target] = name
         values[target] = value
     for target, name in given.items():
@@ -156,10 +220,6 @@ def parse_chat(body: Any, defaults: dict[str, Any], max_images: int) -> ParsedRe
         raise APIError(f"the request body must be a JSON object, got {_type_name(body)}")
     model = _model(body)
     _check_inert(body)
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise APIError("'response_format' other than {\"type\": \"text\"} is not supported by this server",
-                       "response_format")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty array of messages", "messages")
