@@ -1,15 +1,21 @@
 """The sampler's draw never leaves the allowed set: top-k/top-p filtering and token bitmasks."""
 import torch
 
-from glmrt.engine.sampler import Sampler, SamplingState, hashed_uniform
+from glmrt.engine.sampler import Sampler, SamplingState, hashed_uniform, uniform_from_bits
 from glmrt.model.ops import TorchOps
 
 VOCAB = 59392  # GLM-OCR's: a full row is where a rare u = 1 showed up
 
 
+def test_uniform_from_bits_is_strictly_inside_zero_one_at_the_extremes():
+    extremes = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63)])  # -1: all 64 bits set, the top cell
+    u = uniform_from_bits(extremes)
+    assert 0 < u.min() and u.max() < 1 and (-torch.log(u)).min() > 0
+
+
 def test_hashed_uniform_is_strictly_inside_zero_one():
-    seeds = torch.arange(-64, 64) * 7919
-    u = hashed_uniform(seeds, torch.arange(128) * 3, torch.arange(VOCAB))
+    seeds = torch.arange(-16, 16) * 7919
+    u = hashed_uniform(seeds, torch.arange(32) * 3, torch.arange(VOCAB))
     assert 0 < u.min() and u.max() < 1
     assert (-torch.log(u)).min() > 0
     assert abs(u.mean().item() - 0.5) < 1e-3
@@ -23,10 +29,10 @@ def _state(rows: int, temperature: float, top_k: int) -> SamplingState:
     return st
 
 
-def test_sampled_tokens_stay_in_the_top_k_and_the_mask_over_thousands_of_draws():
+def test_sampled_tokens_stay_in_the_top_k_and_the_mask():
     """Before the fix, ~0.35% of draws over a 59,392-token row could pick a filtered-out token
-    (0 / 0 = NaN won the race); 2,560 draws would have shown several."""
-    rows, steps = 64, 40
+    (0 / 0 = NaN won the race)."""
+    rows, steps = 32, 12
     gen = torch.Generator().manual_seed(0)
     st = _state(rows, temperature=1.0, top_k=3)
     sampler = Sampler(TorchOps(), st)

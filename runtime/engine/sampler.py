@@ -52,7 +52,11 @@ def hashed_uniform(seeds: torch.Tensor, counters: torch.Tensor, vocab_ids: torch
     (with 24 bits, k + 0.5 rounds to 2**24 for the top cell: u = 1 would make a filtered-out
     token's 0 / 0 a NaN that wins the race)."""
     key = _mix64(seeds * _GOLDEN + counters)  # [N]: one stream per (request, step)
-    bits = _mix64(key[:, None] + (vocab_ids + 1)[None, :] * _GOLDEN)
+    return uniform_from_bits(_mix64(key[:, None] + (vocab_ids + 1)[None, :] * _GOLDEN))
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """int64 random bit patterns -> float32 in (0, 1) from their top 23 bits."""
     return (_shr(bits, 41) * 2 + 1).float() * (1.0 / (1 << 24))
 
 
