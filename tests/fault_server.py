@@ -5,8 +5,12 @@ A request whose prompt text contains one of the markers below fails at that poin
 RuntimeError, as an unexpected bug in the runtime would; every other request runs unchanged:
 - FAIL_PREPARE: in LLMEngine.prepare (preprocessing, before the request is queued);
 - FAIL_PREFILL: in ModelRunner.prefill, before anything of the step reaches the device;
-- FAIL_DECODE: in ModelRunner.decode, once the request has two tokens (its first output has been
-  delivered, so a stream has started).
+- FAIL_DECODE: in a decode step (ModelRunner.decode, or decode_forward for a step with
+  structured-output rows), once the request has two tokens (its first output has been delivered,
+  so a stream has started).
+
+Importing this module changes nothing (test_server_robustness.py imports its markers); the faults
+are installed only when it runs as the server's main module.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from glmrt.engine.runner import ModelRunner
 FAIL_PREPARE, FAIL_PREFILL, FAIL_DECODE = "FAIL_PREPARE", "FAIL_PREFILL", "FAIL_DECODE"
 
 _faults: dict[str, str] = {}  # request id -> its marker, from prepare until the request finishes
-_prepare, _prefill, _decode, _release = LLMEngine.prepare, ModelRunner.prefill, ModelRunner.decode, LLMEngine._release
+_prepare, _prefill, _release = LLMEngine.prepare, ModelRunner.prefill, LLMEngine._release
+_decode, _decode_forward = ModelRunner.decode, ModelRunner.decode_forward
 
 
 def _marker_of(engine: LLMEngine, prompt_token_ids: list[int]) -> str | None:
@@ -37,19 +42,28 @@ def prepare(self: LLMEngine, *args, **kwargs):
     return seq
 
 
-def prefill(self: ModelRunner, step):
+def prefill(self: ModelRunner, step, *args, **kwargs):
     failing = [s.request_id for s in step.seqs if _faults.get(s.request_id) == FAIL_PREFILL]
     if failing:
         raise RuntimeError(f"injected fault in the prefill of {failing}")
-    return _prefill(self, step)
+    return _prefill(self, step, *args, **kwargs)
 
 
-def decode(self: ModelRunner, step):
+def _fail_decode(step) -> None:
     failing = [s.request_id for s in step.seqs
                if _faults.get(s.request_id) == FAIL_DECODE and len(s.output_token_ids) >= 2]
     if failing:
         raise RuntimeError(f"injected fault in a decode step of {failing}")
+
+
+def decode(self: ModelRunner, step):
+    _fail_decode(step)
     return _decode(self, step)
+
+
+def decode_forward(self: ModelRunner, step):
+    _fail_decode(step)
+    return _decode_forward(self, step)
 
 
 def release(self: LLMEngine, seq) -> None:
@@ -59,7 +73,7 @@ def release(self: LLMEngine, seq) -> None:
     _release(self, seq)
 
 
-LLMEngine.prepare, ModelRunner.prefill, ModelRunner.decode, LLMEngine._release = prepare, prefill, decode, release
-
 if __name__ == "__main__":
+    LLMEngine.prepare, LLMEngine._release = prepare, release
+    ModelRunner.prefill, ModelRunner.decode, ModelRunner.decode_forward = prefill, decode, decode_forward
     sys.exit(main(sys.argv[1:]))
