@@ -84,7 +84,8 @@ def test_schema_to_template():
 
 def test_prompt_is_the_model_cards():
     text = '{\n    "id_number": "",\n    "姓名": ""\n}'
-    assert extraction_prompt(text) == f"{EXTRACTION_PREFIX}\n{text}"  # the user's text, verbatim
+    assert EXTRACTION_PREFIX == "请按下列JSON格式输出图中信息:"
+    assert extraction_prompt(text) == "请按下列JSON格式输出图中信息:\n" + text  # the user's text, verbatim
     assert extraction_prompt({"姓名": "", "a": [{"b": ""}]}) == (
         EXTRACTION_PREFIX + '\n{\n    "姓名": "",\n    "a": [\n        {\n            "b": ""\n        }\n    ]\n}')
     schema = template_to_schema({"姓名": "", "a": [{"b": ""}]})
@@ -124,15 +125,36 @@ def test_ocr_with_a_json_schema_returns_valid_json(llm):
         jsonschema.validate(json.loads(text), schema)
 
 
-def test_ocr_with_a_template_sends_the_model_cards_prompt_and_constrains_to_its_schema(llm, monkeypatch):
-    sent = []
+TEMPLATE_TEXT = '{\n    "编号": "",\n    "items": [{"price": ""}]\n}'
+
+
+@pytest.mark.parametrize("template", [TEMPLATE_TEXT, json.loads(TEMPLATE_TEXT)], ids=["text", "dict"])
+def test_ocr_with_a_template_sends_the_model_cards_prompt_and_constrains_to_its_schema(llm, monkeypatch, template):
+    """Template strings are unbounded, so random weights need not close them within max_tokens:
+    every output token must be one the template's schema allows, and a finished output validates."""
+    sent, got = [], []
     generate = llm.generate
-    monkeypatch.setattr(llm, "generate", lambda request, params: sent.append((request, params)) or generate(request, params))
-    template = '{\n    "编号": "",\n    "items": [{"price": ""}]\n}'
-    text = llm.ocr(make_image(56, 56, 0), schema=template, sampling_params=glmrt.SamplingParams(max_tokens=6))
-    request, params = sent[0]
-    assert request.prompt == f"{EXTRACTION_PREFIX}\n{template}"
-    assert params.json_schema == template_to_schema(json.loads(template)) and params.max_tokens == 6
-    assert text.startswith("{")
-    with pytest.raises(ValueError, match="sampling_params already carries a constraint"):
-        llm.ocr(make_image(56, 56, 0), schema=template, sampling_params=glmrt.SamplingParams(regex="a+"))
+
+    def spy(request, params):
+        sent.append((request, params))
+        got.extend(generate(request, params))
+        return got
+
+    monkeypatch.setattr(llm, "generate", spy)
+    text = llm.ocr(make_image(56, 56, 0), schema=template, sampling_params=glmrt.SamplingParams(max_tokens=40))
+    [(request, params)], [out] = sent, got
+    expected = template if isinstance(template, str) else json.dumps(template, indent=4, ensure_ascii=False)
+    assert request.prompt == "请按下列JSON格式输出图中信息:\n" + expected
+    assert params.json_schema == template_to_schema(json.loads(TEMPLATE_TEXT)) and params.max_tokens == 40
+    assert text == out.text and text.startswith("{") and out.finish_reason in ("stop", "length")
+    matcher = llm.engine.structured.matcher(params.grammar, "check")
+    assert all(matcher.consume_token(t) for t in out.token_ids), text  # a prefix of the schema's language
+    if out.finish_reason == "stop":
+        jsonschema.validate(json.loads(text), params.json_schema)
+
+
+def test_ocr_refuses_a_second_constraint(llm):
+    constraints = ({"regex": "a+"}, {"choice": ["a", "b"]}, {"json_object": True}, {"json_schema": {"type": "object"}})
+    for constraint in constraints:
+        with pytest.raises(ValueError, match="sampling_params already carries a constraint"):
+            llm.ocr(make_image(56, 56, 0), schema=TEMPLATE_TEXT, sampling_params=glmrt.SamplingParams(**constraint))
