@@ -10,6 +10,7 @@ means "no slot" (padding rows of a CUDA-graph batch) and is skipped.
 Neither launcher reads a device tensor: grids and intermediates depend on shapes only, so both
 calls are safe to capture in a CUDA graph and replay with new slot mappings / tables / lengths.
 """
+import functools
 import math
 
 import torch
@@ -36,7 +37,7 @@ _MIN_DOT_M = 16
 # memory, so 3 programs fit on an SM (shared memory bound).
 _DECODE_WARPS = 4
 _DECODE_STAGES = 5
-_RESIDENT_PROGRAMS = 132 * 3  # H100 / H200: 132 SMs x 3 programs
+_PROGRAMS_PER_SM = 3
 _MAX_SPLITS = 64
 
 
@@ -263,12 +264,22 @@ def decode_tiles(head_dim: int) -> tuple[int, int]:
     return block_d, _BLOCK_N if block_d <= 128 else _BLOCK_N // 2
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int) -> int:
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device (132 on H100 / H200); 1 elsewhere: Triton's interpreter runs the
+    programs one after another, so splitting the work only adds programs."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
+                       num_sms: int = 132) -> int:
     """KV splits per (sequence, kv head): as many as fit B * Hkv * splits programs into one wave
-    of resident programs on 132 SMs (equal splits finish together; a second, partial wave would
+    of resident programs (3 per SM; equal splits finish together, a second, partial wave would
     leave SMs idle at the end), keeping at least one tile (BLOCK_N tokens, whole cache blocks)
     per split of a full table. Depends on shapes only, so a captured graph keeps its grid."""
-    wanted = _RESIDENT_PROGRAMS // max(batch * num_kv_heads, 1)
+    wanted = num_sms * _PROGRAMS_PER_SM // max(batch * num_kv_heads, 1)
     tiles = triton.cdiv(max_blocks * block_size, _BLOCK_N)
     return max(1, min(wanted, tiles, _MAX_SPLITS))
 
@@ -303,7 +314,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"{tuple(context_lens.shape)} {context_lens.dtype}")
     max_blocks = block_tables.shape[1]
     if num_splits is None:
-        num_splits = default_num_splits(batch, num_kv_heads, max_blocks, block_size)
+        num_splits = default_num_splits(batch, num_kv_heads, max_blocks, block_size,
+                                        multiprocessor_count(q.device))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale

@@ -7,6 +7,7 @@ from glmrt.kernels import paged
 from glmrt.kernels.paged import (
     decode_tiles,
     default_num_splits,
+    multiprocessor_count,
     paged_decode_attention,
     paged_decode_attention_ref,
     write_kv_cache,
@@ -212,6 +213,11 @@ def test_default_num_splits_is_static_and_bounded():
     assert default_num_splits(1, 8, 256, 16) == 49
     assert default_num_splits(1, 8, 2, 16) == 1      # a 32-token table holds a single tile
     assert default_num_splits(512, 8, 512, 16) == 1
+    assert default_num_splits(8, 8, 256, 16, num_sms=108) == 5  # A100: one wave of 3 x 108
+    # The interpreter (1 "SM"): a few splits at batch 1, so CPU runs still cross split + combine.
+    assert multiprocessor_count(torch.device("cpu")) == 1
+    assert default_num_splits(1, 1, 256, 16, num_sms=1) == 3
+    assert default_num_splits(6, 1, 256, 16, num_sms=1) == 1
 
 
 def test_paged_decode_rejects_bad_shapes():
