@@ -18,6 +18,8 @@ namespace glmrt {
 void build_normalize_lut(const double* mean, const double* stdev, int64_t channels, float* lut);
 void patchify_u8(const uint8_t* img, int64_t height, int64_t width, int64_t channels, const float* lut,
                  int64_t patch, int64_t temporal, int64_t merge, float* out, int64_t num_threads);
+void patch_pixels_u8(const uint8_t* img, int64_t height, int64_t width, int64_t channels, int64_t patch,
+                     int64_t merge, uint8_t* out, int64_t num_threads);
 }  // namespace glmrt
 
 namespace {
@@ -25,15 +27,31 @@ namespace {
 // std::invalid_argument is translated to Python ValueError by pybind11.
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("patchify: " + msg); }
 
-py::array_t<float> patchify(const py::array& image, const std::vector<double>& mean,
-                            const std::vector<double>& stdev, int64_t patch_size, int64_t temporal_patch_size,
-                            int64_t merge_size, int64_t num_threads) {
+// The image's (H, W, C) after the checks both entry points share.
+struct ImageShape {
+    int64_t height, width, channels;
+};
+
+ImageShape check_image(const py::array& image, int64_t patch_size, int64_t temporal_patch_size, int64_t merge_size) {
     if (!py::isinstance<py::array_t<uint8_t>>(image))
         bad("image must be a uint8 array, got dtype " + std::string(py::str(image.dtype())));
     if (image.ndim() != 3) bad("image must be HWC (3 dims), got " + std::to_string(image.ndim()) + " dims");
     if (!(image.flags() & py::array::c_style)) bad("image must be C-contiguous");
     const int64_t H = image.shape(0), W = image.shape(1), C = image.shape(2);
     if (C < 1) bad("image has no channels");
+    if (patch_size < 1 || temporal_patch_size < 1 || merge_size < 1)
+        bad("patch_size, temporal_patch_size and merge_size must be >= 1");
+    const int64_t unit = patch_size * merge_size;
+    if (H < 1 || W < 1 || H % unit != 0 || W % unit != 0)
+        bad("image size " + std::to_string(H) + "x" + std::to_string(W) + " is not a positive multiple of " +
+            "patch_size*merge_size = " + std::to_string(unit));
+    return {H, W, C};
+}
+
+py::array_t<float> patchify(const py::array& image, const std::vector<double>& mean,
+                            const std::vector<double>& stdev, int64_t patch_size, int64_t temporal_patch_size,
+                            int64_t merge_size, int64_t num_threads) {
+    const auto [H, W, C] = check_image(image, patch_size, temporal_patch_size, merge_size);
     if (static_cast<int64_t>(mean.size()) != C || static_cast<int64_t>(stdev.size()) != C)
         bad("mean and std need " + std::to_string(C) + " values (one per channel), got " +
             std::to_string(mean.size()) + " and " + std::to_string(stdev.size()));
@@ -41,13 +59,6 @@ py::array_t<float> patchify(const py::array& image, const std::vector<double>& m
         if (!std::isfinite(mean[c])) bad("mean must be finite");
         if (!std::isfinite(stdev[c]) || stdev[c] == 0.0) bad("std must be finite and non-zero");
     }
-    if (patch_size < 1 || temporal_patch_size < 1 || merge_size < 1)
-        bad("patch_size, temporal_patch_size and merge_size must be >= 1");
-    const int64_t unit = patch_size * merge_size;
-    if (H < 1 || W < 1 || H % unit != 0 || W % unit != 0)
-        bad("image size " + std::to_string(H) + "x" + std::to_string(W) + " is not a positive multiple of " +
-            "patch_size*merge_size = " + std::to_string(unit));
-
     const int64_t rows = (H / patch_size) * (W / patch_size);
     const int64_t row_len = C * temporal_patch_size * patch_size * patch_size;
     std::vector<float> lut(static_cast<size_t>(C) * 256);
@@ -64,6 +75,19 @@ py::array_t<float> patchify(const py::array& image, const std::vector<double>& m
     return out;
 }
 
+py::array_t<uint8_t> patch_pixels(const py::array& image, int64_t patch_size, int64_t merge_size,
+                                  int64_t num_threads) {
+    const auto [H, W, C] = check_image(image, patch_size, 1, merge_size);
+    py::array_t<uint8_t> out(std::vector<py::ssize_t>{(H / patch_size) * (W / patch_size), C * patch_size * patch_size});
+    const auto* src = static_cast<const uint8_t*>(image.data());
+    uint8_t* dst = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        glmrt::patch_pixels_u8(src, H, W, C, patch_size, merge_size, dst, num_threads);
+    }
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -74,4 +98,9 @@ PYBIND11_MODULE(_C, m) {
           "merge-block-major order, row vector order (c, t, py, px), temporal copies identical, "
           "x = (pixel - 255*mean_c) / (255*std_c) in fp32. The GIL is released during the loop; "
           "num_threads > 1 splits the work over that many threads. Bad input raises ValueError.");
+    m.def("patch_pixels", &patch_pixels, py::arg("image"), py::arg("patch_size") = 14, py::arg("merge_size") = 2,
+          py::arg("num_threads") = 1,
+          "patchify's layout without normalization or temporal copies: uint8 [N, C*P*P], the raw pixels "
+          "of each patch in (c, py, px) order, for the device to normalize. GIL released; bad input "
+          "raises ValueError.");
 }

@@ -20,7 +20,10 @@ The torchvision resize makes the very call torchvision makes, so it matches on e
 for both backends.
 
 `patchify` uses the C++ extension `glmrt._C` when it was built and `patchify_numpy` otherwise; the
-two give bit-identical results.
+two give bit-identical results. The engine does not upload those float32 rows: it takes the raw
+uint8 pixels of each patch (`patch_pixels`, [N, C*P*P], 8x fewer bytes than float32 with T = 2)
+and `ImageProcessor.normalize_patches` turns them into the same float32 rows on the device, with
+the same per-(channel, value) table, so the values are bit-identical.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ try:  # optional C++ extension
 except ImportError:  # pragma: no cover - depends on the build
     _C = None
 
-HAS_CPP = _C is not None and hasattr(_C, "patchify")
+HAS_CPP = _C is not None and hasattr(_C, "patchify") and hasattr(_C, "patch_pixels")
 
 # GLM-OCR defaults (the checkpoint's preprocessor_config.json).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -72,6 +75,8 @@ __all__ = [
     "HAS_CPP",
     "ImageProcessor",
     "load_image",
+    "patch_pixels",
+    "patch_pixels_numpy",
     "patchify",
     "patchify_numpy",
     "resize_torchvision",
@@ -317,6 +322,26 @@ def patchify_numpy(
     return out.reshape(gh * gw, c * t * p * p)
 
 
+def patch_pixels_numpy(image: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE) -> np.ndarray:
+    """numpy twin of glmrt._C.patch_pixels: uint8 HWC -> uint8 [N, C*P*P], patchify's rows without
+    normalization or temporal copies (row vector order (c, py, px))."""
+    c = image.shape[2] if isinstance(image, np.ndarray) and image.ndim == 3 else 0
+    _check_patchify_args(image, [0.0] * c, [1.0] * c, patch_size, 1, merge_size)
+    h, w, c = image.shape
+    p, m = patch_size, merge_size
+    blocks = image.reshape(h // p // m, m, p, w // p // m, m, p, c).transpose(0, 3, 1, 4, 6, 2, 5)
+    return np.ascontiguousarray(blocks).reshape((h // p) * (w // p), c * p * p)
+
+
+def patch_pixels(image: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE) -> np.ndarray:
+    """uint8 HWC image -> uint8 [N, C*P*P]; C++ when built, else `patch_pixels_numpy`."""
+    if not HAS_CPP:
+        return patch_pixels_numpy(image, patch_size, merge_size)
+    if isinstance(image, np.ndarray) and not image.flags.c_contiguous:
+        image = np.ascontiguousarray(image)
+    return _C.patch_pixels(image, patch_size, merge_size)
+
+
 def patchify(
     image: np.ndarray,
     mean: Sequence[float],
@@ -403,6 +428,7 @@ class ImageProcessor:
             self._patchify_mean, self._patchify_std = _torchvision_normalize_stats(self.image_mean, self.image_std)
         else:
             self._patchify_mean, self._patchify_std = self.image_mean, self.image_std
+        self._normalize_tables: dict[torch.device, torch.Tensor] = {}  # normalize_patches' table per device
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backend: str = "torchvision") -> "ImageProcessor":
@@ -460,24 +486,44 @@ class ImageProcessor:
             return np.asarray(rgb.resize((width, height), resample=Image.Resampling.BICUBIC), dtype=np.uint8)
         return resize_torchvision(np.asarray(rgb, dtype=np.uint8), height, width)
 
-    def preprocess_one(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """One image -> (float32 [gh*gw, 3*T*P*P] patches, (1, gh, gw))."""
+    def preprocess_one(self, image: ImageLike, normalize: bool = True) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """One image -> (patches, (1, gh, gw)): float32 [gh*gw, 3*T*P*P] pixel values, or with
+        normalize=False their raw uint8 pixels [gh*gw, 3*P*P] (see `normalize_patches`)."""
         rgb = to_rgb(load_image(image))
         h, w = self.resized_size(rgb.height, rgb.width)
-        patches = patchify(
-            self.resize(rgb, h, w), self._patchify_mean, self._patchify_std,
-            self.patch_size, self.temporal_patch_size, self.merge_size,
-        )
+        resized = self.resize(rgb, h, w)
+        if normalize:
+            patches = patchify(resized, self._patchify_mean, self._patchify_std,
+                               self.patch_size, self.temporal_patch_size, self.merge_size)
+        else:
+            patches = patch_pixels(resized, self.patch_size, self.merge_size)
         return patches, (1, h // self.patch_size, w // self.patch_size)
 
-    def __call__(self, images: Sequence[ImageLike] | ImageLike) -> dict[str, torch.Tensor]:
+    def normalize_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3*P*P] patch pixels (`normalize=False`) -> float32 pixel values [N, 3*T*P*P]
+        on their device, bit-identical to `normalize=True` (the same table, gathered)."""
+        pp = self.patch_size**2
+        if pixels.dtype != torch.uint8 or pixels.dim() != 2 or pixels.shape[1] != 3 * pp:
+            raise ValueError(f"patch pixels must be uint8 [N, {3 * pp}], got {pixels.dtype} {tuple(pixels.shape)}")
+        lut = self._normalize_tables.get(pixels.device)  # [3 * 256], channel-major
+        if lut is None:
+            lut = self._normalize_tables[pixels.device] = torch.from_numpy(
+                _normalize_lut(self._patchify_mean, self._patchify_std).reshape(-1)).to(pixels.device)
+        channel_base = torch.arange(0, 3 * 256, 256, device=pixels.device)[:, None]  # [3, 1]
+        values = lut[pixels.view(-1, 3, pp).int() + channel_base]  # [N, 3, P*P]
+        t = self.temporal_patch_size
+        return values[:, :, None, :].expand(-1, 3, t, pp).reshape(-1, 3 * t * pp)
+
+    def __call__(self, images: Sequence[ImageLike] | ImageLike, normalize: bool = True) -> dict[str, torch.Tensor]:
+        """images -> {"pixel_values": float32 [N, 3*T*P*P] (uint8 [N, 3*P*P] with normalize=False),
+        "image_grid_thw": int64 [n, 3]}."""
         if not isinstance(images, (list, tuple)):
             images = [images]
         if not images:
             raise ValueError("no images given")
         patches, grids = [], []
         for image in images:
-            p, grid = self.preprocess_one(image)
+            p, grid = self.preprocess_one(image, normalize)
             patches.append(p)
             grids.append(grid)
         pixel_values = patches[0] if len(patches) == 1 else np.concatenate(patches, axis=0)

@@ -105,7 +105,7 @@ class ChatTemplate:
 @dataclass
 class ProcessedPrompt:
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # float32 [N, patch_dim]
+    pixel_values: torch.Tensor | None  # float32 [N, patch_dim]; uint8 [N, 3*P*P] with normalize=False
     image_grid_thw: torch.Tensor | None  # int64 [n, 3]
 
 
@@ -152,10 +152,11 @@ class Processor:
         return [{"role": "user", "content": content}]
 
     def __call__(self, images: Sequence[Any] = (), prompt: str | None = None,
-                 messages: list[dict] | None = None) -> ProcessedPrompt:
+                 messages: list[dict] | None = None, normalize: bool = True) -> ProcessedPrompt:
         """Render `prompt` as one user turn with the images first, or `messages` (transformers' chat
         format, {"type": "image"} parts filled by `images` in order) exactly as given; then tokenize
-        and expand each `<|image|>` to its image's token count."""
+        and expand each `<|image|>` to its image's token count. normalize=False keeps the pixels
+        raw (ImageProcessor.normalize_patches finishes them on the device)."""
         if messages is None:
             messages = self.messages(len(images), prompt or "")
         elif prompt is not None:
@@ -169,7 +170,7 @@ class Processor:
             raise ValueError(f"the rendered prompt has {n_slots} {IMAGE_TOKEN} slots for {len(images)} images")
         if not images:
             return ProcessedPrompt(ids, None, None)
-        vision = self.image_processor(list(images))
+        vision = self.image_processor(list(images), normalize=normalize)
         grid = vision["image_grid_thw"]
         merge = self.image_processor.merge_size**2
         counts = iter((grid.prod(-1) // merge).tolist())

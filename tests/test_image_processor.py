@@ -455,6 +455,65 @@ def test_cpp_rejects_non_contiguous():
         ip._C.patchify(img, MEAN, STD)
 
 
+# ------------------------------------------------------------- raw patch pixels, normalized on device
+@pytest.mark.parametrize("shape,p,t,m", LAYOUTS + [((2212, 1708, 3), 14, 2, 2)])
+def test_patch_pixels_are_patchify_rows_before_normalizing(shape, p, t, m, monkeypatch):
+    """patch_pixels keeps patchify's row and column order: with an identity "normalization"
+    (mean 0, std 1/255) patchify's first temporal frame is exactly the raw pixels."""
+    img = np.random.default_rng(9).integers(0, 256, shape, dtype=np.uint8)
+    c = shape[2]
+    identity = ip.patchify_numpy(img, [0.0] * c, [1 / 255] * c, p, t, m).reshape(-1, c, t, p * p)[:, :, 0]
+    ref = ip.patch_pixels_numpy(img, p, m)
+    assert ref.dtype == np.uint8 and ref.shape == ((shape[0] // p) * (shape[1] // p), c * p * p)
+    np.testing.assert_array_equal(ref.reshape(-1, c, p * p), identity)
+    if ip.HAS_CPP:
+        got = ip._C.patch_pixels(img, p, m)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(ip._C.patch_pixels(img, p, m, num_threads=3), ref)
+    monkeypatch.setattr(ip, "HAS_CPP", False)
+    np.testing.assert_array_equal(ip.patch_pixels(img, p, m), ref)  # the numpy fallback
+
+
+@pytest.mark.parametrize("backend_name", ip.BACKENDS)
+@pytest.mark.parametrize("size,t", [((221, 317), 2), ((56, 56), 2), ((999, 130), 3)])
+def test_normalized_patch_pixels_are_bit_identical_to_pixel_values(backend_name, size, t):
+    """What the engine uploads (uint8) and normalizes on the device equals the float32 pixel
+    values of the processor, bit for bit, for every uint8 value and both backends' constants."""
+    proc = ip.ImageProcessor(backend=backend_name, temporal_patch_size=t)
+    images = [noise_image(*size, seed=11), noise_image(70, 90, seed=12)]
+    want = proc(images)
+    raw = proc(images, normalize=False)
+    assert raw["pixel_values"].dtype == torch.uint8 and raw["pixel_values"].shape[1] == 3 * 14 * 14
+    assert torch.equal(raw["image_grid_thw"], want["image_grid_thw"])
+    got = proc.normalize_patches(raw["pixel_values"])
+    assert got.dtype == torch.float32 and torch.equal(got, want["pixel_values"])
+    every_value = torch.arange(256, dtype=torch.uint8).repeat(3 * 196 // 256 + 1)[: 3 * 196].repeat(4, 1)
+    table = torch.from_numpy(ip._normalize_lut(proc._patchify_mean, proc._patchify_std))
+    rows = proc.normalize_patches(every_value).view(4, 3, t, 196)
+    for c in range(3):
+        assert torch.equal(rows[:, c, -1], table[c][every_value.view(4, 3, 196)[:, c].long()])
+
+
+def test_normalize_patches_rejects_other_inputs():
+    proc = ip.ImageProcessor()
+    for bad in (torch.zeros(2, 588), torch.zeros(2, 587, dtype=torch.uint8), torch.zeros(588, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="patch pixels must be uint8"):
+            proc.normalize_patches(bad)
+
+
+def test_patch_pixels_validation():
+    with pytest.raises(ValueError, match="uint8"):
+        ip.patch_pixels_numpy(np.zeros((28, 28, 3), np.float32))
+    with pytest.raises(ValueError, match="multiple"):
+        ip.patch_pixels_numpy(np.zeros((28, 42, 3), np.uint8))
+    if ip.HAS_CPP:
+        for bad, msg in ((np.zeros((28, 28, 3), np.float32), "uint8"), (np.zeros((28, 42, 3), np.uint8), "multiple"),
+                         (np.zeros((28, 56, 3), np.uint8)[:, ::2], "C-contiguous"), (np.zeros((28, 28), np.uint8), "HWC")):
+            with pytest.raises(ValueError, match=msg):
+                ip._C.patch_pixels(bad)
+
+
 # ----------------------------------------------------------------------------------- loading
 def _png_bytes(img):
     buf = io.BytesIO()

@@ -143,7 +143,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size)
         use_graphs = self.device.type == "cuda" and self.backend == "triton" and not self.options.enforce_eager
         self.runner = ModelRunner(self.model, num_blocks, block_size, self.options.max_num_seqs,
-                                  max_blocks_per_seq=-(-self.max_model_len // block_size), use_graphs=use_graphs)
+                                  max_blocks_per_seq=-(-self.max_model_len // block_size), use_graphs=use_graphs,
+                                  normalize_pixels=self.processor.image_processor.normalize_patches)
         self.scheduler = Scheduler(self.block_manager, self.options.max_num_seqs,
                                    self.options.max_num_batched_tokens or self.max_model_len, rows=self.runner.batch)
         self._sequences: dict[str, Sequence] = {}
@@ -247,7 +248,8 @@ class LLMEngine:
                         "pixels; send images with 'prompt' or 'messages'"
                     )
         else:
-            processed = self.processor(images=request.images, prompt=request.prompt, messages=request.messages)
+            processed = self.processor(images=request.images, prompt=request.prompt, messages=request.messages,
+                                       normalize=False)
             ids, pixel_values = processed.input_ids, processed.pixel_values
             grids = [tuple(g) for g in processed.image_grid_thw.tolist()] if processed.image_grid_thw is not None else []
         limit = min(self.max_model_len, self.kv_capacity_tokens)

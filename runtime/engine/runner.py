@@ -11,6 +11,8 @@ memory asynchronously and read when the engine gets to them.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..model.glm_ocr import GlmOcrModel
@@ -141,8 +143,10 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: GlmOcrModel, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_blocks_per_seq: int, use_graphs: bool = False):
+                 max_blocks_per_seq: int, normalize_pixels: Callable[[torch.Tensor], torch.Tensor],
+                 use_graphs: bool = False):
         self.model = model
+        self.normalize_pixels = normalize_pixels  # uint8 patch pixels -> float32 pixel values, on the device
         self.block_size = block_size
         self.kv_caches = allocate_kv_cache(model, num_blocks, block_size)
         self.batch = DeviceBatch(max_num_seqs, max_blocks_per_seq, block_size, model.config.text.vocab_size,
@@ -169,10 +173,15 @@ class ModelRunner:
         self.image_cache.pop(seq.request_id, None)
 
     def _image_embeds(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Run one packed vision pass over every image of the batch not yet encoded."""
+        """Run one packed vision pass over every image of the batch not yet encoded. Pixels travel
+        as uint8 (through pinned memory on CUDA) and are normalized on the device."""
         todo = [s for s in seqs if s.request_id not in self.image_cache and s.pixel_values is not None]
         if todo:
             pixels = torch.cat([s.pixel_values for s in todo])
+            device = self.model.device
+            if device.type == "cuda":
+                pixels = pixels.pin_memory()
+            pixels = self.normalize_pixels(pixels.to(device, non_blocking=True))
             grids = [g for s in todo for g in s.image_grid_thw]
             embeds = self.model.encode_images(pixels, grids)
             m2 = self.model.config.vision.spatial_merge_size**2

@@ -27,7 +27,7 @@ class Sequence:
     stop_token_ids: frozenset[int]
     max_total_tokens: int  # prompt + generated may not exceed this (context limit and max_tokens)
     seed: int  # the per-request RNG stream: the user's seed, or a random one
-    pixel_values: torch.Tensor | None = None  # [N, patch_dim] float32, until the vision pass ran
+    pixel_values: torch.Tensor | None = None  # uint8 [N, 3*P*P] raw patch pixels, until the vision pass ran
     image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)  # tokens read back so far
     block_table: list[int] = field(default_factory=list)
