@@ -7,6 +7,7 @@ a KV budget small enough to force queueing and preemption.
 import asyncio
 
 import pytest
+import torch
 
 import glmrt
 from glmrt.engine.async_engine import AsyncEngine, RequestFailed
@@ -458,3 +459,23 @@ def test_async_abort_races(tiny_checkpoint, monkeypatch):
         assert_all_free(engine.engine)
 
     asyncio.run(main())
+
+
+def test_worst_step_runs_the_largest_page_prefill_and_sampled_rows(tiny_checkpoint, monkeypatch):
+    """The step whose peak memory sizes the KV cache on a GPU runs on any device: the largest page
+    through the real pixel path, a full-budget prefill and the sampled path over max_num_seqs rows."""
+    engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=3, max_num_batched_tokens=40)
+    ip = engine.processor.image_processor
+    ip.max_pixels = 112 * 140
+    seen = {}
+    encode, forward, sample = engine.model.encode_images, engine.model.forward, glmrt.engine.engine.Sampler.__call__
+    monkeypatch.setattr(engine.model, "encode_images", lambda pixels, grids: seen.update(
+        pixels=pixels, grids=grids) or encode(pixels, grids))
+    monkeypatch.setattr(engine.model, "forward", lambda ids, *a: seen.update(tokens=len(ids)) or forward(ids, *a))
+    monkeypatch.setattr(glmrt.engine.engine.Sampler, "__call__", lambda self, logits, rows, do_sample, *a: seen.update(
+        rows=logits.shape[0], do_sample=do_sample) or sample(self, logits, rows, do_sample, *a))
+    engine.run_worst_step()
+    [(t, h, w)] = seen["grids"]
+    assert t == 1 and h * w * 14 * 14 * 2 <= ip.max_pixels and seen["pixels"].dtype == torch.float32
+    assert seen["pixels"].shape == (h * w, engine.config.vision.patch_dim)
+    assert seen["tokens"] == 40 and seen["rows"] == 3 and seen["do_sample"]

@@ -32,7 +32,7 @@ from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .runner import ModelRunner, StepHandle, allocate_kv_cache, kv_bytes_per_token
-from .sampler import random_seed
+from .sampler import Sampler, SamplingState, random_seed
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
 from .stop import StopChecker
@@ -177,19 +177,31 @@ class LLMEngine:
             )
         return tokens
 
-    @torch.inference_mode()
     def _profile_peak_memory(self) -> int:
-        """Peak bytes of the worst step: a vision pass over the largest page, then a prefill of
-        max_num_batched_tokens tokens with logits for max_num_seqs rows (no KV is written)."""
-        model, device = self.model, self.device
+        """Peak bytes of the worst step (`run_worst_step`), measured on the GPU."""
+        device = self.device
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        self.run_worst_step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.empty_cache()
+        return peak
+
+    @torch.inference_mode()
+    def run_worst_step(self) -> None:
+        """The largest step the engine can run, on throwaway inputs: a vision pass over the largest
+        page (uint8 pixels normalized on the device), a prefill of max_num_batched_tokens tokens
+        (no KV written) and the sampled path over logits of max_num_seqs rows. On the GPU its peak
+        memory is what the KV-cache budget leaves room for."""
+        model, device, rows = self.model, self.device, self.options.max_num_seqs
         ip = self.processor.image_processor
         patches = ip.max_pixels // (ip.patch_size**2 * ip.temporal_patch_size)
         m = ip.merge_size
         h = max(m, int(patches**0.5) // m * m)
         w = max(m, patches // h // m * m)
-        model.encode_images(torch.zeros(h * w, self.config.vision.patch_dim, device=device), [(1, h, w)])
+        pixels = torch.zeros(h * w, 3 * ip.patch_size**2, dtype=torch.uint8, device=device)
+        model.encode_images(ip.normalize_patches(pixels), [(1, h, w)])
         tokens = self.options.max_num_batched_tokens or self.max_model_len
         kv = allocate_kv_cache(model, 1, self.options.block_size)
         attn = AttentionMetadata(
@@ -198,12 +210,9 @@ class LLMEngine:
         )
         positions = torch.arange(tokens, device=device).expand(3, -1)
         hidden = model.forward(torch.zeros(tokens, dtype=torch.int64, device=device), positions, attn, kv)
-        model.compute_logits(hidden[: self.options.max_num_seqs])
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        del kv, hidden
-        torch.cuda.empty_cache()
-        return peak
+        logits = model.compute_logits(hidden[:rows])
+        state = SamplingState(rows, self.config.text.vocab_size, device)
+        Sampler(model.ops, state)(logits, slice(0, logits.shape[0]), do_sample=True)
 
     @property
     def kv_capacity_tokens(self) -> int:
