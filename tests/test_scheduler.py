@@ -60,11 +60,36 @@ def test_prefill_respects_max_num_seqs_and_token_budget():
         sched.add(seq(name, n))
     step = sched.schedule()
     assert step.is_prefill and [s.request_id for s in step.seqs] == ["a"] and step.first_row == 0
-    step = sched.schedule()  # b would have exceeded 50 tokens together with a
+    step = sched.schedule()  # b would have exceeded 50 tokens together with a; a decodes first
+    assert not step.is_prefill and [s.request_id for s in step.seqs] == ["a"]
+    step = sched.schedule()
     assert step.is_prefill and [s.request_id for s in step.seqs] == ["b"] and step.first_row == 1
     step = sched.schedule()  # max_num_seqs=2 reached: c waits, a and b decode
     assert not step.is_prefill and [s.request_id for s in step.seqs] == ["a", "b"]
-    assert [s.num_pending for s in step.seqs] == [2, 2]  # the prefill's token and this one, unread
+    assert [s.num_pending for s in step.seqs] == [3, 2]  # tokens scheduled but not yet read
+    step = sched.schedule()  # still no room for c
+    assert not step.is_prefill and [s.request_id for s in step.seqs] == ["a", "b"]
+
+
+def test_running_streams_stall_for_one_prefill_at_a_time():
+    """Arrivals beyond one step's budget are prefilled one step at a time with a decode step of
+    the running sequences between them; with nothing running, a prefill may follow a prefill."""
+    sched = scheduler(100, max_num_seqs=8, max_num_batched_tokens=40)
+    for name in "abcd":
+        sched.add(seq(name, 30))
+    kinds = []
+    while sched.waiting:
+        step = sched.schedule()
+        kinds.append(("prefill " if step.is_prefill else "decode ") + "".join(s.request_id for s in step.seqs))
+    assert kinds == ["prefill a", "decode a", "prefill b", "decode ab", "prefill c", "decode abc", "prefill d"]
+    assert not sched.schedule().is_prefill
+    idle = scheduler(100, max_num_seqs=8, max_num_batched_tokens=40)
+    idle.add(seq("x", 30))
+    assert idle.schedule().is_prefill
+    idle.running[0].finish("abort")
+    idle.finish(idle.running[0])
+    idle.add(seq("y", 30))
+    assert idle.schedule().is_prefill  # nothing runs: no decode step to wait for
 
 
 def test_long_prompt_runs_alone_rather_than_never():

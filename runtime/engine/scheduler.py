@@ -2,7 +2,10 @@
 
 A step is either a prefill of several new (or preempted) sequences packed into one varlen batch,
 or one decode token for every running sequence. Prefill goes first, so new requests reach their
-first token quickly.
+first token quickly, but never twice in a row while sequences are running: when more arrivals
+wait than one step's token budget admits, each further prefill comes after a decode step, so
+running streams stall for one prefill at a time (a decode step costs a few ms at most, a
+page's prefill tens to hundreds).
 
 Running sequences own the rows 0..B-1 of the device-resident batch (`running[i]` is row i), so
 a decode step is always rows [0, B) and a CUDA graph for a bucket >= B covers it. A sequence that
@@ -56,6 +59,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.draining: list[Sequence] = []
         self.num_preemptions = 0
+        self.last_step_was_prefill = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -73,7 +77,8 @@ class Scheduler:
 
         batch: list[Sequence] = []
         num_tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        may_prefill = not (self.last_step_was_prefill and self.running)
+        while may_prefill and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # A prompt longer than the token budget still runs, alone, rather than never.
             if batch and (seq.prefill_alone or num_tokens + seq.num_tokens > self.max_num_batched_tokens):
@@ -91,6 +96,7 @@ class Scheduler:
             if seq.prefill_alone:
                 break
         if batch:
+            self.last_step_was_prefill = True
             return ScheduledStep(True, batch, first_row=batch[0].row)
         if not self.running:
             return None
@@ -106,6 +112,7 @@ class Scheduler:
                 new_blocks.append((row, len(seq.block_table) - 1, block_id))
             seq.num_cached += 1
             seq.num_pending += 1
+        self.last_step_was_prefill = False
         return ScheduledStep(False, list(self.running), first_row=0, new_blocks=new_blocks)
 
     def _new_blocks_needed(self) -> int:
