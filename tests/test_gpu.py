@@ -122,3 +122,25 @@ def test_prefill_logits_close_to_transformers_bf16(real_checkpoint, backend):
     our_error = (ours - reference).abs().max() / scale
     assert our_error <= 2 * hf_bf16_error + 1e-3, (our_error, hf_bf16_error)
     assert (ours.argmax(-1) == logits[torch.bfloat16].argmax(-1)).float().mean() > 0.9
+
+
+def test_prefill_and_decode_launch_without_waiting_for_the_device(real_checkpoint):
+    """Under CUDA's sync debug mode "error", a prefill step with images (pixel and metadata
+    uploads, vision pass, prefill, first token) and a decode step queue their work without a
+    single host-device synchronisation, so they overlap the step running before them."""
+    llm = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, gpu_memory_utilization=0.4)
+    engine = llm.engine
+    llm.generate(REQUESTS[1], glmrt.SamplingParams(max_tokens=2))  # first-use caches (rotary tables)
+    engine.enqueue(engine.prepare(REQUESTS[0], glmrt.SamplingParams(max_tokens=8, temperature=0.7, seed=3)))
+    prefill = engine.scheduler.schedule()
+    assert prefill.is_prefill
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        handles = [engine.runner.prefill(prefill)]
+        decode = engine.scheduler.schedule()
+        assert not decode.is_prefill
+        handles.append(engine.runner.decode(decode))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(len(h.tokens()) == 1 for h in handles)

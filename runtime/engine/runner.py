@@ -17,6 +17,7 @@ import torch
 
 from ..model.glm_ocr import GlmOcrModel
 from ..model.text import AttentionMetadata
+from ..model.transfer import upload
 from .graphs import DecodeGraphs, batch_buckets
 from .sampler import Sampler, SamplingState
 from .scheduler import ScheduledStep
@@ -35,12 +36,6 @@ def allocate_kv_cache(model: GlmOcrModel, num_blocks: int, block_size: int) -> l
 def kv_bytes_per_token(model: GlmOcrModel) -> int:
     c = model.config.text
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize
-
-
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host list -> device tensor through pinned memory, without waiting for the copy."""
-    pinned = device.type == "cuda"
-    return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
 
 
 class DeviceBatch:
@@ -75,29 +70,29 @@ class DeviceBatch:
         every known token)."""
         rows = slice(first_row, first_row + len(seqs))
         width = self.block_tables.shape[1]
-        self.block_tables[rows] = _upload([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
-                                          torch.int32, self.device)
-        ints = _upload([[s.num_tokens, s.rope_delta, s.sampling_params.top_k, s.seed, len(s.output_token_ids)]
-                        for s in seqs], torch.int64, self.device)
+        self.block_tables[rows] = upload([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                                         self.device, torch.int32)
+        ints = upload([[s.num_tokens, s.rope_delta, s.sampling_params.top_k, s.seed, len(s.output_token_ids)]
+                       for s in seqs], self.device, torch.int64)
         self.context_lens[rows] = ints[:, 0].int()
         self.rope_deltas[rows] = ints[:, 1]
         st = self.sampling
         st.top_k[rows], st.seeds[rows], st.counters[rows] = ints[:, 2], ints[:, 3], ints[:, 4]
-        floats = _upload([[0.0 if s.sampling_params.greedy else s.sampling_params.temperature,
-                           s.sampling_params.top_p, s.sampling_params.repetition_penalty] for s in seqs],
-                         torch.float32, self.device)
+        floats = upload([[0.0 if s.sampling_params.greedy else s.sampling_params.temperature,
+                          s.sampling_params.top_p, s.sampling_params.repetition_penalty] for s in seqs],
+                        self.device, torch.float32)
         st.temperature[rows], st.top_p[rows], st.penalty[rows] = floats[:, 0], floats[:, 1], floats[:, 2]
         self.active[rows] = True
         # Presence of every distinct id seen so far; a page prompt is thousands of <|image|> ids.
         pairs = [(first_row + i, t) for i, s in enumerate(seqs) for t in set(s.all_token_ids)]
         st.presence[rows] = False
-        index = _upload(pairs, torch.int64, self.device)
+        index = upload(pairs, self.device, torch.int64)
         st.presence[index[:, 0], index[:, 1]] = True
 
     def set_blocks(self, new_blocks: list[tuple[int, int, int]]) -> None:
         """(row, table index, block id) for each sequence that crossed into a new block."""
         if new_blocks:
-            index = _upload(new_blocks, torch.int64, self.device)
+            index = upload(new_blocks, self.device, torch.int64)
             self.block_tables[index[:, 0], index[:, 1]] = index[:, 2].int()
 
     def set_token_masks(self, first_row: int, masks: torch.Tensor) -> torch.Tensor:
@@ -178,10 +173,7 @@ class ModelRunner:
         todo = [s for s in seqs if s.request_id not in self.image_cache and s.pixel_values is not None]
         if todo:
             pixels = torch.cat([s.pixel_values for s in todo])
-            device = self.model.device
-            if device.type == "cuda":
-                pixels = pixels.pin_memory()
-            pixels = self.normalize_pixels(pixels.to(device, non_blocking=True))
+            pixels = self.normalize_pixels(upload(pixels, self.model.device))
             grids = [g for s in todo for g in s.image_grid_thw]
             embeds = self.model.encode_images(pixels, grids)
             m2 = self.model.config.vision.spatial_merge_size**2
@@ -209,15 +201,16 @@ class ModelRunner:
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lens, 0)
         slots = [s.block_table[i // bs] * bs + i % bs for s in seqs for i in range(s.num_tokens)]
-        attn = AttentionMetadata(slot_mapping=_upload(slots, torch.int64, device), cu_seqlens=cu.to(device),
+        attn = AttentionMetadata(slot_mapping=upload(slots, device, torch.int64), cu_seqlens=upload(cu, device),
                                  max_seqlen=int(lens.max()))
-        positions = torch.cat([s.positions() for s in seqs], dim=1).to(device)
+        positions = upload(torch.cat([s.positions() for s in seqs], dim=1), device)
         image_embeds = self._image_embeds(seqs)
         num_slots, num_embeds = int(image_mask.sum()), 0 if image_embeds is None else image_embeds.shape[0]
         if num_slots != num_embeds:
             raise ValueError(f"{num_slots} <|image|> tokens but {num_embeds} image embeddings")
-        hidden = self.model.forward(ids.to(device), positions, attn, self.kv_caches, image_embeds, image_mask.to(device))
-        logits = self.model.compute_logits(hidden[(cu[1:] - 1).to(device=device, dtype=torch.int64)])
+        hidden = self.model.forward(upload(ids, device), positions, attn, self.kv_caches, image_embeds,
+                                    upload(image_mask, device))
+        logits = self.model.compute_logits(hidden[upload(cu[1:] - 1, device, torch.int64)])
         self.batch.admit(seqs, step.first_row)
         rows = slice(step.first_row, step.first_row + len(seqs))
         token_mask = self.batch.set_token_masks(step.first_row, masks) if masks is not None else None

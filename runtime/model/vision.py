@@ -11,6 +11,7 @@ import torch
 from ..config import VisionConfig
 from .ops import FusedRows, TorchOps
 from .positions import vision_cu_seqlens, vision_positions
+from .transfer import upload
 
 
 @dataclass
@@ -68,9 +69,9 @@ class VisionTower:
         if pixel_values.shape[0] != expected:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw describes {expected}")
         x = ops.patch_embed(pixel_values.to(device=device, dtype=dtype), self.patch_w, self.patch_b)  # [S, W]
-        positions = vision_positions(image_grid_thw, c.spatial_merge_size).to(device)  # [S, 2]
+        positions = upload(vision_positions(image_grid_thw, c.spatial_merge_size), device)  # [S, 2]
         cu_seqlens, max_seqlen = vision_cu_seqlens(image_grid_thw)
-        cu_seqlens = cu_seqlens.to(device)
+        cu_seqlens = upload(cu_seqlens, device)
         s, heads, d, eps = x.shape[0], c.num_heads, c.head_dim, c.rms_norm_eps
         h = ops.rms_norm(x, self.blocks[0].norm1, eps)
         for i, blk in enumerate(self.blocks):
