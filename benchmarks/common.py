@@ -87,7 +87,7 @@ def output_dir(out: Path | None, smoke: bool) -> Path:
 def write_report(out: Path, benchmark: str, meta: dict, results: dict,
                  markdown: list[str]) -> tuple[Path, Path]:
     """Writes <out>/<benchmark>-<device>-<timestamp>.json ({**meta, **results}) and the same
-    name .md (the markdown lines); returns both paths."""
+    name .md (the markdown lines), says where; returns both paths."""
     name = meta["device"]["name"].lower() if torch.cuda.is_available() else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
     stem = out / f"{benchmark}-{slug}-{meta['timestamp']}"
@@ -95,6 +95,7 @@ def write_report(out: Path, benchmark: str, meta: dict, results: dict,
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(json.dumps({**meta, **results}, indent=2) + "\n")
     md_path.write_text("\n".join(markdown) + "\n")
+    print(f"wrote {json_path}\nwrote {md_path}")
     return json_path, md_path
 
 

@@ -222,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         pct = f"{r['pct_of_floor']:.0f}%" if "pct_of_floor" in r else "-"
         lines.append(f"| {r['metric']} | {r['glmrt']:.4g} | {r['transformers']:.4g} | {r['speedup']:.1f}x | {pct} |")
-    json_path, md_path = write_report(out_dir, "e2e", meta, dict(rows=rows), lines)
     print("\n".join(lines))
-    print(f"wrote {json_path}\nwrote {md_path}")
+    write_report(out_dir, "e2e", meta, dict(rows=rows), lines)
     return 0
 
 

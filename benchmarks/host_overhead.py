@@ -160,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               f"crops' {prefill['pixel_mb']:.1f} MB of uint8 patch pixels, normalized on the device); "
               f"preprocessing on the worker pool {prefill['preprocess_median_ms']:.1f} ms (overlaps running steps in "
               "the async engine)."]
-    json_path, md_path = write_report(output_dir(args.out, args.smoke), "host_overhead", meta,
-                                      dict(decode=decode, prefill=prefill), lines)
-    print(f"wrote {json_path}\nwrote {md_path}")
+    write_report(output_dir(args.out, args.smoke), "host_overhead", meta, dict(decode=decode, prefill=prefill), lines)
     return 0
 
 

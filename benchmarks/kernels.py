@@ -636,8 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print(console_row(cells(result)), flush=True)
 
-    json_path, md_path = write_reports(out, meta, peaks, results)
-    print(f"wrote {json_path}\nwrote {md_path}")
+    write_reports(out, meta, peaks, results)
     bad = [r for r in results if r.check != "ok"]
     if bad:
         print(f"{len(bad)} case(s) failed their correctness check or raised: "

@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# patchify, {args.page_width}x{args.page_height} page ({rows} patches), "
              f"on {meta['host']['cpu']} ({meta['host']['cores']} cores)", "", provenance(meta), "",
              "| step | best ms | median ms |", "|---|---|---|", *table]
-    json_path, md_path = write_report(output_dir(args.out, smoke=False), "patchify", meta, results, lines)
-    print(f"wrote {json_path}\nwrote {md_path}")
+    write_report(output_dir(args.out, smoke=False), "patchify", meta, results, lines)
     return 0 if ip.HAS_CPP else 1
 
 

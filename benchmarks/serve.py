@@ -401,10 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                     regions=[dict(kind=r.kind, width=r.width, height=r.height, jpeg_bytes=len(r.jpeg),
                                   max_tokens=r.max_tokens) for r in regions])
     lines = markdown(meta, regions, rows, ratios)
-    json_path, md_path = write_report(output_dir(args.out, args.smoke), "serve", meta, dict(rows=rows, ratios=ratios),
-                                      lines)
     print("\n".join(lines))
-    print(f"wrote {json_path}\nwrote {md_path}")
+    write_report(output_dir(args.out, args.smoke), "serve", meta, dict(rows=rows, ratios=ratios), lines)
     return 0
 
 

@@ -163,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                   "", "| batch | rows | median ms/step | masks us/step |", "|---|---|---|---|"]
         lines += [f"| {r['batch']} | {'json_schema' if r['constrained'] else 'unconstrained'} | "
                   f"{r['median_ms']:.3f} | {r['masks_us']:.0f} |" for r in real]
-    json_path, md_path = write_report(output_dir(args.out, args.smoke), "structured", meta,
-                                      dict(host=host, device_steps=real), lines)
-    print(f"wrote {json_path}\nwrote {md_path}")
+    write_report(output_dir(args.out, args.smoke), "structured", meta, dict(host=host, device_steps=real), lines)
     return 0
 
 
