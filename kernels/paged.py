@@ -7,6 +7,13 @@ means "no slot" (padding rows of a CUDA-graph batch) and is skipped.
 `block_tables[b, i]` is the block holding tokens [i*block_size, (i+1)*block_size) of sequence b;
 `context_lens[b]` is how many of them are valid (0 is allowed and yields a zero output row).
 
+Decode attention also serves Q = num_queries new tokens per sequence at once (speculative-decoding
+verification: the k+1 tokens of a draft, causal among themselves): q holds B * Q rows, sequence b's
+at b*Q .. b*Q+Q-1, all Q already in the cache, and context_lens[b] counts the last one's context.
+Query j then sees the first context_lens[b] - (Q-1-j) tokens (none: a zero row). The Q * GROUP
+rows of one kv head share the MMA's M dimension that a single query pads to 16 anyway, so each
+K/V tile is still read once per (sequence, kv head) and Q=1 runs exactly the single-query kernel.
+
 Neither launcher reads a device tensor: grids and intermediates depend on shapes only, so both
 calls are safe to capture in a CUDA graph and replay with new slot mappings / tables / lengths.
 """
@@ -158,7 +165,7 @@ def _paged_decode_split_kernel(
     stride_bt,
     stride_ob, stride_oh,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, NUM_QUERIES: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -167,11 +174,15 @@ def _paged_decode_split_kernel(
     # while the grid follows shapes only. A split with no tile leaves lse = -inf, out = 0.
     # kv heads vary fastest so that programs launched together read neighbouring 256-byte head
     # rows of the same cache blocks (same DRAM pages).
+    # With NUM_QUERIES > 1 the MMA rows hold NUM_QUERIES * GROUP (query, q head) pairs: row r is
+    # query r // GROUP (q row b * NUM_QUERIES + r // GROUP) of head kv_head * GROUP + r % GROUP.
+    # The tiles follow the last query's context, the longest; each row masks its own length.
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
 
-    ctx = tl.minimum(tl.load(context_lens_ptr + b), max_blocks * BLOCK_SIZE)
+    seq_len = tl.load(context_lens_ptr + b)
+    ctx = tl.minimum(seq_len, max_blocks * BLOCK_SIZE)
     num_tiles = tl.cdiv(ctx, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_start = split * tiles_per_split
@@ -180,13 +191,24 @@ def _paged_decode_split_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    heads = kv_head * GROUP + offs_h
-    h_mask = offs_h < GROUP
-    d_mask = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)
+    if NUM_QUERIES == 1:
+        heads = kv_head * GROUP + offs_h
+        h_mask = offs_h < GROUP
+        q_rows = b64  # the q / out row of every MMA row
+        q_rows_2d = b64
+    else:
+        query = offs_h // GROUP  # [BLOCK_H]
+        heads = kv_head * GROUP + offs_h % GROUP
+        h_mask = offs_h < NUM_QUERIES * GROUP
+        q_rows = b64 * NUM_QUERIES + query  # [BLOCK_H] the q / out row of each MMA row
+        q_rows_2d = q_rows[:, None]
+        # [BLOCK_H] tokens each row sees, <= ctx (<= 0: none, a zero row); padding rows see ctx
+        row_ctx = tl.minimum(seq_len - (NUM_QUERIES - 1 - query), ctx)
+    d_mask = offs_d < HEAD_DIM
 
-    # [BLOCK_H, BLOCK_D]; rows past the group are zeros (finite scores, never stored).
-    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+    # [BLOCK_H, BLOCK_D]; padding rows are zeros (finite scores, never stored).
+    q = tl.load(q_ptr + q_rows_2d * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0)
     k_base = k_cache_ptr + kv_head * stride_kc_head
     v_base = v_cache_ptr + kv_head * stride_vc_head
@@ -204,11 +226,19 @@ def _paged_decode_split_kernel(
         k = tl.load(k_base + block[:, None] * stride_kc_block + in_block[:, None] * stride_kc_slot
                     + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        # The first token of every visited tile is valid, so m_new is finite: no NaN from exp2.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if NUM_QUERIES == 1:
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            # The first token of every visited tile is valid, so m_new is finite: no NaN from exp2.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_sub = m_new
+        else:
+            s = tl.where(pos[None, :] < row_ctx[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # An earlier query may have no token in this tile nor before it: m_new = -inf, and
+            # exp2(-inf - -inf) would be NaN. Subtracting 0 instead gives alpha = p = 0 there.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_H]
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + block[:, None] * stride_vc_block + in_block[:, None] * stride_vc_slot
                     + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -219,11 +249,12 @@ def _paged_decode_split_kernel(
     out = tl.where(has_tokens[:, None], acc / tl.where(has_tokens, l_i, 1.0)[:, None], 0.0)
     store_mask = h_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        tl.store(out_ptr + q_rows_2d * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
-        # part_out [B, Hq, NUM_SPLITS, HEAD_DIM] fp32, part_lse [B, Hq, NUM_SPLITS] fp32 (base 2)
-        row = (b64 * NUM_Q_HEADS + heads) * NUM_SPLITS + split
+        # part_out [B * Q, Hq, NUM_SPLITS, HEAD_DIM] fp32, part_lse [B * Q, Hq, NUM_SPLITS] fp32
+        # (base 2), one row per q row like `out`
+        row = (q_rows * NUM_Q_HEADS + heads) * NUM_SPLITS + split
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=store_mask)
         lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=h_mask)
@@ -236,7 +267,7 @@ def _paged_decode_combine_kernel(
     NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # grid (B * Hq): out = sum_s 2^(lse_s - max) * out_s / sum_s 2^(lse_s - max).
+    # grid (B * Q * Hq): out = sum_s 2^(lse_s - max) * out_s / sum_s 2^(lse_s - max).
     row = tl.program_id(0).to(tl.int64)
     b = row // NUM_Q_HEADS
     h = row % NUM_Q_HEADS
@@ -286,26 +317,37 @@ def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_siz
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float | None = None, num_splits: int | None = None
-                           ) -> torch.Tensor:
-    """One decode query per sequence against its paged K/V; returns [B, Hq, D] in q.dtype.
+                           scale: float | None = None, num_splits: int | None = None,
+                           num_queries: int = 1) -> torch.Tensor:
+    """num_queries decode queries per sequence against its paged K/V; returns [B * Q, Hq, D] in
+    q.dtype (Q = num_queries).
 
-    q: [B, Hq, D] (any batch/head strides, contiguous D, any D from 1 to 256); k_cache, v_cache:
-    [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks] int32; context_lens: [B] int32.
+    q: [B * Q, Hq, D], sequence b's queries at rows b*Q .. b*Q+Q-1 in token order (any row/head
+    strides, contiguous D, any D from 1 to 256); k_cache, v_cache: [num_blocks, block_size, Hkv, D];
+    block_tables: [B, max_blocks] int32; context_lens: [B] int32, the context of each sequence's
+    last query, whose Q tokens are all in the cache already. Query j of sequence b attends to the
+    first context_lens[b] - (Q-1-j) tokens (causal among the Q new ones; <= 0 gives a zero row).
     Query head h reads kv head h // (Hq // Hkv). Tokens past max_blocks * block_size are ignored.
+    Q=1 is plain decode; Q=k+1 verifies k speculative tokens in the same kernel and K/V reads.
     """
     _check_cache(k_cache, v_cache)
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     check_head_dim("head_dim", head_dim)
-    if q.dim() != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads != 0:
-        raise ValueError(f"q must be [B, Hq, {head_dim}] with Hq a multiple of {num_kv_heads}, "
-                         f"got {tuple(q.shape)}")
+    if not isinstance(num_queries, int) or isinstance(num_queries, bool) or num_queries < 1:
+        raise ValueError(f"num_queries must be an int >= 1, got {num_queries!r}")
+    q_rows = "B" if num_queries == 1 else f"B * {num_queries}"
+    if (q.dim() != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads != 0
+            or q.shape[0] % num_queries != 0):
+        raise ValueError(f"q must be [{q_rows}, Hq, {head_dim}] with Hq a multiple of "
+                         f"{num_kv_heads}, got {tuple(q.shape)}")
     if q.dtype != k_cache.dtype:
         raise ValueError(f"q dtype {q.dtype} must match the cache dtype {k_cache.dtype}")
     _check_last_dim_contiguous("q", q)
-    batch, num_q_heads, _ = q.shape
+    rows, num_q_heads, _ = q.shape
+    batch = rows // num_queries  # sequences
     if block_tables.dim() != 2 or block_tables.shape[0] != batch:
-        raise ValueError(f"block_tables must be [{batch}, max_blocks], got {tuple(block_tables.shape)}")
+        raise ValueError(f"block_tables must be [{batch}, max_blocks] (q is [{q_rows}, Hq, D] with "
+                         f"B = {batch}), got {tuple(block_tables.shape)}")
     if block_tables.stride(1) != 1 or block_tables.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"block_tables must be int32/int64 with contiguous rows, got "
                          f"{block_tables.dtype} strides {block_tables.stride()}")
@@ -320,15 +362,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
 
-    out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    out = torch.empty((rows, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
     if num_splits == 1:  # the split kernel writes `out` itself; the part buffers are unused
         part_out = part_lse = out
-    else:
-        part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32,
+    else:  # one row per q row, as `out`: the combine kernel sees B * Q independent rows
+        part_out = torch.empty((rows, num_q_heads, num_splits, head_dim), dtype=torch.float32,
                                device=q.device)
-        part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32,
+        part_lse = torch.empty((rows, num_q_heads, num_splits), dtype=torch.float32,
                                device=q.device)
     group = num_q_heads // num_kv_heads
     block_d, block_n = decode_tiles(head_dim)
@@ -342,14 +384,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         NUM_Q_HEADS=num_q_heads, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
-        BLOCK_H=max(_MIN_DOT_M, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, NUM_QUERIES=num_queries,
+        # MMA rows: the Q * GROUP (query, q head) pairs of one kv head, padded to mma's minimum M
+        BLOCK_H=max(_MIN_DOT_M, triton.next_power_of_2(num_queries * group)),
+        BLOCK_D=block_d, BLOCK_N=block_n,
         # fp32 inputs (tests, CPU) must not silently drop to tf32 on the GPU
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=_DECODE_WARPS, num_stages=_DECODE_STAGES,
     )
     if num_splits > 1:
-        _paged_decode_combine_kernel[(batch * num_q_heads,)](
+        _paged_decode_combine_kernel[(rows * num_q_heads,)](
             part_out, part_lse, out,
             out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
@@ -360,23 +404,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
-                               scale: float | None = None) -> torch.Tensor:
-    """Reference: per sequence, gather its K/V through its block table, then the SDPA call of
-    transformers' sdpa attention over a DynamicCache (one query, contiguous [1, Hkv, n, D] K/V, no
-    mask, not causal, enable_gqa when Hq != Hkv): on CPU bit-identical to it, in q.dtype.
-    A sequence with context_len 0 gets a zero row."""
-    batch, num_q_heads, head_dim = q.shape
+                               scale: float | None = None, num_queries: int = 1) -> torch.Tensor:
+    """Reference: per sequence and query, gather its K/V through its block table, then the SDPA
+    call of transformers' sdpa attention over a DynamicCache (one query, contiguous [1, Hkv, n, D]
+    K/V, no mask, not causal, enable_gqa when Hq != Hkv): on CPU bit-identical to it, in q.dtype.
+    q is [B * Q, Hq, D] as in paged_decode_attention: query j of sequence b (row b*Q + j) over the
+    first n = context_lens[b] - (Q-1-j) tokens; a row with n <= 0 is zeros."""
+    rows, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     scale = head_dim ** -0.5 if scale is None else scale
-    out = torch.zeros(batch, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
-    for b in range(batch):
-        n = int(context_lens[b])
-        if n == 0:
-            continue
-        blocks = block_tables[b, : triton.cdiv(n, block_size)].long()
-        k, v = (c[blocks].reshape(-1, num_kv_heads, head_dim)[:n].transpose(0, 1).unsqueeze(0).contiguous()
-                for c in (k_cache, v_cache))  # [1, Hkv, n, D]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[b, :, None].unsqueeze(0), k, v, scale=scale, enable_gqa=num_q_heads != num_kv_heads)
-        out[b] = o[0, :, 0]  # [1, Hq, 1, D] -> [Hq, D]
+    out = torch.zeros(rows, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
+    for b in range(rows // num_queries):
+        for j in range(num_queries):
+            n = int(context_lens[b]) - (num_queries - 1 - j)
+            if n <= 0:
+                continue
+            blocks = block_tables[b, : triton.cdiv(n, block_size)].long()
+            k, v = (c[blocks].reshape(-1, num_kv_heads, head_dim)[:n].transpose(0, 1)
+                    .unsqueeze(0).contiguous() for c in (k_cache, v_cache))  # [1, Hkv, n, D]
+            row = b * num_queries + j
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q[row, :, None].unsqueeze(0), k, v, scale=scale,
+                enable_gqa=num_q_heads != num_kv_heads)
+            out[row] = o[0, :, 0]  # [1, Hq, 1, D] -> [Hq, D]
     return out
