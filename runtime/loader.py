@@ -2,11 +2,14 @@
 
 Every tensor name and shape the architecture needs is checked before anything is
 used; missing, unexpected and mis-shaped tensors are reported together, by name, in one error.
-The MTP layer (`model.language_model.layers.{num_layers}.*`) is recognised and kept
-aside: inference without speculative decoding does not load it.
+The MTP layer (`model.language_model.layers.{num_layers}.*`) is recognised and loaded only
+for speculative decoding (`load_mtp`); its own copies of embed_tokens and shared_head.head are
+optional (the main embedding and lm_head stand in for missing ones, as vLLM treats them as
+interchangeable).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -105,6 +108,24 @@ def _mtp_prefix(config: ModelConfig) -> str:
     return f"model.language_model.layers.{config.text.num_layers}."
 
 
+# The MTP layer's own copies of the embedding and the output head; either may be absent.
+MTP_OPTIONAL = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+def mtp_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the MTP layer: a decoder layer plus enorm, hnorm, eh_proj,
+    shared_head.norm and the optional MTP_OPTIONAL copies."""
+    c, prefix = config.text, _mtp_prefix(config)
+    h = c.hidden_size
+    layer = _text_shapes(dataclasses.replace(c, num_layers=1), "")
+    shapes = {prefix + name.removeprefix("layers.0."): shape for name, shape in layer.items() if name.startswith("layers.0.")}
+    for name, shape in {"enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
+                        "shared_head.norm.weight": (h,), "embed_tokens.weight": (c.vocab_size, h),
+                        "shared_head.head.weight": (c.vocab_size, h)}.items():
+        shapes[prefix + name] = shape
+    return shapes
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
     """Tensor name -> file holding it, for a single file or a sharded index."""
     index = path / INDEX_FILE
@@ -132,12 +153,27 @@ class Checkpoint:
     mtp_tensor_names: list[str] = field(default_factory=list)  # present on disk, not loaded
 
 
-def load_checkpoint(path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Checkpoint:
-    """Load every expected tensor straight to `device` in `dtype` after validating names and shapes."""
+class NoMtpLayerError(CheckpointError):
+    """Speculative decoding was asked for, but the checkpoint has no MTP layer."""
+
+
+def load_checkpoint(path: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                    load_mtp: bool = False) -> Checkpoint:
+    """Load every expected tensor (with load_mtp, the MTP layer's too) straight to `device` in
+    `dtype` after validating names and shapes."""
     files = _tensor_files(path)
     expected = expected_shapes(config)
     mtp_prefix = _mtp_prefix(config)
     mtp_names = sorted(n for n in files if n.startswith(mtp_prefix))
+    if load_mtp:
+        if config.text.num_mtp_layers < 1 or not mtp_names:
+            raise NoMtpLayerError(
+                f"checkpoint {path} has no MTP layer ({mtp_prefix}*; config num_nextn_predict_layers="
+                f"{config.text.num_mtp_layers}), which speculative decoding drafts with (fine-tunes often drop "
+                "it): run without speculation (num_speculative_tokens=0)"
+            )
+        optional = {mtp_prefix + n for n in MTP_OPTIONAL}
+        expected.update({n: s for n, s in mtp_shapes(config).items() if n not in optional or n in files})
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected) - set(mtp_names))
 

@@ -120,6 +120,30 @@ def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     return build_checkpoint(path, tiny_config(), seed)
 
 
+def mtp_layer_weights(text_config, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The MTP layer the real checkpoint carries as layer index num_layers (transformers drops it):
+    a decoder layer's 10 tensors, enorm, hnorm, eh_proj [H, 2H], shared_head.norm, and its own
+    copies of embed_tokens and shared_head.head (here random, unlike the main ones, so that a
+    mix-up shows), with the magnitudes `_perturb_` gives the main model."""
+    c = text_config
+    h, q, kv, inter = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+    shapes = {
+        "input_layernorm.weight": (h,), "post_self_attn_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,), "post_mlp_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q), "mlp.gate_up_proj.weight": (2 * inter, h), "mlp.down_proj.weight": (h, inter),
+        "enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h), "shared_head.norm.weight": (h,),
+        "shared_head.head.weight": (c.vocab_size, h), "embed_tokens.weight": (c.vocab_size, h),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in shapes.items():
+        noise = torch.randn(shape, generator=gen)
+        value = 1.0 + 0.2 * noise if len(shape) == 1 else noise / math.sqrt(shape[1])
+        weights[f"model.language_model.layers.{c.num_hidden_layers}.{name}"] = value.to(dtype)
+    return weights
+
+
 def build_checkpoint(path: Path, config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """Write config, safetensors weights (random, perturbed, plus an MTP layer as the real checkpoint
     has), tokenizer, chat template and preprocessor config into `path`."""
@@ -131,15 +155,8 @@ def build_checkpoint(path: Path, config, seed: int = 0, dtype: torch.dtype = tor
     model = GlmOcrForConditionalGeneration(config).eval()
     _perturb_(model, seed)
     model.to(dtype).save_pretrained(path, max_shard_size="100GB")  # one safetensors file, as the real one
-    # The real checkpoint carries an MTP layer as layer index num_layers; transformers drops it.
-    text = config.text_config
-    hidden, mtp = text.hidden_size, f"model.language_model.layers.{text.num_hidden_layers}."
     weights = load_file(path / "model.safetensors")
-    gen = torch.Generator().manual_seed(seed + 1)
-    for name in [n for n in weights if n.startswith("model.language_model.layers.0.")]:
-        weights[name.replace("model.language_model.layers.0.", mtp)] = torch.randn(weights[name].shape, generator=gen).to(dtype)
-    for extra, shape in {"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden)}.items():
-        weights[mtp + extra] = torch.randn(shape, generator=gen).to(dtype)
+    weights.update(mtp_layer_weights(config.text_config, seed + 1, dtype))
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     build_tokenizer().save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({

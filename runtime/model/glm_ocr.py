@@ -7,35 +7,39 @@ import torch
 
 from ..config import ModelConfig
 from ..loader import load_checkpoint
+from .mtp import MtpDrafter
 from .ops import TorchOps
 from .text import AttentionMetadata, TextDecoder
 from .vision import VisionTower
 
 
 class GlmOcrModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops: TorchOps):
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops: TorchOps, load_mtp: bool = False):
         self.config = config
         self.ops = ops
         self.vision = VisionTower(config.vision, weights, ops)
         self.text = TextDecoder(config.text, weights, ops, tied_lm_head=config.tie_word_embeddings)
+        self.mtp = MtpDrafter(config.text, weights, ops, self.text) if load_mtp else None
         self.dtype = self.text.embed_tokens.dtype
         self.device = self.text.embed_tokens.device
 
     @classmethod
     def from_pretrained(cls, path: Path, config: ModelConfig, ops: TorchOps, device: torch.device,
-                        dtype: torch.dtype) -> "GlmOcrModel":
-        return cls(config, load_checkpoint(path, config, device, dtype).weights, ops)
+                        dtype: torch.dtype, load_mtp: bool = False) -> "GlmOcrModel":
+        """load_mtp: also the MTP layer, for speculative decoding (NoMtpLayerError when absent)."""
+        return cls(config, load_checkpoint(path, config, device, dtype, load_mtp).weights, ops, load_mtp)
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         """All images of a step in one packed vision pass -> [sum tokens, hidden] in image order."""
         return self.vision(pixel_values, image_grid_thw)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
-              image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [T] -> [T, hidden]; rows where image_mask [T] is set are replaced, in order, by
-        image_embeds [image_mask.sum(), hidden] (the caller checks the count on the host). Done with
-        a gather and a select rather than boolean indexing, so it never waits for the device."""
-        embeds = self.text.embed_tokens[input_ids]
+              image_mask: torch.Tensor | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [T] -> [T, hidden] rows of `table` (default: the decoder's embedding); rows where
+        image_mask [T] is set are replaced, in order, by image_embeds [image_mask.sum(), hidden] (the
+        caller checks the count on the host). Done with a gather and a select rather than boolean
+        indexing, so it never waits for the device."""
+        embeds = (self.text.embed_tokens if table is None else table)[input_ids]
         if image_embeds is None:
             return embeds
         order = (image_mask.cumsum(0) - 1).clamp(min=0)  # [T]: which image row each slot takes

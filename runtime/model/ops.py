@@ -109,9 +109,11 @@ class TorchOps:
         v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
     def paged_decode_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                               context_lens: Tensor) -> Tensor:
-        """q [B, Hq, D] over each sequence's cached K/V -> [B, Hq, D]: per-sequence SDPA."""
-        return paged.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens)
+                               context_lens: Tensor, num_queries: int = 1) -> Tensor:
+        """q [B * Q, Hq, D] (Q queries per sequence, causal among them) over each sequence's cached
+        K/V -> [B * Q, Hq, D]: per-query SDPA."""
+        return paged.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens,
+                                                num_queries=num_queries)
 
     def apply_repetition_penalty(self, logits: Tensor, presence: Tensor, penalty: Tensor) -> Tensor:
         """logits [B, V] fp32, presence [B, V] bool, penalty [B] -> penalised logits (maybe in place)."""
@@ -169,8 +171,8 @@ class TritonOps(TorchOps):
     def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, causal):
         return attention.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal)
 
-    def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens):
-        return paged.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens)
+    def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, num_queries=1):
+        return paged.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_queries=num_queries)
 
     def apply_repetition_penalty(self, logits, presence, penalty):
         return sampling.apply_repetition_penalty_(logits, presence, penalty)

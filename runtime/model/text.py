@@ -1,8 +1,8 @@
 """GLM-OCR text decoder: 16 sandwich-norm layers with M-RoPE, GQA and a paged KV cache.
 
 One forward runs a whole step: either a varlen prefill of several sequences (attention over the
-new tokens only, causal per sequence) or one decode token per sequence (attention over the
-paged cache). K/V of every new token are written into the cache through the slot mapping.
+new tokens only, causal per sequence) or a few decode tokens per sequence (one, or k + 1 when
+verifying speculated tokens; attention over the paged cache). K/V of every new token are written into the cache through the slot mapping.
 """
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ class AttentionMetadata:
     cu_seqlens: torch.Tensor | None = None  # prefill: [B+1] int32 over the packed new tokens
     max_seqlen: int = 0  # prefill: longest sequence of the step
     block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int32
-    context_lens: torch.Tensor | None = None  # decode: [B] int32, including the new token
+    context_lens: torch.Tensor | None = None  # decode: [B] int32, including the new token(s)
+    # decode: new tokens per sequence (speculative verification: Q = k + 1, rows b*Q + j, causal
+    # within them; context_lens counts up to the last one)
+    num_queries: int = 1
 
     @property
     def is_prefill(self) -> bool:
@@ -41,6 +44,52 @@ class LayerWeights:
     down: torch.Tensor
 
 
+def load_layer(w, prefix: str, ops: TorchOps) -> LayerWeights:
+    """The decoder layer whose tensors are named `prefix` + ... in the checkpoint (w: name -> tensor)."""
+    return LayerWeights(
+        input_norm=w(prefix + "input_layernorm.weight"),
+        post_attn_branch_norm=w(prefix + "post_self_attn_layernorm.weight"),
+        pre_mlp_norm=w(prefix + "post_attention_layernorm.weight"),
+        post_mlp_branch_norm=w(prefix + "post_mlp_layernorm.weight"),
+        qkv=ops.fuse_rows([w(prefix + "self_attn.q_proj.weight"), w(prefix + "self_attn.k_proj.weight"),
+                           w(prefix + "self_attn.v_proj.weight")]),
+        o=w(prefix + "self_attn.o_proj.weight"),
+        gate_up=w(prefix + "mlp.gate_up_proj.weight"),
+        down=w(prefix + "mlp.down_proj.weight"),
+    )
+
+
+def run_layers(config: TextConfig, ops: TorchOps, layers: list[LayerWeights], final_norm: torch.Tensor,
+               x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+               kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sandwich-norm layers over x [T, hidden] at positions [3, T] -> (final_norm(y), y) with y the
+    last layer's output (its residual stream), each [T, hidden]. Shared by the decoder and the
+    MTP layer, whose next draft step takes y itself."""
+    c = config
+    t, hq, hkv, d, eps = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
+    residual = x
+    h = ops.rms_norm(residual, layers[0].input_norm, eps)
+    for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches, strict=True)):
+        qkv = ops.fused_linear(h, layer.qkv)  # [T, (Hq + 2 Hkv) D]
+        q = qkv[:, : hq * d].view(t, hq, d)
+        k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
+        v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
+        q, k = ops.mrope_write_kv(q, k, v, positions, c.mrope_section, c.rope_theta, k_cache, v_cache,
+                                  attn.slot_mapping)
+        if attn.is_prefill:
+            o = ops.varlen_attention(q, k, v, attn.cu_seqlens, attn.max_seqlen, causal=True)
+        else:
+            o = ops.paged_decode_attention(q, k_cache, v_cache, attn.block_tables, attn.context_lens,
+                                           attn.num_queries)
+        a = ops.linear(o.reshape(t, hq * d), layer.o)
+        # Sandwich: residual += post_norm(branch), then the next branch's input norm, in one op.
+        h, residual = ops.sandwich_rms_norm(a, residual, layer.post_attn_branch_norm, layer.pre_mlp_norm, eps)
+        mlp = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up)), layer.down)
+        next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else final_norm
+        h, residual = ops.sandwich_rms_norm(mlp, residual, layer.post_mlp_branch_norm, next_norm, eps)
+    return h, residual
+
+
 class TextDecoder:
     def __init__(self, config: TextConfig, weights: dict[str, torch.Tensor], ops: TorchOps, tied_lm_head: bool,
                  prefix: str = "model.language_model."):
@@ -48,48 +97,15 @@ class TextDecoder:
         self.ops = ops
         w = lambda name: weights[prefix + name]  # noqa: E731
         self.embed_tokens = w("embed_tokens.weight")
-        self.layers = []
-        for i in range(config.num_layers):
-            p = f"layers.{i}."
-            self.layers.append(LayerWeights(
-                input_norm=w(p + "input_layernorm.weight"),
-                post_attn_branch_norm=w(p + "post_self_attn_layernorm.weight"),
-                pre_mlp_norm=w(p + "post_attention_layernorm.weight"),
-                post_mlp_branch_norm=w(p + "post_mlp_layernorm.weight"),
-                qkv=ops.fuse_rows([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
-                                   w(p + "self_attn.v_proj.weight")]),
-                o=w(p + "self_attn.o_proj.weight"),
-                gate_up=w(p + "mlp.gate_up_proj.weight"),
-                down=w(p + "mlp.down_proj.weight"),
-            ))
+        self.layers = [load_layer(w, f"layers.{i}.", ops) for i in range(config.num_layers)]
         self.final_norm = w("norm.weight")
         self.lm_head = self.embed_tokens if tied_lm_head else weights["lm_head.weight"]
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """inputs_embeds [T, hidden], positions [3, T] -> final-normed hidden states [T, hidden]."""
-        c, ops = self.config, self.ops
-        t, hq, hkv, d, eps = inputs_embeds.shape[0], c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
-        residual = inputs_embeds
-        h = ops.rms_norm(residual, self.layers[0].input_norm, eps)
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
-            qkv = ops.fused_linear(h, layer.qkv)  # [T, (Hq + 2 Hkv) D]
-            q = qkv[:, : hq * d].view(t, hq, d)
-            k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
-            v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
-            q, k = ops.mrope_write_kv(q, k, v, positions, c.mrope_section, c.rope_theta, k_cache, v_cache,
-                                      attn.slot_mapping)
-            if attn.is_prefill:
-                o = ops.varlen_attention(q, k, v, attn.cu_seqlens, attn.max_seqlen, causal=True)
-            else:
-                o = ops.paged_decode_attention(q, k_cache, v_cache, attn.block_tables, attn.context_lens)
-            a = ops.linear(o.reshape(t, hq * d), layer.o)
-            # Sandwich: residual += post_norm(branch), then the next branch's input norm, in one op.
-            h, residual = ops.sandwich_rms_norm(a, residual, layer.post_attn_branch_norm, layer.pre_mlp_norm, eps)
-            mlp = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up)), layer.down)
-            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
-            h, residual = ops.sandwich_rms_norm(mlp, residual, layer.post_mlp_branch_norm, next_norm, eps)
-        return h
+        return run_layers(self.config, self.ops, self.layers, self.final_norm, inputs_embeds, positions, attn,
+                          kv_caches)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] (only the rows that sample) -> logits [N, vocab] in the model dtype."""
