@@ -56,9 +56,9 @@ def _fail_decode(step) -> None:
         raise RuntimeError(f"injected fault in a decode step of {failing}")
 
 
-def decode(self: ModelRunner, step):
+def decode(self: ModelRunner, step, speculate=False):
     _fail_decode(step)
-    return _decode(self, step)
+    return _decode(self, step, speculate)
 
 
 def decode_forward(self: ModelRunner, step):

@@ -254,11 +254,11 @@ def test_a_failing_decode_step_fails_only_its_requests(tiny_checkpoint, expected
     ids = [engine.add_request(as_request(REQUESTS[i]), params) for i in range(4)]
     decode, calls = engine.runner.decode, []
 
-    def broken(step):
+    def broken(step, *args):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("injected decode fault")
-        return decode(step)
+        return decode(step, *args)
 
     monkeypatch.setattr(engine.runner, "decode", broken)
     done = {}
@@ -446,7 +446,7 @@ def test_async_abort_races(tiny_checkpoint, monkeypatch):
         monkeypatch.setattr(engine.engine, "prepare", prepare)
         decode = engine.engine.runner.decode
 
-        def broken(step):
+        def broken(step, *args):
             raise RuntimeError("injected")
 
         monkeypatch.setattr(engine.engine.runner, "decode", broken)

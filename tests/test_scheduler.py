@@ -38,6 +38,7 @@ def scheduler(num_blocks, max_num_seqs=4, max_num_batched_tokens=1000):
 def read_back(step, token=7):
     """What the engine does when a step's tokens arrive."""
     for s in step.seqs:
+        s.num_pending -= 1
         s.append_token(token)
 
 
@@ -66,7 +67,7 @@ def test_prefill_respects_max_num_seqs_and_token_budget():
     assert step.is_prefill and [s.request_id for s in step.seqs] == ["b"] and step.first_row == 1
     step = sched.schedule()  # max_num_seqs=2 reached: c waits, a and b decode
     assert not step.is_prefill and [s.request_id for s in step.seqs] == ["a", "b"]
-    assert [s.num_pending for s in step.seqs] == [3, 2]  # tokens scheduled but not yet read
+    assert [s.num_pending for s in step.seqs] == [3, 2]  # steps scheduled but not yet read
     step = sched.schedule()  # still no room for c
     assert not step.is_prefill and [s.request_id for s in step.seqs] == ["a", "b"]
 

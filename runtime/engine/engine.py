@@ -35,6 +35,7 @@ from .runner import ModelRunner, StepHandle, allocate_kv_cache, kv_bytes_per_tok
 from .sampler import Sampler, SamplingState, random_seed
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
+from .spec_decode import SpecDecodeStats
 from .stop import StopChecker
 from .structured import StructuredOutputs
 
@@ -84,6 +85,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+# A verify step writes k + 1 cache slots per sequence; with at most 8 it never crosses more than one
+# block boundary (block_size >= 16).
+MAX_SPECULATIVE_TOKENS = 8
+
+
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 32
@@ -95,6 +101,9 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool = True  # overlap the host work of step N with step N+1 on the device
     image_backend: str = "torchvision"  # resize like transformers' default image processor, or "pil"
+    # Tokens the MTP layer drafts per decode step, verified together by the target (0: off).
+    num_speculative_tokens: int = 0
+    speculative_max_batch: int | None = None  # decode steps with more running sequences do not speculate
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens"):
@@ -110,6 +119,12 @@ class EngineConfig:
         for name in ("enforce_eager", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be an int in [0, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        limit = self.speculative_max_batch
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"speculative_max_batch must be an int >= 1 or None, got {limit!r}")
 
 
 class LLMEngine:
@@ -137,16 +152,23 @@ class LLMEngine:
                 f"kv_cache_tokens={self.options.kv_cache_tokens} cannot hold one request of max_model_len="
                 f"{self.max_model_len} tokens; raise kv_cache_tokens or lower max_model_len"
             )
-        self.model = GlmOcrModel.from_pretrained(path, self.config, make_ops(self.backend), self.device, self.dtype)
+        k = self.options.num_speculative_tokens
+        self.model = GlmOcrModel.from_pretrained(path, self.config, make_ops(self.backend), self.device, self.dtype,
+                                                 load_mtp=k > 0)
         block_size = self.options.block_size
         num_blocks = -(-self._kv_cache_tokens() // block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
         use_graphs = self.device.type == "cuda" and self.backend == "triton" and not self.options.enforce_eager
+        # Room for the slots the in-flight steps reserve past a sequence's last token (k + 1 each).
+        table_tokens = self.max_model_len + 2 * (k + 1)
         self.runner = ModelRunner(self.model, num_blocks, block_size, self.options.max_num_seqs,
-                                  max_blocks_per_seq=-(-self.max_model_len // block_size), use_graphs=use_graphs,
-                                  normalize_pixels=self.processor.image_processor.normalize_patches)
+                                  max_blocks_per_seq=-(-table_tokens // block_size), use_graphs=use_graphs,
+                                  normalize_pixels=self.processor.image_processor.normalize_patches,
+                                  num_speculative_tokens=k)
         self.scheduler = Scheduler(self.block_manager, self.options.max_num_seqs,
-                                   self.options.max_num_batched_tokens or self.max_model_len, rows=self.runner.batch)
+                                   self.options.max_num_batched_tokens or self.max_model_len, rows=self.runner.batch,
+                                   tokens_per_step=k + 1)
+        self.spec_stats = SpecDecodeStats(k)
         self._sequences: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._stop_checkers: dict[str, StopChecker] = {}
@@ -192,9 +214,11 @@ class LLMEngine:
     def run_worst_step(self) -> None:
         """The largest step the engine can run, on throwaway inputs: a vision pass over the largest
         page (uint8 pixels normalized on the device), a prefill of max_num_batched_tokens tokens
-        (no KV written) and the sampled path over logits of max_num_seqs rows. On the GPU its peak
-        memory is what the KV-cache budget leaves room for."""
-        model, device, rows = self.model, self.device, self.options.max_num_seqs
+        (no KV written) and the sampled path over logits of max_num_seqs rows (times k + 1 when
+        verifying k speculative tokens). On the GPU its peak memory is what the KV-cache budget
+        leaves room for."""
+        model, device = self.model, self.device
+        rows = self.options.max_num_seqs * (self.options.num_speculative_tokens + 1)
         ip = self.processor.image_processor
         patches = ip.max_pixels // (ip.patch_size**2 * ip.temporal_patch_size)
         m = ip.merge_size
@@ -374,7 +398,9 @@ class LLMEngine:
             if plan.is_prefill:
                 return self.runner.prefill(plan, self._token_masks(plan.seqs))
             if all(seq.grammar is None for seq in plan.seqs):
-                return self.runner.decode(plan)
+                limit = self.options.speculative_max_batch
+                speculate = self.runner.spec is not None and (limit is None or len(plan.seqs) <= limit)
+                return self.runner.decode(plan, speculate)
             # Structured-output rows need the previous step's tokens for their masks: the device
             # runs this step's forward while the host reads them and fills the masks. Requests
             # that finish meanwhile keep their rows until the sampling is launched (a row move
@@ -419,14 +445,26 @@ class LLMEngine:
         except Exception as exc:
             return self._fail(handle.seqs, exc)
         outputs = []
-        for seq, token in zip(handle.seqs, tokens):
-            if seq.is_finished:  # finished or aborted after this step was launched: drop the token
+        for seq, new_tokens in zip(handle.seqs, tokens):
+            if seq.is_finished:  # finished or aborted after this step was launched: drop the tokens
                 continue
+            if handle.speculative:
+                self.spec_stats.record(len(new_tokens) - 1)
+            seq.num_pending -= 1
+            seq.num_cached -= handle.reserved_tokens - len(new_tokens)  # slots reserved but not used
+            read, by_token = [], False
             try:
-                seq.append_token(token)
-                if seq.grammar is not None and self.structured.accept(seq.grammar, token) and not seq.is_finished:
-                    seq.finish("stop")  # an ignored eos that completes the constraint still ends it
-                out = self._output(seq, [token])  # may finish the request on a stop string
+                # Token by token, as without speculation: tokens after the one that ends the
+                # request (stop token or string, length, a completed constraint) are dropped.
+                for token in new_tokens:
+                    read.append(token)
+                    seq.append_token(token)
+                    if seq.grammar is not None and self.structured.accept(seq.grammar, token) and not seq.is_finished:
+                        seq.finish("stop")  # an ignored eos that completes the constraint still ends it
+                    by_token = self._absorb(seq, token)  # may finish the request on a stop string
+                    if seq.is_finished:
+                        break
+                out = self._output(seq, read, by_token)
             except Exception as exc:  # e.g. detokenization: this request's own host work failed
                 outputs += self._fail([seq], exc)
                 continue
@@ -461,16 +499,25 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self.runner.release(seq)
 
-    def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
-        """The request's output after `new_tokens` were read back for it ([] when it was aborted or
-        failed). As in vLLM, a stop token is left out of the text (kept with
-        include_stop_str_in_output) and of delta_token_ids, and a stop string in the new text ends
-        the request with "stop", also when this token reached the length limit; the caller then
-        releases it like any finished request. An aborted or failed request keeps its reason."""
+    def _absorb(self, seq: Sequence, token: int) -> bool:
+        """Add a token just appended to `seq` to its text -> whether it ended the request as a stop
+        token. As in vLLM, a stop token is left out of the text (kept with
+        include_stop_str_in_output), and a stop string in the new text ends the request with
+        "stop", also when this token reached the length limit."""
+        detok, stops = self._detokenizers[seq.request_id], self._stop_checkers[seq.request_id]
+        by_token = seq.finish_reason == "stop"
+        stops.add(detok.add([] if by_token and not seq.sampling_params.include_stop_str_in_output else [token]))
+        if stops.stop_str is not None and seq.finish_reason in (None, "length", "stop"):
+            seq.finish("stop")
+        return by_token
+
+    def _output(self, seq: Sequence, new_tokens: list[int], by_token: bool = False) -> RequestOutput:
+        """The request's output after `new_tokens` were read back and absorbed ([] when it was
+        aborted or failed); by_token: the last of them is a stop token that ended it, which
+        delta_token_ids leaves out. The caller releases a request that finished like any finished
+        request. An aborted or failed request keeps its reason."""
         request_id, params = seq.request_id, seq.sampling_params
         detok, stops = self._detokenizers[request_id], self._stop_checkers[request_id]
-        by_token = bool(new_tokens) and seq.finish_reason == "stop"
-        stops.add(detok.add([] if by_token and not params.include_stop_str_in_output else new_tokens))
         if seq.is_finished:
             stops.add(detok.finish())  # the tail held back as an incomplete character
         if stops.stop_str is not None and seq.finish_reason in (None, "length", "stop"):
@@ -488,5 +535,5 @@ class LLMEngine:
         return RequestOutput(
             request_id=request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
             text=stops.sent_text, finish_reason=seq.finish_reason, delta_text=delta,
-            delta_token_ids=[] if by_token else new_tokens, error=seq.error, stop_reason=stop_reason,
+            delta_token_ids=new_tokens[:-1] if by_token else new_tokens, error=seq.error, stop_reason=stop_reason,
         )

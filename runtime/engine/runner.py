@@ -22,27 +22,33 @@ from .graphs import DecodeGraphs, batch_buckets
 from .sampler import Sampler, SamplingState
 from .scheduler import ScheduledStep
 from .sequence import Sequence
+from .spec_decode import SpeculativeDecoder
 
 
-def allocate_kv_cache(model: GlmOcrModel, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def allocate_kv_cache(model: GlmOcrModel, num_blocks: int, block_size: int,
+                      num_layers: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(K, V) caches [num_blocks, block_size, Hkv, D] for num_layers layers (default: the decoder's)."""
     c = model.config.text
     shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
     return [
         (torch.zeros(shape, dtype=model.dtype, device=model.device), torch.zeros(shape, dtype=model.dtype, device=model.device))
-        for _ in range(c.num_layers)
+        for _ in range(c.num_layers if num_layers is None else num_layers)
     ]
 
 
 def kv_bytes_per_token(model: GlmOcrModel) -> int:
+    """Cache bytes per token: the decoder's layers, plus the MTP layer's when it is loaded."""
     c = model.config.text
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize
+    layers = c.num_layers + (model.mtp is not None)
+    return 2 * layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize
 
 
 class DeviceBatch:
     """Per-row decode state on the device. Row i belongs to the scheduler's running[i]; rows
     past the running count are inactive (context length 0, no KV write, output ignored)."""
 
-    def __init__(self, max_rows: int, max_blocks: int, block_size: int, vocab_size: int, device: torch.device):
+    def __init__(self, max_rows: int, max_blocks: int, block_size: int, vocab_size: int, device: torch.device,
+                 num_speculative_tokens: int = 0, hidden_size: int = 0, dtype: torch.dtype = torch.float32):
         self.device = device
         self.block_size = block_size
         self.block_tables = torch.zeros(max_rows, max_blocks, dtype=torch.int32, device=device)
@@ -56,6 +62,15 @@ class DeviceBatch:
         self.token_masks = torch.full((max_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32, device=device)
         self._row_tensors = [self.block_tables, self.context_lens, self.active, self.rope_deltas, self.next_tokens,
                              *self.sampling.row_tensors]
+        if num_speculative_tokens:
+            # What the MTP layer's next catch-up needs of the last step (see spec_decode.py): its
+            # target hidden states [R, k+1, H], the target's tokens after them, and how many of
+            # the rows were accepted drafts (rows 0..carry_accepted are valid).
+            q = num_speculative_tokens + 1
+            self.carry_hidden = torch.zeros(max_rows, q, hidden_size, dtype=dtype, device=device)
+            self.carry_tokens = torch.zeros(max_rows, q, dtype=torch.int64, device=device)
+            self.carry_accepted = torch.zeros(max_rows, dtype=torch.int64, device=device)
+            self._row_tensors += [self.carry_hidden, self.carry_tokens, self.carry_accepted]
 
     def move_row(self, src: int, dst: int) -> None:
         for t in self._row_tensors:
@@ -102,26 +117,35 @@ class DeviceBatch:
         rows.copy_(masks, non_blocking=masks.is_pinned())
         return rows
 
+    def slots(self, bs: int, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Cache indices [bs, N] of rows [0, bs) -> their slots [bs, N] through the block tables;
+        -1 (no write) where not `valid` or outside the table."""
+        tables = self.block_tables[:bs]
+        limit = tables.shape[1] * self.block_size
+        block = tables.gather(1, (index.clamp(0, limit - 1) // self.block_size)).long()
+        return torch.where(valid & (index >= 0) & (index < limit), block * self.block_size + index % self.block_size, -1)
+
     def decode_inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Advance rows [0, bs) by one token on the device -> (input ids, positions, attention)."""
         active = self.active[:bs]
         context = self.context_lens[:bs]
         context += active.int()
-        pos = (context - 1).clamp(min=0).long()  # cache index of the token fed in this step
-        tables = self.block_tables[:bs]
-        block = tables.gather(1, (pos // self.block_size)[:, None])[:, 0].long()
-        slots = torch.where(active, block * self.block_size + pos % self.block_size, -1)
+        pos = (context - 1).long()  # cache index of the token fed in this step
+        slots = self.slots(bs, pos[:, None], active[:, None])[:, 0]
         positions = (pos + self.rope_deltas[:bs]).expand(3, bs)
-        attn = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=context)
+        attn = AttentionMetadata(slot_mapping=slots, block_tables=self.block_tables[:bs], context_lens=context)
         return self.next_tokens[:bs], positions, attn
 
 
 class StepHandle:
     """A launched step: its sequences (row order at launch) and their sampled tokens, copied to
-    host memory asynchronously."""
+    host memory asynchronously: [B] (one each) or, from a speculative step, [B, k + 2] (the count
+    of new tokens, then the tokens; see Sampler.verify)."""
 
-    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor):
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, reserved_tokens: int = 1):
         self.seqs = seqs
+        self.reserved_tokens = reserved_tokens  # cache slots the scheduler reserved per sequence
+        self.speculative = tokens.dim() == 2
         on_cuda = tokens.device.type == "cuda"
         self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_cuda)
         self._host.copy_(tokens, non_blocking=on_cuda)
@@ -130,34 +154,47 @@ class StepHandle:
             self._event = torch.cuda.Event()
             self._event.record()
 
-    def tokens(self) -> list[int]:
+    def tokens(self) -> list[list[int]]:
+        """-> each sequence's new tokens (waits for the step)."""
         if self._event is not None:
             self._event.synchronize()
-        return self._host.tolist()
+        rows = self._host.tolist()
+        if self._host.dim() == 1:
+            return [[t] for t in rows]
+        return [row[1: 1 + row[0]] for row in rows]
 
 
 class ModelRunner:
     def __init__(self, model: GlmOcrModel, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_blocks_per_seq: int, normalize_pixels: Callable[[torch.Tensor], torch.Tensor],
-                 use_graphs: bool = False):
+                 use_graphs: bool = False, num_speculative_tokens: int = 0):
         self.model = model
         self.normalize_pixels = normalize_pixels  # uint8 patch pixels -> float32 pixel values, on the device
         self.block_size = block_size
         self.kv_caches = allocate_kv_cache(model, num_blocks, block_size)
-        self.batch = DeviceBatch(max_num_seqs, max_blocks_per_seq, block_size, model.config.text.vocab_size,
-                                 model.device)
+        c = model.config.text
+        self.batch = DeviceBatch(max_num_seqs, max_blocks_per_seq, block_size, c.vocab_size, model.device,
+                                 num_speculative_tokens, c.hidden_size, model.dtype)
         self.sampler = Sampler(model.ops, self.batch.sampling)
+        self.spec = None
+        if num_speculative_tokens:
+            self.spec = SpeculativeDecoder(model, self.batch, self.sampler, self.kv_caches,
+                                           allocate_kv_cache(model, num_blocks, block_size, num_layers=1)[0],
+                                           num_speculative_tokens)
         self.image_cache: dict[str, torch.Tensor] = {}  # request id -> image embeddings, kept for recompute
         self.buckets = batch_buckets(max_num_seqs)
         self.graphs = self._capture_graphs() if use_graphs else None
 
     def _capture_graphs(self) -> DecodeGraphs:
-        """Per bucket: the whole step (greedy-only and sampled), and for steps with structured-
-        output rows the forward to the logits plus the masked sampling of those logits."""
+        """Per bucket: the whole step (greedy-only and sampled; with speculation also the whole
+        speculative step), and for steps with structured-output rows the forward to the logits
+        plus the masked sampling of those logits."""
         graphs = DecodeGraphs()
         for bs in reversed(self.buckets):  # largest first, so later captures fit in its pool
             for do_sample in (True, False):
                 graphs.capture(("step", bs, do_sample), lambda: self.decode_step(bs, do_sample))
+                if self.spec is not None:
+                    graphs.capture(("spec", bs, do_sample), lambda: self.spec.step(bs, do_sample))
             graphs.capture(("logits", bs), lambda: self.decode_logits(bs))
             logits = graphs.outputs["logits", bs]
             for do_sample in (True, False):
@@ -208,26 +245,41 @@ class ModelRunner:
         num_slots, num_embeds = int(image_mask.sum()), 0 if image_embeds is None else image_embeds.shape[0]
         if num_slots != num_embeds:
             raise ValueError(f"{num_slots} <|image|> tokens but {num_embeds} image embeddings")
-        hidden = self.model.forward(upload(ids, device), positions, attn, self.kv_caches, image_embeds,
-                                    upload(image_mask, device))
-        logits = self.model.compute_logits(hidden[upload(cu[1:] - 1, device, torch.int64)])
+        ids, image_mask = upload(ids, device), upload(image_mask, device)
+        hidden = self.model.forward(ids, positions, attn, self.kv_caches, image_embeds, image_mask)
+        last = hidden[upload(cu[1:] - 1, device, torch.int64)]  # [B, H]
+        logits = self.model.compute_logits(last)
+        if self.spec is not None:
+            self.spec.prefill(ids, image_embeds, image_mask, hidden, positions, attn.slot_mapping, lens.tolist())
         self.batch.admit(seqs, step.first_row)
         rows = slice(step.first_row, step.first_row + len(seqs))
         token_mask = self.batch.set_token_masks(step.first_row, masks) if masks is not None else None
         tokens = self.sampler(logits, rows, self._do_sample(step), token_mask)
         self.batch.next_tokens[rows] = tokens
+        if self.spec is not None:
+            self.spec.carry_prefill(rows, last, tokens)
         return StepHandle(seqs, tokens)
 
     def decode_logits(self, bs: int) -> torch.Tensor:
-        """The decoder forward of rows [0, bs) on device state only -> [bs, V] logits."""
+        """The decoder forward of rows [0, bs) on device state only -> [bs, V] logits. With
+        speculation on, the MTP layer first catches up on the last step and this step's hidden
+        states become the carry (see spec_decode.py)."""
+        if self.spec is not None:
+            self.spec.catch_up(bs)
         input_ids, positions, attn = self.batch.decode_inputs(bs)
-        return self.model.compute_logits(self.model.forward(input_ids, positions, attn, self.kv_caches))
+        hidden = self.model.forward(input_ids, positions, attn, self.kv_caches)
+        if self.spec is not None:
+            self.batch.carry_hidden[:bs, 0] = hidden
+        return self.model.compute_logits(hidden)
 
     def sample_rows(self, logits: torch.Tensor, bs: int, do_sample: bool, masked: bool) -> torch.Tensor:
         """Sample rows [0, bs) (with the uploaded token masks when `masked`) -> [bs] tokens, which
         the next step reads as its inputs."""
         tokens = self.sampler(logits, slice(0, bs), do_sample, self.batch.token_masks[:bs] if masked else None)
         self.batch.next_tokens[:bs] = tokens
+        if self.spec is not None:
+            self.batch.carry_tokens[:bs, 0] = tokens
+            self.batch.carry_accepted[:bs] = 0
         return tokens
 
     def decode_step(self, bs: int, do_sample: bool) -> torch.Tensor:
@@ -246,14 +298,18 @@ class ModelRunner:
         return any(not s.sampling_params.greedy for s in step.seqs)
 
     @torch.inference_mode()
-    def decode(self, step: ScheduledStep) -> StepHandle:
-        """One token for every running sequence, in one launch (no structured-output row)."""
+    def decode(self, step: ScheduledStep, speculate: bool = False) -> StepHandle:
+        """One token for every running sequence (or, speculating, 1 to k + 1), in one launch (no
+        structured-output row)."""
         bs, do_sample = self._start_decode(step), self._do_sample(step)
+        key = ("spec" if speculate else "step", bs, do_sample)
         if self.graphs is not None:
-            tokens = self.graphs.replay(("step", bs, do_sample))
+            tokens = self.graphs.replay(key)
+        elif speculate:
+            tokens = self.spec.step(bs, do_sample)
         else:
             tokens = self.decode_step(bs, do_sample)
-        return StepHandle(step.seqs, tokens[: len(step.seqs)])
+        return StepHandle(step.seqs, tokens[: len(step.seqs)], step.reserved_tokens)
 
     @torch.inference_mode()
     def decode_forward(self, step: ScheduledStep) -> torch.Tensor:
@@ -272,4 +328,4 @@ class ModelRunner:
             tokens = self.graphs.replay(("masked", bs, do_sample))
         else:
             tokens = self.sample_rows(logits, bs, do_sample, masked=True)
-        return StepHandle(step.seqs, tokens[:b])
+        return StepHandle(step.seqs, tokens[:b], step.reserved_tokens)

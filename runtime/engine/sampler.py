@@ -12,6 +12,13 @@ argmax(p / E), E = -log(u), which samples exactly from p. u comes from a counter
 (row seed, tokens generated so far, vocabulary id), so a request's draws depend on its own seed
 and position only: a fixed seed reproduces whatever else is in the batch, and a preempted request
 recomputed later continues the same stream.
+
+Speculative decoding verifies k drafted tokens per row in one step (`Sampler.verify`): position j
+is sampled as above from the target's logits there, with the drafts before it counted by the
+repetition penalty. Drafts come from the MTP layer's argmax, a point mass q = onehot(d), so exact
+rejection sampling (Leviathan et al. 2023) accepts d with probability p(d) and, on rejection,
+draws from max(p - q, 0), i.e. p without d; greedy rows accept d when it is the argmax. The
+output is distributed exactly as plain sampling, and greedy rows give plain greedy's tokens.
 """
 from __future__ import annotations
 
@@ -97,6 +104,15 @@ class Sampler:
         self.ops = ops
         self.state = state
 
+    def _probs(self, logits: torch.Tensor, rows: slice, per_row: int = 1) -> torch.Tensor:
+        """Penalised fp32 logits [N * per_row, V] of batch rows `rows` -> the sampling distribution
+        (temperature, top-k, top-p) of each; greedy rows get a finite but unused one."""
+        st = self.state
+        temperature = st.temperature[rows].repeat_interleave(per_row)
+        scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+        return top_k_top_p_filter(scaled, st.top_k[rows].repeat_interleave(per_row),
+                                  st.top_p[rows].repeat_interleave(per_row)).softmax(-1)
+
     def __call__(self, logits: torch.Tensor, rows: slice, do_sample: bool,
                  token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """logits [N, V] of the batch rows `rows` -> [N] int64 tokens; records them in the
@@ -111,11 +127,50 @@ class Sampler:
         logits = self.ops.apply_repetition_penalty(logits, st.presence[rows], st.penalty[rows])
         tokens = self.ops.argmax(logits)
         if do_sample:
-            temperature = st.temperature[rows]
-            scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
-            probs = top_k_top_p_filter(scaled, st.top_k[rows], st.top_p[rows]).softmax(-1)
+            probs = self._probs(logits, rows)
             race = -torch.log(hashed_uniform(st.seeds[rows], st.counters[rows], st.vocab_ids))
-            tokens = torch.where(temperature > 0, (probs / race).argmax(-1), tokens)
+            tokens = torch.where(st.temperature[rows] > 0, (probs / race).argmax(-1), tokens)
         st.presence[rows].scatter_(1, tokens[:, None], True)
         st.counters[rows] += 1
         return tokens
+
+    def verify(self, logits: torch.Tensor, drafts: torch.Tensor, rows: slice, do_sample: bool) -> torch.Tensor:
+        """logits [N * (k + 1), V]: the target's at each row's input token and at its k drafts
+        [N, k] -> [N, k + 2] int64: column 0 the count c of new tokens (accepted drafts + 1), then
+        the tokens (the first c are valid: the accepted drafts and one token from the target).
+        Records them in the presence mask and advances the RNG counters by c."""
+        st = self.state
+        n, k = drafts.shape
+        q, vocab = k + 1, logits.shape[-1]
+        position = torch.arange(q, device=drafts.device)
+        # Position j is penalised for the drafts before it: presence [N, q, V].
+        presence = st.presence[rows].repeat_interleave(q, dim=0).view(n, q, vocab)
+        for j in range(1, q):
+            presence[:, j:].scatter_(2, drafts[:, j - 1, None, None].expand(n, q - j, 1), True)
+        logits = self.ops.apply_repetition_penalty(logits.float(), presence.view(n * q, vocab),
+                                                   st.penalty[rows].repeat_interleave(q))
+        target = self.ops.argmax(logits).view(n, q)  # greedy choice at every position
+        accept = drafts == target[:, :k]
+        if do_sample:
+            probs = self._probs(logits, rows, q).view(n, q, vocab)
+            counters = st.counters[rows, None] + position  # [N, q]: the stream of output index j
+            seeds = st.seeds[rows, None].expand(n, q)
+            race = -torch.log(hashed_uniform(seeds.reshape(-1), counters.reshape(-1), st.vocab_ids)).view(n, q, vocab)
+            # The acceptance draw: the hash of an id past the vocabulary, independent of the race.
+            u = hashed_uniform(seeds[:, :k].reshape(-1), counters[:, :k].reshape(-1), st.vocab_ids[-1:] + 1).view(n, k)
+            sampled = st.temperature[rows] > 0
+            accept = torch.where(sampled[:, None], u < probs[:, :k].gather(2, drafts[..., None])[..., 0], accept)
+        num_accepted = accept.int().cumprod(dim=1).sum(dim=1)  # [N]: the longest accepted prefix
+        bonus = target.gather(1, num_accepted[:, None])[:, 0]
+        if do_sample:
+            at = num_accepted[:, None, None].expand(n, 1, vocab)
+            p = probs.gather(1, at)[:, 0]  # [N, V]: the distribution at the first unaccepted position
+            rejected = drafts.gather(1, num_accepted.clamp(max=k - 1)[:, None])  # [N, 1]
+            p = torch.where((num_accepted < k)[:, None] & (st.vocab_ids == rejected), 0.0, p)  # residual: p without it
+            bonus = torch.where(sampled, (p / race.gather(1, at)[:, 0]).argmax(-1), bonus)
+        tokens = torch.where(position[:k] < num_accepted[:, None], drafts, bonus[:, None])
+        tokens = torch.cat([tokens, bonus[:, None]], dim=1)  # [N, q]
+        valid = position <= num_accepted[:, None]
+        st.presence[rows].scatter_(1, torch.where(valid, tokens, tokens[:, :1]), True)
+        st.counters[rows] += num_accepted + 1
+        return torch.cat([(num_accepted + 1)[:, None], tokens], dim=1)

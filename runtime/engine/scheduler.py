@@ -13,7 +13,8 @@ leaves (finished, aborted, preempted, or with its last token scheduled) gives it
 row's sequence; `rows` mirrors every move on the device.
 
 Steps may overlap: the engine schedules step N+1 before it has read step N's tokens. The
-scheduler therefore counts scheduled tokens (`num_cached`, `num_pending`) rather than known ones;
+scheduler therefore counts scheduled steps and cache slots (`num_pending`, `num_cached`) rather
+than known tokens; with speculative decoding a decode step reserves k + 1 slots per sequence;
 a sequence whose stop token is still in flight is scheduled once more and that token is dropped.
 When a decode step needs more blocks than are free, in-flight results must be read first
 (`NEEDS_DRAIN`); then the most recently admitted sequences are preempted: their blocks are freed
@@ -44,14 +45,19 @@ class ScheduledStep:
     seqs: list[Sequence]  # prefill: the admitted sequences; decode: every running one, in row order
     first_row: int  # row of seqs[0]
     new_blocks: list[tuple[int, int, int]] = field(default_factory=list)  # decode: (row, table index, block id)
+    reserved_tokens: int = 1  # decode: cache slots reserved per sequence (k + 1 with speculation)
 
 
 NEEDS_DRAIN = "needs-drain"
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, rows: RowMirror):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, rows: RowMirror,
+                 tokens_per_step: int = 1):
         self.block_manager = block_manager
+        # Cache slots a decode step may write per sequence: 1, or k + 1 when verifying k speculated
+        # tokens (all reserved up front; what a step did not accept is given back when it is read).
+        self.tokens_per_step = tokens_per_step
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.rows = rows
@@ -107,17 +113,18 @@ class Scheduler:
             self._preempt(self.running[-1])
         new_blocks = []
         for row, seq in enumerate(self.running):
-            block_id = self.block_manager.grow(seq, seq.num_cached + 1)
+            block_id = self.block_manager.grow(seq, seq.num_cached + self.tokens_per_step)
             if block_id is not None:
                 new_blocks.append((row, len(seq.block_table) - 1, block_id))
-            seq.num_cached += 1
+            seq.num_cached += self.tokens_per_step
             seq.num_pending += 1
         self.last_step_was_prefill = False
-        return ScheduledStep(False, list(self.running), first_row=0, new_blocks=new_blocks)
+        return ScheduledStep(False, list(self.running), first_row=0, new_blocks=new_blocks,
+                             reserved_tokens=self.tokens_per_step)
 
     def _new_blocks_needed(self) -> int:
         bm = self.block_manager
-        return sum(len(s.block_table) < bm.blocks_needed(s.num_cached + 1) for s in self.running)
+        return sum(len(s.block_table) < bm.blocks_needed(s.num_cached + self.tokens_per_step) for s in self.running)
 
     def _release_row(self, seq: Sequence) -> None:
         row, last = seq.row, len(self.running) - 1

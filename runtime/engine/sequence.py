@@ -34,10 +34,13 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None  # why a request failed (finish_reason "error")
-    # Scheduled but not yet read back: with overlapped steps the host schedules step N+1 before
-    # it has read step N's token, so a running sequence is ahead of what it knows by 0 or 1 token.
+    # Steps scheduled but not yet read back: with overlapped steps the host schedules step N+1
+    # before it has read step N's tokens. Each yields at least one token (up to k + 1 with k
+    # speculative tokens), so outputs + num_pending is what the sequence is sure to reach.
     num_pending: int = 0
-    num_cached: int = 0  # tokens whose K/V the launched steps write (the device's context length)
+    # Tokens whose K/V the launched steps may write: exact without speculation, an upper bound
+    # with it (each decode step reserves room for k + 1; reading its result gives back the rest).
+    num_cached: int = 0
     row: int | None = None  # its row in the device-resident batch while RUNNING
     # Set when a prefill shared with other requests failed: it is prefilled again in a step of
     # its own, so that a request that breaks a step fails alone.
@@ -64,8 +67,8 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     def can_schedule_more(self) -> bool:
-        """Whether one more token may be scheduled (max_tokens and the context limit, counting the
-        tokens already scheduled); stop tokens are only known once read back."""
+        """Whether one more step may be scheduled (max_tokens and the context limit, counting one
+        token per step already scheduled); stop tokens are only known once read back."""
         outputs = len(self.output_token_ids) + self.num_pending
         return outputs < self.sampling_params.max_tokens and self.num_prompt_tokens + outputs < self.max_total_tokens
 
@@ -80,7 +83,6 @@ class Sequence:
         As in vLLM, the length limit is checked first: a stop token that is also the
         max_tokens-th token ends the request with "length"."""
         self.output_token_ids.append(token_id)
-        self.num_pending -= 1
         if len(self.output_token_ids) >= self.sampling_params.max_tokens or self.num_tokens >= self.max_total_tokens:
             self.finish("length")
         elif token_id in self.stop_token_ids:
