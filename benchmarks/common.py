@@ -164,8 +164,16 @@ def _structured_numbers(data: dict) -> list[str]:
                     f"{r['median_ms']:.3f} ms/step" for r in data["device_steps"]]
 
 
+def _spec_decode_numbers(data: dict) -> list[str]:
+    plain = data["plain"]
+    return [f"- k {r['k']}, batch {r['batch']}, draft accuracy {r['draft_accuracy']:.2f}: {r['ms_per_step']:.3f} ms/step, "
+            f"{r['tokens_per_s']:.4g} tok/s = {r['speedup']:.2f}x plain ({plain[str(r['batch'])]['tokens_per_s']:.4g}), "
+            f"{r['mean_accepted_length']:.2f} tokens/step" for r in data["rows"]]
+
+
 SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers,
-               "host_overhead": _host_overhead_numbers, "serve": _serve_numbers, "structured": _structured_numbers}
+               "host_overhead": _host_overhead_numbers, "serve": _serve_numbers, "structured": _structured_numbers,
+               "spec_decode": _spec_decode_numbers}
 
 
 def key_numbers(folder: Path) -> list[str]:

@@ -38,7 +38,7 @@ die() {
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-STEPS=(install cpp-ext gpu-tests bench-kernels bench-e2e bench-host bench-structured bench-patchify bench-serve kernel-tests-gpu)
+STEPS=(install cpp-ext gpu-tests bench-kernels bench-e2e bench-spec bench-host bench-structured bench-patchify bench-serve kernel-tests-gpu)
 MIN_STEP_SECONDS=10  # a step given less than this is skipped rather than started
 out="" quick=0 dry_run=0 allow_cpu=0 tar_path="" budget=840 only="" skip=""
 
@@ -108,6 +108,7 @@ add cpp-ext 60 1 "$py -c 'import glmrt._C; print(\"glmrt._C built:\", glmrt._C._
 add gpu-tests 300 1 "$py -m pytest -m gpu -q -p no:cacheprovider tests"
 add bench-kernels 300 1 "$py benchmarks/kernels.py --out $o$smoke"
 add bench-e2e 420 1 "$py benchmarks/e2e.py --out $o$smoke"
+add bench-spec 300 1 "$py benchmarks/spec_decode.py --out $o$smoke"
 if [[ -f $REPO/$host_script ]]; then
     add bench-host 180 1 "$py $host_script --out $o$smoke"
 else

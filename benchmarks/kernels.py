@@ -145,11 +145,12 @@ def attention_flops(seqlens: list[int], heads: int, head_dim: int, causal: bool)
 
 
 def decode_attention_bytes(context_lens: list[int], q_heads: int, kv_heads: int, head_dim: int,
-                           elt: int) -> int:
-    """K + V actually read over the contexts (2 * sum(ctx) * Hkv * D), q and out (2 * B * Hq * D),
-    all times elt; plus the int32 block-table entries read (cdiv(ctx, 16) each) and context lens."""
+                           elt: int, queries: int = 1) -> int:
+    """K + V actually read over the contexts (2 * sum(ctx) * Hkv * D; once for all `queries` of a
+    sequence), q and out (2 * B * Q * Hq * D), all times elt; plus the int32 block-table entries
+    read (cdiv(ctx, 16) each) and context lens."""
     kv = 2 * sum(context_lens) * kv_heads * head_dim * elt
-    q_out = 2 * len(context_lens) * q_heads * head_dim * elt
+    q_out = 2 * len(context_lens) * queries * q_heads * head_dim * elt
     tables = 4 * sum(-(-n // BLOCK_SIZE) for n in context_lens) + 4 * len(context_lens)
     return kv + q_out + tables
 
@@ -372,7 +373,8 @@ def varlen_attention_case(label: str, seqlens: list[int], q_heads: int, kv_heads
                 note="" if fits else "fp32 reference too large to time; checked on one kv group")
 
 
-def paged_decode_case(batch: int, context: int) -> Case:
+def paged_decode_case(batch: int, context: int, queries: int = 1) -> Case:
+    """`queries` > 1: speculative verification, that many causal queries per sequence."""
     per_seq = -(-context // BLOCK_SIZE)
     num_blocks = batch * per_seq
     shape = (num_blocks, BLOCK_SIZE, TEXT_KV_HEADS, TEXT_HEAD_DIM)
@@ -380,7 +382,7 @@ def paged_decode_case(batch: int, context: int) -> Case:
     # every sequence owns its blocks, scattered over the pool as after many admissions
     tables = torch.randperm(num_blocks, device=DEVICE).view(batch, per_seq).to(torch.int32)
     lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
-    q = _randn(batch, TEXT_HEADS, TEXT_HEAD_DIM)  # [B, Hq, D]
+    q = _randn(batch * queries, TEXT_HEADS, TEXT_HEAD_DIM)  # [B * Q, Hq, D]
 
     def dense(cache: torch.Tensor) -> torch.Tensor:  # -> [B, Hkv, ctx, D], transformers' layout
         return cache[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
@@ -388,15 +390,18 @@ def paged_decode_case(batch: int, context: int) -> Case:
     # SDPA over a dense, already gathered cache (transformers' static cache): the gather is not
     # timed and all contexts are equal, so no mask; it reads the same K/V bytes as the kernel.
     k_dense, v_dense = dense(k_cache), dense(v_cache)
-    args = (q, k_cache, v_cache, tables, lens)
-    return Case("paged_decode_attention", f"B={batch} ctx={context}",
-                triton=lambda: paged.paged_decode_attention(*args),
-                reference=lambda: paged.paged_decode_attention_ref(*args),
+    q_dense = q.view(batch, queries, TEXT_HEADS, TEXT_HEAD_DIM).transpose(1, 2)  # [B, Hq, Q, D]
+    # query j sees the first context - (Q-1-j) keys
+    mask = torch.arange(context, device=DEVICE) < context - (queries - 1) + torch.arange(queries, device=DEVICE)[:, None]
+    kwargs = dict(num_queries=queries)
+    return Case("paged_decode_attention", f"B={batch} ctx={context}" + (f" Q={queries}" if queries > 1 else ""),
+                triton=lambda: paged.paged_decode_attention(q, k_cache, v_cache, tables, lens, **kwargs),
+                reference=lambda: paged.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, **kwargs),
                 bytes=decode_attention_bytes([context] * batch, TEXT_HEADS, TEXT_KV_HEADS,
-                                             TEXT_HEAD_DIM, q.element_size()),
+                                             TEXT_HEAD_DIM, q.element_size(), queries),
                 target=DECODE_TARGET if batch >= DECODE_MIN_BATCH else None,
-                sdpa=lambda: F.scaled_dot_product_attention(q[:, :, None], k_dense, v_dense,
-                                                            enable_gqa=True))
+                sdpa=lambda: F.scaled_dot_product_attention(q_dense, k_dense, v_dense,
+                                                            attn_mask=None if queries == 1 else mask, enable_gqa=True))
 
 
 def argmax_case(batch: int) -> Case:
@@ -474,7 +479,8 @@ def plan(w: Workload) -> dict[str, list[Callable[[], Case]]]:
             *(partial(varlen_attention_case, "prefill causal", _split(t, s),
                       TEXT_HEADS, TEXT_KV_HEADS, TEXT_HEAD_DIM, True) for t, s in w.prefill_packs)],
         "paged_decode_attention": [partial(paged_decode_case, b, c)
-                                   for b, c in itertools.product(w.decode_batches, w.decode_contexts)],
+                                   for b, c in itertools.product(w.decode_batches, w.decode_contexts)]
+                                  + [partial(paged_decode_case, b, max(w.decode_contexts), 4) for b in w.decode_batches],
         "argmax": [partial(argmax_case, b) for b in w.decode_batches],
         "token_bitmask": [partial(token_bitmask_case, b) for b in w.decode_batches],
         "repetition_penalty": [partial(repetition_penalty_case, b, max(w.decode_contexts))

@@ -25,7 +25,7 @@ from .sampling_params import SamplingParams
 DEFAULT_MODEL = "zai-org/GLM-OCR"
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization",
-                "block_size", "image_backend")
+                "block_size", "image_backend", "num_speculative_tokens", "speculative_max_batch")
 
 SERVE_DESCRIPTION = """\
 an OpenAI-compatible server (POST /v1/chat/completions, /v1/completions; GET /v1/models, /health,
@@ -109,10 +109,37 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                         help="read each step back before scheduling the next (same tokens, slower)")
+    engine.add_argument("--num-speculative-tokens", type=int,
+                        help="tokens the checkpoint's MTP layer drafts per decode step (default 0: off)")
+    engine.add_argument("--speculative-max-batch", type=int,
+                        help="decode steps with more running requests than this do not speculate")
+    engine.add_argument("--speculative-config", type=_speculative_config, metavar="JSON",
+                        help='vLLM\'s form, e.g. \'{"method": "mtp", "num_speculative_tokens": 1}\'')
+
+
+def _speculative_config(text: str) -> int:
+    """vLLM's --speculative-config JSON -> num_speculative_tokens (MTP is the only method)."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(config, dict) or config.get("method", "mtp") not in ("mtp", "glm_ocr_mtp"):
+        raise argparse.ArgumentTypeError('must be an object with "method": "mtp" (the only drafter glmrt has)')
+    unknown = set(config) - {"method", "num_speculative_tokens"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unsupported fields {sorted(unknown)} (known: method, num_speculative_tokens)")
+    k = config.get("num_speculative_tokens", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise argparse.ArgumentTypeError(f"num_speculative_tokens must be an int >= 0, got {k!r}")
+    return k
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
     options = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+    if args.speculative_config is not None:
+        if args.num_speculative_tokens is not None and args.num_speculative_tokens != args.speculative_config:
+            raise UsageError("--speculative-config and --num-speculative-tokens disagree; give one")
+        options["num_speculative_tokens"] = args.speculative_config
     if args.enforce_eager:
         options["enforce_eager"] = True
     if not args.async_scheduling:

@@ -1,6 +1,7 @@
 """GPU-only end-to-end checks at GLM-OCR's real size (random bf16 weights): CUDA-graph decode vs
 eager decode (also with structured-output rows, whose steps replay the forward and the masked
-sampling as two graphs), and logits close to transformers' bf16 forward. Skipped without a GPU."""
+sampling as two graphs, and with MTP speculation), and logits close to transformers' bf16
+forward. Skipped without a GPU."""
 import pytest
 import torch
 
@@ -84,6 +85,22 @@ def test_graph_decode_with_structured_outputs_matches_eager_and_serial(real_chec
     eager = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, kv_cache_tokens=65536,
                       enforce_eager=True, async_scheduling=False)
     assert [o.token_ids for o in eager.generate(REQUESTS, CONSTRAINED)] == [o.token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("params", [PARAMS, CONSTRAINED], ids=["plain", "constrained"])
+def test_speculative_graph_decode_matches_eager(real_checkpoint, params):
+    """MTP speculation (k = 3): the captured speculative step (catch-up, chained drafts, multi-
+    query verify, rejection sampling) under overlapped steps gives eager serial speculation's
+    tokens, with structured-output rows (plain steps that keep the MTP cache) in the batch too."""
+    options = dict(max_num_seqs=8, max_model_len=8192, num_speculative_tokens=3)
+    graphs = glmrt.LLM(str(real_checkpoint), gpu_memory_utilization=0.4, **options)
+    assert ("spec", 8, True) in graphs.engine.runner.graphs.graphs
+    with_graphs = [o.token_ids for o in graphs.generate(REQUESTS, params)]
+    assert graphs.engine.spec_stats.num_drafts > 0
+    del graphs
+    torch.cuda.empty_cache()
+    eager = glmrt.LLM(str(real_checkpoint), kv_cache_tokens=65536, enforce_eager=True, async_scheduling=False, **options)
+    assert [o.token_ids for o in eager.generate(REQUESTS, params)] == with_graphs
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -13,7 +13,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
-STEPS = ["install", "cpp-ext", "gpu-tests", "bench-kernels", "bench-e2e", "bench-host", "bench-structured",
+STEPS = ["install", "cpp-ext", "gpu-tests", "bench-kernels", "bench-e2e", "bench-spec", "bench-host", "bench-structured",
          "bench-patchify", "bench-serve", "kernel-tests-gpu"]
 
 

@@ -450,3 +450,47 @@ def test_a_trained_drafter_is_accepted_and_cuts_the_steps(trained, k):
     assert stats["mean_accepted_length"] > 1 + 0.6 * k
     decode_tokens = sum(len(t) - 1 for t in tokens)  # the first token of each comes from the prefill
     assert engine.spec_stats.num_drafts < decode_tokens / (1 + 0.6 * k)
+
+
+def test_server_speculates_with_vllms_flag_and_reports_acceptance(trained):
+    """`glmrt serve --speculative-config '{"method": "mtp", ...}'` (vLLM's flag): the answer is plain
+    greedy's, and /metrics carries vLLM's speculative-decoding counters."""
+    import httpx
+
+    from tests.server_process import ServerProcess
+
+    path, _ = trained
+    images, prompt = TRAIN_CASES[1]
+    expected = engine_tokens(path, [{"prompt": prompt}], [glmrt.SamplingParams(max_tokens=TRAIN_TOKENS)])
+    config = '{"method": "mtp", "num_speculative_tokens": 2}'
+    with ServerProcess(path, "--speculative-config", config, "--max-model-len", "512") as server:
+        payload = {"model": "glm-ocr", "max_tokens": TRAIN_TOKENS, "temperature": 0, "repetition_penalty": 1.0,
+                   "messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]}
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=payload, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == expected[2][0]
+        metrics = server.metrics()
+    drafts = metrics["glmrt:spec_decode_num_drafts_total"]
+    assert metrics["glmrt:spec_decode_num_draft_tokens_total"] == 2 * drafts > 0
+    assert metrics['glmrt:spec_decode_num_accepted_tokens_per_pos_total{position="0"}'] > 0.8 * drafts
+    assert metrics["glmrt:spec_decode_num_accepted_tokens_total"] == sum(
+        metrics[f'glmrt:spec_decode_num_accepted_tokens_per_pos_total{{position="{i}"}}'] for i in range(2))
+
+
+@pytest.mark.parametrize("flag,message", [
+    ('{"method": "ngram", "num_speculative_tokens": 2}', '"method": "mtp"'),
+    ('{"num_speculative_tokens": "x"}', "num_speculative_tokens must be an int"),
+    ("{not json", "not JSON"),
+])
+def test_cli_refuses_a_bad_speculative_config(flag, message, capsys):
+    from glmrt.cli import main
+
+    assert main(["serve", "some/model", "--speculative-config", flag]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_one_token_prompts_have_nothing_to_prefill_in_the_mtp_layer(tiny_checkpoint):
+    requests = [{"prompt_token_ids": [59248]}, {"prompt": "hi"}, {"prompt_token_ids": [5]}]
+    params = [glmrt.SamplingParams(max_tokens=6)] * 3
+    assert engine_tokens(tiny_checkpoint, requests, params, num_speculative_tokens=2)[:3] == \
+        engine_tokens(tiny_checkpoint, requests, params)[:3]

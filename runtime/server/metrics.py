@@ -38,6 +38,21 @@ class EngineCollector:
         preempted = CounterMetricFamily("glmrt:num_preemptions", "Sequences preempted to free KV blocks.")
         preempted.add_metric([], scheduler.num_preemptions)
         yield preempted
+        stats = engine.spec_stats
+        if stats.num_speculative_tokens:  # vLLM's speculative-decoding counters
+            for name, doc, value in (
+                ("num_drafts", "Sequences verified by speculative steps (one per sequence per step).", stats.num_drafts),
+                ("num_draft_tokens", "Draft tokens proposed.", stats.num_draft_tokens),
+                ("num_accepted_tokens", "Draft tokens accepted.", stats.num_accepted_tokens),
+            ):
+                counter = CounterMetricFamily(f"glmrt:spec_decode_{name}", doc)
+                counter.add_metric([], value)
+                yield counter
+            per_pos = CounterMetricFamily("glmrt:spec_decode_num_accepted_tokens_per_pos",
+                                          "Draft tokens accepted, by position in the draft.", labels=["position"])
+            for position, value in enumerate(list(stats.accepted_per_position)):
+                per_pos.add_metric([str(position)], value)
+            yield per_pos
 
 
 class ServerMetrics:
