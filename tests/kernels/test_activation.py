@@ -61,7 +61,11 @@ def test_layer_norm_gelu_matches_reference(dtype, rows, d):
     assert out.shape == x.shape and out.is_contiguous()
     torch.testing.assert_close(out, ref, **_tol(dtype))
     if dtype == torch.float16:
-        assert (out == ref).float().mean() > 0.99
+        # Bit-equal to the module (LayerNorm rounded to fp16, then GELU) except in GELU's far
+        # negative tail, where 1 + erf(y / sqrt 2) cancels and fp32 erf implementations (torch's
+        # AVX2 and AVX-512 paths, CUDA's) differ by a few ulps.
+        tail = torch.nn.functional.layer_norm(x, (d,), w, b, EPS) < -3
+        assert (out == ref)[~tail].float().mean() > 0.99
 
 
 def test_rejects_bad_arguments():
