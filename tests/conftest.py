@@ -5,25 +5,17 @@ set before any kernel module is imported, which is why it happens here, first.
 Tests marked `gpu` are skipped cleanly when no GPU is present.
 
 transformers' reference processor is its default, torchvision-backed one. On CPU-only machines
-torchvision comes from `.torchvision/` in the repository root (`pip install --no-deps
-torchvision==0.28.0 --target .torchvision`, as .ci/run does): a CUDA wheel whose compiled ops do not
-register against the CPU torch, so its two op-registration modules are replaced by empty ones; the
-pure-torch transforms the processor uses then work. This must happen before transformers is
-imported (it probes torchvision once). Where torchvision is installed normally, nothing is changed.
+torchvision comes from `.torchvision/` in the repository root (tests/vendored_torchvision.py), put
+on the path here, before transformers is imported.
 """
 import os
-import pathlib
-import sys
-import types
 
 import pytest
 import torch
 
-TORCHVISION_DIR = pathlib.Path(__file__).resolve().parent.parent / ".torchvision"
-if TORCHVISION_DIR.is_dir():
-    for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-        sys.modules.setdefault(_name, types.ModuleType(_name))
-    sys.path.insert(0, str(TORCHVISION_DIR))
+from tests.vendored_torchvision import TORCHVISION_DIR, use_vendored_torchvision
+
+use_vendored_torchvision()
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
