@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -20,6 +21,9 @@ void patchify_u8(const uint8_t* img, int64_t height, int64_t width, int64_t chan
                  int64_t patch, int64_t temporal, int64_t merge, float* out, int64_t num_threads);
 void patch_pixels_u8(const uint8_t* img, int64_t height, int64_t width, int64_t channels, int64_t patch,
                      int64_t merge, uint8_t* out, int64_t num_threads);
+// Defined in contours.cpp.
+std::vector<std::vector<int32_t>> external_contours(const uint8_t* mask, int64_t height, int64_t width);
+std::vector<int32_t> approx_poly_dp(const int32_t* points, int64_t n, double epsilon);
 }  // namespace glmrt
 
 namespace {
@@ -88,6 +92,38 @@ py::array_t<uint8_t> patch_pixels(const py::array& image, int64_t patch_size, in
     return out;
 }
 
+// A flat (x, y, x, y, ...) list -> an int32 [K, 2] array.
+py::array_t<int32_t> as_points(const std::vector<int32_t>& flat) {
+    py::array_t<int32_t> out(std::vector<py::ssize_t>{static_cast<py::ssize_t>(flat.size() / 2), 2});
+    if (!flat.empty()) std::memcpy(out.mutable_data(), flat.data(), flat.size() * sizeof(int32_t));
+    return out;
+}
+
+py::list external_contours(const py::array& mask) {
+    if (!py::isinstance<py::array_t<uint8_t>>(mask) || mask.ndim() != 2 || !(mask.flags() & py::array::c_style))
+        throw std::invalid_argument("external_contours: mask must be a C-contiguous 2-D uint8 array");
+    std::vector<std::vector<int32_t>> contours;
+    {
+        py::gil_scoped_release release;
+        contours = glmrt::external_contours(static_cast<const uint8_t*>(mask.data()), mask.shape(0), mask.shape(1));
+    }
+    py::list out;
+    for (const auto& contour : contours) out.append(as_points(contour));
+    return out;
+}
+
+py::array_t<int32_t> approx_poly_dp(const py::array& points, double epsilon) {
+    if (!py::isinstance<py::array_t<int32_t>>(points) || points.ndim() != 2 || points.shape(1) != 2 ||
+        points.shape(0) < 1 || !(points.flags() & py::array::c_style))
+        throw std::invalid_argument("approx_poly_dp: points must be a C-contiguous int32 [K >= 1, 2] array");
+    std::vector<int32_t> flat;
+    {
+        py::gil_scoped_release release;
+        flat = glmrt::approx_poly_dp(static_cast<const int32_t*>(points.data()), points.shape(0), epsilon);
+    }
+    return as_points(flat);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -103,4 +139,10 @@ PYBIND11_MODULE(_C, m) {
           "patchify's layout without normalization or temporal copies: uint8 [N, C*P*P], the raw pixels "
           "of each patch in (c, py, px) order, for the device to normalize. GIL released; bad input "
           "raises ValueError.");
+    m.def("external_contours", &external_contours, py::arg("mask"),
+          "cv2.findContours(mask, RETR_EXTERNAL, CHAIN_APPROX_SIMPLE)'s contours of a uint8 [H, W] mask "
+          "(non-zero = foreground): a list of int32 [K, 2] (x, y) arrays, last found first. GIL released.");
+    m.def("approx_poly_dp", &approx_poly_dp, py::arg("points"), py::arg("epsilon"),
+          "cv2.approxPolyDP(points, epsilon, closed=True) of an int32 [K, 2] closed curve -> int32 [M, 2]. "
+          "GIL released.");
 }
