@@ -7,4 +7,11 @@ from .outputs import Request, RequestOutput
 from .processor import Processor
 from .sampling_params import SamplingParams
 
-__all__ = ["GenerationConfig", "LLM", "Processor", "Request", "RequestOutput", "SamplingParams"]
+__all__ = ["GenerationConfig", "LLM", "Processor", "Request", "RequestOutput", "SamplingParams", "parse"]
+
+
+def parse(inputs, output_dir, **options):
+    """Documents to Markdown and JSON (needs glmrt[documents]); see glmrt.documents.pipeline.parse."""
+    from .documents.pipeline import parse as parse_documents
+
+    return parse_documents(inputs, output_dir, **options)

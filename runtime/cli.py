@@ -40,6 +40,14 @@ stderr), 2 usage error, 130 interrupted. GLMRT_DEBUG=1 shows full tracebacks ins
 one-line errors."""
 
 
+PARSE_EPILOG = """\
+pages are rendered at --dpi (long side at most 3500 px), laid out with PP-DocLayoutV3, and every
+text, table and formula region is recognised with the glmocr SDK's prompts (greedy, repetition
+penalty 1.1); figures are saved under imgs/. Re-running skips pages and documents already
+written. exit status: 0 all documents written without a failure; 1 some document, page or region
+failed (reported on stderr, the rest written); 2 usage error; 130 interrupted."""
+
+
 class UsageError(Exception):
     """A bad command line that argparse cannot see (e.g. an unreadable --schema file): exit 2."""
 
@@ -67,6 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--repetition-penalty", type=float)
     sampling.add_argument("--seed", type=int)
     _add_engine_flags(ocr)
+    parse = sub.add_parser("parse", help="PDFs and images to Markdown and JSON: layout, then every region recognised "
+                                         "(needs glmrt[documents])", epilog=PARSE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parse.add_argument("inputs", nargs="+", help="PDF or image files, or directories of them")
+    parse.add_argument("-o", "--output", type=Path, required=True,
+                       help="output folder: <output>/<name>/<name>.md, <name>.json and imgs/ per document")
+    parse.add_argument("--model", default=DEFAULT_MODEL, help=f"GLM-OCR checkpoint (default: {DEFAULT_MODEL})")
+    parse.add_argument("--layout-model", default="PaddlePaddle/PP-DocLayoutV3_safetensors",
+                       help="PP-DocLayoutV3 checkpoint directory or Hub id (default: %(default)s)")
+    parse.add_argument("--no-layout", action="store_true", help="recognise each whole page as one text region")
+    parse.add_argument("--dpi", type=int, default=200, help="PDF rendering resolution (default 200, as the SDK)")
+    parse.add_argument("--max-tokens", type=int, default=8192, help="per region (default 8192, as the SDK)")
+    _add_engine_flags(parse)
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs glmrt[serve])",
                            description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("model", nargs="?", default=DEFAULT_MODEL,
@@ -88,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="decoded pixels (width x height) per image (default: PIL's limit, 89478485)")
     serve.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, help="request body size")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--layout-model", default="PaddlePaddle/PP-DocLayoutV3_safetensors",
+                       help="POST /glmocr/parse's PP-DocLayoutV3 (directory or Hub id; loaded on the first "
+                            "document; default: %(default)s)")
     _add_engine_flags(serve)
     return parser
 
@@ -277,6 +301,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = ServerConfig(
             served_model_names=names, api_key=args.api_key or None, max_queue=args.max_queue,
             max_request_bytes=args.max_request_bytes, max_images_per_request=args.max_images_per_request,
+            layout_model=args.layout_model,
             media=MediaPolicy(allowed_domains=tuple(args.allowed_media_domains),
                               allowed_local_path=args.allowed_local_media_path,
                               **({} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels})),
@@ -288,6 +313,33 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.run(build_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0
+
+
+def _parse(args: argparse.Namespace) -> int:
+    try:
+        from .documents.pipeline import parse
+    except ImportError as exc:
+        raise UsageError(f"glmrt parse needs the documents extra: pip install 'glmrt[documents]' ({exc})") from exc
+    for value, name in ((args.dpi, "--dpi"), (args.max_tokens, "--max-tokens")):
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    options = _engine_options(args)
+    _check_flags({}, options)
+    try:
+        results = parse(args.inputs, args.output, model=args.model, layout_model=None if args.no_layout else args.layout_model,
+                        device=args.device, dtype=args.dtype, backend=args.backend, dpi=args.dpi,
+                        max_tokens=args.max_tokens, progress=sys.stderr.isatty(), **options)
+    except ValueError as exc:  # an input that does not exist or is not a PDF or image
+        raise UsageError(str(exc)) from exc
+    failed = False
+    for r in results:
+        for error in r.errors:
+            print(f"glmrt: error: {r.source}: {error}", file=sys.stderr)
+        failed |= bool(r.errors)
+        where = r.markdown_path if r.markdown_path is not None else "not written"
+        resumed = f" ({r.resumed_pages} from an earlier run)" if r.resumed_pages else ""
+        print(f"{r.source}: {r.num_pages} page{'' if r.num_pages == 1 else 's'}{resumed} -> {where}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _print_result(printer: _Printer, image: str, out: RequestOutput, args: argparse.Namespace) -> None:
@@ -307,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return _serve(args) if args.command == "serve" else _ocr(args)
+        return {"serve": _serve, "parse": _parse, "ocr": _ocr}[args.command](args)
     except KeyboardInterrupt:
         print("glmrt: interrupted", file=sys.stderr)
         return 130

@@ -123,14 +123,15 @@ def _check_pixel_budget(size: tuple[int, int], what: str) -> None:
         )
 
 
-def decode_data_uri(uri: str) -> bytes:
-    """The bytes of a `data:` URI (base64 or percent-encoded); ValueError if malformed or not an image type."""
+def decode_data_uri(uri: str, media_types: tuple[str, ...] = ("image/",)) -> bytes:
+    """The bytes of a `data:` URI (base64 or percent-encoded); ValueError if malformed or if its
+    media type starts with none of `media_types` (an empty one is accepted)."""
     header, sep, payload = uri.partition(",")
     if not sep:
         raise ValueError("malformed data URI: no ',' separating header and data")
     params = header[len("data:"):].split(";")
-    if params[0] and not params[0].lower().startswith("image/"):
-        raise ValueError(f"data URI media type {params[0]!r} is not an image type")
+    if params[0] and not params[0].lower().startswith(media_types):
+        raise ValueError(f"data URI media type {params[0]!r} is not one of {', '.join(t + '*' if t.endswith('/') else t for t in media_types)}")
     if any(p.strip().lower() == "base64" for p in params[1:]):
         compact = "".join(urllib.parse.unquote(payload).split())
         try:

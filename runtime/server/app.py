@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP app: FastAPI routes over one AsyncEngine.
 
 Endpoints: POST /v1/chat/completions and /v1/completions (JSON, or SSE with `stream: true`),
+POST /glmocr/parse (whole documents, as the glmocr SDK's server; server/documents.py),
 GET /v1/models, /health and /metrics. A request is validated (body size, JSON, fields, model name,
 images) before anything is queued; every refusal is an OpenAI-style error body naming the field.
 Each request owns one engine request: when its client disconnects, the engine request is aborted
@@ -33,7 +34,7 @@ from .protocol import APIError, ImageRef, ParsedRequest, ResponseShape, parse_ch
 # Request defaults after the checkpoint's generation_config.json: the glmocr SDK's profile
 # (greedy, repetition_penalty 1.1, up to 8192 new tokens).
 SDK_PROFILE = {"temperature": 0.0, "repetition_penalty": 1.1, "max_tokens": 8192}
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/glmocr/parse", "/health", "/metrics")
 
 
 @dataclass
@@ -45,6 +46,8 @@ class ServerConfig:
     max_images_per_request: int = 16
     retry_after_s: int = 1  # the Retry-After of a 503
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    # POST /glmocr/parse's layout model (loaded on its first request); None: no document parsing
+    layout_model: str | None = "PaddlePaddle/PP-DocLayoutV3_safetensors"
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -246,6 +249,17 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             {"id": name, "object": "model", "created": created, "owned_by": "glmrt",
              "root": str(engine.engine.model_path), "max_model_len": engine.engine.max_model_len}
             for name in config.served_model_names]})
+
+    try:
+        from .documents import add_document_routes
+
+        add_document_routes(app, engine, media, check_auth, read_json, config.layout_model)
+    except ImportError as exc:  # glmrt[documents] is not installed
+        missing = f"POST /glmocr/parse needs the documents extra: pip install 'glmrt[documents]' ({exc})"
+
+        @app.post("/glmocr/parse")
+        async def glmocr_parse_unavailable(request: Request) -> Response:
+            raise APIError(missing, status=501)
 
     @app.get("/health")
     async def health() -> Response:

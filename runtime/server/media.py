@@ -22,6 +22,10 @@ from PIL import Image
 from ..image_processor import decode_data_uri
 from .protocol import APIError, ImageRef
 
+# Data URI media types of a whole document (POST /glmocr/parse): the glmocr SDK's MaaS client sends
+# application/pdf, or application/octet-stream for bytes it cannot sniff; the bytes decide.
+DOCUMENT_MEDIA_TYPES = ("image/", "application/pdf", "application/octet-stream")
+
 
 @dataclass(frozen=True)
 class MediaPolicy:
@@ -39,14 +43,15 @@ class MediaLoader:
         self._root = policy.allowed_local_path.resolve(strict=True) if policy.allowed_local_path else None
         self._client: httpx.AsyncClient | None = None  # created on the first allowed http(s) fetch
 
-    async def load_all(self, refs: list[ImageRef]) -> list[bytes]:
-        return list(await asyncio.gather(*(self.load(ref) for ref in refs)))
+    async def load_all(self, refs: list[ImageRef], documents: bool = False) -> list[bytes]:
+        return list(await asyncio.gather(*(self.load(ref, documents) for ref in refs)))
 
-    async def load(self, ref: ImageRef) -> bytes:
+    async def load(self, ref: ImageRef, documents: bool = False) -> bytes:
+        """-> the bytes of an image (or, with `documents`, of an image or a PDF)."""
         scheme = ref.url.split(":", 1)[0].lower() if ":" in ref.url else ""
         if scheme == "data":
             try:
-                data = decode_data_uri(ref.url)
+                data = decode_data_uri(ref.url, DOCUMENT_MEDIA_TYPES if documents else ("image/",))
             except ValueError as exc:
                 raise APIError(f"'{ref.param}': {exc}", ref.param) from exc
         elif scheme in ("http", "https"):
@@ -56,13 +61,15 @@ class MediaLoader:
         else:
             raise APIError(f"'{ref.param}' must be a data: URI, an http(s) URL or a file:// URL, "
                            f"got {_short(ref.url)}", ref.param)
-        self._check(data, ref)
+        self._check(data, ref, documents)
         return data
 
-    def _check(self, data: bytes, ref: ImageRef) -> None:
+    def _check(self, data: bytes, ref: ImageRef, documents: bool) -> None:
         if len(data) > self.policy.max_image_bytes:
-            raise APIError(f"'{ref.param}': the image is {len(data)} bytes, more than the limit of "
+            raise APIError(f"'{ref.param}': the {'file' if documents else 'image'} is {len(data)} bytes, more than the limit of "
                            f"{self.policy.max_image_bytes} bytes", ref.param)
+        if documents and data.startswith(b"%PDF-"):  # rendered page by page, at a bounded size
+            return
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides

@@ -1,0 +1,411 @@
+"""`glmrt parse`: documents to Markdown and JSON, layout and recognition in one process.
+
+Three stages overlap. A producer thread renders pages (pypdfium2), runs the layout model on
+them in batches and crops their regions; the main thread hands every region of every page ready
+so far to one engine (continuous batching: regions of many pages share each step) and steps it;
+a page whose regions are all recognised is recorded on disk, and a document whose pages are all
+recorded is formatted into the glmocr SDK's Markdown and JSON. A bounded queue between the two
+keeps at most `max_pages_in_flight` pages of crops in memory.
+
+Resuming: each finished page is kept as a small JSON record (plus its figure crops) in
+`<out>/<name>/.pages/` until its document is written; a re-run skips recorded pages without
+rendering them, and skips a document whose outputs exist and have no pending records. Failures
+stay local: a document that cannot be opened, a page that cannot be rendered, a layout batch that
+fails or a region whose recognition fails is reported and the rest of the job goes on (a failed
+region has content None, which the formatter leaves out). Nothing is written outside `<out>`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from ..llm import LLM
+from ..processor import TASK_PROMPTS
+from ..sampling_params import SamplingParams
+from .layout import LayoutDetector, LayoutRegion, crop_region
+from .markdown import format_document, format_pages_without_layout, model_output_json, write_document
+from .pages import DocumentError, Page, count_pages, find_documents, iter_pages
+
+RECORDS = ".pages"  # per-document folder of finished page records, until the document is written
+# The SDK's recognition request (its page_loader defaults): greedy, repetition penalty 1.1.
+SDK_MAX_TOKENS = 8192
+SDK_REPETITION_PENALTY = 1.1
+# The SDK resizes each crop before sending it (load_image_to_base64): both sides to multiples of
+# 28 (patch 14 x merge 2), two frames' worth of pixels within [MIN, MAX], PIL bicubic.
+SDK_CROP_MIN_PIXELS = 112 * 112
+SDK_CROP_MAX_PIXELS = 14 * 14 * 4 * 1280 * 71
+_FACTOR = 28
+
+
+def sdk_region_image(crop: Image.Image) -> Image.Image:
+    """A region crop as the SDK sends it to the model, minus the JPEG round trip."""
+    crop = crop.convert("RGB")
+    w, h = crop.size
+    frames = 2  # the SDK counts the temporal patch (2 frames) against its pixel bounds
+    h_bar, w_bar = round(h / _FACTOR) * _FACTOR, round(w / _FACTOR) * _FACTOR
+    if frames * h_bar * w_bar > SDK_CROP_MAX_PIXELS:
+        beta = (frames * h * w / SDK_CROP_MAX_PIXELS) ** 0.5
+        h_bar, w_bar = int(h / beta / _FACTOR) * _FACTOR, int(w / beta / _FACTOR) * _FACTOR
+    elif frames * h_bar * w_bar < SDK_CROP_MIN_PIXELS:
+        beta = (SDK_CROP_MIN_PIXELS / (frames * h * w)) ** 0.5
+        h_bar, w_bar = -(-h * beta // _FACTOR) * _FACTOR, -(-w * beta // _FACTOR) * _FACTOR
+    return crop.resize((int(w_bar), int(h_bar)), Image.Resampling.BICUBIC)
+
+
+@dataclass
+class DocumentResult:
+    source: Path
+    name: str  # outputs: <output_dir>/<name>/<name>.md, .json, imgs/
+    num_pages: int = 0
+    resumed_pages: int = 0  # recorded by an earlier run, not parsed again
+    markdown_path: Path | None = None
+    json_path: Path | None = None
+    errors: list[str] = field(default_factory=list)  # one line each: page, layout or region failures
+
+
+@dataclass
+class _PageWork:
+    """A rendered page's regions, ready for recognition (or its failure)."""
+
+    doc: Path
+    index: int
+    size: tuple[int, int] = (0, 0)
+    regions: list[LayoutRegion] = field(default_factory=list)
+    crops: list[Image.Image | None] = field(default_factory=list)  # per region; figures are kept as is
+    error: str | None = None
+
+
+@dataclass
+class _DocState:
+    result: DocumentResult
+    folder: Path
+    pages_total: int = 0
+    pages: dict[int, list[dict]] = field(default_factory=dict)  # page index -> region dicts with content
+    figures: dict[tuple, Image.Image] = field(default_factory=dict)  # (page, *bbox_2d) -> crop
+    rendered_all: bool = False
+
+
+class DocumentParser:
+    """Parses documents with one LLM (GLM-OCR) and, unless `layout` is None, a layout detector."""
+
+    def __init__(self, llm: LLM, layout: LayoutDetector | None, *, dpi: int = 200, max_side: int = 3500,
+                 max_tokens: int = SDK_MAX_TOKENS, layout_batch_size: int = 4, max_pages_in_flight: int = 8):
+        self.llm = llm
+        self.layout = layout
+        self.dpi, self.max_side = dpi, max_side
+        self.params = SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=SDK_REPETITION_PENALTY)
+        self.layout_batch_size = layout_batch_size
+        self.max_pages_in_flight = max_pages_in_flight
+
+    # ------------------------------------------------------------------------------ the job
+
+    def parse(self, inputs: list[str | Path], output_dir: str | Path,
+              on_progress: Callable[[str, int], None] | None = None) -> list[DocumentResult]:
+        """Parse every document of `inputs` (files, directories) into `output_dir`; -> one result
+        per document, in input order. on_progress(kind, n) is called with ("pages", n) for pages
+        finished and ("regions", n) for regions recognised (a progress bar's updates)."""
+        out = Path(output_dir)
+        docs = find_documents(inputs)
+        states = {doc: self._open_state(doc, name, out) for doc, name in _document_names(docs).items()}
+        todo = [doc for doc, st in states.items() if st.result.markdown_path is None]
+        report = on_progress or (lambda kind, n: None)
+        for st in states.values():
+            if st.result.markdown_path is not None:
+                report("pages", st.result.num_pages)
+        work: queue.Queue = queue.Queue(maxsize=self.max_pages_in_flight)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(todo, states, work, stop), daemon=True,
+                                    name="glmrt-parse-pages")
+        producer.start()
+        try:
+            self._recognise(states, work, report)
+        finally:
+            stop.set()
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    work.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            producer.join()
+        return [states[doc].result for doc in docs]
+
+    def _open_state(self, doc: Path, name: str, out: Path) -> _DocState:
+        folder = out / name
+        st = _DocState(DocumentResult(source=doc, name=name), folder)
+        md, js = folder / f"{name}.md", folder / f"{name}.json"
+        if md.is_file() and js.is_file() and not (folder / RECORDS).exists():  # written by an earlier run
+            st.result.markdown_path, st.result.json_path = md, js
+            try:
+                st.result.num_pages = len(json.loads(js.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                st.result.markdown_path = st.result.json_path = None  # unreadable: parse it again
+        return st
+
+    # ------------------------------------------------------------------- producer: pages, layout
+
+    def _produce(self, docs: list[Path], states: dict[Path, _DocState], work: queue.Queue,
+                 stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    work.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        for doc in docs:
+            st = states[doc]
+            try:
+                st.pages_total = count_pages(doc)
+                done = self._load_records(st)
+                batch: list[Page] = []
+                for page in iter_pages(doc, dpi=self.dpi, max_side=self.max_side, skip=done):
+                    if stop.is_set():
+                        return
+                    if page.image is None:
+                        if not put(_PageWork(doc, page.index, error=f"page {page.index + 1}: {page.error}")):
+                            return
+                        continue
+                    batch.append(page)
+                    if len(batch) >= self.layout_batch_size:
+                        if not all(put(w) for w in self._layout_pages(batch)):
+                            return
+                        batch = []
+                if batch and not all(put(w) for w in self._layout_pages(batch)):
+                    return
+            except DocumentError as exc:
+                if not put(("failed", doc, str(exc))):
+                    return
+                continue
+            if not put(("rendered", doc)):
+                return
+        put(("end",))
+
+    def _layout_pages(self, pages: list[Page]) -> list[_PageWork]:
+        """Regions and crops of a batch of pages; a failed layout batch fails its pages only."""
+        if self.layout is None:  # the whole page as one text region
+            return [_PageWork(p.source, p.index, p.image.size, [_whole_page()], [p.image]) for p in pages]
+        try:
+            detected = self.layout.detect([p.image for p in pages])
+        except Exception as exc:  # noqa: BLE001 - reported per page, the job goes on
+            return [_PageWork(p.source, p.index, error=f"page {p.index + 1}: layout failed: {exc}") for p in pages]
+        return [_PageWork(p.source, p.index, p.image.size, regions, [crop_region(p.image, r.bbox_2d) for r in regions])
+                for p, regions in zip(pages, detected)]
+
+    def _load_records(self, st: _DocState) -> set[int]:
+        """Page records left by an interrupted run -> their indices (not rendered again)."""
+        folder = st.folder / RECORDS
+        done = set()
+        for path in sorted(folder.glob("page-*.json")) if folder.is_dir() else []:
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                figures = {tuple(f["key"]): Image.open(folder / f["file"]).convert("RGB") for f in record["figures"]}
+            except (OSError, ValueError, KeyError):
+                continue  # unreadable: the page is parsed again
+            st.pages[record["page"]] = record["regions"]
+            st.figures.update(figures)
+            done.add(record["page"])
+        st.result.resumed_pages = len(done)
+        return done
+
+    # --------------------------------------------------------------- consumer: recognition
+
+    def _recognise(self, states: dict[Path, _DocState], work: queue.Queue,
+                   report: Callable[[str, int], None]) -> None:
+        pending: dict[str, tuple[_PageWork, int]] = {}  # request id -> (page, region index)
+        try:
+            self._recognise_loop(states, work, report, pending)
+        finally:  # interrupted or failed: the engine keeps nothing of this job
+            for request_id in pending:
+                self.llm.engine.abort(request_id)
+
+    def _recognise_loop(self, states: dict[Path, _DocState], work: queue.Queue, report: Callable[[str, int], None],
+                        pending: dict[str, tuple[_PageWork, int]]) -> None:
+        engine = self.llm.engine
+        open_pages: dict[tuple[Path, int], list] = {}  # (doc, page) -> [page work, outstanding regions, contents]
+        ended = False
+        while not ended or engine.has_unfinished():
+            # Take the pages that are ready; block only when the engine has nothing to do.
+            while not ended:
+                try:
+                    item = work.get(block=not engine.has_unfinished(), timeout=None)
+                except queue.Empty:
+                    break
+                if isinstance(item, tuple):
+                    ended = self._control(item, states, report)
+                    continue
+                st = states[item.doc]
+                if item.error is not None:
+                    st.result.errors.append(item.error)
+                    self._finish_page(st, item, [], report)
+                    continue
+                todo = [i for i, r in enumerate(item.regions) if r.task != "skip"]
+                submitted = self._submit(item, todo, st)
+                open_pages[item.doc, item.index] = [item, len(submitted), [None] * len(item.regions)]
+                for i, request_id in submitted:
+                    pending[request_id] = (item, i)
+                if self._page_done(open_pages, item, st, report):
+                    continue
+                if engine.scheduler.waiting and len(engine.scheduler.waiting) >= engine.options.max_num_seqs:
+                    break  # enough queued for the next steps: let the engine run
+            if not engine.has_unfinished():
+                continue
+            for out in engine.step():
+                if not out.finished or out.request_id not in pending:
+                    continue
+                page, i = pending.pop(out.request_id)
+                st = states[page.doc]
+                entry = open_pages[page.doc, page.index]
+                if out.finish_reason == "error":
+                    st.result.errors.append(f"page {page.index + 1} region {i}: {out.error}")
+                else:
+                    entry[2][i] = out.text.strip()
+                    report("regions", 1)
+                entry[1] -= 1
+                self._page_done(open_pages, page, st, report)
+
+    def _submit(self, page: _PageWork, todo: list[int], st: _DocState) -> list[tuple[int, str]]:
+        """Queue the recognition of the page's regions `todo` -> (region index, request id) each;
+        a region whose request cannot even be built is reported and left out (content None)."""
+        engine, submitted = self.llm.engine, []
+        for i in todo:
+            region = page.regions[i]
+            request = {"images": [sdk_region_image(page.crops[i])], "prompt": TASK_PROMPTS[region.task]}
+            try:
+                request_id = engine.enqueue(engine.prepare(request, self.params))
+            except (ValueError, TypeError, OSError) as exc:
+                st.result.errors.append(f"page {page.index + 1} region {i}: {exc}")
+                continue
+            submitted.append((i, request_id))
+        return submitted
+
+    def _page_done(self, open_pages: dict, page: _PageWork, st: _DocState, report) -> bool:
+        entry = open_pages.get((page.doc, page.index))
+        if entry is None or entry[1] > 0:  # regions still being recognised
+            return False
+        del open_pages[page.doc, page.index]
+        self._finish_page(st, page, entry[2], report)
+        return True
+
+    def _finish_page(self, st: _DocState, page: _PageWork, contents: list[str | None], report) -> None:
+        """Record a page (its regions with their text, its figure crops) on disk and in memory."""
+        regions = []
+        figures = []
+        for region, crop, content in zip(page.regions, page.crops, contents):
+            if self.layout is None:  # the SDK's layout-free result: one region, no box
+                regions.append({"index": 0, "label": "text", "content": content, "bbox_2d": None})
+            else:
+                regions.append({**region.to_dict(), "content": content})
+            if region.task == "skip" and crop is not None:
+                key = (page.index, *region.bbox_2d)
+                st.figures[key] = crop
+                figures.append((key, crop))
+        st.pages[page.index] = regions
+        folder = st.folder / RECORDS
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        for n, (key, crop) in enumerate(figures):
+            name = f"page-{page.index:05d}-figure-{n}.png"
+            _atomic_write(folder / name, lambda f, crop=crop: crop.save(f, format="PNG"), binary=True)
+            files.append({"key": list(key), "file": name})
+        record = {"page": page.index, "regions": regions, "figures": files}
+        _atomic_write(folder / f"page-{page.index:05d}.json",
+                      lambda f: f.write(json.dumps(record, ensure_ascii=False)))
+        report("pages", 1)
+        self._maybe_write_document(st)
+
+    def _control(self, item: tuple, states: dict[Path, _DocState], report) -> bool:
+        """A producer message: ("failed", doc, why), ("rendered", doc) or ("end",) -> whether it ended."""
+        if item[0] == "end":
+            return True
+        st = states[item[1]]
+        if item[0] == "failed":
+            st.result.errors.append(item[2])
+        else:
+            st.rendered_all = True
+            self._maybe_write_document(st)
+        return False
+
+    def _maybe_write_document(self, st: _DocState) -> None:
+        """Once every page is recorded: the Markdown, JSON and figures; the records are removed."""
+        if not st.rendered_all or len(st.pages) < st.pages_total or st.result.markdown_path is not None:
+            return
+        pages = [st.pages[i] for i in range(st.pages_total)]
+        name, folder = st.result.name, st.folder
+        if self.layout is None:
+            json_pages, markdown = format_pages_without_layout([p[0]["content"] if p else None for p in pages])
+            images: dict[str, Image.Image] = {}
+        else:
+            json_pages, markdown, images = format_document(pages, st.figures)
+        # <name>_model.json: the regions as recognised, before formatting (the SDK saves it too)
+        write_document(folder, name, json_pages, markdown, images, model_json=model_output_json(pages))
+        shutil.rmtree(folder / RECORDS, ignore_errors=True)
+        st.result.num_pages = st.pages_total
+        st.result.markdown_path, st.result.json_path = folder / f"{name}.md", folder / f"{name}.json"
+
+
+def _whole_page() -> LayoutRegion:
+    return LayoutRegion(index=0, label="text", task="text", score=1.0, bbox_2d=[0, 0, 1000, 1000], polygon=[])
+
+
+def _document_names(docs: list[Path]) -> dict[Path, str]:
+    """Output names: the file stem, with -2, -3, ... for later documents of the same stem."""
+    names, seen = {}, {}
+    for doc in docs:
+        stem = doc.stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names[doc] = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
+    return names
+
+
+def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+DEFAULT_LAYOUT_MODEL = "PaddlePaddle/PP-DocLayoutV3_safetensors"
+
+
+def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, model: str = "zai-org/GLM-OCR",
+          layout_model: str | Path | None = DEFAULT_LAYOUT_MODEL, device=None, dtype=None, backend: str = "auto",
+          dpi: int = 200, max_tokens: int = SDK_MAX_TOKENS, progress: bool = False,
+          **engine_options) -> list[DocumentResult]:
+    """PDFs, images and directories of them -> Markdown and JSON under `output_dir` (one folder
+    per document). layout_model=None recognises each whole page as one region. Engine options are
+    glmrt.LLM's. progress: a tqdm bar over pages (with regions/s)."""
+    llm = LLM(model, device=device, dtype=dtype, backend=backend, **engine_options)
+    layout = None if layout_model is None else LayoutDetector.from_pretrained(layout_model, device=llm.engine.device)
+    parser = DocumentParser(llm, layout, dpi=dpi, max_tokens=max_tokens)
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    if not progress:
+        return parser.parse(inputs, output_dir)
+    from tqdm import tqdm
+
+    total = 0
+    for doc in find_documents(inputs):
+        try:
+            total += count_pages(doc)
+        except DocumentError:
+            pass
+    with tqdm(total=total, unit="page", dynamic_ncols=True) as bar:
+        regions = [0]
+
+        def update(kind: str, n: int) -> None:
+            if kind == "pages":
+                bar.update(n)
+            else:
+                regions[0] += n
+            bar.set_postfix(regions=regions[0], refresh=False)
+
+        return parser.parse(inputs, output_dir, on_progress=update)

@@ -1,0 +1,211 @@
+"""`glmrt parse` end to end on CPU: a tiny random GLM-OCR and a tiny random PP-DocLayoutV3 (both
+built with transformers) over generated multi-page PDFs and images. Outputs are the SDK's
+formatter's for the recognised regions, deterministic, resumable, and failures stay local."""
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import glmrt
+from glmrt.documents import pipeline
+from glmrt.documents.layout import LayoutDetector, crop_region
+from glmrt.documents.markdown import format_document
+from glmrt.documents.pipeline import DocumentParser, sdk_region_image
+from tests.documents import make_corrupt_pdf, make_images, make_pdf
+from tests.tiny_layout import build_tiny_layout_checkpoint
+
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_layout(tmp_path_factory):
+    return build_tiny_layout_checkpoint(tmp_path_factory.mktemp("tiny-pp-doclayout-v3"))
+
+
+@pytest.fixture(scope="module")
+def parser(tiny_checkpoint, tiny_layout):
+    llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", max_num_seqs=16)
+    return DocumentParser(llm, LayoutDetector.from_pretrained(tiny_layout, device="cpu"), max_tokens=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("docs")
+    make_pdf(folder / "report.pdf", pages=3, seed=1)
+    make_pdf(folder / "letter.pdf", pages=1, seed=2)
+    make_images(folder / "scans")
+    return folder
+
+
+def outputs(folder):
+    """Every file under folder -> its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_documents_become_the_sdks_markdown_and_json(parser, inputs, tmp_path):
+    results = parser.parse([inputs], tmp_path / "out")
+    assert [r.errors for r in results] == [[] for _ in results]
+    by_name = {r.name: r for r in results}
+    report = by_name["report"]
+    assert report.num_pages == 3 and report.markdown_path == tmp_path / "out/report/report.md"
+    pages = json.loads(report.json_path.read_text(encoding="utf-8"))
+    assert len(pages) == 3
+    for page in pages:
+        for region in page:
+            assert set(region) >= {"index", "label", "content", "bbox_2d"}
+            assert all(0 <= v <= 1000 for v in region["bbox_2d"])
+    assert not (tmp_path / "out/report/.pages").exists()
+    assert {p.name for p in (tmp_path / "out").iterdir()} == set(by_name)
+
+
+def test_a_page_is_what_layout_crops_and_recognition_give(parser, inputs, tmp_path):
+    """One page by hand: layout, crops as the SDK sends them, one request each, the SDK's
+    formatter -> the same JSON and Markdown as the pipeline wrote."""
+    [result] = parser.parse([inputs / "letter.pdf"], tmp_path / "out")
+    from glmrt.documents.pages import iter_pages
+
+    [page] = list(iter_pages(inputs / "letter.pdf"))
+    [regions] = parser.layout.detect([page.image])
+    params = glmrt.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, repetition_penalty=1.1)
+    recognised, figures = [], {}
+    for region in regions:
+        crop = crop_region(page.image, region.bbox_2d)
+        content = None
+        if region.task == "skip":
+            figures[(0, *region.bbox_2d)] = crop
+        else:
+            [out] = parser.llm.generate({"images": [sdk_region_image(crop)],
+                                         "prompt": glmrt.processor.TASK_PROMPTS[region.task]}, params)
+            content = out.text.strip()
+        recognised.append({**region.to_dict(), "content": content})
+    json_pages, markdown, _ = format_document([recognised], figures)
+    assert json.loads(result.json_path.read_text(encoding="utf-8")) == json.loads(json.dumps(json_pages))
+    assert result.markdown_path.read_text(encoding="utf-8") == markdown
+
+
+def test_parsing_is_deterministic_and_resumable(parser, inputs, tmp_path, monkeypatch):
+    first = tmp_path / "first"
+    parser.parse([inputs / "report.pdf"], first)
+    again = tmp_path / "again"
+    finish_page = DocumentParser._finish_page
+    calls = []
+
+    def interrupted(self, *args):
+        finish_page(self, *args)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DocumentParser, "_finish_page", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        parser.parse([inputs / "report.pdf"], again)
+    monkeypatch.setattr(DocumentParser, "_finish_page", finish_page)
+    assert len(list((again / "report/.pages").glob("page-*.json"))) == 2
+    [result] = parser.parse([inputs / "report.pdf"], again)
+    assert result.resumed_pages == 2 and result.num_pages == 3
+    assert outputs(again) == outputs(first)
+    [result] = parser.parse([inputs / "report.pdf"], again)  # all written: nothing to do
+    assert result.markdown_path is not None and outputs(again) == outputs(first)
+
+
+def test_failures_stay_with_their_document_page_or_region(parser, inputs, tmp_path, monkeypatch):
+    broken = tmp_path / "in"
+    broken.mkdir()
+    make_corrupt_pdf(broken / "broken.pdf")
+    make_pdf(broken / "fine.pdf", pages=2, seed=3)
+    submit = DocumentParser._submit
+
+    def one_region_fails(self, page, todo, st):
+        if page.index == 1 and todo:
+            st.result.errors.append(f"page {page.index + 1} region {todo[0]}: injected")
+            todo = todo[1:]
+        return submit(self, page, todo, st)
+
+    monkeypatch.setattr(DocumentParser, "_submit", one_region_fails)
+    results = {r.name: r for r in parser.parse([broken], tmp_path / "out")}
+    assert results["broken"].markdown_path is None and "broken.pdf" in results["broken"].errors[0]
+    assert results["fine"].markdown_path is not None and results["fine"].num_pages == 2
+    assert {p.name for p in (tmp_path / "out").iterdir()} <= {"fine", "broken"}
+
+
+def test_without_layout_each_page_is_one_region(tiny_checkpoint, inputs, tmp_path):
+    llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32")
+    [result] = DocumentParser(llm, None, max_tokens=MAX_TOKENS).parse([inputs / "report.pdf"], tmp_path)
+    pages = json.loads(result.json_path.read_text(encoding="utf-8"))
+    assert [len(p) for p in pages] == [1, 1, 1] and all(p[0]["bbox_2d"] is None for p in pages)
+    assert result.markdown_path.read_text(encoding="utf-8").count("\n\n---\n\n") == 2
+
+
+def test_sdk_crop_resize_matches_the_sdk():
+    from glmocr.utils.image_utils import smart_resize
+
+    for size in [(10, 7), (640, 480), (3000, 41), (27, 29), (9000, 9000)]:
+        image = Image.new("RGB", size, (200, 10, 10))
+        h, w = smart_resize(t=2, h=size[1], w=size[0], t_factor=2, h_factor=28, w_factor=28,
+                            min_pixels=pipeline.SDK_CROP_MIN_PIXELS, max_pixels=pipeline.SDK_CROP_MAX_PIXELS)
+        assert sdk_region_image(image).size == (w, h)
+
+
+def test_cli_parse_writes_and_reports(tiny_checkpoint, tiny_layout, inputs, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "glmrt", "parse", str(inputs / "letter.pdf"), str(inputs / "missing.pdf"),
+               "-o", str(out), "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout),
+               "--device", "cpu", "--max-tokens", str(MAX_TOKENS)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and "missing.pdf" in done.stderr
+    command.remove(str(inputs / "missing.pdf"))
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (out / "letter/letter.md").is_file() and "1 page ->" in done.stderr
+
+
+def test_server_parses_documents_like_the_sdks_server(tiny_checkpoint, tiny_layout, inputs, tmp_path):
+    """POST /glmocr/parse over HTTP: a PDF (data URI) and an image; the SDK server's response shape,
+    and the same regions and Markdown as `glmrt parse` on an engine with the same limits. Then the
+    SDK's own MaaS-mode client (glmocr.GlmOcr(mode="maas")) pointed at it saves what `glmrt parse`
+    writes."""
+    import base64
+
+    import httpx
+    from glmocr import GlmOcr
+
+    from tests.server_process import ServerProcess
+
+    pdf = (inputs / "report.pdf").read_bytes()
+    uri = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", max_model_len=256)
+    expected = DocumentParser(llm, LayoutDetector.from_pretrained(tiny_layout, device="cpu")).parse(
+        [inputs / "report.pdf"], tmp_path / "out")[0]
+    expected_json = json.loads(expected.json_path.read_text(encoding="utf-8"))
+    expected_md = expected.markdown_path.read_text(encoding="utf-8")
+    key = {"Authorization": "Bearer sesame"}
+    with ServerProcess(tiny_checkpoint, "--layout-model", str(tiny_layout), "--max-model-len", "256",
+                       "--api-key", "sesame") as server:
+        url = f"{server.url}/glmocr/parse"
+        assert httpx.post(url, json={"images": [uri]}).status_code == 401
+        response = httpx.post(url, json={"images": [uri]}, headers=key, timeout=300)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["json_result"] == expected_json == body["layout_details"]
+        assert body["markdown_result"] == expected_md == body["md_results"]
+        assert body["data_info"] == {"pages": []} and body["id"].startswith("chatcmpl-")
+        maas = httpx.post(url, json={"model": "glm-ocr", "file": uri}, headers=key, timeout=300).json()
+        assert maas["md_results"] == body["md_results"]
+        bad = httpx.post(url, json={"images": ["data:application/pdf;base64,JVBERi0xLjQK"]}, headers=key)
+        assert bad.status_code == 400 and "images[0]" in bad.json()["error"]["message"]
+        assert httpx.post(url, json={}, headers=key).status_code == 400
+
+        with GlmOcr(mode="maas", api_key="sesame", api_url=url, timeout=300) as sdk:
+            result = sdk.parse(str(inputs / "report.pdf"))
+            result.save(output_dir=tmp_path / "sdk", save_layout_visualization=False)
+    saved = tmp_path / "sdk" / "report"
+    assert (saved / "report.md").read_text(encoding="utf-8") == expected_md
+    keys = ("index", "label", "content", "bbox_2d")  # what the SDK's MaaS client keeps of a region
+    assert json.loads((saved / "report.json").read_text(encoding="utf-8")) == [
+        [{**{k: region[k] for k in keys}, **({"image_path": region["image_path"]} if "image_path" in region else {})}
+         for region in page] for page in expected_json]
+    figures = sorted(p.name for p in (expected.markdown_path.parent / "imgs").glob("*")) \
+        if (expected.markdown_path.parent / "imgs").is_dir() else []
+    assert sorted(p.name for p in (saved / "imgs").glob("*")) == figures
