@@ -123,15 +123,20 @@ def _check_pixel_budget(size: tuple[int, int], what: str) -> None:
         )
 
 
-def decode_data_uri(uri: str, media_types: tuple[str, ...] = ("image/",)) -> bytes:
-    """The bytes of a `data:` URI (base64 or percent-encoded); ValueError if malformed or if its
-    media type starts with none of `media_types` (an empty one is accepted)."""
+# Data URI media types of a whole document (glmrt serve's POST /glmocr/parse): the glmocr SDK's MaaS
+# client sends application/pdf, or application/octet-stream for bytes it cannot sniff; the bytes decide.
+DOCUMENT_MEDIA_TYPES = ("image/", "application/pdf", "application/octet-stream")
+
+
+def decode_data_uri(uri: str, documents: bool = False) -> bytes:
+    """The bytes of a `data:` URI (base64 or percent-encoded); ValueError if malformed or not an
+    image type (with `documents`, not one of DOCUMENT_MEDIA_TYPES); an empty type is accepted."""
     header, sep, payload = uri.partition(",")
     if not sep:
         raise ValueError("malformed data URI: no ',' separating header and data")
     params = header[len("data:"):].split(";")
-    if params[0] and not params[0].lower().startswith(media_types):
-        raise ValueError(f"data URI media type {params[0]!r} is not one of {', '.join(t + '*' if t.endswith('/') else t for t in media_types)}")
+    if params[0] and not params[0].lower().startswith(DOCUMENT_MEDIA_TYPES if documents else "image/"):
+        raise ValueError(f"data URI media type {params[0]!r} is not an image{' or PDF' if documents else ''} type")
     if any(p.strip().lower() == "base64" for p in params[1:]):
         compact = "".join(urllib.parse.unquote(payload).split())
         try:

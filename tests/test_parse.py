@@ -196,6 +196,9 @@ def test_server_parses_documents_like_the_sdks_server(tiny_checkpoint, tiny_layo
         bad = httpx.post(url, json={"images": ["data:application/pdf;base64,JVBERi0xLjQK"]}, headers=key)
         assert bad.status_code == 400 and "images[0]" in bad.json()["error"]["message"]
         assert httpx.post(url, json={}, headers=key).status_code == 400
+        text = httpx.post(url, json={"file": "data:text/plain;base64,aGVsbG8="}, headers=key)
+        assert text.status_code == 400 and "'file'" in text.json()["error"]["message"]
+        assert "not an image or PDF type" in text.json()["error"]["message"]
 
         with GlmOcr(mode="maas", api_key="sesame", api_url=url, timeout=300) as sdk:
             result = sdk.parse(str(inputs / "report.pdf"))

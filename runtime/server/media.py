@@ -22,10 +22,6 @@ from PIL import Image
 from ..image_processor import decode_data_uri
 from .protocol import APIError, ImageRef
 
-# Data URI media types of a whole document (POST /glmocr/parse): the glmocr SDK's MaaS client sends
-# application/pdf, or application/octet-stream for bytes it cannot sniff; the bytes decide.
-DOCUMENT_MEDIA_TYPES = ("image/", "application/pdf", "application/octet-stream")
-
 
 @dataclass(frozen=True)
 class MediaPolicy:
@@ -51,7 +47,7 @@ class MediaLoader:
         scheme = ref.url.split(":", 1)[0].lower() if ":" in ref.url else ""
         if scheme == "data":
             try:
-                data = decode_data_uri(ref.url, DOCUMENT_MEDIA_TYPES if documents else ("image/",))
+                data = decode_data_uri(ref.url, documents)
             except ValueError as exc:
                 raise APIError(f"'{ref.param}': {exc}", ref.param) from exc
         elif scheme in ("http", "https"):
