@@ -171,9 +171,18 @@ def _spec_decode_numbers(data: dict) -> list[str]:
             f"{r['mean_accepted_length']:.2f} tokens/step" for r in data["rows"]]
 
 
+def _documents_numbers(data: dict) -> list[str]:
+    lines = [f"- {data['documents']} PDFs x {data['pages_per_document']} pages, {data['tokens_per_region']} "
+             f"tokens per region, {data['model']}" + (f"; {data['sdk_note']}" if data.get("sdk_note") else ""),
+             "", "| run | pages | regions | tokens/page | pages/s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['pages']} | {r['regions']} | {r['tokens_per_page']:.0f} | {r['pages_per_s']:.3g} |"
+              for r in data["rows"]]
+    return lines + [f"- {r['comparison']}: {r['pages_per_s']:.2f}x pages/s" for r in data["ratios"]]
+
+
 SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers,
                "host_overhead": _host_overhead_numbers, "serve": _serve_numbers, "structured": _structured_numbers,
-               "spec_decode": _spec_decode_numbers}
+               "spec_decode": _spec_decode_numbers, "documents": _documents_numbers}
 
 
 def key_numbers(folder: Path) -> list[str]:

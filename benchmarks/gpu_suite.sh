@@ -38,7 +38,7 @@ die() {
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-STEPS=(install cpp-ext gpu-tests bench-kernels bench-e2e bench-spec bench-host bench-structured bench-patchify bench-serve kernel-tests-gpu)
+STEPS=(install cpp-ext gpu-tests bench-kernels bench-e2e bench-spec bench-host bench-structured bench-patchify bench-serve bench-documents kernel-tests-gpu)
 MIN_STEP_SECONDS=10  # a step given less than this is skipped rather than started
 out="" quick=0 dry_run=0 allow_cpu=0 tar_path="" budget=840 only="" skip=""
 
@@ -117,6 +117,7 @@ fi
 add bench-structured 240 1 "$py benchmarks/structured.py --out $o$smoke"
 add bench-patchify 120 1 "$py benchmarks/patchify.py --out $o$( ((quick)) && echo " --repeats 3")"
 add bench-serve 300 1 "$py benchmarks/serve.py --out $o$smoke"
+add bench-documents 300 1 "$py benchmarks/documents.py --out $o$smoke"
 # Packages the GPU image lacks travel as wheels in .whl/ (benchmarks/fetch_wheels.sh fetches them):
 # installed aside, into a folder put first on PYTHONPATH, never over the image's own packages.
 if ((!dry_run)) && compgen -G "$REPO/.whl/*.whl" >/dev/null; then
@@ -128,6 +129,10 @@ fi
 # without it bench-serve is skipped, with the import error as its note; not a failure
 serve_missing=$(timeout 120 "$PYTHON" -c 'import fastapi, uvicorn, prometheus_client, httpx' 2>&1) \
     && serve_missing="" || serve_missing=$(tail -n 1 <<<"$serve_missing")
+# glmrt parse needs glmrt[documents] (pypdfium2) and bench-documents' SDK side glmrt serve: without
+# them bench-documents is skipped the same way
+documents_missing=$(timeout 120 "$PYTHON" -c 'import pypdfium2, transformers, fastapi, uvicorn, httpx' 2>&1) \
+    && documents_missing="" || documents_missing=$(tail -n 1 <<<"$documents_missing")
 # Last, with whatever time is left: tests/kernels with TRITON_INTERPRET unset, so that on a GPU the
 # kernels are compiled and run for real (they are written for the interpreter).
 add kernel-tests-gpu 240 0 "env -u TRITON_INTERPRET $py -m pytest -q -p no:cacheprovider tests/kernels"
@@ -138,6 +143,8 @@ skip_reason() {  # why step $1 is not run, or nothing
     elif ((quick)) && [[ $1 == kernel-tests-gpu ]]; then echo "--quick"
     elif [[ -z ${COMMAND[$1]} ]]; then echo "$host_script is absent"
     elif [[ $1 == bench-serve && -n $serve_missing ]]; then echo "glmrt[serve] is not installed ($serve_missing)"
+    elif [[ $1 == bench-documents && -n $documents_missing ]]; then
+        echo "glmrt[documents] or glmrt[serve] is not installed ($documents_missing)"
     fi
 }
 

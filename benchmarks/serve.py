@@ -163,11 +163,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def glmrt_server(model: Path, log_path: Path) -> Iterator[str]:
-    """`glmrt serve MODEL` on a free loopback port until the block ends; yields its base URL."""
+def glmrt_server(model: Path, log_path: Path, *flags: str) -> Iterator[str]:
+    """`glmrt serve MODEL SERVER_FLAGS FLAGS` on a free loopback port until the block ends; yields
+    its base URL."""
     port = free_port()
     cmd = [sys.executable, "-m", "glmrt", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", *SERVER_FLAGS]
+           "--log-level", "warning", *SERVER_FLAGS, *flags]
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -237,11 +238,16 @@ async def drive(url: str, regions: list[Region], concurrency: int) -> tuple[floa
     return wall, records
 
 
-def preemptions(url: str) -> int:
+def counter(url: str, name: str) -> float:
+    """The value of an unlabelled metric of the server's /metrics, e.g. glmrt:num_preemptions_total."""
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("glmrt:num_preemptions_total "):
-            return int(float(line.split()[1]))
-    raise RuntimeError("/metrics has no glmrt:num_preemptions_total")
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise RuntimeError(f"/metrics has no {name}")
+
+
+def preemptions(url: str) -> int:
+    return int(counter(url, "glmrt:num_preemptions_total"))
 
 
 # ----------------------------------------------------------------------------- transformers

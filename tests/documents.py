@@ -9,6 +9,7 @@ renderer comparison needs. The password-protected PDF uses the standard security
 from __future__ import annotations
 
 import hashlib
+import zlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class PdfPage:
     rotate: int = 0
     origin: tuple[float, float] = (0, 0)
     form_text: str | None = None
+    scan: Image.Image | None = None  # an RGB image drawn over the whole page (a scanned page), lossless
 
 
 def page_content(width: float, height: float, rng: random.Random, title: str) -> bytes:
@@ -61,6 +63,16 @@ def make_pdf(path: str | Path, pages: int, size: tuple[float, float] = (612, 792
     for i in range(pages):
         w, h = size if i % 2 == 0 else size[::-1]
         specs.append(PdfPage(w, h, page_content(w, h, rng, f"Document {seed} page {i + 1}")))
+    return write_pdf(path, specs)
+
+
+def make_scanned_pdf(path: str | Path, pages: list[Image.Image], dpi: float = 200) -> Path:
+    """A PDF whose pages are the given RGB images at `dpi` (losslessly embedded, as a scanner's
+    PDF): rendered at that DPI, every renderer gives the images back pixel for pixel."""
+    specs = []
+    for image in pages:
+        w, h = (v * 72 / dpi for v in image.size)
+        specs.append(PdfPage(w, h, f"q {w:.4f} 0 0 {h:.4f} 0 0 cm /Scan Do Q".encode(), scan=image.convert("RGB")))
     return write_pdf(path, specs)
 
 
@@ -155,6 +167,12 @@ def write_pdf(path: str | Path, pages: list[PdfPage], password: str | None = Non
     for page in pages:
         x, y = page.origin
         content = add(b"<< >>", page.content)
+        page_resources = resources
+        if page.scan is not None:
+            w, h = page.scan.size
+            image = add(f"<< /Type /XObject /Subtype /Image /Width {w} /Height {h} /ColorSpace /DeviceRGB "
+                        f"/BitsPerComponent 8 /Filter /FlateDecode >>".encode(), zlib.compress(page.scan.tobytes()))
+            page_resources = resources[:-3] + f" /XObject << /Scan {image} 0 R >> >>"
         annots = ""
         if page.form_text is not None:  # a filled text field, drawn by its appearance stream
             box = (72, page.height - 180, page.width - 72, page.height - 150)
@@ -167,7 +185,7 @@ def write_pdf(path: str | Path, pages: list[PdfPage], password: str | None = Non
             fields.append(f"{field} 0 R")
             annots = f"/Annots [{field} 0 R] "
         number = add(f"<< /Type /Page /Parent {tree} 0 R /MediaBox [{x} {y} {x + page.width} {y + page.height}] "
-                     f"/Rotate {page.rotate} /Resources {resources} {annots}/Contents {content} 0 R >>".encode())
+                     f"/Rotate {page.rotate} /Resources {page_resources} {annots}/Contents {content} 0 R >>".encode())
         kids.append(f"{number} 0 R")
     form = f" /AcroForm << /Fields [{' '.join(fields)}] /DA (/F1 12 Tf 0 g) /DR {resources} >>" if fields else ""
     objects[catalog - 1] = (f"<< /Type /Catalog /Pages {tree} 0 R{form} >>".encode(), None)

@@ -14,7 +14,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
 STEPS = ["install", "cpp-ext", "gpu-tests", "bench-kernels", "bench-e2e", "bench-spec", "bench-host", "bench-structured",
-         "bench-patchify", "bench-serve", "kernel-tests-gpu"]
+         "bench-patchify", "bench-serve", "bench-documents", "kernel-tests-gpu"]
 
 
 def run_suite(*args: str, python: str = sys.executable, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -103,17 +103,23 @@ def test_allow_cpu_quick_run_writes_summary_and_tarball(tmp_path):
     assert any(n.startswith("results/patchify-") and n.endswith(".json") for n in names)
 
 
-def test_serve_benchmark_is_skipped_without_the_server_extra(tmp_path):
-    """A python without fastapi: bench-serve is skipped with the import error, not run and failed."""
+def test_serve_and_documents_benchmarks_are_skipped_without_their_extras(tmp_path):
+    """A python without fastapi or pypdfium2: bench-serve and bench-documents are skipped with the
+    import error, not run and failed."""
     python = tmp_path / "python"
     python.write_text('#!/usr/bin/env bash\nif [[ "$*" == *"import fastapi"* ]]; then\n'
                       '    echo "ModuleNotFoundError: No module named \'fastapi\'" >&2; exit 1\nfi\n'
+                      'if [[ "$*" == *"import pypdfium2"* ]]; then\n'
+                      '    echo "ModuleNotFoundError: No module named \'pypdfium2\'" >&2; exit 1\nfi\n'
                       f'exec {sys.executable} "$@"\n')
     python.chmod(0o755)
     done = run_suite("--dry-run", python=str(python))
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stdout.splitlines() if " bench-serve " in line)
     assert "skipped (glmrt[serve] is not installed (ModuleNotFoundError: No module named 'fastapi'))" in line
+    line = next(line for line in done.stdout.splitlines() if " bench-documents " in line)
+    assert "skipped (glmrt[documents] or glmrt[serve] is not installed (ModuleNotFoundError: No module named " \
+           "'pypdfium2'))" in line
 
 
 def test_allow_cpu_quick_serve_benchmark_reaches_the_summary(tmp_path):
@@ -138,3 +144,17 @@ def test_hung_step_is_cut_by_the_budget(tmp_path):
     assert rows["cpp-ext"][0] == "TIMEOUT" and int(rows["cpp-ext"][3]) <= 12
     assert rows["bench-patchify"][0] == "SKIPPED"
     assert "budget spent" in (results / "SUMMARY.md").read_text()
+
+
+def test_allow_cpu_quick_documents_benchmark_reaches_the_summary(tmp_path):
+    """benchmarks/documents.py --smoke: glmrt parse in process and the glmocr SDK against a real
+    glmrt serve process, over generated PDFs; its rows reach SUMMARY.md."""
+    results = tmp_path / "results"
+    done = run_suite("--allow-cpu", "--quick", "--only", "bench-documents", "--out", str(results), timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert step_rows(results)["bench-documents"][:2] == ["PASS", "0"]
+    summary = (results / "SUMMARY.md").read_text()
+    assert "### documents-cpu-" in summary
+    for run in ("glmrt parse, single concurrency", "glmrt parse, full throughput",
+                "glmocr SDK -> glmrt serve, single concurrency", "glmocr SDK -> glmrt serve, full throughput"):
+        assert f"| {run} | 4 |" in summary

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from glmrt.documents.pages import DocumentError, count_pages, find_documents, iter_pages, render_size
-from tests.documents import (PdfPage, make_corrupt_pdf, make_encrypted_pdf, make_images, make_pdf, page_content,
-                             write_pdf)
+from tests.documents import (PdfPage, make_corrupt_pdf, make_encrypted_pdf, make_images, make_pdf, make_scanned_pdf,
+                             page_content, write_pdf)
 
 LETTER, LETTER_LANDSCAPE = (1700, 2200), (2200, 1700)  # 612 x 792 pt at 200 DPI
 
@@ -117,6 +117,20 @@ def test_pixels_match_the_sdks_renders(tmp_path):
         assert (diff.max(-1) > 64).mean() < 0.02
         shifted = np.abs(ours[:, 1:] - theirs[:, :-1]).mean()  # one pixel off would be far worse
         assert diff.mean() < 0.7 * shifted
+
+
+def test_scanned_pages_render_back_pixel_for_pixel_here_and_in_the_sdk(tmp_path):
+    """A scanner's PDF (lossless page images at 200 DPI): both renderers give the images back, so
+    glmrt parse and the SDK's pipeline see the same pixels (benchmarks/documents.py relies on it)."""
+    image_utils = sdk_image_utils()
+    rng = np.random.default_rng(0)
+    scans = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+             for w, h in [(1700, 2200), (2200, 1700), (333, 517)]]
+    pdf = make_scanned_pdf(tmp_path / "scan.pdf", scans)
+    sdk = list(image_utils.pdf_to_images_pil_iter(str(pdf), dpi=200, max_width_or_height=3500))
+    for page, ref, scan in zip(iter_pages(pdf), sdk, scans, strict=True):
+        assert np.array_equal(np.asarray(page.image), np.asarray(scan))
+        assert np.array_equal(np.asarray(ref.convert("RGB")), np.asarray(scan))
 
 
 def test_form_fields_are_drawn(tmp_path):

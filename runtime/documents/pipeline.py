@@ -1,8 +1,10 @@
 """`glmrt parse`: documents to Markdown and JSON, layout and recognition in one process.
 
 Three stages overlap. A producer thread renders pages (pypdfium2), runs the layout model on
-them in batches and crops their regions; the main thread hands every region of every page ready
-so far to one engine (continuous batching: regions of many pages share each step) and steps it;
+them in batches, crops their regions and preprocesses each region's recognition request (the
+SDK's resize, then the engine's image processing); the main thread only hands every request of
+every page ready so far to one engine (continuous batching: regions of many pages share each
+step) and steps it, so it keeps the device busy;
 a page whose regions are all recognised is recorded on disk, and a document whose pages are all
 recorded is formatted into the glmocr SDK's Markdown and JSON. A bounded queue between the two
 keeps at most `max_pages_in_flight` pages of crops in memory.
@@ -27,6 +29,7 @@ from typing import Callable
 
 from PIL import Image
 
+from ..engine.sequence import Sequence
 from ..llm import LLM
 from ..processor import TASK_PROMPTS
 from ..sampling_params import SamplingParams
@@ -79,7 +82,9 @@ class _PageWork:
     index: int
     size: tuple[int, int] = (0, 0)
     regions: list[LayoutRegion] = field(default_factory=list)
-    crops: list[Image.Image | None] = field(default_factory=list)  # per region; figures are kept as is
+    figures: dict[int, Image.Image] = field(default_factory=dict)  # region index -> crop, for "skip" regions
+    # region index -> its recognition request, preprocessed (or why it could not be built)
+    requests: dict[int, Sequence | str] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -191,15 +196,30 @@ class DocumentParser:
         put(("end",))
 
     def _layout_pages(self, pages: list[Page]) -> list[_PageWork]:
-        """Regions and crops of a batch of pages; a failed layout batch fails its pages only."""
+        """Regions of a batch of pages, their figures cropped and their recognition requests
+        preprocessed here, off the engine's thread; a failed layout batch fails its pages only."""
         if self.layout is None:  # the whole page as one text region
-            return [_PageWork(p.source, p.index, p.image.size, [_whole_page()], [p.image]) for p in pages]
-        try:
-            detected = self.layout.detect([p.image for p in pages])
-        except Exception as exc:  # noqa: BLE001 - reported per page, the job goes on
-            return [_PageWork(p.source, p.index, error=f"page {p.index + 1}: layout failed: {exc}") for p in pages]
-        return [_PageWork(p.source, p.index, p.image.size, regions, [crop_region(p.image, r.bbox_2d) for r in regions])
-                for p, regions in zip(pages, detected)]
+            detected = [[_whole_page()] for _ in pages]
+        else:
+            try:
+                detected = self.layout.detect([p.image for p in pages])
+            except Exception as exc:  # noqa: BLE001 - reported per page, the job goes on
+                return [_PageWork(p.source, p.index, error=f"page {p.index + 1}: layout failed: {exc}") for p in pages]
+        work = []
+        for page, regions in zip(pages, detected):
+            item = _PageWork(page.source, page.index, page.image.size, regions)
+            for i, region in enumerate(regions):
+                crop = page.image if self.layout is None else crop_region(page.image, region.bbox_2d)
+                if region.task == "skip":
+                    item.figures[i] = crop
+                    continue
+                request = {"images": [sdk_region_image(crop)], "prompt": TASK_PROMPTS[region.task]}
+                try:
+                    item.requests[i] = self.llm.engine.prepare(request, self.params)
+                except (ValueError, TypeError, OSError) as exc:  # reported with the page, the rest goes on
+                    item.requests[i] = str(exc)
+            work.append(item)
+        return work
 
     def _load_records(self, st: _DocState) -> set[int]:
         """Page records left by an interrupted run -> their indices (not rendered again)."""
@@ -275,17 +295,14 @@ class DocumentParser:
 
     def _submit(self, page: _PageWork, todo: list[int], st: _DocState) -> list[tuple[int, str]]:
         """Queue the recognition of the page's regions `todo` -> (region index, request id) each;
-        a region whose request cannot even be built is reported and left out (content None)."""
-        engine, submitted = self.llm.engine, []
+        a region whose request could not be built is reported and left out (content None)."""
+        submitted = []
         for i in todo:
-            region = page.regions[i]
-            request = {"images": [sdk_region_image(page.crops[i])], "prompt": TASK_PROMPTS[region.task]}
-            try:
-                request_id = engine.enqueue(engine.prepare(request, self.params))
-            except (ValueError, TypeError, OSError) as exc:
-                st.result.errors.append(f"page {page.index + 1} region {i}: {exc}")
+            request = page.requests[i]
+            if isinstance(request, str):
+                st.result.errors.append(f"page {page.index + 1} region {i}: {request}")
                 continue
-            submitted.append((i, request_id))
+            submitted.append((i, self.llm.engine.enqueue(request)))
         return submitted
 
     def _page_done(self, open_pages: dict, page: _PageWork, st: _DocState, report) -> bool:
@@ -300,15 +317,15 @@ class DocumentParser:
         """Record a page (its regions with their text, its figure crops) on disk and in memory."""
         regions = []
         figures = []
-        for region, crop, content in zip(page.regions, page.crops, contents):
+        for i, (region, content) in enumerate(zip(page.regions, contents)):
             if self.layout is None:  # the SDK's layout-free result: one region, no box
                 regions.append({"index": 0, "label": "text", "content": content, "bbox_2d": None})
             else:
                 regions.append({**region.to_dict(), "content": content})
-            if region.task == "skip" and crop is not None:
+            if i in page.figures:
                 key = (page.index, *region.bbox_2d)
-                st.figures[key] = crop
-                figures.append((key, crop))
+                st.figures[key] = page.figures[i]
+                figures.append((key, page.figures[i]))
         st.pages[page.index] = regions
         folder = st.folder / RECORDS
         folder.mkdir(parents=True, exist_ok=True)
