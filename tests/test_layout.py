@@ -508,6 +508,27 @@ def test_from_pretrained_refuses_what_it_cannot_do(tiny_layout_checkpoint, tmp_p
         LayoutDetector.from_pretrained(other, device="cpu")
 
 
+# The preprocessor_config.json that PaddleOCR's safetensors converter writes for PP-DocLayoutV3 (the
+# shape of the published PaddlePaddle/PP-DocLayoutV3_safetensors), integer means and all.
+PUBLISHED_PREPROCESSOR_CONFIG = {
+    "_valid_processor_keys": ["images", "do_resize", "size", "resample", "do_rescale", "rescale_factor",
+                              "do_normalize", "image_mean", "image_std", "return_tensors", "data_format",
+                              "input_data_format"],
+    "do_normalize": True, "do_rescale": True, "do_resize": True, "image_processor_type": "PPDocLayoutV3ImageProcessor",
+    "image_mean": [0, 0, 0], "image_std": [1, 1, 1], "rescale_factor": 1.0 / 255, "resample": 3,
+    "size": {"height": 800, "width": 800},
+}
+
+
+def test_the_published_preprocessor_config_is_accepted_and_others_named(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(PUBLISHED_PREPROCESSOR_CONFIG))
+    layout._check_processor_config(tmp_path)
+    for key, value in [("resample", 2), ("image_std", [0.5, 0.5, 0.5]), ("rescale_factor", 1.0), ("do_pad", True)]:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({**PUBLISHED_PREPROCESSOR_CONFIG, key: value}))
+        with pytest.raises(ValueError, match=f"preprocessor_config.json {key}"):
+            layout._check_processor_config(tmp_path)
+
+
 def test_region_dataclass_defaults():
     region = LayoutRegion(index=0, label="text", task="text", score=1.0, bbox_2d=[0, 0, 1000, 1000])
     assert region.polygon == [] and region.to_dict()["task_type"] == "text"
