@@ -155,6 +155,7 @@ def test_cli_parse_writes_and_reports(tiny_checkpoint, tiny_layout, inputs, tmp_
                "--device", "cpu", "--max-tokens", str(MAX_TOKENS)]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 2 and "missing.pdf" in done.stderr
+    assert "Loading weights" not in done.stderr and not out.exists()  # refused before any model loads
     command.remove(str(inputs / "missing.pdf"))
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -175,9 +176,11 @@ def test_server_parses_documents_like_the_sdks_server(tiny_checkpoint, tiny_layo
 
     pdf = (inputs / "report.pdf").read_bytes()
     uri = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    scan = inputs / "scans" / "scan.png"
+    scan_uri = "data:image/png;base64," + base64.b64encode(scan.read_bytes()).decode()
     llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", max_model_len=256)
-    expected = DocumentParser(llm, LayoutDetector.from_pretrained(tiny_layout, device="cpu")).parse(
-        [inputs / "report.pdf"], tmp_path / "out")[0]
+    expected, expected_scan = DocumentParser(llm, LayoutDetector.from_pretrained(tiny_layout, device="cpu")).parse(
+        [inputs / "report.pdf", scan], tmp_path / "out")
     expected_json = json.loads(expected.json_path.read_text(encoding="utf-8"))
     expected_md = expected.markdown_path.read_text(encoding="utf-8")
     key = {"Authorization": "Bearer sesame"}
@@ -191,6 +194,10 @@ def test_server_parses_documents_like_the_sdks_server(tiny_checkpoint, tiny_layo
         assert body["json_result"] == expected_json == body["layout_details"]
         assert body["markdown_result"] == expected_md == body["md_results"]
         assert body["data_info"] == {"pages": []} and body["id"].startswith("chatcmpl-")
+        both = httpx.post(url, json={"images": [uri, scan_uri]}, headers=key, timeout=300).json()  # two units
+        assert both["json_result"] == [expected_json, json.loads(expected_scan.json_path.read_text(encoding="utf-8"))]
+        assert both["markdown_result"] == expected_md + "\n\n---\n\n" + expected_scan.markdown_path.read_text(
+            encoding="utf-8")
         maas = httpx.post(url, json={"model": "glm-ocr", "file": uri}, headers=key, timeout=300).json()
         assert maas["md_results"] == body["md_results"]
         bad = httpx.post(url, json={"images": ["data:application/pdf;base64,JVBERi0xLjQK"]}, headers=key)

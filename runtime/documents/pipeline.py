@@ -401,10 +401,11 @@ def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, mode
     """PDFs, images and directories of them -> Markdown and JSON under `output_dir` (one folder
     per document). layout_model=None recognises each whole page as one region. Engine options are
     glmrt.LLM's. progress: a tqdm bar over pages (with regions/s)."""
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    find_documents(inputs)  # a missing or unsupported input fails now, before any model loads
     llm = LLM(model, device=device, dtype=dtype, backend=backend, **engine_options)
     layout = None if layout_model is None else LayoutDetector.from_pretrained(layout_model, device=llm.engine.device)
     parser = DocumentParser(llm, layout, dpi=dpi, max_tokens=max_tokens)
-    inputs = inputs if isinstance(inputs, list) else [inputs]
     if not progress:
         return parser.parse(inputs, output_dir)
     from tqdm import tqdm

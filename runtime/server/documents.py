@@ -3,8 +3,8 @@
 Request: {"images": [url, ...]} (or one url), or the SDK's MaaS client's {"file": url}; a url is a
 data: URI, an allowed http(s) URL or an allowed file:// URL (the server's media policy) of an
 image or a PDF. Each is one unit: its pages are laid out (PP-DocLayoutV3, loaded on the first
-request), every text/table/formula region is recognised by the server's engine (all regions of a
-unit at once, sharing steps with the chat requests), and the SDK's formatter output is returned:
+request), every text/table/formula region is recognised by the server's engine (all regions of
+all units at once, sharing steps with the chat requests), and the SDK's formatter output is returned:
 {"json_result", "markdown_result", "layout_details", "md_results", "data_info": {"pages": []},
 "usage", "model", "id", "created"} -- several units give a list of JSON results and Markdown
 joined by "---", as the SDK's server does. Figures are linked in the Markdown but not returned.
@@ -82,9 +82,9 @@ def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, c
             raise APIError("this server was started without a layout model: it parses no documents", status=404)
         body = await read_json(request)
         refs = _sources(body)
-        units = []
-        for ref, data in zip(refs, await media.load_all(refs, documents=True)):
-            units.append(await parse_unit(await asyncio.to_thread(_pages, data, ref)))
+        pages = [await asyncio.to_thread(_pages, data, ref)
+                 for ref, data in zip(refs, await media.load_all(refs, documents=True))]
+        units = await asyncio.gather(*(parse_unit(unit) for unit in pages))  # their regions share the engine
         if len(units) == 1:
             json_result, markdown = units[0]
         else:
@@ -113,13 +113,14 @@ def _sources(body: Any) -> list[ImageRef]:
 
 
 def _pages(data: bytes, ref: ImageRef) -> list[Image.Image]:
-    """A PDF's pages (rendered as `glmrt parse` does) or the image itself; errors name the field."""
+    """A PDF's pages (rendered as `glmrt parse` does) or the image (read as it reads one); errors
+    name the field."""
     from ..documents.pages import DocumentError, iter_pages
     from ..image_processor import load_image
 
     if not data.startswith(b"%PDF-"):
-        try:
-            return [load_image(data)]
+        try:  # as glmrt parse (and the SDK) read an image: no EXIF rotation, alpha dropped
+            return [load_image(data, exif_transpose=False).convert("RGB")]
         except ValueError as exc:
             raise APIError(f"'{ref.param}': {exc}", ref.param) from exc
     with tempfile.TemporaryDirectory(prefix="glmrt-parse-") as tmp:
