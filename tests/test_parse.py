@@ -4,6 +4,7 @@ formatter's for the recognised regions, deterministic, resumable, and failures s
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 from PIL import Image
@@ -128,6 +129,31 @@ def test_failures_stay_with_their_document_page_or_region(parser, inputs, tmp_pa
     assert results["broken"].markdown_path is None and "broken.pdf" in results["broken"].errors[0]
     assert results["fine"].markdown_path is not None and results["fine"].num_pages == 2
     assert {p.name for p in (tmp_path / "out").iterdir()} <= {"fine", "broken"}
+
+
+def test_a_crashed_page_reader_is_raised_not_waited_for(parser, inputs, tmp_path, monkeypatch):
+    """An unexpected error in the page thread (a bug, MemoryError) ends the job with that error,
+    instead of leaving the engine thread waiting for pages that never come."""
+    def broken(crop):
+        raise MemoryError("no memory for the crop")
+
+    monkeypatch.setattr(pipeline, "sdk_region_image", broken)
+    outcome = []
+    job = threading.Thread(target=lambda: outcome.append(_raised(parser.parse, [inputs / "letter.pdf"], tmp_path)))
+    job.start()
+    job.join(timeout=120)
+    assert not job.is_alive(), "parse hung after its page thread crashed"
+    [error] = outcome
+    assert isinstance(error, RuntimeError) and isinstance(error.__cause__, MemoryError)
+    assert not parser.llm.engine.has_unfinished()
+
+
+def _raised(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        return exc
+    return None
 
 
 def test_without_layout_each_page_is_one_region(tiny_checkpoint, inputs, tmp_path):

@@ -167,6 +167,13 @@ class DocumentParser:
                     pass
             return False
 
+        try:
+            self._produce_pages(docs, states, put, stop)
+        except BaseException as exc:  # a bug or MemoryError: the consumer re-raises it rather than wait forever
+            put(("crashed", exc))
+
+    def _produce_pages(self, docs: list[Path], states: dict[Path, _DocState], put: Callable[[object], bool],
+                       stop: threading.Event) -> None:
         for doc in docs:
             st = states[doc]
             try:
@@ -341,9 +348,12 @@ class DocumentParser:
         self._maybe_write_document(st)
 
     def _control(self, item: tuple, states: dict[Path, _DocState], report) -> bool:
-        """A producer message: ("failed", doc, why), ("rendered", doc) or ("end",) -> whether it ended."""
+        """A producer message: ("failed", doc, why), ("rendered", doc), ("end",) -> whether it ended;
+        ("crashed", exception) is raised here."""
         if item[0] == "end":
             return True
+        if item[0] == "crashed":
+            raise RuntimeError(f"glmrt parse: reading pages failed: {item[1]!r}") from item[1]
         st = states[item[1]]
         if item[0] == "failed":
             st.result.errors.append(item[2])
