@@ -200,6 +200,16 @@ def _check_flags(overrides: dict, options: dict) -> None:
         raise UsageError(str(exc)) from exc
 
 
+def _check_layout_model(value: str) -> None:
+    """--layout-model must name a checkpoint directory or a Hub id: checked before anything loads."""
+    from .documents.layout import check_reference
+
+    try:
+        check_reference(value)
+    except FileNotFoundError as exc:
+        raise UsageError(f"--layout-model {exc}") from exc
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, (ValueError, TypeError, OSError)):
@@ -296,6 +306,7 @@ def _serve(args: argparse.Namespace) -> int:
     _check_flags({}, options)
     if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
         raise UsageError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
+    _check_layout_model(args.layout_model)
     names = tuple(args.served_model_name or dict.fromkeys(["glm-ocr", args.model]))
     try:
         config = ServerConfig(
@@ -325,6 +336,8 @@ def _parse(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} must be >= 1, got {value}")
     options = _engine_options(args)
     _check_flags({}, options)
+    if not args.no_layout:
+        _check_layout_model(args.layout_model)
     try:
         results = parse(args.inputs, args.output, model=args.model, layout_model=None if args.no_layout else args.layout_model,
                         device=args.device, dtype=args.dtype, backend=args.backend, dpi=args.dpi,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 import glmrt
 from glmrt.cli import main
@@ -146,10 +147,29 @@ def test_serve_usage_errors_exit_2_before_the_model_loads(tmp_path, capsys, monk
     model = str(tmp_path)  # never read
     for flags, shown in [(["--allowed-local-media-path", str(tmp_path / "none")], "is not a directory"),
                          (["--max-queue", "-1"], "max_queue"), (["--max-num-seqs", "0"], "max_num_seqs"),
-                         (["--block-size", "24"], "block_size"), (["--max-images-per-request", "-2"], "max_images")]:
+                         (["--block-size", "24"], "block_size"), (["--max-images-per-request", "-2"], "max_images"),
+                         (["--layout-model", str(tmp_path / "no-such-dir")], "--layout-model")]:
         assert main(["serve", model, *flags]) == 2
         assert shown in capsys.readouterr().err
     assert main(["serve", model, "--image-backend", "cv2"]) == 2
+
+
+def test_parse_usage_errors_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load for a usage error")
+
+    monkeypatch.setattr(LLMEngine, "__init__", no_load)
+    page = tmp_path / "page.png"
+    Image.new("RGB", (64, 48), "white").save(page)
+    base = ["parse", str(page), "-o", str(tmp_path / "out"), "--model", str(tmp_path)]
+    for flags, shown in [(["--layout-model", "./no/such/layout"], "--layout-model './no/such/layout' is neither"),
+                         (["--dpi", "0"], "--dpi"), (["--max-tokens", "0"], "--max-tokens"),
+                         (["--max-num-seqs", "0"], "max_num_seqs")]:
+        assert main([*base, *flags]) == 2
+        assert shown in capsys.readouterr().err
+    assert main(["parse", str(tmp_path / "missing.pdf"), "-o", str(tmp_path / "out"), "--model", str(tmp_path)]) == 2
+    assert "missing.pdf: no such file or directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_version_and_default_model(capsys):

@@ -206,13 +206,26 @@ class LayoutDetector:
         return raws
 
 
-def _resolve_checkpoint(model: str | Path) -> Path:
+def check_reference(model: str | Path) -> Path | None:
+    """A layout checkpoint reference -> its directory, or None for a Hub id (owner/name); anything
+    else raises FileNotFoundError. Nothing is loaded or fetched (the CLI checks its flag with it)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     name = str(model)
     if path.exists() or os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"model: {name!r} is neither a checkpoint directory nor a Hub id (owner/name)")
+        raise FileNotFoundError(f"{name!r} is neither a checkpoint directory nor a Hub id (owner/name)")
+    return None
+
+
+def _resolve_checkpoint(model: str | Path) -> Path:
+    try:
+        path = check_reference(model)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"model: {exc}") from None
+    if path is not None:
+        return path
+    name = str(model)
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id=name, allow_patterns=["*.json", "*.safetensors"]))
