@@ -15,6 +15,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 from . import __version__
+from .documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT_MODEL
 from .engine.engine import EngineConfig
 from .extraction import as_json_schema
 from .llm import LLM
@@ -82,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     parse.add_argument("-o", "--output", type=Path, required=True,
                        help="output folder: <output>/<name>/<name>.md, <name>.json and imgs/ per document")
     parse.add_argument("--model", default=DEFAULT_MODEL, help=f"GLM-OCR checkpoint (default: {DEFAULT_MODEL})")
-    parse.add_argument("--layout-model", default="PaddlePaddle/PP-DocLayoutV3_safetensors",
+    parse.add_argument("--layout-model", default=DEFAULT_LAYOUT_MODEL,
                        help="PP-DocLayoutV3 checkpoint directory or Hub id (default: %(default)s)")
     parse.add_argument("--no-layout", action="store_true", help="recognise each whole page as one text region")
     parse.add_argument("--dpi", type=int, default=200, help="PDF rendering resolution (default 200, as the SDK)")
@@ -109,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="decoded pixels (width x height) per image (default: PIL's limit, 89478485)")
     serve.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, help="request body size")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("--layout-model", default="PaddlePaddle/PP-DocLayoutV3_safetensors",
+    serve.add_argument("--layout-model", default=DEFAULT_LAYOUT_MODEL,
                        help="POST /glmocr/parse's PP-DocLayoutV3 (directory or Hub id; loaded on the first "
                             "document; default: %(default)s)")
     _add_engine_flags(serve)

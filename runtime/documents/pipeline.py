@@ -33,6 +33,7 @@ from ..engine.sequence import Sequence
 from ..llm import LLM
 from ..processor import TASK_PROMPTS
 from ..sampling_params import SamplingParams
+from .layout import DEFAULT_MODEL as DEFAULT_LAYOUT
 from .layout import LayoutDetector, LayoutRegion, crop_region
 from .markdown import format_document, format_pages_without_layout, model_output_json, write_document
 from .pages import DocumentError, Page, count_pages, find_documents, iter_pages
@@ -46,6 +47,26 @@ SDK_REPETITION_PENALTY = 1.1
 SDK_CROP_MIN_PIXELS = 112 * 112
 SDK_CROP_MAX_PIXELS = 14 * 14 * 4 * 1280 * 71
 _FACTOR = 28
+
+
+def sdk_params(max_tokens: int = SDK_MAX_TOKENS) -> SamplingParams:
+    """The SDK's recognition sampling: greedy, repetition penalty 1.1."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=SDK_REPETITION_PENALTY)
+
+
+def region_requests(page: Image.Image, regions: list[LayoutRegion],
+                    whole_page: bool = False) -> tuple[dict[int, Image.Image], dict[int, dict]]:
+    """A laid-out page -> (figures: region index -> crop, for the "skip" regions; requests: region
+    index -> the recognition request the SDK sends for it, for the others). whole_page: one region
+    covering the page, used as is (no layout)."""
+    figures, requests = {}, {}
+    for i, region in enumerate(regions):
+        crop = page if whole_page else crop_region(page, region.bbox_2d)
+        if region.task == "skip":
+            figures[i] = crop
+        else:
+            requests[i] = {"images": [sdk_region_image(crop)], "prompt": TASK_PROMPTS[region.task]}
+    return figures, requests
 
 
 def sdk_region_image(crop: Image.Image) -> Image.Image:
@@ -106,7 +127,7 @@ class DocumentParser:
         self.llm = llm
         self.layout = layout
         self.dpi, self.max_side = dpi, max_side
-        self.params = SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=SDK_REPETITION_PENALTY)
+        self.params = sdk_params(max_tokens)
         self.layout_batch_size = layout_batch_size
         self.max_pages_in_flight = max_pages_in_flight
 
@@ -215,12 +236,8 @@ class DocumentParser:
         work = []
         for page, regions in zip(pages, detected):
             item = _PageWork(page.source, page.index, page.image.size, regions)
-            for i, region in enumerate(regions):
-                crop = page.image if self.layout is None else crop_region(page.image, region.bbox_2d)
-                if region.task == "skip":
-                    item.figures[i] = crop
-                    continue
-                request = {"images": [sdk_region_image(crop)], "prompt": TASK_PROMPTS[region.task]}
+            item.figures, requests = region_requests(page.image, regions, whole_page=self.layout is None)
+            for i, request in requests.items():
                 try:
                     item.requests[i] = self.llm.engine.prepare(request, self.params)
                 except (ValueError, TypeError, OSError) as exc:  # reported with the page, the rest goes on
@@ -401,11 +418,8 @@ def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
     os.replace(tmp, path)
 
 
-DEFAULT_LAYOUT_MODEL = "PaddlePaddle/PP-DocLayoutV3_safetensors"
-
-
 def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, model: str = "zai-org/GLM-OCR",
-          layout_model: str | Path | None = DEFAULT_LAYOUT_MODEL, device=None, dtype=None, backend: str = "auto",
+          layout_model: str | Path | None = DEFAULT_LAYOUT, device=None, dtype=None, backend: str = "auto",
           dpi: int = 200, max_tokens: int = SDK_MAX_TOKENS, progress: bool = False,
           **engine_options) -> list[DocumentResult]:
     """PDFs, images and directories of them -> Markdown and JSON under `output_dir` (one folder

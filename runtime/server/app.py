@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT_MODEL
 from ..engine.async_engine import AsyncEngine, RequestFailed
 from ..image_processor import load_image
 from ..outputs import Request as EngineRequest
@@ -47,7 +48,7 @@ class ServerConfig:
     retry_after_s: int = 1  # the Retry-After of a 503
     media: MediaPolicy = field(default_factory=MediaPolicy)
     # POST /glmocr/parse's layout model (loaded on its first request); None: no document parsing
-    layout_model: str | None = "PaddlePaddle/PP-DocLayoutV3_safetensors"
+    layout_model: str | None = DEFAULT_LAYOUT_MODEL
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

@@ -30,13 +30,10 @@ from .protocol import APIError, ImageRef
 
 def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, check_auth: Callable,
                         read_json: Callable, layout_model: str | None) -> None:
-    from ..documents.layout import crop_region
     from ..documents.markdown import format_document
-    from ..documents.pipeline import SDK_MAX_TOKENS, SDK_REPETITION_PENALTY, sdk_region_image
-    from ..processor import TASK_PROMPTS
-    from ..sampling_params import SamplingParams
+    from ..documents.pipeline import region_requests, sdk_params
 
-    params = SamplingParams(max_tokens=SDK_MAX_TOKENS, temperature=0.0, repetition_penalty=SDK_REPETITION_PENALTY)
+    params = sdk_params()
     detector: list = []  # the layout model, once loaded
     loading = asyncio.Lock()
 
@@ -49,26 +46,23 @@ def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, c
                                                         device=engine.engine.device))
         return detector[0]
 
-    async def recognise(image: Image.Image, task: str) -> str | None:
+    async def recognise(request: dict) -> str | None:
         final = None
-        async for out in engine.generate(EngineRequest(images=[sdk_region_image(image)], prompt=TASK_PROMPTS[task]),
-                                         params):
+        async for out in engine.generate(EngineRequest(**request), params):
             final = out
         return None if final is None or final.finish_reason == "error" else final.text.strip()
 
+    def lay_out(detect: Callable, pages: list[Image.Image]) -> list[tuple[list, dict, dict]]:
+        """Off the event loop: each page's (regions, figures, requests)."""
+        return [(regions, *region_requests(page, regions)) for page, regions in zip(pages, detect(pages))]
+
     async def parse_unit(pages: list[Image.Image]) -> tuple[list, str]:
-        detected = await asyncio.to_thread((await layout()).detect, pages) if pages else []
-        jobs, grouped, figures = [], [], {}
-        for index, (page, regions) in enumerate(zip(pages, detected)):
-            entries = []
-            for region in regions:
-                crop = crop_region(page, region.bbox_2d)
-                entry = {**region.to_dict(), "content": None}
-                if region.task == "skip":
-                    figures[(index, *region.bbox_2d)] = crop
-                else:
-                    jobs.append((entry, recognise(crop, region.task)))
-                entries.append(entry)
+        laid_out = await asyncio.to_thread(lay_out, (await layout()).detect, pages) if pages else []
+        grouped, figures, jobs = [], {}, []
+        for index, (regions, page_figures, requests) in enumerate(laid_out):
+            entries = [{**region.to_dict(), "content": None} for region in regions]
+            figures.update({(index, *regions[i].bbox_2d): crop for i, crop in page_figures.items()})
+            jobs += [(entries[i], recognise(request)) for i, request in requests.items()]
             grouped.append(entries)
         for (entry, _), text in zip(jobs, await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)):
             entry["content"] = text if isinstance(text, str) else None
@@ -82,8 +76,8 @@ def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, c
             raise APIError("this server was started without a layout model: it parses no documents", status=404)
         body = await read_json(request)
         refs = _sources(body)
-        pages = [await asyncio.to_thread(_pages, data, ref)
-                 for ref, data in zip(refs, await media.load_all(refs, documents=True))]
+        pages = await asyncio.gather(*(asyncio.to_thread(_pages, data, ref)
+                                       for ref, data in zip(refs, await media.load_all(refs, documents=True))))
         units = await asyncio.gather(*(parse_unit(unit) for unit in pages))  # their regions share the engine
         if len(units) == 1:
             json_result, markdown = units[0]
