@@ -18,6 +18,7 @@ region has content None, which the formatter leaves out). Nothing is written out
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -31,6 +32,7 @@ from PIL import Image
 
 from ..engine.sequence import Sequence
 from ..llm import LLM
+from ..outputs import Request as EngineRequest
 from ..processor import TASK_PROMPTS
 from ..sampling_params import SamplingParams
 from .layout import DEFAULT_MODEL as DEFAULT_LAYOUT
@@ -104,8 +106,9 @@ class _PageWork:
     size: tuple[int, int] = (0, 0)
     regions: list[LayoutRegion] = field(default_factory=list)
     figures: dict[int, Image.Image] = field(default_factory=dict)  # region index -> crop, for "skip" regions
-    # region index -> its recognition request, preprocessed (or why it could not be built)
-    requests: dict[int, Sequence | str] = field(default_factory=dict)
+    # region index -> its recognition request (a request dict; in glmrt parse preprocessed into a
+    # Sequence, or why it could not be)
+    requests: dict[int, dict | Sequence | str] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -117,6 +120,140 @@ class _DocState:
     pages: dict[int, list[dict]] = field(default_factory=dict)  # page index -> region dicts with content
     figures: dict[tuple, Image.Image] = field(default_factory=dict)  # (page, *bbox_2d) -> crop
     rendered_all: bool = False
+
+
+def lay_out(layout: LayoutDetector | None, pages: list[Page]) -> list[_PageWork]:
+    """A batch of rendered pages -> each page's regions, figure crops and recognition requests
+    (request dicts, not yet preprocessed). layout None: each whole page is one text region. A
+    failed layout batch fails its pages only (their `error` is set)."""
+    if layout is None:
+        detected = [[_whole_page()] for _ in pages]
+    else:
+        try:
+            detected = layout.detect([p.image for p in pages])
+        except Exception as exc:  # noqa: BLE001 - reported per page, the job goes on
+            return [_PageWork(p.source, p.index, error=f"page {p.index + 1}: layout failed: {exc}") for p in pages]
+    work = []
+    for page, regions in zip(pages, detected):
+        item = _PageWork(page.source, page.index, page.image.size, regions)
+        item.figures, item.requests = region_requests(page.image, regions, whole_page=layout is None)
+        work.append(item)
+    return work
+
+
+def page_record(page: _PageWork, contents: list[str | None], with_layout: bool) -> tuple[list[dict], list[tuple]]:
+    """A recognised page -> (its region dicts with their content, [((page, *bbox_2d), crop)] of its
+    figures): what the page's record and the formatter take."""
+    regions, figures = [], []
+    for i, (region, content) in enumerate(zip(page.regions, contents)):
+        if not with_layout:  # the SDK's layout-free result: one region, no box
+            regions.append({"index": 0, "label": "text", "content": content, "bbox_2d": None})
+        else:
+            regions.append({**region.to_dict(), "content": content})
+        if i in page.figures:
+            figures.append(((page.index, *region.bbox_2d), page.figures[i]))
+    return regions, figures
+
+
+async def recognise_pages(engine, pages: list[_PageWork], params: SamplingParams) -> list[tuple[list, list[str]]]:
+    """Every region of `pages` recognised at once by an AsyncEngine (sharing its steps with
+    whatever else it runs) -> per page: its contents (None for a figure or a failed region) and
+    one line per failed region."""
+    async def recognise(request: dict) -> str:
+        final = None
+        async for out in engine.generate(EngineRequest(**request), params):
+            final = out
+        if final is None or final.finish_reason == "error":
+            raise RuntimeError(getattr(final, "error", None) or "recognition failed")
+        return final.text.strip()
+
+    jobs = [(p, i, recognise(request)) for p, page in enumerate(pages) for i, request in page.requests.items()]
+    texts = await asyncio.gather(*(job for _, _, job in jobs), return_exceptions=True)
+    results = [([None] * len(page.regions), []) for page in pages]
+    for (p, i, _), text in zip(jobs, texts):
+        if isinstance(text, BaseException):
+            results[p][1].append(f"page {pages[p].index + 1} region {i}: {text}")
+        else:
+            results[p][0][i] = text
+    return results
+
+
+class DocumentOutputs:
+    """The output side of a parse job: `<out>/<name>/` per document, its page records while it is
+    in progress, and its Markdown and JSON once every page is recorded (written exactly once,
+    each file renamed into place). with_layout False: the layout-free formatting."""
+
+    def __init__(self, output_dir: str | Path, with_layout: bool):
+        self.out = Path(output_dir)
+        self.with_layout = with_layout
+
+    def open(self, doc, name: str) -> _DocState:
+        """The state of one document, already done if an earlier run wrote it."""
+        folder = self.out / name
+        st = _DocState(DocumentResult(source=doc, name=name), folder)
+        md, js = folder / f"{name}.md", folder / f"{name}.json"
+        if md.is_file() and js.is_file() and not (folder / RECORDS).exists():  # written by an earlier run
+            st.result.markdown_path, st.result.json_path = md, js
+            try:
+                st.result.num_pages = len(json.loads(js.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                st.result.markdown_path = st.result.json_path = None  # unreadable: parse it again
+        return st
+
+    def load_records(self, st: _DocState) -> set[int]:
+        """Page records left by an interrupted run -> their indices (not rendered again)."""
+        folder = st.folder / RECORDS
+        done = set()
+        for path in sorted(folder.glob("page-*.json")) if folder.is_dir() else []:
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                figures = {tuple(f["key"]): Image.open(folder / f["file"]).convert("RGB") for f in record["figures"]}
+            except (OSError, ValueError, KeyError):
+                continue  # unreadable: the page is parsed again
+            st.pages[record["page"]] = record["regions"]
+            st.figures.update(figures)
+            done.add(record["page"])
+        st.result.resumed_pages = len(done)
+        return done
+
+    def record_page(self, st: _DocState, index: int, regions: list[dict], figures: list[tuple]) -> None:
+        """Keep a finished page (regions with content, [(key, crop)] figures) in memory and as a
+        record on disk; the document is written when it was the last one."""
+        for key, crop in figures:
+            st.figures[key] = crop
+        st.pages[index] = regions
+        folder = st.folder / RECORDS
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        for n, (key, crop) in enumerate(figures):
+            name = f"page-{index:05d}-figure-{n}.png"
+            _atomic_write(folder / name, lambda f, crop=crop: crop.save(f, format="PNG"), binary=True)
+            files.append({"key": list(key), "file": name})
+        record = {"page": index, "regions": regions, "figures": files}
+        _atomic_write(folder / f"page-{index:05d}.json", lambda f: f.write(json.dumps(record, ensure_ascii=False)))
+        self.maybe_write(st)
+
+    def rendered(self, st: _DocState, pages_total: int) -> None:
+        """Every page of the document has been handed out; it has `pages_total` pages."""
+        st.pages_total, st.rendered_all = pages_total, True
+        self.maybe_write(st)
+
+    def maybe_write(self, st: _DocState) -> None:
+        """Once every page is recorded: the Markdown, JSON and figures; the records are removed."""
+        if not st.rendered_all or len(st.pages) < st.pages_total or st.result.markdown_path is not None:
+            return
+        pages = [st.pages[i] for i in range(st.pages_total)]
+        name, folder = st.result.name, st.folder
+        if not self.with_layout:
+            json_pages, markdown = format_pages_without_layout([p[0]["content"] if p else None for p in pages])
+            images: dict[str, Image.Image] = {}
+        else:
+            json_pages, markdown, images = format_document(pages, st.figures)
+        # <name>_model.json: the regions as recognised, before formatting (the SDK saves it too)
+        write_document(folder, name, json_pages, markdown, images, model_json=model_output_json(pages))
+        shutil.rmtree(folder / RECORDS, ignore_errors=True)
+        st.result.num_pages = st.pages_total
+        st.result.markdown_path, st.result.json_path = folder / f"{name}.md", folder / f"{name}.json"
 
 
 class DocumentParser:
@@ -138,9 +275,9 @@ class DocumentParser:
         """Parse every document of `inputs` (files, directories) into `output_dir`; -> one result
         per document, in input order. on_progress(kind, n) is called with ("pages", n) for pages
         finished and ("regions", n) for regions recognised (a progress bar's updates)."""
-        out = Path(output_dir)
         docs = find_documents(inputs)
-        states = {doc: self._open_state(doc, name, out) for doc, name in _document_names(docs).items()}
+        self.outputs = DocumentOutputs(output_dir, with_layout=self.layout is not None)
+        states = {doc: self.outputs.open(doc, name) for doc, name in document_names(docs).items()}
         todo = [doc for doc, st in states.items() if st.result.markdown_path is None]
         report = on_progress or (lambda kind, n: None)
         for st in states.values():
@@ -162,18 +299,6 @@ class DocumentParser:
                     pass
             producer.join()
         return [states[doc].result for doc in docs]
-
-    def _open_state(self, doc: Path, name: str, out: Path) -> _DocState:
-        folder = out / name
-        st = _DocState(DocumentResult(source=doc, name=name), folder)
-        md, js = folder / f"{name}.md", folder / f"{name}.json"
-        if md.is_file() and js.is_file() and not (folder / RECORDS).exists():  # written by an earlier run
-            st.result.markdown_path, st.result.json_path = md, js
-            try:
-                st.result.num_pages = len(json.loads(js.read_text(encoding="utf-8")))
-            except (OSError, ValueError):
-                st.result.markdown_path = st.result.json_path = None  # unreadable: parse it again
-        return st
 
     # ------------------------------------------------------------------- producer: pages, layout
 
@@ -199,7 +324,7 @@ class DocumentParser:
             st = states[doc]
             try:
                 st.pages_total = count_pages(doc)
-                done = self._load_records(st)
+                done = self.outputs.load_records(st)
                 batch: list[Page] = []
                 for page in iter_pages(doc, dpi=self.dpi, max_side=self.max_side, skip=done):
                     if stop.is_set():
@@ -225,41 +350,15 @@ class DocumentParser:
 
     def _layout_pages(self, pages: list[Page]) -> list[_PageWork]:
         """Regions of a batch of pages, their figures cropped and their recognition requests
-        preprocessed here, off the engine's thread; a failed layout batch fails its pages only."""
-        if self.layout is None:  # the whole page as one text region
-            detected = [[_whole_page()] for _ in pages]
-        else:
-            try:
-                detected = self.layout.detect([p.image for p in pages])
-            except Exception as exc:  # noqa: BLE001 - reported per page, the job goes on
-                return [_PageWork(p.source, p.index, error=f"page {p.index + 1}: layout failed: {exc}") for p in pages]
-        work = []
-        for page, regions in zip(pages, detected):
-            item = _PageWork(page.source, page.index, page.image.size, regions)
-            item.figures, requests = region_requests(page.image, regions, whole_page=self.layout is None)
-            for i, request in requests.items():
+        preprocessed here, off the engine's thread."""
+        work = lay_out(self.layout, pages)
+        for item in work:
+            for i, request in item.requests.items():
                 try:
                     item.requests[i] = self.llm.engine.prepare(request, self.params)
                 except (ValueError, TypeError, OSError) as exc:  # reported with the page, the rest goes on
                     item.requests[i] = str(exc)
-            work.append(item)
         return work
-
-    def _load_records(self, st: _DocState) -> set[int]:
-        """Page records left by an interrupted run -> their indices (not rendered again)."""
-        folder = st.folder / RECORDS
-        done = set()
-        for path in sorted(folder.glob("page-*.json")) if folder.is_dir() else []:
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-                figures = {tuple(f["key"]): Image.open(folder / f["file"]).convert("RGB") for f in record["figures"]}
-            except (OSError, ValueError, KeyError):
-                continue  # unreadable: the page is parsed again
-            st.pages[record["page"]] = record["regions"]
-            st.figures.update(figures)
-            done.add(record["page"])
-        st.result.resumed_pages = len(done)
-        return done
 
     # --------------------------------------------------------------- consumer: recognition
 
@@ -339,30 +438,8 @@ class DocumentParser:
 
     def _finish_page(self, st: _DocState, page: _PageWork, contents: list[str | None], report) -> None:
         """Record a page (its regions with their text, its figure crops) on disk and in memory."""
-        regions = []
-        figures = []
-        for i, (region, content) in enumerate(zip(page.regions, contents)):
-            if self.layout is None:  # the SDK's layout-free result: one region, no box
-                regions.append({"index": 0, "label": "text", "content": content, "bbox_2d": None})
-            else:
-                regions.append({**region.to_dict(), "content": content})
-            if i in page.figures:
-                key = (page.index, *region.bbox_2d)
-                st.figures[key] = page.figures[i]
-                figures.append((key, page.figures[i]))
-        st.pages[page.index] = regions
-        folder = st.folder / RECORDS
-        folder.mkdir(parents=True, exist_ok=True)
-        files = []
-        for n, (key, crop) in enumerate(figures):
-            name = f"page-{page.index:05d}-figure-{n}.png"
-            _atomic_write(folder / name, lambda f, crop=crop: crop.save(f, format="PNG"), binary=True)
-            files.append({"key": list(key), "file": name})
-        record = {"page": page.index, "regions": regions, "figures": files}
-        _atomic_write(folder / f"page-{page.index:05d}.json",
-                      lambda f: f.write(json.dumps(record, ensure_ascii=False)))
+        self.outputs.record_page(st, page.index, *page_record(page, contents, self.layout is not None))
         report("pages", 1)
-        self._maybe_write_document(st)
 
     def _control(self, item: tuple, states: dict[Path, _DocState], report) -> bool:
         """A producer message: ("failed", doc, why), ("rendered", doc), ("end",) -> whether it ended;
@@ -375,33 +452,15 @@ class DocumentParser:
         if item[0] == "failed":
             st.result.errors.append(item[2])
         else:
-            st.rendered_all = True
-            self._maybe_write_document(st)
+            self.outputs.rendered(st, st.pages_total)
         return False
-
-    def _maybe_write_document(self, st: _DocState) -> None:
-        """Once every page is recorded: the Markdown, JSON and figures; the records are removed."""
-        if not st.rendered_all or len(st.pages) < st.pages_total or st.result.markdown_path is not None:
-            return
-        pages = [st.pages[i] for i in range(st.pages_total)]
-        name, folder = st.result.name, st.folder
-        if self.layout is None:
-            json_pages, markdown = format_pages_without_layout([p[0]["content"] if p else None for p in pages])
-            images: dict[str, Image.Image] = {}
-        else:
-            json_pages, markdown, images = format_document(pages, st.figures)
-        # <name>_model.json: the regions as recognised, before formatting (the SDK saves it too)
-        write_document(folder, name, json_pages, markdown, images, model_json=model_output_json(pages))
-        shutil.rmtree(folder / RECORDS, ignore_errors=True)
-        st.result.num_pages = st.pages_total
-        st.result.markdown_path, st.result.json_path = folder / f"{name}.md", folder / f"{name}.json"
 
 
 def _whole_page() -> LayoutRegion:
     return LayoutRegion(index=0, label="text", task="text", score=1.0, bbox_2d=[0, 0, 1000, 1000], polygon=[])
 
 
-def _document_names(docs: list[Path]) -> dict[Path, str]:
+def document_names(docs: list) -> dict:
     """Output names: the file stem, with -2, -3, ... for later documents of the same stem."""
     names, seen = {}, {}
     for doc in docs:

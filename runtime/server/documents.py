@@ -23,7 +23,6 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from ..engine.async_engine import AsyncEngine
-from ..outputs import Request as EngineRequest
 from .media import MediaLoader
 from .protocol import APIError, ImageRef
 
@@ -31,7 +30,8 @@ from .protocol import APIError, ImageRef
 def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, check_auth: Callable,
                         read_json: Callable, layout_model: str | None) -> None:
     from ..documents.markdown import format_document
-    from ..documents.pipeline import region_requests, sdk_params
+    from ..documents.pages import Page
+    from ..documents.pipeline import lay_out, page_record, recognise_pages, sdk_params
 
     params = sdk_params()
     detector: list = []  # the layout model, once loaded
@@ -46,26 +46,17 @@ def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, c
                                                         device=engine.engine.device))
         return detector[0]
 
-    async def recognise(request: dict) -> str | None:
-        final = None
-        async for out in engine.generate(EngineRequest(**request), params):
-            final = out
-        return None if final is None or final.finish_reason == "error" else final.text.strip()
-
-    def lay_out(detect: Callable, pages: list[Image.Image]) -> list[tuple[list, dict, dict]]:
-        """Off the event loop: each page's (regions, figures, requests)."""
-        return [(regions, *region_requests(page, regions)) for page, regions in zip(pages, detect(pages))]
-
-    async def parse_unit(pages: list[Image.Image]) -> tuple[list, str]:
-        laid_out = await asyncio.to_thread(lay_out, (await layout()).detect, pages) if pages else []
-        grouped, figures, jobs = [], {}, []
-        for index, (regions, page_figures, requests) in enumerate(laid_out):
-            entries = [{**region.to_dict(), "content": None} for region in regions]
-            figures.update({(index, *regions[i].bbox_2d): crop for i, crop in page_figures.items()})
-            jobs += [(entries[i], recognise(request)) for i, request in requests.items()]
-            grouped.append(entries)
-        for (entry, _), text in zip(jobs, await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)):
-            entry["content"] = text if isinstance(text, str) else None
+    async def parse_unit(images: list[Image.Image]) -> tuple[list, str]:
+        pages = [Page(Path("unit"), i, image) for i, image in enumerate(images)]
+        laid_out = await asyncio.to_thread(lay_out, await layout(), pages) if pages else []
+        failed = [page.error for page in laid_out if page.error is not None]
+        if failed:
+            raise APIError(failed[0], status=500)
+        grouped, figures = [], {}
+        for page, (contents, _) in zip(laid_out, await recognise_pages(engine, laid_out, params)):
+            regions, page_figures = page_record(page, contents, with_layout=True)
+            grouped.append(regions)
+            figures.update(page_figures)
         json_pages, markdown, _ = format_document(grouped, figures)
         return json_pages, markdown
 
