@@ -15,3 +15,11 @@ def parse(inputs, output_dir, **options):
     from .documents.pipeline import parse as parse_documents
 
     return parse_documents(inputs, output_dir, **options)
+
+
+def __getattr__(name: str):
+    if name == "ray":  # glmrt.ray (needs glmrt[ray]) is imported on first use, not with glmrt
+        import importlib
+
+        return importlib.import_module(".ray", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

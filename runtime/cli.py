@@ -88,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     parse.add_argument("--no-layout", action="store_true", help="recognise each whole page as one text region")
     parse.add_argument("--dpi", type=int, default=200, help="PDF rendering resolution (default 200, as the SDK)")
     parse.add_argument("--max-tokens", type=int, default=8192, help="per region (default 8192, as the SDK)")
+    ray = parse.add_argument_group("Ray (needs glmrt[ray]; inputs may then be URIs pyarrow reads: s3://, gs://, ...)")
+    ray.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                     help="run as a Ray Data job: on the cluster at ADDRESS, or (no ADDRESS) the one RAY_ADDRESS "
+                          "names, else a new local one")
+    ray.add_argument("--ray-actors", type=int, help="recognition actors (default: one per GPU x --ray-actors-per-gpu)")
+    ray.add_argument("--ray-actors-per-gpu", type=int, default=1, help="engines sharing one GPU (default 1)")
+    ray.add_argument("--ray-render-tasks", type=int, help="documents rendered at once (default: as CPUs allow)")
+    ray.add_argument("--ray-pages-per-batch", type=int, default=4, help="pages per actor call (default 4)")
+    ray.add_argument("--ray-batches-per-actor", type=int, default=4,
+                     help="actor calls in flight at once, whose regions share its engine (default 4)")
     _add_engine_flags(parse)
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs glmrt[serve])",
                            description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +123,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--layout-model", default=DEFAULT_LAYOUT_MODEL,
                        help="POST /glmocr/parse's PP-DocLayoutV3 (directory or Hub id; loaded on the first "
                             "document; default: %(default)s)")
+    ray = serve.add_argument_group("Ray Serve (needs glmrt[ray])")
+    ray.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                     help="serve as a Ray Serve application, one replica per GPU, on the cluster at ADDRESS, or "
+                          "(no ADDRESS) the one RAY_ADDRESS names, else a new local one; it ends with this process")
+    ray.add_argument("--ray-min-replicas", type=int, default=1, help="replicas kept when idle (default 1)")
+    ray.add_argument("--ray-max-replicas", type=int, help="replicas at most (default: the cluster's GPUs)")
+    ray.add_argument("--ray-target-ongoing-requests", type=int,
+                     help="requests per replica (running + queued) that autoscaling holds (default: --max-num-seqs)")
     _add_engine_flags(serve)
     return parser
 
@@ -320,11 +338,45 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if args.ray is not None:
+        return _serve_on_ray(args, config, {"device": args.device, "dtype": args.dtype, "backend": args.backend, **options})
     engine = AsyncEngine(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **options)
     print(f"glmrt: serving {args.model} as {', '.join(names)} on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(build_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, config, engine_kwargs: dict) -> int:
+    """The app as a Ray Serve application; it is shut down when this process ends (Ctrl-C, SIGTERM)."""
+    try:
+        import ray
+        from ray import serve
+
+        from .ray.serving import application
+    except ImportError as exc:
+        raise UsageError(f"glmrt serve --ray needs the ray extra: pip install 'glmrt[ray]' ({exc})") from exc
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds through the finally below
+    ray.init(address=None if args.ray == "auto" else args.ray, log_to_driver=args.log_level == "debug")
+    try:
+        try:
+            app = application(args.model, config, engine_kwargs=engine_kwargs, min_replicas=args.ray_min_replicas,
+                              max_replicas=args.ray_max_replicas,
+                              target_ongoing_requests=args.ray_target_ongoing_requests)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="glmrt", route_prefix="/")
+        print(f"glmrt: serving {args.model} as {', '.join(config.served_model_names)} on Ray Serve, "
+              f"http://{args.host}:{args.port}", file=sys.stderr)
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def _parse(args: argparse.Namespace) -> int:
@@ -339,11 +391,14 @@ def _parse(args: argparse.Namespace) -> int:
     _check_flags({}, options)
     if not args.no_layout:
         _check_layout_model(args.layout_model)
+    common = dict(model=args.model, layout_model=None if args.no_layout else args.layout_model, device=args.device,
+                  dtype=args.dtype, backend=args.backend, dpi=args.dpi, max_tokens=args.max_tokens, **options)
     try:
-        results = parse(args.inputs, args.output, model=args.model, layout_model=None if args.no_layout else args.layout_model,
-                        device=args.device, dtype=args.dtype, backend=args.backend, dpi=args.dpi,
-                        max_tokens=args.max_tokens, progress=sys.stderr.isatty(), **options)
-    except ValueError as exc:  # an input that does not exist or is not a PDF or image
+        if args.ray is None:
+            results = parse(args.inputs, args.output, progress=sys.stderr.isatty(), **common)
+        else:
+            results = _parse_on_ray(args, common)
+    except ValueError as exc:  # an input that does not exist or is not a PDF or image; a bad --ray-* value
         raise UsageError(str(exc)) from exc
     failed = False
     for r in results:
@@ -354,6 +409,17 @@ def _parse(args: argparse.Namespace) -> int:
         resumed = f" ({r.resumed_pages} from an earlier run)" if r.resumed_pages else ""
         print(f"{r.source}: {r.num_pages} page{'' if r.num_pages == 1 else 's'}{resumed} -> {where}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _parse_on_ray(args: argparse.Namespace, common: dict) -> list:
+    try:
+        from .ray.jobs import parse as parse_on_ray
+    except ImportError as exc:
+        raise UsageError(f"glmrt parse --ray needs the ray extra: pip install 'glmrt[ray]' ({exc})") from exc
+    return parse_on_ray(args.inputs, args.output, address=None if args.ray == "auto" else args.ray,
+                        actors=args.ray_actors, actors_per_gpu=args.ray_actors_per_gpu,
+                        render_tasks=args.ray_render_tasks, pages_per_batch=args.ray_pages_per_batch,
+                        batches_per_actor=args.ray_batches_per_actor, **common)
 
 
 def _print_result(printer: _Printer, image: str, out: RequestOutput, args: argparse.Namespace) -> None:

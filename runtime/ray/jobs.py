@@ -1,0 +1,274 @@
+"""`glmrt parse --ray`: the document job as a Ray Data pipeline, for many GPUs and hosts.
+
+    documents --(CPU tasks: render)--> pages --(GPU actors: layout + recognition)--> page records
+              --(the driver)--> <out>/<name>/<name>.md, .json, _model.json, imgs/
+
+One row per document goes in (one block each, so a document that kills its render task twice
+loses that document only). A render task streams the document's pages out as raw RGB rows, then
+one marker row with the page count (or why the document could not be opened). Each actor holds
+one LLM engine (an AsyncEngine on a thread of its own) and the layout model; Ray Data hands it
+several batches of pages at once, and the regions of all of them share the engine's steps.
+What comes back per page is its record (regions with their text, figure crops as PNG): the
+driver alone writes outputs, through the same DocumentOutputs as the single-process `glmrt parse`,
+so the files are the same bytes and each document is written once, renamed into place.
+
+Fault tolerance is Ray's: a render task that dies is retried; a recognition actor that dies is
+restarted (Ray Data's default for actors) and its batches are redone, at most
+`ACTOR_TASK_RETRIES` times; a page seen twice is recorded once. Blocks that still fail are
+dropped (DataContext.max_errored_blocks = -1) and their documents reported as not written: one
+bad document never fails the job. A re-run skips written documents and recorded pages.
+
+Inputs are local paths (files or directories, as `glmrt parse` takes them) or URIs that pyarrow's
+filesystems read (s3://, gs://, hdfs://, file://...); outputs go to a directory of the driver's
+filesystem (a shared mount when the cluster has many hosts).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from PIL import Image
+
+from ..documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT
+from ..documents.pages import SUPPORTED, DocumentError, Page, count_pages, find_documents, iter_pages
+from ..documents.pipeline import (SDK_MAX_TOKENS, DocumentOutputs, DocumentResult, document_names, lay_out,
+                                  page_record, recognise_pages, sdk_params)
+
+ACTOR_TASK_RETRIES = 3  # a batch whose actor died this often is dropped (its documents are reported)
+MARKER = -1  # the page index of a document's last row: its page count, or why it failed
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+def is_uri(source: str | Path) -> bool:
+    return isinstance(source, str) and "://" in source
+
+
+def find_inputs(inputs: list[str | Path]) -> list[Path | str]:
+    """Local files and directories as `glmrt parse` expands them; URIs listed through pyarrow.fs
+    (a directory: its supported files, recursively, sorted). Raises ValueError naming the input."""
+    found: list[Path | str] = []
+    for given in inputs:
+        if not is_uri(given):
+            found += [d for d in find_documents([given]) if d not in found]
+            continue
+        from pyarrow import fs as pafs
+
+        try:
+            filesystem, path = pafs.FileSystem.from_uri(given)
+            info = filesystem.get_file_info(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a bad URI
+            raise ValueError(f"{given}: cannot be read ({exc})") from exc
+        scheme = given.split("://", 1)[0]
+        if info.type == pafs.FileType.Directory:
+            entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+            files = sorted(e.path for e in entries if e.type == pafs.FileType.File and _supported(e.path, path))
+            if not files:
+                raise ValueError(f"{given}: no PDF or image files in this directory")
+        elif info.type == pafs.FileType.File:
+            if PurePosixPath(path).suffix.lower() not in SUPPORTED:
+                raise ValueError(f"{given}: unsupported file type (expected one of {', '.join(SUPPORTED)})")
+            files = [path]
+        else:
+            raise ValueError(f"{given}: no such file or directory")
+        found += [u for u in (f"{scheme}://{f}" for f in files) if u not in found]
+    return found
+
+
+def _supported(path: str, root: str) -> bool:
+    """A supported file, with no hidden part below the listed directory."""
+    parts = PurePosixPath(path).relative_to(root).parts
+    return PurePosixPath(path).suffix.lower() in SUPPORTED and not any(p.startswith(".") for p in parts)
+
+
+@contextmanager
+def _local(source: str) -> Iterator[Path]:
+    """A local path holding the document: itself, or a temporary copy of a URI's bytes."""
+    if not is_uri(source):
+        yield Path(source)
+        return
+    from pyarrow import fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(source)
+    with tempfile.TemporaryDirectory(prefix="glmrt-ray-") as tmp:
+        local = Path(tmp) / f"document{PurePosixPath(path).suffix.lower()}"
+        with filesystem.open_input_stream(path) as src, open(local, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        yield local
+
+
+# ------------------------------------------------------------------------ stage 1: render (CPU)
+
+def render_document(row: dict, dpi: int = 200, max_side: int = 3500) -> Iterator[dict]:
+    """One document row {"key", "source", "skip" (JSON list of recorded pages)} -> a row per page
+    to do {"key", "page", "width", "height", "pixels" (RGB bytes), "error"}, then the marker row
+    {"page": MARKER, "pages_total", "error"}."""
+    key, source, skip = int(row["key"]), str(row["source"]), set(json.loads(row["skip"]))
+    blank = {"key": key, "width": 0, "height": 0, "pixels": b"", "pages_total": 0, "error": ""}
+    try:
+        with _local(source) as path:
+            try:
+                total = count_pages(path)
+                for page in iter_pages(path, dpi=dpi, max_side=max_side, skip=skip):
+                    if page.image is None:
+                        yield {**blank, "page": page.index, "error": f"page {page.index + 1}: {page.error}"}
+                    else:
+                        w, h = page.image.size
+                        yield {**blank, "page": page.index, "width": w, "height": h, "pixels": page.image.tobytes()}
+            except DocumentError as exc:  # named by its source, not by a temporary copy
+                yield {**blank, "page": MARKER, "error": str(exc).replace(str(path), source)}
+                return
+    except OSError as exc:  # a URI that cannot be read
+        yield {**blank, "page": MARKER, "error": f"{source}: cannot be read ({exc})"}
+        return
+    yield {**blank, "page": MARKER, "pages_total": total}
+
+
+# ------------------------------------------------------------ stage 2: layout + recognition (GPU)
+
+class PageRecognizer:
+    """A Ray Data actor: one GLM-OCR engine and one layout model; batches of page rows -> rows
+    {"key", "page", "pages_total", "error", "record"} (record: the page's regions and figures as
+    JSON, figures as base64 PNG). Called from several threads at once (Ray Data's concurrent calls
+    per actor): layout takes turns, recognition of every call shares the one engine."""
+
+    def __init__(self, model: str, layout_model: str | None, max_tokens: int, engine_kwargs: dict):
+        from ..documents.layout import LayoutDetector
+        from ..engine.async_engine import AsyncEngine
+
+        self.engine = AsyncEngine(model, **engine_kwargs)
+        self.layout = None if layout_model is None else LayoutDetector.from_pretrained(
+            layout_model, device=self.engine.engine.device)
+        self.params = sdk_params(max_tokens)
+        self._layout_turn = threading.Lock()
+        self._loop = asyncio.new_event_loop()  # the engine's: one loop for every call's requests
+        threading.Thread(target=self._loop.run_forever, daemon=True, name="glmrt-ray-engine").start()
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [{name: batch[name][i] for name in batch} for i in range(len(batch["key"]))]
+        pages = [Page(Path(str(int(r["key"]))), int(r["page"]),
+                      Image.frombytes("RGB", (int(r["width"]), int(r["height"])), bytes(r["pixels"])))
+                 for r in rows if int(r["page"]) != MARKER and not r["error"]]
+        with self._layout_turn:
+            work = lay_out(self.layout, pages)
+        laid_out = [w for w in work if w.error is None]
+        recognised = asyncio.run_coroutine_threadsafe(recognise_pages(self.engine, laid_out, self.params),
+                                                      self._loop).result()
+        by_page = {(w.doc, w.index): (w, None) for w in work}
+        by_page.update({(w.doc, w.index): (w, result) for w, result in zip(laid_out, recognised)})
+        out = {"key": [], "page": [], "pages_total": [], "error": [], "record": []}
+        for r in rows:
+            key, index = int(r["key"]), int(r["page"])
+            error, record = str(r["error"]), ""
+            if index != MARKER and not error:
+                page, result = by_page[Path(str(key)), index]
+                if result is None:
+                    error = page.error
+                else:
+                    contents, region_errors = result
+                    regions, figures = page_record(page, contents, self.layout is not None)
+                    record = json.dumps({"regions": regions, "errors": region_errors,
+                                         "figures": [{"key": list(k), "png": _png(crop)} for k, crop in figures]},
+                                        ensure_ascii=False)
+            for name, value in (("key", key), ("page", index), ("pages_total", int(r["pages_total"])),
+                                ("error", error), ("record", record)):
+                out[name].append(value)
+        return out
+
+
+def _png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------- the job
+
+def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, address: str | None = None,
+          model: str = "zai-org/GLM-OCR", layout_model: str | Path | None = DEFAULT_LAYOUT,
+          device: str | None = None, dtype: str | None = None, backend: str = "auto", dpi: int = 200,
+          max_tokens: int = SDK_MAX_TOKENS, actors: int | None = None, actors_per_gpu: int = 1,
+          render_tasks: int | None = None, pages_per_batch: int = 4, batches_per_actor: int = 4,
+          progress: bool = True, **engine_options) -> list[DocumentResult]:
+    """`glmrt.parse` on a Ray cluster: the same outputs, written by this process (the driver).
+
+    address: the cluster (None: the one this process is connected to, else RAY_ADDRESS or a new
+    local one). actors: recognition actors (default: one per GPU per `actors_per_gpu`, or 1 on a
+    cluster without GPUs); each takes 1/actors_per_gpu of a GPU. render_tasks: at most this many
+    documents rendered at once (default: as many as the cluster's CPUs allow). pages_per_batch:
+    pages per actor call (the layout batch); batches_per_actor: calls in flight per actor, whose
+    regions share its engine. Engine options are glmrt.LLM's; -> one result per document."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    for name, value in (("actors_per_gpu", actors_per_gpu), ("pages_per_batch", pages_per_batch),
+                        ("batches_per_actor", batches_per_actor), ("actors", actors), ("render_tasks", render_tasks)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    docs = find_inputs(inputs)  # a missing or unsupported input fails now, before anything starts
+    outputs = DocumentOutputs(output_dir, with_layout=layout_model is not None)
+    states = [outputs.open(doc, name) for doc, name in document_names(docs).items()]
+    todo = {key: st for key, st in enumerate(states) if st.result.markdown_path is None}
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus and "gpu_memory_utilization" not in engine_options and actors_per_gpu > 1:
+            engine_options["gpu_memory_utilization"] = 0.9 / actors_per_gpu  # engines sharing a GPU split it
+        engine_kwargs = {"device": device, "dtype": dtype, "backend": backend, **engine_options}
+        context = DataContext.get_current()
+        context.max_errored_blocks = -1  # a block that keeps failing drops its documents, not the job
+        context.enable_progress_bars = progress
+        items = [{"key": key, "source": str(st.result.source), "skip": json.dumps(sorted(outputs.load_records(st)))}
+                 for key, st in todo.items()]
+        pages = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+            render_document, fn_kwargs={"dpi": dpi}, num_cpus=1, concurrency=render_tasks)
+        records = pages.map_batches(
+            PageRecognizer, batch_size=pages_per_batch, batch_format="numpy",
+            fn_constructor_kwargs={"model": model, "layout_model": None if layout_model is None else str(layout_model),
+                                   "max_tokens": max_tokens, "engine_kwargs": engine_kwargs},
+            compute=ActorPoolStrategy(size=actors or max(1, gpus * actors_per_gpu),
+                                      max_concurrent_calls_per_actor=batches_per_actor, enable_true_multi_threading=True),
+            num_gpus=1 / actors_per_gpu if gpus else 0, max_task_retries=ACTOR_TASK_RETRIES)
+        for row in records.iter_rows():
+            _take(row, todo[int(row["key"])], outputs)
+    for st in todo.values():
+        if st.result.markdown_path is None and not st.result.errors:
+            missing = st.pages_total - len(st.pages) if st.rendered_all else None
+            st.result.errors.append(f"{missing} page(s) lost: a Ray task failed on them (see Ray's logs)" if missing
+                                    else "not processed: a Ray task failed on this document (see Ray's logs)")
+    return [st.result for st in states]
+
+
+def _take(row: dict, st, outputs: DocumentOutputs) -> None:
+    """One row back from the actors, on the driver: a page record (kept once), a page's failure or
+    the document's marker."""
+    index, error = int(row["page"]), str(row["error"])
+    if index == MARKER:
+        if error:
+            st.result.errors.append(error)
+        else:
+            outputs.rendered(st, int(row["pages_total"]))
+        return
+    if index in st.pages:  # a redone batch: recorded already
+        return
+    if error:
+        st.result.errors.append(error)
+        regions, figures = [], []
+    else:
+        record = json.loads(row["record"])
+        st.result.errors.extend(record["errors"])
+        regions = record["regions"]
+        figures = [(tuple(f["key"]), Image.open(io.BytesIO(base64.b64decode(f["png"]))).convert("RGB"))
+                   for f in record["figures"]]
+    outputs.record_page(st, index, regions, figures)
+
