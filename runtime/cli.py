@@ -95,9 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray-actors", type=int, help="recognition actors (default: one per GPU x --ray-actors-per-gpu)")
     ray.add_argument("--ray-actors-per-gpu", type=int, default=1, help="engines sharing one GPU (default 1)")
     ray.add_argument("--ray-render-tasks", type=int, help="documents rendered at once (default: as CPUs allow)")
-    ray.add_argument("--ray-pages-per-batch", type=int, default=4, help="pages per actor call (default 4)")
     ray.add_argument("--ray-batches-per-actor", type=int, default=4,
-                     help="actor calls in flight at once, whose regions share its engine (default 4)")
+                     help="layout batches (up to 4 pages) in flight per actor, whose regions share its engine "
+                          "(default 4)")
     _add_engine_flags(parse)
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs glmrt[serve])",
                            description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -418,7 +418,7 @@ def _parse_on_ray(args: argparse.Namespace, common: dict) -> list:
         raise UsageError(f"glmrt parse --ray needs the ray extra: pip install 'glmrt[ray]' ({exc})") from exc
     return parse_on_ray(args.inputs, args.output, address=None if args.ray == "auto" else args.ray,
                         actors=args.ray_actors, actors_per_gpu=args.ray_actors_per_gpu,
-                        render_tasks=args.ray_render_tasks, pages_per_batch=args.ray_pages_per_batch,
+                        render_tasks=args.ray_render_tasks,
                         batches_per_actor=args.ray_batches_per_actor, **common)
 
 

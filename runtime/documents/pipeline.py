@@ -25,8 +25,8 @@ import queue
 import shutil
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
 
 from PIL import Image
 
@@ -49,6 +49,7 @@ SDK_REPETITION_PENALTY = 1.1
 SDK_CROP_MIN_PIXELS = 112 * 112
 SDK_CROP_MAX_PIXELS = 14 * 14 * 4 * 1280 * 71
 _FACTOR = 28
+LAYOUT_BATCH = 4  # pages per layout call
 
 
 def sdk_params(max_tokens: int = SDK_MAX_TOKENS) -> SamplingParams:
@@ -120,6 +121,24 @@ class _DocState:
     pages: dict[int, list[dict]] = field(default_factory=dict)  # page index -> region dicts with content
     figures: dict[tuple, Image.Image] = field(default_factory=dict)  # (page, *bbox_2d) -> crop
     rendered_all: bool = False
+
+
+def layout_batches(doc: Path, size: int = LAYOUT_BATCH, **render) -> Iterator[list[Page] | Page]:
+    """The pages of a document as the layout model takes them: lists of up to `size` rendered
+    pages, in order; a page that could not be rendered comes alone, as its Page (image None).
+    Layout results depend (in their last bits) on which pages share a forward pass, so every
+    path that parses documents batches them here. `render`: iter_pages' options."""
+    batch: list[Page] = []
+    for page in iter_pages(doc, **render):
+        if page.image is None:
+            yield page
+            continue
+        batch.append(page)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def lay_out(layout: LayoutDetector | None, pages: list[Page]) -> list[_PageWork]:
@@ -260,7 +279,7 @@ class DocumentParser:
     """Parses documents with one LLM (GLM-OCR) and, unless `layout` is None, a layout detector."""
 
     def __init__(self, llm: LLM, layout: LayoutDetector | None, *, dpi: int = 200, max_side: int = 3500,
-                 max_tokens: int = SDK_MAX_TOKENS, layout_batch_size: int = 4, max_pages_in_flight: int = 8):
+                 max_tokens: int = SDK_MAX_TOKENS, layout_batch_size: int = LAYOUT_BATCH, max_pages_in_flight: int = 8):
         self.llm = llm
         self.layout = layout
         self.dpi, self.max_side = dpi, max_side
@@ -325,21 +344,16 @@ class DocumentParser:
             try:
                 st.pages_total = count_pages(doc)
                 done = self.outputs.load_records(st)
-                batch: list[Page] = []
-                for page in iter_pages(doc, dpi=self.dpi, max_side=self.max_side, skip=done):
+                for batch in layout_batches(doc, self.layout_batch_size, dpi=self.dpi, max_side=self.max_side,
+                                            skip=done):
                     if stop.is_set():
                         return
-                    if page.image is None:
-                        if not put(_PageWork(doc, page.index, error=f"page {page.index + 1}: {page.error}")):
-                            return
-                        continue
-                    batch.append(page)
-                    if len(batch) >= self.layout_batch_size:
-                        if not all(put(w) for w in self._layout_pages(batch)):
-                            return
-                        batch = []
-                if batch and not all(put(w) for w in self._layout_pages(batch)):
-                    return
+                    if isinstance(batch, Page):  # not rendered
+                        work = [_PageWork(doc, batch.index, error=f"page {batch.index + 1}: {batch.error}")]
+                    else:
+                        work = self._layout_pages(batch)
+                    if not all(put(w) for w in work):
+                        return
             except DocumentError as exc:
                 if not put(("failed", doc, str(exc))):
                     return
@@ -461,10 +475,11 @@ def _whole_page() -> LayoutRegion:
 
 
 def document_names(docs: list) -> dict:
-    """Output names: the file stem, with -2, -3, ... for later documents of the same stem."""
+    """Output names: the file stem, with -2, -3, ... for later documents of the same stem (docs:
+    paths, or URIs whose last part is the file name)."""
     names, seen = {}, {}
     for doc in docs:
-        stem = doc.stem
+        stem = PurePosixPath(doc).stem if isinstance(doc, str) else doc.stem
         seen[stem] = seen.get(stem, 0) + 1
         names[doc] = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
     return names

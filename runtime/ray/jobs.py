@@ -4,8 +4,9 @@
               --(the driver)--> <out>/<name>/<name>.md, .json, _model.json, imgs/
 
 One row per document goes in (one block each, so a document that kills its render task twice
-loses that document only). A render task streams the document's pages out as raw RGB rows, then
-one marker row with the page count (or why the document could not be opened). Each actor holds
+loses that document only). A render task streams the document's pages out as raw RGB rows, a
+layout batch per row (as `glmrt parse` batches them: layout results depend on the batch in their
+last bits), then one marker row with the page count (or why the document could not be opened). Each actor holds
 one LLM engine (an AsyncEngine on a thread of its own) and the layout model; Ray Data hands it
 several batches of pages at once, and the regions of all of them share the engine's steps.
 What comes back per page is its record (regions with their text, figure crops as PNG): the
@@ -30,6 +31,7 @@ import io
 import json
 import tempfile
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -37,12 +39,12 @@ from typing import Iterator
 from PIL import Image
 
 from ..documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT
-from ..documents.pages import SUPPORTED, DocumentError, Page, count_pages, find_documents, iter_pages
-from ..documents.pipeline import (SDK_MAX_TOKENS, DocumentOutputs, DocumentResult, document_names, lay_out,
-                                  page_record, recognise_pages, sdk_params)
+from ..documents.pages import SUPPORTED, DocumentError, Page, count_pages, find_documents
+from ..documents.pipeline import (LAYOUT_BATCH, SDK_MAX_TOKENS, DocumentOutputs, DocumentResult, document_names,
+                                  lay_out, layout_batches, page_record, recognise_pages, sdk_params)
 
 ACTOR_TASK_RETRIES = 3  # a batch whose actor died this often is dropped (its documents are reported)
-MARKER = -1  # the page index of a document's last row: its page count, or why it failed
+MARKER = -1  # pages_total of a row that is not a document's last (and the page of that last row)
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -107,38 +109,41 @@ def _local(source: str) -> Iterator[Path]:
 
 # ------------------------------------------------------------------------ stage 1: render (CPU)
 
-def render_document(row: dict, dpi: int = 200, max_side: int = 3500) -> Iterator[dict]:
-    """One document row {"key", "source", "skip" (JSON list of recorded pages)} -> a row per page
-    to do {"key", "page", "width", "height", "pixels" (RGB bytes), "error"}, then the marker row
-    {"page": MARKER, "pages_total", "error"}."""
+def render_document(row: dict, dpi: int = 200, max_side: int = 3500, layout_batch: int = LAYOUT_BATCH) -> Iterator[dict]:
+    """One document row {"key", "source", "skip" (JSON list of recorded pages)} -> a row per layout
+    batch, as glmrt parse forms them: {"key", "pages": JSON [[index, width, height], ...],
+    "pixels": their RGB bytes one after the other}, or a page that could not be rendered (no
+    pixels, "error" set); then the marker row {"pages": "[]", "pages_total", "error"}."""
     key, source, skip = int(row["key"]), str(row["source"]), set(json.loads(row["skip"]))
-    blank = {"key": key, "width": 0, "height": 0, "pixels": b"", "pages_total": 0, "error": ""}
+    blank = {"key": key, "pages": "[]", "pixels": b"", "pages_total": MARKER, "error": ""}
     try:
         with _local(source) as path:
             try:
                 total = count_pages(path)
-                for page in iter_pages(path, dpi=dpi, max_side=max_side, skip=skip):
-                    if page.image is None:
-                        yield {**blank, "page": page.index, "error": f"page {page.index + 1}: {page.error}"}
+                for batch in layout_batches(path, layout_batch, dpi=dpi, max_side=max_side, skip=skip):
+                    if isinstance(batch, Page):
+                        yield {**blank, "pages": json.dumps([[batch.index, 0, 0]]),
+                               "error": f"page {batch.index + 1}: {batch.error}"}
                     else:
-                        w, h = page.image.size
-                        yield {**blank, "page": page.index, "width": w, "height": h, "pixels": page.image.tobytes()}
+                        yield {**blank, "pages": json.dumps([[p.index, *p.image.size] for p in batch]),
+                               "pixels": b"".join(p.image.tobytes() for p in batch)}
             except DocumentError as exc:  # named by its source, not by a temporary copy
-                yield {**blank, "page": MARKER, "error": str(exc).replace(str(path), source)}
+                yield {**blank, "pages_total": 0, "error": str(exc).replace(str(path), source)}
                 return
     except OSError as exc:  # a URI that cannot be read
-        yield {**blank, "page": MARKER, "error": f"{source}: cannot be read ({exc})"}
+        yield {**blank, "pages_total": 0, "error": f"{source}: cannot be read ({exc})"}
         return
-    yield {**blank, "page": MARKER, "pages_total": total}
+    yield {**blank, "pages_total": total}
 
 
 # ------------------------------------------------------------ stage 2: layout + recognition (GPU)
 
 class PageRecognizer:
-    """A Ray Data actor: one GLM-OCR engine and one layout model; batches of page rows -> rows
-    {"key", "page", "pages_total", "error", "record"} (record: the page's regions and figures as
-    JSON, figures as base64 PNG). Called from several threads at once (Ray Data's concurrent calls
-    per actor): layout takes turns, recognition of every call shares the one engine."""
+    """A Ray Data actor: one GLM-OCR engine and one layout model; a batch of render rows -> a row
+    per page {"key", "page", "pages_total", "error", "record"} (record: the page's regions and
+    figures as JSON, figures as base64 PNG), or the marker passed on (page MARKER). Called from
+    several threads at once (Ray Data's concurrent calls per actor): layout takes turns,
+    recognition of every call shares the one engine."""
 
     def __init__(self, model: str, layout_model: str | None, max_tokens: int, engine_kwargs: dict):
         from ..documents.layout import LayoutDetector
@@ -153,34 +158,39 @@ class PageRecognizer:
         threading.Thread(target=self._loop.run_forever, daemon=True, name="glmrt-ray-engine").start()
 
     def __call__(self, batch: dict) -> dict:
-        rows = [{name: batch[name][i] for name in batch} for i in range(len(batch["key"]))]
-        pages = [Page(Path(str(int(r["key"]))), int(r["page"]),
-                      Image.frombytes("RGB", (int(r["width"]), int(r["height"])), bytes(r["pixels"])))
-                 for r in rows if int(r["page"]) != MARKER and not r["error"]]
-        with self._layout_turn:
-            work = lay_out(self.layout, pages)
+        out = {"key": [], "page": [], "pages_total": [], "error": [], "record": []}
+
+        def emit(key: int, page: int, pages_total: int = MARKER, error: str = "", record: str = "") -> None:
+            for name, value in zip(out, (key, page, pages_total, error, record)):
+                out[name].append(value)
+
+        work = []
+        for i in range(len(batch["key"])):
+            key, pages, error = int(batch["key"][i]), json.loads(str(batch["pages"][i])), str(batch["error"][i])
+            if int(batch["pages_total"][i]) != MARKER:
+                emit(key, MARKER, int(batch["pages_total"][i]), error)
+            elif error:
+                emit(key, pages[0][0], error=error)
+            else:
+                images, pixels, offset = [], memoryview(batch["pixels"][i]), 0
+                for index, w, h in pages:
+                    images.append(Page(Path(str(key)), index, Image.frombytes("RGB", (w, h), pixels[offset:offset + 3 * w * h])))
+                    offset += 3 * w * h
+                with self._layout_turn:
+                    work += lay_out(self.layout, images)
         laid_out = [w for w in work if w.error is None]
         recognised = asyncio.run_coroutine_threadsafe(recognise_pages(self.engine, laid_out, self.params),
                                                       self._loop).result()
-        by_page = {(w.doc, w.index): (w, None) for w in work}
-        by_page.update({(w.doc, w.index): (w, result) for w, result in zip(laid_out, recognised)})
-        out = {"key": [], "page": [], "pages_total": [], "error": [], "record": []}
-        for r in rows:
-            key, index = int(r["key"]), int(r["page"])
-            error, record = str(r["error"]), ""
-            if index != MARKER and not error:
-                page, result = by_page[Path(str(key)), index]
-                if result is None:
-                    error = page.error
-                else:
-                    contents, region_errors = result
-                    regions, figures = page_record(page, contents, self.layout is not None)
-                    record = json.dumps({"regions": regions, "errors": region_errors,
-                                         "figures": [{"key": list(k), "png": _png(crop)} for k, crop in figures]},
-                                        ensure_ascii=False)
-            for name, value in (("key", key), ("page", index), ("pages_total", int(r["pages_total"])),
-                                ("error", error), ("record", record)):
-                out[name].append(value)
+        results = dict(zip(map(id, laid_out), recognised))
+        for page in work:
+            if page.error is not None:
+                emit(int(page.doc.name), page.index, error=page.error)
+                continue
+            contents, region_errors = results[id(page)]
+            regions, figures = page_record(page, contents, self.layout is not None)
+            emit(int(page.doc.name), page.index, record=json.dumps(
+                {"regions": regions, "errors": region_errors,
+                 "figures": [{"key": list(k), "png": _png(crop)} for k, crop in figures]}, ensure_ascii=False))
         return out
 
 
@@ -196,22 +206,24 @@ def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, addr
           model: str = "zai-org/GLM-OCR", layout_model: str | Path | None = DEFAULT_LAYOUT,
           device: str | None = None, dtype: str | None = None, backend: str = "auto", dpi: int = 200,
           max_tokens: int = SDK_MAX_TOKENS, actors: int | None = None, actors_per_gpu: int = 1,
-          render_tasks: int | None = None, pages_per_batch: int = 4, batches_per_actor: int = 4,
+          render_tasks: int | None = None, batches_per_actor: int = 4,
           progress: bool = True, **engine_options) -> list[DocumentResult]:
     """`glmrt.parse` on a Ray cluster: the same outputs, written by this process (the driver).
 
     address: the cluster (None: the one this process is connected to, else RAY_ADDRESS or a new
     local one). actors: recognition actors (default: one per GPU per `actors_per_gpu`, or 1 on a
     cluster without GPUs); each takes 1/actors_per_gpu of a GPU. render_tasks: at most this many
-    documents rendered at once (default: as many as the cluster's CPUs allow). pages_per_batch:
-    pages per actor call (the layout batch); batches_per_actor: calls in flight per actor, whose
-    regions share its engine. Engine options are glmrt.LLM's; -> one result per document."""
+    documents rendered at once (default: as many as the cluster's CPUs allow). batches_per_actor:
+    actor calls in flight at once, each one layout batch (up to 4 pages of a document, as glmrt
+    parse batches them), whose regions share the actor's engine. Engine options are glmrt.LLM's.
+    -> one result per document, in input order."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     inputs = inputs if isinstance(inputs, list) else [inputs]
-    for name, value in (("actors_per_gpu", actors_per_gpu), ("pages_per_batch", pages_per_batch),
-                        ("batches_per_actor", batches_per_actor), ("actors", actors), ("render_tasks", render_tasks)):
+    sizes = {"actors": actors, "actors_per_gpu": actors_per_gpu, "render_tasks": render_tasks,
+             "batches_per_actor": batches_per_actor}
+    for name, value in sizes.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     docs = find_inputs(inputs)  # a missing or unsupported input fails now, before anything starts
@@ -232,13 +244,16 @@ def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, addr
                  for key, st in todo.items()]
         pages = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
             render_document, fn_kwargs={"dpi": dpi}, num_cpus=1, concurrency=render_tasks)
-        records = pages.map_batches(
-            PageRecognizer, batch_size=pages_per_batch, batch_format="numpy",
-            fn_constructor_kwargs={"model": model, "layout_model": None if layout_model is None else str(layout_model),
-                                   "max_tokens": max_tokens, "engine_kwargs": engine_kwargs},
-            compute=ActorPoolStrategy(size=actors or max(1, gpus * actors_per_gpu),
-                                      max_concurrent_calls_per_actor=batches_per_actor, enable_true_multi_threading=True),
-            num_gpus=1 / actors_per_gpu if gpus else 0, max_task_retries=ACTOR_TASK_RETRIES)
+        with warnings.catch_warnings():  # max_task_retries has no named parameter of its own yet
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            records = pages.map_batches(
+                PageRecognizer, batch_size=1, batch_format="numpy",
+                fn_constructor_kwargs={"model": model, "max_tokens": max_tokens, "engine_kwargs": engine_kwargs,
+                                       "layout_model": None if layout_model is None else str(layout_model)},
+                compute=ActorPoolStrategy(size=actors or max(1, gpus * actors_per_gpu),
+                                          max_concurrent_calls_per_actor=batches_per_actor,
+                                          enable_true_multi_threading=True),
+                num_gpus=1 / actors_per_gpu if gpus else 0, max_task_retries=ACTOR_TASK_RETRIES)
         for row in records.iter_rows():
             _take(row, todo[int(row["key"])], outputs)
     for st in todo.values():
@@ -254,9 +269,9 @@ def _take(row: dict, st, outputs: DocumentOutputs) -> None:
     the document's marker."""
     index, error = int(row["page"]), str(row["error"])
     if index == MARKER:
-        if error:
+        if error and error not in st.result.errors:  # (a redone batch brings it again)
             st.result.errors.append(error)
-        else:
+        elif not st.rendered_all:
             outputs.rendered(st, int(row["pages_total"]))
         return
     if index in st.pages:  # a redone batch: recorded already
