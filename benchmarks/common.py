@@ -180,9 +180,17 @@ def _documents_numbers(data: dict) -> list[str]:
     return lines + [f"- {r['comparison']}: {r['pages_per_s']:.2f}x pages/s" for r in data["ratios"]]
 
 
+def _capacity_numbers(data: dict) -> list[str]:
+    return [f"- render {data['render_text_pages_per_s']:.3g} / {data['render_scanned_pages_per_s']:.3g} pages/s per core "
+            f"(text / scanned PDFs), layout {data['layout_pages_per_s']:.3g} pages/s, recognition "
+            f"{data['recognition_pages_per_s']:.3g} pages/s ({data['recognition_source']}): one GPU "
+            f"{data['gpu_pages_per_s']:.3g} pages/s"]
+
+
 SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers,
                "host_overhead": _host_overhead_numbers, "serve": _serve_numbers, "structured": _structured_numbers,
-               "spec_decode": _spec_decode_numbers, "documents": _documents_numbers}
+               "spec_decode": _spec_decode_numbers, "documents": _documents_numbers,
+               "capacity": _capacity_numbers}
 
 
 def key_numbers(folder: Path) -> list[str]:

@@ -347,6 +347,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_ray_flags(args: argparse.Namespace, parser_defaults: dict) -> None:
+    """--ray-* flags mean nothing without --ray: refuse them rather than ignore them."""
+    if args.ray is None:
+        given = [f"--{name.replace('_', '-')}" for name, default in parser_defaults.items()
+                 if name.startswith("ray_") and getattr(args, name) != default]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --ray")
+
+
 def _serve_on_ray(args: argparse.Namespace, config, engine_kwargs: dict) -> int:
     """The app as a Ray Serve application; it is shut down when this process ends (Ctrl-C, SIGTERM)."""
     try:
@@ -439,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
+        if args.command != "ocr":
+            bare = ["serve"] if args.command == "serve" else ["parse", "-", "-o", "-"]
+            _check_ray_flags(args, vars(_parser().parse_args(bare)))
         return {"serve": _serve, "parse": _parse, "ocr": _ocr}[args.command](args)
     except KeyboardInterrupt:
         print("glmrt: interrupted", file=sys.stderr)

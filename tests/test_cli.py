@@ -226,3 +226,12 @@ def test_ctrl_c_exits_130_without_traceback(tiny_checkpoint, image_files):
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "glmrt: interrupted"
     assert len(out.splitlines()) < 2  # the images still running or queued were abandoned
+
+
+@pytest.mark.parametrize("argv, flags", [
+    (["parse", "doc.pdf", "-o", "out", "--ray-actors", "2"], "--ray-actors needs --ray"),
+    (["serve", "--ray-max-replicas", "3", "--ray-min-replicas", "0"], "--ray-min-replicas, --ray-max-replicas need --ray"),
+])
+def test_ray_flags_without_ray_are_refused(argv, flags, capsys):
+    assert main(argv) == 2
+    assert flags in capsys.readouterr().err
