@@ -223,3 +223,22 @@ def test_serve_on_ray_answers_as_glmrt_serve(cluster, tiny_checkpoint, tiny_layo
     assert [status for status, _ in answers["ray"]] == [200, 200, 200, 200, 400, 404, 200, 200]
     assert answers["ray"] == answers["plain"]
 
+
+
+def test_serve_deployment_is_sized_by_the_cluster():
+    from glmrt.ray.serving import deployment_options
+    from glmrt.server.app import ServerConfig
+
+    config = ServerConfig(served_model_names=("glm-ocr",), max_queue=100)
+    cpu = deployment_options(config, gpus=0)
+    assert cpu["ray_actor_options"] == {"num_gpus": 0} and cpu["max_ongoing_requests"] == 132
+    assert cpu["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1,
+                                         "target_ongoing_requests": 32}
+    gpus = deployment_options(config, gpus=8, max_num_seqs=64, min_replicas=0)
+    assert gpus["ray_actor_options"] == {"num_gpus": 1}
+    assert gpus["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 8,
+                                          "target_ongoing_requests": 64}
+    with pytest.raises(ValueError, match="max_replicas"):
+        deployment_options(config, gpus=2, min_replicas=3)
+    with pytest.raises(ValueError, match="target_ongoing_requests"):
+        deployment_options(config, gpus=2, target_ongoing_requests=-1)

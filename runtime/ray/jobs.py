@@ -238,24 +238,28 @@ def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, addr
             engine_options["gpu_memory_utilization"] = 0.9 / actors_per_gpu  # engines sharing a GPU split it
         engine_kwargs = {"device": device, "dtype": dtype, "backend": backend, **engine_options}
         context = DataContext.get_current()
+        saved = context.max_errored_blocks, context.enable_progress_bars
         context.max_errored_blocks = -1  # a block that keeps failing drops its documents, not the job
         context.enable_progress_bars = progress
-        items = [{"key": key, "source": str(st.result.source), "skip": json.dumps(sorted(outputs.load_records(st)))}
-                 for key, st in todo.items()]
-        pages = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-            render_document, fn_kwargs={"dpi": dpi}, num_cpus=1, concurrency=render_tasks)
-        with warnings.catch_warnings():  # max_task_retries has no named parameter of its own yet
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            records = pages.map_batches(
-                PageRecognizer, batch_size=1, batch_format="numpy",
-                fn_constructor_kwargs={"model": model, "max_tokens": max_tokens, "engine_kwargs": engine_kwargs,
-                                       "layout_model": None if layout_model is None else str(layout_model)},
-                compute=ActorPoolStrategy(size=actors or max(1, gpus * actors_per_gpu),
-                                          max_concurrent_calls_per_actor=batches_per_actor,
-                                          enable_true_multi_threading=True),
-                num_gpus=1 / actors_per_gpu if gpus else 0, max_task_retries=ACTOR_TASK_RETRIES)
-        for row in records.iter_rows():
-            _take(row, todo[int(row["key"])], outputs)
+        try:
+            items = [{"key": key, "source": str(st.result.source), "skip": json.dumps(sorted(outputs.load_records(st)))}
+                     for key, st in todo.items()]
+            pages = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+                render_document, fn_kwargs={"dpi": dpi}, num_cpus=1, concurrency=render_tasks)
+            with warnings.catch_warnings():  # max_task_retries has no named parameter of its own yet
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                records = pages.map_batches(
+                    PageRecognizer, batch_size=1, batch_format="numpy",
+                    fn_constructor_kwargs={"model": model, "max_tokens": max_tokens, "engine_kwargs": engine_kwargs,
+                                           "layout_model": None if layout_model is None else str(layout_model)},
+                    compute=ActorPoolStrategy(size=actors or max(1, gpus * actors_per_gpu),
+                                              max_concurrent_calls_per_actor=batches_per_actor,
+                                              enable_true_multi_threading=True),
+                    num_gpus=1 / actors_per_gpu if gpus else 0, max_task_retries=ACTOR_TASK_RETRIES)
+            for row in records.iter_rows():
+                _take(row, todo[int(row["key"])], outputs)
+        finally:  # the caller's other Ray Data jobs keep their settings
+            context.max_errored_blocks, context.enable_progress_bars = saved
     for st in todo.values():
         if st.result.markdown_path is None and not st.result.errors:
             missing = st.pages_total - len(st.pages) if st.rendered_all else None

@@ -28,34 +28,37 @@ class GlmrtReplica:
         return build_app(self.engine, self.config)
 
 
-def application(model: str, config: ServerConfig, *, engine_kwargs: dict | None = None, min_replicas: int = 1,
-                max_replicas: int | None = None, target_ongoing_requests: int | None = None,
-                gpus_per_replica: float | None = None):
-    """A Ray Serve application serving `model` as `glmrt serve` does; run it with
-    `ray.serve.run(app, route_prefix="/")`.
+def deployment_options(config: ServerConfig, *, gpus: int, max_num_seqs: int = 32, min_replicas: int = 1,
+                       max_replicas: int | None = None, target_ongoing_requests: int | None = None,
+                       gpus_per_replica: float | None = None) -> dict:
+    """serve.deployment's options for a cluster with `gpus` GPUs: max_replicas default one per GPU
+    (1 without GPUs); target_ongoing_requests default max_num_seqs (a full batch per replica);
+    gpus_per_replica default 1 where there are GPUs, else 0."""
+    for name, value, least in (("min_replicas", min_replicas, 0), ("max_replicas", max_replicas, 1),
+                               ("target_ongoing_requests", target_ongoing_requests, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    max_replicas = max_replicas or max(1, gpus)
+    if max_replicas < min_replicas:
+        raise ValueError(f"max_replicas ({max_replicas}) must be >= min_replicas ({min_replicas})")
+    return {
+        "name": "glmrt",
+        "ray_actor_options": {"num_gpus": (1 if gpus else 0) if gpus_per_replica is None else gpus_per_replica},
+        "max_ongoing_requests": max_num_seqs + config.max_queue,  # what the app takes before its own 503
+        "autoscaling_config": {"min_replicas": min_replicas, "initial_replicas": max(min_replicas, 1),
+                               "max_replicas": max_replicas,
+                               "target_ongoing_requests": target_ongoing_requests or max_num_seqs},
+    }
 
-    max_replicas: default one per GPU of the cluster (1 without GPUs). target_ongoing_requests:
-    the queue length per replica that autoscaling keeps (default: the engine's max_num_seqs, a
-    full batch). gpus_per_replica: default 1 where the cluster has GPUs, else 0."""
+
+def application(model: str, config: ServerConfig, *, engine_kwargs: dict | None = None, **options):
+    """A Ray Serve application serving `model` as `glmrt serve` does, sized for the cluster this
+    process is connected to (deployment_options' options); run it with
+    `ray.serve.run(app, route_prefix="/")`."""
     import ray
     from ray import serve
 
     engine_kwargs = dict(engine_kwargs or {})
-    max_num_seqs = engine_kwargs.get("max_num_seqs") or 32
     gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
-    max_replicas = max_replicas or max(1, gpus)
-    for name, value in (("min_replicas", min_replicas), ("max_replicas", max_replicas),
-                        ("target_ongoing_requests", target_ongoing_requests)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if max_replicas < max(min_replicas, 1):
-        raise ValueError(f"max_replicas ({max_replicas}) must be >= min_replicas ({min_replicas}) and >= 1")
-    deployment = serve.deployment(
-        serve.ingress()(GlmrtReplica), name="glmrt",
-        ray_actor_options={"num_gpus": (1 if gpus else 0) if gpus_per_replica is None else gpus_per_replica},
-        max_ongoing_requests=max_num_seqs + config.max_queue,  # what the app takes before its 503
-        autoscaling_config={"min_replicas": min_replicas, "initial_replicas": max(min_replicas, 1),
-                            "max_replicas": max_replicas,
-                            "target_ongoing_requests": target_ongoing_requests or max_num_seqs},
-    )
-    return deployment.bind(model, engine_kwargs, config)
+    settings = deployment_options(config, gpus=gpus, max_num_seqs=engine_kwargs.get("max_num_seqs") or 32, **options)
+    return serve.deployment(serve.ingress()(GlmrtReplica), **settings).bind(model, engine_kwargs, config)
