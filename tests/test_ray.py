@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections import Counter
 
 import httpx
@@ -91,11 +92,16 @@ def writes(monkeypatch):
 
 def test_ray_job_writes_what_glmrt_parse_writes(cluster, tiny_checkpoint, tiny_layout, documents, expected,
                                                 tmp_path, writes, monkeypatch):
-    """Inputs as a file:// URI and a local folder; the same files, byte for byte, each document
-    written once, the corrupt PDF reported (the job goes on); a re-run redoes only what is not written."""
+    """Inputs as a file:// URI (pyarrow) and a folder inside a zip (fsspec's chained zip:// URI);
+    the same files, byte for byte, each document written once, the corrupt PDF reported (the job
+    goes on); a re-run redoes only what is not written."""
     single, expected_files = expected
     out = tmp_path / "out"
-    results = ray_parse([f"file://{documents / 'a'}", documents / "b"], out, tiny_checkpoint, tiny_layout)
+    archive = tmp_path / "b.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted((documents / "b").rglob("*")):
+            z.write(path, path.relative_to(documents).as_posix())
+    results = ray_parse([f"file://{documents / 'a'}", f"zip://b::file://{archive}"], out, tiny_checkpoint, tiny_layout)
     assert files(out) == expected_files
     as_local = [(r.name, r.num_pages, [e.replace("file://", "") for e in r.errors]) for r in results]
     assert as_local == [(r.name, r.num_pages, r.errors) for r in single]

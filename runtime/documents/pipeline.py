@@ -476,10 +476,10 @@ def _whole_page() -> LayoutRegion:
 
 def document_names(docs: list) -> dict:
     """Output names: the file stem, with -2, -3, ... for later documents of the same stem (docs:
-    paths, or URIs whose last part is the file name)."""
+    paths, or URIs whose path, before any "::" chain, ends in the file name)."""
     names, seen = {}, {}
     for doc in docs:
-        stem = PurePosixPath(doc).stem if isinstance(doc, str) else doc.stem
+        stem = PurePosixPath(doc.split("::", 1)[0]).stem if isinstance(doc, str) else doc.stem
         seen[stem] = seen.get(stem, 0) + 1
         names[doc] = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
     return names

@@ -20,7 +20,7 @@ dropped (DataContext.max_errored_blocks = -1) and their documents reported as no
 bad document never fails the job. A re-run skips written documents and recorded pages.
 
 Inputs are local paths (files or directories, as `glmrt parse` takes them) or URIs that pyarrow's
-filesystems read (s3://, gs://, hdfs://, file://...); outputs go to a directory of the driver's
+filesystems read (s3://, gs://, hdfs://, file://...) or fsspec's (zip://...::file:///a.zip); outputs go to a directory of the driver's
 filesystem (a shared mount when the cluster has many hosts).
 """
 from __future__ import annotations
@@ -54,8 +54,9 @@ def is_uri(source: str | Path) -> bool:
 
 
 def find_inputs(inputs: list[str | Path]) -> list[Path | str]:
-    """Local files and directories as `glmrt parse` expands them; URIs listed through pyarrow.fs
-    (a directory: its supported files, recursively, sorted). Raises ValueError naming the input."""
+    """Local files and directories as `glmrt parse` expands them; URIs listed through their
+    filesystem (a directory: its supported files, recursively, sorted). Raises ValueError naming
+    the input."""
     found: list[Path | str] = []
     for given in inputs:
         if not is_uri(given):
@@ -64,11 +65,10 @@ def find_inputs(inputs: list[str | Path]) -> list[Path | str]:
         from pyarrow import fs as pafs
 
         try:
-            filesystem, path = pafs.FileSystem.from_uri(given)
+            filesystem, path = _filesystem(given)
             info = filesystem.get_file_info(path)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a bad URI
+        except Exception as exc:  # noqa: BLE001 - pyarrow and fsspec raise many kinds for a bad URI
             raise ValueError(f"{given}: cannot be read ({exc})") from exc
-        scheme = given.split("://", 1)[0]
         if info.type == pafs.FileType.Directory:
             entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
             files = sorted(e.path for e in entries if e.type == pafs.FileType.File and _supported(e.path, path))
@@ -80,8 +80,32 @@ def find_inputs(inputs: list[str | Path]) -> list[Path | str]:
             files = [path]
         else:
             raise ValueError(f"{given}: no such file or directory")
-        found += [u for u in (f"{scheme}://{f}" for f in files) if u not in found]
+        found += [u for u in (_uri_of(given, f) for f in files) if u not in found]
     return found
+
+
+def _filesystem(uri: str):
+    """(a pyarrow filesystem, the path in it) for a URI pyarrow reads (s3://, gs://, hdfs://,
+    file://...) or, where fsspec is installed, one fsspec reads (chained ones too, such as
+    zip://docs::s3://bucket/archive.zip)."""
+    from pyarrow import fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, TypeError) as pyarrow_error:  # ArrowInvalid is a ValueError
+        try:
+            import fsspec
+        except ImportError:
+            raise pyarrow_error from None
+        filesystem, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
+
+
+def _uri_of(given: str, path: str) -> str:
+    """The URI of `path`, found under the URI `given`: the same scheme (and the same chain)."""
+    scheme, rest = given.split("://", 1)
+    chain = rest.split("::", 1)[1] if "::" in rest else None
+    return f"{scheme}://{path}" + (f"::{chain}" if chain else "")
 
 
 def _supported(path: str, root: str) -> bool:
@@ -96,9 +120,7 @@ def _local(source: str) -> Iterator[Path]:
     if not is_uri(source):
         yield Path(source)
         return
-    from pyarrow import fs as pafs
-
-    filesystem, path = pafs.FileSystem.from_uri(source)
+    filesystem, path = _filesystem(source)
     with tempfile.TemporaryDirectory(prefix="glmrt-ray-") as tmp:
         local = Path(tmp) / f"document{PurePosixPath(path).suffix.lower()}"
         with filesystem.open_input_stream(path) as src, open(local, "wb") as dst:
