@@ -37,7 +37,6 @@ from common import REPO, RESULTS, metadata, output_dir, provenance, write_report
 
 sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from glmrt.documents.layout import LayoutDetector  # noqa: E402
 from glmrt.documents.pages import iter_pages  # noqa: E402
@@ -90,7 +89,8 @@ def recognition_rate(given: float | None, out: Path) -> tuple[float, str]:
     found = {*out.rglob("documents-*.json"), *RESULTS.rglob("documents-*.json")}
     for path in sorted(found, key=lambda p: p.name, reverse=True):  # newest first (timestamped names)
         data = json.loads(path.read_text())
-        if data.get("smoke") or ("cpu" if data["device"]["name"].startswith("cpu") else data["device"]["name"].lower()) != device:
+        ran_on = "cpu" if data["device"]["name"].startswith("cpu") else data["device"]["name"].lower()
+        if data.get("smoke") or ran_on != device:
             continue
         full = next(r for r in data["rows"] if r["run"] == "glmrt parse, full throughput")
         return full["pages_per_s"], (f"{path.name}: glmrt parse at full throughput, "
@@ -121,7 +121,8 @@ def main() -> None:
         rate = min(render, gpu)
         rows.append(dict(gpus=gpus, cores=cores, render_pages_per_s=render, gpu_pages_per_s=gpu,
                          pages_per_s=rate, hours_for_pages=PAGES / rate / 3600, bottleneck=bottleneck))
-    meta = metadata(smoke=args.smoke, layout_model="tiny random" if args.smoke else "PP-DocLayoutV3 config, random weights")
+    layout = "tiny random" if args.smoke else "PP-DocLayoutV3 config, random weights"
+    meta = metadata(smoke=args.smoke, layout_model=layout)
     results = dict(render_text_pages_per_s=r_text, render_scanned_pages_per_s=r_scan, layout_pages_per_s=r2,
                    recognition_pages_per_s=r3, recognition_source=r3_source, gpu_pages_per_s=g, pages=PAGES, rows=rows)
     md = [f"# glmrt parse --ray capacity, measured on {meta['device']['name']}", "", provenance(meta),

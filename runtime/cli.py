@@ -339,7 +339,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.ray is not None:
-        return _serve_on_ray(args, config, {"device": args.device, "dtype": args.dtype, "backend": args.backend, **options})
+        engine_kwargs = {"device": args.device, "dtype": args.dtype, "backend": args.backend, **options}
+        return _serve_on_ray(args, config, engine_kwargs)
     engine = AsyncEngine(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **options)
     print(f"glmrt: serving {args.model} as {', '.join(names)} on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(build_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,

@@ -20,8 +20,9 @@ dropped (DataContext.max_errored_blocks = -1) and their documents reported as no
 bad document never fails the job. A re-run skips written documents and recorded pages.
 
 Inputs are local paths (files or directories, as `glmrt parse` takes them) or URIs that pyarrow's
-filesystems read (s3://, gs://, hdfs://, file://...) or fsspec's (zip://...::file:///a.zip); outputs go to a directory of the driver's
-filesystem (a shared mount when the cluster has many hosts).
+filesystems read (s3://, gs://, hdfs://, file://...) or fsspec's (zip://...::file:///a.zip);
+outputs go to a directory of the driver's filesystem (a shared mount when the cluster has many
+hosts).
 """
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ def _local(source: str) -> Iterator[Path]:
 
 # ------------------------------------------------------------------------ stage 1: render (CPU)
 
-def render_document(row: dict, dpi: int = 200, max_side: int = 3500, layout_batch: int = LAYOUT_BATCH) -> Iterator[dict]:
+def render_document(row: dict, dpi: int = 200, max_side: int = 3500,
+                    layout_batch: int = LAYOUT_BATCH) -> Iterator[dict]:
     """One document row {"key", "source", "skip" (JSON list of recorded pages)} -> a row per layout
     batch, as glmrt parse forms them: {"key", "pages": JSON [[index, width, height], ...],
     "pixels": their RGB bytes one after the other}, or a page that could not be rendered (no
@@ -195,8 +197,9 @@ class PageRecognizer:
                 emit(key, pages[0][0], error=error)
             else:
                 images, pixels, offset = [], memoryview(batch["pixels"][i]), 0
-                for index, w, h in pages:
-                    images.append(Page(Path(str(key)), index, Image.frombytes("RGB", (w, h), pixels[offset:offset + 3 * w * h])))
+                for index, w, h in pages:  # a page's source is its document's key, as a path
+                    image = Image.frombytes("RGB", (w, h), pixels[offset:offset + 3 * w * h])
+                    images.append(Page(Path(str(key)), index, image))
                     offset += 3 * w * h
                 with self._layout_turn:
                     work += lay_out(self.layout, images)
