@@ -111,6 +111,31 @@ def test_parsing_is_deterministic_and_resumable(parser, inputs, tmp_path, monkey
     assert result.markdown_path is not None and outputs(again) == outputs(first)
 
 
+def test_a_resumed_document_is_laid_out_in_the_same_batches(parser, tmp_path, monkeypatch):
+    """Layout results change in their last bits with the pages sharing a forward pass (here, on
+    CPU, this document's second page laid out alone differs from it laid out beside the first):
+    a resumed run lays its remaining pages out beside the same neighbours (recorded ones
+    re-rendered for it), so its files are the uninterrupted run's, byte for byte."""
+    make_pdf(tmp_path / "long.pdf", pages=2, size=(300, 380), seed=11)
+    first, again = tmp_path / "first", tmp_path / "again"
+    parser.parse([tmp_path / "long.pdf"], first)
+    finish_page, recorded = DocumentParser._finish_page, []
+
+    def interrupted(self, st, page, *args):
+        finish_page(self, st, page, *args)
+        recorded.append(page.index)
+        if len(recorded) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DocumentParser, "_finish_page", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        parser.parse([tmp_path / "long.pdf"], again)
+    monkeypatch.setattr(DocumentParser, "_finish_page", finish_page)
+    [result] = parser.parse([tmp_path / "long.pdf"], again)
+    assert result.resumed_pages == 1
+    assert outputs(again) == outputs(first)
+
+
 def test_failures_stay_with_their_document_page_or_region(parser, inputs, tmp_path, monkeypatch):
     broken = tmp_path / "in"
     broken.mkdir()

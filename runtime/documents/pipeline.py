@@ -26,6 +26,7 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from collections.abc import Collection
 from typing import Callable, Iterator
 
 from PIL import Image
@@ -123,22 +124,30 @@ class _DocState:
     rendered_all: bool = False
 
 
-def layout_batches(doc: Path, size: int = LAYOUT_BATCH, **render) -> Iterator[list[Page] | Page]:
-    """The pages of a document as the layout model takes them: lists of up to `size` rendered
-    pages, in order; a page that could not be rendered comes alone, as its Page (image None).
-    Layout results depend (in their last bits) on which pages share a forward pass, so every
-    path that parses documents batches them here. `render`: iter_pages' options."""
+def layout_batches(doc: Path, size: int = LAYOUT_BATCH, skip: Collection[int] = (),
+                   **render) -> Iterator[list[Page] | Page]:
+    """The pages of a document as the layout model takes them: the rendered pages of each block
+    of page indices [0, size), [size, 2 size), ..., in order; a page that could not be rendered
+    comes alone, as its Page (image None). Layout results depend (in their last bits) on which
+    pages share a forward pass, so every path that parses documents batches them here, and a
+    block with a page still to do is rendered whole, its pages in `skip` (recorded by an earlier
+    run) included: each page meets the same neighbours as in an uninterrupted run. The caller
+    drops the `skip` pages after layout. `render`: iter_pages' options."""
+    skip = set(skip)
+    total = count_pages(doc)
+    blocks = [range(start, min(start + size, total)) for start in range(0, total, size)]
+    done = {i for block in blocks if all(i in skip for i in block) for i in block}  # not even rendered
     batch: list[Page] = []
-    for page in iter_pages(doc, **render):
+    for page in iter_pages(doc, skip=done, **render):
         if page.image is None:
-            yield page
-            continue
-        batch.append(page)
-        if len(batch) >= size:
-            yield batch
+            if page.index not in skip:
+                yield page
+        else:
+            batch.append(page)
+        if page.index % size == size - 1 or page.index == total - 1:
+            if batch:
+                yield batch
             batch = []
-    if batch:
-        yield batch
 
 
 def lay_out(layout: LayoutDetector | None, pages: list[Page]) -> list[_PageWork]:
@@ -351,7 +360,7 @@ class DocumentParser:
                     if isinstance(batch, Page):  # not rendered
                         work = [_PageWork(doc, batch.index, error=f"page {batch.index + 1}: {batch.error}")]
                     else:
-                        work = self._layout_pages(batch)
+                        work = self._layout_pages(batch, skip=done)
                     if not all(put(w) for w in work):
                         return
             except DocumentError as exc:
@@ -362,10 +371,11 @@ class DocumentParser:
                 return
         put(("end",))
 
-    def _layout_pages(self, pages: list[Page]) -> list[_PageWork]:
+    def _layout_pages(self, pages: list[Page], skip: Collection[int] = ()) -> list[_PageWork]:
         """Regions of a batch of pages, their figures cropped and their recognition requests
-        preprocessed here, off the engine's thread."""
-        work = lay_out(self.layout, pages)
+        preprocessed here, off the engine's thread; the pages in `skip` are laid out (as the
+        batch's neighbours) and dropped."""
+        work = [item for item in lay_out(self.layout, pages) if item.index not in skip]
         for item in work:
             for i, request in item.requests.items():
                 try:

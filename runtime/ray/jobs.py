@@ -135,9 +135,10 @@ def _local(source: str) -> Iterator[Path]:
 def render_document(row: dict, dpi: int = 200, max_side: int = 3500,
                     layout_batch: int = LAYOUT_BATCH) -> Iterator[dict]:
     """One document row {"key", "source", "skip" (JSON list of recorded pages)} -> a row per layout
-    batch, as glmrt parse forms them: {"key", "pages": JSON [[index, width, height], ...],
-    "pixels": their RGB bytes one after the other}, or a page that could not be rendered (no
-    pixels, "error" set); then the marker row {"pages": "[]", "pages_total", "error"}."""
+    batch, as glmrt parse forms them: {"key", "pages": JSON [[index, width, height, recorded],
+    ...], "pixels": their RGB bytes one after the other} (recorded pages are only the batch's
+    neighbours in layout), or a page that could not be rendered (no pixels, "error" set); then
+    the marker row {"pages": "[]", "pages_total", "error"}."""
     key, source, skip = int(row["key"]), str(row["source"]), set(json.loads(row["skip"]))
     blank = {"key": key, "pages": "[]", "pixels": b"", "pages_total": MARKER, "error": ""}
     try:
@@ -149,7 +150,7 @@ def render_document(row: dict, dpi: int = 200, max_side: int = 3500,
                         yield {**blank, "pages": json.dumps([[batch.index, 0, 0]]),
                                "error": f"page {batch.index + 1}: {batch.error}"}
                     else:
-                        yield {**blank, "pages": json.dumps([[p.index, *p.image.size] for p in batch]),
+                        yield {**blank, "pages": json.dumps([[p.index, *p.image.size, p.index in skip] for p in batch]),
                                "pixels": b"".join(p.image.tobytes() for p in batch)}
             except DocumentError as exc:  # named by its source, not by a temporary copy
                 yield {**blank, "pages_total": 0, "error": str(exc).replace(str(path), source)}
@@ -197,12 +198,13 @@ class PageRecognizer:
                 emit(key, pages[0][0], error=error)
             else:
                 images, pixels, offset = [], memoryview(batch["pixels"][i]), 0
-                for index, w, h in pages:  # a page's source is its document's key, as a path
+                for index, w, h, _ in pages:  # a page's source is its document's key, as a path
                     image = Image.frombytes("RGB", (w, h), pixels[offset:offset + 3 * w * h])
                     images.append(Page(Path(str(key)), index, image))
                     offset += 3 * w * h
+                recorded = {index for index, _, _, was_recorded in pages if was_recorded}
                 with self._layout_turn:
-                    work += lay_out(self.layout, images)
+                    work += [w for w in lay_out(self.layout, images) if w.index not in recorded]
         laid_out = [w for w in work if w.error is None]
         recognised = asyncio.run_coroutine_threadsafe(recognise_pages(self.engine, laid_out, self.params),
                                                       self._loop).result()
