@@ -31,7 +31,7 @@ def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, c
                         read_json: Callable, layout_model: str | None) -> None:
     from ..documents.markdown import format_document
     from ..documents.pages import Page
-    from ..documents.pipeline import lay_out, page_record, recognise_pages, sdk_params
+    from ..documents.pipeline import LAYOUT_BATCH, lay_out, page_record, recognise_pages, sdk_params
 
     params = sdk_params()
     detector: list = []  # the layout model, once loaded
@@ -48,7 +48,9 @@ def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, c
 
     async def parse_unit(images: list[Image.Image]) -> tuple[list, str]:
         pages = [Page(Path("unit"), i, image) for i, image in enumerate(images)]
-        laid_out = await asyncio.to_thread(lay_out, await layout(), pages) if pages else []
+        laid_out = []
+        for start in range(0, len(pages), LAYOUT_BATCH):  # the batches glmrt parse lays out
+            laid_out += await asyncio.to_thread(lay_out, await layout(), pages[start:start + LAYOUT_BATCH])
         failed = [page.error for page in laid_out if page.error is not None]
         if failed:
             raise APIError(failed[0], status=500)
