@@ -214,7 +214,7 @@ def test_serve_on_ray_answers_as_glmrt_serve(cluster, tiny_checkpoint, tiny_layo
         ("post", "/glmocr/parse", {"images": [f"data:image/png;base64,{page}"]}),
         ("get", "/v1/models", None),
     ]
-    args = ("--layout-model", str(tiny_layout), "--max-model-len", "512", "--max-num-seqs", "4")
+    args = ("--layout-model", str(tiny_layout), "--max-model-len", "2048", "--max-num-seqs", "4")
     answers = {}
     for name, extra in (("plain", ()), ("ray", ("--ray", cluster))):
         with ServerProcess(tiny_checkpoint, *args, *extra, startup_timeout_s=240) as server:
@@ -226,6 +226,7 @@ def test_serve_on_ray_answers_as_glmrt_serve(cluster, tiny_checkpoint, tiny_layo
                 status = serve.status().applications["glmrt"]
                 config = status.deployments["glmrt"]
                 assert status.status == "RUNNING" and config.replica_states.get("RUNNING") == 1
+                _disconnect_aborts_the_request(server)
     assert [status for status, _ in answers["ray"]] == [200, 200, 200, 200, 400, 404, 200, 200]
     assert answers["ray"] == answers["plain"]
 
@@ -248,3 +249,23 @@ def test_serve_deployment_is_sized_by_the_cluster():
         deployment_options(config, gpus=2, min_replicas=3)
     with pytest.raises(ValueError, match="target_ongoing_requests"):
         deployment_options(config, gpus=2, target_ongoing_requests=-1)
+
+
+def _disconnect_aborts_the_request(server: ServerProcess) -> None:
+    """A client that goes away mid-request: Ray Serve's proxy cancels it in the replica, whose
+    app aborts the engine request (an abort counted, nothing left running) long before the
+    request would have ended by itself."""
+    def aborts() -> float:
+        return sum(v for k, v in server.metrics().items()
+                   if k.startswith("glmrt:request_success_total") and 'finished_reason="abort"' in k)
+
+    before = aborts()
+    body = {"model": "glm-ocr", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2000,
+            "ignore_eos": True}  # ~6 s here
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30.0, read=1.0))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (aborts() == before or server.metrics()["glmrt:num_requests_running"]):
+        time.sleep(0.1)
+    assert aborts() == before + 1 and server.metrics()["glmrt:num_requests_running"] == 0
+

@@ -439,6 +439,38 @@ def test_client_disconnect_frees_kv_blocks(main_server):
     assert_serving(main_server)
 
 
+def test_a_cancelled_handler_cancels_its_engine_work():
+    """Ray Serve's proxy cancels the handler of a client that went away rather than sending it
+    http.disconnect: the handler's engine work must be cancelled with it (which aborts the
+    engine request), not left running to its end."""
+    import asyncio
+
+    from glmrt.server.app import _until_disconnected
+
+    class Connected:  # a request whose client never sends http.disconnect
+        async def receive(self):
+            await asyncio.sleep(3600)
+
+    async def scenario():
+        cancelled = asyncio.Event()
+
+        async def work():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        handler = asyncio.ensure_future(_until_disconnected(Connected(), work()))
+        await asyncio.sleep(0.05)
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        await asyncio.wait_for(cancelled.wait(), timeout=5)
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------------------- 256 concurrent
 
 SHAPES = {

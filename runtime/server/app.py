@@ -292,11 +292,15 @@ async def _last(outputs: AsyncIterator[RequestOutput], timer: RequestTimer) -> R
 
 async def _until_disconnected(request: Request, work) -> Any:
     """Run `work` until it finishes (its result) or the client disconnects (None; `work` is
-    cancelled, which aborts its engine request)."""
+    cancelled, which aborts its engine request). A server that cancels the handler instead of
+    sending the disconnect (Ray Serve's proxy does) cancels `work` with it."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if task.done():
