@@ -253,19 +253,17 @@ def test_serve_deployment_is_sized_by_the_cluster():
 
 def _disconnect_aborts_the_request(server: ServerProcess) -> None:
     """A client that goes away mid-request: Ray Serve's proxy cancels it in the replica, whose
-    app aborts the engine request (an abort counted, nothing left running) long before the
-    request would have ended by itself."""
-    def aborts() -> float:
-        return sum(v for k, v in server.metrics().items()
-                   if k.startswith("glmrt:request_success_total") and 'finished_reason="abort"' in k)
+    app aborts the engine request (or never starts it, if the cancel comes first): a few seconds
+    later nothing runs, long before the request would have ended by itself (~6 s here)."""
+    def running() -> float:
+        return server.metrics()["glmrt:num_requests_running"]
 
-    before = aborts()
     body = {"model": "glm-ocr", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2000,
-            "ignore_eos": True}  # ~6 s here
+            "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30.0, read=1.0))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (aborts() == before or server.metrics()["glmrt:num_requests_running"]):
-        time.sleep(0.1)
-    assert aborts() == before + 1 and server.metrics()["glmrt:num_requests_running"] == 0
-
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and not running():  # give a late admission the time to show
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert running() == 0, "the request of a client that went away is still running"
