@@ -93,9 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="run as a Ray Data job: on the cluster at ADDRESS, or (no ADDRESS) the one RAY_ADDRESS "
                           "names, else a new local one")
     ray.add_argument("--ray-actors", type=int, help="recognition actors (default: one per GPU x --ray-actors-per-gpu)")
-    ray.add_argument("--ray-actors-per-gpu", type=int, default=1, help="engines sharing one GPU (default 1)")
+    ray.add_argument("--ray-actors-per-gpu", type=int, help="engines sharing one GPU (default 1)")
     ray.add_argument("--ray-render-tasks", type=int, help="documents rendered at once (default: as CPUs allow)")
-    ray.add_argument("--ray-batches-per-actor", type=int, default=4,
+    ray.add_argument("--ray-batches-per-actor", type=int,
                      help="layout batches (up to 4 pages) in flight per actor, whose regions share its engine "
                           "(default 4)")
     _add_engine_flags(parse)
@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                      help="serve as a Ray Serve application, one replica per GPU, on the cluster at ADDRESS, or "
                           "(no ADDRESS) the one RAY_ADDRESS names, else a new local one; it ends with this process")
-    ray.add_argument("--ray-min-replicas", type=int, default=1, help="replicas kept when idle (default 1)")
+    ray.add_argument("--ray-min-replicas", type=int, help="replicas kept when idle (default 1)")
     ray.add_argument("--ray-max-replicas", type=int, help="replicas at most (default: the cluster's GPUs)")
     ray.add_argument("--ray-target-ongoing-requests", type=int,
                      help="requests per replica (running + queued) that autoscaling holds (default: --max-num-seqs)")
@@ -348,11 +348,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_ray_flags(args: argparse.Namespace, parser_defaults: dict) -> None:
+def _ray_options(args: argparse.Namespace, **names: str) -> dict:
+    """The --ray-* flags given -> {keyword: value} under the names `names` maps them to (flags left
+    out keep the defaults of the function they go to)."""
+    return {keyword: getattr(args, flag) for keyword, flag in names.items() if getattr(args, flag) is not None}
+
+
+def _check_ray_flags(args: argparse.Namespace) -> None:
     """--ray-* flags mean nothing without --ray: refuse them rather than ignore them."""
     if args.ray is None:
-        given = [f"--{name.replace('_', '-')}" for name, default in parser_defaults.items()
-                 if name.startswith("ray_") and getattr(args, name) != default]
+        given = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+                 if name.startswith("ray_") and value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --ray")
 
@@ -373,9 +379,9 @@ def _serve_on_ray(args: argparse.Namespace, config, engine_kwargs: dict) -> int:
     ray.init(address=None if args.ray == "auto" else args.ray, log_to_driver=args.log_level == "debug")
     try:
         try:
-            app = application(args.model, config, engine_kwargs=engine_kwargs, min_replicas=args.ray_min_replicas,
-                              max_replicas=args.ray_max_replicas,
-                              target_ongoing_requests=args.ray_target_ongoing_requests)
+            app = application(args.model, config, engine_kwargs=engine_kwargs, **_ray_options(
+                args, min_replicas="ray_min_replicas", max_replicas="ray_max_replicas",
+                target_ongoing_requests="ray_target_ongoing_requests"))
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         serve.start(http_options={"host": args.host, "port": args.port})
@@ -427,9 +433,9 @@ def _parse_on_ray(args: argparse.Namespace, common: dict) -> list:
     except ImportError as exc:
         raise UsageError(f"glmrt parse --ray needs the ray extra: pip install 'glmrt[ray]' ({exc})") from exc
     return parse_on_ray(args.inputs, args.output, address=None if args.ray == "auto" else args.ray,
-                        actors=args.ray_actors, actors_per_gpu=args.ray_actors_per_gpu,
-                        render_tasks=args.ray_render_tasks,
-                        batches_per_actor=args.ray_batches_per_actor, **common)
+                        **_ray_options(args, actors="ray_actors", actors_per_gpu="ray_actors_per_gpu",
+                                       render_tasks="ray_render_tasks", batches_per_actor="ray_batches_per_actor"),
+                        **common)
 
 
 def _print_result(printer: _Printer, image: str, out: RequestOutput, args: argparse.Namespace) -> None:
@@ -450,8 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         if args.command != "ocr":
-            bare = ["serve"] if args.command == "serve" else ["parse", "-", "-o", "-"]
-            _check_ray_flags(args, vars(_parser().parse_args(bare)))
+            _check_ray_flags(args)
         return {"serve": _serve, "parse": _parse, "ocr": _ocr}[args.command](args)
     except KeyboardInterrupt:
         print("glmrt: interrupted", file=sys.stderr)

@@ -86,23 +86,27 @@ def test_a_page_is_what_layout_crops_and_recognition_give(parser, inputs, tmp_pa
     assert result.markdown_path.read_text(encoding="utf-8") == markdown
 
 
-def test_parsing_is_deterministic_and_resumable(parser, inputs, tmp_path, monkeypatch):
-    first = tmp_path / "first"
-    parser.parse([inputs / "report.pdf"], first)
-    again = tmp_path / "again"
-    finish_page = DocumentParser._finish_page
-    calls = []
+def interrupt_after(pages: int, parser, inputs, out, monkeypatch) -> None:
+    """Parse `inputs` into `out`, interrupted (Ctrl-C) once `pages` pages are recorded."""
+    finish_page, recorded = DocumentParser._finish_page, []
 
     def interrupted(self, *args):
         finish_page(self, *args)
-        calls.append(1)
-        if len(calls) == 2:
+        recorded.append(1)
+        if len(recorded) == pages:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(DocumentParser, "_finish_page", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        parser.parse([inputs / "report.pdf"], again)
+        parser.parse(inputs, out)
     monkeypatch.setattr(DocumentParser, "_finish_page", finish_page)
+
+
+def test_parsing_is_deterministic_and_resumable(parser, inputs, tmp_path, monkeypatch):
+    first = tmp_path / "first"
+    parser.parse([inputs / "report.pdf"], first)
+    again = tmp_path / "again"
+    interrupt_after(2, parser, [inputs / "report.pdf"], again, monkeypatch)
     assert len(list((again / "report/.pages").glob("page-*.json"))) == 2
     [result] = parser.parse([inputs / "report.pdf"], again)
     assert result.resumed_pages == 2 and result.num_pages == 3
@@ -119,18 +123,7 @@ def test_a_resumed_document_is_laid_out_in_the_same_batches(parser, tmp_path, mo
     make_pdf(tmp_path / "long.pdf", pages=2, size=(300, 380), seed=11)
     first, again = tmp_path / "first", tmp_path / "again"
     parser.parse([tmp_path / "long.pdf"], first)
-    finish_page, recorded = DocumentParser._finish_page, []
-
-    def interrupted(self, st, page, *args):
-        finish_page(self, st, page, *args)
-        recorded.append(page.index)
-        if len(recorded) == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(DocumentParser, "_finish_page", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        parser.parse([tmp_path / "long.pdf"], again)
-    monkeypatch.setattr(DocumentParser, "_finish_page", finish_page)
+    interrupt_after(1, parser, [tmp_path / "long.pdf"], again, monkeypatch)
     [result] = parser.parse([tmp_path / "long.pdf"], again)
     assert result.resumed_pages == 1
     assert outputs(again) == outputs(first)

@@ -24,9 +24,9 @@ import os
 import queue
 import shutil
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from collections.abc import Collection
 from typing import Callable, Iterator
 
 from PIL import Image
@@ -124,7 +124,7 @@ class _DocState:
     rendered_all: bool = False
 
 
-def layout_batches(doc: Path, size: int = LAYOUT_BATCH, skip: Collection[int] = (),
+def layout_batches(doc: Path, total: int, size: int = LAYOUT_BATCH, skip: Collection[int] = (),
                    **render) -> Iterator[list[Page] | Page]:
     """The pages of a document as the layout model takes them: the rendered pages of each block
     of page indices [0, size), [size, 2 size), ..., in order; a page that could not be rendered
@@ -132,9 +132,9 @@ def layout_batches(doc: Path, size: int = LAYOUT_BATCH, skip: Collection[int] = 
     pages share a forward pass, so every path that parses documents batches them here, and a
     block with a page still to do is rendered whole, its pages in `skip` (recorded by an earlier
     run) included: each page meets the same neighbours as in an uninterrupted run. The caller
-    drops the `skip` pages after layout. `render`: iter_pages' options."""
+    drops the `skip` pages after layout. total: the document's page count (count_pages);
+    `render`: iter_pages' options."""
     skip = set(skip)
-    total = count_pages(doc)
     blocks = [range(start, min(start + size, total)) for start in range(0, total, size)]
     done = {i for block in blocks if all(i in skip for i in block) for i in block}  # not even rendered
     batch: list[Page] = []
@@ -353,8 +353,8 @@ class DocumentParser:
             try:
                 st.pages_total = count_pages(doc)
                 done = self.outputs.load_records(st)
-                for batch in layout_batches(doc, self.layout_batch_size, dpi=self.dpi, max_side=self.max_side,
-                                            skip=done):
+                for batch in layout_batches(doc, st.pages_total, self.layout_batch_size, skip=done,
+                                            dpi=self.dpi, max_side=self.max_side):
                     if stop.is_set():
                         return
                     if isinstance(batch, Page):  # not rendered

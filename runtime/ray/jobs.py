@@ -145,7 +145,7 @@ def render_document(row: dict, dpi: int = 200, max_side: int = 3500,
         with _local(source) as path:
             try:
                 total = count_pages(path)
-                for batch in layout_batches(path, layout_batch, dpi=dpi, max_side=max_side, skip=skip):
+                for batch in layout_batches(path, total, layout_batch, dpi=dpi, max_side=max_side, skip=skip):
                     if isinstance(batch, Page):
                         yield {**blank, "pages": json.dumps([[batch.index, 0, 0]]),
                                "error": f"page {batch.index + 1}: {batch.error}"}
