@@ -1,30 +1,39 @@
-"""Rotary position embeddings for GLM-OCR, applied in place.
+"""Rotary position embeddings for GLM-OCR and GLM-Image, applied in place.
 
 Two kernels, both memory-bound elementwise passes that read q/k once and write them once:
 
 - `vision_qk_norm_rope_`: the vision attention's per-head q/k RMSNorm fused with the 2D
   (row, col) rotary embedding, NeoX half-rotate over the whole head dim.
-- `mrope_`: the text decoder's 3D M-RoPE, GPT-J interleaved pairs over the whole head dim with
-  contiguous (t, h, w) frequency sections.
+- `mrope_`: the text decoder's 3D M-RoPE: rotary_dim/2 frequencies split into contiguous (t, h, w)
+  sections, each turning by that row's position, rotating the first rotary_dim dims of every head
+  (None = all of them) in one of two layouts:
+  - interleaved=True, GPT-J pairs: frequency j rotates dims (2j, 2j+1). GLM-OCR, full rotation
+    (transformers' GlmOcr `rotate_half_llm`, cos/sin `repeat_interleave(2)`).
+  - interleaved=False, NeoX halves: frequency j rotates dims (j, rotary_dim/2 + j). GLM-Image,
+    partial rotation over the first half of a 128-dim head (GlmImage `rotate_half`, cos/sin
+    `cat([freqs, freqs])`).
+  Dims [rotary_dim, D) pass through: the kernel neither reads nor writes them.
 
 `mrope_write_kv_` is `mrope_` fused with the paged KV-cache write (one launch instead of two per
-decoder layer): it lives here because it is the M-RoPE kernel with a store epilogue, while the
-cache layout it stores into is a few lines of slot addressing (see paged.py).
+decoder layer): it lives here because it is the M-RoPE kernel with a store epilogue (the whole k
+row, pass-through dims included, and v), while the cache layout it stores into is a few lines of
+slot addressing (see paged.py).
 
-Head dims: tiles pad D to a power of two and mask the padding, so any D up to MAX_HEAD_DIM works
-that the rotation allows: even for M-RoPE (pairs), a multiple of 4 for the vision rope (halves,
-each split into row and column frequencies).
+Head dims: tiles pad to a power of two and mask the padding, so any D up to MAX_HEAD_DIM works
+that the rotation allows: D and rotary_dim even for M-RoPE (pairs or halves), a multiple of 4 for
+the vision rope (halves, each split into row and column frequencies).
 
 cos/sin are computed in the kernel from integer positions, so no [T, D] table is read from memory.
 The inverse frequencies are the only table: a few floats built once on the host with the same torch
-expression transformers uses, so every angle is bit-identical to the reference's.
+expression transformers uses (over rotary_dim, not D), so every angle is bit-identical to the
+reference's.
 
 Rounding mirrors transformers in bf16/fp16:
 - vision: RMSNorm in fp32, rounded to the dtype, times the weight, rounded again; rotation in fp32
   with fp32 cos/sin; one final rounding (GlmOcrRMSNorm + apply_rotary_pos_emb_vision).
-- text: cos/sin rounded to the dtype (transformers casts them to the activation dtype); each of
-  the two products rounded to the dtype, then their sum rounded: exactly transformers'
-  `q * cos + rotate_half_llm(q) * sin` evaluated in bf16/fp16 (a no-op in fp32).
+- text, both layouts: cos/sin rounded to the dtype (transformers casts them to the activation
+  dtype); each of the two products rounded to the dtype, then their sum rounded: exactly
+  transformers' `q_rot * cos + rotate_half(q_rot) * sin` evaluated in bf16/fp16 (a no-op in fp32).
 """
 from functools import lru_cache
 
@@ -183,15 +192,20 @@ def vision_qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Te
 
 
 # ---------------------------------------------------------------------------------------------------
-# Text: 3D M-RoPE, interleaved pairs
+# Text: 3D M-RoPE, interleaved pairs (GLM-OCR) or NeoX halves (GLM-Image), full or partial
 # ---------------------------------------------------------------------------------------------------
+#
+# Both layouts rotate the first ROTARY = 2 * HALF dims of a head with HALF frequencies; dims
+# [ROTARY, HEAD_DIM) pass through: the in-place kernels never load or store them, the KV-cache
+# epilogue copies them into the cache row unchanged.
 
 
 @triton.jit
 def _mrope_cos_sin(pos_ptr, inv_freq_ptr, stride_pr, stride_pt, offs_t, mask_t, dtype: tl.constexpr,
                    HALF: tl.constexpr, SEC_T: tl.constexpr, SEC_TH: tl.constexpr,
                    BLOCK_HALF: tl.constexpr):
-    # -> cos, sin [BLOCK_T, 1, BLOCK_HALF] fp32, rounded to the activation dtype like transformers
+    # -> cos, sin [BLOCK_T, 1, BLOCK_HALF] fp32, rounded to the activation dtype like transformers;
+    # slot j is frequency j (j < HALF), the same for both layouts (they differ in which dims use it)
     offs_j = tl.arange(0, BLOCK_HALF)
     pos_ptrs = pos_ptr + offs_t * stride_pt
     pos_t = tl.load(pos_ptrs, mask=mask_t, other=0).to(tl.float32)
@@ -210,10 +224,11 @@ def _mrope_cos_sin(pos_ptr, inv_freq_ptr, stride_pr, stride_pt, offs_t, mask_t, 
 @triton.jit
 def _rope_interleaved(x_ptr, stride_t, stride_h, H, offs_t, mask_t, cos, sin,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    # GPT-J pairs: dims (2j, 2j+1) rotate by frequency j.
     # x [BLOCK_T, BLOCK_H, 2 * BLOCK_HALF] loaded contiguously (16-byte vectors), then split into
     # its even and odd lanes in registers; loading the two lanes with stride-2 pointers would halve
-    # the vector width. Lanes past 2 * HALF (padding up to a power of two) are masked. Rotated in
-    # place; returns the rotated tile in x's dtype.
+    # the vector width. Lanes past 2 * HALF (padding up to a power of two, or pass-through dims) are
+    # masked. Rotated in place; returns the rotated tile in x's dtype.
     dtype = x_ptr.dtype.element_ty
     BLOCK_T: tl.constexpr = offs_t.shape[0]
     BLOCK_HALF: tl.constexpr = cos.shape[2]
@@ -233,21 +248,51 @@ def _rope_interleaved(x_ptr, stride_t, stride_h, H, offs_t, mask_t, cos, sin,
 
 
 @triton.jit
+def _rope_neox(x_ptr, stride_t, stride_h, H, offs_t, mask_t, cos, sin,
+               HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    # NeoX halves: dims j and HALF + j rotate by frequency j (transformers' rotate_half).
+    # x1 = dims [0, HALF), x2 = dims [HALF, 2 * HALF), each [BLOCK_T, BLOCK_H, BLOCK_HALF] with the
+    # lanes past HALF masked, so nothing at or past 2 * HALF is touched. Rotated in place; returns
+    # the two rotated halves in x's dtype.
+    dtype = x_ptr.dtype.element_ty
+    BLOCK_HALF: tl.constexpr = cos.shape[2]
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_j = tl.arange(0, BLOCK_HALF)
+    ptrs = (x_ptr + offs_t.to(tl.int64)[:, None, None] * stride_t
+            + offs_h[None, :, None] * stride_h + offs_j[None, None, :])
+    mask = mask_t[:, None, None] & (offs_h < H)[None, :, None] & (offs_j < HALF)[None, None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    # q * cos + rotate_half(q) * sin with rotate_half(q) = (-x2, x1), each product rounded to the
+    # storage dtype before the add (round(-a) = -round(a), so the subtraction is the same sum).
+    out1 = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
+    out2 = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
+    tl.store(ptrs, out1, mask=mask)
+    tl.store(ptrs + HALF, out2, mask=mask)
+    return out1, out2
+
+
+@triton.jit
 def _mrope_kernel(
     q_ptr, k_ptr, pos_ptr, inv_freq_ptr,
     T, HQ, HK,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_pr, stride_pt,
-    HALF: tl.constexpr, SEC_T: tl.constexpr, SEC_TH: tl.constexpr,
+    HALF: tl.constexpr, SEC_T: tl.constexpr, SEC_TH: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
     # One program: BLOCK_T tokens x all q heads and all k heads; cos/sin computed once for both.
+    # HALF = rotary_dim / 2 frequencies: only the first 2 * HALF dims of a head are read or written.
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     cos, sin = _mrope_cos_sin(pos_ptr, inv_freq_ptr, stride_pr, stride_pt, offs_t, mask_t,
                               q_ptr.dtype.element_ty, HALF, SEC_T, SEC_TH, BLOCK_HALF)
-    _rope_interleaved(q_ptr, stride_qt, stride_qh, HQ, offs_t, mask_t, cos, sin, HALF, BLOCK_HQ)
-    _rope_interleaved(k_ptr, stride_kt, stride_kh, HK, offs_t, mask_t, cos, sin, HALF, BLOCK_HK)
+    if INTERLEAVED:
+        _rope_interleaved(q_ptr, stride_qt, stride_qh, HQ, offs_t, mask_t, cos, sin, HALF, BLOCK_HQ)
+        _rope_interleaved(k_ptr, stride_kt, stride_kh, HK, offs_t, mask_t, cos, sin, HALF, BLOCK_HK)
+    else:
+        _rope_neox(q_ptr, stride_qt, stride_qh, HQ, offs_t, mask_t, cos, sin, HALF, BLOCK_HQ)
+        _rope_neox(k_ptr, stride_kt, stride_kh, HK, offs_t, mask_t, cos, sin, HALF, BLOCK_HK)
 
 
 @triton.jit
@@ -257,40 +302,83 @@ def _mrope_write_kv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pr, stride_pt,
     stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
-    HALF: tl.constexpr, SEC_T: tl.constexpr, SEC_TH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, SEC_T: tl.constexpr, SEC_TH: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # _mrope_kernel, then the rotated k (still in registers) and v of the same BLOCK_T tokens are
-    # stored at their cache slots: [BLOCK_T, BLOCK_HK, 2 * BLOCK_HALF] each, slot -1 rows skipped.
+    # _mrope_kernel, then the whole k row of the same BLOCK_T tokens is stored at its cache slot
+    # (slot -1 rows skipped): the rotated dims [0, 2 * HALF) from registers, the pass-through
+    # dims [2 * HALF, HEAD_DIM) (a BLOCK_PASS tile, absent when the rotation is full) copied from
+    # k, which the rotation did not touch; then v [BLOCK_T, BLOCK_HK, BLOCK_D].
+    ROTARY: tl.constexpr = 2 * HALF
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     cos, sin = _mrope_cos_sin(pos_ptr, inv_freq_ptr, stride_pr, stride_pt, offs_t, mask_t,
                               q_ptr.dtype.element_ty, HALF, SEC_T, SEC_TH, BLOCK_HALF)
-    _rope_interleaved(q_ptr, stride_qt, stride_qh, HQ, offs_t, mask_t, cos, sin, HALF, BLOCK_HQ)
-    k = _rope_interleaved(k_ptr, stride_kt, stride_kh, HK, offs_t, mask_t, cos, sin, HALF,
-                          BLOCK_HK)
+    if INTERLEAVED:
+        _rope_interleaved(q_ptr, stride_qt, stride_qh, HQ, offs_t, mask_t, cos, sin, HALF, BLOCK_HQ)
+        k = _rope_interleaved(k_ptr, stride_kt, stride_kh, HK, offs_t, mask_t, cos, sin, HALF,
+                              BLOCK_HK)
+    else:
+        _rope_neox(q_ptr, stride_qt, stride_qh, HQ, offs_t, mask_t, cos, sin, HALF, BLOCK_HQ)
+        k1, k2 = _rope_neox(k_ptr, stride_kt, stride_kh, HK, offs_t, mask_t, cos, sin, HALF,
+                            BLOCK_HK)
 
     slot = tl.load(slot_mapping_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_HK)
-    offs_d = tl.arange(0, 2 * BLOCK_HALF)
-    mask = ((slot >= 0)[:, None, None] & (offs_h < HK)[None, :, None]
-            & (offs_d < 2 * HALF)[None, None, :])
+    # [BLOCK_T, BLOCK_HK, 1]: whether each (token, kv head) row is stored, and where it starts
+    row_mask = (slot >= 0)[:, None, None] & (offs_h < HK)[None, :, None]
     block = (slot // BLOCK_SIZE)[:, None, None]
     in_block = (slot % BLOCK_SIZE)[:, None, None]
-    kc = (k_cache_ptr + block * stride_kc_block + in_block * stride_kc_slot
-          + offs_h[None, :, None] * stride_kc_head + offs_d[None, None, :])
-    tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    kc_row = (k_cache_ptr + block * stride_kc_block + in_block * stride_kc_slot
+              + offs_h[None, :, None] * stride_kc_head)
+    kc_dtype = k_cache_ptr.dtype.element_ty
+    if INTERLEAVED:
+        offs_r = tl.arange(0, 2 * BLOCK_HALF)[None, None, :]
+        tl.store(kc_row + offs_r, k.to(kc_dtype), mask=row_mask & (offs_r < ROTARY))
+    else:
+        offs_j = tl.arange(0, BLOCK_HALF)[None, None, :]
+        half_mask = row_mask & (offs_j < HALF)
+        tl.store(kc_row + offs_j, k1.to(kc_dtype), mask=half_mask)
+        tl.store(kc_row + HALF + offs_j, k2.to(kc_dtype), mask=half_mask)
+    if ROTARY < HEAD_DIM:
+        offs_p = ROTARY + tl.arange(0, BLOCK_PASS)[None, None, :]
+        pass_mask = row_mask & (offs_p < HEAD_DIM)
+        k_pass = tl.load(k_ptr + offs_t.to(tl.int64)[:, None, None] * stride_kt
+                         + offs_h[None, :, None] * stride_kh + offs_p, mask=pass_mask)
+        tl.store(kc_row + offs_p, k_pass.to(kc_dtype), mask=pass_mask)
+
+    offs_d = tl.arange(0, BLOCK_D)[None, None, :]
+    v_mask = row_mask & (offs_d < HEAD_DIM)
     v = tl.load(v_ptr + offs_t.to(tl.int64)[:, None, None] * stride_vt
-                + offs_h[None, :, None] * stride_vh + offs_d[None, None, :], mask=mask)
+                + offs_h[None, :, None] * stride_vh + offs_d, mask=v_mask)
     vc = (v_cache_ptr + block * stride_vc_block + in_block * stride_vc_slot
-          + offs_h[None, :, None] * stride_vc_head + offs_d[None, None, :])
-    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+          + offs_h[None, :, None] * stride_vc_head + offs_d)
+    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+
+
+def _check_rotary(head_dim: int, rotary_dim: int | None, mrope_section, interleaved: bool
+                  ) -> tuple[list[int], int]:
+    """Validate the rotation's arguments for a head dim; returns (3 section sizes, rotary_dim)."""
+    if not isinstance(interleaved, bool):
+        raise ValueError(f"interleaved must be a bool, got {interleaved!r}")
+    rotary = head_dim if rotary_dim is None else rotary_dim
+    if (isinstance(rotary, bool) or not isinstance(rotary, int) or rotary % 2
+            or not 2 <= rotary <= head_dim):
+        raise ValueError(f"rotary_dim must be an even number from 2 to head_dim = {head_dim} "
+                         f"(None: the whole head), got {rotary_dim!r}")
+    sections = [int(s) for s in mrope_section]
+    if len(sections) != 3 or sum(sections) != rotary // 2 or min(sections) < 0:
+        raise ValueError(f"mrope_section must be 3 sizes summing to rotary_dim/2 = {rotary // 2} "
+                         f"(rotary_dim {rotary}, head_dim {head_dim}), got {sections}")
+    return sections, rotary
 
 
 def _check_mrope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                 mrope_section: tuple[int, int, int] | list[int]) -> list[int]:
-    """Validate mrope_'s arguments; returns the three section sizes."""
+                 mrope_section: tuple[int, int, int] | list[int], rotary_dim: int | None,
+                 interleaved: bool) -> tuple[list[int], int]:
+    """Validate mrope_'s arguments; returns (the three section sizes, rotary_dim)."""
     _check_heads("q", q)
     _check_heads("k", k)
     T, _, D = q.shape
@@ -298,101 +386,127 @@ def _check_mrope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         raise ValueError(f"k {tuple(k.shape)} {k.dtype} must match q {tuple(q.shape)} {q.dtype} "
                          "in tokens, head_dim and dtype")
     check_head_dim("head_dim", D, 2)
-    sections = [int(s) for s in mrope_section]
-    if len(sections) != 3 or sum(sections) != D // 2 or min(sections) < 0:
-        raise ValueError(f"mrope_section must be 3 sizes summing to head_dim/2 = {D // 2}, got "
-                         f"{sections}")
+    sections, rotary = _check_rotary(D, rotary_dim, mrope_section, interleaved)
     _check_positions(positions, (3, T), q)
-    return sections
+    return sections, rotary
+
+
+def _mrope_meta(T: int, HQ: int, HK: int, rotary: int, sections: list[int],
+                interleaved: bool) -> tuple[int, dict]:
+    """(programs, launch constexprs) shared by the two M-RoPE kernels."""
+    block_hq = triton.next_power_of_2(HQ)
+    block_half = triton.next_power_of_2(rotary // 2)
+    block_t, num_warps = _tile(T, block_hq, 2 * block_half)
+    return triton.cdiv(T, block_t), dict(
+        HALF=rotary // 2, SEC_T=sections[0], SEC_TH=sections[0] + sections[1],
+        INTERLEAVED=interleaved, BLOCK_T=block_t, BLOCK_HQ=block_hq,
+        BLOCK_HK=triton.next_power_of_2(HK), BLOCK_HALF=block_half, num_warps=num_warps,
+    )
 
 
 def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-           mrope_section: tuple[int, int, int] | list[int], theta: float = 10000.0) -> None:
-    """In place: rotate q [T, Hq, D] and k [T, Hk, D] with 3D M-RoPE over the whole head dim.
+           mrope_section: tuple[int, int, int] | list[int], theta: float = 10000.0,
+           rotary_dim: int | None = None, interleaved: bool = True) -> None:
+    """In place: rotate the first rotary_dim dims of q [T, Hq, D] and k [T, Hk, D] with 3D M-RoPE.
 
     q, k: same dtype, any token/head strides, head_dim contiguous (views into a packed q|k|v
     projection output are fine); D even, up to 256. positions: [3, T] int32/int64 (t, h, w rows),
-    any strides. mrope_section: 3 section sizes summing to D/2 (GLM-OCR: [16, 24, 24] with
-    D = 128). Dims (2j, 2j+1) rotate by pos[row(j)] * theta^(-2j/D). As for the vision kernel,
-    make the first call per (theta, D, device) before CUDA-graph capture.
+    any strides. rotary_dim: even, 2..D, None = D; dims [rotary_dim, D) are neither read nor
+    written. mrope_section: 3 section sizes summing to rotary_dim/2 (GLM-OCR: [16, 24, 24] with
+    D = rotary_dim = 128; GLM-Image: [8, 12, 12] with D = 128, rotary_dim = 64). Frequency j =
+    theta^(-2j/rotary_dim) turns by pos[row(j)]; interleaved=True rotates the pair (2j, 2j+1)
+    (GPT-J, GLM-OCR), interleaved=False the dims (j, rotary_dim/2 + j) (NeoX rotate_half,
+    GLM-Image). As for the vision kernel, make the first call per (theta, rotary_dim, device) before
+    CUDA-graph capture.
     """
-    sections = _check_mrope(q, k, positions, mrope_section)
+    sections, rotary = _check_mrope(q, k, positions, mrope_section, rotary_dim, interleaved)
     T, HQ, D = q.shape
     HK = k.shape[1]
     if T == 0:
         return
-    block_hq = triton.next_power_of_2(HQ)
-    block_half = triton.next_power_of_2(D // 2)
-    block_t, num_warps = _tile(T, block_hq, 2 * block_half)
-    _mrope_kernel[(triton.cdiv(T, block_t),)](
-        q, k, positions, _inv_freq(float(theta), D, q.device),
+    programs, meta = _mrope_meta(T, HQ, HK, rotary, sections, interleaved)
+    _mrope_kernel[(programs,)](
+        q, k, positions, _inv_freq(float(theta), rotary, q.device),
         T, HQ, HK,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions.stride(0), positions.stride(1),
-        HALF=D // 2, SEC_T=sections[0], SEC_TH=sections[0] + sections[1],
-        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(HK),
-        BLOCK_HALF=block_half, num_warps=num_warps,
+        **meta,
     )
 
 
 def mrope_write_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     mrope_section: tuple[int, int, int] | list[int], theta: float,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
+                    slot_mapping: torch.Tensor, rotary_dim: int | None = None,
+                    interleaved: bool = True) -> None:
     """`mrope_(q, k, ...)` then `write_kv_cache(k, v, ...)` in one launch, with the same results.
 
     q [T, Hq, D] and k [T, Hkv, D] are rotated in place (prefill attention reads k from there);
-    the rotated k and v [T, Hkv, D] are stored at slot_mapping [T] (contiguous int32/int64, -1 =
-    skip) into k_cache, v_cache [num_blocks, block_size, Hkv, D]. Same argument rules as the two
-    calls it replaces; reads no device tensor on the host, so it can be captured in a CUDA graph
-    (after a first call per (theta, D, device), which uploads the frequency table).
+    the whole rotated k rows (pass-through dims included) and v [T, Hkv, D] are stored at
+    slot_mapping [T] (contiguous int32/int64, -1 = skip) into k_cache, v_cache [num_blocks,
+    block_size, Hkv, D]. Same argument rules as the two calls it replaces; reads no device tensor
+    on the host, so it can be captured in a CUDA graph (after a first call per (theta, rotary_dim,
+    device), which uploads the frequency table).
     """
-    sections = _check_mrope(q, k, positions, mrope_section)
+    sections, rotary = _check_mrope(q, k, positions, mrope_section, rotary_dim, interleaved)
     check_kv_write(k, v, k_cache, v_cache, slot_mapping)
     T, HQ, D = q.shape
     HK = k.shape[1]
     if T == 0:
         return
-    block_hq = triton.next_power_of_2(HQ)
-    block_half = triton.next_power_of_2(D // 2)
-    block_t, num_warps = _tile(T, block_hq, 2 * block_half)
-    _mrope_write_kv_kernel[(triton.cdiv(T, block_t),)](
-        q, k, v, positions, _inv_freq(float(theta), D, q.device), k_cache, v_cache, slot_mapping,
+    programs, meta = _mrope_meta(T, HQ, HK, rotary, sections, interleaved)
+    _mrope_write_kv_kernel[(programs,)](
+        q, k, v, positions, _inv_freq(float(theta), rotary, q.device), k_cache, v_cache,
+        slot_mapping,
         T, HQ, HK,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         positions.stride(0), positions.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HALF=D // 2, SEC_T=sections[0], SEC_TH=sections[0] + sections[1],
-        BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(HK),
-        BLOCK_HALF=block_half, num_warps=num_warps,
+        HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_PASS=triton.next_power_of_2(D - rotary) if rotary < D else 1,
+        BLOCK_D=triton.next_power_of_2(D), **meta,
     )
 
 
 def mrope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-              mrope_section: tuple[int, int, int] | list[int], theta: float = 10000.0
+              mrope_section: tuple[int, int, int] | list[int], theta: float = 10000.0,
+              rotary_dim: int | None = None, interleaved: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch twin of `mrope_` (GlmOcrTextRotaryEmbedding + apply_rotary_pos_emb)."""
+    """Plain-torch twin of `mrope_`: transformers' text rotary embedding + apply_rotary_pos_emb,
+    GlmOcr's (interleaved=True) or GlmImage's (interleaved=False). q [T, Hq, D], k [T, Hk, D],
+    positions [3, T]; returns new (q, k), dims [rotary_dim, D) copied unchanged."""
     D = q.shape[-1]
-    freqs = positions[..., None].float() * _inv_freq(float(theta), D, q.device)  # [3, T, D/2]
-    freqs = torch.cat([f[i] for i, f in enumerate(freqs.split(list(mrope_section), dim=-1))], dim=-1)
-    cos = freqs.cos().to(q.dtype).float().repeat_interleave(2, dim=-1)[:, None, :]  # [T, 1, D]
-    sin = freqs.sin().to(q.dtype).float().repeat_interleave(2, dim=-1)[:, None, :]
+    sections, rotary = _check_rotary(D, rotary_dim, mrope_section, interleaved)
+    freqs = positions[..., None].float() * _inv_freq(float(theta), rotary, q.device)  # [3, T, R/2]
+    # [T, R/2]: section i of the frequencies turns by position row i
+    freqs = torch.cat([f[i] for i, f in enumerate(freqs.split(sections, dim=-1))], dim=-1)
+    cos, sin = freqs.cos().to(q.dtype).float(), freqs.sin().to(q.dtype).float()
+    if interleaved:  # frequency j on dims (2j, 2j+1)
+        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+    else:  # frequency j on dims j and R/2 + j
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, R]
 
-    def rope(x: torch.Tensor) -> torch.Tensor:  # x * cos + rotate_pairs(x) * sin, rounded like x's dtype
-        xf = x.float()
-        rotated = torch.stack((-xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
-        return ((xf * cos).to(x.dtype).float() + (rotated * sin).to(x.dtype).float()).to(x.dtype)
+    def rope(x: torch.Tensor) -> torch.Tensor:  # x * cos + rotate(x) * sin, rounded like x's dtype
+        xf = x[..., :rotary].float()
+        if interleaved:
+            rotated = torch.stack((-xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
+        else:
+            x1, x2 = xf.chunk(2, dim=-1)
+            rotated = torch.cat((-x2, x1), dim=-1)
+        out = ((xf * cos).to(x.dtype).float() + (rotated * sin).to(x.dtype).float()).to(x.dtype)
+        return torch.cat([out, x[..., rotary:]], dim=-1)
 
     return rope(q), rope(k)
 
 
 def mrope_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        mrope_section: tuple[int, int, int] | list[int], theta: float,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       rotary_dim: int | None = None, interleaved: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-torch twin of `mrope_write_kv_`: returns (rotated q, rotated k, new k_cache, new
     v_cache), the inputs left untouched (`mrope_ref` then `write_kv_cache_ref`)."""
-    q_rot, k_rot = mrope_ref(q, k, positions, mrope_section, theta)
+    q_rot, k_rot = mrope_ref(q, k, positions, mrope_section, theta, rotary_dim, interleaved)
     k_out, v_out = write_kv_cache_ref(k_rot, v, k_cache, v_cache, slot_mapping)
     return q_rot, k_rot, k_out, v_out

@@ -89,10 +89,12 @@ class TorchOps:
 
     def mrope_write_kv(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor,
                        mrope_section: tuple[int, int, int], theta: float, k_cache: Tensor, v_cache: Tensor,
-                       slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
+                       slot_mapping: Tensor, rotary_dim: int | None = None,
+                       interleaved: bool = True) -> tuple[Tensor, Tensor]:
         """q [T, Hq, D], k/v [T, Hkv, D], positions [3, T] -> rotated (q, k), rounded as transformers
-        does; the rotated k and v are written into the paged caches at slot_mapping."""
-        q, k = rope.mrope_ref(q, k, positions, mrope_section, theta)
+        does; the rotated k and v are written into the paged caches at slot_mapping. rotary_dim
+        (None = D) dims rotate, GPT-J pairs (interleaved, GLM-OCR) or NeoX halves (GLM-Image)."""
+        q, k = rope.mrope_ref(q, k, positions, mrope_section, theta, rotary_dim, interleaved)
         self.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
         return q, k
 
@@ -164,8 +166,10 @@ class TritonOps(TorchOps):
         rope.vision_qk_norm_rope_(q, k, q_weight, k_weight, positions, theta, eps)
         return q, k
 
-    def mrope_write_kv(self, q, k, v, positions, mrope_section, theta, k_cache, v_cache, slot_mapping):
-        rope.mrope_write_kv_(q, k, v, positions, mrope_section, theta, k_cache, v_cache, slot_mapping)  # one launch
+    def mrope_write_kv(self, q, k, v, positions, mrope_section, theta, k_cache, v_cache, slot_mapping,
+                       rotary_dim=None, interleaved=True):
+        rope.mrope_write_kv_(q, k, v, positions, mrope_section, theta, k_cache, v_cache, slot_mapping,
+                             rotary_dim, interleaved)  # one launch
         return q, k
 
     def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, causal):

@@ -1,7 +1,11 @@
 """glmrt.kernels.rope: kernels vs their plain-torch references vs transformers' GlmOcr code."""
 import pytest
 import torch
-from transformers import GlmOcrTextConfig, GlmOcrVisionConfig
+from transformers import GlmImageTextConfig, GlmOcrTextConfig, GlmOcrVisionConfig
+from transformers.models.glm_image.modeling_glm_image import GlmImageTextRotaryEmbedding
+from transformers.models.glm_image.modeling_glm_image import (
+    apply_rotary_pos_emb as glm_image_apply_rotary_pos_emb,
+)
 from transformers.models.glm_ocr.modeling_glm_ocr import (
     GlmOcrRMSNorm,
     GlmOcrTextRotaryEmbedding,
@@ -20,11 +24,18 @@ from glmrt.kernels.rope import (
     vision_qk_norm_rope_,
     vision_qk_norm_rope_ref,
 )
+from glmrt.model.ops import TorchOps, TritonOps
 from tests.kernels.hopper import compile_for_hopper
 
 THETA = 10000.0
 EPS = 1e-5
 MAX_POS = 10000
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """x's raw bits as integers: equal iff bit-identical, NaNs (poison) included."""
+    return x.view({torch.float32: torch.int32, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}[x.dtype])
 
 
 def _assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -77,15 +88,20 @@ def _run_vision(S: int, H: int, D: int, dtype: torch.dtype, device: str = "cpu",
 
 
 def _run_mrope(T: int, HQ: int, HK: int, D: int, sections: list[int], dtype: torch.dtype,
-               device: str = "cpu", pos_dtype: torch.dtype = torch.int64) -> None:
+               device: str = "cpu", pos_dtype: torch.dtype = torch.int64,
+               rotary_dim: int | None = None, interleaved: bool = True) -> None:
     qkv, q, k = _packed_qkv(T, (HQ, HK, HK), D, dtype, device)
-    v_before = qkv[:, (HQ + HK) * D:].clone()
+    before = qkv.clone()
     positions = _text_positions(T, device, pos_dtype)
-    q_ref, k_ref = mrope_ref(q, k, positions, sections, THETA)
-    mrope_(q, k, positions, sections, THETA)
+    q_ref, k_ref = mrope_ref(q, k, positions, sections, THETA, rotary_dim, interleaved)
+    mrope_(q, k, positions, sections, THETA, rotary_dim, interleaved)
     _assert_matches(q, q_ref)
     _assert_matches(k, k_ref)
-    assert torch.equal(qkv[:, (HQ + HK) * D:], v_before), "v was written"
+    assert torch.equal(qkv[:, (HQ + HK) * D:], before[:, (HQ + HK) * D:]), "v was written"
+    # the pass-through dims of every q and k head keep their bits
+    R = D if rotary_dim is None else rotary_dim
+    heads = qkv.view(T, -1, D)[:, : HQ + HK]
+    assert _bits(heads[..., R:]).equal(_bits(before.view(T, -1, D)[:, : HQ + HK, R:]))
 
 
 # ---- kernels vs references (Triton interpreter on CPU, compiled on a GPU) --------------------------
@@ -139,6 +155,46 @@ def test_mrope_any_head_dim(D, sections, dtype):
     _run_mrope(5, 3, 2, D, sections, dtype)
 
 
+# (T, Hq, Hk, D, rotary_dim, mrope_section): partial and full rotations, sizes that are not powers
+# of two, GQA and odd token counts (several programs, a ragged last one).
+ROTARY_CASES = [
+    (7, 4, 2, 64, 32, [4, 6, 6]),         # half the head rotates
+    (5, 3, 1, 48, 24, [2, 5, 5]),         # rotary/2 = 12 and D = 48 padded, odd sections
+    (33, 5, 3, 128, 64, [8, 12, 12]),     # GLM-Image's split, odd head counts
+    (3, 32, 2, 128, 64, [8, 12, 12]),     # GLM-Image's heads
+    (6, 3, 1, 80, 32, [4, 6, 6]),         # 48 pass-through dims, padded to 64
+    (9, 4, 2, 40, 40, [6, 7, 7]),         # full rotation, D not a power of two
+    (1, 2, 2, 128, 128, [16, 24, 24]),    # full rotation, a decode row, Hq == Hk
+    (5, 3, 2, 256, 128, [16, 24, 24]),    # the widest head
+    (4, 2, 1, 64, 2, [1, 0, 0]),          # a single frequency
+]
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,HQ,HK,D,rotary_dim,sections", ROTARY_CASES)
+def test_mrope_rotary_dim_matches_ref(T, HQ, HK, D, rotary_dim, sections, dtype, interleaved):
+    # NeoX halves (GLM-Image) and, for the same sizes, GPT-J pairs over a partial rotary dim.
+    torch.manual_seed(T * 1000 + D + rotary_dim)
+    _run_mrope(T, HQ, HK, D, sections, dtype, pos_dtype=torch.int32 if T % 2 else torch.int64,
+               rotary_dim=rotary_dim, interleaved=interleaved)
+
+
+def test_mrope_rotary_dim_none_is_the_whole_head():
+    torch.manual_seed(5)
+    q, k = torch.randn(6, 3, 48), torch.randn(6, 1, 48)
+    positions = _text_positions(6)
+    for interleaved in (False, True):
+        whole = mrope_ref(q, k, positions, [4, 10, 10], THETA, None, interleaved)
+        explicit = mrope_ref(q, k, positions, [4, 10, 10], THETA, 48, interleaved)
+        assert all(torch.equal(a, b) for a, b in zip(whole, explicit))
+    # the layouts differ: NeoX is the interleaved rotation with the dims permuted
+    neox = mrope_ref(q, k, positions, [4, 10, 10], THETA, interleaved=False)[0]
+    perm = torch.arange(48).view(2, 24).t().flatten()  # pair (2j, 2j+1) <- dims (j, 24 + j)
+    pairs = mrope_ref(q[..., perm], k[..., perm], positions, [4, 10, 10], THETA)[0]
+    assert torch.equal(neox[..., perm], pairs)
+
+
 def test_tile_keeps_glm_shapes_and_grows_warps_for_wide_tokens():
     # GLM-OCR's shapes keep 4 warps; a token whose heads alone exceed the tile gets more warps.
     assert _tile(1000, 16, 128) == (2, 4)
@@ -170,6 +226,42 @@ def test_errors_name_the_offending_tensor():
         mrope_(big, big, torch.zeros(3, 4, dtype=torch.int64), [130, 0, 0])
 
 
+@pytest.mark.parametrize("rotary_dim,sections,message", [
+    (31, [4, 6, 6], "rotary_dim must be an even number from 2 to head_dim = 64"),
+    (66, [11, 11, 11], "rotary_dim must be an even number from 2 to head_dim = 64"),
+    (0, [0, 0, 0], "rotary_dim must be an even number"),
+    (-32, [4, 6, 6], "rotary_dim must be an even number"),
+    (32.0, [4, 6, 6], "rotary_dim must be an even number"),
+    (32, [8, 12, 12], r"mrope_section must be 3 sizes summing to rotary_dim/2 = 16 "
+                      r"\(rotary_dim 32, head_dim 64\), got \[8, 12, 12\]"),
+    (32, [4, 6, 4], "mrope_section must be 3 sizes summing to rotary_dim/2 = 16"),
+    (32, [4, 12], "mrope_section must be 3 sizes"),
+    (None, [4, 6, 6], "mrope_section must be 3 sizes summing to rotary_dim/2 = 32"),
+])
+def test_bad_rotary_dim_or_sections_raise(rotary_dim, sections, message):
+    _, q, k, v, k_cache, v_cache, slots = _fused_case(4, 4, 2, 64, torch.float32)
+    positions = _text_positions(4)
+    for interleaved in (False, True):
+        calls = [
+            lambda: mrope_(q, k, positions, sections, THETA, rotary_dim, interleaved),
+            lambda: mrope_ref(q, k, positions, sections, THETA, rotary_dim, interleaved),
+            lambda: mrope_write_kv_(q, k, v, positions, sections, THETA, k_cache, v_cache, slots,
+                                    rotary_dim, interleaved),
+            lambda: mrope_write_kv_ref(q, k, v, positions, sections, THETA, k_cache, v_cache, slots,
+                                       rotary_dim, interleaved),
+        ]
+        for call in calls:
+            with pytest.raises(ValueError, match=message):
+                call()
+    assert (k_cache == SENTINEL).all() and (v_cache == SENTINEL).all()
+
+
+def test_interleaved_must_be_a_bool():
+    q, k = torch.randn(4, 2, 64), torch.randn(4, 2, 64)
+    with pytest.raises(ValueError, match="interleaved must be a bool, got 'neox'"):
+        mrope_(q, k, _text_positions(4), [4, 6, 6], THETA, 32, "neox")
+
+
 # ---- M-RoPE fused with the paged KV-cache write -----------------------------------------------------
 
 SENTINEL = -1234.5
@@ -180,14 +272,15 @@ def _v_view(qkv: torch.Tensor, HQ: int, HK: int, D: int) -> torch.Tensor:
 
 
 def _fused_case(T: int, HQ: int, HK: int, D: int, dtype: torch.dtype, device: str = "cpu",
-                block_size: int = 16, slot_dtype: torch.dtype = torch.int64):
-    """Packed q|k|v views, sentinel-filled caches, and a slot mapping with a few -1 rows."""
+                block_size: int = 16, slot_dtype: torch.dtype = torch.int64,
+                fill: float = SENTINEL):
+    """Packed q|k|v views, caches filled with `fill`, and a slot mapping with a few -1 rows."""
     qkv, q, k = _packed_qkv(T, (HQ, HK, HK), D, dtype, device)
     v = _v_view(qkv, HQ, HK, D)
     num_blocks = T // block_size + 2
     cache_shape = (num_blocks, block_size, HK, D)
-    k_cache = torch.full(cache_shape, SENTINEL, dtype=dtype, device=device)
-    v_cache = torch.full(cache_shape, SENTINEL, dtype=dtype, device=device)
+    k_cache = torch.full(cache_shape, fill, dtype=dtype, device=device)
+    v_cache = torch.full(cache_shape, fill, dtype=dtype, device=device)
     slots = torch.randperm(num_blocks * block_size)[:T]
     slots[1::4] = -1  # padding rows of a graph batch
     return qkv, q, k, v, k_cache, v_cache, slots.to(slot_dtype).to(device)
@@ -195,33 +288,44 @@ def _fused_case(T: int, HQ: int, HK: int, D: int, dtype: torch.dtype, device: st
 
 def _run_mrope_write_kv(T: int, HQ: int, HK: int, D: int, sections: list[int],
                         dtype: torch.dtype, device: str = "cpu",
-                        slot_dtype: torch.dtype = torch.int64) -> None:
+                        slot_dtype: torch.dtype = torch.int64, rotary_dim: int | None = None,
+                        interleaved: bool = True, fill: float = SENTINEL) -> None:
     qkv, q, k, v, k_cache, v_cache, slots = _fused_case(T, HQ, HK, D, dtype, device,
-                                                        slot_dtype=slot_dtype)
+                                                        slot_dtype=slot_dtype, fill=fill)
     positions = _text_positions(T, device)
+    rope = (rotary_dim, interleaved)
+    k_before = k.clone()
     # the two launches the fused kernel replaces, on copies
     qkv2 = qkv.clone()
     q2 = qkv2[:, : HQ * D].view(T, HQ, D)
     k2 = qkv2[:, HQ * D: (HQ + HK) * D].view(T, HK, D)
     v2 = _v_view(qkv2, HQ, HK, D)
     k_cache2, v_cache2 = k_cache.clone(), v_cache.clone()
-    mrope_(q2, k2, positions, sections, THETA)
+    mrope_(q2, k2, positions, sections, THETA, *rope)
     write_kv_cache(k2, v2, k_cache2, v_cache2, slots)
 
     q_ref, k_ref, k_cache_ref, v_cache_ref = mrope_write_kv_ref(q, k, v, positions, sections, THETA,
-                                                                k_cache, v_cache, slots)
-    assert mrope_write_kv_(q, k, v, positions, sections, THETA, k_cache, v_cache, slots) is None
+                                                                k_cache, v_cache, slots, *rope)
+    assert mrope_write_kv_(q, k, v, positions, sections, THETA, k_cache, v_cache, slots,
+                           *rope) is None
     # exactly what the two launches produce, bit for bit (v untouched in the packed output)
     assert torch.equal(qkv, qkv2)
-    assert torch.equal(k_cache, k_cache2) and torch.equal(v_cache, v_cache2)
-    # and the reference's numbers; slot -1 rows and untouched slots keep the sentinel
+    assert _bits(k_cache).equal(_bits(k_cache2)) and _bits(v_cache).equal(_bits(v_cache2))
+    # and the reference's numbers; slot -1 rows and untouched slots keep the fill
     _assert_matches(q, q_ref)
     _assert_matches(k, k_ref)
-    written = (k_cache_ref != SENTINEL).any(-1).any(-1)  # [num_blocks, block_size]
-    assert written.sum().item() == (slots >= 0).sum().item()
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=device)  # [blocks, slots]
+    written.view(-1)[slots[slots >= 0].long()] = True
+    untouched = _bits(torch.full_like(k_cache[~written], fill))
+    for cache in (k_cache, k_cache_ref, v_cache):
+        assert _bits(cache[~written]).equal(untouched), "a slot -1 row or a free slot was written"
     _assert_matches(k_cache[written], k_cache_ref[written])
-    assert (k_cache[~written] == SENTINEL).all()
-    assert torch.equal(v_cache, v_cache_ref)
+    assert _bits(v_cache).equal(_bits(v_cache_ref))
+    # the cache holds the whole k row: pass-through dims exactly as they came in
+    R = D if rotary_dim is None else rotary_dim
+    stored = slots >= 0
+    flat_k_cache = k_cache.view(-1, HK, D)
+    assert _bits(flat_k_cache[slots[stored].long(), :, R:]).equal(_bits(k_before[stored, :, R:]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -253,6 +357,34 @@ def test_mrope_write_kv_no_tokens_and_bad_arguments():
     with pytest.raises(ValueError, match="slot_mapping must be a contiguous"):
         mrope_write_kv_(q, k, v, positions, [4, 6, 6], THETA, k_cache, v_cache,
                         torch.zeros(8, dtype=torch.int64)[::2])
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,HQ,HK,D,rotary_dim,sections", ROTARY_CASES)
+def test_mrope_write_kv_rotary_dim_matches_two_launches_and_ref(T, HQ, HK, D, rotary_dim,
+                                                                 sections, dtype, interleaved):
+    # NaN-poisoned caches: a slot -1 row, a free slot or a pass-through dim written wrongly shows.
+    torch.manual_seed(T * 1000 + D + rotary_dim)
+    _run_mrope_write_kv(T, HQ, HK, D, sections, dtype,
+                        slot_dtype=torch.int32 if T % 2 else torch.int64, rotary_dim=rotary_dim,
+                        interleaved=interleaved, fill=float("nan"))
+
+
+def test_ops_pass_rotary_dim_and_layout_through():
+    # TorchOps (the reference) and TritonOps (the fused kernel) with GLM-Image's rotation.
+    torch.manual_seed(6)
+    T, HQ, HK, D, sections = 5, 4, 2, 64, [4, 6, 6]
+    _, q, k, v, k_cache, v_cache, slots = _fused_case(T, HQ, HK, D, torch.float32)
+    positions = _text_positions(T)
+    expected = mrope_write_kv_ref(q, k, v, positions, sections, THETA, k_cache, v_cache, slots,
+                                  32, False)
+    for ops in (TorchOps(), TritonOps()):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        q_out, k_out = ops.mrope_write_kv(q.clone(), k.clone(), v, positions, sections, THETA,
+                                          kc, vc, slots, rotary_dim=32, interleaved=False)
+        for ours, ref in zip((q_out, k_out, kc, vc), expected):
+            _assert_matches(ours, ref)
 
 
 # ---- references and kernels vs transformers (fp32) --------------------------------------------------
@@ -323,6 +455,83 @@ def test_mrope_ref_is_bit_exact_with_transformers_low_precision(dtype):
     assert torch.equal(k_ref, k_hf[0].transpose(0, 1))
 
 
+def _glm_image_rotary(B: int, T: int, H: int, D: int, factor: float, sections: list[int]):
+    """GLM-Image's text rotary embedding for a tiny config, and [3, B, T] positions."""
+    config = GlmImageTextConfig(
+        hidden_size=H * D, num_attention_heads=H, num_key_value_heads=H,
+        rope_parameters={"rope_type": "default", "rope_theta": THETA, "mrope_section": sections,
+                         "partial_rotary_factor": factor},
+    )
+    return GlmImageTextRotaryEmbedding(config), torch.randint(0, MAX_POS, (3, B, T))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D,factor,sections", [
+    (64, 0.5, [4, 6, 6]),
+    (128, 0.5, [8, 12, 12]),   # GLM-Image
+    (48, 0.5, [2, 5, 5]),
+    (40, 1.0, [6, 7, 7]),      # full rotation
+])
+def test_mrope_ref_neox_is_bit_exact_with_transformers_glm_image(D, factor, sections, dtype):
+    """mrope_ref(interleaved=False) is GlmImageTextRotaryEmbedding + apply_rotary_pos_emb, bit
+    for bit, in transformers' attention layout [B, H, T, D] with batched [3, B, T] positions."""
+    torch.manual_seed(D + len(str(dtype)))
+    B, T, HQ, HK = 2, 19, 4, 2
+    rotary, positions = _glm_image_rotary(B, T, HQ, D, factor, sections)
+    rotary_dim = int(D * factor)
+    assert rotary.inv_freq.shape == (rotary_dim // 2,)
+    q = torch.randn(B, HQ, T, D).to(dtype)
+    k = torch.randn(B, HK, T, D).to(dtype)
+    with torch.no_grad():
+        cos, sin = rotary(q, positions)  # [B, T, rotary_dim], in q's dtype
+        q_hf, k_hf = glm_image_apply_rotary_pos_emb(q, k, cos, sin)
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [B * T, H, D]
+        return x.transpose(1, 2).reshape(B * T, x.shape[1], D)
+
+    q_ref, k_ref = mrope_ref(tokens(q), tokens(k), positions.reshape(3, B * T), sections, THETA,
+                             rotary_dim=rotary_dim, interleaved=False)
+    assert torch.equal(q_ref, tokens(q_hf))
+    assert torch.equal(k_ref, tokens(k_hf))
+    assert torch.equal(q_ref[..., rotary_dim:], tokens(q)[..., rotary_dim:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mrope_ref_partial_interleaved_is_bit_exact_with_transformers_glm_ocr(dtype):
+    """GlmOcr's interleaved text rope honours partial_rotary_factor too; so does mrope_ref."""
+    torch.manual_seed(8)
+    T, HQ, HK, D = 23, 4, 2, 64
+    config = GlmOcrTextConfig(
+        hidden_size=96, num_attention_heads=HQ, num_key_value_heads=HK, head_dim=D,
+        rope_parameters={"rope_type": "default", "rope_theta": THETA, "mrope_section": [4, 6, 6],
+                         "partial_rotary_factor": 0.5},
+    )
+    q, k = torch.randn(T, HQ, D).to(dtype), torch.randn(T, HK, D).to(dtype)
+    positions = torch.randint(0, MAX_POS, (3, T))
+    with torch.no_grad():
+        cos, sin = GlmOcrTextRotaryEmbedding(config)(q, positions[:, None, :])  # [1, T, 32]
+        q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                          cos, sin)
+    q_ref, k_ref = mrope_ref(q, k, positions, [4, 6, 6], THETA, rotary_dim=32)
+    assert torch.equal(q_ref, q_hf[0].transpose(0, 1))
+    assert torch.equal(k_ref, k_hf[0].transpose(0, 1))
+
+
+def test_mrope_neox_kernel_matches_transformers_glm_image():
+    # the kernel itself against transformers (fp32), on strided views of a packed projection
+    torch.manual_seed(9)
+    T, HQ, HK, D, sections = 21, 4, 2, 128, [8, 12, 12]
+    rotary, positions = _glm_image_rotary(1, T, HQ, D, 0.5, sections)
+    qkv, q, k = _packed_qkv(T, (HQ, HK, HK), D, torch.float32)
+    with torch.no_grad():
+        cos, sin = rotary(q, positions)
+        q_hf, k_hf = glm_image_apply_rotary_pos_emb(q.transpose(0, 1)[None],
+                                                    k.transpose(0, 1)[None], cos, sin)
+    mrope_(q, k, positions[:, 0], sections, THETA, rotary_dim=64, interleaved=False)
+    torch.testing.assert_close(q, q_hf[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_hf[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
 # ---- sm_90 compile ----------------------------------------------------------------------------------
 
 
@@ -342,26 +551,30 @@ def _vision_spec(dtype: str, pos: str, D: int = 64, H: int = 16,
     return "glmrt.kernels.rope", "_vision_qk_norm_rope_kernel", signature, constexprs
 
 
-def _mrope_constexprs(D: int, HQ: int, HK: int, block_t: int) -> dict:
-    sec_t = D // 8  # GLM-OCR's split of D/2 = 64 is [16, 24, 24]
-    return {"HALF": D // 2, "SEC_T": sec_t, "SEC_TH": sec_t + (D // 2 - sec_t) // 2,
-            "BLOCK_T": block_t, "BLOCK_HQ": _pow2(HQ), "BLOCK_HK": _pow2(HK),
-            "BLOCK_HALF": _pow2(D // 2)}
+def _mrope_constexprs(D: int, HQ: int, HK: int, block_t: int, rotary: int | None = None,
+                      interleaved: bool = True) -> dict:
+    half = (rotary or D) // 2
+    # GLM-OCR splits its 64 frequencies [16, 24, 24], GLM-Image its 32 [8, 12, 12]
+    sec_t = half // 4
+    return {"HALF": half, "SEC_T": sec_t, "SEC_TH": sec_t + (half - sec_t) // 2,
+            "INTERLEAVED": interleaved, "BLOCK_T": block_t, "BLOCK_HQ": _pow2(HQ),
+            "BLOCK_HK": _pow2(HK), "BLOCK_HALF": _pow2(half)}
 
 
-def _mrope_spec(dtype: str, pos: str, block_t: int, D: int = 128, HQ: int = 16,
-                HK: int = 8) -> tuple[str, str, dict, dict]:
+def _mrope_spec(dtype: str, pos: str, block_t: int, D: int = 128, HQ: int = 16, HK: int = 8,
+                rotary: int | None = None, interleaved: bool = True) -> tuple[str, str, dict, dict]:
     signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "pos_ptr": f"*{pos}",
                  "inv_freq_ptr": "*fp32", "T": "i32", "HQ": "i32", "HK": "i32"}
     signature |= {s: "i32" for s in ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
                                      "stride_pr", "stride_pt")}
-    constexprs = _mrope_constexprs(D, HQ, HK, block_t)
+    constexprs = _mrope_constexprs(D, HQ, HK, block_t, rotary, interleaved)
     signature |= {name: "constexpr" for name in constexprs}
     return "glmrt.kernels.rope", "_mrope_kernel", signature, constexprs
 
 
 def _mrope_write_kv_spec(dtype: str, pos: str, slot: str, block_t: int, D: int = 128,
-                         HQ: int = 16, HK: int = 8) -> tuple[str, str, dict, dict]:
+                         HQ: int = 16, HK: int = 8, rotary: int | None = None,
+                         interleaved: bool = True) -> tuple[str, str, dict, dict]:
     signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}",
                  "pos_ptr": f"*{pos}", "inv_freq_ptr": "*fp32", "k_cache_ptr": f"*{dtype}",
                  "v_cache_ptr": f"*{dtype}", "slot_mapping_ptr": f"*{slot}",
@@ -370,23 +583,41 @@ def _mrope_write_kv_spec(dtype: str, pos: str, slot: str, block_t: int, D: int =
                                      "stride_vt", "stride_vh", "stride_pr", "stride_pt",
                                      "stride_kc_block", "stride_kc_slot", "stride_kc_head",
                                      "stride_vc_block", "stride_vc_slot", "stride_vc_head")}
-    constexprs = _mrope_constexprs(D, HQ, HK, block_t) | {"BLOCK_SIZE": 16}
+    rotary = rotary or D
+    constexprs = _mrope_constexprs(D, HQ, HK, block_t, rotary, interleaved) | {
+        "HEAD_DIM": D, "BLOCK_SIZE": 16, "BLOCK_PASS": _pow2(D - rotary) if rotary < D else 1,
+        "BLOCK_D": _pow2(D)}
     signature |= {name: "constexpr" for name in constexprs}
     return "glmrt.kernels.rope", "_mrope_write_kv_kernel", signature, constexprs
+
+
+# GLM-Image's text attention: 32 q heads, 2 kv heads, head_dim 128, NeoX over the first 64 dims
+GLM_IMAGE_ROPE = dict(D=128, HQ=32, HK=2, rotary=64, interleaved=False)
 
 
 def test_compiles_for_sm90():
     specs = []
     for dtype in ("fp16", "bf16"):
         for pos in ("i32", "i64"):
+            slot = "i64" if pos == "i32" else "i32"
             specs += [_vision_spec(dtype, pos), _mrope_spec(dtype, pos, block_t=1),
                       _mrope_spec(dtype, pos, block_t=2),
-                      _mrope_write_kv_spec(dtype, pos, "i64" if pos == "i32" else "i32", 2)]
+                      _mrope_write_kv_spec(dtype, pos, slot, 2)]
+            # GLM-Image: a decode row and a prefill tile (_tile gives 2 tokens at 32 x 64)
+            specs += [_mrope_spec(dtype, pos, bt, **GLM_IMAGE_ROPE) for bt in (1, 2)]
+            specs += [_mrope_write_kv_spec(dtype, pos, slot, bt, **GLM_IMAGE_ROPE)
+                      for bt in (1, 2)]
         for D in (4, 24, 40, 80, 256):
             specs += [_vision_spec(dtype, "i64", D, H=3, block_s=2)]
         for D in (2, 24, 40, 80, 96, 256):
             specs += [_mrope_spec(dtype, "i64", 1, D, HQ=5, HK=3),
                       _mrope_write_kv_spec(dtype, "i64", "i64", 2, D, HQ=5, HK=3)]
+        # partial and full NeoX, partial interleaved, sizes that are not powers of two
+        for D, rotary, interleaved in ((48, 24, False), (80, 32, False), (40, 40, False),
+                                       (256, 128, False), (64, 2, False), (64, 32, True),
+                                       (48, 24, True)):
+            specs += [_mrope_spec(dtype, "i64", 2, D, 5, 3, rotary, interleaved),
+                      _mrope_write_kv_spec(dtype, "i64", "i32", 2, D, 5, 3, rotary, interleaved)]
     compile_for_hopper(specs)
 
 
@@ -414,6 +645,22 @@ def test_mrope_gpu_bf16(T, pos_dtype):
 def test_mrope_write_kv_gpu_bf16(T):
     torch.manual_seed(T)
     _run_mrope_write_kv(T, 16, 8, 128, [16, 24, 24], torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 3, 912, 6157])
+def test_mrope_neox_partial_gpu_bf16(T):
+    torch.manual_seed(T)
+    _run_mrope(T, 32, 2, 128, [8, 12, 12], torch.bfloat16, device="cuda",
+               pos_dtype=torch.int32 if T % 2 else torch.int64, rotary_dim=64, interleaved=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 5, 912])
+def test_mrope_write_kv_neox_partial_gpu_bf16(T):
+    torch.manual_seed(T)
+    _run_mrope_write_kv(T, 32, 2, 128, [8, 12, 12], torch.bfloat16, device="cuda",
+                        rotary_dim=64, interleaved=False, fill=float("nan"))
 
 
 @pytest.mark.gpu
