@@ -76,7 +76,8 @@ def page_image(width: int, height: int, seed: int) -> Image.Image:
 def decoder_weight_bytes(engine: LLMEngine) -> int:
     text = engine.model.text
     tensors = [text.final_norm, text.lm_head] + [t for layer in text.layers for t in vars(layer).values()]
-    flat = [p for t in tensors for p in (t if isinstance(t, tuple) else (t,))]  # torch backend: unfused rows
+    # torch backend: unfused rows; GLM-OCR has no q/k/v biases (None)
+    flat = [p for t in tensors if t is not None for p in (t if isinstance(t, tuple) else (t,))]
     return sum(t.numel() * t.element_size() for t in flat)
 
 

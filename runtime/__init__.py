@@ -1,13 +1,15 @@
-"""glmrt: a Triton/CUDA inference runtime for GLM-OCR."""
+"""glmrt: a Triton/CUDA inference runtime for GLM-OCR (and GLM-Image's autoregressive stage)."""
 __version__ = "0.1.0"  # keep in step with pyproject.toml
 
 from .generation_config import GenerationConfig
+from .glm_image import ImageRequest, ImageTokensOutput
 from .llm import LLM
 from .outputs import Request, RequestOutput
 from .processor import Processor
 from .sampling_params import SamplingParams
 
-__all__ = ["GenerationConfig", "LLM", "Processor", "Request", "RequestOutput", "SamplingParams", "parse"]
+__all__ = ["GenerationConfig", "ImageRequest", "ImageTokensOutput", "LLM", "Processor", "Request", "RequestOutput",
+           "SamplingParams", "parse"]
 
 
 def parse(inputs, output_dir, **options):

@@ -8,13 +8,17 @@ import torch
 
 from .engine.engine import LLMEngine
 from .extraction import as_json_schema
+from .glm_image import ImageRequest, ImageTokensOutput
 from .outputs import Request, RequestOutput
 from .processor import task_prompt
 from .sampling_params import SamplingParams
 
 
 class LLM:
-    """Load a GLM-OCR checkpoint (local directory or Hub id) and generate.
+    """Load a GLM-OCR or GLM-Image checkpoint (local directory or Hub id) and generate: text with
+    `generate` / `ocr` (GLM-OCR), image tokens with `generate_image_tokens` (GLM-Image's
+    autoregressive stage; "zai-org/GLM-Image" fetches only its vision_language_encoder and
+    processor folders).
 
     device / dtype accept strings ("cpu", "cuda", "float32", "bfloat16", ...) or torch objects;
     by default CUDA + bfloat16 when a GPU is present, else CPU + float32. backend "auto" is
@@ -43,23 +47,55 @@ class LLM:
         if isinstance(requests, (Request, dict)):
             requests = [requests]
         requests = list(requests)
+        return self.engine.generate(requests, self._params_list(sampling_params, len(requests)))
+
+    def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
+        """One SamplingParams per request: given once for all, per request, or None (defaults)."""
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(requests)
+            params = [sampling_params] * n
         elif isinstance(sampling_params, (list, tuple)):
             params = list(sampling_params)
             for i, p in enumerate(params):
                 if not isinstance(p, SamplingParams):
                     raise TypeError(f"sampling_params[{i}] must be a glmrt.SamplingParams, got {type(p).__name__}")
-            if len(params) != len(requests):
-                raise ValueError(f"{len(params)} sampling_params for {len(requests)} requests")
+            if len(params) != n:
+                raise ValueError(f"{len(params)} sampling_params for {n} requests")
         else:
             raise TypeError(
                 "sampling_params must be a glmrt.SamplingParams, a list of them or None, "
                 f"got {type(sampling_params).__name__}"
             )
-        return self.engine.generate(requests, params)
+        return params
+
+    def generate_image_tokens(self, prompt: str | Sequence[str], height: int, width: int,
+                              images: Sequence[Any] | Sequence[Sequence[Any]] | None = None,
+                              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                              ) -> list[ImageTokensOutput]:
+        """GLM-Image's autoregressive stage for one prompt or many (batched): the token grids of an
+        image of height x width pixels, for the diffusion decoder. images: the condition images
+        (image-to-image) of the one prompt, or one list per prompt. sampling_params: defaults to
+        the checkpoint's generation_config.json; max_tokens is always the target grids' length.
+        One output per prompt, in order."""
+        if not self.engine.generates_images:
+            raise ValueError("generate_image_tokens needs a GLM-Image checkpoint; this one is GLM-OCR (use generate)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if images is None or len(images) == 0:
+            per_prompt = [[] for _ in prompts]
+        elif isinstance(prompt, str):
+            per_prompt = [list(images)]
+        else:
+            per_prompt = [list(x) if isinstance(x, (list, tuple)) else None for x in images]
+            if None in per_prompt or len(per_prompt) != len(prompts):
+                raise ValueError(f"images must hold one list of condition images per prompt ({len(prompts)} prompts)")
+        requests = [ImageRequest(p, height, width, imgs) for p, imgs in zip(prompts, per_prompt)]
+        seqs = self.engine.prepare_many(requests, self._params_list(sampling_params, len(requests)))
+        outputs = self.engine.run(seqs)
+        c = self.engine.config
+        return [ImageTokensOutput.from_output(out, request, seq.image_grid_thw, c.image_start_token_id,
+                                              c.image_end_token_id)
+                for out, request, seq in zip(outputs, requests, seqs)]
 
     def ocr(self, image: Any, task: str = "text", schema: str | dict | None = None,
             sampling_params: SamplingParams | None = None) -> str:

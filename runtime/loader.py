@@ -18,11 +18,17 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ModelConfig, TextConfig, VisionConfig
+from .config import GlmImageConfig, ModelConfig, TextConfig, VisionConfig
+from .model.glm_image_vision import glm_image_vision_shapes, vq_shapes, vq_unused_names
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+# A diffusers pipeline (GLM-Image) keeps its autoregressive stage in two subfolders; only those
+# are fetched (the diffusion transformer, VAE and text encoder are not glmrt's).
+PIPELINE_INDEX = "model_index.json"
+PIPELINE_MODEL_DIR = "vision_language_encoder"
+PIPELINE_PROCESSOR_DIR = "processor"
 
 
 class CheckpointError(ValueError):
@@ -45,9 +51,21 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=str(model), allow_patterns=_CHECKPOINT_PATTERNS))
+        root = Path(snapshot_download(repo_id=str(model), allow_patterns=[PIPELINE_INDEX]))
+        patterns = _CHECKPOINT_PATTERNS
+        if (root / PIPELINE_INDEX).is_file():
+            patterns = [f"{d}/{p}" for d in (PIPELINE_MODEL_DIR, PIPELINE_PROCESSOR_DIR) for p in _CHECKPOINT_PATTERNS]
+        return Path(snapshot_download(repo_id=str(model), allow_patterns=patterns))
     except Exception as exc:
         raise CheckpointError(f"could not resolve Hub model {model!r}: {exc}") from exc
+
+
+def model_dirs(path: Path) -> tuple[Path, Path]:
+    """-> (model directory, processor directory): a pipeline's autoregressive-stage subfolders,
+    or `path` itself for both (GLM-OCR, or a GLM-Image directory saved flat)."""
+    if (path / PIPELINE_MODEL_DIR / "config.json").is_file():
+        return path / PIPELINE_MODEL_DIR, path / PIPELINE_PROCESSOR_DIR
+    return path, path
 
 
 def _text_shapes(c: TextConfig, prefix: str) -> dict[str, tuple[int, ...]]:
@@ -57,9 +75,10 @@ def _text_shapes(c: TextConfig, prefix: str) -> dict[str, tuple[int, ...]]:
         p = f"{prefix}layers.{i}."
         for norm in ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"):
             shapes[p + norm + ".weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (q, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        for proj, rows in (("q", q), ("k", kv), ("v", kv)):
+            shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, h)
+            if c.attention_bias:
+                shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
         shapes[p + "mlp.gate_up_proj.weight"] = (2 * c.intermediate_size, h)
         shapes[p + "mlp.down_proj.weight"] = (h, c.intermediate_size)
@@ -96,12 +115,24 @@ def _vision_shapes(c: VisionConfig, prefix: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: ModelConfig | GlmImageConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor inference needs (MTP layer excluded)."""
-    shapes = {**_text_shapes(config.text, "model.language_model."), **_vision_shapes(config.vision, "model.visual.")}
+    shapes = _text_shapes(config.text, "model.language_model.")
+    if isinstance(config, GlmImageConfig):
+        shapes.update(glm_image_vision_shapes(config.vision, "model.visual."))
+        shapes.update(vq_shapes(config.vq, "model.vqmodel."))
+    else:
+        shapes.update(_vision_shapes(config.vision, "model.visual."))
     if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.text.vocab_size, config.text.hidden_size)
+        shapes["lm_head.weight"] = (config.text.output_vocab_size, config.text.hidden_size)
     return shapes
+
+
+def unused_names(config: ModelConfig | GlmImageConfig) -> frozenset[str]:
+    """Tensors a checkpoint holds that inference never reads (GLM-Image: the VQ decoder side)."""
+    if isinstance(config, GlmImageConfig):
+        return vq_unused_names("model.vqmodel.")
+    return frozenset()
 
 
 def _mtp_prefix(config: ModelConfig) -> str:
@@ -175,7 +206,7 @@ def load_checkpoint(path: Path, config: ModelConfig, device: torch.device, dtype
         optional = {mtp_prefix + n for n in MTP_OPTIONAL}
         expected.update({n: s for n, s in mtp_shapes(config).items() if n not in optional or n in files})
     missing = sorted(set(expected) - set(files))
-    unexpected = sorted(set(files) - set(expected) - set(mtp_names))
+    unexpected = sorted(set(files) - set(expected) - set(mtp_names) - unused_names(config))
 
     by_file: dict[Path, list[str]] = {}
     for name in expected:

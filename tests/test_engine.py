@@ -316,6 +316,7 @@ def test_sampling_seeds_reproduce(tiny_checkpoint):
     first = sample(7)
     assert sample(7, others=3) == first  # whatever else is in the batch
     assert sample(8) != first
+    assert sample(2**64 - 1) == sample(-1)  # seeds past int64 are their two's-complement bits
     greedy = llm.generate(req, glmrt.SamplingParams(max_tokens=12))[0].token_ids
     top1 = llm.generate(req, glmrt.SamplingParams(max_tokens=12, temperature=1.0, top_k=1, seed=1))[0].token_ids
     assert top1 == greedy

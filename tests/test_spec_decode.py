@@ -6,7 +6,6 @@ Random weights accept almost no draft, which exercises rejection; an oracle draf
 greedy continuation) exercises full acceptance; a fixture trains the tiny checkpoint's MTP layer
 on the model's own greedy outputs to show acceptance the way the real checkpoint has it.
 """
-import math
 import shutil
 
 import pytest
@@ -22,7 +21,7 @@ from glmrt.model.ops import make_ops
 from glmrt.model.positions import mrope_positions
 from glmrt.model.text import AttentionMetadata
 from glmrt.engine.runner import allocate_kv_cache
-from tests.helpers import IMAGES, hf_greedy, hf_inputs
+from tests.helpers import IMAGES, chi_square_passes, hf_greedy, hf_inputs
 from tests.mtp_reference import MtpReference
 
 IMAGE = 59280
@@ -303,21 +302,6 @@ def test_oracle_and_random_drafts_accept_what_they_should(tiny_checkpoint, plain
 
 
 # ------------------------------------------------------------------------- lossless sampling
-
-
-def chi_square_passes(counts: torch.Tensor, probs: torch.Tensor, alpha_z: float = 3.719) -> bool:
-    """Pearson's test of counts [V] against probs [V] (cells with expectation < 5 pooled), at the
-    1e-4 level (z = 3.719; Wilson-Hilferty's approximation of the chi-square quantile)."""
-    expected = probs * counts.sum()
-    big = expected >= 5
-    observed = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)]).double()
-    expected = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)]).double()
-    keep = expected > 0
-    assert (observed[~keep] == 0).all(), "a token with probability 0 was drawn"
-    stat = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-    df = int(keep.sum()) - 1
-    critical = df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
-    return stat < critical
 
 
 def test_verification_samples_exactly_the_target_distribution():

@@ -12,6 +12,7 @@ engine goes on with the others; an abort, from any state, frees everything the r
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -19,20 +20,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ModelConfig
+from ..config import GlmImageConfig, load_config
 from ..generation_config import GenerationConfig
-from ..loader import resolve_model_path
-from ..model.glm_ocr import GlmOcrModel
+from ..glm_image import GlmImageProcessor, ImageRequest, generation_length
+from ..loader import model_dirs, resolve_model_path
 from ..model.ops import make_ops
+from ..model.positions import glm_image_positions, mrope_positions
+from ..model.registry import model_class
 from ..model.text import AttentionMetadata
-from ..model.positions import mrope_positions
 from ..outputs import Request, RequestOutput
 from ..processor import IMAGE_TOKEN, VIDEO_TOKEN, Processor
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .runner import ModelRunner, StepHandle, allocate_kv_cache, kv_bytes_per_token
-from .sampler import Sampler, SamplingState, random_seed
+from .sampler import Sampler, SamplingState, request_seed
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
 from .spec_decode import SpecDecodeStats
@@ -133,11 +135,17 @@ class LLMEngine:
         if unknown:
             raise ValueError(f"unknown engine options {sorted(unknown)} (known: {sorted(EngineConfig.__dataclass_fields__)})")
         self.options = EngineConfig(**options)
-        path = resolve_model_path(model)
-        self.model_path = path
-        self.config = ModelConfig.from_pretrained(path)
+        self.model_path = resolve_model_path(model)
+        path, processor_path = model_dirs(self.model_path)
+        self.config = load_config(path)
+        # GLM-Image's AR stage: requests are ImageRequests, outputs vision-token grids (no text).
+        self.generates_images = isinstance(self.config, GlmImageConfig)
         self.generation_config = GenerationConfig.from_pretrained(path)
-        self.processor = Processor.from_pretrained(path, image_backend=self.options.image_backend)
+        if self.generates_images:
+            self.processor = GlmImageProcessor.from_pretrained(processor_path, self.options.image_backend,
+                                                               self.config.vision)
+        else:
+            self.processor = Processor.from_pretrained(processor_path, image_backend=self.options.image_backend)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.backend = resolve_backend(backend, self.device)
@@ -146,6 +154,8 @@ class LLMEngine:
 
             check_head_dims(self.config.text.head_dim, self.config.vision.head_dim)
         text = self.config.text
+        if self.generates_images and self.options.num_speculative_tokens:
+            raise ValueError("num_speculative_tokens: GLM-Image has no MTP layer to draft with")
         self.max_model_len = min(self.options.max_model_len or 16384, text.max_position_embeddings)
         if self.options.kv_cache_tokens is not None and self.options.kv_cache_tokens < self.max_model_len:
             raise ValueError(
@@ -153,8 +163,8 @@ class LLMEngine:
                 f"{self.max_model_len} tokens; raise kv_cache_tokens or lower max_model_len"
             )
         k = self.options.num_speculative_tokens
-        self.model = GlmOcrModel.from_pretrained(path, self.config, make_ops(self.backend), self.device, self.dtype,
-                                                 load_mtp=k > 0)
+        self.model = model_class(self.config).from_pretrained(path, self.config, make_ops(self.backend), self.device,
+                                                              self.dtype, load_mtp=k > 0)
         block_size = self.options.block_size
         num_blocks = -(-self._kv_cache_tokens() // block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
@@ -164,7 +174,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, block_size, self.options.max_num_seqs,
                                   max_blocks_per_seq=-(-table_tokens // block_size), use_graphs=use_graphs,
                                   normalize_pixels=self.processor.image_processor.normalize_patches,
-                                  num_speculative_tokens=k)
+                                  num_speculative_tokens=k,
+                                  max_decode_positions=self.max_model_len if self.generates_images else 0)
         self.scheduler = Scheduler(self.block_manager, self.options.max_num_seqs,
                                    self.options.max_num_batched_tokens or self.max_model_len, rows=self.runner.batch,
                                    tokens_per_step=k + 1)
@@ -174,7 +185,8 @@ class LLMEngine:
         self._stop_checkers: dict[str, StopChecker] = {}
         # An eos token that ends a request is no stop_reason, even when stop_token_ids lists it (vLLM).
         self._eos_token_ids = frozenset(self.config.text.eos_token_ids + self.generation_config.eos_token_ids)
-        self.structured = StructuredOutputs(path / "tokenizer.json", text.vocab_size, sorted(self._eos_token_ids))
+        self.structured = None if self.generates_images else StructuredOutputs(
+            path / "tokenizer.json", text.vocab_size, sorted(self._eos_token_ids))
         self._in_flight: StepHandle | None = None
         self._held_releases: list[Sequence] | None = None  # see _launch
         self._ids = itertools.count()
@@ -235,7 +247,7 @@ class LLMEngine:
         positions = torch.arange(tokens, device=device).expand(3, -1)
         hidden = model.forward(torch.zeros(tokens, dtype=torch.int64, device=device), positions, attn, kv)
         logits = model.compute_logits(hidden[:rows])
-        state = SamplingState(rows, self.config.text.vocab_size, device)
+        state = SamplingState(rows, self.config.text.output_vocab_size, device)
         Sampler(model.ops, state)(logits, slice(0, logits.shape[0]), do_sample=True)
 
     @property
@@ -259,13 +271,17 @@ class LLMEngine:
         This is the expensive, request-local part (image decoding and patchifying); it holds no
         engine state, so several run at once in worker threads.
         """
-        request = Request.coerce(request)
         params = self.generation_config.sampling_params() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a glmrt.SamplingParams, got {type(params).__name__}")
         request_id = request_id if request_id is not None else self.new_request_id()
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if self.generates_images:
+            return self._prepare_image_request(request, params, request_id)
+        if isinstance(request, ImageRequest):
+            raise ValueError("an ImageRequest needs a GLM-Image checkpoint; this one is GLM-OCR")
+        request = Request.coerce(request)
         vocab = self.config.text.vocab_size
         if request.prompt_token_ids is not None:  # a raw prompt: no chat template, no images
             ids, pixel_values, grids = request.prompt_token_ids, None, []
@@ -309,9 +325,43 @@ class LLMEngine:
             request_id=request_id, prompt_token_ids=ids, prompt_positions=positions, rope_delta=rope_delta,
             sampling_params=params, stop_token_ids=frozenset(stop),
             max_total_tokens=min(limit, len(ids) + params.max_tokens),
-            seed=random_seed() if params.seed is None else params.seed,
+            seed=request_seed(params.seed),
             pixel_values=pixel_values, image_grid_thw=grids,
             grammar=self.structured.matcher(params.grammar, request_id) if params.grammar is not None else None,
+        )
+
+    def _prepare_image_request(self, request: ImageRequest, params: SamplingParams, request_id: str) -> Sequence:
+        """GLM-Image: the prompt (condition images' codes still placeholders, filled at prefill),
+        its positions and the decode positions of the target grids. max_tokens is set to the
+        grids' length, as transformers' pipeline does; generation also stops at image_end."""
+        if not isinstance(request, ImageRequest):
+            raise TypeError(f"a GLM-Image request must be a glmrt.ImageRequest, got {type(request).__name__}")
+        if params.grammar is not None or params.stop:
+            raise ValueError("SamplingParams: structured output and stop strings do not apply to image tokens")
+        vocab = self.config.text.output_vocab_size
+        bad_stop = [t for t in params.stop_token_ids or [] if t >= vocab]
+        if bad_stop:
+            raise ValueError(f"SamplingParams.stop_token_ids {bad_stop} are not in the vision vocabulary (size {vocab})")
+        processed = self.processor(request)
+        ids, c = processed.input_ids, self.config
+        grids = processed.source_grids + processed.target_grids
+        positions, decode_positions = glm_image_positions(ids, grids, c.image_start_token_id, c.image_end_token_id)
+        params = dataclasses.replace(params, max_tokens=generation_length(processed.target_grids))
+        total = len(ids) + params.max_tokens
+        limit = min(self.max_model_len, self.kv_capacity_tokens)
+        if total > limit:
+            raise ValueError(f"request {request_id}: {len(ids)} prompt tokens and {params.max_tokens} image tokens "
+                             f"exceed {'max_model_len' if limit == self.max_model_len else 'the KV cache'} ({limit} "
+                             "tokens); ask for a smaller image or send smaller condition images")
+        stop = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            stop |= set(c.text.eos_token_ids) | set(self.generation_config.eos_token_ids)
+        return Sequence(
+            request_id=request_id, prompt_token_ids=ids, prompt_positions=positions, rope_delta=0,
+            sampling_params=params, stop_token_ids=frozenset(stop), max_total_tokens=total,
+            seed=request_seed(params.seed),
+            pixel_values=processed.pixel_values, image_grid_thw=processed.source_grids,
+            decode_positions=decode_positions,
         )
 
     def prepare_many(self, requests: list[Request | dict], params: list[SamplingParams]) -> list[Sequence]:
@@ -328,7 +378,7 @@ class LLMEngine:
         self._sequences[seq.request_id] = seq
         skip = seq.sampling_params.skip_special_tokens
         self._detokenizers[seq.request_id] = IncrementalDetokenizer(
-            lambda t: self.processor.decode(t, skip_special_tokens=skip)
+            (lambda t: "") if self.generates_images else lambda t: self.processor.decode(t, skip_special_tokens=skip)
         )
         params = seq.sampling_params
         self._stop_checkers[seq.request_id] = StopChecker(params.stop or [], params.include_stop_str_in_output)
@@ -339,7 +389,10 @@ class LLMEngine:
         """Run the requests to completion, batched; outputs in request order. Images are decoded in
         parallel worker threads. If any request is invalid, the call fails naming it and none of them
         is queued; if the call is interrupted (KeyboardInterrupt), its requests are aborted."""
-        seqs = self.prepare_many(requests, params)
+        return self.run(self.prepare_many(requests, params))
+
+    def run(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Queue prepared sequences and run them to completion (see generate)."""
         ids = [seq.request_id for seq in seqs]
         finished: dict[str, RequestOutput] = {}
         try:

@@ -48,7 +48,8 @@ class DeviceBatch:
     past the running count are inactive (context length 0, no KV write, output ignored)."""
 
     def __init__(self, max_rows: int, max_blocks: int, block_size: int, vocab_size: int, device: torch.device,
-                 num_speculative_tokens: int = 0, hidden_size: int = 0, dtype: torch.dtype = torch.float32):
+                 num_speculative_tokens: int = 0, hidden_size: int = 0, dtype: torch.dtype = torch.float32,
+                 max_decode_positions: int = 0):
         self.device = device
         self.block_size = block_size
         self.block_tables = torch.zeros(max_rows, max_blocks, dtype=torch.int32, device=device)
@@ -62,6 +63,14 @@ class DeviceBatch:
         self.token_masks = torch.full((max_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32, device=device)
         self._row_tensors = [self.block_tables, self.context_lens, self.active, self.rope_deltas, self.next_tokens,
                              *self.sampling.row_tensors]
+        self.decode_positions = None
+        if max_decode_positions:
+            # GLM-Image: each row's precomputed decode positions [3, L] (Sequence.decode_positions),
+            # with its prompt length and L to index them on the device.
+            self.decode_positions = torch.zeros(max_rows, 3, max_decode_positions, dtype=torch.int64, device=device)
+            self.prompt_lens = torch.zeros(max_rows, dtype=torch.int64, device=device)
+            self.decode_lens = torch.ones(max_rows, dtype=torch.int64, device=device)
+            self._row_tensors += [self.decode_positions, self.prompt_lens, self.decode_lens]
         if num_speculative_tokens:
             # What the MTP layer's next catch-up needs of the last step (see spec_decode.py): its
             # target hidden states [R, k+1, H], the target's tokens after them, and how many of
@@ -98,11 +107,20 @@ class DeviceBatch:
                         self.device, torch.float32)
         st.temperature[rows], st.top_p[rows], st.penalty[rows] = floats[:, 0], floats[:, 1], floats[:, 2]
         self.active[rows] = True
-        # Presence of every distinct id seen so far; a page prompt is thousands of <|image|> ids.
-        pairs = [(first_row + i, t) for i, s in enumerate(seqs) for t in set(s.all_token_ids)]
+        if self.decode_positions is not None:
+            for i, s in enumerate(seqs):
+                table = s.decode_positions
+                self.decode_positions[first_row + i, :, : table.shape[1]] = upload(table, self.device)
+            lens = upload([[s.num_prompt_tokens, s.decode_positions.shape[1]] for s in seqs], self.device, torch.int64)
+            self.prompt_lens[rows], self.decode_lens[rows] = lens[:, 0], lens[:, 1]
+        # Presence of every distinct id seen so far that the sampler can emit (a page prompt is
+        # thousands of <|image|> ids; GLM-Image's prompt text lies outside its output vocabulary).
+        vocab = st.presence.shape[1]
+        pairs = [(first_row + i, t) for i, s in enumerate(seqs) for t in set(s.all_token_ids) if t < vocab]
         st.presence[rows] = False
-        index = upload(pairs, self.device, torch.int64)
-        st.presence[index[:, 0], index[:, 1]] = True
+        if pairs:
+            index = upload(pairs, self.device, torch.int64)
+            st.presence[index[:, 0], index[:, 1]] = True
 
     def set_blocks(self, new_blocks: list[tuple[int, int, int]]) -> None:
         """(row, table index, block id) for each sequence that crossed into a new block."""
@@ -132,7 +150,11 @@ class DeviceBatch:
         context += active.int()
         pos = (context - 1).long()  # cache index of the token fed in this step
         slots = self.slots(bs, pos[:, None], active[:, None])[:, 0]
-        positions = (pos + self.rope_deltas[:bs]).expand(3, bs)
+        if self.decode_positions is None:
+            positions = (pos + self.rope_deltas[:bs]).expand(3, bs)
+        else:  # the column of the generated token fed, clamped to the row's table
+            column = torch.minimum((pos - self.prompt_lens[:bs]).clamp(min=0), self.decode_lens[:bs] - 1)
+            positions = self.decode_positions[:bs].gather(2, column.view(bs, 1, 1).expand(bs, 3, 1))[:, :, 0].T
         attn = AttentionMetadata(slot_mapping=slots, block_tables=self.block_tables[:bs], context_lens=context)
         return self.next_tokens[:bs], positions, attn
 
@@ -167,14 +189,14 @@ class StepHandle:
 class ModelRunner:
     def __init__(self, model: GlmOcrModel, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_blocks_per_seq: int, normalize_pixels: Callable[[torch.Tensor], torch.Tensor],
-                 use_graphs: bool = False, num_speculative_tokens: int = 0):
+                 use_graphs: bool = False, num_speculative_tokens: int = 0, max_decode_positions: int = 0):
         self.model = model
         self.normalize_pixels = normalize_pixels  # uint8 patch pixels -> float32 pixel values, on the device
         self.block_size = block_size
         self.kv_caches = allocate_kv_cache(model, num_blocks, block_size)
         c = model.config.text
-        self.batch = DeviceBatch(max_num_seqs, max_blocks_per_seq, block_size, c.vocab_size, model.device,
-                                 num_speculative_tokens, c.hidden_size, model.dtype)
+        self.batch = DeviceBatch(max_num_seqs, max_blocks_per_seq, block_size, c.output_vocab_size, model.device,
+                                 num_speculative_tokens, c.hidden_size, model.dtype, max_decode_positions)
         self.sampler = Sampler(model.ops, self.batch.sampling)
         self.spec = None
         if num_speculative_tokens:
@@ -204,6 +226,26 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self.image_cache.pop(seq.request_id, None)
 
+    def _write_image_codes(self, seqs: list[Sequence]) -> None:
+        """GLM-Image: one packed vision + VQ pass over the condition images of the batch not yet
+        encoded; their codes replace the <|image|> placeholders of the prompts, in order (so a
+        recompute after preemption needs no second pass)."""
+        todo = [s for s in seqs if s.pixel_values is not None]
+        if not todo:
+            return
+        pixels = self.normalize_pixels(upload(torch.cat([s.pixel_values for s in todo]), self.model.device))
+        codes = iter(c.tolist() for c in self.model.encode_images(pixels, [g for s in todo for g in s.image_grid_thw]))
+        placeholder = self.model.config.image_token_id
+        for s in todo:
+            ids = s.prompt_token_ids
+            slots = [i for i, t in enumerate(ids) if t == placeholder]
+            filled = [c for _ in s.image_grid_thw for c in next(codes)]
+            if len(slots) != len(filled):
+                raise ValueError(f"{len(slots)} <|image|> tokens but {len(filled)} condition image codes")
+            for i, code in zip(slots, filled):
+                ids[i] = code
+            s.pixel_values = None
+
     def _image_embeds(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Run one packed vision pass over every image of the batch not yet encoded. Pixels travel
         as uint8 (through pinned memory on CUDA) and are normalized on the device."""
@@ -228,6 +270,8 @@ class ModelRunner:
         """Varlen prefill of every known token of each admitted sequence, then one sampled token
         each (under the host bitmasks [N, W] of structured-output rows, when given)."""
         seqs, device, bs = step.seqs, self.model.device, self.block_size
+        if self.model.images_as_codes:
+            self._write_image_codes(seqs)
         image_id = self.model.config.image_token_id
         ids = torch.tensor([t for s in seqs for t in s.all_token_ids], dtype=torch.int64)
         # Only prompt tokens can be image slots (a generated <|image|> id is embedded as text).

@@ -42,6 +42,14 @@ def random_seed() -> int:
     return _seed_source.getrandbits(63)
 
 
+def request_seed(seed: int | None) -> int:
+    """The int64 a request's draws are keyed by: its SamplingParams.seed (any of [-2**63, 2**64),
+    the seeds torch.Generator takes; those >= 2**63 by their two's-complement bits), else random."""
+    if seed is None:
+        return random_seed()
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
 def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
     """Logical right shift of int64 bit patterns."""
     return (z >> s) & ((1 << (64 - s)) - 1)

@@ -48,6 +48,9 @@ class Sequence:
     # The llguidance matcher of a constrained request (json_schema, regex, ...), advanced by every
     # token read back; None when unconstrained.
     grammar: Any = None
+    # GLM-Image: [3, L] positions of generated tokens, precomputed from the target grids
+    # (generated token j is at column min(j, L - 1)); None: p + rope_delta.
+    decode_positions: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -73,8 +76,12 @@ class Sequence:
         return outputs < self.sampling_params.max_tokens and self.num_prompt_tokens + outputs < self.max_total_tokens
 
     def positions(self) -> torch.Tensor:
-        """[3, num_tokens]: the prompt's M-RoPE positions, then p + rope_delta for generated tokens."""
+        """[3, num_tokens]: the prompt's M-RoPE positions, then those of the generated tokens
+        (p + rope_delta at cache index p, or their decode_positions columns)."""
         p = self.num_prompt_tokens
+        if self.decode_positions is not None:
+            columns = torch.arange(len(self.output_token_ids)).clamp(max=self.decode_positions.shape[1] - 1)
+            return torch.cat([self.prompt_positions, self.decode_positions[:, columns]], dim=1)
         gen = torch.arange(p, self.num_tokens) + self.rope_delta
         return torch.cat([self.prompt_positions, gen.expand(3, -1)], dim=1)
 

@@ -14,6 +14,10 @@ from .vision import VisionTower
 
 
 class GlmOcrModel:
+    # Whether prompt images enter as codebook ids written into the prompt (GLM-Image) rather
+    # than as embeddings replacing the <|image|> rows (GLM-OCR).
+    images_as_codes = False
+
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops: TorchOps, load_mtp: bool = False):
         self.config = config
         self.ops = ops

@@ -71,3 +71,46 @@ def vision_cu_seqlens(image_grid_thw: list[tuple[int, int, int]]) -> tuple[torch
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
     return cu, max(lengths, default=0)
+
+
+def glm_image_positions(input_ids: list[int], image_grid_thw: list[tuple[int, int, int]], image_start_id: int,
+                        image_end_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM-Image's 3D positions -> (prompt [3, P], decode [3, L]) int64.
+
+    image_grid_thw: the condition images' grids, then the grids to generate (text-to-image: the
+    full grid, then the preview grid; image-to-image: the full grid). In the prompt, the codes of
+    a condition image sit between image_start and image_end; they lie on its (t, h, w) grid offset
+    by the running position, which then advances by max(h, w); every other token advances it by
+    one. Generation runs the target grids last to first (the preview before the full image): row
+    i, column j of a grid of shape (h, w) is at (p, p + i, p + j), then p advances by max(h, w);
+    one last entry (p, p, p) follows for the end token. Generated token j is at decode[:, j]
+    (past the end: the last entry), whatever the prompt's length.
+    """
+    n = len(input_ids)
+    ends = [i for i, t in enumerate(input_ids) if t == image_end_id]
+    starts = [i + 1 for i, t in enumerate(input_ids) if t == image_start_id]
+    num_sources = len(ends)
+    if num_sources > len(image_grid_thw) - 1:
+        raise ValueError(f"the prompt holds {num_sources} condition images but only {len(image_grid_thw)} grids "
+                         "(sources, then at least one target)")
+    rows: list[torch.Tensor] = []
+    cur = prev_end = 0
+    for (start, end), (t, h, w) in zip(zip(starts, ends), image_grid_thw):
+        if end - start != t * h * w:
+            raise ValueError(f"condition image of grid {(t, h, w)} has {end - start} tokens between its start and "
+                             f"end tokens, expected {t * h * w}")
+        rows.append(torch.arange(cur, cur + start - prev_end).expand(3, -1))
+        cur += start - prev_end
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        rows.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + cur)
+        cur += max(h, w)
+        prev_end = end
+    rows.append(torch.arange(cur, cur + n - prev_end).expand(3, -1))
+    cur += n - prev_end
+    decode: list[torch.Tensor] = []
+    for t, h, w in reversed(image_grid_thw[num_sources:]):
+        hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        decode.append(torch.stack([torch.zeros(h * w, dtype=torch.long), hh.flatten(), ww.flatten()]) + cur)
+        cur += max(h, w)
+    decode.append(torch.full((3, 1), cur))
+    return torch.cat(rows, dim=1), torch.cat(decode, dim=1)

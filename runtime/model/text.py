@@ -1,4 +1,5 @@
-"""GLM-OCR text decoder: 16 sandwich-norm layers with M-RoPE, GQA and a paged KV cache.
+"""The GLM text decoder of GLM-OCR and GLM-Image: sandwich-norm layers with M-RoPE, GQA and a
+paged KV cache (GLM-Image adds q/k/v biases and rotates only part of each head; see TextConfig).
 
 One forward runs a whole step: either a varlen prefill of several sequences (attention over the
 new tokens only, causal per sequence) or a few decode tokens per sequence (one, or k + 1 when
@@ -39,20 +40,22 @@ class LayerWeights:
     pre_mlp_norm: torch.Tensor  # post_attention_layernorm: the MLP's input norm
     post_mlp_branch_norm: torch.Tensor  # post_mlp_layernorm: on the MLP output
     qkv: FusedRows  # q_proj [Hq D, hidden], k_proj and v_proj [Hkv D, hidden] (ops.fuse_rows)
+    qkv_bias: FusedRows | None  # their biases [Hq D], [Hkv D], [Hkv D] (GLM-Image), fused the same way
     o: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
 
 
-def load_layer(w, prefix: str, ops: TorchOps) -> LayerWeights:
+def load_layer(w, prefix: str, ops: TorchOps, attention_bias: bool = False) -> LayerWeights:
     """The decoder layer whose tensors are named `prefix` + ... in the checkpoint (w: name -> tensor)."""
+    projections = [prefix + f"self_attn.{p}_proj." for p in "qkv"]
     return LayerWeights(
         input_norm=w(prefix + "input_layernorm.weight"),
         post_attn_branch_norm=w(prefix + "post_self_attn_layernorm.weight"),
         pre_mlp_norm=w(prefix + "post_attention_layernorm.weight"),
         post_mlp_branch_norm=w(prefix + "post_mlp_layernorm.weight"),
-        qkv=ops.fuse_rows([w(prefix + "self_attn.q_proj.weight"), w(prefix + "self_attn.k_proj.weight"),
-                           w(prefix + "self_attn.v_proj.weight")]),
+        qkv=ops.fuse_rows([w(p + "weight") for p in projections]),
+        qkv_bias=ops.fuse_rows([w(p + "bias") for p in projections]) if attention_bias else None,
         o=w(prefix + "self_attn.o_proj.weight"),
         gate_up=w(prefix + "mlp.gate_up_proj.weight"),
         down=w(prefix + "mlp.down_proj.weight"),
@@ -70,12 +73,12 @@ def run_layers(config: TextConfig, ops: TorchOps, layers: list[LayerWeights], fi
     residual = x
     h = ops.rms_norm(residual, layers[0].input_norm, eps)
     for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches, strict=True)):
-        qkv = ops.fused_linear(h, layer.qkv)  # [T, (Hq + 2 Hkv) D]
+        qkv = ops.fused_linear(h, layer.qkv, layer.qkv_bias)  # [T, (Hq + 2 Hkv) D]
         q = qkv[:, : hq * d].view(t, hq, d)
         k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
         v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
         q, k = ops.mrope_write_kv(q, k, v, positions, c.mrope_section, c.rope_theta, k_cache, v_cache,
-                                  attn.slot_mapping)
+                                  attn.slot_mapping, rotary_dim=c.rotary_dim, interleaved=c.rope_interleaved)
         if attn.is_prefill:
             o = ops.varlen_attention(q, k, v, attn.cu_seqlens, attn.max_seqlen, causal=True)
         else:
@@ -97,7 +100,7 @@ class TextDecoder:
         self.ops = ops
         w = lambda name: weights[prefix + name]  # noqa: E731
         self.embed_tokens = w("embed_tokens.weight")
-        self.layers = [load_layer(w, f"layers.{i}.", ops) for i in range(config.num_layers)]
+        self.layers = [load_layer(w, f"layers.{i}.", ops, config.attention_bias) for i in range(config.num_layers)]
         self.final_norm = w("norm.weight")
         self.lm_head = self.embed_tokens if tied_lm_head else weights["lm_head.weight"]
 
@@ -108,5 +111,5 @@ class TextDecoder:
                           kv_caches)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] (only the rows that sample) -> logits [N, vocab] in the model dtype."""
+        """hidden [N, hidden] (only the rows that sample) -> logits [N, output_vocab_size] in the model dtype."""
         return self.ops.linear(hidden, self.lm_head)
