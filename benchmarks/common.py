@@ -187,10 +187,20 @@ def _capacity_numbers(data: dict) -> list[str]:
             f"{data['gpu_pages_per_s']:.3g} pages/s"]
 
 
+def _glm_image_numbers(data: dict) -> list[str]:
+    lines = [f"- HBM floor {data['hbm_floor_ms_per_token']:.3f} ms/token; a whole {data['image_size']}² image "
+             f"({data['image_tokens']} tokens) in {data['image_seconds']:.2f} s at batch 1"]
+    for r in data["rows"]:
+        pct = f", {r['pct_of_floor']:.0f}% of the floor" if "pct_of_floor" in r else ""
+        lines.append(f"- batch {r['batch']}: glmrt {r['glmrt_tokens_per_s']:.4g} tok/s, transformers "
+                     f"{r['transformers_tokens_per_s']:.4g} tok/s ({r['speedup']:.2f}x){pct}")
+    return lines
+
+
 SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers,
                "host_overhead": _host_overhead_numbers, "serve": _serve_numbers, "structured": _structured_numbers,
                "spec_decode": _spec_decode_numbers, "documents": _documents_numbers,
-               "capacity": _capacity_numbers}
+               "capacity": _capacity_numbers, "glm_image": _glm_image_numbers}
 
 
 def key_numbers(folder: Path) -> list[str]:

@@ -38,7 +38,7 @@ die() {
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-STEPS=(install cpp-ext gpu-tests bench-kernels bench-e2e bench-spec bench-host bench-structured bench-patchify bench-serve bench-documents bench-capacity kernel-tests-gpu)
+STEPS=(install cpp-ext gpu-tests bench-kernels bench-e2e bench-spec bench-host bench-structured bench-patchify bench-serve bench-documents bench-capacity bench-glm-image kernel-tests-gpu)
 MIN_STEP_SECONDS=10  # a step given less than this is skipped rather than started
 out="" quick=0 dry_run=0 allow_cpu=0 tar_path="" budget=840 only="" skip=""
 
@@ -119,6 +119,7 @@ add bench-patchify 120 1 "$py benchmarks/patchify.py --out $o$( ((quick)) && ech
 add bench-serve 300 1 "$py benchmarks/serve.py --out $o$smoke"
 add bench-documents 300 1 "$py benchmarks/documents.py --out $o$smoke"
 add bench-capacity 180 1 "$py benchmarks/capacity.py --out $o$smoke"  # after bench-documents: reads its result
+add bench-glm-image 420 1 "$py benchmarks/glm_image.py --out $o$smoke"
 # Packages the GPU image lacks travel as wheels in .whl/ (benchmarks/fetch_wheels.sh fetches them):
 # installed aside, into a folder put first on PYTHONPATH, never over the image's own packages.
 if ((!dry_run)) && compgen -G "$REPO/.whl/*.whl" >/dev/null; then

@@ -14,7 +14,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
 STEPS = ["install", "cpp-ext", "gpu-tests", "bench-kernels", "bench-e2e", "bench-spec", "bench-host", "bench-structured",
-         "bench-patchify", "bench-serve", "bench-documents", "bench-capacity", "kernel-tests-gpu"]
+         "bench-patchify", "bench-serve", "bench-documents", "bench-capacity", "bench-glm-image",
+         "kernel-tests-gpu"]
 
 
 def run_suite(*args: str, python: str = sys.executable, timeout: float = 120) -> subprocess.CompletedProcess:
