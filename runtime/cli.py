@@ -275,6 +275,7 @@ def _ocr(args: argparse.Namespace) -> int:
     options = _engine_options(args)
     _check_flags(overrides, options)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **options)
+    llm.engine.require_text_model("glmrt ocr")
     params = llm.generation_config.sampling_params(**overrides, json_schema=schema)
     engine = llm.engine
     printer = _Printer(len(args.images))

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from .config import GlmImageVisionConfig
 from .glm_image_processor import GlmImageImageProcessor
 from .image_processor import read_config_json
-from .processor import ChatTemplate, Processor, _one_line
+from .processor import ChatTemplate, Processor, load_tokenizer
 
 # Pixels per token of the target grid (the diffusion decoder upsamples the grid 2x, then 16x).
 TARGET_FACTOR = 32
@@ -63,6 +63,7 @@ class ImageRequest:
     height: int
     width: int
     images: list[Any] = field(default_factory=list)
+    targets: list[tuple[int, int, int]] = field(init=False, repr=False)  # target_grids(height, width, ...)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -95,13 +96,7 @@ class GlmImageProcessor:
                         vision: GlmImageVisionConfig | None = None) -> "GlmImageProcessor":
         """vision: the encoder's config, to check the preprocessing against (patch size, channels)."""
         path = Path(path)
-        tokenizer_file = path / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise ValueError(f"no tokenizer.json in {path}")
-        try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        except Exception as exc:  # tokenizers raises a bare Exception for unparsable files
-            raise ValueError(f"{tokenizer_file}: cannot load the tokenizer: {_one_line(exc)}") from exc
+        tokenizer = load_tokenizer(path)
         config = read_config_json(path / "tokenizer_config.json") or {}
         named = {**config, **(config.get("extra_special_tokens") or {})}
         special = {}

@@ -55,6 +55,17 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The checkpoint's tokenizer.json; a missing or unparsable file is an error naming it."""
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ValueError(f"no tokenizer.json in {path}")
+    try:
+        return Tokenizer.from_file(str(tokenizer_file))
+    except Exception as exc:  # tokenizers raises a bare Exception for unparsable files
+        raise ValueError(f"{tokenizer_file}: cannot load the tokenizer: {_one_line(exc)}") from exc
+
+
 class ChatTemplate:
     """A checkpoint's chat template rendered in a sandbox, with the globals transformers provides.
 
@@ -136,14 +147,7 @@ class Processor:
                 raise ValueError(
                     f"{config_file}: processor_class={name!r} is not a GLM-OCR processor (expected one of {PROCESSOR_CLASSES})"
                 )
-        tokenizer_file = path / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise ValueError(f"no tokenizer.json in {path}")
-        try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        except Exception as exc:  # tokenizers raises a bare Exception for unparsable files
-            raise ValueError(f"{tokenizer_file}: cannot load the tokenizer: {_one_line(exc)}") from exc
-        return cls(tokenizer, ChatTemplate.from_pretrained(path), ImageProcessor.from_pretrained(path, image_backend))
+        return cls(load_tokenizer(path), ChatTemplate.from_pretrained(path), ImageProcessor.from_pretrained(path, image_backend))
 
     @staticmethod
     def messages(num_images: int, prompt: str) -> list[dict]:

@@ -318,3 +318,49 @@ def test_worst_step_runs_the_largest_condition_image(llm, monkeypatch):
     [(t, h, w)] = seen["grids"]
     ip = llm.processor.image_processor
     assert t == 1 and h * w * 16 * 16 <= ip.max_pixels and seen["pixels"].shape == (h * w, 3 * 16 * 16)
+
+
+# ------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_gpu_graph_decode_matches_eager_and_transformers(checkpoint):
+    """On CUDA: graph decode (bf16, greedy and seeded sampling, text-to-image and image-to-image
+    batched) gives eager serial decode's tokens, and fp32 greedy tokens equal transformers' fp32
+    generate on the same GPU."""
+    from transformers import AutoProcessor, GlmImageForConditionalGeneration
+
+    sampled = glmrt.SamplingParams(temperature=0.9, top_p=0.75, top_k=4096, seed=3)
+    cases = list(CASES) * 2
+    params = [greedy()] * len(CASES) + [sampled] * len(CASES)
+
+    def tokens(llm):
+        seqs = llm.engine.prepare_many([request(c) for c in cases], params)
+        return [o.token_ids for o in llm.engine.run(seqs)]
+
+    graphs = glmrt.LLM(str(checkpoint), dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3)
+    assert graphs.engine.backend == "triton" and graphs.engine.runner.graphs is not None
+    with_graphs = tokens(graphs)
+    del graphs
+    eager = glmrt.LLM(str(checkpoint), dtype="bfloat16", max_model_len=2048, kv_cache_tokens=16384,
+                      enforce_eager=True, async_scheduling=False)
+    assert tokens(eager) == with_graphs
+    del eager
+    fp32 = glmrt.LLM(str(checkpoint), dtype="float32", max_model_len=2048, gpu_memory_utilization=0.3)
+    hf_model = GlmImageForConditionalGeneration.from_pretrained(
+        checkpoint / "vision_language_encoder", dtype=torch.float32).to("cuda").eval()
+    hf_processor = AutoProcessor.from_pretrained(checkpoint / "processor")
+    for case in CASES:
+        inputs = {k: v.to("cuda") for k, v in hf_inputs(hf_processor, case).items()}
+        prompt, names, height, width = CASES[case]
+        [out] = fp32.generate_image_tokens(prompt, height, width, images=[CONDITIONS[n] for n in names],
+                                           sampling_params=greedy())
+        assert out.token_ids == hf_generate(hf_model, inputs, do_sample=False)
+
+
+def test_text_front_ends_refuse_glm_image(checkpoint):
+    from glmrt.engine.async_engine import AsyncEngine
+
+    with pytest.raises(ValueError, match=r"the async engine \(glmrt serve\) runs GLM-OCR text generation.*"
+                                         "generate_image_tokens"):
+        AsyncEngine(str(checkpoint), device="cpu", dtype="float32")

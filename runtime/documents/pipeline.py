@@ -512,6 +512,7 @@ def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, mode
     inputs = inputs if isinstance(inputs, list) else [inputs]
     find_documents(inputs)  # a missing or unsupported input fails now, before any model loads
     llm = LLM(model, device=device, dtype=dtype, backend=backend, **engine_options)
+    llm.engine.require_text_model("glmrt parse")
     layout = None if layout_model is None else LayoutDetector.from_pretrained(layout_model, device=llm.engine.device)
     parser = DocumentParser(llm, layout, dpi=dpi, max_tokens=max_tokens)
     if not progress:

@@ -25,6 +25,7 @@ class RequestFailed(RuntimeError):
 class AsyncEngine:
     def __init__(self, model: str, **kwargs):
         self.engine = LLMEngine(model, **kwargs)
+        self.engine.require_text_model("the async engine (glmrt serve)")
         self._streams: dict[str, asyncio.Queue] = {}
         self._preparing: set[str] = set()  # ids whose images are being decoded in a worker thread
         self._cancelled: set[str] = set()  # ids aborted while preparing

@@ -192,6 +192,12 @@ class LLMEngine:
         self._ids = itertools.count()
         self._pool: ThreadPoolExecutor | None = None
 
+    def require_text_model(self, what: str) -> None:
+        """Refuse a GLM-Image checkpoint for `what` (a text-generation front end) up front."""
+        if self.generates_images:
+            raise ValueError(f"{what} runs GLM-OCR text generation, but {self.model_path} is GLM-Image's "
+                             "autoregressive stage: use glmrt.LLM(...).generate_image_tokens")
+
     def _kv_cache_tokens(self) -> int:
         if self.options.kv_cache_tokens is not None:
             return self.options.kv_cache_tokens
