@@ -145,7 +145,7 @@ class ImageTokensOutput:
     request_id: str
     prompt_token_ids: list[int]  # with the condition images' codes in place
     token_ids: list[int]  # everything generated, the image-end token included
-    finish_reason: str | None  # "stop" (image end), "length", "abort" or "error"
+    finish_reason: str | None  # "stop" (image end written), "length" (grids full, no image end), "abort", "error"
     target_grid: tuple[int, int]  # (rows, columns) of the full image's tokens
     image_tokens: torch.Tensor | None  # [rows, columns] int64; None if generation ended before the grid was full
     preview_grid: tuple[int, int] | None = None  # text-to-image only
@@ -158,11 +158,13 @@ class ImageTokensOutput:
     def from_output(cls, output, request: ImageRequest, source_grids: list[tuple[int, int, int]],
                     image_start_id: int, image_end_id: int) -> "ImageTokensOutput":
         generated = output.token_ids
+        ended = bool(generated) and generated[-1] == image_end_id
+        body = generated[:-1] if ended else generated  # the image end fills no cell
         targets = request.targets
         grids = []  # in generation order: the preview first
         offset = 0
         for _, h, w in reversed(targets):
-            cells = generated[offset: offset + h * w]
+            cells = body[offset: offset + h * w]
             grids.append(torch.tensor(cells, dtype=torch.long).view(h, w) if len(cells) == h * w else None)
             offset += h * w
         conditions, prompt = [], output.prompt_token_ids
@@ -170,9 +172,12 @@ class ImageTokensOutput:
         ends = [i for i, t in enumerate(prompt) if t == image_end_id]
         for (start, end), (_, h, w) in zip(zip(starts, ends), source_grids):
             conditions.append(torch.tensor(prompt[start:end], dtype=torch.long).view(h, w))
+        # Every cell and image_end is exactly max_tokens: the engine calls that "length" (vLLM's
+        # order of checks), but the image ended as the model meant it to.
+        reason = "stop" if output.finish_reason == "length" and ended else output.finish_reason
         return cls(
             request_id=output.request_id, prompt_token_ids=prompt, token_ids=list(generated),
-            finish_reason=output.finish_reason, target_grid=targets[0][1:], image_tokens=grids[-1],
+            finish_reason=reason, target_grid=targets[0][1:], image_tokens=grids[-1],
             preview_grid=targets[1][1:] if len(targets) > 1 else None,
             preview_tokens=grids[0] if len(targets) > 1 else None,
             condition_image_tokens=conditions, error=output.error,

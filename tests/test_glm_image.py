@@ -138,6 +138,23 @@ def test_target_grids_follow_the_processor():
             glmrt.ImageRequest("x", bad, 64)
 
 
+def test_output_slices_the_grids_in_generation_order():
+    """Preview first, then the full grid, then image_end; a complete image ends with "stop" although
+    its last token is also its max_tokens-th; one cut short has no grid."""
+    req = glmrt.ImageRequest("x", 64, 96, [])  # full grid 2 x 3, preview 13 x 19
+    (_, th, tw), (_, ph, pw) = req.targets
+    cells = list(range(ph * pw + th * tw))
+    out = glmrt.RequestOutput(request_id="r", prompt_token_ids=[1, IMAGE_START], token_ids=cells + [IMAGE_END],
+                              text="", finish_reason="length")
+    result = glmrt.ImageTokensOutput.from_output(out, req, [], IMAGE_START, IMAGE_END)
+    assert result.finish_reason == "stop" and (result.preview_grid, result.target_grid) == ((ph, pw), (th, tw))
+    assert torch.equal(result.preview_tokens, torch.arange(ph * pw).view(ph, pw))
+    assert torch.equal(result.image_tokens, torch.arange(ph * pw, len(cells)).view(th, tw))
+    short = dataclasses.replace(out, token_ids=cells[:-1] + [IMAGE_END], finish_reason="stop")
+    result = glmrt.ImageTokensOutput.from_output(short, req, [], IMAGE_START, IMAGE_END)
+    assert result.image_tokens is None and result.preview_tokens is not None and result.finish_reason == "stop"
+
+
 # -------------------------------------------------------------------------------- logits
 
 
@@ -201,13 +218,14 @@ def test_greedy_image_tokens_match_generate(llm, hf_greedy, case):
     targets = request(case).targets
     assert out.target_grid == targets[0][1:]
     th, tw = out.target_grid
+    cells = theirs[:-1] if theirs[-1] == IMAGE_END else theirs
     offset = 0
     if len(targets) > 1:  # text-to-image: the preview grid comes first
         ph, pw = out.preview_grid
-        assert torch.equal(out.preview_tokens, torch.tensor(theirs[: ph * pw]).view(ph, pw))
+        assert torch.equal(out.preview_tokens, torch.tensor(cells[: ph * pw]).view(ph, pw))
         offset = ph * pw
-    if len(theirs) >= offset + th * tw:
-        assert torch.equal(out.image_tokens, torch.tensor(theirs[offset: offset + th * tw]).view(th, tw))
+    if len(cells) >= offset + th * tw:
+        assert torch.equal(out.image_tokens, torch.tensor(cells[offset: offset + th * tw]).view(th, tw))
     else:
         assert out.image_tokens is None
     assert len(out.condition_image_tokens) == len(names)
@@ -245,8 +263,8 @@ def test_generation_config_defaults_are_used(llm):
     assert IMAGE_END in seq.stop_token_ids
 
 
-def test_first_sampled_token_follows_transformers_distribution(llm, hf_model, hf_processor):
-    """3000 seeded requests, one token each, under the checkpoint's sampling defaults, against
+def test_first_sampled_token_follows_transformers_distribution(checkpoint, hf_model, hf_processor):
+    """3000 seeded requests (prefilled 256 at a time), one token each, under the checkpoint's sampling defaults, against
     transformers' temperature / top-k / top-p warpers over its own prefill logits."""
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
@@ -260,11 +278,12 @@ def test_first_sampled_token_follows_transformers_distribution(llm, hf_model, hf
         scores = warper(ids, scores)
     probs = torch.softmax(scores[0], -1)
     n = 3000
-    defaults = llm.get_default_sampling_params()
-    seqs = llm.engine.prepare_many([request("t2i")] * n, [dataclasses.replace(defaults, seed=i) for i in range(n)])
+    wide = glmrt.LLM(str(checkpoint), device="cpu", dtype="float32", backend="torch", max_num_seqs=256)
+    defaults = wide.get_default_sampling_params()
+    seqs = wide.engine.prepare_many([request("t2i")] * n, [dataclasses.replace(defaults, seed=i) for i in range(n)])
     for seq in seqs:
         seq.sampling_params = dataclasses.replace(seq.sampling_params, max_tokens=1)
-    firsts = torch.tensor([o.token_ids[0] for o in llm.engine.run(seqs)])
+    firsts = torch.tensor([o.token_ids[0] for o in wide.engine.run(seqs)])
     assert int((probs > 0).sum()) > 50  # a wide distribution, not a near-greedy one
     assert chi_square_passes(torch.bincount(firsts, minlength=probs.shape[0]), probs)
 
