@@ -61,11 +61,13 @@ def run_to_completion(engine, submit_at):
 
 
 # Serial and overlapped steps are compared token for token on the torch backend (below); the
-# Triton interpreter is slow, so the triton backend runs the default (overlapped) engine only.
+# Triton interpreter is slow, so the triton backend runs the default (overlapped) engine only, and
+# staggered arrival only (all six at once it runs in test_small_kv_budget_queues_and_preempts).
 @pytest.mark.parametrize("backend,async_scheduling", [("torch", True), ("torch", False), ("triton", True)])
 def test_together_and_staggered_match_transformers(tiny_checkpoint, expected, backend, async_scheduling):
     engine = make_engine(tiny_checkpoint, backend, async_scheduling=async_scheduling)
-    assert run_to_completion(engine, {0: list(range(6))}) == expected
+    if backend == "torch":
+        assert run_to_completion(engine, {0: list(range(6))}) == expected
     staggered = run_to_completion(engine, {0: [0], 3: [1, 2], 5: [3], 9: [4, 5]})
     assert staggered == expected
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

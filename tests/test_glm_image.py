@@ -303,6 +303,38 @@ def test_flat_directory_works_too(checkpoint, tmp_path, hf_greedy):
     assert out.token_ids == hf_greedy["i2i"]
 
 
+def test_hub_id_fetches_only_the_ar_stage(checkpoint, tmp_path, monkeypatch):
+    """A Hub id whose repo is a diffusers pipeline: only vision_language_encoder/ and processor/
+    are downloaded (huggingface_hub stubbed by a copy of the files its patterns select)."""
+    import fnmatch
+
+    import huggingface_hub
+    from glmrt.loader import model_dirs, resolve_model_path
+
+    repo = tmp_path / "repo"
+    shutil.copytree(checkpoint, repo)
+    (repo / "transformer").mkdir()
+    (repo / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not for glmrt")
+    calls, snapshot = [], tmp_path / "snapshot"
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        for f in repo.rglob("*"):
+            name = f.relative_to(repo).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    path = resolve_model_path("zai-org/GLM-Image")
+    assert calls[0] == ("zai-org/GLM-Image", ["model_index.json"])
+    assert all(p.startswith(("vision_language_encoder/", "processor/")) for p in calls[1][1])
+    assert not (path / "transformer").exists()
+    assert model_dirs(path) == (path / "vision_language_encoder", path / "processor")
+    assert (path / "vision_language_encoder" / "model.safetensors").is_file()
+
+
 def test_many_prompts_with_their_own_images(llm, hf_greedy):
     outs = llm.generate_image_tokens(["make it blue", "make it blue"], 128, 96, images=[[CONDITIONS["a"]]] * 2,
                                      sampling_params=greedy())
