@@ -54,7 +54,8 @@ def _decode_case(context_lens, block_size, num_q_heads, num_kv_heads, head_dim, 
     rows = len(context_lens) * num_queries
     if packed_q:  # q as a strided view of a packed [B * Q, (Hq + 2 Hkv) * D] projection output
         qkv = torch.randn(rows, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=gen)
-        q = qkv.to(dtype)[:, : num_q_heads * head_dim].view(rows, num_q_heads, head_dim)
+        # sliced on the device: a copy of the strided view to the GPU would come out contiguous
+        q = qkv.to(dtype).to(DEVICE)[:, : num_q_heads * head_dim].view(rows, num_q_heads, head_dim)
     else:
         q = torch.randn(rows, num_q_heads, head_dim, generator=gen).to(dtype)
     tables = _make_tables(context_lens, block_size, max_blocks, num_blocks, gen)
