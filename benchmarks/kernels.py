@@ -11,6 +11,8 @@ achieved GB/s or TFLOP/s, % of the measured ceiling, and PASS/MISS against the t
   - varlen attention: >= 50% of matmul throughput at >= 4096 tokens;
   - paged decode attention: >= 70% of copy bandwidth at batch >= 32.
 The repetition penalty is one pass over a [B, V] presence mask and the logits: memory-bound too.
+norm_linear (a decode GEMM with its sandwich norm and SwiGLU fused) is timed against the unfused
+chain it replaces, sandwich_rms_norm + cuBLAS (+ silu_and_mul): the "ref" columns of its rows.
 
 Timing is triton.testing.do_bench's median. do_bench zeroes a 256 MB buffer before every rep
 (outside the timed events), so each rep starts with a cold L2: memory-bound numbers are HBM
@@ -43,7 +45,7 @@ if not HAS_CUDA:  # must precede the first import of a kernel module (@triton.ji
 from triton.testing import do_bench
 
 from common import metadata, output_dir, provenance, write_report
-from glmrt.kernels import activation, attention, paged, rmsnorm, rope, sampling
+from glmrt.kernels import activation, attention, linear, paged, rmsnorm, rope, sampling
 from glmrt.model.ops import TorchOps
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -76,11 +78,15 @@ class Workload:
     prefill_packs: tuple[tuple[int, int], ...]  # (new tokens, prompts) of one prefill step
     decode_batches: tuple[int, ...]
     decode_contexts: tuple[int, ...]  # tokens already in the cache per sequence
+    fused_rows: tuple[int, ...]  # decode rows of norm_linear (at most linear.MAX_FUSED_ROWS)
+    fused_outputs: tuple[int, int]  # its output features: qkv, gate_up (gate | up)
 
 
 REAL = Workload(24576, (1, 2, 4, 8), ((1024, 1), (2048, 1), (4096, 1), (6144, 1), (6144, 6)),
-                (1, 8, 32, 128, 256), (1024, 4096, 8192))
-SMOKE = Workload(64, (1, 2), ((48, 1), (48, 3)), (1, 3), (40,))
+                (1, 8, 32, 128, 256), (1024, 4096, 8192),
+                (1, 8, 16), ((TEXT_HEADS + 2 * TEXT_KV_HEADS) * TEXT_HEAD_DIM, 2 * TEXT_INTER))
+# the interpreter runs a program's loop over K in ~0.5 s: a handful of output tiles only
+SMOKE = Workload(64, (1, 2), ((48, 1), (48, 3)), (1, 3), (40,), (1, 3), (64, 96))
 
 
 @dataclass
@@ -206,6 +212,36 @@ def silu_and_mul_case(label: str, rows: int, inter: int) -> Case:
                 triton=lambda: activation.silu_and_mul(x),
                 reference=lambda: activation.silu_and_mul_ref(x),
                 bytes=n, target=memory_target(n))
+
+
+def norm_linear_case(label: str, rows: int, out_features: int, silu: bool) -> Case:
+    """A decode GEMM of the text decoder behind its sandwich step, in one launch: the weight is
+    [out_features, TEXT_HIDDEN] (qkv 4096, gate_up 9216 with SwiGLU). The reference column is the
+    unfused chain the Triton backend runs otherwise: sandwich_rms_norm, cuBLAS F.linear
+    (, silu_and_mul)."""
+    branch, res = _randn(rows, TEXT_HIDDEN), _randn(rows, TEXT_HIDDEN)  # o / down output, residual
+    post, pre = _weight(TEXT_HIDDEN), _weight(TEXT_HIDDEN)
+    weight = _randn(out_features, TEXT_HIDDEN) * TEXT_HIDDEN**-0.5  # [N, K]: y ~ N(0, 1)
+    args = (branch, weight, pre, EPS, res, post)
+
+    def unfused() -> tuple[torch.Tensor, torch.Tensor]:
+        h, total = rmsnorm.sandwich_rms_norm(branch, res, post, pre, EPS)
+        y = F.linear(h, weight)
+        return (activation.silu_and_mul(y) if silu else y), total
+
+    elt, n_out = branch.element_size(), out_features // 2 if silu else out_features
+    # the weight and both norm weights once; branch and residual in, y and the new residual out
+    n = rowwise_bytes(rows, 2 * TEXT_HIDDEN, n_out + TEXT_HIDDEN, elt,
+                      (out_features + 2) * TEXT_HIDDEN * elt)
+    return Case("norm_linear", f"{label} M={rows} {out_features}x{TEXT_HIDDEN}"
+                + (" +silu" if silu else ""),
+                triton=lambda: linear.norm_linear(*args, silu_and_mul=silu),
+                reference=unfused,
+                check=lambda: (linear.norm_linear(*args, silu_and_mul=silu),
+                               linear.norm_linear_ref(*args, silu_and_mul=silu)),
+                bytes=n, target=memory_target(n),
+                note="ref: unfused sandwich_rms_norm + F.linear"
+                     + (" + silu_and_mul" if silu else ""))
 
 
 def layer_norm_gelu_case(rows: int) -> Case:
@@ -467,6 +503,9 @@ def plan(w: Workload) -> dict[str, list[Callable[[], Case]]]:
                          partial(silu_and_mul_case, "text prefill / merger", prefill_t, TEXT_INTER),
                          partial(silu_and_mul_case, "vision", w.vision_patches, VISION_INTER)],
         "layer_norm_gelu": [partial(layer_norm_gelu_case, merged)],
+        "norm_linear": [partial(norm_linear_case, label, m, n, silu) for label, n, silu
+                        in zip(("qkv", "gate_up"), w.fused_outputs, (False, True))
+                        for m in w.fused_rows],
         "vision_qk_norm_rope": [partial(vision_rope_case, w.vision_patches)],
         "mrope": [partial(mrope_case, "decode", decode_b), partial(mrope_case, "prefill", prefill_t)],
         "mrope_write_kv": [partial(mrope_write_kv_case, "decode", decode_b),
