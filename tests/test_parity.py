@@ -108,3 +108,37 @@ def test_repetition_penalty_greedy_matches(llm, hf_model, hf_processor):
     theirs = out[0, inputs["input_ids"].shape[1]:].tolist()
     [ours] = llm.generate({"images": images, "prompt": prompt}, glmrt.SamplingParams(max_tokens=32, repetition_penalty=1.3))
     assert ours.token_ids == theirs
+
+
+def test_triton_decode_layer_is_seven_launches(tiny_checkpoint, monkeypatch):
+    """A batch-1 decode layer on the Triton backend: norm + q/k/v, M-RoPE + KV write, split-KV
+    attention (its kernel and, with more than one split, the combine), o_proj, norm + gate_up +
+    silu, down_proj: at most 7 launches (benchmarks/e2e.py counts them on a GPU). Counted as the
+    ops two layers call minus the ops one layer calls, over a decode step's inputs."""
+    from glmrt.kernels import linear
+    from glmrt.model.text import run_layers
+
+    engine = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend="triton").engine
+    ops, runner, text = engine.model.ops, engine.runner, engine.model.text
+    calls = []
+    for name in ("norm_linear", "linear", "fused_linear", "rms_norm", "sandwich_rms_norm", "silu_and_mul",
+                 "mrope_write_kv", "paged_decode_attention", "write_kv_cache"):
+        method = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _m=method, _n=name, **k: calls.append(_n) or _m(*a, **k))
+    fused = linear.norm_linear
+    monkeypatch.setattr(linear, "norm_linear", lambda *a, **k: calls.append("fused kernel") or fused(*a, **k))
+
+    def layer_ops(n):
+        calls.clear()
+        with torch.inference_mode():
+            ids, positions, attn = runner.batch.decode_inputs(1)
+            run_layers(text.config, ops, text.layers[:n], text.final_norm, text.embed_tokens[ids], positions, attn,
+                       runner.kv_caches[:n])
+        return list(calls)
+
+    one, two = layer_ops(1), layer_ops(2)
+    layer = two[: len(two) - len(one)]
+    assert two[len(layer):] == one  # the second layer adds exactly `layer` before the final norm
+    launches = [c for c in layer if c != "norm_linear"]  # norm_linear's launch is its fused kernel
+    assert launches == ["fused kernel", "mrope_write_kv", "paged_decode_attention", "linear", "fused kernel", "linear"]
+    assert len(launches) + 1 <= 7  # + the split-KV combine

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmrt.kernels import activation, attention, paged, rmsnorm, rope, sampling
+from glmrt.kernels import activation, attention, linear, paged, rmsnorm, rope, sampling
 
 Tensor = torch.Tensor
 # Weights (or biases) of projections sharing an input, in the backend's form (see fuse_rows).
@@ -75,6 +75,20 @@ class TorchOps:
         """-> (pre_norm(r), r) with r = residual + post_norm(branch)."""
         return rmsnorm.sandwich_rms_norm_ref(branch, residual, post_weight, pre_weight, eps)
 
+    def norm_linear(self, x: Tensor, weight: FusedRows, pre_weight: Tensor, eps: float, residual: Tensor | None = None,
+                    post_weight: Tensor | None = None, bias: FusedRows | None = None,
+                    silu_and_mul: bool = False) -> tuple[Tensor, Tensor]:
+        """A projection of a normed input -> (y, r): r = residual + post_norm(x) (x itself without
+        a residual), h = pre_norm(r), y = h's projections side by side (fused_linear), or with
+        silu_and_mul the silu(gate) * up [N, I] of a [2I, K] weight."""
+        if residual is None:
+            r, h = x, self.rms_norm(x, pre_weight, eps)
+        else:
+            h, r = self.sandwich_rms_norm(x, residual, post_weight, pre_weight, eps)
+        if silu_and_mul:
+            return self.silu_and_mul(self.linear(h, weight, bias)), r
+        return self.fused_linear(h, weight, bias), r
+
     def silu_and_mul(self, x: Tensor) -> Tensor:
         """x [N, 2I] (gate | up) -> silu(gate) * up [N, I]."""
         return activation.silu_and_mul_ref(x)
@@ -117,6 +131,12 @@ class TorchOps:
         return paged.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens,
                                                 num_queries=num_queries)
 
+    def paged_prefill_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens: Tensor,
+                                block_tables: Tensor, context_lens: Tensor, max_seqlen: int) -> Tensor:
+        """q [T, Hq, D] packed by cu_seqlens: the last n_i of sequence i's context_lens[i] cached
+        tokens -> [T, Hq, D], each query over its sequence's cache up to itself (chunked prefill)."""
+        return paged.paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens, block_tables, context_lens)
+
     def apply_repetition_penalty(self, logits: Tensor, presence: Tensor, penalty: Tensor) -> Tensor:
         """logits [B, V] fp32, presence [B, V] bool, penalty [B] -> penalised logits (maybe in place)."""
         return sampling.apply_repetition_penalty_ref(logits, presence, penalty)
@@ -156,6 +176,13 @@ class TritonOps(TorchOps):
     def sandwich_rms_norm(self, branch, residual, post_weight, pre_weight, eps):
         return rmsnorm.sandwich_rms_norm(branch, residual, post_weight, pre_weight, eps)
 
+    def norm_linear(self, x, weight, pre_weight, eps, residual=None, post_weight=None, bias=None, silu_and_mul=False):
+        # Decode-sized steps: the norm and silu_and_mul in the projection's own kernel, which
+        # reads the weights once (a layer in 7 launches); wider steps: norm kernel, then cuBLAS.
+        if x.shape[0] <= linear.MAX_FUSED_ROWS:
+            return linear.norm_linear(x, weight, pre_weight, eps, residual, post_weight, bias, silu_and_mul)
+        return super().norm_linear(x, weight, pre_weight, eps, residual, post_weight, bias, silu_and_mul)
+
     def silu_and_mul(self, x):
         return activation.silu_and_mul(x)
 
@@ -177,6 +204,9 @@ class TritonOps(TorchOps):
 
     def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, num_queries=1):
         return paged.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_queries=num_queries)
+
+    def paged_prefill_attention(self, q, k_cache, v_cache, cu_seqlens, block_tables, context_lens, max_seqlen):
+        return paged.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens, block_tables, context_lens, max_seqlen)
 
     def apply_repetition_penalty(self, logits, presence, penalty):
         return sampling.apply_repetition_penalty_(logits, presence, penalty)

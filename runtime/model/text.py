@@ -1,9 +1,11 @@
 """The GLM text decoder of GLM-OCR and GLM-Image: sandwich-norm layers with M-RoPE, GQA and a
 paged KV cache (GLM-Image adds q/k/v biases and rotates only part of each head; see TextConfig).
 
-One forward runs a whole step: either a varlen prefill of several sequences (attention over the
-new tokens only, causal per sequence) or a few decode tokens per sequence (one, or k + 1 when
-verifying speculated tokens; attention over the paged cache). K/V of every new token are written into the cache through the slot mapping.
+One forward runs a whole step: a few decode tokens per sequence (one, or k + 1 when verifying
+speculated tokens; attention over the paged cache) and/or a varlen prefill of several sequences
+(causal per sequence; over the new tokens only, or, for a chunk of a longer prompt, over its
+cached prefix too). K/V of every new token are written into the cache through the slot mapping
+before attention reads it.
 """
 from __future__ import annotations
 
@@ -17,11 +19,19 @@ from .ops import FusedRows, TorchOps
 
 @dataclass
 class AttentionMetadata:
-    """Per-step attention inputs, all on the model's device."""
+    """Per-step attention inputs, all on the model's device. A step's tokens are its decode
+    tokens (rows of block_tables, num_queries each) followed by its prefill tokens (packed by
+    cu_seqlens); either part may be absent (a mixed step has both)."""
 
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (-1: padding, not written)
-    cu_seqlens: torch.Tensor | None = None  # prefill: [B+1] int32 over the packed new tokens
-    max_seqlen: int = 0  # prefill: longest sequence of the step
+    # prefill: [N+1] int32 over the packed prefill tokens (offsets from the first of them)
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0  # prefill: longest sequence (chunk) of the step
+    # prefill chunks after a cached prefix (chunked prefill): [N, max_blocks] int32 block tables
+    # and [N] int32 cache lengths including each chunk; None: every sequence starts at index 0
+    # and attends to its new tokens only
+    prefill_block_tables: torch.Tensor | None = None
+    prefill_context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int32
     context_lens: torch.Tensor | None = None  # decode: [B] int32, including the new token(s)
     # decode: new tokens per sequence (speculative verification: Q = k + 1, rows b*Q + j, causal
@@ -29,8 +39,26 @@ class AttentionMetadata:
     num_queries: int = 1
 
     @property
-    def is_prefill(self) -> bool:
-        return self.cu_seqlens is not None
+    def num_decode_tokens(self) -> int:
+        return 0 if self.block_tables is None else self.block_tables.shape[0] * self.num_queries
+
+
+def attention(ops: TorchOps, attn: AttentionMetadata, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] of the step's tokens (already in the cache) -> [T, Hq, D]."""
+    nd = attn.num_decode_tokens
+    parts = []
+    if attn.block_tables is not None:
+        parts.append(ops.paged_decode_attention(q[:nd], k_cache, v_cache, attn.block_tables, attn.context_lens,
+                                                attn.num_queries))
+    if attn.cu_seqlens is not None:
+        if attn.prefill_block_tables is None:
+            parts.append(ops.varlen_attention(q[nd:], k[nd:], v[nd:], attn.cu_seqlens, attn.max_seqlen, causal=True))
+        else:
+            parts.append(ops.paged_prefill_attention(q[nd:], k_cache, v_cache, attn.cu_seqlens,
+                                                     attn.prefill_block_tables, attn.prefill_context_lens,
+                                                     attn.max_seqlen))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass
@@ -70,27 +98,24 @@ def run_layers(config: TextConfig, ops: TorchOps, layers: list[LayerWeights], fi
     MTP layer, whose next draft step takes y itself."""
     c = config
     t, hq, hkv, d, eps = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
-    residual = x
-    h = ops.rms_norm(residual, layers[0].input_norm, eps)
-    for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches, strict=True)):
-        qkv = ops.fused_linear(h, layer.qkv, layer.qkv_bias)  # [T, (Hq + 2 Hkv) D]
+    # Each norm runs inside the op of the projection it feeds: the layer's input is the last
+    # layer's MLP output `branch`, its residual stream and post-norm (x itself at layer 0).
+    branch, residual, post_norm = x, None, None
+    for layer, (k_cache, v_cache) in zip(layers, kv_caches, strict=True):
+        # Sandwich: residual += post_norm(branch), then this branch's input norm, then q/k/v.
+        qkv, residual = ops.norm_linear(branch, layer.qkv, layer.input_norm, eps, residual, post_norm,
+                                        layer.qkv_bias)  # [T, (Hq + 2 Hkv) D]
         q = qkv[:, : hq * d].view(t, hq, d)
         k = qkv[:, hq * d: (hq + hkv) * d].view(t, hkv, d)
         v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
         q, k = ops.mrope_write_kv(q, k, v, positions, c.mrope_section, c.rope_theta, k_cache, v_cache,
                                   attn.slot_mapping, rotary_dim=c.rotary_dim, interleaved=c.rope_interleaved)
-        if attn.is_prefill:
-            o = ops.varlen_attention(q, k, v, attn.cu_seqlens, attn.max_seqlen, causal=True)
-        else:
-            o = ops.paged_decode_attention(q, k_cache, v_cache, attn.block_tables, attn.context_lens,
-                                           attn.num_queries)
+        o = attention(ops, attn, q, k, v, k_cache, v_cache)
         a = ops.linear(o.reshape(t, hq * d), layer.o)
-        # Sandwich: residual += post_norm(branch), then the next branch's input norm, in one op.
-        h, residual = ops.sandwich_rms_norm(a, residual, layer.post_attn_branch_norm, layer.pre_mlp_norm, eps)
-        mlp = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up)), layer.down)
-        next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else final_norm
-        h, residual = ops.sandwich_rms_norm(mlp, residual, layer.post_mlp_branch_norm, next_norm, eps)
-    return h, residual
+        mlp, residual = ops.norm_linear(a, layer.gate_up, layer.pre_mlp_norm, eps, residual,
+                                        layer.post_attn_branch_norm, silu_and_mul=True)  # [T, I]
+        branch, post_norm = ops.linear(mlp, layer.down), layer.post_mlp_branch_norm
+    return ops.sandwich_rms_norm(branch, residual, post_norm, final_norm, eps)
 
 
 class TextDecoder:
