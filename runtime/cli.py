@@ -142,7 +142,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     engine.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     engine.add_argument("--max-num-seqs", type=int, help="requests decoded together (default 32)")
-    engine.add_argument("--max-num-batched-tokens", type=int, help="prompt tokens per prefill step (default: max model len)")
+    engine.add_argument("--max-num-batched-tokens", type=int,
+                        help="tokens (decode, prompt and vision patches) per step (default 8192; without chunked "
+                             "prefill: max model len)")
     engine.add_argument("--max-model-len", type=int, help="prompt + output tokens per request")
     engine.add_argument("--kv-cache-tokens", type=int, help="KV cache size (default: from GPU memory)")
     engine.add_argument("--gpu-memory-utilization", type=float, help="share of free GPU memory for the KV cache")
@@ -150,6 +152,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--image-backend", choices=["torchvision", "pil"],
                         help="resize as transformers' default (torchvision) or its PIL image processor")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    engine.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
+                        help="prefill whole prompts in steps of their own (running requests wait for them)")
     engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                         help="read each step back before scheduling the next (same tokens, slower)")
     engine.add_argument("--num-speculative-tokens", type=int,
@@ -185,8 +189,9 @@ def _engine_options(args: argparse.Namespace) -> dict:
         options["num_speculative_tokens"] = args.speculative_config
     if args.enforce_eager:
         options["enforce_eager"] = True
-    if not args.async_scheduling:
-        options["async_scheduling"] = False
+    for flag in ("async_scheduling", "enable_chunked_prefill"):
+        if not getattr(args, flag):
+            options[flag] = False
     return options
 
 

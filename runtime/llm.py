@@ -23,7 +23,8 @@ class LLM:
     device / dtype accept strings ("cpu", "cuda", "float32", "bfloat16", ...) or torch objects;
     by default CUDA + bfloat16 when a GPU is present, else CPU + float32. backend "auto" is
     "triton" on CUDA and "torch" on CPU. Other options: max_num_seqs, max_num_batched_tokens,
-    max_model_len, kv_cache_tokens, gpu_memory_utilization, block_size, enforce_eager.
+    enable_chunked_prefill, max_model_len, kv_cache_tokens, gpu_memory_utilization, block_size,
+    enforce_eager, async_scheduling (see EngineConfig).
     Requests without SamplingParams use the checkpoint's generation_config.json defaults.
     """
 

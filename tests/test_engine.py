@@ -61,13 +61,14 @@ def run_to_completion(engine, submit_at):
 
 
 # Serial and overlapped steps are compared token for token on the torch backend (below); the
-# Triton interpreter is slow, so the triton backend runs the default (overlapped) engine only, and
-# staggered arrival only (all six at once it runs in test_small_kv_budget_queues_and_preempts).
-@pytest.mark.parametrize("backend,async_scheduling", [("torch", True), ("torch", False), ("triton", True)])
-def test_together_and_staggered_match_transformers(tiny_checkpoint, expected, backend, async_scheduling):
+# Triton interpreter is slow, so the triton backend runs staggered arrival in
+# test_chunked_prefill_in_mixed_steps_matches_transformers, all six at once in
+# test_small_kv_budget_queues_and_preempts.
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_together_and_staggered_match_transformers(tiny_checkpoint, expected, async_scheduling):
+    backend = "torch"
     engine = make_engine(tiny_checkpoint, backend, async_scheduling=async_scheduling)
-    if backend == "torch":
-        assert run_to_completion(engine, {0: list(range(6))}) == expected
+    assert run_to_completion(engine, {0: list(range(6))}) == expected
     staggered = run_to_completion(engine, {0: [0], 3: [1, 2], 5: [3], 9: [4, 5]})
     assert staggered == expected
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
@@ -79,6 +80,104 @@ def test_small_kv_budget_queues_and_preempts(tiny_checkpoint, expected, backend)
     assert run_to_completion(engine, {0: list(range(6))}) == expected
     assert engine.scheduler.num_preemptions > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def record_steps(engine):
+    """Wrap the runner's step launches -> the list of (decode rows, [(start, end, samples, tokens
+    of its images not yet encoded)] per chunk) they are appended to."""
+    runner, steps = engine.runner, []
+    prefill, decode = runner.prefill, runner.decode
+
+    def recording_prefill(step, masks=None):
+        steps.append((len(step.decode), [(c.start, c.end, c.samples, c.seq.num_unencoded_patches)
+                                         for c in step.chunks]))
+        return prefill(step, masks)
+
+    def recording_decode(step, speculate=False):
+        steps.append((len(step.decode), []))
+        return decode(step, speculate)
+
+    runner.prefill, runner.decode = recording_prefill, recording_decode
+    return steps
+
+
+BUDGET = 40  # tokens per step: every prompt but one takes more than one chunk, images are cut across chunks
+
+
+@pytest.mark.parametrize("backend,async_scheduling", [("torch", True), ("torch", False), ("triton", True)])
+def test_chunked_prefill_in_mixed_steps_matches_transformers(tiny_checkpoint, expected, backend, async_scheduling):
+    """Staggered arrivals with a 40-token step budget: prompts (and their image slots) are cut
+    into chunks that attend to their cached prefix, and run in the same steps as the running
+    sequences' decode tokens. Every request still gives transformers' tokens."""
+    engine = make_engine(tiny_checkpoint, backend, async_scheduling=async_scheduling, max_num_batched_tokens=BUDGET)
+    steps = record_steps(engine)
+    assert run_to_completion(engine, {0: [0], 3: [1, 2], 5: [3], 9: [4, 5]}) == expected
+    mixed = [chunks for decode, chunks in steps if decode and chunks]
+    assert mixed and any(start > 0 for chunks in mixed for start, *_ in chunks)
+    assert any(not samples for _, chunks in steps for _, _, samples, _ in chunks)
+    for decode, chunks in steps:  # the budget covers decode tokens, chunk tokens and later chunks' patches
+        assert decode + sum(end - start for start, end, *_ in chunks) <= max(BUDGET, decode + 1)
+        assert decode + sum(end - start + patches for start, end, _, patches in chunks[1:]) + (
+            chunks[0][1] - chunks[0][0] if chunks else 0) <= max(BUDGET, decode + 1)
+    assert_all_free(engine)
+
+
+def test_chunked_prefill_with_preemption_and_sampling_equals_serial_and_unchunked(tiny_checkpoint, expected):
+    """Under a KV budget that forces preemption (of prefilling and of running sequences), with
+    sampled, seeded and penalised requests: chunked mixed steps, overlapped or serial, give the
+    tokens of whole-prompt prefill steps."""
+    cases = [
+        glmrt.SamplingParams(max_tokens=30, temperature=0.9, top_p=0.8, seed=3, ignore_eos=True),
+        glmrt.SamplingParams(max_tokens=35, repetition_penalty=1.3, ignore_eos=True),
+        glmrt.SamplingParams(max_tokens=40, temperature=1.2, top_k=20, seed=4, repetition_penalty=1.1, ignore_eos=True),
+        glmrt.SamplingParams(max_tokens=MAX_TOKENS),
+        glmrt.SamplingParams(max_tokens=1),
+        glmrt.SamplingParams(max_tokens=MAX_TOKENS),
+    ]
+    results = []
+    for options in (dict(enable_chunked_prefill=False), dict(max_num_batched_tokens=BUDGET),
+                    dict(max_num_batched_tokens=BUDGET, async_scheduling=False)):
+        engine = make_engine(tiny_checkpoint, "torch", kv_cache_tokens=256, max_model_len=256, max_num_seqs=6,
+                             **options)
+        outs = engine.generate([as_request(c) for c in REQUESTS], cases)
+        results.append([(o.token_ids, o.finish_reason) for o in outs])
+        assert engine.scheduler.num_preemptions > 0
+        assert_all_free(engine)
+    assert results[0] == results[1] == results[2]
+    assert [results[0][i][0] for i in (3, 5)] == [expected[3], expected[5]]
+
+
+def test_a_vision_fault_in_a_mixed_step_leaves_the_decode_rows_alone(tiny_checkpoint, expected, monkeypatch):
+    """A request whose vision pass fails in a mixed step fails alone; the step's decode rows run
+    on (as a decode step) and, like the requests prefilled after it, give transformers' tokens."""
+    engine = make_engine(tiny_checkpoint, "torch", max_num_batched_tokens=BUDGET)
+    params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)
+    running = [engine.add_request(as_request(REQUESTS[i]), params) for i in (1, 0)]
+    engine.step()
+    engine.step()
+    encode = engine.model.encode_images
+    h, w = engine.processor.image_processor.resized_size(ALL_IMAGES["tall"].height, ALL_IMAGES["tall"].width)
+
+    def broken(pixels, grids):
+        if (1, h // 14, w // 14) in grids:  # the "tall" image: REQUESTS[5]
+            raise RuntimeError("injected vision fault")
+        return encode(pixels, grids)
+
+    monkeypatch.setattr(engine.model, "encode_images", broken)
+    steps = record_steps(engine)
+    bad = engine.add_request(as_request(REQUESTS[5]), params)
+    later = engine.add_request(as_request(REQUESTS[4]), params)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert steps[0][0] == 2 and steps[0][1][0][:2] == (0, BUDGET - 2)  # the failing mixed step
+    assert steps[1] == (2, [])  # its decode rows, alone
+    assert done[bad].finish_reason == "error" and "injected vision fault" in done[bad].error
+    assert [done[i].token_ids for i in running] == [expected[1], expected[0]]
+    assert done[later].token_ids == expected[4]
+    assert_all_free(engine)
 
 
 def test_prompt_that_cannot_fit_is_rejected(tiny_checkpoint):
@@ -207,7 +306,7 @@ def test_a_shared_prefill_that_fails_is_retried_request_by_request(tiny_checkpoi
     prefill = engine.runner.prefill
 
     def counting(step, masks=None):
-        prefills.append([s.request_id for s in step.seqs])
+        prefills.append([s.request_id for s in step.prefill_seqs])
         return prefill(step, masks)
 
     monkeypatch.setattr(engine.model, "encode_images", broken)

@@ -31,8 +31,13 @@ class Rows:
         self.log.append(("clear", row))
 
 
-def scheduler(num_blocks, max_num_seqs=4, max_num_batched_tokens=1000):
-    return Scheduler(BlockManager(num_blocks, 16), max_num_seqs, max_num_batched_tokens, Rows())
+def scheduler(num_blocks, max_num_seqs=4, max_num_batched_tokens=1000, chunked_prefill=False):
+    return Scheduler(BlockManager(num_blocks, 16), max_num_seqs, max_num_batched_tokens, Rows(),
+                     chunked_prefill=chunked_prefill)
+
+
+def chunks_of(step):
+    return [(c.seq.request_id, c.start, c.end, c.samples) for c in step.chunks]
 
 
 def read_back(step, token=7):
@@ -167,6 +172,79 @@ def test_finish_releases_blocks_wherever_the_sequence_is():
         s.finish("abort")
         sched.finish(s)
     assert not sched.has_unfinished() and bm.num_free_blocks == 8
+
+
+def test_chunked_prefill_runs_chunks_within_the_budget_beside_the_decode_rows():
+    sched = scheduler(100, max_num_batched_tokens=20, chunked_prefill=True)
+    a, b, c = seq("a", 10), seq("b", 50), seq("c", 5)
+    for s in (a, b, c):
+        sched.add(s)
+    step = sched.schedule()  # nothing runs yet: prefill only; b's first chunk takes the rest of the budget
+    assert step.is_prefill and chunks_of(step) == [("a", 0, 10, True), ("b", 0, 10, False)]
+    assert step.seqs == [a] and step.first_row == 0 and sched.prefilling == [b] and b.row is None
+    assert b.status == SequenceStatus.PREFILLING and len(b.block_table) == 4  # all its blocks, at admission
+    step = sched.schedule()  # a decodes (1 token), b continues with 19; c waits behind b
+    assert step.decode == [a] and chunks_of(step) == [("b", 10, 29, False)] and step.seqs == [a]
+    read_back(step)
+    step = sched.schedule()
+    assert chunks_of(step) == [("b", 29, 48, False)]
+    step = sched.schedule()  # b's last chunk samples its first token and takes row 1; c starts
+    assert step.decode == [a] and chunks_of(step) == [("b", 48, 50, True), ("c", 0, 5, True)]
+    assert step.seqs == [a, b, c] and step.first_row == 1 and (b.row, c.row) == (1, 2)
+    assert b.num_pending == 1 and b.num_cached == 50 and sched.prefilling == []
+    step = sched.schedule()
+    assert step.decode == [a, b, c] and step.chunks == []
+
+
+def test_chunked_prefill_budget_counts_vision_patches_after_the_first_chunk():
+    sched = scheduler(100, max_num_batched_tokens=40, chunked_prefill=True)
+    a, b, c = seq("a", 10), seq("b", 10), seq("c", 10)
+    b.pixel_values = torch.zeros(25, 588, dtype=torch.uint8)  # 25 patches: 10 + 25 + 10 > 40 - 10
+    c.pixel_values = torch.zeros(100, 588, dtype=torch.uint8)
+    for s in (a, b, c):
+        sched.add(s)
+    step = sched.schedule()
+    assert chunks_of(step) == [("a", 0, 10, True), ("b", 0, 5, False)]
+    b.pixel_values = None  # encoded by that step
+    step = sched.schedule()  # c's 100 patches exceed the budget: it waits for a step of its own
+    assert chunks_of(step) == [("b", 5, 10, True)]
+    step = sched.schedule()  # the first chunk of a step always runs, whatever its images cost
+    assert step.decode == [a, b] and chunks_of(step) == [("c", 0, 10, True)]
+
+
+def test_chunked_prefill_preempts_prefilling_sequences_first_without_draining():
+    sched = scheduler(4, max_num_batched_tokens=20, chunked_prefill=True)
+    a, b = seq("a", 16), seq("b", 40)
+    sched.add(a)
+    sched.add(b)
+    sched.schedule()  # a whole (1 block), b's first 4 tokens (b holds all 3 of its blocks)
+    assert sched.prefilling == [b] and sched.block_manager.num_free_blocks == 0
+    step = sched.schedule()  # a's token 17 needs a block: b is preempted, a's first token still in flight
+    assert step.decode == [a] and step.chunks == [] and a.num_pending == 2
+    assert sched.waiting[0] is b and b.status == SequenceStatus.WAITING and b.num_cached == 0
+    assert b.block_table == [] and sched.num_preemptions == 1 and sched.prefilling == []
+
+
+def test_chunked_prefill_alternates_while_a_structured_output_row_runs():
+    sched = scheduler(100, max_num_batched_tokens=20, chunked_prefill=True)
+    a, b = seq("a", 10), seq("b", 30)
+    a.grammar = object()  # its decode steps need the split forward / masked sampling
+    sched.add(a)
+    sched.schedule()
+    sched.add(b)
+    kinds = [(len(step.decode), chunks_of(step)) for step in (sched.schedule() for _ in range(4))]
+    assert kinds == [(1, []), (0, [("b", 0, 20, False)]), (1, []), (0, [("b", 20, 30, True)])]
+
+
+def test_finishing_a_prefilling_sequence_frees_its_blocks():
+    sched = scheduler(10, max_num_batched_tokens=20, chunked_prefill=True)
+    a = seq("a", 50)
+    sched.add(a)
+    sched.schedule()
+    assert sched.prefilling == [a] and sched.block_manager.num_free_blocks == 6
+    a.finish("abort")
+    sched.finish(a)
+    assert not sched.has_unfinished() and sched.block_manager.num_free_blocks == 10
 
 
 def test_length_is_checked_before_stop():

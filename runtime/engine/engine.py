@@ -33,7 +33,7 @@ from ..processor import IMAGE_TOKEN, VIDEO_TOKEN, Processor
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
-from .runner import ModelRunner, StepHandle, allocate_kv_cache, kv_bytes_per_token
+from .runner import ModelRunner, PrefillInputError, StepHandle, allocate_kv_cache, kv_bytes_per_token
 from .sampler import Sampler, SamplingState, request_seed
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
@@ -95,7 +95,12 @@ MAX_SPECULATIVE_TOKENS = 8
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 32
-    max_num_batched_tokens: int | None = None  # default: max_model_len
+    # Tokens (decode tokens, prefill tokens and vision patches) one step may run; default: 8192
+    # with chunked prefill, else max_model_len.
+    max_num_batched_tokens: int | None = None
+    # Split long prefills into chunks and run them in the same steps as the running sequences'
+    # decode tokens (off with speculative decoding, whose MTP layer prefills whole prompts).
+    enable_chunked_prefill: bool = True
     max_model_len: int | None = None  # default: min(16384, the model's max positions)
     kv_cache_tokens: int | None = None  # default: max_model_len tokens on CPU, memory-based on GPU
     gpu_memory_utilization: float = 0.9  # share of the GPU memory left after weights + peak activations
@@ -118,7 +123,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name in ("enforce_eager", "async_scheduling"):
+        for name in ("enforce_eager", "async_scheduling", "enable_chunked_prefill"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         k = self.num_speculative_tokens
@@ -163,6 +168,9 @@ class LLMEngine:
                 f"{self.max_model_len} tokens; raise kv_cache_tokens or lower max_model_len"
             )
         k = self.options.num_speculative_tokens
+        self.chunked_prefill = self.options.enable_chunked_prefill and not k
+        self.max_num_batched_tokens = self.options.max_num_batched_tokens or (
+            8192 if self.chunked_prefill else self.max_model_len)
         self.model = model_class(self.config).from_pretrained(path, self.config, make_ops(self.backend), self.device,
                                                               self.dtype, load_mtp=k > 0)
         block_size = self.options.block_size
@@ -176,9 +184,9 @@ class LLMEngine:
                                   normalize_pixels=self.processor.image_processor.normalize_patches,
                                   num_speculative_tokens=k,
                                   max_decode_positions=self.max_model_len if self.generates_images else 0)
-        self.scheduler = Scheduler(self.block_manager, self.options.max_num_seqs,
-                                   self.options.max_num_batched_tokens or self.max_model_len, rows=self.runner.batch,
-                                   tokens_per_step=k + 1)
+        self.scheduler = Scheduler(self.block_manager, self.options.max_num_seqs, self.max_num_batched_tokens,
+                                   rows=self.runner.batch, tokens_per_step=k + 1,
+                                   chunked_prefill=self.chunked_prefill)
         self.spec_stats = SpecDecodeStats(k)
         self._sequences: dict[str, Sequence] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -244,7 +252,7 @@ class LLMEngine:
         w = max(m, patches // h // m * m)
         pixels = torch.zeros(h * w, 3 * ip.patch_size**2, dtype=torch.uint8, device=device)
         model.encode_images(ip.normalize_patches(pixels), [(1, h, w)])
-        tokens = self.options.max_num_batched_tokens or self.max_model_len
+        tokens = self.max_num_batched_tokens
         kv = allocate_kv_cache(model, 1, self.options.block_size)
         attn = AttentionMetadata(
             slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=device),
@@ -454,7 +462,7 @@ class LLMEngine:
 
     def _launch(self, plan: ScheduledStep, outputs: list[RequestOutput]) -> StepHandle | None:
         try:
-            if plan.is_prefill:
+            if plan.chunks:
                 return self.runner.prefill(plan, self._token_masks(plan.seqs))
             if all(seq.grammar is None for seq in plan.seqs):
                 limit = self.options.speculative_max_batch
@@ -474,18 +482,24 @@ class LLMEngine:
                 for seq in held:
                     self._release(seq)
         except Exception as exc:
-            if plan.is_prefill and len(plan.seqs) > 1:
-                # Which request broke a shared prefill is unknown: each is prefilled again alone,
-                # and only one that fails alone fails.
-                for seq in plan.seqs:
-                    self.runner.release(seq)
-                self.scheduler.retry_alone(plan.seqs)
-            else:  # fail this step's requests only
-                outputs += self._fail(plan.seqs, exc)
+            if plan.chunks and (plan.is_prefill or isinstance(exc, PrefillInputError)):
+                return self._prefill_failed(plan, exc.__cause__ if isinstance(exc, PrefillInputError) else exc, outputs)
+            outputs += self._fail(plan.decode + plan.prefill_seqs, exc)  # fail this step's requests only
             return None
         except BaseException as exc:  # an interrupt: fail the step's requests and propagate
-            outputs += self._fail(plan.seqs, exc)
+            outputs += self._fail(plan.decode + plan.prefill_seqs, exc)
             raise
+
+    def _prefill_failed(self, plan: ScheduledStep, exc: BaseException, outputs: list[RequestOutput]) -> StepHandle | None:
+        """A step's prefill failed while its decode rows (if any) were still untouched: a request
+        prefilled alone fails; requests that shared the step are each prefilled again alone, since
+        which one broke it is unknown. The decode rows run as a decode step of their own."""
+        seqs = plan.prefill_seqs
+        if len(seqs) == 1:
+            outputs += self._fail(seqs, exc)
+        else:
+            self.scheduler.retry_alone(seqs)
+        return self._launch(dataclasses.replace(plan, chunks=[]), outputs) if plan.decode else None
 
     def _token_masks(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Host bitmasks [len(seqs), W] for a step's rows (their grammars have seen every token

@@ -20,7 +20,7 @@ from ..model.text import AttentionMetadata
 from ..model.transfer import upload
 from .graphs import DecodeGraphs, batch_buckets
 from .sampler import Sampler, SamplingState
-from .scheduler import ScheduledStep
+from .scheduler import PrefillChunk, ScheduledStep
 from .sequence import Sequence
 from .spec_decode import SpeculativeDecoder
 
@@ -159,6 +159,11 @@ class DeviceBatch:
         return self.next_tokens[:bs], positions, attn
 
 
+class PrefillInputError(Exception):
+    """A step's prefill failed on its requests' inputs (images, prompts) before anything ran on
+    the device; the exception it wraps is its __cause__."""
+
+
 class StepHandle:
     """A launched step: its sequences (row order at launch) and their sampled tokens, copied to
     host memory asynchronously: [B] (one each) or, from a speculative step, [B, k + 2] (the count
@@ -246,10 +251,12 @@ class ModelRunner:
                 ids[i] = code
             s.pixel_values = None
 
-    def _image_embeds(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Run one packed vision pass over every image of the batch not yet encoded. Pixels travel
-        as uint8 (through pinned memory on CUDA) and are normalized on the device."""
-        todo = [s for s in seqs if s.request_id not in self.image_cache and s.pixel_values is not None]
+    def _image_embeds(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
+        """The image embeddings of the chunks' <|image|> slots, in order -> [slots, hidden]. One
+        packed vision pass runs over every image of the chunks' sequences not yet encoded; pixels
+        travel as uint8 (through pinned memory on CUDA) and are normalized on the device. A
+        sequence's embeddings stay cached until it finishes (recompute, later chunks)."""
+        todo = [c.seq for c in chunks if c.seq.request_id not in self.image_cache and c.seq.pixel_values is not None]
         if todo:
             pixels = torch.cat([s.pixel_values for s in todo])
             pixels = self.normalize_pixels(upload(pixels, self.model.device))
@@ -262,47 +269,92 @@ class ModelRunner:
                 self.image_cache[s.request_id] = embeds[offset: offset + n]
                 s.pixel_values = None
                 offset += n
-        parts = [self.image_cache[s.request_id] for s in seqs if s.request_id in self.image_cache]
+        image_id = self.model.config.image_token_id
+        parts = []
+        for c in chunks:
+            embeds = self.image_cache.get(c.seq.request_id)
+            if embeds is None:
+                continue
+            ids = c.seq.prompt_token_ids
+            if c.start == 0 and c.end >= len(ids):
+                parts.append(embeds)
+            else:  # the slots before the chunk were filled by earlier chunks
+                first = ids[: c.start].count(image_id)
+                parts.append(embeds[first: first + ids[c.start: c.end].count(image_id)])
+        parts = [p for p in parts if p.shape[0]]
         return torch.cat(parts) if parts else None
 
-    @torch.inference_mode()
-    def prefill(self, step: ScheduledStep, masks: torch.Tensor | None = None) -> StepHandle:
-        """Varlen prefill of every known token of each admitted sequence, then one sampled token
-        each (under the host bitmasks [N, W] of structured-output rows, when given)."""
-        seqs, device, bs = step.seqs, self.model.device, self.block_size
+    def _prefill_inputs(self, chunks: list[PrefillChunk]):
+        """Host work and the vision pass of a step's chunks, before any device state of the batch
+        changes -> (ids, positions, slot mapping, image embeds, image mask, cu_seqlens [N+1] (host),
+        attention fields of the prefill part)."""
+        device, bs = self.model.device, self.block_size
         if self.model.images_as_codes:
-            self._write_image_codes(seqs)
-        image_id = self.model.config.image_token_id
-        ids = torch.tensor([t for s in seqs for t in s.all_token_ids], dtype=torch.int64)
+            self._write_image_codes([c.seq for c in chunks])
+        ids = torch.cat([torch.tensor(c.seq.all_token_ids[c.start: c.end], dtype=torch.int64) for c in chunks])
+        index = torch.cat([torch.arange(c.start, c.end) for c in chunks])  # [T] cache index of each token
+        seq_of = torch.cat([torch.full((c.end - c.start,), i) for i, c in enumerate(chunks)])  # [T] its chunk
+        width = max(len(c.seq.block_table) for c in chunks)
+        tables = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks])
+        slots = tables[seq_of, index // bs] * bs + index % bs
         # Only prompt tokens can be image slots (a generated <|image|> id is embedded as text).
-        image_mask = torch.cat([
-            torch.tensor([t == image_id for t in s.prompt_token_ids] + [False] * len(s.output_token_ids)) for s in seqs
-        ])
-        lens = torch.tensor([s.num_tokens for s in seqs], dtype=torch.int32)
-        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        prompt_lens = torch.tensor([c.seq.num_prompt_tokens for c in chunks])
+        image_mask = (ids == self.model.config.image_token_id) & (index < prompt_lens[seq_of])
+        lens = torch.tensor([c.end - c.start for c in chunks], dtype=torch.int32)
+        cu = torch.zeros(len(chunks) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lens, 0)
-        slots = [s.block_table[i // bs] * bs + i % bs for s in seqs for i in range(s.num_tokens)]
-        attn = AttentionMetadata(slot_mapping=upload(slots, device, torch.int64), cu_seqlens=upload(cu, device),
-                                 max_seqlen=int(lens.max()))
-        positions = upload(torch.cat([s.positions() for s in seqs], dim=1), device)
-        image_embeds = self._image_embeds(seqs)
+        fields = dict(cu_seqlens=upload(cu, device), max_seqlen=int(lens.max()))
+        if any(c.start for c in chunks):  # chunks after a cached prefix attend to it through the cache
+            fields["prefill_block_tables"] = upload(tables, device, torch.int32)
+            fields["prefill_context_lens"] = upload([c.end for c in chunks], device, torch.int32)
+        positions = torch.cat([c.seq.positions()[:, c.start: c.end] for c in chunks], dim=1)
+        image_embeds = self._image_embeds(chunks)
         num_slots, num_embeds = int(image_mask.sum()), 0 if image_embeds is None else image_embeds.shape[0]
         if num_slots != num_embeds:
             raise ValueError(f"{num_slots} <|image|> tokens but {num_embeds} image embeddings")
-        ids, image_mask = upload(ids, device), upload(image_mask, device)
+        return (upload(ids, device), upload(positions, device), upload(slots, device), image_embeds,
+                upload(image_mask, device), cu, fields)
+
+    @torch.inference_mode()
+    def prefill(self, step: ScheduledStep, masks: torch.Tensor | None = None) -> StepHandle:
+        """A step with prefill chunks: their tokens in one varlen batch, and in a mixed step the
+        decode rows' tokens before them in the same forward; then one sampled token for each
+        decode row and each sequence whose last chunk this is (under the host bitmasks [N, W] of
+        those rows, when given). Everything that can fail for one request's input (its images,
+        its prompt) runs first: a PrefillInputError leaves the decode rows untouched."""
+        chunks, device = step.chunks, self.model.device
+        try:
+            ids, positions, slots, image_embeds, image_mask, cu, fields = self._prefill_inputs(chunks)
+        except Exception as exc:
+            raise PrefillInputError(exc) from exc
+        sampled = [c for c in chunks if c.samples]
+        last = cu[1:][torch.tensor([c.samples for c in chunks])] - 1  # [sampled] rows in the prefill part
+        nd = len(step.decode)
+        if nd:
+            dec_ids, dec_positions, dec = self.batch.decode_inputs(self._start_decode(step, exact=True))
+            ids, positions = torch.cat([dec_ids, ids]), torch.cat([dec_positions, positions], dim=1)
+            slots = torch.cat([dec.slot_mapping, slots])
+            image_mask = torch.cat([torch.zeros(nd, dtype=torch.bool, device=device), image_mask])
+            fields.update(block_tables=dec.block_tables, context_lens=dec.context_lens)
+            last = torch.cat([torch.arange(nd, dtype=last.dtype), last + nd])
+        attn = AttentionMetadata(slot_mapping=slots, **fields)
         hidden = self.model.forward(ids, positions, attn, self.kv_caches, image_embeds, image_mask)
-        last = hidden[upload(cu[1:] - 1, device, torch.int64)]  # [B, H]
-        logits = self.model.compute_logits(last)
-        if self.spec is not None:
-            self.spec.prefill(ids, image_embeds, image_mask, hidden, positions, attn.slot_mapping, lens.tolist())
-        self.batch.admit(seqs, step.first_row)
-        rows = slice(step.first_row, step.first_row + len(seqs))
-        token_mask = self.batch.set_token_masks(step.first_row, masks) if masks is not None else None
+        if self.spec is not None:  # speculation prefills whole prompts, never mixed with decode rows
+            assert not nd and all(c.start == 0 and c.samples for c in chunks)
+            self.spec.prefill(ids, image_embeds, image_mask, hidden, positions, slots, (cu[1:] - cu[:-1]).tolist())
+        if not sampled and not nd:
+            return StepHandle([], torch.empty(0, dtype=torch.int64, device=device))
+        last_hidden = hidden[upload(last, device, torch.int64)]  # [rows sampled, H]
+        logits = self.model.compute_logits(last_hidden)
+        if sampled:
+            self.batch.admit([c.seq for c in sampled], step.first_row)
+        rows = slice(0 if nd else step.first_row, step.first_row + len(sampled))
+        token_mask = self.batch.set_token_masks(rows.start, masks) if masks is not None else None
         tokens = self.sampler(logits, rows, self._do_sample(step), token_mask)
         self.batch.next_tokens[rows] = tokens
         if self.spec is not None:
-            self.spec.carry_prefill(rows, last, tokens)
-        return StepHandle(seqs, tokens)
+            self.spec.carry_prefill(rows, last_hidden, tokens)
+        return StepHandle(step.seqs, tokens, step.reserved_tokens)
 
     def decode_logits(self, bs: int) -> torch.Tensor:
         """The decoder forward of rows [0, bs) on device state only -> [bs, V] logits. With
@@ -331,11 +383,12 @@ class ModelRunner:
         Captured per (bucket, do_sample), or run as is."""
         return self.sample_rows(self.decode_logits(bs), bs, do_sample, masked=False)
 
-    def _start_decode(self, step: ScheduledStep) -> int:
-        """Upload the step's new block ids -> the bucket size it runs at. Eager and graph decode
-        both run at the bucket size, so they share every kernel's grid (and split-KV choice)."""
+    def _start_decode(self, step: ScheduledStep, exact: bool = False) -> int:
+        """Upload the step's new block ids -> the number of rows it runs: the bucket size (eager
+        and graph decode share every kernel's grid, and split-KV choice), or with `exact` (the
+        decode rows of a mixed step, always eager) just the decode rows."""
         self.batch.set_blocks(step.new_blocks)
-        return next(x for x in self.buckets if x >= len(step.seqs))
+        return len(step.decode) if exact else next(x for x in self.buckets if x >= len(step.decode))
 
     @staticmethod
     def _do_sample(step: ScheduledStep) -> bool:

@@ -12,6 +12,7 @@ from ..sampling_params import SamplingParams
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    PREFILLING = "prefilling"  # holds KV blocks, its prompt partly computed (chunked prefill), no row yet
     RUNNING = "running"  # holds KV blocks and a row of the device-resident batch
     DRAINING = "draining"  # holds KV blocks; its last token is scheduled, its result not yet read
     FINISHED = "finished"
@@ -56,6 +57,11 @@ class Sequence:
     def num_tokens(self) -> int:
         """Prompt + generated tokens known on the host."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_unencoded_patches(self) -> int:
+        """Vision patches its prefill still has to encode (0 once its images are encoded)."""
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
 
     @property
     def num_prompt_tokens(self) -> int:
