@@ -80,13 +80,15 @@ class Workload:
     decode_contexts: tuple[int, ...]  # tokens already in the cache per sequence
     fused_rows: tuple[int, ...]  # decode rows of norm_linear (at most linear.MAX_FUSED_ROWS)
     fused_outputs: tuple[int, int]  # its output features: qkv, gate_up (gate | up)
+    prefill_chunks: tuple[tuple[int, int], ...]  # (chunk tokens, cached prefix) of a chunked prefill
 
 
 REAL = Workload(24576, (1, 2, 4, 8), ((1024, 1), (2048, 1), (4096, 1), (6144, 1), (6144, 6)),
                 (1, 8, 32, 128, 256), (1024, 4096, 8192),
-                (1, 8, 16), ((TEXT_HEADS + 2 * TEXT_KV_HEADS) * TEXT_HEAD_DIM, 2 * TEXT_INTER))
+                (1, 8, 16), ((TEXT_HEADS + 2 * TEXT_KV_HEADS) * TEXT_HEAD_DIM, 2 * TEXT_INTER),
+                ((2048, 0), (2048, 2048), (2048, 6144), (8192, 8192)))
 # the interpreter runs a program's loop over K in ~0.5 s: a handful of output tiles only
-SMOKE = Workload(64, (1, 2), ((48, 1), (48, 3)), (1, 3), (40,), (1, 3), (64, 96))
+SMOKE = Workload(64, (1, 2), ((48, 1), (48, 3)), (1, 3), (40,), (1, 3), (64, 96), ((24, 40),))
 
 
 @dataclass
@@ -440,6 +442,33 @@ def paged_decode_case(batch: int, context: int, queries: int = 1) -> Case:
                                                             attn_mask=None if queries == 1 else mask, enable_gqa=True))
 
 
+def paged_prefill_case(chunk: int, prefix: int) -> Case:
+    """One prompt's chunk of `chunk` tokens after `prefix` cached ones, K/V read through a
+    shuffled block table. SDPA runs the same problem on the gathered (untimed) dense K/V with the
+    bottom-right causal mask, which keeps it off its flash kernel: read it as a bound, not a peer.
+    Without a prefix the varlen kernel on packed K/V is the peer (the engine's path there)."""
+    context = prefix + chunk
+    blocks = -(-context // BLOCK_SIZE)
+    shape = (blocks, BLOCK_SIZE, TEXT_KV_HEADS, TEXT_HEAD_DIM)
+    k_cache, v_cache = _randn(*shape), _randn(*shape)
+    tables = torch.randperm(blocks, device=DEVICE).view(1, blocks).to(torch.int32)
+    cu = torch.tensor([0, chunk], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([context], dtype=torch.int32, device=DEVICE)
+    q = _randn(chunk, TEXT_HEADS, TEXT_HEAD_DIM)
+    k, v = (c[tables[0].long()].flatten(0, 1)[:context] for c in (k_cache, v_cache))  # [ctx, Hkv, D]
+    mask = torch.arange(context, device=DEVICE) <= prefix + torch.arange(chunk, device=DEVICE)[:, None]
+    # QK^T and PV over the visible (query, key) pairs: chunk * prefix + chunk^2 / 2 of them
+    flops = 4 * (chunk * prefix + chunk * chunk // 2) * TEXT_HEADS * TEXT_HEAD_DIM
+    sdpa = (lambda: attention.varlen_attention(q, k, v, cu, chunk, True)) if not prefix else (
+        lambda: F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                               v.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True))
+    return Case("paged_prefill_attention", f"chunk={chunk} prefix={prefix} {TEXT_HEADS}q/{TEXT_KV_HEADS}k D{TEXT_HEAD_DIM}",
+                triton=lambda: paged.paged_prefill_attention(q, k_cache, v_cache, cu, tables, lens, chunk),
+                reference=lambda: paged.paged_prefill_attention_ref(q, k_cache, v_cache, cu, tables, lens),
+                flops=flops, target=ATTENTION_TARGET if context >= ATTENTION_MIN_TOKENS else None, sdpa=sdpa,
+                note="sdpa column: the varlen kernel" if not prefix else "sdpa column: masked SDPA on dense K/V")
+
+
 def argmax_case(batch: int) -> Case:
     logits = _randn(batch, VOCAB, dtype=torch.float32)  # the sampler works on fp32 logits
     n = rowwise_bytes(batch, VOCAB, 0, logits.element_size(), batch * 8)  # + the int64 indices
@@ -520,6 +549,7 @@ def plan(w: Workload) -> dict[str, list[Callable[[], Case]]]:
         "paged_decode_attention": [partial(paged_decode_case, b, c)
                                    for b, c in itertools.product(w.decode_batches, w.decode_contexts)]
                                   + [partial(paged_decode_case, b, max(w.decode_contexts), 4) for b in w.decode_batches],
+        "paged_prefill_attention": [partial(paged_prefill_case, c, p) for c, p in w.prefill_chunks],
         "argmax": [partial(argmax_case, b) for b in w.decode_batches],
         "token_bitmask": [partial(token_bitmask_case, b) for b in w.decode_batches],
         "repetition_penalty": [partial(repetition_penalty_case, b, max(w.decode_contexts))
