@@ -82,6 +82,29 @@ def test_small_kv_budget_queues_and_preempts(tiny_checkpoint, expected, backend)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def break_vision_of_tall_image(engine, monkeypatch):
+    """Make every vision pass that holds the "tall" image (REQUESTS[5]) raise."""
+    encode = engine.model.encode_images
+    h, w = engine.processor.image_processor.resized_size(ALL_IMAGES["tall"].height, ALL_IMAGES["tall"].width)
+
+    def broken(pixels, grids):
+        if (1, h // 14, w // 14) in grids:
+            raise RuntimeError("injected vision fault")
+        return encode(pixels, grids)
+
+    monkeypatch.setattr(engine.model, "encode_images", broken)
+
+
+def run_until_done(engine) -> dict:
+    """Step until nothing is left -> request id: its final output."""
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
 def record_steps(engine):
     """Wrap the runner's step launches -> the list of (decode rows, [(start, end, samples, tokens
     of its images not yet encoded)] per chunk) they are appended to."""
@@ -155,23 +178,11 @@ def test_a_vision_fault_in_a_mixed_step_leaves_the_decode_rows_alone(tiny_checkp
     running = [engine.add_request(as_request(REQUESTS[i]), params) for i in (1, 0)]
     engine.step()
     engine.step()
-    encode = engine.model.encode_images
-    h, w = engine.processor.image_processor.resized_size(ALL_IMAGES["tall"].height, ALL_IMAGES["tall"].width)
-
-    def broken(pixels, grids):
-        if (1, h // 14, w // 14) in grids:  # the "tall" image: REQUESTS[5]
-            raise RuntimeError("injected vision fault")
-        return encode(pixels, grids)
-
-    monkeypatch.setattr(engine.model, "encode_images", broken)
+    break_vision_of_tall_image(engine, monkeypatch)
     steps = record_steps(engine)
     bad = engine.add_request(as_request(REQUESTS[5]), params)
     later = engine.add_request(as_request(REQUESTS[4]), params)
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_until_done(engine)
     assert steps[0][0] == 2 and steps[0][1][0][:2] == (0, BUDGET - 2)  # the failing mixed step
     assert steps[1] == (2, [])  # its decode rows, alone
     assert done[bad].finish_reason == "error" and "injected vision fault" in done[bad].error
@@ -268,22 +279,10 @@ def test_a_failing_prefill_step_fails_only_its_requests(tiny_checkpoint, expecte
     params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)
     first = engine.add_request(as_request(REQUESTS[1]), params)
     engine.step()
-    encode = engine.model.encode_images
-    h, w = engine.processor.image_processor.resized_size(ALL_IMAGES["tall"].height, ALL_IMAGES["tall"].width)
-
-    def broken(pixels, grids):
-        if (1, h // 14, w // 14) in grids:  # the "tall" image: REQUESTS[5]
-            raise RuntimeError("injected vision fault")
-        return encode(pixels, grids)
-
-    monkeypatch.setattr(engine.model, "encode_images", broken)
+    break_vision_of_tall_image(engine, monkeypatch)
     bad = engine.add_request(as_request(REQUESTS[5]), params)
     later = [engine.add_request(as_request(REQUESTS[i]), params) for i in (0, 4)]
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_until_done(engine)
     assert done[bad].finish_reason == "error" and "injected vision fault" in done[bad].error
     assert done[first].token_ids == expected[1]
     assert [done[i].token_ids for i in later] == [expected[0], expected[4]]
@@ -295,29 +294,18 @@ def test_a_shared_prefill_that_fails_is_retried_request_by_request(tiny_checkpoi
     again alone, the two good ones give transformers' tokens and only the bad one fails."""
     engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=4)
     params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)
-    encode, prefills = engine.model.encode_images, []
-    h, w = engine.processor.image_processor.resized_size(ALL_IMAGES["tall"].height, ALL_IMAGES["tall"].width)
-
-    def broken(pixels, grids):
-        if (1, h // 14, w // 14) in grids:  # the "tall" image: REQUESTS[5]
-            raise RuntimeError("injected vision fault")
-        return encode(pixels, grids)
-
+    prefills = []
     prefill = engine.runner.prefill
 
     def counting(step, masks=None):
         prefills.append([s.request_id for s in step.prefill_seqs])
         return prefill(step, masks)
 
-    monkeypatch.setattr(engine.model, "encode_images", broken)
+    break_vision_of_tall_image(engine, monkeypatch)
     monkeypatch.setattr(engine.runner, "prefill", counting)
     good = [engine.add_request(as_request(REQUESTS[i]), params) for i in (0, 2)]
     bad = engine.add_request(as_request(REQUESTS[5]), params)
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_until_done(engine)
     assert prefills == [[*good, bad], [good[0]], [good[1]], [bad]]
     assert done[bad].finish_reason == "error" and "injected vision fault" in done[bad].error
     assert [done[i].token_ids for i in good] == [expected[0], expected[2]]
@@ -339,11 +327,7 @@ def test_a_request_whose_detokenization_fails_fails_alone(tiny_checkpoint, expec
         return type(detok).add(detok, tokens)
 
     monkeypatch.setattr(detok, "add", broken)
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_until_done(engine)
     assert done[ids[1]].finish_reason == "error" and "injected" in done[ids[1]].error
     assert [done[ids[i]].token_ids for i in (0, 2)] == [expected[0], expected[2]]
     assert_all_free(engine)
@@ -362,11 +346,7 @@ def test_a_failing_decode_step_fails_only_its_requests(tiny_checkpoint, expected
         return decode(step, *args)
 
     monkeypatch.setattr(engine.runner, "decode", broken)
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_until_done(engine)
     assert [done[i].finish_reason for i in ids[:2]] == ["error", "error"]
     assert [done[i].token_ids for i in ids[2:]] == expected[2:4]
     assert engine.scheduler.running == [] and engine.scheduler.draining == []
