@@ -4,7 +4,9 @@ for tests/test_server_robustness.py (started with ServerProcess(..., launcher="t
 A request whose prompt text contains one of the markers below fails at that point with a
 RuntimeError, as an unexpected bug in the runtime would; every other request runs unchanged:
 - FAIL_PREPARE: in LLMEngine.prepare (preprocessing, before the request is queued);
-- FAIL_PREFILL: in ModelRunner.prefill, before anything of the step reaches the device;
+- FAIL_PREFILL: in the prefill inputs of a step holding one of its chunks (ModelRunner's
+  _prefill_inputs: host work and vision pass, before anything of the step changes on the device;
+  the step's decode rows, if any, then run on);
 - FAIL_DECODE: in a decode step (ModelRunner.decode, or decode_forward for a step with
   structured-output rows), once the request has two tokens (its first output has been delivered,
   so a stream has started).
@@ -23,7 +25,7 @@ from glmrt.engine.runner import ModelRunner
 FAIL_PREPARE, FAIL_PREFILL, FAIL_DECODE = "FAIL_PREPARE", "FAIL_PREFILL", "FAIL_DECODE"
 
 _faults: dict[str, str] = {}  # request id -> its marker, from prepare until the request finishes
-_prepare, _prefill, _release = LLMEngine.prepare, ModelRunner.prefill, LLMEngine._release
+_prepare, _prefill_inputs, _release = LLMEngine.prepare, ModelRunner._prefill_inputs, LLMEngine._release
 _decode, _decode_forward = ModelRunner.decode, ModelRunner.decode_forward
 
 
@@ -42,11 +44,11 @@ def prepare(self: LLMEngine, *args, **kwargs):
     return seq
 
 
-def prefill(self: ModelRunner, step, *args, **kwargs):
-    failing = [s.request_id for s in step.seqs if _faults.get(s.request_id) == FAIL_PREFILL]
+def prefill_inputs(self: ModelRunner, chunks):
+    failing = [c.seq.request_id for c in chunks if _faults.get(c.seq.request_id) == FAIL_PREFILL]
     if failing:
         raise RuntimeError(f"injected fault in the prefill of {failing}")
-    return _prefill(self, step, *args, **kwargs)
+    return _prefill_inputs(self, chunks)
 
 
 def _fail_decode(step) -> None:
@@ -67,13 +69,12 @@ def decode_forward(self: ModelRunner, step):
 
 
 def release(self: LLMEngine, seq) -> None:
-    """A finished request forgets its fault (the runner also releases a request whose shared
-    prefill failed, to prefill it again alone: its fault must survive that)."""
+    """A finished request forgets its fault."""
     _faults.pop(seq.request_id, None)
     _release(self, seq)
 
 
 if __name__ == "__main__":
     LLMEngine.prepare, LLMEngine._release = prepare, release
-    ModelRunner.prefill, ModelRunner.decode, ModelRunner.decode_forward = prefill, decode, decode_forward
+    ModelRunner._prefill_inputs, ModelRunner.decode, ModelRunner.decode_forward = prefill_inputs, decode, decode_forward
     sys.exit(main(sys.argv[1:]))
