@@ -74,7 +74,8 @@ def test_together_and_staggered_match_transformers(tiny_checkpoint, expected, as
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+# The triton backend runs preemption in test_chunked_prefill_in_mixed_steps_matches_transformers.
+@pytest.mark.parametrize("backend", ["torch"])
 def test_small_kv_budget_queues_and_preempts(tiny_checkpoint, expected, backend):
     engine = make_engine(tiny_checkpoint, backend, kv_cache_tokens=256, max_model_len=256, max_num_seqs=6)
     assert run_to_completion(engine, {0: list(range(6))}) == expected
@@ -129,12 +130,15 @@ BUDGET = 40  # tokens per step: every prompt but one takes more than one chunk, 
 
 @pytest.mark.parametrize("backend,async_scheduling", [("torch", True), ("torch", False), ("triton", True)])
 def test_chunked_prefill_in_mixed_steps_matches_transformers(tiny_checkpoint, expected, backend, async_scheduling):
-    """Staggered arrivals with a 40-token step budget: prompts (and their image slots) are cut
-    into chunks that attend to their cached prefix, and run in the same steps as the running
-    sequences' decode tokens. Every request still gives transformers' tokens."""
-    engine = make_engine(tiny_checkpoint, backend, async_scheduling=async_scheduling, max_num_batched_tokens=BUDGET)
+    """Staggered arrivals with a 40-token step budget and a 256-token KV cache: prompts (and
+    their image slots) are cut into chunks that attend to their cached prefix and run in the same
+    steps as the running sequences' decode tokens, and a running request is preempted and
+    recomputed. Every request still gives transformers' tokens."""
+    engine = make_engine(tiny_checkpoint, backend, async_scheduling=async_scheduling, max_num_batched_tokens=BUDGET,
+                         kv_cache_tokens=256, max_model_len=256, max_num_seqs=6)
     steps = record_steps(engine)
     assert run_to_completion(engine, {0: [0], 3: [1, 2], 5: [3], 9: [4, 5]}) == expected
+    assert engine.scheduler.num_preemptions > 0
     mixed = [chunks for decode, chunks in steps if decode and chunks]
     assert mixed and any(start > 0 for chunks in mixed for start, *_ in chunks)
     assert any(not samples for _, chunks in steps for _, _, samples, _ in chunks)
@@ -168,6 +172,26 @@ def test_chunked_prefill_with_preemption_and_sampling_equals_serial_and_unchunke
         assert_all_free(engine)
     assert results[0] == results[1] == results[2]
     assert [results[0][i][0] for i in (3, 5)] == [expected[3], expected[5]]
+
+
+def test_a_prefilling_request_preempted_for_a_decode_block_is_recomputed(tiny_checkpoint):
+    """A 16-block cache: a (31 tokens, 2 blocks) decodes while b (224 tokens, the other 14
+    blocks) is prefilled in chunks. a's token at index 32 needs a third block: b is preempted
+    there without waiting for a's in-flight token, and is recomputed once a has finished. Both
+    give the tokens of an engine with room for everything."""
+    prompts = [list(range(300, 331)), [300 + i % 64 for i in range(224)]]
+    params = [glmrt.SamplingParams(max_tokens=8, ignore_eos=True), glmrt.SamplingParams(max_tokens=32, ignore_eos=True)]
+    results = []
+    for kv in (256, 1024):
+        engine = make_engine(tiny_checkpoint, "torch", kv_cache_tokens=kv, max_model_len=256, max_num_batched_tokens=BUDGET)
+        preempted = []
+        preempt = engine.scheduler._preempt
+        engine.scheduler._preempt = lambda seq: preempted.append((seq.request_id, seq.status.value)) or preempt(seq)
+        outs = engine.generate([{"prompt_token_ids": p} for p in prompts], params)
+        results.append([o.token_ids for o in outs])
+        assert preempted == ([(outs[1].request_id, "prefilling")] if kv == 256 else [])
+        assert_all_free(engine)
+    assert results[0] == results[1]
 
 
 def test_a_vision_fault_in_a_mixed_step_leaves_the_decode_rows_alone(tiny_checkpoint, expected, monkeypatch):
