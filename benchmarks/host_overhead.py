@@ -10,7 +10,8 @@ the device: at batch 1 an H100 decode step of GLM-OCR is ~0.4-0.5 ms.
 
 Cases: decode steps at batch 1, 8, 32 and 128, each at a short and a long history (64 and 3,500
 prompt tokens, repetition penalty 1.1 as the glmocr SDK sends), and a prefill of 32 region crops
-(the engine's step, and the crops' preprocessing on the worker pool beside it).
+(the engine's step, and the crops' preprocessing on the worker pool beside it), and mixed steps:
+31 sequences decoding while 4,000-token prompts are prefilled beside them in 2048-token steps.
 
     python benchmarks/host_overhead.py [--steps N] [--out DIR] [--smoke]
 """
@@ -51,7 +52,7 @@ class StubDevice:
         self.step = 0
         self.seconds = 0.0
         hidden = model.config.text.hidden_size
-        model.forward = lambda input_ids, *a, **k: torch.zeros(input_ids.shape[0], hidden)
+        model.forward = lambda input_ids, *a, **k: torch.empty(input_ids.shape[0], hidden)
         runner.normalize_pixels = lambda pixels: pixels
         model.encode_images = lambda pixels, grids: torch.zeros(
             sum(t * h * w for t, h, w in grids) // 4, hidden)
@@ -101,6 +102,34 @@ def decode_case(path: Path, batch: int, prompt_tokens: int, steps: int) -> dict:
                 p90_us=sorted(times)[int(0.9 * len(times))] * 1e6)
 
 
+def mixed_case(path: Path, batch: int, prompt_tokens: int, budget: int, steps: int) -> dict:
+    """`batch` sequences decoding while long prompts arrive one after another: the host time of
+    the mixed steps (the decode rows + a prefill chunk of the rest of the step's token budget)."""
+    context = prompt_tokens + 64
+    engine = LLMEngine(str(path), device="cpu", dtype="float32", backend="torch", max_num_seqs=batch + 1,
+                       max_model_len=context, kv_cache_tokens=(batch + 1) * context, max_num_batched_tokens=budget)
+    StubDevice(engine)
+    params = glmrt.SamplingParams(max_tokens=10_000, ignore_eos=True, repetition_penalty=1.1)
+    for _ in range(batch):
+        engine.add_request({"prompt": "x" * 48, "images": []}, params)
+    engine.step()
+    long_prompt = {"prompt": "x" * (prompt_tokens - 16), "images": []}
+    times, chunks = [], []
+    while len(times) < steps:
+        seq = engine.prepare(long_prompt, glmrt.SamplingParams(max_tokens=1))
+        engine.enqueue(seq)
+        while engine.has_request(seq.request_id):
+            before = seq.num_cached
+            start = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - start
+            if seq.num_cached > before:  # this step ran one of its chunks beside the decode rows
+                times.append(elapsed)
+                chunks.append(seq.num_cached - before)
+    return dict(batch=batch, prompt_tokens=prompt_tokens, steps=len(times), median_chunk_tokens=statistics.median(chunks),
+                median_us=statistics.median(times) * 1e6, budget=engine.max_num_batched_tokens)
+
+
 def prefill_case(path: Path, crops: int, repeats: int) -> dict:
     engine = LLMEngine(str(path), device="cpu", dtype="float32", backend="torch", max_num_seqs=crops)
     StubDevice(engine)
@@ -143,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             decode.append(row)
             print(f"decode batch {batch:4d}, history {row['history_tokens']:5d}: "
                   f"median {row['median_us']:7.1f} us/step, p90 {row['p90_us']:7.1f}")
+    # the tiny checkpoint's context is 4096 tokens: 4000-token prompts in chunks of vLLM's 2048-token server budget
+    mixed = mixed_case(path, 3, 300, 128, 2) if args.smoke else mixed_case(path, 31, 4000, 2048, 20)
+    print(f"mixed step, {mixed['batch']} decoding + a {mixed['median_chunk_tokens']:.0f}-token chunk: "
+          f"median {mixed['median_us']:.0f} us/step")
     prefill = prefill_case(path, crops, 3 if args.smoke else 10)
     print(f"prefill of {crops} crops ({prefill['prompt_tokens']} tokens): engine step "
           f"{prefill['prefill_step_median_us']:.0f} us; preprocessing {prefill['preprocess_median_ms']:.1f} ms")
@@ -155,12 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGET_US.get(r["batch"])
         verdict = "-" if target is None else f"<= {target} ({'PASS' if r['median_us'] <= target else 'MISS'})"
         lines.append(f"| {r['batch']} | {r['history_tokens']} | {r['median_us']:.0f} | {r['p90_us']:.0f} | {verdict} |")
+    lines += ["", f"Mixed step (chunked prefill): {mixed['batch']} sequences decoding while {mixed['prompt_tokens']}-token "
+              f"prompts arrive, each prefilled in chunks of the {mixed['budget']}-token budget beside the decode rows: "
+              f"{mixed['median_us']:.0f} us of host work per step (median over {mixed['steps']} steps, chunks of "
+              f"{mixed['median_chunk_tokens']:.0f} tokens)."]
     lines += ["", f"Prefill of {crops} region crops ({prefill['prompt_tokens']} prompt tokens): engine step "
               f"{prefill['prefill_step_median_us']:.0f} us (host side of the step, including concatenating the "
               f"crops' {prefill['pixel_mb']:.1f} MB of uint8 patch pixels, normalized on the device); "
               f"preprocessing on the worker pool {prefill['preprocess_median_ms']:.1f} ms (overlaps running steps in "
               "the async engine)."]
-    write_report(output_dir(args.out, args.smoke), "host_overhead", meta, dict(decode=decode, prefill=prefill), lines)
+    write_report(output_dir(args.out, args.smoke), "host_overhead", meta, dict(decode=decode, mixed=mixed, prefill=prefill),
+                 lines)
     return 0
 
 
