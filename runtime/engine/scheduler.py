@@ -169,7 +169,10 @@ class Scheduler:
         admitted ones (first come, first served: a sequence that does not fit stops the rest)."""
         chunks: list[PrefillChunk] = []
         for seq in list(self.prefilling):
-            budget = self._add_chunk(chunks, seq, budget)
+            cost = self._chunk_cost(chunks, seq, budget)
+            if cost is None:
+                return chunks
+            budget = self._add_chunk(chunks, seq, cost, budget)
             if budget is None:
                 return chunks
         while self.waiting and len(self.running) + len(self.prefilling) < self.max_num_seqs:
@@ -184,7 +187,7 @@ class Scheduler:
             seq.status = SequenceStatus.PREFILLING
             seq.num_cached, seq.num_pending = 0, 0
             self.prefilling.append(seq)
-            budget = self._add_chunk(chunks, seq, budget)
+            budget = self._add_chunk(chunks, seq, cost, budget)
             if budget is None:
                 break
         return chunks
@@ -203,12 +206,9 @@ class Scheduler:
             return None
         return min(remaining, room), vision
 
-    def _add_chunk(self, chunks: list[PrefillChunk], seq: Sequence, budget: int) -> int | None:
-        """Append seq's next chunk -> the budget left, or None when it did not fit or the step is
-        full (a sequence that prefills alone ends it)."""
-        cost = self._chunk_cost(chunks, seq, budget)
-        if cost is None:
-            return None
+    def _add_chunk(self, chunks: list[PrefillChunk], seq: Sequence, cost: tuple[int, int], budget: int) -> int | None:
+        """Append seq's next chunk of `cost` (_chunk_cost) -> the budget left, or None when the
+        step is full (a sequence that prefills alone ends it)."""
         tokens, vision = cost
         start = seq.num_cached
         seq.num_cached += tokens
