@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,15 +32,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import REPO, RESULTS, metadata, output_dir, provenance, write_report  # noqa: E402
+from common import RESULTS, metadata, output_dir, provenance, write_report  # noqa: E402
 
-sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from glmrt.documents.layout import LayoutDetector  # noqa: E402
 from glmrt.documents.pages import iter_pages  # noqa: E402
-from tests.documents import make_pdf, make_scanned_pdf  # noqa: E402
-from tests.tiny_layout import synthetic_page, tiny_layout_config  # noqa: E402
+from glmrt_testing.documents import make_pdf, make_scanned_pdf  # noqa: E402
+from glmrt_testing.tiny_layout import synthetic_page, tiny_layout_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODEL_CARD_PAGES_PER_S = 1.86  # GLM-OCR's model card: PDF pages/s, full pipeline, single concurrency

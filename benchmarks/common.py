@@ -20,6 +20,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+# The tests' helpers (glmrt_testing: checkpoint builders, generated documents) are imported from
+# tests/support; the repository root is never put on sys.path (its kernels/ folder would shadow the
+# Hub's `kernels` package that transformers imports), so glmrt is always the installed package.
+SUPPORT = REPO / "tests" / "support"
+if str(SUPPORT) not in sys.path:
+    sys.path.insert(0, str(SUPPORT))
 
 
 def device_info() -> dict:

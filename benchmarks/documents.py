@@ -37,10 +37,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import REPO, SUMMARIZERS, metadata, output_dir, provenance, write_report  # noqa: E402
+from common import SUMMARIZERS, metadata, output_dir, provenance, write_report  # noqa: E402
 
-sys.path.insert(0, str(REPO))
-from tests.vendored_torchvision import use_vendored_torchvision  # noqa: E402
+from glmrt_testing.vendored_torchvision import use_vendored_torchvision  # noqa: E402
 
 use_vendored_torchvision()  # the SDK's layout processor needs torchvision (before transformers loads)
 
@@ -48,9 +47,9 @@ import glmrt  # noqa: E402
 from glmrt.documents.layout import LayoutDetector  # noqa: E402
 from glmrt.documents.pipeline import DocumentParser  # noqa: E402
 from serve import SERVER_FLAGS, counter, cpu_config, glmrt_server  # noqa: E402
-from tests.documents import make_pdf, make_scanned_pdf  # noqa: E402
-from tests.tiny_checkpoint import build_checkpoint, real_config  # noqa: E402
-from tests.tiny_layout import build_tiny_layout_checkpoint  # noqa: E402
+from glmrt_testing.documents import make_pdf, make_scanned_pdf  # noqa: E402
+from glmrt_testing.tiny_checkpoint import build_checkpoint, real_config  # noqa: E402
+from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -30,15 +30,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import REPO, metadata, output_dir, provenance, write_report  # noqa: E402
+from common import metadata, output_dir, provenance, write_report  # noqa: E402
 
-sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import glmrt  # noqa: E402
 from glmrt.engine.engine import LLMEngine  # noqa: E402
-from tests.tiny_checkpoint import build_checkpoint, real_config, tiny_config  # noqa: E402
+from glmrt_testing.tiny_checkpoint import build_checkpoint, real_config, tiny_config  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

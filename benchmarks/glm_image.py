@@ -31,13 +31,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import REPO, metadata, output_dir, provenance, write_report  # noqa: E402
+from common import metadata, output_dir, provenance, write_report  # noqa: E402
 from e2e import copy_bandwidth_gbps, decoder_weight_bytes, timed  # noqa: E402
 
-sys.path.insert(0, str(REPO))
 import glmrt  # noqa: E402
 from glmrt.engine.engine import LLMEngine  # noqa: E402
-from tests.tiny_glm_image import build_glm_image_checkpoint, real_config, save_glm_image_checkpoint  # noqa: E402
+from glmrt_testing.tiny_glm_image import build_glm_image_checkpoint, real_config, save_glm_image_checkpoint  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -106,7 +106,7 @@ add() {  # add NAME LIMIT REQUIRED COMMAND
 add install 300 1 "$py -m pip install --no-build-isolation --no-deps -e ."
 add cpp-ext 60 1 "$py -c 'import glmrt._C; print(\"glmrt._C built:\", glmrt._C.__file__)'"
 add gpu-tests 300 1 "$py -m pytest -m gpu -q -p no:cacheprovider tests"
-add bench-kernels 300 1 "$py benchmarks/kernels.py --out $o$smoke"
+add bench-kernels 300 1 "$py benchmarks/kernel_bench.py --out $o$smoke"
 add bench-e2e 420 1 "$py benchmarks/e2e.py --out $o$smoke"
 add bench-spec 300 1 "$py benchmarks/spec_decode.py --out $o$smoke"
 if [[ -f $REPO/$host_script ]]; then

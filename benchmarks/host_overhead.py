@@ -28,13 +28,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, metadata, output_dir, provenance, write_report  # noqa: E402
+from common import metadata, output_dir, provenance, write_report  # noqa: E402
 
-sys.path.insert(0, str(REPO))
 import glmrt  # noqa: E402
 from glmrt.engine.engine import LLMEngine  # noqa: E402
-from tests.helpers import make_image  # noqa: E402
-from tests.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
+from glmrt_testing.helpers import make_image  # noqa: E402
+from glmrt_testing.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 
 TARGET_US = {1: 150, 32: 500}  # issue targets on the development machine
 TEXT_TOKENS = torch.arange(300, 364)  # byte-level ids of ordinary characters: real detokenization work

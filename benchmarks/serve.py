@@ -50,11 +50,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common import REPO, metadata, output_dir, provenance, write_report
+from common import metadata, output_dir, provenance, write_report
 
-sys.path.insert(0, str(REPO))
 from glmrt.image_processor import load_image  # noqa: E402
-from tests.tiny_checkpoint import build_checkpoint, real_config, tiny_config  # noqa: E402
+from glmrt_testing import glmrt_command  # noqa: E402
+from glmrt_testing.tiny_checkpoint import build_checkpoint, real_config, tiny_config  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -167,8 +167,8 @@ def glmrt_server(model: Path, log_path: Path, *flags: str) -> Iterator[str]:
     """`glmrt serve MODEL SERVER_FLAGS FLAGS` on a free loopback port until the block ends; yields
     its base URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "glmrt", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", *SERVER_FLAGS, *flags]
+    cmd = glmrt_command("serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+                        "--log-level", "warning", *SERVER_FLAGS, *flags)
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -29,13 +29,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, metadata, output_dir, provenance, write_report  # noqa: E402
+from common import metadata, output_dir, provenance, write_report  # noqa: E402
 from host_overhead import StubDevice  # noqa: E402
 
-sys.path.insert(0, str(REPO))
 import glmrt  # noqa: E402
 from glmrt.engine.engine import LLMEngine  # noqa: E402
-from tests.tiny_checkpoint import build_checkpoint, build_tiny_checkpoint, real_config  # noqa: E402
+from glmrt_testing.tiny_checkpoint import build_checkpoint, build_tiny_checkpoint, real_config  # noqa: E402
 
 SCHEMA = glmrt.extraction.template_to_schema({
     "invoice_number": "", "date": "", "seller": {"name": "", "address": ""},

@@ -375,6 +375,7 @@ def _serve_on_ray(args: argparse.Namespace, config, engine_kwargs: dict) -> int:
         import ray
         from ray import serve
 
+        from .ray.cluster import init
         from .ray.serving import application
     except ImportError as exc:
         raise UsageError(f"glmrt serve --ray needs the ray extra: pip install 'glmrt[ray]' ({exc})") from exc
@@ -382,7 +383,7 @@ def _serve_on_ray(args: argparse.Namespace, config, engine_kwargs: dict) -> int:
     import time
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds through the finally below
-    ray.init(address=None if args.ray == "auto" else args.ray, log_to_driver=args.log_level == "debug")
+    init(address=None if args.ray == "auto" else args.ray, log_to_driver=args.log_level == "debug")
     try:
         try:
             app = application(args.model, config, engine_kwargs=engine_kwargs, **_ray_options(

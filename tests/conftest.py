@@ -9,11 +9,20 @@ torchvision comes from `.torchvision/` in the repository root (tests/vendored_to
 on the path here, before transformers is imported.
 """
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+from glmrt_testing import REPO
 
-from tests.vendored_torchvision import TORCHVISION_DIR, use_vendored_torchvision
+# `python -m pytest` puts its working directory first on sys.path; from the repository root that
+# makes the top-level `kernels/` folder importable as `kernels`, in place of the Hub's package that
+# transformers imports. Nothing has imported transformers yet: drop the root before anything does.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from glmrt_testing.vendored_torchvision import TORCHVISION_DIR, use_vendored_torchvision  # noqa: E402
 
 use_vendored_torchvision()
 
@@ -34,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny random GLM-OCR checkpoint directory written by transformers (see tiny_checkpoint.py)."""
-    from tests.tiny_checkpoint import build_tiny_checkpoint
+    from glmrt_testing.tiny_checkpoint import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-glm-ocr"))
 

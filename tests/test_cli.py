@@ -14,7 +14,8 @@ from PIL import Image
 import glmrt
 from glmrt.cli import main
 from glmrt.engine.engine import LLMEngine
-from tests.helpers import IMAGES
+from glmrt_testing import SUPPORT, glmrt_command
+from glmrt_testing.helpers import IMAGES
 
 TORCH_CPU = ["--backend", "torch", "--device", "cpu", "--dtype", "float32"]
 
@@ -30,9 +31,7 @@ def image_files(tmp_path_factory):
 
 
 def run_glmrt(args, env=None, **kw):
-    exe = shutil.which("glmrt")
-    cmd = [exe] if exe else [sys.executable, "-m", "glmrt"]
-    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, env=env, **kw)
+    return subprocess.run(glmrt_command(*args), capture_output=True, text=True, timeout=300, env=env, **kw)
 
 
 def error_lines(err):
@@ -178,7 +177,8 @@ def test_version_and_default_model(capsys):
     from glmrt.cli import _parser
 
     assert _parser().parse_args(["ocr", "a.png"]).model == "zai-org/GLM-OCR"
-    done = subprocess.run([sys.executable, "-m", "glmrt", "--version"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "glmrt", "--version"], capture_output=True, text=True, timeout=300,
+                          cwd=SUPPORT)  # `python -m` puts its working directory on sys.path
     assert done.returncode == 0 and done.stdout.strip() == f"glmrt {glmrt.__version__}"
 
 
@@ -208,11 +208,9 @@ def test_triton_backend_without_gpu_is_one_line(tiny_checkpoint, image_files):
 def test_ctrl_c_exits_130_without_traceback(tiny_checkpoint, image_files):
     """One image at a time, all the same (so each runs as long as the first): SIGINT lands once
     the first result is out, while the second image is being generated."""
-    exe = shutil.which("glmrt")
-    cmd = [exe] if exe else [sys.executable, "-m", "glmrt"]
     proc = subprocess.Popen(
-        cmd + ["ocr", *[image_files[0]] * 3, "--model", str(tiny_checkpoint), "--json", "--max-tokens", "40",
-               "--max-num-seqs", "1", *TORCH_CPU],
+        glmrt_command("ocr", *[image_files[0]] * 3, "--model", str(tiny_checkpoint), "--json", "--max-tokens", "40",
+                      "--max-num-seqs", "1", *TORCH_CPU),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

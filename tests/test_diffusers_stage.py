@@ -17,8 +17,8 @@ import torch
 
 import glmrt
 from glmrt.diffusers_stage import prior_tokens, use_glmrt
-from tests.helpers import make_image
-from tests.tiny_glm_image import GENERATION_CONFIG, VISION_VOCAB_SIZE, build_glm_image_checkpoint
+from glmrt_testing.helpers import make_image
+from glmrt_testing.tiny_glm_image import GENERATION_CONFIG, VISION_VOCAB_SIZE, build_glm_image_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 

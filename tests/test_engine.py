@@ -12,7 +12,7 @@ import torch
 import glmrt
 from glmrt.engine.async_engine import AsyncEngine, RequestFailed
 from glmrt.engine.engine import LLMEngine
-from tests.helpers import IMAGES, hf_greedy, make_image
+from glmrt_testing.helpers import IMAGES, hf_greedy, make_image
 
 EXTRA = {"tall": make_image(70, 190, 3), "tiny": make_image(30, 20, 4)}
 ALL_IMAGES = {**IMAGES, **EXTRA}

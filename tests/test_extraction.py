@@ -14,7 +14,7 @@ from glmrt.extraction import (
     schema_to_template,
     template_to_schema,
 )
-from tests.helpers import make_image
+from glmrt_testing.helpers import make_image
 
 ID_CARD = {  # the model card's example, abridged
     "id_number": "", "last_name": "", "first_name": "",

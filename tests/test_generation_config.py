@@ -6,7 +6,7 @@ import pytest
 
 import glmrt
 from glmrt.generation_config import GenerationConfig
-from tests.helpers import IMAGES
+from glmrt_testing.helpers import IMAGES
 
 VARIANTS = [
     {},  # no sampling fields: transformers' defaults, greedy

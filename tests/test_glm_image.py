@@ -16,8 +16,8 @@ import glmrt
 from glmrt.engine.runner import allocate_kv_cache
 from glmrt.model.positions import glm_image_positions
 from glmrt.model.text import AttentionMetadata
-from tests.helpers import chi_square_passes, make_image
-from tests.tiny_glm_image import GENERATION_CONFIG, IMAGE_END, IMAGE_START, build_glm_image_checkpoint
+from glmrt_testing.helpers import chi_square_passes, make_image
+from glmrt_testing.tiny_glm_image import GENERATION_CONFIG, IMAGE_END, IMAGE_START, build_glm_image_checkpoint
 
 IMAGE_TOKEN = 167855
 CONDITIONS = {"a": make_image(90, 70, 3), "b": make_image(64, 150, 4)}

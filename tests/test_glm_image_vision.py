@@ -22,7 +22,7 @@ from glmrt.config import GlmImageConfig
 from glmrt.model.glm_image_vision import (GlmImageVisionTower, VqTokenizer, glm_image_vision_shapes, vq_shapes,
                                           vq_unused_names)
 from glmrt.model.ops import make_ops
-from tests.tiny_checkpoint import _perturb_
+from glmrt_testing.tiny_checkpoint import _perturb_
 
 # Table side image_size / patch_size = 8 (variant "a") or 6 ("b"): every grid below resamples it.
 VISION = {

@@ -9,8 +9,8 @@ import glmrt
 from glmrt.engine.runner import allocate_kv_cache
 from glmrt.model.positions import mrope_positions
 from glmrt.model.text import AttentionMetadata
-from tests.helpers import make_image
-from tests.tiny_checkpoint import build_checkpoint, real_config
+from glmrt_testing.helpers import make_image
+from glmrt_testing.tiny_checkpoint import build_checkpoint, real_config
 
 pytestmark = pytest.mark.gpu
 
@@ -169,7 +169,7 @@ def test_layout_post_processing_on_the_device_equals_it_on_the_host(tmp_path):
     import numpy as np
 
     from glmrt.documents.layout import LayoutDetector
-    from tests.tiny_layout import build_tiny_layout_checkpoint, synthetic_page
+    from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint, synthetic_page
 
     detector = LayoutDetector.from_pretrained(build_tiny_layout_checkpoint(tmp_path / "layout"), device="cuda")
     rng = np.random.default_rng(0)
@@ -190,8 +190,8 @@ def test_parse_on_the_gpu_writes_every_document(real_checkpoint, tmp_path):
     pytest.importorskip("pypdfium2", reason="glmrt[documents] is not installed (fetch_wheels.sh carries it)")
     from glmrt.documents.layout import LayoutDetector
     from glmrt.documents.pipeline import DocumentParser
-    from tests.documents import make_pdf
-    from tests.tiny_layout import build_tiny_layout_checkpoint
+    from glmrt_testing.documents import make_pdf
+    from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
 
     llm = glmrt.LLM(str(real_checkpoint), max_num_seqs=32)
     parser = DocumentParser(llm, LayoutDetector.from_pretrained(build_tiny_layout_checkpoint(tmp_path / "layout")),

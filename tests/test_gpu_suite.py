@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from glmrt_testing import REPO
+
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
 STEPS = ["install", "cpp-ext", "gpu-tests", "bench-kernels", "bench-e2e", "bench-spec", "bench-host", "bench-structured",
          "bench-patchify", "bench-serve", "bench-documents", "bench-capacity", "bench-glm-image",
@@ -47,7 +48,7 @@ def test_dry_run_lists_every_step(tmp_path):
     listed = [line.split()[1] for line in done.stdout.splitlines() if line.split()[0].rstrip(".").isdigit()]
     assert listed == STEPS
     assert "pip install --no-build-isolation --no-deps -e ." in done.stdout
-    assert f"benchmarks/kernels.py --out {out}" in done.stdout
+    assert f"benchmarks/kernel_bench.py --out {out}" in done.stdout
     assert "env -u TRITON_INTERPRET" in done.stdout
     assert any("bench-e2e" in line and "skipped (--skip)" in line for line in done.stdout.splitlines())
     assert not out.exists()
@@ -56,7 +57,7 @@ def test_dry_run_lists_every_step(tmp_path):
 def test_quick_dry_run_passes_smoke_to_the_benchmarks(tmp_path):
     done = run_suite("--dry-run", "--quick", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    assert f"benchmarks/kernels.py --out {tmp_path} --smoke" in done.stdout
+    assert f"benchmarks/kernel_bench.py --out {tmp_path} --smoke" in done.stdout
     assert f"benchmarks/e2e.py --out {tmp_path} --smoke" in done.stdout
     assert f"benchmarks/serve.py --out {tmp_path} --smoke" in done.stdout
     assert any("kernel-tests-gpu" in line and "skipped (--quick)" in line for line in done.stdout.splitlines())

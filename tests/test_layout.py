@@ -23,7 +23,7 @@ from PIL import Image
 
 from glmrt.documents import layout
 from glmrt.documents.layout import LABELS, LayoutDetector, LayoutRegion, crop_region, preprocess
-from tests.tiny_layout import PREPROCESSOR_CONFIG, build_tiny_layout_checkpoint, synthetic_page
+from glmrt_testing.tiny_layout import PREPROCESSOR_CONFIG, build_tiny_layout_checkpoint, synthetic_page
 
 
 @pytest.fixture(scope="session")

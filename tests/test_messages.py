@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import glmrt
-from tests.helpers import IMAGES
+from glmrt_testing.helpers import IMAGES
 
 MAX_TOKENS = 8
 IMAGE_ID, VIDEO_ID, VOCAB = 59280, 59281, 59392  # the tiny checkpoint's (GLM-OCR's) ids and vocabulary

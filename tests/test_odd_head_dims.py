@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import glmrt
-from tests.helpers import IMAGES
-from tests.tiny_checkpoint import _glm_ocr_config, build_checkpoint
+from glmrt_testing.helpers import IMAGES
+from glmrt_testing.tiny_checkpoint import _glm_ocr_config, build_checkpoint
 
 
 def odd_config(vision_hidden: int):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from glmrt.documents.pages import DocumentError, count_pages, find_documents, iter_pages, render_size
-from tests.documents import (PdfPage, make_corrupt_pdf, make_encrypted_pdf, make_images, make_pdf, make_scanned_pdf,
+from glmrt_testing.documents import (PdfPage, make_corrupt_pdf, make_encrypted_pdf, make_images, make_pdf, make_scanned_pdf,
                              page_content, write_pdf)
 
 LETTER, LETTER_LANDSCAPE = (1700, 2200), (2200, 1700)  # 612 x 792 pt at 200 DPI

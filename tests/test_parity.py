@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import glmrt
-from tests.helpers import CASES, IMAGES, hf_greedy, hf_inputs
+from glmrt_testing.helpers import CASES, IMAGES, hf_greedy, hf_inputs
 from glmrt.model.positions import mrope_positions
 from glmrt.model.text import AttentionMetadata
 from glmrt.engine.runner import allocate_kv_cache

@@ -15,7 +15,7 @@ from glmrt.model.glm_ocr import GlmOcrModel
 from glmrt.model.ops import make_ops
 from glmrt.model.positions import mrope_positions
 from glmrt.model.text import AttentionMetadata
-from tests.helpers import CASES, IMAGES
+from glmrt_testing.helpers import CASES, IMAGES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMAGE_TOKEN_ID = 59280

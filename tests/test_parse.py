@@ -3,7 +3,6 @@ built with transformers) over generated multi-page PDFs and images. Outputs are 
 formatter's for the recognised regions, deterministic, resumable, and failures stay local."""
 import json
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -14,8 +13,9 @@ from glmrt.documents import pipeline
 from glmrt.documents.layout import LayoutDetector, crop_region
 from glmrt.documents.markdown import format_document
 from glmrt.documents.pipeline import DocumentParser, sdk_region_image
-from tests.documents import make_corrupt_pdf, make_images, make_pdf
-from tests.tiny_layout import build_tiny_layout_checkpoint
+from glmrt_testing import REPO, glmrt_command
+from glmrt_testing.documents import make_corrupt_pdf, make_images, make_pdf
+from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
 
 MAX_TOKENS = 6
 
@@ -194,14 +194,14 @@ def test_sdk_crop_resize_matches_the_sdk():
 
 def test_cli_parse_writes_and_reports(tiny_checkpoint, tiny_layout, inputs, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "glmrt", "parse", str(inputs / "letter.pdf"), str(inputs / "missing.pdf"),
-               "-o", str(out), "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout),
-               "--device", "cpu", "--max-tokens", str(MAX_TOKENS)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    command = glmrt_command("parse", str(inputs / "letter.pdf"), str(inputs / "missing.pdf"),
+                            "-o", str(out), "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout),
+                            "--device", "cpu", "--max-tokens", str(MAX_TOKENS))
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)  # as a user in a checkout would
     assert done.returncode == 2 and "missing.pdf" in done.stderr
     assert "Loading weights" not in done.stderr and not out.exists()  # refused before any model loads
     command.remove(str(inputs / "missing.pdf"))
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert (out / "letter/letter.md").is_file() and "1 page ->" in done.stderr
 
@@ -216,7 +216,7 @@ def test_server_parses_documents_like_the_sdks_server(tiny_checkpoint, tiny_layo
     import httpx
     from glmocr import GlmOcr
 
-    from tests.server_process import ServerProcess
+    from glmrt_testing.server_process import ServerProcess
 
     pdf = (inputs / "report.pdf").read_bytes()
     uri = "data:application/pdf;base64," + base64.b64encode(pdf).decode()

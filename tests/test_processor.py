@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import glmrt
-from tests.helpers import CASES, IMAGES
+from glmrt_testing.helpers import CASES, IMAGES
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json")
 

@@ -20,9 +20,10 @@ import glmrt
 from glmrt.documents import pipeline
 from glmrt.documents.layout import LayoutDetector
 from glmrt.documents.pipeline import DocumentParser
-from tests.documents import make_corrupt_pdf, make_images, make_pdf
-from tests.server_process import REPO, ServerProcess
-from tests.tiny_layout import build_tiny_layout_checkpoint
+from glmrt_testing import REPO, glmrt_command
+from glmrt_testing.documents import make_corrupt_pdf, make_images, make_pdf
+from glmrt_testing.server_process import ServerProcess
+from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
 
 ray = pytest.importorskip("ray")
 ray_jobs = pytest.importorskip("glmrt.ray.jobs")
@@ -34,7 +35,7 @@ ACTOR_TITLE = b"ray::MapWorker(MapBatches(PageRecognizer))"
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray instance with 2 CPUs -> its address (for a second process to join)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    glmrt.ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -169,19 +170,18 @@ def test_cli_parse_on_the_cluster(cluster, tiny_checkpoint, tiny_layout, documen
     _, expected_files = expected
     out = tmp_path / "out"
     inputs = [documents / "a" / "doc00.pdf", documents / "a" / "broken.pdf", documents / "b" / "scans" / "scan.png"]
-    command = [sys.executable, "-m", "glmrt", "parse", *map(str, inputs), "-o", str(out), "--ray", cluster,
-               "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout), "--device", "cpu",
-               "--max-tokens", str(MAX_TOKENS), "--max-num-seqs", "16", "--ray-actors", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env())
+    command = glmrt_command("parse", *map(str, inputs), "-o", str(out), "--ray", cluster,
+                            "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout), "--device", "cpu",
+                            "--max-tokens", str(MAX_TOKENS), "--max-num-seqs", "16", "--ray-actors", "1")
+    # From the repository root, as a user in a checkout would: Ray puts a driver's working directory
+    # on its workers' sys.path unless glmrt.ray.init gives the job a working_dir, and the root's
+    # kernels/ would then shadow the Hub's `kernels` in the actors that load the layout model.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 1, done.stderr
     assert "broken.pdf: not a valid PDF" in done.stderr and "doc00.pdf: 1 page ->" in done.stderr
     assert files(out) == {k: v for k, v in expected_files.items() if k.split("/")[0] in ("doc00", "scan")}
-    bad = subprocess.run([*command[:-2], "--ray-actors", "0"], capture_output=True, text=True, timeout=120, env=_env())
+    bad = subprocess.run([*command[:-2], "--ray-actors", "0"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "actors must be an int >= 1" in bad.stderr
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def _same(response: httpx.Response) -> tuple:

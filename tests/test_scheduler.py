@@ -7,7 +7,7 @@ from glmrt.engine.detokenizer import IncrementalDetokenizer
 from glmrt.engine.scheduler import NEEDS_DRAIN, Scheduler
 from glmrt.engine.sequence import Sequence, SequenceStatus
 from glmrt.sampling_params import SamplingParams
-from tests.tiny_checkpoint import build_tokenizer
+from glmrt_testing.tiny_checkpoint import build_tokenizer
 
 
 def seq(name: str, prompt_len: int, max_tokens: int = 100) -> Sequence:

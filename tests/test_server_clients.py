@@ -22,7 +22,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 import glmrt
-from tests.server_process import ServerProcess
+from glmrt_testing.server_process import ServerProcess
 
 SERVED = ("glm-ocr", "zai-org/GLM-OCR")
 # Small, so that a request asking for 16384 new tokens (as docling-glm-ocr does) ends at the context

@@ -28,9 +28,9 @@ import pytest
 from PIL import Image
 
 import glmrt
-from tests.fault_server import FAIL_DECODE, FAIL_PREFILL, FAIL_PREPARE
-from tests.helpers import IMAGES, make_image
-from tests.server_process import ServerProcess
+from glmrt_testing.fault_server import FAIL_DECODE, FAIL_PREFILL, FAIL_PREPARE
+from glmrt_testing.helpers import IMAGES, make_image
+from glmrt_testing.server_process import ServerProcess
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 GREEDY = {"temperature": 0, "repetition_penalty": 1.1}
@@ -166,7 +166,7 @@ def strict_server(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def fault_server(tiny_checkpoint):
-    with ServerProcess(tiny_checkpoint, "--served-model-name", "glm-ocr", launcher="tests.fault_server") as server:
+    with ServerProcess(tiny_checkpoint, "--served-model-name", "glm-ocr", launcher="glmrt_testing.fault_server") as server:
         yield server
 
 

@@ -21,8 +21,8 @@ from glmrt.model.ops import make_ops
 from glmrt.model.positions import mrope_positions
 from glmrt.model.text import AttentionMetadata
 from glmrt.engine.runner import allocate_kv_cache
-from tests.helpers import IMAGES, chi_square_passes, hf_greedy, hf_inputs
-from tests.mtp_reference import MtpReference
+from glmrt_testing.helpers import IMAGES, chi_square_passes, hf_greedy, hf_inputs
+from glmrt_testing.mtp_reference import MtpReference
 
 IMAGE = 59280
 
@@ -441,7 +441,7 @@ def test_server_speculates_with_vllms_flag_and_reports_acceptance(trained):
     greedy's, and /metrics carries vLLM's speculative-decoding counters."""
     import httpx
 
-    from tests.server_process import ServerProcess
+    from glmrt_testing.server_process import ServerProcess
 
     path, _ = trained
     images, prompt = TRAIN_CASES[1]

@@ -14,8 +14,8 @@ from glmrt.engine.async_engine import AsyncEngine
 from glmrt.engine.detokenizer import IncrementalDetokenizer
 from glmrt.engine.engine import LLMEngine
 from glmrt.engine.stop import StopChecker
-from tests.helpers import IMAGES
-from tests.tiny_checkpoint import build_tokenizer
+from glmrt_testing.helpers import IMAGES
+from glmrt_testing.tiny_checkpoint import build_tokenizer
 
 
 def reference(text: str, stop: list[str], include: bool = False) -> tuple[str, str | None]:

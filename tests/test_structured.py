@@ -15,7 +15,7 @@ import torch
 
 import glmrt
 from glmrt import SamplingParams
-from tests.helpers import hf_inputs, make_image
+from glmrt_testing.helpers import hf_inputs, make_image
 
 MAX_TOKENS = 400
 

@@ -43,6 +43,7 @@ from ..documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT
 from ..documents.pages import SUPPORTED, DocumentError, Page, count_pages, find_documents
 from ..documents.pipeline import (LAYOUT_BATCH, SDK_MAX_TOKENS, DocumentOutputs, DocumentResult, document_names,
                                   lay_out, layout_batches, page_record, recognise_pages, sdk_params)
+from .cluster import init
 
 ACTOR_TASK_RETRIES = 3  # a batch whose actor died this often is dropped (its documents are reported)
 MARKER = -1  # pages_total of a row that is not a document's last (and the page of that last row)
@@ -259,7 +260,7 @@ def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, addr
     todo = {key: st for key, st in enumerate(states) if st.result.markdown_path is None}
     if todo:
         if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False)
+            init(address=address, log_to_driver=False)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus and "gpu_memory_utilization" not in engine_options and actors_per_gpu > 1:
             engine_options["gpu_memory_utilization"] = 0.9 / actors_per_gpu  # engines sharing a GPU split it

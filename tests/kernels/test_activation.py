@@ -8,7 +8,7 @@ from glmrt.kernels.activation import (
     silu_and_mul,
     silu_and_mul_ref,
 )
-from tests.kernels.hopper import compile_for_hopper
+from glmrt_testing.hopper import compile_for_hopper
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5

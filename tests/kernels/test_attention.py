@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from glmrt.kernels.attention import _launch_config, varlen_attention, varlen_attention_ref
-from tests.kernels.hopper import compile_for_hopper, hopper_resources
+from glmrt_testing.hopper import compile_for_hopper, hopper_resources
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

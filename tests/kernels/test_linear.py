@@ -10,7 +10,7 @@ from glmrt.kernels import linear
 from glmrt.kernels.activation import silu_and_mul_ref
 from glmrt.kernels.linear import MAX_FUSED_ROWS, norm_linear, norm_linear_ref
 from glmrt.kernels.rmsnorm import rms_norm_ref, sandwich_rms_norm_ref
-from tests.kernels.hopper import compile_for_hopper, hopper_resources
+from glmrt_testing.hopper import compile_for_hopper, hopper_resources
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5

@@ -13,7 +13,7 @@ from glmrt.kernels.paged import (
     write_kv_cache,
     write_kv_cache_ref,
 )
-from tests.kernels.hopper import compile_for_hopper, hopper_resources
+from glmrt_testing.hopper import compile_for_hopper, hopper_resources
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SENTINEL = -1234.5

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from glmrt.kernels.rmsnorm import rms_norm, rms_norm_ref, sandwich_rms_norm, sandwich_rms_norm_ref
-from tests.kernels.hopper import compile_for_hopper
+from glmrt_testing.hopper import compile_for_hopper
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5

@@ -25,7 +25,7 @@ from glmrt.kernels.rope import (
     vision_qk_norm_rope_ref,
 )
 from glmrt.model.ops import TorchOps, TritonOps
-from tests.kernels.hopper import compile_for_hopper
+from glmrt_testing.hopper import compile_for_hopper
 
 THETA = 10000.0
 EPS = 1e-5

@@ -11,7 +11,7 @@ from glmrt.kernels.sampling import (
     argmax,
     argmax_ref,
 )
-from tests.kernels.hopper import compile_for_hopper
+from glmrt_testing.hopper import compile_for_hopper
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB = 59392

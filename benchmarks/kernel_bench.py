@@ -1,6 +1,6 @@
 """Every glmrt.kernels kernel at GLM-OCR's real sizes, against its PyTorch reference and the hardware.
 
-    python benchmarks/kernels.py [--out DIR] [--only NAME ...] [--smoke]
+    python benchmarks/kernel_bench.py [--out DIR] [--only NAME ...] [--smoke]
 
 On a CUDA GPU (bf16, real sizes) the run first measures the device's own ceilings, the copy
 bandwidth of a 2 GiB device-to-device copy and the throughput of an 8192^3 bf16 matmul, then

@@ -1,5 +1,5 @@
-"""`python -m tests.fault_server serve ...`: `glmrt serve` with faults injected into single requests,
-for tests/test_server_robustness.py (started with ServerProcess(..., launcher="tests.fault_server")).
+"""`python -m glmrt_testing.fault_server serve ...`: `glmrt serve` with faults injected into single requests,
+for tests/test_server_robustness.py (started with ServerProcess(..., launcher="glmrt_testing.fault_server")).
 
 A request whose prompt text contains one of the markers below fails at that point with a
 RuntimeError, as an unexpected bug in the runtime would; every other request runs unchanged:

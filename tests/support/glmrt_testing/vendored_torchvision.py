@@ -7,11 +7,12 @@ op-registration modules, which is enough for the transforms transformers' proces
 before transformers is imported (transformers probes torchvision once). Without the folder
 (torchvision installed normally, or not at all) nothing changes.
 """
-import pathlib
 import sys
 import types
 
-TORCHVISION_DIR = pathlib.Path(__file__).resolve().parent.parent / ".torchvision"
+from glmrt_testing import REPO
+
+TORCHVISION_DIR = REPO / ".torchvision"
 
 
 def use_vendored_torchvision() -> None:

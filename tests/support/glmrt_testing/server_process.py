@@ -1,7 +1,6 @@
 """A real `glmrt serve` process on a free loopback port, for the server tests."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
+from glmrt_testing import SUPPORT, glmrt_command, subprocess_env
 
 
 def free_port() -> int:
@@ -21,23 +20,24 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m glmrt serve MODEL --host 127.0.0.1 --port P ARGS...`, started on enter and stopped
-    (SIGTERM, then SIGKILL) on exit. `launcher` replaces `-m glmrt` with another module that ends in
-    glmrt.cli.main (e.g. one that injects faults first)."""
+    """`glmrt serve MODEL --host 127.0.0.1 --port P ARGS...`, started on enter and stopped (SIGTERM,
+    then SIGKILL) on exit. `launcher` names a module to run instead (`python -m LAUNCHER serve ...`)
+    that ends in glmrt.cli.main, e.g. one that injects faults first."""
 
     def __init__(self, model: str | Path, *args: str, launcher: str = "glmrt", startup_timeout_s: float = 120.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", launcher, "serve", str(model), "--host", "127.0.0.1",
-                    "--port", str(self.port), "--device", "cpu", "--log-level", "warning", *args]
+        serve = ["serve", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
+                 "--log-level", "warning", *args]
+        self.cmd = glmrt_command(*serve) if launcher == "glmrt" else [sys.executable, "-m", launcher, *serve]
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "ServerProcess":
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         # A file, not a pipe: a server that logs a lot must never block on a full pipe.
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=subprocess_env(),
+                                     cwd=SUPPORT, text=True)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

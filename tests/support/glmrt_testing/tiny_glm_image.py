@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.tiny_checkpoint import _perturb_
+from glmrt_testing.tiny_checkpoint import _perturb_
 
 VOCAB_SIZE = 168064
 VISION_VOCAB_SIZE = 16512
