@@ -26,3 +26,14 @@ def check_head_dims(text_head_dim: int, vision_head_dim: int) -> None:
     """
     check_head_dim("text head_dim", text_head_dim, 2)
     check_head_dim("vision head_dim", vision_head_dim, 4)
+
+
+def __getattr__(name: str):
+    """A kernel module on first use: `glmrt.kernels.rmsnorm` works without importing it first
+    (`import glmrt` does not import the engine, which imports them all)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__name__}.{name}") is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return importlib.import_module(f".{name}", __name__)

@@ -1,15 +1,13 @@
 """glmrt: a Triton/CUDA inference runtime for GLM-OCR (and GLM-Image's autoregressive stage)."""
 __version__ = "0.1.0"  # keep in step with pyproject.toml
 
-from .generation_config import GenerationConfig
-from .glm_image import ImageRequest, ImageTokensOutput
-from .llm import LLM
-from .outputs import Request, RequestOutput
-from .processor import Processor
-from .sampling_params import SamplingParams
+# The public names are imported on first use, not with glmrt: `glmrt --version`, `--help` and a
+# usage error then answer without importing torch (seconds).
+_EXPORTS = {"GenerationConfig": ".generation_config", "ImageRequest": ".glm_image", "ImageTokensOutput": ".glm_image",
+            "IncompleteOutputError": ".outputs", "LLM": ".llm", "Processor": ".processor", "Request": ".outputs",
+            "RequestOutput": ".outputs", "SamplingParams": ".sampling_params"}
 
-__all__ = ["GenerationConfig", "ImageRequest", "ImageTokensOutput", "LLM", "Processor", "Request", "RequestOutput",
-           "SamplingParams", "parse"]
+__all__ = [*_EXPORTS, "parse"]
 
 
 def parse(inputs, output_dir, **options):
@@ -20,8 +18,14 @@ def parse(inputs, output_dir, **options):
 
 
 def __getattr__(name: str):
-    if name == "ray":  # glmrt.ray (needs glmrt[ray]) is imported on first use, not with glmrt
-        import importlib
+    import importlib
+    import importlib.util
 
-        return importlib.import_module(".ray", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule, e.g. glmrt.ray (glmrt[ray])
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -1,26 +1,29 @@
 """`glmrt ocr IMAGE... [--model M] [--task text|table|formula] [--schema FILE] [--json] [options]`.
 
 Each image is its own request; results print as each one finishes. Exit codes: 0 all images
-recognised, 1 an image or the model failed, 2 usage error, 130 interrupted (Ctrl-C).
+recognised, 1 an image or the model failed or a --schema output is incomplete JSON, 2 usage error,
+130 interrupted (Ctrl-C).
+
+torch, the engine, the server and the document pipeline are imported by the subcommand that runs
+them, after its command line is checked: --help, --version and usage errors answer at once.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 from tqdm import tqdm
 
 from . import __version__
-from .documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT_MODEL
-from .engine.engine import EngineConfig
+from .documents import DEFAULT_LAYOUT_MODEL
 from .extraction import as_json_schema
-from .llm import LLM
 from .outputs import RequestOutput
-from .processor import TASK_PROMPTS, task_prompt
+from .prompts import TASK_PROMPTS, task_prompt
 from .sampling_params import SamplingParams
 
 DEFAULT_MODEL = "zai-org/GLM-OCR"
@@ -36,9 +39,12 @@ repetition_penalty 1.1, max_tokens 8192)."""
 
 EPILOG = """\
 sampling flags left out take their values from the checkpoint's generation_config.json
-(GLM-OCR's: greedy). exit status: 0 ok, 1 an image or the model failed (one line each on
-stderr), 2 usage error, 130 interrupted. GLMRT_DEBUG=1 shows full tracebacks instead of
-one-line errors."""
+(GLM-OCR's: greedy). An output cut at --max-tokens is printed with a warning on stderr; with
+--schema it is incomplete JSON, an error. On a terminal, progress shows on stderr. Ctrl-C prints
+the text the running images had so far, marked as interrupted (finish_reason "abort" with --json).
+exit status: 0 ok, 1 an image or the model failed or a --schema output is incomplete JSON (one
+line each on stderr), 2 usage error (also an input that is missing, a directory or a PDF: see
+glmrt parse), 130 interrupted. GLMRT_DEBUG=1 shows full tracebacks instead of one-line errors."""
 
 
 PARSE_EPILOG = """\
@@ -46,28 +52,44 @@ pages are rendered at --dpi (long side at most 3500 px), laid out with PP-DocLay
 text, table and formula region is recognised with the glmocr SDK's prompts (greedy, repetition
 penalty 1.1); figures are saved under imgs/. Re-running skips pages and documents already
 written. exit status: 0 all documents written without a failure; 1 some document, page or region
-failed (reported on stderr, the rest written); 2 usage error; 130 interrupted."""
+failed (reported on stderr, the rest written), or a model could not be loaded; 2 usage error;
+130 interrupted."""
 
 
 class UsageError(Exception):
     """A bad command line that argparse cannot see (e.g. an unreadable --schema file): exit 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """glmrt's parsers. Flags are taken only in full: an abbreviation (--max-token) is a typo to
+    report, not a guess. A subcommand reports an unknown flag itself, with its own usage (argparse
+    leaves it to `glmrt`'s, which lists none of the subcommand's flags)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glmrt", description="GLM-OCR inference runtime", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="glmrt", description="GLM-OCR inference runtime", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"glmrt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ocr = sub.add_parser("ocr", help="recognise text, tables, formulas or JSON fields in images", epilog=EPILOG,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ocr.add_argument("images", nargs="+", help="image files (each one is its own request)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ocr = sub.add_parser("ocr", help="recognise text, tables, formulas or JSON fields in images",
+                         epilog=EPILOG)
+    ocr.add_argument("images", nargs="+", help="image files (each one is its own request; PDFs: glmrt parse)")
     ocr.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or Hub id (default: {DEFAULT_MODEL})")
     ocr.add_argument("--task", choices=sorted(TASK_PROMPTS), default="text")
     ocr.add_argument("--schema", type=Path,
                      help="information extraction (overrides --task): a JSON file with the model card's template "
                           '(e.g. {"name": "", "items": [{"price": ""}]}) or a JSON Schema; the output is constrained to it')
     ocr.add_argument("--json", action="store_true",
-                     help='print one JSON object per image: {"image", "text", "finish_reason", "num_tokens"}')
+                     help='print one JSON object per image: {"image", "text", "finish_reason", "num_tokens"} '
+                          '(finish_reason "length": cut at --max-tokens; "abort": interrupted)')
     sampling = ocr.add_argument_group("sampling (default: the checkpoint's generation_config.json)")
     sampling.add_argument("--max-tokens", type=int)
     sampling.add_argument("--temperature", type=float, help="0 = greedy")
@@ -77,11 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--seed", type=int)
     _add_engine_flags(ocr)
     parse = sub.add_parser("parse", help="PDFs and images to Markdown and JSON: layout, then every region recognised "
-                                         "(needs glmrt[documents])", epilog=PARSE_EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                                         "(needs glmrt[documents])", epilog=PARSE_EPILOG)
     parse.add_argument("inputs", nargs="+", help="PDF or image files, or directories of them")
-    parse.add_argument("-o", "--output", type=Path, required=True,
-                       help="output folder: <output>/<name>/<name>.md, <name>.json and imgs/ per document")
+    parse.add_argument("-o", "--output", type=Path, default=Path("output"),
+                       help="output folder: <output>/<name>/<name>.md, <name>.json and imgs/ per document "
+                            "(default: ./output, as the glmocr SDK)")
     parse.add_argument("--model", default=DEFAULT_MODEL, help=f"GLM-OCR checkpoint (default: {DEFAULT_MODEL})")
     parse.add_argument("--layout-model", default=DEFAULT_LAYOUT_MODEL,
                        help="PP-DocLayoutV3 checkpoint directory or Hub id (default: %(default)s)")
@@ -100,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(default 4)")
     _add_engine_flags(parse)
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs glmrt[serve])",
-                           description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           description=SERVE_DESCRIPTION)
     serve.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                        help=f"checkpoint directory or Hub id (default: {DEFAULT_MODEL})")
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
@@ -213,6 +235,8 @@ def _read_schema(path: Path | None) -> tuple[str | None, dict | None]:
 
 def _check_flags(overrides: dict, options: dict) -> None:
     """Reject bad sampling and engine flag values before the model loads."""
+    from .engine.engine import EngineConfig
+
     for name, value in overrides.items():
         try:
             SamplingParams(**{name: value})
@@ -234,6 +258,30 @@ def _check_layout_model(value: str) -> None:
         raise UsageError(f"--layout-model {exc}") from exc
 
 
+def _check_images(images: list[str]) -> None:
+    """Inputs that glmrt ocr can never read fail before anything loads (exit 2, one line)."""
+    for image in images:
+        path = Path(image)
+        if path.is_dir():
+            raise UsageError(f"{image}: is a directory; glmrt ocr takes image files (glmrt parse takes directories)")
+        if not path.is_file():
+            raise UsageError(f"{image}: no such file")
+        if path.suffix.lower() == ".pdf":
+            raise UsageError(f"{image}: is a PDF; glmrt ocr takes images, glmrt parse takes PDFs: glmrt parse {image}")
+
+
+def _fetch(resolve: Callable[[str], Path], reference: str, local: str) -> str:
+    """A checkpoint reference -> its directory: a Hub id is fetched now, before anything loads, so
+    that offline (or with an unknown id) the error names the model and `local`, the way to give
+    a local copy instead (e.g. "--model DIR")."""
+    from .loader import HubError
+
+    try:
+        return str(resolve(reference))
+    except HubError as exc:
+        raise HubError(f"{exc}; to run without the Hub, give a local copy: {local}") from exc
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, (ValueError, TypeError, OSError)):
@@ -246,11 +294,14 @@ def _debug() -> bool:
 
 
 class _Printer:
-    """Results to stdout and errors to stderr, flushed as they come, around an optional progress
-    bar on stderr (shown only on a terminal and for several images)."""
+    """Results to stdout and errors to stderr, flushed as they come, around a progress bar on
+    stderr when it is a terminal: of the images done, or for a single image of its tokens (a
+    long page would otherwise show no sign of life)."""
 
-    def __init__(self, total: int):
-        self.bar = tqdm(total=total, unit="image", file=sys.stderr) if total > 1 and sys.stderr.isatty() else None
+    def __init__(self, images: int, max_tokens: int):
+        self.unit = "image" if images > 1 else "token"
+        total = images if images > 1 else max_tokens
+        self.bar = tqdm(total=total, unit=self.unit, file=sys.stderr) if sys.stderr.isatty() else None
 
     def write(self, text: str, file: TextIO) -> None:
         if self.bar is not None:
@@ -259,14 +310,14 @@ class _Printer:
             print(text, file=file)
         file.flush()
 
-    def error(self, image: str, problem: Exception | str) -> None:
-        message = _one_line(problem) if isinstance(problem, BaseException) else " ".join(str(problem).split())
-        self.write(f"glmrt: error: {image}: {message}", sys.stderr)
-        self.advance()
+    def message(self, kind: str, image: str, problem: Exception | str) -> None:
+        """`glmrt: error: IMAGE: ...` (or warning) on one line."""
+        text = _one_line(problem) if isinstance(problem, BaseException) else " ".join(str(problem).split())
+        self.write(f"glmrt: {kind}: {image}: {text}", sys.stderr)
 
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update()
+    def advance(self, unit: str, n: int = 1) -> None:
+        if self.bar is not None and unit == self.unit:
+            self.bar.update(n)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -275,17 +326,23 @@ class _Printer:
 
 def _ocr(args: argparse.Namespace) -> int:
     schema_text, schema = _read_schema(args.schema)
+    _check_images(args.images)
     prompt = task_prompt(args.task, schema_text)
     overrides = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     options = _engine_options(args)
     _check_flags(overrides, options)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **options)
+    from .llm import LLM
+    from .loader import resolve_model_path
+
+    llm = LLM(_fetch(resolve_model_path, args.model, "--model DIR"), device=args.device, dtype=args.dtype,
+              backend=args.backend, **options)
     llm.engine.require_text_model("glmrt ocr")
     params = llm.generation_config.sampling_params(**overrides, json_schema=schema)
     engine = llm.engine
-    printer = _Printer(len(args.images))
+    printer = _Printer(len(args.images), params.max_tokens)
     todo = list(reversed(args.images))
     running: dict[str, str] = {}  # request id -> image path
+    latest: dict[str, RequestOutput] = {}  # request id -> its last output (text so far)
     failed = 0
     try:
         while todo or engine.has_unfinished():
@@ -299,23 +356,47 @@ def _ocr(args: argparse.Namespace) -> int:
                     if _debug():
                         raise
                     failed += 1
-                    printer.error(image, exc)
-            for out in engine.step():
-                if not out.finished:
-                    continue
-                image = running.pop(out.request_id)
-                if out.finish_reason == "error":  # the model step this request was in raised
-                    failed += 1
-                    printer.error(image, out.error)
-                else:
-                    _print_result(printer, image, out, args)
+                    printer.message("error", image, exc)
+                    printer.advance("image")
+            outputs = engine.step()
+            printer.advance("token", sum(len(out.delta_token_ids) for out in outputs))
+            for out in outputs:
+                latest[out.request_id] = out
+                if out.finished:
+                    del latest[out.request_id]
+                    failed += _report(printer, running.pop(out.request_id), out, args, params.max_tokens)
     except KeyboardInterrupt:
-        for request_id in running:
-            engine.abort(request_id)
+        # The text the running images have so far is printed, marked as interrupted; the queued
+        # ones never started. abort() gives it, unless the interrupt landed in a step, which
+        # then failed its requests: their last output read is what there is.
+        for request_id, image in running.items():
+            out = engine.abort(request_id) or latest.get(request_id)
+            if out is not None:
+                _print_result(printer, image, dataclasses.replace(out, finish_reason="abort"), args)
         raise
     finally:
         printer.close()
     return 1 if failed else 0
+
+
+def _report(printer: _Printer, image: str, out: RequestOutput, args: argparse.Namespace, max_tokens: int) -> bool:
+    """A finished image: its text on stdout, and a line on stderr when it failed or was cut at the
+    token limit (with --schema that is incomplete JSON: a failure) -> whether it failed."""
+    failed = out.finish_reason == "error"
+    if failed:  # the model step this request was in raised
+        printer.message("error", image, out.error)
+    else:
+        _print_result(printer, image, out, args)
+    if out.finish_reason == "length":
+        limit = "--max-tokens" if len(out.token_ids) >= max_tokens else "--max-model-len"  # whichever ended it
+        cut = f'cut at {limit} ({len(out.token_ids)} tokens, finish_reason "length")'
+        if args.schema is not None:  # not valid JSON
+            failed = True
+            printer.message("error", image, f"incomplete JSON, {cut}: raise it")
+        else:
+            printer.message("warning", image, f"{cut}: raise it for the rest")
+    printer.advance("image")
+    return failed
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -347,8 +428,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.ray is not None:
         engine_kwargs = {"device": args.device, "dtype": args.dtype, "backend": args.backend, **options}
         return _serve_on_ray(args, config, engine_kwargs)
-    engine = AsyncEngine(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **options)
-    print(f"glmrt: serving {args.model} as {', '.join(names)} on http://{args.host}:{args.port}", file=sys.stderr)
+    from .loader import resolve_model_path
+
+    engine = AsyncEngine(_fetch(resolve_model_path, args.model, "glmrt serve DIR"), device=args.device,
+                         dtype=args.dtype, backend=args.backend, **options)
+    e = engine.engine  # what the defaults came to on this machine, whatever --log-level says
+    print(f"glmrt: serving {args.model} as {', '.join(names)} on http://{args.host}:{args.port}: device {e.device}, "
+          f"dtype {str(e.dtype).removeprefix('torch.')}, backend {e.backend}, max_model_len {e.max_model_len}, "
+          f"KV cache {e.kv_capacity_tokens} tokens", file=sys.stderr)
     uvicorn.run(build_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0
@@ -404,9 +491,13 @@ def _serve_on_ray(args: argparse.Namespace, config, engine_kwargs: dict) -> int:
 
 def _parse(args: argparse.Namespace) -> int:
     try:
+        from .documents.layout import resolve_checkpoint
+        from .documents.pages import find_documents
         from .documents.pipeline import parse
     except ImportError as exc:
         raise UsageError(f"glmrt parse needs the documents extra: pip install 'glmrt[documents]' ({exc})") from exc
+    from .loader import resolve_model_path
+
     for value, name in ((args.dpi, "--dpi"), (args.max_tokens, "--max-tokens")):
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
@@ -416,17 +507,23 @@ def _parse(args: argparse.Namespace) -> int:
         _check_layout_model(args.layout_model)
     common = dict(model=args.model, layout_model=None if args.no_layout else args.layout_model, device=args.device,
                   dtype=args.dtype, backend=args.backend, dpi=args.dpi, max_tokens=args.max_tokens, **options)
-    try:
-        if args.ray is None:
-            results = parse(args.inputs, args.output, progress=sys.stderr.isatty(), **common)
-        else:
-            results = _parse_on_ray(args, common)
-    except ValueError as exc:  # an input that does not exist or is not a PDF or image; a bad --ray-* value
-        raise UsageError(str(exc)) from exc
+    if args.ray is not None:
+        results = _parse_on_ray(args, common)
+    else:
+        try:
+            find_documents(args.inputs)  # an input that does not exist or is not a PDF or image
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        common["model"] = _fetch(resolve_model_path, args.model, "--model DIR")
+        if not args.no_layout:
+            common["layout_model"] = _fetch(resolve_checkpoint, args.layout_model, "--layout-model DIR")
+        results = parse(args.inputs, args.output, progress=sys.stderr.isatty(), **common)
     failed = False
     for r in results:
         for error in r.errors:
-            print(f"glmrt: error: {r.source}: {error}", file=sys.stderr)
+            # A document that cannot be opened names itself ("<file>: <reason>"); a page or region does not.
+            named = error if error.startswith(f"{r.source}: ") else f"{r.source}: {error}"
+            print(f"glmrt: error: {named}", file=sys.stderr)
         failed |= bool(r.errors)
         where = r.markdown_path if r.markdown_path is not None else "not written"
         resumed = f" ({r.resumed_pages} from an earlier run)" if r.resumed_pages else ""
@@ -439,21 +536,24 @@ def _parse_on_ray(args: argparse.Namespace, common: dict) -> list:
         from .ray.jobs import parse as parse_on_ray
     except ImportError as exc:
         raise UsageError(f"glmrt parse --ray needs the ray extra: pip install 'glmrt[ray]' ({exc})") from exc
-    return parse_on_ray(args.inputs, args.output, address=None if args.ray == "auto" else args.ray,
-                        **_ray_options(args, actors="ray_actors", actors_per_gpu="ray_actors_per_gpu",
-                                       render_tasks="ray_render_tasks", batches_per_actor="ray_batches_per_actor"),
-                        **common)
+    try:
+        return parse_on_ray(args.inputs, args.output, address=None if args.ray == "auto" else args.ray,
+                            **_ray_options(args, actors="ray_actors", actors_per_gpu="ray_actors_per_gpu",
+                                           render_tasks="ray_render_tasks", batches_per_actor="ray_batches_per_actor"),
+                            **common)
+    except ValueError as exc:  # an input that does not exist or is not a PDF or image; a bad --ray-* value
+        raise UsageError(str(exc)) from exc
 
 
 def _print_result(printer: _Printer, image: str, out: RequestOutput, args: argparse.Namespace) -> None:
     if args.json:
         printer.write(json.dumps({"image": image, "text": out.text, "finish_reason": out.finish_reason,
                                   "num_tokens": len(out.token_ids)}, ensure_ascii=False), sys.stdout)
-    elif len(args.images) > 1:
-        printer.write(f"==> {image} <==\n{out.text}", sys.stdout)
+    elif len(args.images) > 1 or out.finish_reason == "abort":
+        interrupted = " (interrupted)" if out.finish_reason == "abort" else ""
+        printer.write(f"==> {image}{interrupted} <==\n{out.text}", sys.stdout)
     else:
         printer.write(out.text, sys.stdout)
-    printer.advance()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ import torch
 from .engine.engine import LLMEngine
 from .extraction import as_json_schema
 from .glm_image import ImageRequest, ImageTokensOutput
-from .outputs import Request, RequestOutput
-from .processor import task_prompt
+from .outputs import IncompleteOutputError, Request, RequestOutput
+from .prompts import task_prompt
 from .sampling_params import SamplingParams
 
 
@@ -104,7 +104,11 @@ class LLM:
         `schema`: the model card's example template (`{"name": "", "items": [{"price": ""}]}`) or
         a JSON Schema, as a dict or JSON text. The prompt is the model card's (with the template;
         a schema is shown as the template it describes) and the output is constrained to the
-        schema (a template's: every key, in order, strings at the leaves)."""
+        schema (a template's: every key, in order, strings at the leaves).
+
+        Text cut at max_tokens is returned as far as it got (call `generate` to see its
+        finish_reason); JSON cut there is not valid JSON, so with a schema an output that did not
+        finish raises IncompleteOutputError, whose `output` is the RequestOutput."""
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
         if schema is not None:
             if params.grammar is not None:
@@ -112,4 +116,7 @@ class LLM:
                                  "choice); ocr(schema=...) sets its own")
             params = dataclasses.replace(params, json_schema=as_json_schema(schema))
         request = Request(prompt=task_prompt(task, schema), images=[image])
-        return self.generate(request, params)[0].text
+        out = self.generate(request, params)[0]
+        if schema is not None and out.finish_reason != "stop":
+            raise IncompleteOutputError(out)
+        return out.text

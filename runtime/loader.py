@@ -35,6 +35,10 @@ class CheckpointError(ValueError):
     """The checkpoint's files are missing, corrupt, or do not match its config."""
 
 
+class HubError(CheckpointError):
+    """A Hub id that could not be fetched: offline, unreachable, unknown or gated."""
+
+
 def resolve_model_path(model: str | os.PathLike) -> Path:
     """A local checkpoint directory, or a Hub repo id fetched into the HF cache.
 
@@ -57,7 +61,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
             patterns = [f"{d}/{p}" for d in (PIPELINE_MODEL_DIR, PIPELINE_PROCESSOR_DIR) for p in _CHECKPOINT_PATTERNS]
         return Path(snapshot_download(repo_id=str(model), allow_patterns=patterns))
     except Exception as exc:
-        raise CheckpointError(f"could not resolve Hub model {model!r}: {exc}") from exc
+        raise HubError(f"could not resolve Hub model {model!r}: {exc}") from exc
 
 
 def model_dirs(path: Path) -> tuple[Path, Path]:

@@ -134,3 +134,16 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class IncompleteOutputError(Exception):
+    """A constrained output (LLM.ocr with a schema) that did not end with finish_reason "stop", so
+    its text is not complete JSON: cut at the token limit ("length"), or its step failed ("error").
+    `output` is the RequestOutput, text as far as it got."""
+
+    def __init__(self, output: RequestOutput):
+        self.output = output
+        why = {"length": "; raise max_tokens (or max_model_len, when that is the limit)",
+               "error": f": {output.error}"}.get(output.finish_reason, "")
+        super().__init__(f"the output is incomplete JSON (finish_reason {output.finish_reason!r} after "
+                         f"{len(output.token_ids)} tokens){why}")

@@ -19,28 +19,12 @@ from jinja2 import TemplateError, TemplateSyntaxError, ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from .extraction import extraction_prompt
 from .image_processor import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, ImageProcessor, read_config_json
 
 IMAGE_TOKEN = "<|image|>"
 VIDEO_TOKEN = "<|video|>"
 # processor_class names of GLM-OCR checkpoints (older and current Hub revisions).
 PROCESSOR_CLASSES = ("Glm46VProcessor", "GlmOcrProcessor")
-TASK_PROMPTS = {
-    "text": "Text Recognition:",
-    "table": "Table Recognition:",
-    "formula": "Formula Recognition:",
-}
-
-
-def task_prompt(task: str = "text", schema: str | dict | None = None) -> str:
-    """The model card's prompt for a task, or the information-extraction prompt for a JSON
-    template or JSON Schema (see glmrt.extraction)."""
-    if schema is not None:
-        return extraction_prompt(schema)
-    if task not in TASK_PROMPTS:
-        raise ValueError(f"task {task!r} is not one of {sorted(TASK_PROMPTS)} (or pass a schema)")
-    return TASK_PROMPTS[task]
 
 
 def _raise_exception(message: str) -> None:

@@ -14,6 +14,7 @@ from glmrt.extraction import (
     schema_to_template,
     template_to_schema,
 )
+from glmrt.prompts import task_prompt
 from glmrt_testing.helpers import make_image
 
 ID_CARD = {  # the model card's example, abridged
@@ -90,7 +91,7 @@ def test_prompt_is_the_model_cards():
         EXTRACTION_PREFIX + '\n{\n    "姓名": "",\n    "a": [\n        {\n            "b": ""\n        }\n    ]\n}')
     schema = template_to_schema({"姓名": "", "a": [{"b": ""}]})
     assert extraction_prompt(schema) == extraction_prompt({"姓名": "", "a": [{"b": ""}]})
-    assert glmrt.processor.task_prompt("text", text) == extraction_prompt(text)
+    assert task_prompt("text", text) == extraction_prompt(text)
 
 
 def test_errors_name_the_schema():
@@ -141,7 +142,10 @@ def test_ocr_with_a_template_sends_the_model_cards_prompt_and_constrains_to_its_
         return got
 
     monkeypatch.setattr(llm, "generate", spy)
-    text = llm.ocr(make_image(56, 56, 0), schema=template, sampling_params=glmrt.SamplingParams(max_tokens=40))
+    try:
+        text = llm.ocr(make_image(56, 56, 0), schema=template, sampling_params=glmrt.SamplingParams(max_tokens=40))
+    except glmrt.IncompleteOutputError as exc:  # cut at max_tokens: the text as far as it got
+        text = exc.output.text
     [(request, params)], [out] = sent, got
     expected = template if isinstance(template, str) else json.dumps(template, indent=4, ensure_ascii=False)
     assert request.prompt == "请按下列JSON格式输出图中信息:\n" + expected
@@ -151,6 +155,18 @@ def test_ocr_with_a_template_sends_the_model_cards_prompt_and_constrains_to_its_
     assert all(matcher.consume_token(t) for t in out.token_ids), text  # a prefix of the schema's language
     if out.finish_reason == "stop":
         jsonschema.validate(json.loads(text), params.json_schema)
+
+
+def test_ocr_raises_when_the_json_is_incomplete(llm):
+    """JSON cut at max_tokens is not JSON: ocr(schema=...) raises, with the output; text cut there
+    is returned as far as it got."""
+    with pytest.raises(glmrt.IncompleteOutputError, match=r"incomplete JSON \(finish_reason 'length' after 3 "
+                                                          r"tokens\); raise max_tokens") as raised:
+        llm.ocr(make_image(56, 56, 0), schema=TEMPLATE_TEXT, sampling_params=glmrt.SamplingParams(max_tokens=3))
+    out = raised.value.output
+    assert out.finish_reason == "length" and len(out.token_ids) == 3 and out.text.startswith("{")
+    text = llm.ocr(make_image(56, 56, 0), sampling_params=glmrt.SamplingParams(max_tokens=3))
+    assert isinstance(text, str) and text
 
 
 def test_ocr_refuses_a_second_constraint(llm):

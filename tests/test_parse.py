@@ -13,6 +13,7 @@ from glmrt.documents import pipeline
 from glmrt.documents.layout import LayoutDetector, crop_region
 from glmrt.documents.markdown import format_document
 from glmrt.documents.pipeline import DocumentParser, sdk_region_image
+from glmrt.prompts import TASK_PROMPTS
 from glmrt_testing import REPO, glmrt_command
 from glmrt_testing.documents import make_corrupt_pdf, make_images, make_pdf
 from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
@@ -78,7 +79,7 @@ def test_a_page_is_what_layout_crops_and_recognition_give(parser, inputs, tmp_pa
             figures[(0, *region.bbox_2d)] = crop
         else:
             [out] = parser.llm.generate({"images": [sdk_region_image(crop)],
-                                         "prompt": glmrt.processor.TASK_PROMPTS[region.task]}, params)
+                                         "prompt": TASK_PROMPTS[region.task]}, params)
             content = out.text.strip()
         recognised.append({**region.to_dict(), "content": content})
     json_pages, markdown, _ = format_document([recognised], figures)
@@ -200,10 +201,14 @@ def test_cli_parse_writes_and_reports(tiny_checkpoint, tiny_layout, inputs, tmp_
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)  # as a user in a checkout would
     assert done.returncode == 2 and "missing.pdf" in done.stderr
     assert "Loading weights" not in done.stderr and not out.exists()  # refused before any model loads
-    command.remove(str(inputs / "missing.pdf"))
+    broken = tmp_path / "broken.pdf"
+    make_corrupt_pdf(broken)
+    command[command.index(str(inputs / "missing.pdf"))] = str(broken)
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # the broken PDF failed alone
     assert (out / "letter/letter.md").is_file() and "1 page ->" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("glmrt: error:")]
+    assert errors == [f"glmrt: error: {broken}: not a valid PDF (corrupt or truncated)"]  # named once
 
 
 def test_server_parses_documents_like_the_sdks_server(tiny_checkpoint, tiny_layout, inputs, tmp_path):

@@ -30,6 +30,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..loader import HubError
+from . import DEFAULT_LAYOUT_MODEL as DEFAULT_MODEL  # defined with the package, for the CLI
+
 try:  # optional C++ extension: the contour tracing below, 100x faster and off the GIL
     from glmrt import _C  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - depends on the build
@@ -37,8 +40,6 @@ except ImportError:  # pragma: no cover - depends on the build
 
 HAS_CPP_CONTOURS = _C is not None and hasattr(_C, "external_contours") and hasattr(_C, "approx_poly_dp")
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "PaddlePaddle/PP-DocLayoutV3_safetensors"
 
 # --- the SDK's layout defaults (glmocr config.yaml `pipeline.layout`, layout_postprocess_utils) ---
 # The SDK's id2label (config.yaml). It, not the checkpoint's, names the classes, as in the SDK.
@@ -150,7 +151,7 @@ class LayoutDetector:
             from transformers import PPDocLayoutV3ForObjectDetection
         except ImportError as exc:
             raise ImportError("layout analysis needs transformers: pip install 'glmrt[documents]'") from exc
-        path = _resolve_checkpoint(model)
+        path = resolve_checkpoint(model)
         _check_processor_config(path)
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         # fp32 on every device, as the SDK runs it: bf16 moves scores across the 0.3 threshold, box
@@ -218,7 +219,9 @@ def check_reference(model: str | Path) -> Path | None:
     return None
 
 
-def _resolve_checkpoint(model: str | Path) -> Path:
+def resolve_checkpoint(model: str | Path) -> Path:
+    """A layout checkpoint reference -> its directory: a local one as is, a Hub id fetched into the
+    HF cache (json and safetensors only, never pickles); HubError when that fails."""
     try:
         path = check_reference(model)
     except FileNotFoundError as exc:
@@ -228,7 +231,10 @@ def _resolve_checkpoint(model: str | Path) -> Path:
     name = str(model)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id=name, allow_patterns=["*.json", "*.safetensors"]))
+    try:
+        return Path(snapshot_download(repo_id=name, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as exc:
+        raise HubError(f"could not resolve Hub layout model {name!r}: {exc}") from exc
 
 
 def _check_processor_config(path: Path) -> None:

@@ -34,7 +34,7 @@ from PIL import Image
 from ..engine.sequence import Sequence
 from ..llm import LLM
 from ..outputs import Request as EngineRequest
-from ..processor import TASK_PROMPTS
+from ..prompts import TASK_PROMPTS
 from ..sampling_params import SamplingParams
 from .layout import DEFAULT_MODEL as DEFAULT_LAYOUT
 from .layout import LayoutDetector, LayoutRegion, crop_region
