@@ -25,7 +25,7 @@ def test_the_repository_root_is_not_on_the_path(tmp_path):
     import transformers
     from transformers.integrations import hub_kernels  # imports the Hub's `kernels` where installed
 
-    import glmrt.kernels
+    import glmrt.kernels.rmsnorm
 
     assert transformers.__version__ and hub_kernels and glmrt.kernels.rmsnorm
     from glmrt.documents.layout import LayoutDetector
@@ -48,3 +48,16 @@ def test_the_readme_command_from_the_root_with_a_stub_kernels(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 passed" in done.stdout
+
+
+def test_the_readme_tiny_checkpoint_script_runs_from_the_root(tmp_path):
+    """`python tests/support/write_tiny_checkpoints.py DIR`, the README's way to try glmrt serve
+    and glmrt parse without a download: a script's own folder goes on sys.path, not the root."""
+    done = subprocess.run([sys.executable, "tests/support/write_tiny_checkpoints.py", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(tmp_path / "glm-ocr"), str(tmp_path / "pp-doclayout-v3")]
+    import glmrt
+
+    assert glmrt.LLM(str(tmp_path / "glm-ocr"), device="cpu").generate(
+        {"prompt": "Text Recognition:", "images": []}, glmrt.SamplingParams(max_tokens=2))[0].token_ids
