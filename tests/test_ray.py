@@ -217,7 +217,8 @@ def test_serve_on_ray_answers_as_glmrt_serve(cluster, tiny_checkpoint, tiny_layo
     args = ("--layout-model", str(tiny_layout), "--max-model-len", "2048", "--max-num-seqs", "4")
     answers = {}
     for name, extra in (("plain", ()), ("ray", ("--ray", cluster))):
-        with ServerProcess(tiny_checkpoint, *args, *extra, startup_timeout_s=240) as server:
+        # From the repository root: Ray Serve replicas too must not import its kernels/ (see above).
+        with ServerProcess(tiny_checkpoint, *args, *extra, startup_timeout_s=240, cwd=REPO) as server:
             answers[name] = [_same(httpx.request(method, server.url + path, json=body, timeout=120))
                              for method, path, body in requests]
             if name == "ray":

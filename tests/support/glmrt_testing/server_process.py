@@ -22,14 +22,17 @@ def free_port() -> int:
 class ServerProcess:
     """`glmrt serve MODEL --host 127.0.0.1 --port P ARGS...`, started on enter and stopped (SIGTERM,
     then SIGKILL) on exit. `launcher` names a module to run instead (`python -m LAUNCHER serve ...`)
-    that ends in glmrt.cli.main, e.g. one that injects faults first."""
+    that ends in glmrt.cli.main, e.g. one that injects faults first; it then runs in tests/support
+    (`python -m` puts its working directory on sys.path). `cwd`: the console script's."""
 
-    def __init__(self, model: str | Path, *args: str, launcher: str = "glmrt", startup_timeout_s: float = 120.0):
+    def __init__(self, model: str | Path, *args: str, launcher: str = "glmrt", startup_timeout_s: float = 120.0,
+                 cwd: Path = SUPPORT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         serve = ["serve", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
                  "--log-level", "warning", *args]
         self.cmd = glmrt_command(*serve) if launcher == "glmrt" else [sys.executable, "-m", launcher, *serve]
+        self.cwd = cwd if launcher == "glmrt" else SUPPORT
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen | None = None
 
@@ -37,7 +40,7 @@ class ServerProcess:
         # A file, not a pipe: a server that logs a lot must never block on a full pipe.
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=subprocess_env(),
-                                     cwd=SUPPORT, text=True)
+                                     cwd=self.cwd, text=True)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
