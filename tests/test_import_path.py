@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from glmrt_testing import REPO
 from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
 
