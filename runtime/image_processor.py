@@ -37,7 +37,7 @@ import pathlib
 import urllib.parse
 import warnings
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import IO, Any, Union
 
 import numpy as np
 import torch
@@ -73,8 +73,11 @@ ImageLike = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview]
 __all__ = [
     "BACKENDS",
     "HAS_CPP",
+    "IMAGE_FORMATS",
+    "ImageFormatError",
     "ImageProcessor",
     "load_image",
+    "open_image",
     "patch_pixels",
     "patch_pixels_numpy",
     "patchify",
@@ -86,6 +89,47 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------- loading
+# The formats an image is decoded from (paths, bytes, data URIs; in glmrt ocr, glmrt parse, glmrt
+# serve and the Python API): Pillow plugins that parse the bytes themselves. Any other format is
+# refused before its plugin sees the bytes: Pillow's EPS plugin hands them to Ghostscript, and no
+# input may start a program.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+
+
+class ImageFormatError(ValueError):
+    """An image in a format outside IMAGE_FORMATS; the message names the format."""
+
+
+def open_image(fp: str | os.PathLike | IO[bytes]) -> Image.Image:
+    """`Image.open` (the header only) limited to IMAGE_FORMATS. Raises ImageFormatError for an
+    image of another format, PIL's UnidentifiedImageError for bytes of no known format or a
+    broken image of an allowed one."""
+    try:
+        return Image.open(fp, formats=IMAGE_FORMATS)
+    except Image.UnidentifiedImageError:
+        found = _signature_format(fp)
+        if found is None or found in IMAGE_FORMATS:
+            raise
+        raise ImageFormatError(f"{found} images are not accepted (only {', '.join(IMAGE_FORMATS)})") from None
+
+
+def _signature_format(fp: str | os.PathLike | IO[bytes]) -> str | None:
+    """The Pillow format whose signature the first 16 bytes carry (what Image.open reads to pick a
+    plugin), or None: prefix tests only, no plugin opens the file."""
+    if isinstance(fp, (str, os.PathLike)):
+        with open(fp, "rb") as f:
+            prefix = f.read(16)
+    else:
+        fp.seek(0)
+        prefix = fp.read(16)
+    Image.init()  # every plugin's signature test registered
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        if accept is not None and accept(prefix):
+            return fmt
+    return None
+
+
 def _decode(data: bytes, what: str, exif_transpose: bool = True) -> Image.Image:
     """Decodes encoded image bytes fully, refusing decompression bombs before pixel allocation."""
     if not data:
@@ -94,9 +138,11 @@ def _decode(data: bytes, what: str, exif_transpose: bool = True) -> Image.Image:
         with warnings.catch_warnings():
             # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; both are refused.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
+            img = open_image(io.BytesIO(data))  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ValueError(f"refusing to decode {what}: decompression bomb ({exc})") from exc
+    except ImageFormatError as exc:
+        raise ImageFormatError(f"refusing to decode {what}: {exc}") from None
     except Image.UnidentifiedImageError as exc:
         raise ValueError(f"cannot decode {what}: not a recognised image format") from exc
     except Exception as exc:  # any failure on untrusted data means it is undecodable

@@ -587,6 +587,25 @@ def test_load_image_undecodable(bad, msg):
         ip.load_image(bad)
 
 
+@pytest.mark.parametrize("fmt", ip.IMAGE_FORMATS)
+def test_load_image_decodes_the_allowed_formats(fmt):
+    buf = io.BytesIO()
+    noise_image(24, 16, seed=3).save(buf, format=fmt)
+    assert ip.load_image(buf.getvalue()).format == fmt
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "PPM", "ICO"])
+def test_load_image_refuses_other_formats_by_name(fmt):
+    """Formats outside the list are refused before their plugin decodes anything (EPS would run
+    Ghostscript), named in the error, from bytes or a data URI whatever its media type says."""
+    buf = io.BytesIO()
+    noise_image(24, 16, seed=3).save(buf, format=fmt)
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    for src in (buf.getvalue(), uri):
+        with pytest.raises(ip.ImageFormatError, match=f"{fmt} images are not accepted"):
+            ip.load_image(src)
+
+
 def test_load_image_truncated():
     data = _png_bytes(noise_image(64, 64, seed=1))
     with pytest.raises(ValueError, match="cannot decode"):

@@ -1,7 +1,9 @@
 """`glmrt parse` end to end on CPU: a tiny random GLM-OCR and a tiny random PP-DocLayoutV3 (both
 built with transformers) over generated multi-page PDFs and images. Outputs are the SDK's
 formatter's for the recognised regions, deterministic, resumable, and failures stay local."""
+import base64
 import json
+import os
 import subprocess
 import threading
 
@@ -15,7 +17,7 @@ from glmrt.documents.markdown import format_document
 from glmrt.documents.pipeline import DocumentParser, sdk_region_image
 from glmrt.prompts import TASK_PROMPTS
 from glmrt_testing import REPO, glmrt_command
-from glmrt_testing.documents import make_corrupt_pdf, make_images, make_pdf
+from glmrt_testing.documents import POSTSCRIPT, fake_ghostscript, make_corrupt_pdf, make_images, make_pdf
 from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
 
 MAX_TOKENS = 6
@@ -173,6 +175,38 @@ def _raised(fn, *args):
     except Exception as exc:  # noqa: BLE001
         return exc
     return None
+
+
+@pytest.fixture
+def fake_gs(tmp_path, monkeypatch):
+    """A `gs` first on PATH that records being run (Pillow's EPS plugin looks gs up on first use)
+    -> its marker file."""
+    from PIL import EpsImagePlugin
+
+    folder, marker = fake_ghostscript(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
+    return marker
+
+
+def test_postscript_is_refused_and_never_reaches_ghostscript(parser, tmp_path, fake_gs):
+    """PostScript named as a PNG: as bytes, a data URI or a path in a request, refused by its
+    format; as an input of glmrt parse, that document alone fails; gs never runs."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    eps = folder / "page.png"
+    eps.write_bytes(POSTSCRIPT)
+    Image.new("RGB", (64, 48), "white").save(folder / "fine.png")
+    uri = "data:image/png;base64," + base64.b64encode(POSTSCRIPT).decode()
+    params = glmrt.SamplingParams(max_tokens=2)
+    for image in (POSTSCRIPT, uri, str(eps)):
+        with pytest.raises(ValueError, match="EPS images are not accepted"):
+            parser.llm.generate({"images": [image], "prompt": "Text Recognition:"}, params)
+    results = {r.name: r for r in parser.parse([folder], tmp_path / "out")}
+    assert results["page"].markdown_path is None
+    assert results["page"].errors == [f"{eps}: EPS images are not accepted (only PNG, JPEG, WEBP, TIFF, BMP, GIF)"]
+    assert results["fine"].markdown_path is not None and results["fine"].errors == []
+    assert not fake_gs.exists(), fake_gs.read_text()
 
 
 def test_without_layout_each_page_is_one_region(tiny_checkpoint, inputs, tmp_path):

@@ -7,7 +7,9 @@ every page has exactly the SDK's size and scale; the pixels differ only by raste
 hinting and anti-aliasing, a mean of about 2 levels out of 255).
 
 Images are read as the SDK reads them: `Image.open` (the first frame of a GIF), no EXIF rotation,
-then `convert("RGB")`, which drops an alpha channel rather than compositing it.
+then `convert("RGB")`, which drops an alpha channel rather than compositing it; but only in the
+formats glmrt decodes anywhere (image_processor.IMAGE_FORMATS), whatever the file's suffix says:
+PostScript named `.png` never reaches Ghostscript.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 from PIL import Image
 
+from ..image_processor import ImageFormatError, open_image
+
 SUPPORTED = (".pdf", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # the SDK CLI's list
 
 # pdfium is not thread-safe (global state shared by all documents): every pdfium call here holds
@@ -31,8 +35,6 @@ SUPPORTED = (".pdf", ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # the SD
 _PDFIUM = threading.RLock()
 # Annotations drawn (MuPDF's default); RGB byte order, so that PIL reads the bitmap without a swap.
 _RENDER_FLAGS = pdfium_c.FPDF_ANNOT | pdfium_c.FPDF_REVERSE_BYTE_ORDER
-# What PIL raises for a file it cannot identify or decode (plugins differ), or one over its pixel limit.
-_IMAGE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError)
 _OPEN_ERRORS = {
     pdfium_c.FPDF_ERR_FILE: "the file cannot be read",
     pdfium_c.FPDF_ERR_FORMAT: "not a valid PDF (corrupt or truncated)",
@@ -170,8 +172,10 @@ def _require_file(path: Path) -> None:
 def _open_image(path: Path) -> Image.Image:
     _require_file(path)
     try:
-        return Image.open(path)
-    except _IMAGE_ERRORS as exc:
+        return open_image(path)
+    except ImageFormatError as exc:
+        raise DocumentError(f"{path}: {exc}") from None
+    except Exception as exc:  # untrusted bytes: whatever a plugin raises, the document alone fails
         raise DocumentError(f"{path}: not a readable image ({exc})") from exc
 
 
@@ -179,7 +183,7 @@ def _image_page(path: Path) -> Page:
     with _open_image(path) as image:
         try:
             return Page(path, 0, image.convert("RGB"))  # decodes the pixels: truncated files fail here
-        except _IMAGE_ERRORS as exc:
+        except Exception as exc:  # as in _open_image
             raise DocumentError(f"{path}: not a readable image ({exc})") from exc
 
 

@@ -3,8 +3,9 @@
 `data:` URIs are always accepted. `http(s)` URLs are fetched only from hosts named by
 --allowed-media-domains and `file://` URLs are read only under --allowed-local-media-path;
 anything else is refused. Every image is size-checked (encoded bytes) and its header is read
-to refuse decompression bombs (decoded pixels) before the engine decodes it. Errors are
-`APIError`s naming the request field the URL came from.
+to refuse decompression bombs (decoded pixels) and formats outside image_processor.IMAGE_FORMATS
+(PostScript sent as `data:image/png` never reaches Ghostscript) before the engine decodes it.
+Errors are `APIError`s naming the request field the URL came from.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from ..image_processor import decode_data_uri
+from ..image_processor import ImageFormatError, decode_data_uri, open_image
 from .protocol import APIError, ImageRef
 
 
@@ -69,9 +70,11 @@ class MediaLoader:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
-                width, height = Image.open(io.BytesIO(data)).size  # reads the header only
+                width, height = open_image(io.BytesIO(data)).size  # reads the header only
         except Image.DecompressionBombError as exc:
             raise APIError(f"'{ref.param}': refusing a decompression bomb ({exc})", ref.param) from exc
+        except ImageFormatError as exc:
+            raise APIError(f"'{ref.param}': {exc}", ref.param) from None
         except Exception as exc:  # untrusted bytes: any failure means it is not an image we can read
             raise APIError(f"'{ref.param}': not a decodable image ({type(exc).__name__})", ref.param) from exc
         if width * height > self.policy.max_image_pixels:

@@ -91,6 +91,22 @@ def make_encrypted_pdf(path: str | Path, password: str) -> Path:
     return write_pdf(path, [page], password=password)
 
 
+# Encapsulated PostScript that Pillow identifies as EPS whatever the file is named; decoding it
+# would hand it to Ghostscript.
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nnewpath 0 0 moveto 16 16 lineto stroke\n%%EOF\n"
+
+
+def fake_ghostscript(folder: str | Path) -> tuple[Path, Path]:
+    """An executable `gs` in `folder` that answers --version as Ghostscript does and records every
+    call in a marker file -> (the folder, to put first on PATH; the marker, absent until gs runs)."""
+    folder, marker = Path(folder), Path(folder) / "gs-ran"
+    folder.mkdir(parents=True, exist_ok=True)
+    gs = folder / "gs"
+    gs.write_text(f'#!/bin/sh\necho "$@" >> "{marker}"\n[ "$1" = --version ] && echo 10.02.1\nexit 0\n')
+    gs.chmod(0o755)
+    return folder, marker
+
+
 def make_images(folder: str | Path) -> list[Path]:
     """A scan-like image in each supported raster format and colour mode, one of them in a subfolder."""
     folder = Path(folder)
