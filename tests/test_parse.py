@@ -14,7 +14,7 @@ import glmrt
 from glmrt.documents import pipeline
 from glmrt.documents.layout import LayoutDetector, crop_region
 from glmrt.documents.markdown import format_document
-from glmrt.documents.pipeline import DocumentParser, sdk_region_image
+from glmrt.documents.pipeline import DocumentParser, document_names, sdk_region_image
 from glmrt.prompts import TASK_PROMPTS
 from glmrt_testing import REPO, glmrt_command
 from glmrt_testing.documents import POSTSCRIPT, fake_ghostscript, make_corrupt_pdf, make_images, make_pdf
@@ -207,6 +207,32 @@ def test_postscript_is_refused_and_never_reaches_ghostscript(parser, tmp_path, f
     assert results["page"].errors == [f"{eps}: EPS images are not accepted (only PNG, JPEG, WEBP, TIFF, BMP, GIF)"]
     assert results["fine"].markdown_path is not None and results["fine"].errors == []
     assert not fake_gs.exists(), fake_gs.read_text()
+
+
+def test_output_names_are_unique_plain_and_independent_of_input_order(tmp_path):
+    docs = [tmp_path / "a/doc.pdf", tmp_path / "b/doc.pdf", tmp_path / "doc-2.pdf", tmp_path / "B/DOC.png",
+            tmp_path / "...pdf", tmp_path / "..pdf", tmp_path / "report.pdf", "s3://bucket/x/...pdf",
+            tmp_path / ("é" * 150 + ".pdf")]
+    names = document_names(docs)
+    assert len({n.casefold() for n in names.values()}) == len(docs)
+    assert all(n and not n.startswith(".") and "/" not in n and len(os.fsencode(n)) <= 210 for n in names.values())
+    assert names[tmp_path / "report.pdf"] == "report" and names[tmp_path / "doc-2.pdf"] == "doc-2"
+    assert names[tmp_path / "a/doc.pdf"].startswith("doc-") and names[tmp_path / "...pdf"].startswith("document-")
+    assert document_names(docs[::-1]) == names
+
+
+def test_inputs_of_one_name_are_written_apart_and_inside_the_output_folder(parser, tmp_path):
+    """a/doc.pdf and b/doc.pdf each get their own folder; an input named "...pdf" is written
+    inside -o, not into its parent."""
+    folder = tmp_path / "in"
+    for i, path in enumerate((folder / "a/doc.pdf", folder / "b/doc.pdf", folder / "...pdf")):
+        make_pdf(path, pages=1, size=(160, 120), seed=20 + i)
+    out = tmp_path / "job" / "out"
+    results = DocumentParser(parser.llm, None, max_tokens=2).parse([folder / "a", folder / "b", folder / "...pdf"], out)
+    assert [r.errors for r in results] == [[], [], []]
+    assert len({r.markdown_path for r in results}) == 3
+    assert all(r.markdown_path.parent.parent == out for r in results)
+    assert [p.name for p in (tmp_path / "job").iterdir()] == ["out"]
 
 
 def test_without_layout_each_page_is_one_region(tiny_checkpoint, inputs, tmp_path):

@@ -19,11 +19,13 @@ region has content None, which the formatter leaves out). Nothing is written out
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import queue
 import shutil
 import threading
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -42,6 +44,7 @@ from .markdown import format_document, format_pages_without_layout, model_output
 from .pages import DocumentError, Page, count_pages, find_documents, iter_pages
 
 RECORDS = ".pages"  # per-document folder of finished page records, until the document is written
+NAME_BYTES = 200  # of an output name: its files' names (<name>_model.json, temporaries) stay within 255
 # The SDK's recognition request (its page_loader defaults): greedy, repetition penalty 1.1.
 SDK_MAX_TOKENS = 8192
 SDK_REPETITION_PENALTY = 1.1
@@ -485,14 +488,32 @@ def _whole_page() -> LayoutRegion:
 
 
 def document_names(docs: list) -> dict:
-    """Output names: the file stem, with -2, -3, ... for later documents of the same stem (docs:
-    paths, or URIs whose path, before any "::" chain, ends in the file name)."""
-    names, seen = {}, {}
-    for doc in docs:
-        stem = PurePosixPath(doc.split("::", 1)[0]).stem if isinstance(doc, str) else doc.stem
-        seen[stem] = seen.get(stem, 0) + 1
-        names[doc] = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
-    return names
+    """Output names (<out>/<name>/<name>.md ...), one per document, each a plain folder name inside
+    <out>: the file's stem without leading dots (never "", "." or ".."; "document" when nothing is
+    left) and at most NAME_BYTES bytes. Documents whose stems are equal, ignoring case as some file
+    systems do, each add "-" and 8 hex digits of a hash of their path, so that a name does not
+    depend on the order of the inputs. docs: paths, or URIs whose path, before any "::" chain,
+    ends in the file name."""
+    stems = {doc: _safe_stem(doc) for doc in docs}
+    shared = Counter(stem.casefold() for stem in stems.values())
+    names = {doc: stem for doc, stem in stems.items() if shared[stem.casefold()] == 1}
+    taken = {name.casefold() for name in names.values()}
+    for doc, stem in stems.items():
+        if doc not in names:
+            key = str(doc) if isinstance(doc, str) else str(Path(doc).resolve())
+            name = f"{stem}-{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+            while name.casefold() in taken:  # a stem that reads like another's name and hash
+                name += "_"
+            names[doc] = name
+            taken.add(name.casefold())
+    return {doc: names[doc] for doc in docs}
+
+
+def _safe_stem(doc) -> str:
+    stem = PurePosixPath(doc.split("::", 1)[0]).stem if isinstance(doc, str) else Path(doc).stem
+    # At most NAME_BYTES bytes of UTF-8 (room for "-<hash>_model.json"), no partial characters.
+    stem = stem.lstrip(".").encode("utf-8", "surrogateescape")[:NAME_BYTES].decode("utf-8", "ignore")
+    return stem or "document"
 
 
 def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
