@@ -7,10 +7,15 @@ threads at once.
 
 Every request ends with a final output whatever state it was in when it was aborted or its
 consumer went away: still being preprocessed, prepared but not yet queued, queued, running.
+
+A consumer that stops reading (a stalled HTTP client) holds one output per request, not one per
+step: outputs it has not read are folded into one (_Unread), so its memory is O(output), not
+O(output^2) (each output carries the whole output so far), and its deltas join up to the same text.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import AsyncIterator
 
 from ..outputs import Request, RequestOutput
@@ -22,11 +27,43 @@ class RequestFailed(RuntimeError):
     """The engine step that carried this request failed; other requests are unaffected."""
 
 
+class _Unread:
+    """A request's outputs that its consumer has not read yet, folded: a new output takes the place
+    of an unread one and carries both deltas (the rest of an output, token_ids and text included,
+    is the whole output so far, so the newer one is complete). An error output is kept apart, so the
+    text before a failure is still read before RequestFailed is raised. At most two are held."""
+
+    def __init__(self) -> None:
+        # [(latest output, its delta texts, delta token ids joined so far)]: joined when read,
+        # so folding a long stall costs O(output), not O(output^2)
+        self._outputs: list[tuple[RequestOutput, list[str], list[int]]] = []
+        self._ready = asyncio.Event()
+
+    def put(self, out: RequestOutput) -> None:
+        if self._outputs and out.finish_reason != "error":
+            _, texts, token_ids = self._outputs[-1]
+            texts.append(out.delta_text)
+            token_ids += out.delta_token_ids
+            self._outputs[-1] = (out, texts, token_ids)
+        else:
+            self._outputs.append((out, [out.delta_text], list(out.delta_token_ids)))
+        self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self._ready.wait()
+        (out, texts, token_ids), *self._outputs = self._outputs
+        if not self._outputs:
+            self._ready.clear()
+        if len(texts) == 1:
+            return out
+        return dataclasses.replace(out, delta_text="".join(texts), delta_token_ids=token_ids)
+
+
 class AsyncEngine:
     def __init__(self, model: str, **kwargs):
         self.engine = LLMEngine(model, **kwargs)
         self.engine.require_text_model("the async engine (glmrt serve)")
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, _Unread] = {}
         self._preparing: set[str] = set()  # ids whose images are being decoded in a worker thread
         self._cancelled: set[str] = set()  # ids aborted while preparing
         self._pending_aborts: set[str] = set()
@@ -36,14 +73,15 @@ class AsyncEngine:
 
     async def generate(self, request: Request | dict, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield an output per step with the new text/token delta; the last one has finish_reason set
+        """Yield outputs with the new text/token delta (one per step; a consumer that reads slower
+        gets the steps it missed folded into one); the last one has finish_reason set
         ("stop", "length" or "abort"). Invalid requests raise ValueError/TypeError before anything is
         queued; a failed step raises RequestFailed. Closing the iterator early (a client disconnect)
         aborts the request and frees everything it holds."""
         request_id = self.engine.new_request_id() if request_id is None else request_id
         if request_id in self._streams or self.engine.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = _Unread()
         self._streams[request_id] = stream
         finished = False
         try:
@@ -114,7 +152,7 @@ class AsyncEngine:
         stream = self._streams.get(out.request_id)
         if stream is None:
             return
-        stream.put_nowait(out)
+        stream.put(out)
         if out.finished:
             del self._streams[out.request_id]
 
