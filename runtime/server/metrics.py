@@ -29,8 +29,11 @@ class EngineCollector:
         waiting = GaugeMetricFamily("glmrt:num_requests_waiting", "Requests queued for their first step.")
         waiting.add_metric([], len(scheduler.waiting) + self.async_engine.num_preparing)
         yield waiting
-        running = GaugeMetricFamily("glmrt:num_requests_running", "Requests holding a row of the running batch.")
-        running.add_metric([], len(scheduler.running) + len(scheduler.draining))
+        # As vLLM's: every request the scheduler has admitted (its prompt being prefilled, chunk by
+        # chunk, or decoding), not only those holding a decode row.
+        running = GaugeMetricFamily("glmrt:num_requests_running", "Requests admitted to the engine, prefilling or "
+                                    "decoding.")
+        running.add_metric([], len(scheduler.prefilling) + len(scheduler.running) + len(scheduler.draining))
         yield running
         usage = GaugeMetricFamily("glmrt:kv_cache_usage_perc", "Share of KV-cache blocks in use (0 to 1).")
         usage.add_metric([], 1.0 - blocks.num_free_blocks / blocks.num_blocks)
