@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="decoded pixels (width x height) per image (default: PIL's limit, 89478485)")
     serve.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, help="request body size")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, how long requests in flight may run on before they are ended "
+                            "with a 503 (new requests get a 503 at once; default 30)")
     serve.add_argument("--layout-model", default=DEFAULT_LAYOUT_MODEL,
                        help="POST /glmocr/parse's PP-DocLayoutV3 (directory or Hub id; loaded on the first "
                             "document; default: %(default)s)")
@@ -401,11 +404,10 @@ def _report(printer: _Printer, image: str, out: RequestOutput, args: argparse.Na
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
         from .engine.async_engine import AsyncEngine
         from .server.app import ServerConfig, build_app
         from .server.media import MediaPolicy
+        from .server.shutdown import serve_with_drain
     except ImportError as exc:
         raise UsageError(f"glmrt serve needs the server extra: pip install 'glmrt[serve]' ({exc})") from exc
     options = _engine_options(args)
@@ -418,7 +420,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = ServerConfig(
             served_model_names=names, api_key=args.api_key or None, max_queue=args.max_queue,
             max_request_bytes=args.max_request_bytes, max_images_per_request=args.max_images_per_request,
-            layout_model=args.layout_model,
+            layout_model=args.layout_model, shutdown_timeout_s=args.shutdown_timeout,
             media=MediaPolicy(allowed_domains=tuple(args.allowed_media_domains),
                               allowed_local_path=args.allowed_local_media_path,
                               **({} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels})),
@@ -436,8 +438,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"glmrt: serving {args.model} as {', '.join(names)} on http://{args.host}:{args.port}: device {e.device}, "
           f"dtype {str(e.dtype).removeprefix('torch.')}, backend {e.backend}, max_model_len {e.max_model_len}, "
           f"KV cache {e.kv_capacity_tokens} tokens", file=sys.stderr)
-    uvicorn.run(build_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+    serve_with_drain(build_app(engine, config), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

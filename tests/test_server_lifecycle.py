@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -115,3 +118,108 @@ def test_metrics_count_a_prefilling_request_as_running(server):
     assert held, scrapes
     during = scrapes[held[0]:held[-1] + 1]
     assert (0, 0) not in during and during.count((0, 1)) >= 3, scrapes
+
+
+def test_a_client_that_leaves_is_an_abort_and_logs_no_error(server):
+    """A non-streaming client that gives up mid-decode, and one that leaves while sending its
+    body: 499s in the status counts, the first an "abort" in the finish reasons, nothing logged."""
+    log_start = len(server.read_log())
+    before = wait_idle(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + CHAT, json=chat("hello", max_tokens=1500, ignore_eos=True),
+                   timeout=httpx.Timeout(30.0, read=1.0))
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: glmrt\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\": ")
+        time.sleep(0.3)
+    after = wait_idle(server, timeout_s=5.0)  # long before the 1,500 tokens would be done
+    assert changes(before, after, "glmrt:http_requests_total{endpoint=\"/v1/") == {
+        f'glmrt:http_requests_total{{endpoint="{CHAT}",status="499"}}': 2}
+    assert changes(before, after, "glmrt:request_success_total") == {
+        'glmrt:request_success_total{finished_reason="abort"}': 1}
+    log = server.read_log()[log_start:]
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+# ------------------------------------------------------------------------------------- shutdown
+
+async def _request(client: httpx.AsyncClient, url: str, body: dict, started: asyncio.Event) -> dict:
+    """-> {"status", "events" (SSE data, decoded) or "body", "ended" (monotonic)}; `started` is
+    set once a stream's first content arrives (at once for a plain request)."""
+    if not body.get("stream"):
+        started.set()
+        response = await client.post(url, json=body)
+        return {"status": response.status_code, "body": response.json(), "ended": time.monotonic()}
+    events = []
+    async with client.stream("POST", url, json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                events.append(data if data == "[DONE]" else json.loads(data))
+                if _content(events[-1:]):
+                    started.set()
+    return {"status": response.status_code, "events": events, "ended": time.monotonic()}
+
+
+def _content(events: list) -> str:
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                   if isinstance(e, dict) and e.get("choices"))
+
+
+async def _sigterm_during(server: ServerProcess, bodies: list[dict]) -> tuple[float, list[dict], list[Any]]:
+    """Sends the requests, then SIGTERM once all of them run and every stream has content; ->
+    (when SIGTERM was sent, their results, what requests sent after it got)."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        started = [asyncio.Event() for _ in bodies]
+        tasks = [asyncio.ensure_future(_request(client, server.url + CHAT, body, event))
+                 for body, event in zip(bodies, started)]
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 60)
+        while server.metrics()["glmrt:num_requests_running"] < len(bodies):
+            await asyncio.sleep(0.01)
+        server.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        late = []
+        for _ in range(2):  # on a new connection: a 503 until the listening socket is closed, then refused
+            try:
+                async with httpx.AsyncClient(timeout=10) as fresh:
+                    late.append((await fresh.post(server.url + CHAT, json=chat("hello", max_tokens=1))).status_code)
+            except httpx.ConnectError:
+                late.append("refused")
+            await asyncio.sleep(0.3)
+        return sent, await asyncio.gather(*tasks), late
+
+
+def test_sigterm_lets_requests_in_flight_finish_and_ends_the_rest_cleanly(tiny_checkpoint):
+    """SIGTERM with four requests decoding and --shutdown-timeout 6: new requests are refused at
+    once; the two that need 100 tokens finish with their whole text; the two that need 1,900 run
+    on for the drain timeout, then end with a 503 (an error event, then [DONE], in the stream);
+    the server exits, logging no error (it used to cut everything after 5 s: a stream without an
+    error event, a 500 "aclose(): asynchronous generator is already running")."""
+    drain_s = 6.0
+    short = chat("hello", max_tokens=100, ignore_eos=True)
+    long = chat("hello", max_tokens=1900, ignore_eos=True)
+    bodies = [{**short, "stream": True}, short, {**long, "stream": True}, long]
+    with ServerProcess(tiny_checkpoint, "--served-model-name", "glm-ocr", "--max-model-len", str(MAX_MODEL_LEN),
+                       "--shutdown-timeout", str(drain_s)) as server:
+        sent, (short_stream, short_plain, long_stream, long_plain), late = asyncio.run(_sigterm_during(server, bodies))
+        server.proc.wait(timeout=drain_s + 10)
+        exited = time.monotonic()
+        log = server.read_log()
+
+    assert all(answer in (503, "refused") for answer in late), late
+    assert short_plain["status"] == 200 and short_plain["body"]["usage"]["completion_tokens"] == 100
+    assert short_stream["status"] == 200 and short_stream["events"][-1] == "[DONE]"
+    assert short_stream["events"][-2]["choices"][0]["finish_reason"] == "length"
+    assert _content(short_stream["events"]) == short_plain["body"]["choices"][0]["message"]["content"]
+    assert sent < short_plain["ended"] and sent < short_stream["ended"]  # both were in flight at SIGTERM
+
+    assert long_plain["status"] == 503, long_plain
+    assert "shutting down" in long_plain["body"]["error"]["message"]
+    assert long_stream["status"] == 200 and long_stream["events"][-1] == "[DONE]"
+    error = long_stream["events"][-2]
+    assert set(error) == {"error"} and error["error"]["code"] == 503 and "shutting down" in error["error"]["message"]
+    assert _content(long_stream["events"][:-2])
+    for ended in (long_plain["ended"], long_stream["ended"]):
+        assert drain_s - 0.5 < ended - sent < drain_s + 4  # ran on for the drain timeout, then ended
+    assert exited - sent < drain_s + 8
+    assert "Traceback" not in log and "ERROR" not in log, log

@@ -5,8 +5,10 @@ POST /glmocr/parse (whole documents, as the glmocr SDK's server; server/document
 GET /v1/models, /health and /metrics. A request is validated (body size, JSON, fields, model name,
 images) before anything is queued; every refusal is an OpenAI-style error body naming the field.
 Each request owns one engine request: when its client disconnects, the engine request is aborted
-and its KV blocks freed; when its engine step fails, that request alone gets a 500 (or an error
-event in its stream) and the server goes on.
+(counted as an "abort") and its KV blocks freed; when its engine step fails, that request alone
+gets a 500 (or an error event in its stream) and the server goes on. On SIGTERM/SIGINT the server
+drains (server/shutdown.py): new requests get a 503, those in flight run on for the drain
+timeout, then end with a 503 (or a 503 error event in their stream).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from ..documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT_MODEL
 from ..engine.async_engine import AsyncEngine, RequestFailed
@@ -31,6 +34,7 @@ from ..outputs import RequestOutput
 from .media import MediaLoader, MediaPolicy
 from .metrics import RequestTimer, ServerMetrics
 from .protocol import APIError, ImageRef, ParsedRequest, ResponseShape, parse_chat, parse_completion
+from .shutdown import Drain
 
 # Request defaults after the checkpoint's generation_config.json: the glmocr SDK's profile
 # (greedy, repetition_penalty 1.1, up to 8192 new tokens).
@@ -49,6 +53,7 @@ class ServerConfig:
     media: MediaPolicy = field(default_factory=MediaPolicy)
     # POST /glmocr/parse's layout model (loaded on its first request); None: no document parsing
     layout_model: str | None = DEFAULT_LAYOUT_MODEL
+    shutdown_timeout_s: float = 30.0  # on SIGTERM/SIGINT, how long requests in flight may run on
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -57,6 +62,8 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.shutdown_timeout_s, (int, float)) or not 0 <= self.shutdown_timeout_s < float("inf"):
+            raise ValueError(f"shutdown_timeout_s must be a number of seconds >= 0, got {self.shutdown_timeout_s!r}")
 
 
 class _StatusCounter:
@@ -79,6 +86,20 @@ class _StatusCounter:
         await self.app(scope, receive, counting_send)
 
 
+class _RefuseWhileDraining:
+    """Pure ASGI middleware: once the server is shutting down, every new request but GET /metrics
+    is answered 503, /health included (a load balancer stops sending requests here)."""
+
+    def __init__(self, app, drain: Drain):
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.drain.draining or scope["path"] == "/metrics":
+            return await self.app(scope, receive, send)
+        error = APIError("the server is shutting down and takes no new requests", status=503)
+        await JSONResponse(error.body(), status_code=503)(scope, receive, send)
+
+
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(engine)
     media = MediaLoader(config.media)
@@ -87,6 +108,15 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     tokenizer = engine.engine.processor.tokenizer
     max_in_flight = engine.engine.options.max_num_seqs + config.max_queue
     in_flight = 0
+    live: set[str] = set()  # the engine request ids of the chat and completion requests in flight
+    drain = Drain(config.shutdown_timeout_s)
+    # Past the drain timeout the requests still in flight are aborted: each handler sees its final
+    # "abort" output and answers a 503 (a 503 error event in a stream).
+    drain.on_expiry(lambda: [engine.abort(request_id) for request_id in live])
+
+    def shutting_down() -> APIError:
+        return APIError(f"the server is shutting down and this request did not finish within its "
+                        f"{config.shutdown_timeout_s:g} s drain timeout; retry it", status=503)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -94,11 +124,17 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         await media.aclose()
 
     app = FastAPI(title="glmrt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.add_middleware(_StatusCounter, metrics=metrics)
+    app.state.drain = drain  # begun by shutdown.serve_with_drain on SIGTERM/SIGINT
+    app.add_middleware(_RefuseWhileDraining, drain=drain)
+    app.add_middleware(_StatusCounter, metrics=metrics)  # the outermost: it counts the refusals too
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(_: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # the client left while its body was read: nothing to answer
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
@@ -163,6 +199,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         timer = RequestTimer(metrics)
         outputs = engine.generate(engine_request, parsed.params, request_id=shape.id)
         in_flight += 1
+        live.add(shape.id)
         released = False
 
         async def release(ended: str | None = "abort") -> None:
@@ -172,6 +209,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             if not released:
                 released = True
                 in_flight -= 1
+                live.discard(shape.id)
                 await outputs.aclose()  # aborts the engine request if it is still going
                 if ended is not None:
                     timer.end(ended)
@@ -190,6 +228,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         if first is None:  # the client left during prefill
             await release()
             return Response(status_code=499)
+        # From here on, a request whose client is still there is aborted only by the drain timeout.
+        if first.finish_reason == "abort":
+            await release()
+            raise shutting_down()
         if not parsed.stream:
             try:
                 final = first
@@ -197,6 +239,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                     final = await _until_disconnected(request, _last(outputs, timer))
                 if final is None:
                     return Response(status_code=499)
+                if final.finish_reason == "abort":
+                    raise shutting_down()
                 return JSONResponse(shape.full(final))
             finally:
                 await release()
@@ -206,14 +250,17 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             out = first
             try:
                 yield _sse(shape.chunk(out, "", first=True, with_usage=usage))
-                if out.delta_text or out.finished:
-                    yield _sse(shape.chunk(out, out.delta_text, with_usage=usage))
-                while not out.finished:
-                    out = await _next(outputs, timer)
+                while True:
+                    if out.finish_reason == "abort":  # the drain timeout passed
+                        yield _sse(shutting_down().body())
+                        break
                     if out.delta_text or out.finished:
                         yield _sse(shape.chunk(out, out.delta_text, with_usage=usage))
-                if parsed.include_usage:
-                    yield _sse(shape.usage_chunk(out))
+                    if out.finished:
+                        if parsed.include_usage:
+                            yield _sse(shape.usage_chunk(out))
+                        break
+                    out = await _next(outputs, timer)
             except RequestFailed as exc:
                 yield _sse(APIError(str(exc), status=500).body())
             finally:
@@ -300,6 +347,10 @@ async def _until_disconnected(request: Request, work) -> Any:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         task.cancel()
+        # `work` closes what it holds (the engine request's stream) before the caller goes on to
+        # close it too: closing a stream still running in `work` fails ("aclose(): asynchronous
+        # generator is already running").
+        await asyncio.wait({task})
         raise
     finally:
         watcher.cancel()
