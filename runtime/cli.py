@@ -50,8 +50,10 @@ glmrt parse), 130 interrupted. GLMRT_DEBUG=1 shows full tracebacks instead of on
 PARSE_EPILOG = """\
 pages are rendered at --dpi (long side at most 3500 px), laid out with PP-DocLayoutV3, and every
 text, table and formula region is recognised with the glmocr SDK's prompts (greedy, repetition
-penalty 1.1); figures are saved under imgs/. Re-running skips pages and documents already
-written. exit status: 0 all documents written without a failure; 1 some document, page or region
+penalty 1.1); figures are saved under imgs/. Re-running skips the pages and documents already
+done with the same --model, --layout-model, --no-layout, --dpi and --max-tokens, and parses failed
+pages again (a document with failed pages is written without them; <name>_status.json lists
+them). exit status: 0 all documents written without a failure; 1 some document, page or region
 failed (reported on stderr, the rest written), or a model could not be loaded; 2 usage error;
 130 interrupted."""
 
@@ -527,8 +529,11 @@ def _parse(args: argparse.Namespace) -> int:
             print(f"glmrt: error: {named}", file=sys.stderr)
         failed |= bool(r.errors)
         where = r.markdown_path if r.markdown_path is not None else "not written"
-        resumed = f" ({r.resumed_pages} from an earlier run)" if r.resumed_pages else ""
-        print(f"{r.source}: {r.num_pages} page{'' if r.num_pages == 1 else 's'}{resumed} -> {where}", file=sys.stderr)
+        notes = [f"{r.resumed_pages} from an earlier run"] if r.resumed_pages else []
+        if r.failed_pages:
+            notes.append(f"{len(r.failed_pages)} failed: run again to retry them")
+        shown = f" ({'; '.join(notes)})" if notes else ""
+        print(f"{r.source}: {r.num_pages} page{'' if r.num_pages == 1 else 's'}{shown} -> {where}", file=sys.stderr)
     return 1 if failed else 0
 
 

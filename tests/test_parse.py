@@ -132,24 +132,66 @@ def test_a_resumed_document_is_laid_out_in_the_same_batches(parser, tmp_path, mo
     assert outputs(again) == outputs(first)
 
 
+def status(result) -> dict:
+    return json.loads((result.json_path.parent / f"{result.name}_status.json").read_text(encoding="utf-8"))
+
+
 def test_failures_stay_with_their_document_page_or_region(parser, inputs, tmp_path, monkeypatch):
+    """A corrupt PDF fails alone; a page with a failed region is written without it, named as
+    failed and not recorded as done, and a re-run parses that page (only) again."""
     broken = tmp_path / "in"
     broken.mkdir()
     make_corrupt_pdf(broken / "broken.pdf")
     make_pdf(broken / "fine.pdf", pages=2, seed=3)
     submit = DocumentParser._submit
 
-    def one_region_fails(self, page, todo, st):
-        if page.index == 1 and todo:
-            st.result.errors.append(f"page {page.index + 1} region {todo[0]}: injected")
-            todo = todo[1:]
-        return submit(self, page, todo, st)
+    def one_region_fails(self, work, pending):
+        if work.index == 1 and work.requests:
+            work.requests[min(work.requests)] = "injected"
+        return submit(self, work, pending)
 
     monkeypatch.setattr(DocumentParser, "_submit", one_region_fails)
     results = {r.name: r for r in parser.parse([broken], tmp_path / "out")}
     assert results["broken"].markdown_path is None and "broken.pdf" in results["broken"].errors[0]
-    assert results["fine"].markdown_path is not None and results["fine"].num_pages == 2
+    fine = results["fine"]
+    assert fine.markdown_path is not None and fine.num_pages == 2 and fine.failed_pages == [2]
+    assert [e.split(":")[0].split(" region")[0] for e in fine.errors] == ["page 2"]
+    assert status(fine)["failed_pages"] == [2] and status(fine)["errors"] == fine.errors
+    assert sorted(p.name for p in (fine.json_path.parent / ".pages").glob("page-*.json")) == ["page-00000.json"]
     assert {p.name for p in (tmp_path / "out").iterdir()} <= {"fine", "broken"}
+
+    monkeypatch.setattr(DocumentParser, "_submit", submit)
+    [again] = parser.parse([broken / "fine.pdf"], tmp_path / "out")
+    assert again.resumed_pages == 1 and again.failed_pages == [] and again.errors == []
+    assert status(again)["failed_pages"] == [] and not (again.json_path.parent / ".pages").exists()
+
+
+def test_failed_pages_are_reported_and_parsed_again_and_settings_are_compared(parser, tiny_checkpoint, tiny_layout,
+                                                                             tmp_path, capsys):
+    """Every region too large for --max-model-len: the document is written without them, exit
+    status 1, its pages named as failed; a re-run parses them again (and they succeed with room to
+    generate). A re-run with other --max-tokens or --no-layout parses the document again."""
+    from glmrt.cli import main
+
+    doc = make_pdf(tmp_path / "two.pdf", pages=2, size=(300, 380), seed=5)
+    out = tmp_path / "out"
+    command = ["parse", str(doc), "-o", str(out), "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout),
+               "--device", "cpu", "--max-tokens", str(MAX_TOKENS), "--max-model-len", "64"]
+    for _ in range(2):  # the second run does not take the first one's failures for done
+        assert main(command) == 1
+        stderr = capsys.readouterr().err
+        assert f"{doc}: 2 pages (2 failed: run again to retry them) -> {out / 'two/two.md'}" in stderr
+        assert f"glmrt: error: {doc}: page 1 region" in stderr and "max_model_len (64 tokens)" in stderr
+        assert json.loads((out / "two/two_status.json").read_text(encoding="utf-8"))["failed_pages"] == [1, 2]
+    [result] = parser.parse([doc], out)  # the same settings, a model with room: the pages are parsed again
+    assert (result.resumed_pages, result.failed_pages, result.errors) == (0, [], [])
+    assert status(result)["failed_pages"] == [] and status(result)["settings"]["max_tokens"] == MAX_TOKENS
+    written = outputs(out)
+    assert parser.parse([doc], out)[0].markdown_path is not None and outputs(out) == written  # done: skipped
+    for other in (DocumentParser(parser.llm, parser.layout, max_tokens=MAX_TOKENS - 1),
+                  DocumentParser(parser.llm, None, max_tokens=MAX_TOKENS - 1)):
+        [result] = other.parse([doc], out)
+        assert status(result)["settings"] == other.settings and result.failed_pages == []
 
 
 def test_a_crashed_page_reader_is_raised_not_waited_for(parser, inputs, tmp_path, monkeypatch):

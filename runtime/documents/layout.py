@@ -129,7 +129,7 @@ class LayoutDetector:
     """PP-DocLayoutV3 (transformers' model) with the SDK's pre- and post-processing."""
 
     def __init__(self, model: torch.nn.Module, *, threshold: float = THRESHOLD, batch_size: int = BATCH_SIZE,
-                 threshold_by_class: dict[int | str, float] | None = None):
+                 threshold_by_class: dict[int | str, float] | None = None, checkpoint: str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if model.config.num_labels != len(LABELS):
@@ -140,6 +140,7 @@ class LayoutDetector:
         self.threshold = threshold
         self.batch_size = batch_size
         self.threshold_by_class = _class_thresholds(threshold_by_class or {})
+        self.checkpoint = checkpoint  # the directory it was loaded from (recorded with glmrt parse's progress)
 
     @classmethod
     def from_pretrained(cls, model: str | Path = DEFAULT_MODEL, device: str | torch.device | None = None,
@@ -159,7 +160,7 @@ class LayoutDetector:
         net = PPDocLayoutV3ForObjectDetection.from_pretrained(path, dtype=dtype or torch.float32,
                                                               use_safetensors=True)
         return cls(net.to(device).eval(), threshold=threshold, batch_size=batch_size,
-                   threshold_by_class=threshold_by_class)
+                   threshold_by_class=threshold_by_class, checkpoint=str(path))
 
     def detect(self, images: list[Image.Image]) -> list[list[LayoutRegion]]:
         """Regions of each page in reading order (the SDK's PPDocLayoutDetector.process)."""

@@ -6,15 +6,19 @@ SDK's resize, then the engine's image processing); the main thread only hands ev
 every page ready so far to one engine (continuous batching: regions of many pages share each
 step) and steps it, so it keeps the device busy;
 a page whose regions are all recognised is recorded on disk, and a document whose pages are all
-recorded is formatted into the glmocr SDK's Markdown and JSON. A bounded queue between the two
+done is formatted into the glmocr SDK's Markdown and JSON. A bounded queue between the two
 keeps at most `max_pages_in_flight` pages of crops in memory.
 
-Resuming: each finished page is kept as a small JSON record (plus its figure crops) in
-`<out>/<name>/.pages/` until its document is written; a re-run skips recorded pages without
-rendering them, and skips a document whose outputs exist and have no pending records. Failures
-stay local: a document that cannot be opened, a page that cannot be rendered, a layout batch that
-fails or a region whose recognition fails is reported and the rest of the job goes on (a failed
-region has content None, which the formatter leaves out). Nothing is written outside `<out>`.
+Resuming: each page that succeeded whole is kept as a small JSON record (plus its figure crops) in
+`<out>/<name>/.pages/` until its document is written without failures; `<name>_status.json` holds
+the settings the records and outputs were made with (`parse_settings`) and, once written, the
+document's failed pages. A re-run skips recorded pages without rendering them, skips a document
+written with the same settings and no failed pages, parses again the failed pages of one that had
+some, and starts over a document whose settings differ. Failures stay local: a document that
+cannot be opened, a page that cannot be rendered, a layout batch that fails or a region whose
+recognition fails is reported and the rest of the job goes on; the document is still written
+(a failed region has content None, which the formatter leaves out), its failed pages named in its
+status and its result. Nothing is written outside `<out>`.
 """
 from __future__ import annotations
 
@@ -91,15 +95,30 @@ def sdk_region_image(crop: Image.Image) -> Image.Image:
     return crop.resize((int(w_bar), int(h_bar)), Image.Resampling.BICUBIC)
 
 
+def parse_settings(model: str | Path, layout_model: str | Path | None, *, layout: bool = True, dpi: int = 200,
+                   max_side: int = 3500, max_tokens: int = SDK_MAX_TOKENS) -> dict:
+    """What a document's outputs depend on, recorded with its progress: a re-run with other settings
+    parses it again. A local checkpoint is named by its absolute path (a Hub snapshot's names its
+    revision), a Hub id as given. layout False: --no-layout."""
+    def named(checkpoint):
+        path = Path(checkpoint).expanduser()
+        return str(path.resolve()) if path.is_dir() else str(checkpoint)
+
+    return {"model": named(model), "layout": layout,
+            "layout_model": named(layout_model) if layout and layout_model is not None else None,
+            "dpi": dpi, "max_side": max_side, "max_tokens": max_tokens}
+
+
 @dataclass
 class DocumentResult:
     source: Path
-    name: str  # outputs: <output_dir>/<name>/<name>.md, .json, imgs/
+    name: str  # outputs: <output_dir>/<name>/<name>.md, .json, _status.json, imgs/
     num_pages: int = 0
     resumed_pages: int = 0  # recorded by an earlier run, not parsed again
     markdown_path: Path | None = None
     json_path: Path | None = None
     errors: list[str] = field(default_factory=list)  # one line each: page, layout or region failures
+    failed_pages: list[int] = field(default_factory=list)  # 1-based; written without them, a re-run retries them
 
 
 @dataclass
@@ -124,7 +143,19 @@ class _DocState:
     pages_total: int = 0
     pages: dict[int, list[dict]] = field(default_factory=dict)  # page index -> region dicts with content
     figures: dict[tuple, Image.Image] = field(default_factory=dict)  # (page, *bbox_2d) -> crop
+    failed: dict[int, list[str]] = field(default_factory=dict)  # page index -> its errors (not recorded)
     rendered_all: bool = False
+    started: bool = False  # its status names this job's settings, so its records are this job's
+
+
+@dataclass
+class _Recognising:
+    """A page whose regions are being recognised."""
+
+    work: _PageWork
+    outstanding: int  # regions not finished yet
+    contents: list[str | None]  # per region: its text, None for a figure or a failed region
+    errors: list[str] = field(default_factory=list)
 
 
 def layout_batches(doc: Path, total: int, size: int = LAYOUT_BATCH, skip: Collection[int] = (),
@@ -210,35 +241,47 @@ async def recognise_pages(engine, pages: list[_PageWork], params: SamplingParams
 
 
 class DocumentOutputs:
-    """The output side of a parse job: `<out>/<name>/` per document, its page records while it is
-    in progress, and its Markdown and JSON once every page is recorded (written exactly once,
-    each file renamed into place). with_layout False: the layout-free formatting."""
+    """The output side of a parse job: `<out>/<name>/` per document, the records of its pages that
+    succeeded while it is in progress, and once every page is done its Markdown and JSON (each
+    file renamed into place) and `<name>_status.json`: {"settings", "pages", "failed_pages"
+    (1-based), "errors"}. A document is done (skipped by a re-run) only when written with these
+    `settings` (parse_settings) and no failed pages; records made with other settings are dropped."""
 
-    def __init__(self, output_dir: str | Path, with_layout: bool):
+    def __init__(self, output_dir: str | Path, settings: dict):
         self.out = Path(output_dir)
-        self.with_layout = with_layout
+        self.settings = settings
+        self.with_layout = settings["layout"]
 
     def open(self, doc, name: str) -> _DocState:
-        """The state of one document, already done if an earlier run wrote it."""
+        """The state of one document, already done if an earlier run wrote it with these settings
+        and no failed pages; the page records of an earlier run with other settings are removed."""
         folder = self.out / name
         st = _DocState(DocumentResult(source=doc, name=name), folder)
+        try:
+            status = json.loads(self._status_path(st).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            status = None  # none, or unreadable: parsed again
+        if not isinstance(status, dict) or status.get("settings") != self.settings:
+            shutil.rmtree(folder / RECORDS, ignore_errors=True)
+            return st
+        st.started = True
         md, js = folder / f"{name}.md", folder / f"{name}.json"
-        if md.is_file() and js.is_file() and not (folder / RECORDS).exists():  # written by an earlier run
+        written = status.get("failed_pages") == [] and isinstance(status.get("pages"), int)
+        if written and md.is_file() and js.is_file() and not (folder / RECORDS).exists():
             st.result.markdown_path, st.result.json_path = md, js
-            try:
-                st.result.num_pages = len(json.loads(js.read_text(encoding="utf-8")))
-            except (OSError, ValueError):
-                st.result.markdown_path = st.result.json_path = None  # unreadable: parse it again
+            st.result.num_pages = status["pages"]
         return st
 
     def load_records(self, st: _DocState) -> set[int]:
-        """Page records left by an interrupted run -> their indices (not rendered again)."""
+        """Page records left by an earlier run with these settings -> their indices (not rendered
+        again)."""
         folder = st.folder / RECORDS
         done = set()
-        for path in sorted(folder.glob("page-*.json")) if folder.is_dir() else []:
+        for path in sorted(folder.glob("page-*.json")) if st.started and folder.is_dir() else []:
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
-                figures = {tuple(f["key"]): Image.open(folder / f["file"]).convert("RGB") for f in record["figures"]}
+                figures = {tuple(f["key"]): Image.open(folder / f["file"], formats=["PNG"]).convert("RGB")
+                           for f in record["figures"]}
             except (OSError, ValueError, KeyError):
                 continue  # unreadable: the page is parsed again
             st.pages[record["page"]] = record["regions"]
@@ -247,22 +290,34 @@ class DocumentOutputs:
         st.result.resumed_pages = len(done)
         return done
 
-    def record_page(self, st: _DocState, index: int, regions: list[dict], figures: list[tuple]) -> None:
-        """Keep a finished page (regions with content, [(key, crop)] figures) in memory and as a
-        record on disk; the document is written when it was the last one."""
+    def record_page(self, st: _DocState, index: int, regions: list[dict], figures: list[tuple],
+                    errors: list[str]) -> None:
+        """A page done (regions with content, [(key, crop)] figures, one line per failure of its
+        render, layout or regions): kept in memory for its document and, when nothing of it failed,
+        recorded on disk; the document is written when it was the last one."""
         for key, crop in figures:
             st.figures[key] = crop
         st.pages[index] = regions
+        st.result.errors.extend(errors)
+        if errors:
+            st.failed[index] = errors
+        else:
+            self._record(st, index, figures, {"page": index, "regions": regions})
+        self.maybe_write(st)
+
+    def _record(self, st: _DocState, index: int, figures: list[tuple], record: dict) -> None:
         folder = st.folder / RECORDS
         folder.mkdir(parents=True, exist_ok=True)
+        if not st.started:  # before the first record: the records are this job's settings'
+            self._write_status(st, {"settings": self.settings})
+            st.started = True
         files = []
         for n, (key, crop) in enumerate(figures):
             name = f"page-{index:05d}-figure-{n}.png"
             _atomic_write(folder / name, lambda f, crop=crop: crop.save(f, format="PNG"), binary=True)
             files.append({"key": list(key), "file": name})
-        record = {"page": index, "regions": regions, "figures": files}
+        record["figures"] = files
         _atomic_write(folder / f"page-{index:05d}.json", lambda f: f.write(json.dumps(record, ensure_ascii=False)))
-        self.maybe_write(st)
 
     def rendered(self, st: _DocState, pages_total: int) -> None:
         """Every page of the document has been handed out; it has `pages_total` pages."""
@@ -270,7 +325,8 @@ class DocumentOutputs:
         self.maybe_write(st)
 
     def maybe_write(self, st: _DocState) -> None:
-        """Once every page is recorded: the Markdown, JSON and figures; the records are removed."""
+        """Once every page is done: the Markdown, JSON, figures and status; the records are removed
+        unless a page failed (a re-run parses only that page again)."""
         if not st.rendered_all or len(st.pages) < st.pages_total or st.result.markdown_path is not None:
             return
         pages = [st.pages[i] for i in range(st.pages_total)]
@@ -282,9 +338,22 @@ class DocumentOutputs:
             json_pages, markdown, images = format_document(pages, st.figures)
         # <name>_model.json: the regions as recognised, before formatting (the SDK saves it too)
         write_document(folder, name, json_pages, markdown, images, model_json=model_output_json(pages))
-        shutil.rmtree(folder / RECORDS, ignore_errors=True)
-        st.result.num_pages = st.pages_total
+        failed = sorted(st.failed)
+        self._write_status(st, {"settings": self.settings, "pages": st.pages_total,
+                                "failed_pages": [i + 1 for i in failed],
+                                "errors": [e for i in failed for e in st.failed[i]]})
+        if not failed:
+            shutil.rmtree(folder / RECORDS, ignore_errors=True)
+        st.result.num_pages, st.result.failed_pages = st.pages_total, [i + 1 for i in failed]
         st.result.markdown_path, st.result.json_path = folder / f"{name}.md", folder / f"{name}.json"
+
+    def _status_path(self, st: _DocState) -> Path:
+        return st.folder / f"{st.result.name}_status.json"
+
+    def _write_status(self, st: _DocState, status: dict) -> None:
+        st.folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(status, ensure_ascii=False, indent=2)
+        _atomic_write(self._status_path(st), lambda f: f.write(text))
 
 
 class DocumentParser:
@@ -296,6 +365,8 @@ class DocumentParser:
         self.layout = layout
         self.dpi, self.max_side = dpi, max_side
         self.params = sdk_params(max_tokens)
+        self.settings = parse_settings(llm.engine.model_path, layout and layout.checkpoint, layout=layout is not None,
+                                       dpi=dpi, max_side=max_side, max_tokens=max_tokens)
         self.layout_batch_size = layout_batch_size
         self.max_pages_in_flight = max_pages_in_flight
 
@@ -307,7 +378,7 @@ class DocumentParser:
         per document, in input order. on_progress(kind, n) is called with ("pages", n) for pages
         finished and ("regions", n) for regions recognised (a progress bar's updates)."""
         docs = find_documents(inputs)
-        self.outputs = DocumentOutputs(output_dir, with_layout=self.layout is not None)
+        self.outputs = DocumentOutputs(output_dir, self.settings)
         states = {doc: self.outputs.open(doc, name) for doc, name in document_names(docs).items()}
         todo = [doc for doc, st in states.items() if st.result.markdown_path is None]
         report = on_progress or (lambda kind, n: None)
@@ -391,7 +462,7 @@ class DocumentParser:
 
     def _recognise(self, states: dict[Path, _DocState], work: queue.Queue,
                    report: Callable[[str, int], None]) -> None:
-        pending: dict[str, tuple[_PageWork, int]] = {}  # request id -> (page, region index)
+        pending: dict[str, tuple[_Recognising, int]] = {}  # request id -> (its page, region index)
         try:
             self._recognise_loop(states, work, report, pending)
         finally:  # interrupted or failed: the engine keeps nothing of this job
@@ -399,9 +470,8 @@ class DocumentParser:
                 self.llm.engine.abort(request_id)
 
     def _recognise_loop(self, states: dict[Path, _DocState], work: queue.Queue, report: Callable[[str, int], None],
-                        pending: dict[str, tuple[_PageWork, int]]) -> None:
+                        pending: dict[str, tuple[_Recognising, int]]) -> None:
         engine = self.llm.engine
-        open_pages: dict[tuple[Path, int], list] = {}  # (doc, page) -> [page work, outstanding regions, contents]
         ended = False
         while not ended or engine.has_unfinished():
             # Take the pages that are ready; block only when the engine has nothing to do.
@@ -413,17 +483,12 @@ class DocumentParser:
                 if isinstance(item, tuple):
                     ended = self._control(item, states, report)
                     continue
-                st = states[item.doc]
                 if item.error is not None:
-                    st.result.errors.append(item.error)
-                    self._finish_page(st, item, [], report)
+                    self._finish_page(states[item.doc], _Recognising(item, 0, [], [item.error]), report)
                     continue
-                todo = [i for i, r in enumerate(item.regions) if r.task != "skip"]
-                submitted = self._submit(item, todo, st)
-                open_pages[item.doc, item.index] = [item, len(submitted), [None] * len(item.regions)]
-                for i, request_id in submitted:
-                    pending[request_id] = (item, i)
-                if self._page_done(open_pages, item, st, report):
+                page = self._submit(item, pending)
+                if page.outstanding == 0:
+                    self._finish_page(states[item.doc], page, report)
                     continue
                 if engine.scheduler.waiting and len(engine.scheduler.waiting) >= engine.options.max_num_seqs:
                     break  # enough queued for the next steps: let the engine run
@@ -433,39 +498,31 @@ class DocumentParser:
                 if not out.finished or out.request_id not in pending:
                     continue
                 page, i = pending.pop(out.request_id)
-                st = states[page.doc]
-                entry = open_pages[page.doc, page.index]
                 if out.finish_reason == "error":
-                    st.result.errors.append(f"page {page.index + 1} region {i}: {out.error}")
+                    page.errors.append(f"page {page.work.index + 1} region {i}: {out.error}")
                 else:
-                    entry[2][i] = out.text.strip()
+                    page.contents[i] = out.text.strip()
                     report("regions", 1)
-                entry[1] -= 1
-                self._page_done(open_pages, page, st, report)
+                page.outstanding -= 1
+                if page.outstanding == 0:
+                    self._finish_page(states[page.work.doc], page, report)
 
-    def _submit(self, page: _PageWork, todo: list[int], st: _DocState) -> list[tuple[int, str]]:
-        """Queue the recognition of the page's regions `todo` -> (region index, request id) each;
-        a region whose request could not be built is reported and left out (content None)."""
-        submitted = []
-        for i in todo:
-            request = page.requests[i]
+    def _submit(self, work: _PageWork, pending: dict[str, tuple[_Recognising, int]]) -> _Recognising:
+        """Queue the recognition of the page's regions (figures need none) -> the page, being
+        recognised; a region whose request could not be built is one of its failures."""
+        page = _Recognising(work, 0, [None] * len(work.regions))
+        for i, request in work.requests.items():
             if isinstance(request, str):
-                st.result.errors.append(f"page {page.index + 1} region {i}: {request}")
-                continue
-            submitted.append((i, self.llm.engine.enqueue(request)))
-        return submitted
+                page.errors.append(f"page {work.index + 1} region {i}: {request}")
+            else:
+                pending[self.llm.engine.enqueue(request)] = (page, i)
+                page.outstanding += 1
+        return page
 
-    def _page_done(self, open_pages: dict, page: _PageWork, st: _DocState, report) -> bool:
-        entry = open_pages.get((page.doc, page.index))
-        if entry is None or entry[1] > 0:  # regions still being recognised
-            return False
-        del open_pages[page.doc, page.index]
-        self._finish_page(st, page, entry[2], report)
-        return True
-
-    def _finish_page(self, st: _DocState, page: _PageWork, contents: list[str | None], report) -> None:
-        """Record a page (its regions with their text, its figure crops) on disk and in memory."""
-        self.outputs.record_page(st, page.index, *page_record(page, contents, self.layout is not None))
+    def _finish_page(self, st: _DocState, page: _Recognising, report) -> None:
+        """A page whose regions are all finished (or that failed whole) -> its document's outputs."""
+        regions, figures = page_record(page.work, page.contents, self.layout is not None)
+        self.outputs.record_page(st, page.work.index, regions, figures, page.errors)
         report("pages", 1)
 
     def _control(self, item: tuple, states: dict[Path, _DocState], report) -> bool:

@@ -17,7 +17,8 @@ Fault tolerance is Ray's: a render task that dies is retried; a recognition acto
 restarted (Ray Data's default for actors) and its batches are redone, at most
 `ACTOR_TASK_RETRIES` times; a page seen twice is recorded once. Blocks that still fail are
 dropped (DataContext.max_errored_blocks = -1) and their documents reported as not written: one
-bad document never fails the job. A re-run skips written documents and recorded pages.
+bad document never fails the job. A re-run skips recorded pages and documents written with the
+same settings and no failed pages (DocumentOutputs), and parses failed pages again.
 
 Inputs are local paths (files or directories, as `glmrt parse` takes them) or URIs that pyarrow's
 filesystems read (s3://, gs://, hdfs://, file://...) or fsspec's (zip://...::file:///a.zip);
@@ -42,7 +43,7 @@ from PIL import Image
 from ..documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT
 from ..documents.pages import SUPPORTED, DocumentError, Page, count_pages, find_documents
 from ..documents.pipeline import (LAYOUT_BATCH, SDK_MAX_TOKENS, DocumentOutputs, DocumentResult, document_names,
-                                  lay_out, layout_batches, page_record, recognise_pages, sdk_params)
+                                  lay_out, layout_batches, page_record, parse_settings, recognise_pages, sdk_params)
 from .cluster import init
 
 ACTOR_TASK_RETRIES = 3  # a batch whose actor died this often is dropped (its documents are reported)
@@ -255,7 +256,8 @@ def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, addr
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     docs = find_inputs(inputs)  # a missing or unsupported input fails now, before anything starts
-    outputs = DocumentOutputs(output_dir, with_layout=layout_model is not None)
+    outputs = DocumentOutputs(output_dir, parse_settings(model, layout_model, layout=layout_model is not None, dpi=dpi,
+                                                         max_tokens=max_tokens))
     states = [outputs.open(doc, name) for doc, name in document_names(docs).items()]
     todo = {key: st for key, st in enumerate(states) if st.result.markdown_path is None}
     if todo:
@@ -306,16 +308,14 @@ def _take(row: dict, st, outputs: DocumentOutputs) -> None:
         elif not st.rendered_all:
             outputs.rendered(st, int(row["pages_total"]))
         return
-    if index in st.pages:  # a redone batch: recorded already
+    if index in st.pages:  # a redone batch: done already
         return
     if error:
-        st.result.errors.append(error)
-        regions, figures = [], []
+        regions, figures, errors = [], [], [error]
     else:
         record = json.loads(row["record"])
-        st.result.errors.extend(record["errors"])
-        regions = record["regions"]
-        figures = [(tuple(f["key"]), Image.open(io.BytesIO(base64.b64decode(f["png"]))).convert("RGB"))
+        regions, errors = record["regions"], record["errors"]
+        figures = [(tuple(f["key"]), Image.open(io.BytesIO(base64.b64decode(f["png"])), formats=["PNG"]).convert("RGB"))
                    for f in record["figures"]]
-    outputs.record_page(st, index, regions, figures)
+    outputs.record_page(st, index, regions, figures, errors)
 
