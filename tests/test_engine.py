@@ -12,6 +12,7 @@ import torch
 import glmrt
 from glmrt.engine.async_engine import AsyncEngine, RequestFailed
 from glmrt.engine.engine import LLMEngine
+from glmrt_testing.engine_checks import assert_all_free, run_until_done
 from glmrt_testing.helpers import IMAGES, hf_greedy, make_image
 
 EXTRA = {"tall": make_image(70, 190, 3), "tiny": make_image(30, 20, 4)}
@@ -94,16 +95,6 @@ def break_vision_of_tall_image(engine, monkeypatch):
         return encode(pixels, grids)
 
     monkeypatch.setattr(engine.model, "encode_images", broken)
-
-
-def run_until_done(engine) -> dict:
-    """Step until nothing is left -> request id: its final output."""
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 def record_steps(engine):
@@ -240,14 +231,6 @@ def test_unknown_engine_option_is_named(tiny_checkpoint):
         make_engine(tiny_checkpoint, "torch", max_num_seqs=0)
 
 
-def assert_all_free(engine):
-    bm = engine.block_manager
-    assert not engine.has_unfinished() and not engine.request_ids
-    assert bm.num_free_blocks == bm.num_blocks and all(c == 0 for c in bm.ref_counts)
-    assert not engine.runner.image_cache
-    assert not engine.runner.batch.active.any() and not engine.runner.batch.context_lens.any()
-
-
 def test_abort_in_every_state_frees_everything(tiny_checkpoint):
     engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=3)
     params = glmrt.SamplingParams(max_tokens=50)
@@ -357,22 +340,25 @@ def test_a_request_whose_detokenization_fails_fails_alone(tiny_checkpoint, expec
     assert_all_free(engine)
 
 
-def test_a_failing_decode_step_fails_only_its_requests(tiny_checkpoint, expected, monkeypatch):
+def test_a_decode_step_that_fails_once_is_retried_and_nobody_fails(tiny_checkpoint, expected, monkeypatch):
+    """A fault no request can be blamed for (here: the third decode launch raises) costs the
+    step's requests a recompute in isolation groups, never their output."""
     engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=2)
     params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)
     ids = [engine.add_request(as_request(REQUESTS[i]), params) for i in range(4)]
     decode, calls = engine.runner.decode, []
 
     def broken(step, *args):
-        calls.append(1)
+        calls.append([s.request_id for s in step.seqs])
         if len(calls) == 3:
             raise RuntimeError("injected decode fault")
         return decode(step, *args)
 
     monkeypatch.setattr(engine.runner, "decode", broken)
     done = run_until_done(engine)
-    assert [done[i].finish_reason for i in ids[:2]] == ["error", "error"]
-    assert [done[i].token_ids for i in ids[2:]] == expected[2:4]
+    assert calls[2] == ids[:2]
+    assert all(done[i].finish_reason in ("stop", "length") for i in ids)
+    assert [done[i].token_ids for i in ids] == expected[:4]
     assert engine.scheduler.running == [] and engine.scheduler.draining == []
     assert_all_free(engine)
 

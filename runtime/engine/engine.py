@@ -7,13 +7,16 @@ dropped. With async_scheduling=False each step is read back before the next is s
 give the same tokens.
 
 Failures stay with the requests they concern: a bad request is refused by `prepare` before it is
-queued; a step that raises fails the requests of that step (finish_reason "error") and the
-engine goes on with the others; an abort, from any state, frees everything the request holds.
+queued; a request whose own host work fails (its grammar, stop strings, detokenization) or whose
+inputs break a prefill (its images) fails alone (finish_reason "error"); a step that fails on the
+device with several requests is retried with them split into isolation groups, so only a request
+that breaks every step it is in fails; an abort, from any state, frees everything it holds.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +43,8 @@ from .sequence import Sequence
 from .spec_decode import SpecDecodeStats
 from .stop import StopChecker
 from .structured import StructuredOutputs
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -482,9 +487,9 @@ class LLMEngine:
                 for seq in held:
                     self._release(seq)
         except Exception as exc:
-            if plan.chunks and (plan.is_prefill or isinstance(exc, PrefillInputError)):
-                return self._prefill_failed(plan, exc.__cause__ if isinstance(exc, PrefillInputError) else exc, outputs)
-            outputs += self._fail(plan.decode + plan.prefill_seqs, exc)  # fail this step's requests only
+            if isinstance(exc, PrefillInputError):
+                return self._prefill_failed(plan, exc.__cause__, outputs)
+            outputs += self._step_failed(plan.decode + plan.prefill_seqs, exc)
             return None
         except BaseException as exc:  # an interrupt: fail the step's requests and propagate
             outputs += self._fail(plan.decode + plan.prefill_seqs, exc)
@@ -500,6 +505,20 @@ class LLMEngine:
         else:
             self.scheduler.retry_alone(seqs)
         return self._launch(dataclasses.replace(plan, chunks=[]), outputs) if plan.decode else None
+
+    def _step_failed(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
+        """A step of `seqs` failed on the device side, where no one request can be blamed: one
+        request alone fails; several are recomputed in two isolation groups (Scheduler.isolate),
+        so the step is retried without its suspects mixed together and only a request that breaks
+        every step it is in fails."""
+        outputs = self._read_in_flight()  # their tokens of the previous step: requeueing needs them read
+        suspects = [seq for seq in seqs if not seq.is_finished]
+        if len(suspects) <= 1:
+            return outputs + self._fail(suspects, exc)
+        logger.warning("a step of %d requests failed (%s: %s); retrying them in two groups",
+                       len(suspects), type(exc).__name__, exc)
+        self.scheduler.isolate(suspects)
+        return outputs
 
     def _token_masks(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Host bitmasks [len(seqs), W] for a step's rows (their grammars have seen every token

@@ -96,8 +96,10 @@ class DeviceBatch:
         width = self.block_tables.shape[1]
         self.block_tables[rows] = upload([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
                                          self.device, torch.int32)
-        ints = upload([[s.num_tokens, s.rope_delta, s.sampling_params.top_k, s.seed, len(s.output_token_ids)]
-                       for s in seqs], self.device, torch.int64)
+        # top_k beyond the vocabulary keeps every token, as top_k = 0 does (and fits int64).
+        vocab = self.sampling.presence.shape[1]
+        ints = upload([[s.num_tokens, s.rope_delta, min(s.sampling_params.top_k, vocab), s.seed,
+                        len(s.output_token_ids)] for s in seqs], self.device, torch.int64)
         self.context_lens[rows] = ints[:, 0].int()
         self.rope_deltas[rows] = ints[:, 1]
         st = self.sampling
@@ -416,11 +418,15 @@ class ModelRunner:
         return self.graphs.replay(("logits", bs)) if self.graphs is not None else self.decode_logits(bs)
 
     @torch.inference_mode()
-    def decode_sample(self, step: ScheduledStep, logits: torch.Tensor, masks: torch.Tensor) -> StepHandle:
-        """The second half: upload the host bitmasks [B, W] of the step's rows, sample."""
+    def decode_sample(self, step: ScheduledStep, logits: torch.Tensor, masks: torch.Tensor | None) -> StepHandle:
+        """The second half: upload the host bitmasks [B, W] of the step's rows (None: every
+        constrained row finished while the forward ran, so no row is masked), sample."""
         b = len(step.seqs)
         bs, do_sample = logits.shape[0], self._do_sample(step)
-        self.batch.set_token_masks(0, masks)
+        if masks is None:
+            self.batch.token_masks[:bs] = -1
+        else:
+            self.batch.set_token_masks(0, masks)
         if self.graphs is not None:
             tokens = self.graphs.replay(("masked", bs, do_sample))
         else:

@@ -31,9 +31,14 @@ When a decode step needs more blocks than are free, prefilling sequences are pre
 (`NEEDS_DRAIN`) and the most recently admitted running sequences are preempted: their blocks are
 freed and they re-enter the waiting queue at the front, to be recomputed from their prompt and
 the tokens they already produced. No request is dropped.
+
+A step that fails without a culprit is retried without its suspects mixed together: they are
+requeued in two isolation groups that run one after the other (`isolate`), so a poisoned row is
+narrowed down by bisection and fails alone.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -104,6 +109,7 @@ class Scheduler:
         self.draining: list[Sequence] = []
         self.num_preemptions = 0
         self.last_step_was_prefill = False
+        self._group_ids = itertools.count()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -177,7 +183,7 @@ class Scheduler:
                 return chunks
         while self.waiting and len(self.running) + len(self.prefilling) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq.num_tokens):
+            if not self.block_manager.can_allocate(seq.num_tokens) or not self._may_join(seq):
                 break
             cost = self._chunk_cost(chunks, seq, budget)
             if cost is None:
@@ -223,6 +229,11 @@ class Scheduler:
         budget -= tokens + vision
         return None if seq.prefill_alone or budget <= 0 else budget
 
+    def _may_join(self, seq: Sequence) -> bool:
+        """Whether seq may be admitted beside the admitted sequences: only within its isolation
+        group (see isolate); a group waiting at the head of the queue holds back the rest."""
+        return all(s.isolation_group == seq.isolation_group for s in (*self.running, *self.prefilling))
+
     def _new_blocks_needed(self) -> int:
         bm = self.block_manager
         return sum(len(s.block_table) < bm.blocks_needed(s.num_cached + self.tokens_per_step) for s in self.running)
@@ -260,6 +271,18 @@ class Scheduler:
         for seq in reversed(seqs):  # the last admitted holds the last row: no rows move
             self._requeue(seq)
             seq.prefill_alone = True
+
+    def isolate(self, seqs: list[Sequence]) -> None:
+        """A step shared by `seqs` (at least two, none with a step in flight) failed and no one of
+        them can be blamed: queue them again at the head, to be recomputed from their tokens, split
+        into two isolation groups that run one after the other. A row that breaks every step it is
+        in is thus found in log2(len(seqs)) failures and fails alone; the others give their solo
+        output."""
+        half = (len(seqs) + 1) // 2
+        groups = (next(self._group_ids), next(self._group_ids))
+        for i, seq in reversed(list(enumerate(seqs))):
+            self._requeue(seq)
+            seq.isolation_group = groups[i >= half]
 
     def finish(self, seq: Sequence) -> None:
         """Release a sequence wherever it is (call after seq.finish()); its blocks may still be

@@ -46,6 +46,10 @@ class Sequence:
     # Set when a prefill shared with other requests failed: it is prefilled again in a step of
     # its own, so that a request that breaks a step fails alone.
     prefill_alone: bool = False
+    # Set when a step it shared failed for a reason no single request could be blamed for: it
+    # runs only beside sequences of the same group, half of the failed step's rows per group, so
+    # a row that breaks every step it is in is narrowed down and fails alone (Scheduler.isolate).
+    isolation_group: int | None = None
     # The llguidance matcher of a constrained request (json_schema, regex, ...), advanced by every
     # token read back; None when unconstrained.
     grammar: Any = None

@@ -104,7 +104,10 @@ class StructuredOutputs:
         request's constraint (an eos after a complete grammar; it matters when eos does not stop
         the request, i.e. ignore_eos). Raises GrammarRejected."""
         if not matcher.consume_token(token):
-            raise GrammarRejected(f"token {token} is not allowed by the request's constraint: {matcher.get_error()}")
+            # llguidance's error is followed by its state and the whole grammar: keep the first line.
+            why = (matcher.get_error() or "").strip().splitlines()[:1]
+            raise GrammarRejected(f"token {token} is not allowed by the request's constraint"
+                                  + (f": {why[0][:300]}" if why else ""))
         return token in self._eos_token_ids and matcher.is_stopped()
 
     def fill_masks(self, matchers: list[Any | None], pin: bool) -> torch.Tensor | None:
