@@ -365,8 +365,8 @@ class DocumentParser:
         self.layout = layout
         self.dpi, self.max_side = dpi, max_side
         self.params = sdk_params(max_tokens)
-        self.settings = parse_settings(llm.engine.model_path, layout and layout.checkpoint, layout=layout is not None,
-                                       dpi=dpi, max_side=max_side, max_tokens=max_tokens)
+        self.settings = parse_settings(llm.engine.model_path, None if layout is None else layout.checkpoint,
+                                       layout=layout is not None, dpi=dpi, max_side=max_side, max_tokens=max_tokens)
         self.layout_batch_size = layout_batch_size
         self.max_pages_in_flight = max_pages_in_flight
 
