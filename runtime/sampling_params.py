@@ -13,6 +13,12 @@ DEFAULT_MAX_TOKENS = 8192  # the model card's max_new_tokens for a full page
 GREEDY_TEMPERATURE = 1e-5
 # torch.Generator.manual_seed accepts exactly this range.
 SEED_RANGE = (-(2**63), 2**64)
+# The sampler divides fp32 logits by the temperature and scales them by the repetition penalty
+# (x / p, x * p): within these bounds every finite logit stays finite (a temperature of 1e39 is inf
+# in fp32 and makes masked logits NaN; a penalty of 1e-39 is 0 and makes them inf). Beyond 1e4 the
+# distribution is uniform for any logits a model gives.
+MAX_TEMPERATURE = 1e4
+REPETITION_PENALTY_RANGE = (1e-4, 1e4)
 
 
 def _int(name: str, value: Any) -> int:
@@ -65,18 +71,21 @@ class SamplingParams:
         self.max_tokens = _int("max_tokens", self.max_tokens)
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
-        self.temperature = _real("temperature", self.temperature, ">= 0")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, got {self.temperature}")
+        self.temperature = _real("temperature", self.temperature, f"in [0, {MAX_TEMPERATURE:g}]")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"SamplingParams.temperature must be a finite number in [0, {MAX_TEMPERATURE:g}], "
+                             f"got {self.temperature}")
         self.top_k = _int("top_k", self.top_k)
         if self.top_k < -1:
             raise ValueError(f"SamplingParams.top_k must be -1, 0 (off) or >= 1, got {self.top_k}")
         self.top_p = _real("top_p", self.top_p, "in (0, 1]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be a finite number in (0, 1], got {self.top_p}")
-        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty, "> 0")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"SamplingParams.repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty, f"in [{low:g}, {high:g}]")
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"SamplingParams.repetition_penalty must be a finite number in [{low:g}, {high:g}], "
+                             f"got {self.repetition_penalty}")
         if self.stop is not None:
             stop = [self.stop] if isinstance(self.stop, str) else self.stop
             if not isinstance(stop, (list, tuple)):

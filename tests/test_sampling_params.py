@@ -13,6 +13,8 @@ BAD = [
     ("temperature", math.nan, "nan"),
     ("temperature", math.inf, "inf"),
     ("temperature", -0.5, "-0.5"),
+    ("temperature", 1e39, "1e+39"),  # inf in the sampler's fp32
+    ("temperature", 10000.5, "10000.5"),
     ("temperature", "0.7", "'0.7'"),
     ("temperature", True, "True"),
     ("temperature", None, "None"),
@@ -28,6 +30,8 @@ BAD = [
     ("repetition_penalty", -math.inf, "-inf"),
     ("repetition_penalty", 0, "0.0"),
     ("repetition_penalty", -1.0, "-1.0"),
+    ("repetition_penalty", 1e-39, "1e-39"),  # 0 in fp32: x / p is inf
+    ("repetition_penalty", 2e4, "20000.0"),
     ("max_tokens", 0, "0"),
     ("max_tokens", -3, "-3"),
     ("max_tokens", 10.0, "10.0"),
