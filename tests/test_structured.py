@@ -216,11 +216,24 @@ def test_ignore_eos_still_ends_when_the_constraint_is_complete(llm):
     ({"choice": ["a", 1]}, r"SamplingParams\.choice must be a non-empty list"),
     ({"json_object": "yes"}, r"SamplingParams\.json_object must be a bool"),
     ({"regex": "a", "choice": ["a"]}, r"at most one of json_schema, json_object, regex and choice, got regex and choice"),
+    # sizes, refused before anything is compiled
+    ({"choice": [f"option {i}" for i in range(10_001)]}, r"SamplingParams\.choice has 10001 options; at most 10000"),
+    ({"choice": ["x" * 100_000] * 3}, r"SamplingParams\.choice has 300000 characters in its options; at most 262144"),
+    ({"regex": "a" * 262_145}, r"SamplingParams\.regex is 262145 characters long; at most 262144"),
+    ({"json_schema": {"enum": ["v" * 1000] * 300}}, r"SamplingParams\.json_schema is more than 262144 characters"),
 ])
 def test_a_malformed_constraint_is_refused_naming_its_field(fields, match):
     with pytest.raises((ValueError, TypeError), match=match):
         SamplingParams(**fields)
 
+
+
+def test_a_choice_of_more_options_than_an_earley_row_holds(llm):
+    """llguidance's parser takes at most 2,000 items in a grammar row: a choice is one lexeme
+    instead, so 2,500 options (a 500 before, failing at the first token) decode like two."""
+    choices = [f"option {i}" for i in range(2500)]
+    out = llm.generate(_request(1), SamplingParams(max_tokens=16, choice=choices))[0]
+    assert out.finish_reason == "stop" and out.text in choices
 
 
 def test_triton_backend_gives_the_torch_backends_constrained_tokens(llm, tiny_checkpoint):

@@ -28,8 +28,16 @@ from typing import Any
 
 import torch
 
+# The options of a choice form one lexeme (an upper-case Lark rule: a regex alternation in the
+# lexer), not alternatives of the start rule: the Earley parser refuses a row of more than 2,000
+# items (llguidance's max_items_in_row), so a 2,500-option choice failed at its first token.
 # Literal strings in llguidance's Lark dialect take JSON string syntax, so json.dumps quotes a choice.
-_LARK_HEADER = "start: "
+_CHOICE_HEADER = "start: CHOICE\nCHOICE: "
+# Size limits, checked before anything is compiled: compile time grows with the constraint's size
+# (~1 s per 40,000 options or 1 MB of regex or schema on one core), and it is paid twice, by the
+# validation here and by the request's matcher in the engine. At these limits it stays well under 1 s.
+MAX_CHOICES = 10_000
+MAX_CONSTRAINT_CHARS = 256 * 1024  # a regex, the options of a choice together, a schema's JSON text
 # JSON may be laid out freely (the model's habit is the template's 4-space indentation), but each
 # run of whitespace is bounded: unbounded runs let a model loop on whitespace until max_tokens.
 # A schema's own "x-guidance" options override this.
@@ -48,20 +56,52 @@ def build_grammar(json_schema: dict | None = None, json_object: bool = False, re
     ValueError naming the SamplingParams field when the constraint is malformed."""
     llg = _llguidance().LLMatcher
     if json_schema is not None:
-        field, grammar = "json_schema", llg.grammar_from_json_schema(json_schema, defaults=JSON_OPTIONS)
+        field = "json_schema"
+        if _json_size(json_schema, MAX_CONSTRAINT_CHARS) > MAX_CONSTRAINT_CHARS:
+            raise ValueError(f"SamplingParams.json_schema is more than {MAX_CONSTRAINT_CHARS} characters of JSON; "
+                             "send a smaller schema")
+        grammar = llg.grammar_from_json_schema(json_schema, defaults=JSON_OPTIONS)
     elif json_object:
         field, grammar = "json_object", llg.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     elif regex is not None:
-        field, grammar = "regex", llg.grammar_from_regex(regex)
+        field = "regex"
+        if len(regex) > MAX_CONSTRAINT_CHARS:
+            raise ValueError(f"SamplingParams.regex is {len(regex)} characters long; at most {MAX_CONSTRAINT_CHARS} "
+                             "are allowed")
+        grammar = llg.grammar_from_regex(regex)
     elif choice is not None:
         field = "choice"
-        grammar = llg.grammar_from_lark(_LARK_HEADER + " | ".join(json.dumps(c, ensure_ascii=False) for c in choice))
+        if len(choice) > MAX_CHOICES:
+            raise ValueError(f"SamplingParams.choice has {len(choice)} options; at most {MAX_CHOICES} are allowed")
+        size = sum(map(len, choice))
+        if size > MAX_CONSTRAINT_CHARS:
+            raise ValueError(f"SamplingParams.choice has {size} characters in its options; at most "
+                             f"{MAX_CONSTRAINT_CHARS} are allowed")
+        grammar = llg.grammar_from_lark(_CHOICE_HEADER + " | ".join(json.dumps(c, ensure_ascii=False) for c in choice))
     else:
         return None
     error = llg.validate_grammar(grammar)
     if error:
         raise ValueError(f"SamplingParams.{field} cannot be used as a constraint: {error.strip()}")
     return grammar
+
+
+def _json_size(value: Any, limit: int) -> int:
+    """About how many characters `value` takes as JSON (strings and keys by their length, quotes and
+    separators included; any other value as one character), counted only until it passes `limit`,
+    and without building the text (json.dumps would, in one call that holds the GIL)."""
+    size, stack = 0, [value]
+    while stack and size <= limit:
+        item = stack.pop()
+        size += 1
+        if isinstance(item, dict):
+            size += sum(len(key) + 3 for key in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            size += len(item) + 1
+    return size
 
 
 class GrammarRejected(RuntimeError):
