@@ -9,9 +9,11 @@ own, or one made from the template: strings, nested objects, arrays of objects, 
 required, in template order, no other keys).
 
 Telling them apart: a dict is a JSON Schema when it has "$schema", a "type" naming JSON Schema
-types, or a schema combinator ("$ref", "anyOf", "oneOf", "allOf") of the right shape; anything
-else is a template (so a template may have a field called "type" as long as its value is not a
-type name such as "string").
+types, or a schema combinator ("$ref", "anyOf", "oneOf", "allOf") of the right shape; or, without
+"type", when every key is a JSON Schema keyword and those that say what a value is ("enum",
+"const", "properties", "items", "not", ...) have the shape JSON Schema gives them (`{"enum": ["a",
+"b"]}`, `{"const": 1}`). Anything else is a template (so a template may have a field called "type"
+as long as its value is not a type name such as "string", or "items" holding a list of objects).
 """
 from __future__ import annotations
 
@@ -21,6 +23,35 @@ from typing import Any
 EXTRACTION_PREFIX = "请按下列JSON格式输出图中信息:"
 _JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 _MAX_DEPTH = 32
+
+
+def _subschema(value: Any) -> bool:
+    return isinstance(value, (dict, bool))
+
+
+def _subschemas(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(map(_subschema, value))
+
+
+def _subschema_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(map(_subschema, value.values()))
+
+
+# Keywords that say what a value is, with the shape each takes in a JSON Schema.
+_ASSERTIONS = {
+    "enum": lambda v: isinstance(v, list) and bool(v), "const": lambda v: True,
+    "properties": _subschema_map, "patternProperties": _subschema_map, "additionalProperties": _subschema,
+    "items": _subschema, "prefixItems": _subschemas, "contains": _subschema, "not": _subschema,
+}
+# Keywords that may sit beside them (annotations, definitions, bounds, conditions).
+_OTHER_KEYWORDS = {
+    "title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly", "$id", "$anchor",
+    "$comment", "$defs", "definitions", "required", "dependentRequired", "dependentSchemas", "pattern",
+    "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
+    "maxLength", "minItems", "maxItems", "uniqueItems", "minContains", "maxContains", "minProperties",
+    "maxProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems", "if", "then", "else",
+    "x-guidance",
+}
 
 
 def is_json_schema(value: Any) -> bool:
@@ -34,8 +65,12 @@ def is_json_schema(value: Any) -> bool:
         return True
     if "$schema" in value or isinstance(value.get("$ref"), str):
         return True
-    return any(isinstance(value.get(k), list) and value[k] and all(isinstance(s, dict) for s in value[k])
-               for k in ("anyOf", "oneOf", "allOf"))
+    if any(isinstance(value.get(k), list) and value[k] and all(isinstance(s, dict) for s in value[k])
+           for k in ("anyOf", "oneOf", "allOf")):
+        return True
+    assertions = [k for k in value if k in _ASSERTIONS]
+    return (bool(assertions) and all(k in _ASSERTIONS or k in _OTHER_KEYWORDS for k in value)
+            and all(_ASSERTIONS[k](value[k]) for k in assertions))
 
 
 def template_to_schema(template: Any, _depth: int = 0) -> dict:

@@ -58,6 +58,16 @@ def test_template_leaves_and_lists():
     ({"type": "", "name": ""}, False),  # a template with a field called "type"
     ({"type": "invoice"}, False),  # ... or an example value that is no JSON type
     ({"name": "", "properties": ""}, False),
+    # no "type": a schema when every key is a schema keyword, each with its JSON Schema shape
+    ({"enum": ["yes", "no"]}, True),
+    ({"const": "fixed", "description": "always"}, True),
+    ({"properties": {"a": {"type": "string"}}, "required": ["a"]}, True),
+    ({"items": {"type": "integer"}, "maxItems": 3}, True),
+    ({"not": {"type": "null"}}, True),
+    ({"items": [{"price": ""}]}, False),  # a template's field "items": a list of objects
+    ({"enum": ["a"], "name": ""}, False),  # "name" is no keyword
+    ({"title": "", "description": ""}, False),  # annotations say nothing of a value
+    ({"properties": {"a": ""}}, False),
     (ID_CARD, False),
     ([{"a": ""}], False),
 ])
