@@ -152,7 +152,9 @@ class Processor:
         text = self.chat_template.render(messages)
         if VIDEO_TOKEN in text:  # transformers' processor raises too: video tokens without videos
             raise ValueError(f"the rendered prompt contains {VIDEO_TOKEN}; glmrt takes images only, not videos")
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        # encode_batch, unlike encode, releases the GIL: a long prompt tokenized on a worker thread
+        # (the server's) never holds up the event loop
+        ids = self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         n_slots = ids.count(self.image_token_id)
         if n_slots != len(images):
             raise ValueError(f"the rendered prompt has {n_slots} {IMAGE_TOKEN} slots for {len(images)} images")
