@@ -147,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long requests in flight may run on before they are ended "
                             "with a 503 (new requests get a 503 at once; default 30)")
+    serve.add_argument("--grammar-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="how long a request's structured-output constraint may take to compile before it is "
+                            "refused with a 400 (default 10)")
     serve.add_argument("--layout-model", default=DEFAULT_LAYOUT_MODEL,
                        help="POST /glmocr/parse's PP-DocLayoutV3 (directory or Hub id; loaded on the first "
                             "document; default: %(default)s)")
@@ -423,6 +426,7 @@ def _serve(args: argparse.Namespace) -> int:
             served_model_names=names, api_key=args.api_key or None, max_queue=args.max_queue,
             max_request_bytes=args.max_request_bytes, max_images_per_request=args.max_images_per_request,
             layout_model=args.layout_model, shutdown_timeout_s=args.shutdown_timeout,
+            grammar_timeout_s=args.grammar_timeout,
             media=MediaPolicy(allowed_domains=tuple(args.allowed_media_domains),
                               allowed_local_path=args.allowed_local_media_path,
                               **({} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels})),

@@ -131,6 +131,11 @@ class StructuredOutputs:
                 self._executor = llg.LLExecutor()
             return self._tokenizer
 
+    def load(self) -> None:
+        """Build the llguidance tokenizer now, not for the first constrained request: building it
+        holds the GIL (~0.3-1 s), which a server does before it takes requests."""
+        self._ll_tokenizer()
+
     def matcher(self, grammar: str, request_id: str) -> Any:
         """A fresh matcher for one request (at the start of its output)."""
         llg = _llguidance()

@@ -19,6 +19,7 @@ import json
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -28,12 +29,14 @@ from starlette.requests import ClientDisconnect
 
 from ..documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT_MODEL
 from ..engine.async_engine import AsyncEngine, RequestFailed
+from ..engine.structured import MAX_CONSTRAINT_CHARS
 from ..image_processor import load_image
 from ..outputs import Request as EngineRequest
 from ..outputs import RequestOutput
 from .media import MediaLoader, MediaPolicy
 from .metrics import RequestTimer, ServerMetrics
-from .protocol import APIError, ImageRef, ParsedRequest, ResponseShape, parse_chat, parse_completion
+from .protocol import (APIError, ImageRef, ParsedRequest, PromptLimit, ResponseShape, constraint_field, parse_chat,
+                       parse_completion)
 from .shutdown import Drain
 
 # Request defaults after the checkpoint's generation_config.json: the glmocr SDK's profile
@@ -54,6 +57,7 @@ class ServerConfig:
     # POST /glmocr/parse's layout model (loaded on its first request); None: no document parsing
     layout_model: str | None = DEFAULT_LAYOUT_MODEL
     shutdown_timeout_s: float = 30.0  # on SIGTERM/SIGINT, how long requests in flight may run on
+    grammar_timeout_s: float = 10.0  # compiling a request's structured-output constraint, at most
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -64,6 +68,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.shutdown_timeout_s, (int, float)) or not 0 <= self.shutdown_timeout_s < float("inf"):
             raise ValueError(f"shutdown_timeout_s must be a number of seconds >= 0, got {self.shutdown_timeout_s!r}")
+        if not isinstance(self.grammar_timeout_s, (int, float)) or not 0 < self.grammar_timeout_s < float("inf"):
+            raise ValueError(f"grammar_timeout_s must be a number of seconds > 0, got {self.grammar_timeout_s!r}")
 
 
 class _StatusCounter:
@@ -106,6 +112,18 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     generation_config = engine.engine.generation_config
     defaults = {**SDK_PROFILE, **generation_config.sampling_fields()}
     tokenizer = engine.engine.processor.tokenizer
+    # One token covers at most as many characters as its vocabulary string has (a byte-level BPE
+    # string has one per byte; an added token is its text; GLM's tokenizer has no normalizer), so a
+    # longer text than max_model_len times the longest cannot fit: refused before it is tokenized.
+    prompt_limit = PromptLimit(engine.engine.max_model_len, max(map(len, tokenizer.get_vocab(with_added_tokens=True))))
+    # json.loads holds the GIL, and so the loop, for ~0.1 us a value: a 64 MB body of small numbers
+    # held it for seconds. Every value but the first follows a comma, and no request needs more
+    # values than its prompt's text, its token ids and its constraint hold, and a few for the rest.
+    max_json_values = prompt_limit.max_chars + engine.engine.max_model_len + MAX_CONSTRAINT_CHARS + 65536
+    # Requests with a structured-output constraint are parsed here, since SamplingParams compiles it
+    # (llguidance releases the GIL): never on the loop, nor on its default executor, which runs the
+    # engine's steps.
+    intake = ThreadPoolExecutor(max_workers=4, thread_name_prefix="glmrt-intake")
     max_in_flight = engine.engine.options.max_num_seqs + config.max_queue
     in_flight = 0
     live: set[str] = set()  # the engine request ids of the chat and completion requests in flight
@@ -120,7 +138,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        # llguidance's tokenizer, built before the first request: built for the first constrained
+        # one, it would hold the GIL, and so stop every stream, for up to a second
+        await asyncio.to_thread(engine.engine.structured.load)
         yield
+        intake.shutdown(wait=False, cancel_futures=True)
         await media.aclose()
 
     app = FastAPI(title="glmrt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -169,10 +191,27 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             if size > limit:
                 raise APIError(f"the request body is more than the limit of {limit} bytes", "body")
             chunks.append(chunk)
+        body = b"".join(chunks)
+        if len(body) > max_json_values and body.count(b",") >= max_json_values:  # ~1 ms a MB, a third of json.loads
+            raise APIError(f"the request body has more than {max_json_values} JSON values, more than any request "
+                           "needs", "body")
         try:
-            return json.loads(b"".join(chunks))
+            return json.loads(body)
         except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, too deep, an int too long
             raise APIError(f"the request body is not valid JSON ({type(exc).__name__}: {exc})", "body") from exc
+
+    async def parse(parse_body, body: Any, *args) -> ParsedRequest:
+        """`parse_body(body, *args)`; one with a constraint on an intake thread, refused (naming the
+        constraint's field) if it does not compile within the grammar timeout."""
+        name = constraint_field(body)
+        if name is None:
+            return parse_body(body, *args)  # milliseconds at most: the prompt's text is bounded
+        job = asyncio.get_running_loop().run_in_executor(intake, parse_body, body, *args)
+        try:
+            return await asyncio.wait_for(job, config.grammar_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(f"'{name}' did not compile within {config.grammar_timeout_s:g} s; send a smaller "
+                           "constraint", name) from None
 
     async def load_images(refs: list[ImageRef]) -> list:
         """Encoded bytes (policy-checked) -> decoded PIL images, in worker threads; errors name the field."""
@@ -272,7 +311,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         check_auth(request)
-        parsed = parse_chat(await read_json(request), defaults, config.max_images_per_request)
+        parsed = await parse(parse_chat, await read_json(request), defaults, config.max_images_per_request,
+                             prompt_limit)
         model = served_name(parsed.model)
         admit()
         images = await load_images(parsed.images)
@@ -281,12 +321,13 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         check_auth(request)
-        parsed = parse_completion(await read_json(request), defaults)
+        parsed = await parse(parse_completion, await read_json(request), defaults, prompt_limit)
         model = served_name(parsed.model)
         admit()
         ids = parsed.prompt
         if isinstance(ids, str):
-            ids = (await asyncio.to_thread(tokenizer.encode, ids, add_special_tokens=True)).ids
+            # encode_batch releases the GIL (encode does not): the loop goes on meanwhile
+            ids = (await asyncio.to_thread(tokenizer.encode_batch, [ids], add_special_tokens=True))[0].ids
         return await respond(request, "completion", parsed, model, EngineRequest(prompt_token_ids=ids))
 
     @app.get("/v1/models")

@@ -13,6 +13,11 @@ OpenAI's `response_format` ({"type": "json_schema", "json_schema": {"schema": ..
 {"type": "json_object"}), vLLM's `structured_outputs` ({"json" | "regex" | "choice" |
 "json_object": ...}) and vLLM's older `guided_json` / `guided_regex` / `guided_choice`. A JSON
 schema may also be the model card's example template (`{"name": "", "items": [{"price": ""}]}`).
+
+Text is checked before anything is tokenized: every string must be valid Unicode (JSON may carry a
+lone surrogate such as "\\ud800", which UTF-8 and the tokenizer cannot take), and the prompt's text
+as a whole must fit in max_model_len tokens, given how many characters one token covers at most
+(`PromptLimit`): a 16 MB text is refused as it is parsed, never tokenized.
 """
 from __future__ import annotations
 
@@ -85,6 +90,53 @@ class ParsedRequest:
     prompt: str | list[int] | None = None
 
 
+@dataclass(frozen=True)
+class PromptLimit:
+    """The longest prompt text that can fit: max_model_len tokens of at most `chars_per_token`
+    characters each (the tokenizer's longest token)."""
+
+    max_model_len: int
+    chars_per_token: int
+
+    @property
+    def max_chars(self) -> int:
+        return self.max_model_len * self.chars_per_token
+
+
+def _unicode(text: str, where: str) -> str:
+    """`text` if it is valid Unicode; a lone surrogate (from a JSON escape such as "\\ud800") is refused."""
+    if not text.isascii():  # O(1): CPython knows
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(f"'{where}' is not valid Unicode text: it has a lone surrogate "
+                           f"{text[exc.start]!r} at index {exc.start}", where) from None
+    return text
+
+
+def _strings(value: Any) -> list[str]:
+    """The strings of a field that holds one string or a list of them (stop, choice)."""
+    if isinstance(value, str):
+        return [value]
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+class _PromptText:
+    """The prompt's text, counted as the request is parsed, against its PromptLimit."""
+
+    def __init__(self, limit: PromptLimit):
+        self.limit, self.chars = limit, 0
+
+    def take(self, text: str, where: str) -> str:
+        self.chars += len(text)
+        if self.chars > self.limit.max_chars:
+            limit = self.limit
+            raise APIError(f"'{where}' takes the prompt's text past {limit.max_chars} characters: more than "
+                           f"max_model_len ({limit.max_model_len}) tokens of at most {limit.chars_per_token} "
+                           "characters each", where)
+        return _unicode(text, where)
+
+
 def _path(*parts: str | int) -> str:
     out = ""
     for p in parts:
@@ -153,6 +205,8 @@ def _constraints(body: dict) -> list[tuple[str, str, Any]]:
         raise APIError(f"at most one structured-output constraint per request, got {' and '.join(f[0] for f in found)}",
                        found[1][0])
     for i, (name, target, value) in enumerate(found):
+        for text in _strings(value):
+            _unicode(text, name)
         if target == "json_schema":
             try:
                 found[i] = (name, target, as_json_schema(value, what=f"'{name}'"))
@@ -162,7 +216,8 @@ def _constraints(body: dict) -> list[tuple[str, str, Any]]:
 
 
 def sampling_params(body: dict, defaults: dict[str, Any]) -> SamplingParams:
-    """SamplingParams from the request fields over the server's defaults; errors name the field."""
+    """SamplingParams from the request fields over the server's defaults; errors name the field.
+    The constraint (compiled by SamplingParams, the one part that can take long) is compiled once."""
     values = dict(defaults)
     given: dict[str, str] = {}  # SamplingParams field -> request field, for error messages
     for name, target in SAMPLING_FIELDS.items():
@@ -171,8 +226,11 @@ def sampling_params(body: dict, defaults: dict[str, Any]) -> SamplingParams:
             continue
         given[target] = name
         values[target] = value
+    for stop in _strings(body.get("stop")):
+        _unicode(stop, "stop")
+    constraint = None  # (SamplingParams field, request field)
     for name, target, value in _constraints(body):
-        given[target] = name
+        constraint = (target, name)
         values[target] = value
     for target, name in given.items():
         try:
@@ -181,8 +239,21 @@ def sampling_params(body: dict, defaults: dict[str, Any]) -> SamplingParams:
             raise APIError(f"'{name}': {str(exc).replace('SamplingParams.' + target, name)}", name) from exc
     try:
         return SamplingParams(**values)
-    except (TypeError, ValueError) as exc:  # a combination of valid fields that does not hold
-        raise APIError(str(exc)) from exc
+    except (TypeError, ValueError) as exc:  # every other field holds alone: the constraint does not
+        if constraint is None:
+            raise APIError(str(exc)) from exc
+        target, name = constraint
+        raise APIError(f"'{name}': {str(exc).replace('SamplingParams.' + target, name)}", name) from exc
+
+
+def constraint_field(body: Any) -> str | None:
+    """The request field of the structured-output constraint a body asks for; None if it asks for
+    none or its constraints are malformed (parsing then says how)."""
+    try:
+        found = _constraints(body) if isinstance(body, dict) else []
+    except APIError:
+        return None
+    return found[0][0] if found else None
 
 
 def _stream_options(body: dict) -> tuple[bool, bool, bool]:
@@ -211,10 +282,10 @@ def _model(body: dict) -> str | None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise APIError(f"'model' must be a string, got {_type_name(model)}", "model")
-    return model
+    return model if model is None else _unicode(model, "model")
 
 
-def parse_chat(body: Any, defaults: dict[str, Any], max_images: int) -> ParsedRequest:
+def parse_chat(body: Any, defaults: dict[str, Any], max_images: int, limit: PromptLimit) -> ParsedRequest:
     """Validate a /v1/chat/completions body."""
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {_type_name(body)}")
@@ -223,7 +294,7 @@ def parse_chat(body: Any, defaults: dict[str, Any], max_images: int) -> ParsedRe
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty array of messages", "messages")
-    rendered, images = [], []
+    rendered, images, text = [], [], _PromptText(limit)
     for i, message in enumerate(messages):
         where = _path("messages", i)
         if not isinstance(message, dict):
@@ -235,7 +306,7 @@ def parse_chat(body: Any, defaults: dict[str, Any], max_images: int) -> ParsedRe
         if content is None and role == "assistant":
             content = ""
         rendered.append({"role": "system" if role == "developer" else role,
-                         "content": _content(content, f"{where}.content", role, images)})
+                         "content": _content(content, f"{where}.content", role, images, text)})
     if len(images) > max_images:
         raise APIError(f"the request has {len(images)} images; at most {max_images} are allowed per request",
                        "messages")
@@ -245,11 +316,11 @@ def parse_chat(body: Any, defaults: dict[str, Any], max_images: int) -> ParsedRe
                          messages=rendered, images=images)
 
 
-def _content(content: Any, where: str, role: str, images: list[ImageRef]) -> str | list[dict]:
+def _content(content: Any, where: str, role: str, images: list[ImageRef], text: _PromptText) -> str | list[dict]:
     """OpenAI content -> transformers' chat-template content: a string stays a string; parts become
     {"type": "text", "text"} and {"type": "image"} (images only in user turns)."""
     if isinstance(content, str):
-        return content
+        return text.take(content, where)
     if not isinstance(content, list):
         raise APIError(f"'{where}' must be a string or an array of content parts, got {_type_name(content)}", where)
     parts = []
@@ -259,10 +330,10 @@ def _content(content: Any, where: str, role: str, images: list[ImageRef]) -> str
             raise APIError(f"'{at}' must be an object, got {_type_name(part)}", at)
         kind = part.get("type")
         if kind == "text":
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise APIError(f"'{at}.text' must be a string, got {_type_name(text)}", f"{at}.text")
-            parts.append({"type": "text", "text": text})
+            value = part.get("text")
+            if not isinstance(value, str):
+                raise APIError(f"'{at}.text' must be a string, got {_type_name(value)}", f"{at}.text")
+            parts.append({"type": "text", "text": text.take(value, f"{at}.text")})
         elif kind == "image_url":
             if role != "user":
                 raise APIError(f"'{at}': images are only allowed in user messages", at)
@@ -270,14 +341,14 @@ def _content(content: Any, where: str, role: str, images: list[ImageRef]) -> str
             url = ref.get("url") if isinstance(ref, dict) else ref  # {"url": ...} or, as the SDK documents, a bare string
             if not isinstance(url, str) or not url:
                 raise APIError(f"'{at}.image_url' must be an object with a non-empty 'url' string", f"{at}.image_url")
-            images.append(ImageRef(url, f"{at}.image_url"))
+            images.append(ImageRef(_unicode(url, f"{at}.image_url"), f"{at}.image_url"))
             parts.append({"type": "image"})
         else:
             raise APIError(f"'{at}.type' must be 'text' or 'image_url', got {kind!r}", f"{at}.type")
     return parts
 
 
-def parse_completion(body: Any, defaults: dict[str, Any]) -> ParsedRequest:
+def parse_completion(body: Any, defaults: dict[str, Any], limit: PromptLimit) -> ParsedRequest:
     """Validate a /v1/completions body: one prompt, a string or a list of token ids."""
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {_type_name(body)}")
@@ -292,6 +363,8 @@ def parse_completion(body: Any, defaults: dict[str, Any]) -> ParsedRequest:
                            "(one prompt per request)", "prompt")
     elif not isinstance(prompt, str) or not prompt:
         raise APIError("'prompt' must be a non-empty string or an array of token ids", "prompt")
+    else:
+        _PromptText(limit).take(prompt, "prompt")
     stream, include_usage, continuous = _stream_options(body)
     return ParsedRequest(model=model, params=sampling_params(body, defaults), stream=stream,
                          include_usage=include_usage, continuous_usage=continuous, prompt=prompt)
