@@ -153,6 +153,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--layout-model", default=DEFAULT_LAYOUT_MODEL,
                        help="POST /glmocr/parse's PP-DocLayoutV3 (directory or Hub id; loaded on the first "
                             "document; default: %(default)s)")
+    connections = serve.add_argument_group("connection limits (glmrt's own HTTP server; not with --ray)")
+    connections.add_argument("--max-connections", type=int, metavar="N",
+                             help="open connections at most: past it a new connection closes the one that has waited "
+                                  "longest for a request, or gets a 503 (default 8192, or the open-file limit minus "
+                                  "256 if lower; the open-file limit is raised to its hard limit at start)")
+    connections.add_argument("--header-timeout", type=float, metavar="SECONDS",
+                             help="how long a connection may take to send a request's headers, from its first byte "
+                                  "(from connecting, for a new one), before a 408 (default 30)")
+    connections.add_argument("--max-header-bytes", type=int, metavar="BYTES",
+                             help="a request's line and headers at most; more is answered 431 (default 65536)")
     ray = serve.add_argument_group("Ray Serve (needs glmrt[ray])")
     ray.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                      help="serve as a Ray Serve application, one replica per GPU, on the cluster at ADDRESS, or "
@@ -411,6 +421,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from .engine.async_engine import AsyncEngine
         from .server.app import ServerConfig, build_app
+        from .server.connections import connection_limits, guarded_http_protocol, raise_open_file_limit
         from .server.media import MediaPolicy
         from .server.shutdown import serve_with_drain
     except ImportError as exc:
@@ -433,9 +444,19 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    given = {"max_connections": args.max_connections, "header_timeout_s": args.header_timeout,
+             "max_header_bytes": args.max_header_bytes}
+    given = {name: value for name, value in given.items() if value is not None}
     if args.ray is not None:
+        if given:
+            raise UsageError("--max-connections, --header-timeout and --max-header-bytes limit glmrt's own HTTP "
+                             "server; Ray Serve's proxy takes the connections with --ray")
         engine_kwargs = {"device": args.device, "dtype": args.dtype, "backend": args.backend, **options}
         return _serve_on_ray(args, config, engine_kwargs)
+    try:
+        limits = connection_limits(raise_open_file_limit(), **given)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     from .loader import resolve_model_path
 
     engine = AsyncEngine(_fetch(resolve_model_path, args.model, "glmrt serve DIR"), device=args.device,
@@ -444,7 +465,8 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"glmrt: serving {args.model} as {', '.join(names)} on http://{args.host}:{args.port}: device {e.device}, "
           f"dtype {str(e.dtype).removeprefix('torch.')}, backend {e.backend}, max_model_len {e.max_model_len}, "
           f"KV cache {e.kv_capacity_tokens} tokens", file=sys.stderr)
-    serve_with_drain(build_app(engine, config), host=args.host, port=args.port, log_level=args.log_level)
+    serve_with_drain(build_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
+                     http=guarded_http_protocol(limits), h11_max_incomplete_event_size=limits.max_header_bytes)
     return 0
 
 

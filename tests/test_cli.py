@@ -232,7 +232,11 @@ def test_serve_usage_errors_exit_2_before_the_model_loads(tmp_path, capsys, monk
     for flags, shown in [(["--allowed-local-media-path", str(tmp_path / "none")], "is not a directory"),
                          (["--max-queue", "-1"], "max_queue"), (["--max-num-seqs", "0"], "max_num_seqs"),
                          (["--block-size", "24"], "block_size"), (["--max-images-per-request", "-2"], "max_images"),
-                         (["--layout-model", str(tmp_path / "no-such-dir")], "--layout-model")]:
+                         (["--layout-model", str(tmp_path / "no-such-dir")], "--layout-model"),
+                         (["--grammar-timeout", "0"], "grammar_timeout_s"), (["--max-connections", "0"], "max_connections"),
+                         (["--max-connections", str(10**9)], "open files"), (["--header-timeout", "-1"], "header_timeout_s"),
+                         (["--max-header-bytes", "0"], "max_header_bytes"),
+                         (["--ray", "--max-connections", "10"], "Ray Serve's proxy")]:
         assert main(["serve", model, *flags]) == 2
         assert shown in capsys.readouterr().err
     assert main(["serve", model, "--image-backend", "cv2"]) == 2
