@@ -208,6 +208,14 @@ def _json_in(values: list) -> Callable[[dict], None]:
 
 
 ATTACKS = [
+    # constrained requests that end with "stop" after a token or two, beside unconstrained rows
+    Attack("guided_choice-yes-no", post(CHAT, chat("hi", max_tokens=16, guided_choice=["yes", "no"])), 200,
+           check=_one_of(["yes", "no"])),
+    Attack("guided_regex-one-letter", post(CHAT, chat("hi", max_tokens=16, guided_regex="[ab]")), 200,
+           check=_one_of(["a", "b"])),
+    Attack("json_schema-small-enum", post(CHAT, chat("hi", max_tokens=16, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "enum": ["x", "y"]}}})), 200,
+           check=_json_in(["x", "y"])),
     # numeric fields: values the sampler cannot hold are clamped (top_k) or refused
     Attack("top_k-2**63", post(CHAT, chat("hi", temperature=1.0, top_k=2**63)), 200),
     Attack("top_k-2**64-1-seeded", post(CHAT, chat("hi", temperature=1.0, top_k=2**64 - 1, seed=2**64 - 1)), 200),
