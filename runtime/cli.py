@@ -139,7 +139,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="directory file:// image URLs may read from (default: none)")
     serve.add_argument("--max-queue", type=int, default=1024,
                        help="requests accepted beyond --max-num-seqs before answering 503 (default 1024)")
-    serve.add_argument("--max-images-per-request", type=int, default=16)
+    serve.add_argument("--max-images-per-request", type=int, default=16,
+                       help="images per chat request, and documents per POST /glmocr/parse (default 16)")
+    serve.add_argument("--max-pages-per-request", type=int, default=100,
+                       help="PDF pages and images per POST /glmocr/parse, all its documents together (default 100)")
     serve.add_argument("--max-image-pixels", type=int,
                        help="decoded pixels (width x height) per image (default: PIL's limit, 89478485)")
     serve.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, help="request body size")
@@ -436,6 +439,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = ServerConfig(
             served_model_names=names, api_key=args.api_key or None, max_queue=args.max_queue,
             max_request_bytes=args.max_request_bytes, max_images_per_request=args.max_images_per_request,
+            max_pages_per_request=args.max_pages_per_request,
             layout_model=args.layout_model, shutdown_timeout_s=args.shutdown_timeout,
             grammar_timeout_s=args.grammar_timeout,
             media=MediaPolicy(allowed_domains=tuple(args.allowed_media_domains),

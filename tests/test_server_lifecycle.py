@@ -4,12 +4,14 @@ shutdown (SIGTERM with requests in flight).
 
 The server tests talk HTTP to real server processes on the tiny checkpoint: one module-scoped
 `server` (chunked prefill in small chunks, one sequence and no queue, the tiny layout model, small
-document limits), and one server per shutdown test, which the test ends itself.
+document limits), and one for the shutdown test, which the test ends itself.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import io
 import json
 import signal
 import socket
@@ -23,21 +25,34 @@ import pytest
 import glmrt
 from glmrt.engine.async_engine import AsyncEngine
 from glmrt.outputs import RequestOutput
+from glmrt_testing.documents import make_pdf
+from glmrt_testing.helpers import make_image
 from glmrt_testing.server_process import ServerProcess
+from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
 
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+CHAT, COMPLETIONS, PARSE = "/v1/chat/completions", "/v1/completions", "/glmocr/parse"
 MAX_MODEL_LEN = 2048
 CHUNK_TOKENS = 16  # --max-num-batched-tokens: a long prompt is prefilled in many steps
+MAX_DOCUMENTS, MAX_PAGES = 2, 2  # --max-images-per-request, --max-pages-per-request
 
 
 def chat(text: str, **fields: Any) -> dict:
     return {"model": "glm-ocr", "messages": [{"role": "user", "content": text}], "temperature": 0, **fields}
 
 
+def png_uri(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
+def server(tiny_checkpoint, tmp_path_factory):
+    layout = build_tiny_layout_checkpoint(tmp_path_factory.mktemp("tiny-pp-doclayout-v3"))
     with ServerProcess(tiny_checkpoint, "--served-model-name", "glm-ocr", "--max-model-len", str(MAX_MODEL_LEN),
-                       "--max-num-batched-tokens", str(CHUNK_TOKENS), "--max-num-seqs", "1", "--max-queue", "0") as server:
+                       "--max-num-batched-tokens", str(CHUNK_TOKENS), "--max-num-seqs", "1", "--max-queue", "0",
+                       "--layout-model", str(layout), "--max-images-per-request", str(MAX_DOCUMENTS),
+                       "--max-pages-per-request", str(MAX_PAGES)) as server:
         yield server
 
 
@@ -139,6 +154,61 @@ def test_a_client_that_leaves_is_an_abort_and_logs_no_error(server):
         'glmrt:request_success_total{finished_reason="abort"}': 1}
     log = server.read_log()[log_start:]
     assert "Traceback" not in log and "ERROR" not in log, log
+
+
+# ------------------------------------------------------------------------------- /glmocr/parse
+
+def test_parse_refuses_more_documents_or_pages_than_its_limits(server, tmp_path):
+    """Counted before anything is rendered or queued: a 400 naming the limit (100 images and a
+    1,000-page PDF used to be accepted, every page rendered into memory first)."""
+    image = png_uri(make_image(100, 80, 0))
+
+    def pdf(pages: int) -> str:
+        path = make_pdf(tmp_path / f"{pages}.pdf", pages=pages, size=(200, 260))
+        return "data:application/pdf;base64," + base64.b64encode(path.read_bytes()).decode()
+
+    response = httpx.post(server.url + PARSE, json={"images": [image] * (MAX_DOCUMENTS + 1)}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "images" and f"limit of {MAX_DOCUMENTS} per request" in error["message"], error
+    for body in ({"file": pdf(3)}, {"images": [image, pdf(2)]}):  # pages of all documents together
+        response = httpx.post(server.url + PARSE, json=body, timeout=30)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == next(iter(body)), error
+        assert "3 pages" in error["message"] and f"limit of {MAX_PAGES} pages" in error["message"], error
+
+
+def test_parse_is_admitted_against_the_in_flight_limit(server):
+    """--max-num-seqs 1 --max-queue 0: with a chat request in flight, a document is refused at once."""
+    wait_idle(server)
+    with httpx.Client(timeout=60) as client:
+        body = chat("hello", max_tokens=1500, ignore_eos=True, stream=True)
+        with client.stream("POST", server.url + CHAT, json=body) as stream:
+            assert stream.status_code == 200
+            refused = client.post(server.url + PARSE, json={"images": [png_uri(make_image(100, 80, 0))]}, timeout=10)
+    assert refused.status_code == 503 and refused.headers["retry-after"].isdigit(), refused.text
+
+
+def test_a_parse_whose_client_leaves_is_cancelled_and_counted(server):
+    """The client leaves while the page's regions are being recognised: their engine requests are
+    aborted at once and counted (the work used to go on for the whole document, out of /metrics),
+    the parse counted as a 499."""
+    before = wait_idle(server)
+    body = json.dumps({"images": [png_uri(make_image(100, 80, 0))]}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(f"POST {PARSE} HTTP/1.1\r\nHost: glmrt\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 60
+        while server.metrics()["glmrt:num_requests_running"] == 0:  # layout, then a region in the engine
+            assert time.monotonic() < deadline, "no region reached the engine"
+            time.sleep(0.02)
+    after = wait_idle(server, timeout_s=5.0)  # one region alone runs for ~2,000 tokens
+    assert changes(before, after, f'glmrt:http_requests_total{{endpoint="{PARSE}"') == {
+        f'glmrt:http_requests_total{{endpoint="{PARSE}",status="499"}}': 1}
+    finished = changes(before, after, "glmrt:request_success_total")
+    assert list(finished) == ['glmrt:request_success_total{finished_reason="abort"}'], finished
+    assert changes(before, after, "glmrt:prompt_tokens_total")
 
 
 # ------------------------------------------------------------------------------------- shutdown

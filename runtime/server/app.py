@@ -51,7 +51,8 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 1024  # requests accepted beyond max_num_seqs before answering 503
     max_request_bytes: int = 64 * 1024 * 1024  # request body
-    max_images_per_request: int = 16
+    max_images_per_request: int = 16  # and documents per POST /glmocr/parse
+    max_pages_per_request: int = 100  # POST /glmocr/parse: PDF pages and images, all documents together
     retry_after_s: int = 1  # the Retry-After of a 503
     media: MediaPolicy = field(default_factory=MediaPolicy)
     # POST /glmocr/parse's layout model (loaded on its first request); None: no document parsing
@@ -62,7 +63,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.served_model_names:
             raise ValueError("served_model_names must name at least one model")
-        for name in ("max_queue", "max_request_bytes", "max_images_per_request", "retry_after_s"):
+        for name in ("max_queue", "max_request_bytes", "max_images_per_request", "max_pages_per_request",
+                     "retry_after_s"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -230,6 +232,25 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             raise APIError(f"the server is at capacity ({in_flight} requests in flight); retry later", status=503,
                            headers={"Retry-After": str(config.retry_after_s)})
 
+    @contextlib.contextmanager
+    def in_flight_place():
+        """Holds one of the max_in_flight places while the block runs (a document parse's)."""
+        nonlocal in_flight
+        admit()
+        in_flight += 1
+        try:
+            yield
+        finally:
+            in_flight -= 1
+
+    async def until_done(request: Request, work) -> Any:
+        """`work`'s result; None if the client left; a 503 once a shutdown's drain timeout has
+        passed. Either way `work` is cancelled first."""
+        result = await _until_disconnected(request, work, drain.expired)
+        if result is None and drain.expired.is_set():
+            raise shutting_down()
+        return result
+
     async def respond(request: Request, kind: str, parsed: ParsedRequest, model: str,
                       engine_request: EngineRequest) -> Response:
         nonlocal in_flight
@@ -342,7 +363,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     try:
         from .documents import add_document_routes
 
-        add_document_routes(app, engine, media, check_auth, read_json, config.layout_model)
+        add_document_routes(app, engine, media, metrics, layout_model=config.layout_model,
+                            max_units=config.max_images_per_request, max_pages=config.max_pages_per_request,
+                            check_auth=check_auth, read_json=read_json, in_flight=in_flight_place,
+                            until_done=until_done)
     except ImportError as exc:  # glmrt[documents] is not installed
         missing = f"POST /glmocr/parse needs the documents extra: pip install 'glmrt[documents]' ({exc})"
 
@@ -378,14 +402,16 @@ async def _last(outputs: AsyncIterator[RequestOutput], timer: RequestTimer) -> R
             return out
 
 
-async def _until_disconnected(request: Request, work) -> Any:
-    """Run `work` until it finishes (its result) or the client disconnects (None; `work` is
-    cancelled, which aborts its engine request). A server that cancels the handler instead of
-    sending the disconnect (Ray Serve's proxy does) cancels `work` with it."""
+async def _until_disconnected(request: Request, work, stop: asyncio.Event | None = None) -> Any:
+    """Run `work` until it finishes (its result), the client disconnects or `stop` is set (None;
+    `work` is cancelled, which aborts its engine requests). A server that cancels the handler
+    instead of sending the disconnect (Ray Serve's proxy does) cancels `work` with it."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    watchers = {asyncio.ensure_future(_disconnected(request))}
+    if stop is not None:
+        watchers.add(asyncio.ensure_future(stop.wait()))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, *watchers}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         task.cancel()
         # `work` closes what it holds (the engine request's stream) before the caller goes on to
@@ -394,7 +420,8 @@ async def _until_disconnected(request: Request, work) -> Any:
         await asyncio.wait({task})
         raise
     finally:
-        watcher.cancel()
+        for watcher in watchers:
+            watcher.cancel()
     if task.done():
         return task.result()
     task.cancel()
