@@ -149,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long requests in flight may run on before they are ended "
-                            "with a 503 (new requests get a 503 at once; default 30)")
+                            "with a 503 (new requests get a 503 at once; default 30); with --ray, how long a "
+                            "replica being stopped lets its requests finish")
     serve.add_argument("--grammar-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="how long a request's structured-output constraint may take to compile before it is "
                             "refused with a 400 (default 10)")

@@ -240,6 +240,7 @@ def test_serve_deployment_is_sized_by_the_cluster():
     config = ServerConfig(served_model_names=("glm-ocr",), max_queue=100)
     cpu = deployment_options(config, gpus=0)
     assert cpu["ray_actor_options"] == {"num_gpus": 0} and cpu["max_ongoing_requests"] == 132
+    assert cpu["graceful_shutdown_timeout_s"] == 30  # --shutdown-timeout
     assert cpu["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1,
                                          "target_ongoing_requests": 32}
     gpus = deployment_options(config, gpus=8, max_num_seqs=64, min_replicas=0)

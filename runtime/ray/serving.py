@@ -45,6 +45,9 @@ def deployment_options(config: ServerConfig, *, gpus: int, max_num_seqs: int = 3
         "name": "glmrt",
         "ray_actor_options": {"num_gpus": (1 if gpus else 0) if gpus_per_replica is None else gpus_per_replica},
         "max_ongoing_requests": max_num_seqs + config.max_queue,  # what the app takes before its own 503
+        # a replica being stopped (scale-down, shutdown) lets its requests finish this long, as
+        # `glmrt serve` drains on SIGTERM
+        "graceful_shutdown_timeout_s": config.shutdown_timeout_s,
         "autoscaling_config": {"min_replicas": min_replicas, "initial_replicas": max(min_replicas, 1),
                                "max_replicas": max_replicas,
                                "target_ongoing_requests": target_ongoing_requests or max_num_seqs},
