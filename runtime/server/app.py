@@ -255,6 +255,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                       engine_request: EngineRequest) -> Response:
         nonlocal in_flight
         admit()
+        if drain.expired.is_set():  # it came in before a shutdown, and got this far after its drain timeout
+            raise shutting_down()
         shape = ResponseShape(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", model)
         timer = RequestTimer(metrics)
         outputs = engine.generate(engine_request, parsed.params, request_id=shape.id)
