@@ -49,6 +49,14 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_layout_checkpoint(tmp_path_factory):
+    """A tiny random PP-DocLayoutV3 checkpoint directory written by transformers (see tiny_layout.py)."""
+    from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
+
+    return build_tiny_layout_checkpoint(tmp_path_factory.mktemp("tiny-pp-doclayout-v3"))
+
+
+@pytest.fixture(scope="session")
 def hf_model(tiny_checkpoint):
     """transformers' own GlmOcrForConditionalGeneration on the tiny checkpoint, fp32 eager."""
     from transformers import GlmOcrForConditionalGeneration

@@ -86,12 +86,12 @@ def run_mixed(engine, jobs) -> list:
 
 # (backend, num_speculative_tokens, seeds, jobs per seed, their most tokens, KV-cache tokens): the
 # KV cache holds 2-5 of the requests (20-56 tokens each), so they queue and are preempted. The
-# Triton interpreter is slow: fewer, shorter requests there.
+# Triton interpreter is slow: fewer, shorter requests there, and speculation on the torch backend
+# only (test_spec_decode runs the Triton backend's speculative steps against plain greedy).
 CASES = [
     ("torch", 0, range(1, 2), 8, 14, 128),
     ("torch", 3, range(1), 8, 14, 128),
     ("triton", 0, range(1), 5, 6, 64),
-    ("triton", 3, range(1), 4, 6, 64),
 ]
 
 

@@ -23,12 +23,7 @@ from PIL import Image
 
 from glmrt.documents import layout
 from glmrt.documents.layout import LABELS, LayoutDetector, LayoutRegion, crop_region, preprocess
-from glmrt_testing.tiny_layout import PREPROCESSOR_CONFIG, build_tiny_layout_checkpoint, synthetic_page
-
-
-@pytest.fixture(scope="session")
-def tiny_layout_checkpoint(tmp_path_factory):
-    return build_tiny_layout_checkpoint(tmp_path_factory.mktemp("tiny-pp-doclayout-v3"))
+from glmrt_testing.tiny_layout import PREPROCESSOR_CONFIG, synthetic_page
 
 
 @pytest.fixture(scope="module")

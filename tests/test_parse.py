@@ -18,20 +18,14 @@ from glmrt.documents.pipeline import DocumentParser, document_names, sdk_region_
 from glmrt.prompts import TASK_PROMPTS
 from glmrt_testing import REPO, glmrt_command
 from glmrt_testing.documents import POSTSCRIPT, fake_ghostscript, make_corrupt_pdf, make_images, make_pdf
-from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
 
 MAX_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def tiny_layout(tmp_path_factory):
-    return build_tiny_layout_checkpoint(tmp_path_factory.mktemp("tiny-pp-doclayout-v3"))
-
-
-@pytest.fixture(scope="module")
-def parser(tiny_checkpoint, tiny_layout):
+def parser(tiny_checkpoint, tiny_layout_checkpoint):
     llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", max_num_seqs=16)
-    return DocumentParser(llm, LayoutDetector.from_pretrained(tiny_layout, device="cpu"), max_tokens=MAX_TOKENS)
+    return DocumentParser(llm, LayoutDetector.from_pretrained(tiny_layout_checkpoint, device="cpu"), max_tokens=MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +160,7 @@ def test_failures_stay_with_their_document_page_or_region(parser, inputs, tmp_pa
     assert status(again)["failed_pages"] == [] and not (again.json_path.parent / ".pages").exists()
 
 
-def test_failed_pages_are_reported_and_parsed_again_and_settings_are_compared(parser, tiny_checkpoint, tiny_layout,
+def test_failed_pages_are_reported_and_parsed_again_and_settings_are_compared(parser, tiny_checkpoint, tiny_layout_checkpoint,
                                                                              tmp_path, capsys):
     """Every region too large for --max-model-len: the document is written without them, exit
     status 1, its pages named as failed; a re-run parses them again (and they succeed with room to
@@ -175,7 +169,7 @@ def test_failed_pages_are_reported_and_parsed_again_and_settings_are_compared(pa
 
     doc = make_pdf(tmp_path / "two.pdf", pages=2, size=(300, 380), seed=5)
     out = tmp_path / "out"
-    command = ["parse", str(doc), "-o", str(out), "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout),
+    command = ["parse", str(doc), "-o", str(out), "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout_checkpoint),
                "--device", "cpu", "--max-tokens", str(MAX_TOKENS), "--max-model-len", "64"]
     for _ in range(2):  # the second run does not take the first one's failures for done
         assert main(command) == 1
@@ -295,10 +289,10 @@ def test_sdk_crop_resize_matches_the_sdk():
         assert sdk_region_image(image).size == (w, h)
 
 
-def test_cli_parse_writes_and_reports(tiny_checkpoint, tiny_layout, inputs, tmp_path):
+def test_cli_parse_writes_and_reports(tiny_checkpoint, tiny_layout_checkpoint, inputs, tmp_path):
     out = tmp_path / "out"
     command = glmrt_command("parse", str(inputs / "letter.pdf"), str(inputs / "missing.pdf"),
-                            "-o", str(out), "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout),
+                            "-o", str(out), "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout_checkpoint),
                             "--device", "cpu", "--max-tokens", str(MAX_TOKENS))
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)  # as a user in a checkout would
     assert done.returncode == 2 and "missing.pdf" in done.stderr
@@ -313,7 +307,7 @@ def test_cli_parse_writes_and_reports(tiny_checkpoint, tiny_layout, inputs, tmp_
     assert errors == [f"glmrt: error: {broken}: not a valid PDF (corrupt or truncated)"]  # named once
 
 
-def test_server_parses_documents_like_the_sdks_server(tiny_checkpoint, tiny_layout, inputs, tmp_path):
+def test_server_parses_documents_like_the_sdks_server(tiny_checkpoint, tiny_layout_checkpoint, inputs, tmp_path):
     """POST /glmocr/parse over HTTP: a PDF (data URI) and an image; the SDK server's response shape,
     and the same regions and Markdown as `glmrt parse` on an engine with the same limits. Then the
     SDK's own MaaS-mode client (glmocr.GlmOcr(mode="maas")) pointed at it saves what `glmrt parse`
@@ -330,12 +324,12 @@ def test_server_parses_documents_like_the_sdks_server(tiny_checkpoint, tiny_layo
     scan = inputs / "scans" / "scan.png"
     scan_uri = "data:image/png;base64," + base64.b64encode(scan.read_bytes()).decode()
     llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", max_model_len=256)
-    expected, expected_scan = DocumentParser(llm, LayoutDetector.from_pretrained(tiny_layout, device="cpu")).parse(
+    expected, expected_scan = DocumentParser(llm, LayoutDetector.from_pretrained(tiny_layout_checkpoint, device="cpu")).parse(
         [inputs / "report.pdf", scan], tmp_path / "out")
     expected_json = json.loads(expected.json_path.read_text(encoding="utf-8"))
     expected_md = expected.markdown_path.read_text(encoding="utf-8")
     key = {"Authorization": "Bearer sesame"}
-    with ServerProcess(tiny_checkpoint, "--layout-model", str(tiny_layout), "--max-model-len", "256",
+    with ServerProcess(tiny_checkpoint, "--layout-model", str(tiny_layout_checkpoint), "--max-model-len", "256",
                        "--api-key", "sesame") as server:
         url = f"{server.url}/glmocr/parse"
         assert httpx.post(url, json={"images": [uri]}).status_code == 401

@@ -23,7 +23,6 @@ from glmrt.documents.pipeline import DocumentParser
 from glmrt_testing import REPO, glmrt_command
 from glmrt_testing.documents import make_corrupt_pdf, make_images, make_pdf
 from glmrt_testing.server_process import ServerProcess
-from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
 
 ray = pytest.importorskip("ray")
 ray_jobs = pytest.importorskip("glmrt.ray.jobs")
@@ -41,11 +40,6 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def tiny_layout(tmp_path_factory):
-    return build_tiny_layout_checkpoint(tmp_path_factory.mktemp("tiny-pp-doclayout-v3"))
-
-
-@pytest.fixture(scope="module")
 def documents(tmp_path_factory):
     """20 small documents in two folders: 13 PDFs of 1-3 pages, 6 images, 1 corrupt PDF."""
     root = tmp_path_factory.mktemp("ray-docs")
@@ -57,11 +51,11 @@ def documents(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_checkpoint, tiny_layout, documents, tmp_path_factory):
+def expected(tiny_checkpoint, tiny_layout_checkpoint, documents, tmp_path_factory):
     """What single-process `glmrt parse` writes for the 20 documents -> (results, files)."""
     out = tmp_path_factory.mktemp("single")
     llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", max_num_seqs=16)
-    results = DocumentParser(llm, LayoutDetector.from_pretrained(tiny_layout, device="cpu"),
+    results = DocumentParser(llm, LayoutDetector.from_pretrained(tiny_layout_checkpoint, device="cpu"),
                              max_tokens=MAX_TOKENS).parse([documents / "a", documents / "b"], out)
     assert len(results) == 20
     return results, files(out)
@@ -72,8 +66,8 @@ def files(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def ray_parse(inputs, out, tiny_checkpoint, tiny_layout, **options):
-    return glmrt.ray.parse(inputs, out, model=str(tiny_checkpoint), layout_model=str(tiny_layout), device="cpu",
+def ray_parse(inputs, out, tiny_checkpoint, tiny_layout_checkpoint, **options):
+    return glmrt.ray.parse(inputs, out, model=str(tiny_checkpoint), layout_model=str(tiny_layout_checkpoint), device="cpu",
                            dtype="float32", max_tokens=MAX_TOKENS, max_num_seqs=16, progress=False, **options)
 
 
@@ -91,7 +85,7 @@ def writes(monkeypatch):
     return counts
 
 
-def test_ray_job_writes_what_glmrt_parse_writes(cluster, tiny_checkpoint, tiny_layout, documents, expected,
+def test_ray_job_writes_what_glmrt_parse_writes(cluster, tiny_checkpoint, tiny_layout_checkpoint, documents, expected,
                                                 tmp_path, writes, monkeypatch):
     """Inputs as a file:// URI (pyarrow) and a folder inside a zip (fsspec's chained zip:// URI);
     the same files, byte for byte, each document written once, the corrupt PDF reported (the job
@@ -102,7 +96,7 @@ def test_ray_job_writes_what_glmrt_parse_writes(cluster, tiny_checkpoint, tiny_l
     with zipfile.ZipFile(archive, "w") as z:
         for path in sorted((documents / "b").rglob("*")):
             z.write(path, path.relative_to(documents).as_posix())
-    results = ray_parse([f"file://{documents / 'a'}", f"zip://b::file://{archive}"], out, tiny_checkpoint, tiny_layout)
+    results = ray_parse([f"file://{documents / 'a'}", f"zip://b::file://{archive}"], out, tiny_checkpoint, tiny_layout_checkpoint)
     assert files(out) == expected_files
     as_local = [(r.name, r.num_pages, [e.replace("file://", "") for e in r.errors]) for r in results]
     assert as_local == [(r.name, r.num_pages, r.errors) for r in single]
@@ -119,7 +113,7 @@ def test_ray_job_writes_what_glmrt_parse_writes(cluster, tiny_checkpoint, tiny_l
         return from_items(items, **kwargs)
 
     monkeypatch.setattr(ray.data, "from_items", recorded)
-    again = ray_parse([documents / "a", documents / "b"], out, tiny_checkpoint, tiny_layout)
+    again = ray_parse([documents / "a", documents / "b"], out, tiny_checkpoint, tiny_layout_checkpoint)
     assert submitted == [str(documents / "a" / "broken.pdf")]  # only the document not written is tried again
     assert [r.markdown_path for r in again] == [r.markdown_path for r in results] and files(out) == expected_files
 
@@ -139,7 +133,7 @@ def _actor_pids() -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the actor's process through /proc")
-def test_a_killed_actor_is_restarted_and_every_document_written_once(cluster, tiny_checkpoint, tiny_layout,
+def test_a_killed_actor_is_restarted_and_every_document_written_once(cluster, tiny_checkpoint, tiny_layout_checkpoint,
                                                                      documents, expected, tmp_path, writes):
     _, expected_files = expected
     out = tmp_path / "out"
@@ -156,7 +150,7 @@ def test_a_killed_actor_is_restarted_and_every_document_written_once(cluster, ti
     killer = threading.Thread(target=kill_when_the_first_page_is_back, daemon=True)
     killer.start()
     # one layout batch at a time: the job is still running when the first page is back
-    results = ray_parse([documents / "a", documents / "b"], out, tiny_checkpoint, tiny_layout, batches_per_actor=1)
+    results = ray_parse([documents / "a", documents / "b"], out, tiny_checkpoint, tiny_layout_checkpoint, batches_per_actor=1)
     killer.join(timeout=5)
     assert killed, "the actor was never seen, or the job ended first"
     (pid, written_before), = killed
@@ -165,13 +159,13 @@ def test_a_killed_actor_is_restarted_and_every_document_written_once(cluster, ti
     assert writes == Counter({r.name: 1 for r in results if r.markdown_path is not None}) and len(writes) == 19
 
 
-def test_cli_parse_on_the_cluster(cluster, tiny_checkpoint, tiny_layout, documents, expected, tmp_path):
+def test_cli_parse_on_the_cluster(cluster, tiny_checkpoint, tiny_layout_checkpoint, documents, expected, tmp_path):
     """`glmrt parse --ray ADDRESS` from another process joins the cluster; exit 1 for the corrupt PDF."""
     _, expected_files = expected
     out = tmp_path / "out"
     inputs = [documents / "a" / "doc00.pdf", documents / "a" / "broken.pdf", documents / "b" / "scans" / "scan.png"]
     command = glmrt_command("parse", *map(str, inputs), "-o", str(out), "--ray", cluster,
-                            "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout), "--device", "cpu",
+                            "--model", str(tiny_checkpoint), "--layout-model", str(tiny_layout_checkpoint), "--device", "cpu",
                             "--max-tokens", str(MAX_TOKENS), "--max-num-seqs", "16", "--ray-actors", "1")
     # From the repository root, as a user in a checkout would: Ray puts a driver's working directory
     # on its workers' sys.path unless glmrt.ray.init gives the job a working_dir, and the root's
@@ -199,7 +193,7 @@ def _same(response: httpx.Response) -> tuple:
     return response.status_code, body
 
 
-def test_serve_on_ray_answers_as_glmrt_serve(cluster, tiny_checkpoint, tiny_layout, documents):
+def test_serve_on_ray_answers_as_glmrt_serve(cluster, tiny_checkpoint, tiny_layout_checkpoint, documents):
     page = base64.b64encode((documents / "b" / "scans" / "scan.png").read_bytes()).decode()
     image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{page}"}}
     chat = {"model": "glm-ocr", "max_tokens": 8,
@@ -214,7 +208,7 @@ def test_serve_on_ray_answers_as_glmrt_serve(cluster, tiny_checkpoint, tiny_layo
         ("post", "/glmocr/parse", {"images": [f"data:image/png;base64,{page}"]}),
         ("get", "/v1/models", None),
     ]
-    args = ("--layout-model", str(tiny_layout), "--max-model-len", "2048", "--max-num-seqs", "4")
+    args = ("--layout-model", str(tiny_layout_checkpoint), "--max-model-len", "2048", "--max-num-seqs", "4")
     answers = {}
     for name, extra in (("plain", ()), ("ray", ("--ray", cluster))):
         # From the repository root: Ray Serve replicas too must not import its kernels/ (see above).

@@ -16,7 +16,6 @@ from glmrt.documents.pipeline import DocumentParser
 from glmrt_testing import REPO, subprocess_env
 from glmrt_testing.documents import make_images, make_pdf
 from glmrt_testing.server_process import ServerProcess
-from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
 
 pytest.importorskip("glmocr")
 README_URL = "http://127.0.0.1:8080"
@@ -44,8 +43,8 @@ def run_glmocr(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.filterwarnings("ignore:The `fitz` API is deprecated:FutureWarning")
-def test_glmocr_sdk_recipes_as_printed(tiny_checkpoint, tmp_path):
-    layout = build_tiny_layout_checkpoint(tmp_path / "layout")
+def test_glmocr_sdk_recipes_as_printed(tiny_checkpoint, tiny_layout_checkpoint, tmp_path):
+    layout = tiny_layout_checkpoint
     make_pdf(tmp_path / "maas" / "report.pdf", pages=1, size=(300, 380), seed=3)
     page = tmp_path / "selfhosted" / "page.png"
     page.parent.mkdir()

@@ -28,7 +28,6 @@ from glmrt.outputs import RequestOutput
 from glmrt_testing.documents import make_pdf
 from glmrt_testing.helpers import make_image
 from glmrt_testing.server_process import ServerProcess
-from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
 
 CHAT, COMPLETIONS, PARSE = "/v1/chat/completions", "/v1/completions", "/glmocr/parse"
 MAX_MODEL_LEN = 8192
@@ -47,8 +46,8 @@ def png_uri(image) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    layout = build_tiny_layout_checkpoint(tmp_path_factory.mktemp("tiny-pp-doclayout-v3"))
+def server(tiny_checkpoint, tiny_layout_checkpoint):
+    layout = tiny_layout_checkpoint
     with ServerProcess(tiny_checkpoint, "--served-model-name", "glm-ocr", "--max-model-len", str(MAX_MODEL_LEN),
                        "--max-num-batched-tokens", str(CHUNK_TOKENS), "--max-num-seqs", "1", "--max-queue", "0",
                        "--layout-model", str(layout), "--max-images-per-request", str(MAX_DOCUMENTS),
