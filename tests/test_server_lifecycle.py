@@ -55,18 +55,6 @@ def server(tiny_checkpoint, tiny_layout_checkpoint):
         yield server
 
 
-def wait_idle(server: ServerProcess, timeout_s: float = 10.0) -> dict[str, float]:
-    """Polls /metrics until nothing runs, waits or holds a KV block; -> that snapshot."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        m = server.metrics()
-        idle = (m["glmrt:num_requests_running"], m["glmrt:num_requests_waiting"], m["glmrt:kv_cache_usage_perc"])
-        if idle == (0, 0, 0):
-            return m
-        assert time.monotonic() < deadline, f"server not idle after {timeout_s} s: running, waiting, kv = {idle}"
-        time.sleep(0.05)
-
-
 def changes(before: dict[str, float], after: dict[str, float], prefix: str) -> dict[str, float]:
     """The counters under `prefix` that moved between two /metrics snapshots, by how much."""
     return {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(prefix) and after[k] != before.get(k, 0.0)}
@@ -108,7 +96,7 @@ def test_metrics_count_a_prefilling_request_as_running(server):
     """A 1,900-token prompt prefilled 16 tokens a step: from the moment the engine holds it until
     its token is read, every scrape counts it, as waiting and then as running (it read as neither
     while it prefilled)."""
-    wait_idle(server)
+    server.wait_idle()
     body = {"model": "glm-ocr", "prompt": [1000 + i for i in range(1900)], "max_tokens": 1}
     done = threading.Event()
 
@@ -135,7 +123,7 @@ def test_a_client_that_leaves_is_an_abort_and_logs_no_error(server):
     """A non-streaming client that gives up mid-decode, and one that leaves while sending its
     body: 499s in the status counts, the first an "abort" in the finish reasons, nothing logged."""
     log_start = len(server.read_log())
-    before = wait_idle(server)
+    before = server.wait_idle()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + CHAT, json=chat("hello", max_tokens=8000, ignore_eos=True),
                    timeout=httpx.Timeout(30.0, read=0.5))
@@ -143,7 +131,7 @@ def test_a_client_that_leaves_is_an_abort_and_logs_no_error(server):
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: glmrt\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000\r\n\r\n{\"model\": ")
         time.sleep(0.3)
-    after = wait_idle(server, timeout_s=5.0)  # long before the 8,000 tokens would be done
+    after = server.wait_idle(timeout_s=5.0)  # long before the 8,000 tokens would be done
     assert changes(before, after, "glmrt:http_requests_total{endpoint=\"/v1/") == {
         f'glmrt:http_requests_total{{endpoint="{CHAT}",status="499"}}': 2}
     assert changes(before, after, "glmrt:request_success_total") == {
@@ -177,7 +165,7 @@ def test_parse_refuses_more_documents_or_pages_than_its_limits(server, tmp_path)
 
 def test_parse_is_admitted_against_the_in_flight_limit(server):
     """--max-num-seqs 1 --max-queue 0: with a chat request in flight, a document is refused at once."""
-    wait_idle(server)
+    server.wait_idle()
     with httpx.Client(timeout=60) as client:
         body = chat("hello", max_tokens=8000, ignore_eos=True, stream=True)
         with client.stream("POST", server.url + CHAT, json=body) as stream:
@@ -191,7 +179,7 @@ def test_a_parse_whose_client_leaves_is_cancelled_and_counted(server):
     counted in /metrics as a chat request's): their engine requests are aborted at once and counted
     (the work used to go on for a minute after the client left, out of /metrics), the parse
     counted as a 499."""
-    before = wait_idle(server)
+    before = server.wait_idle()
     body = json.dumps({"images": [png_uri(make_image(100, 80, 0))]}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(f"POST {PARSE} HTTP/1.1\r\nHost: glmrt\r\nContent-Type: application/json\r\n"
@@ -200,7 +188,7 @@ def test_a_parse_whose_client_leaves_is_cancelled_and_counted(server):
         while not changes(before, server.metrics(), "glmrt:prompt_tokens_total"):  # layout, then a region
             assert time.monotonic() < deadline, "no region has a token counted in /metrics"
             time.sleep(0.02)
-    after = wait_idle(server, timeout_s=5.0)  # one region alone runs for ~8,000 tokens
+    after = server.wait_idle(timeout_s=5.0)  # one region alone runs for ~8,000 tokens
     assert changes(before, after, f'glmrt:http_requests_total{{endpoint="{PARSE}"') == {
         f'glmrt:http_requests_total{{endpoint="{PARSE}",status="499"}}': 1}
     finished = changes(before, after, "glmrt:request_success_total")

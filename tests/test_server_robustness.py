@@ -204,18 +204,6 @@ def samples(metrics: dict[str, float], name: str) -> dict[str, float]:
     return {key[len(name):]: value for key, value in metrics.items() if key.split("{")[0] == name}
 
 
-def wait_idle(server: ServerProcess, timeout_s: float = 10.0) -> dict[str, float]:
-    """Polls /metrics until nothing runs, waits or holds a KV block; -> that snapshot."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        m = server.metrics()
-        idle = (m["glmrt:num_requests_running"], m["glmrt:num_requests_waiting"], m["glmrt:kv_cache_usage_perc"])
-        if idle == (0, 0, 0):
-            return m
-        assert time.monotonic() < deadline, f"server not idle after {timeout_s} s: running, waiting, kv = {idle}"
-        time.sleep(0.05)
-
-
 # ------------------------------------------------------------------------- bad-input corpus
 
 IMG0 = "messages[0].content[0].image_url"
@@ -413,7 +401,7 @@ def test_bare_tcp_connects_leave_the_server_serving(main_server):
 # ------------------------------------------------------------------------ client disconnect
 
 def test_client_disconnect_frees_kv_blocks(main_server):
-    before = wait_idle(main_server)
+    before = main_server.wait_idle()
     running_seen = threading.Event()
 
     def watch() -> None:
@@ -432,7 +420,7 @@ def test_client_disconnect_frees_kv_blocks(main_server):
         post(main_server, body, timeout=httpx.Timeout(30.0, read=1.0))
     watcher.join()
     assert running_seen.is_set(), "the request never ran"
-    after = wait_idle(main_server, timeout_s=3.0)  # long before the request would have finished by itself
+    after = main_server.wait_idle(timeout_s=3.0)  # long before the request would have finished by itself
     aborts = (sample(after, "glmrt:request_success_total", finished_reason="abort")
               - sample(before, "glmrt:request_success_total", finished_reason="abort"))
     assert aborts == 1
@@ -532,9 +520,9 @@ def test_256_concurrent_requests_with_cancellations(main_server, expect):
     n = 256
     want = {shape: expect(parts, 8) for shape, parts in SHAPES.items()}
     assert all(w.completion_tokens >= 2 for w in want.values())  # a content chunk comes before the end
-    before = wait_idle(main_server)
+    before = main_server.wait_idle()
     outcomes = asyncio.run(_traffic(main_server.url + CHAT, n))
-    after = wait_idle(main_server)  # no KV block leaked; aborts apply at the next step boundary
+    after = main_server.wait_idle()  # no KV block leaked; aborts apply at the next step boundary
 
     assert all(o.status == 200 for o in outcomes)
     completed = [o for o in outcomes if o.mode != "cancel"]
@@ -655,7 +643,7 @@ def test_internal_failure_fails_only_that_request(fault_server, expect):
         assert ended_at > failed_at, f"{name} was not running while the others failed"
         assert _content(events) == want[name].text
         assert events[-2]["choices"][0]["finish_reason"] == "length"
-    wait_idle(fault_server)
+    fault_server.wait_idle()
     assert_serving(fault_server)
 
 
@@ -675,7 +663,7 @@ def test_failure_mid_stream_ends_with_an_error_event(fault_server, expect):
     assert "injected fault" in error["error"]["message"]
     assert _content(events[:-2])  # content was streamed before the failure
     assert all(e["choices"][0]["finish_reason"] is None for e in events[:-2])
-    wait_idle(fault_server)
+    fault_server.wait_idle()
     good = [img(data_uri(SMALL_PNG)), txt("Text Recognition:")]
     body = post(fault_server, user(*good, max_tokens=8)).json()
     assert body["choices"][0]["message"]["content"] == expect(good, 8).text

@@ -79,3 +79,14 @@ class ServerProcess:
                 if not name.split("{")[0].endswith("_created"):
                     values[name] = float(value)
         return values
+
+    def wait_idle(self, timeout_s: float = 10.0) -> dict[str, float]:
+        """Polls /metrics until nothing runs, waits or holds a KV block; -> that snapshot."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            m = self.metrics()
+            idle = (m["glmrt:num_requests_running"], m["glmrt:num_requests_waiting"], m["glmrt:kv_cache_usage_perc"])
+            if idle == (0, 0, 0):
+                return m
+            assert time.monotonic() < deadline, f"server not idle after {timeout_s} s: running, waiting, kv = {idle}"
+            time.sleep(0.05)
