@@ -154,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grammar-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="how long a request's structured-output constraint may take to compile before it is "
                             "refused with a 400 (default 10)")
+    serve.add_argument("--body-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="how long a request's body may take to arrive before it is answered 408 (default 120)")
     serve.add_argument("--layout-model", default=DEFAULT_LAYOUT_MODEL,
                        help="POST /glmocr/parse's PP-DocLayoutV3 (directory or Hub id; loaded on the first "
                             "document; default: %(default)s)")
@@ -442,7 +444,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_request_bytes=args.max_request_bytes, max_images_per_request=args.max_images_per_request,
             max_pages_per_request=args.max_pages_per_request,
             layout_model=args.layout_model, shutdown_timeout_s=args.shutdown_timeout,
-            grammar_timeout_s=args.grammar_timeout,
+            grammar_timeout_s=args.grammar_timeout, body_timeout_s=args.body_timeout,
             media=MediaPolicy(allowed_domains=tuple(args.allowed_media_domains),
                               allowed_local_path=args.allowed_local_media_path,
                               **({} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels})),

@@ -30,6 +30,7 @@ CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 MAX_MODEL_LEN = 2048
 MAX_CONNECTIONS = 512
 HEADER_TIMEOUT_S = 2
+BODY_TIMEOUT_S = 5
 INHERITED_NOFILE = 1024
 # While the attacker is handled: the slowest /health answer (it waits only for the event loop), and
 # the longest gap in a victim's stream (it also waits for engine steps, which take up to a second on a
@@ -56,7 +57,7 @@ def server(tiny_checkpoint):
     try:
         process = ServerProcess(tiny_checkpoint, "--served-model-name", "glm-ocr", "--max-num-seqs", "16",
                                 "--max-model-len", str(MAX_MODEL_LEN), "--max-connections", str(MAX_CONNECTIONS),
-                                "--header-timeout", str(HEADER_TIMEOUT_S))
+                                "--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S))
         process.__enter__()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -328,6 +329,19 @@ def test_a_header_dripped_byte_by_byte_is_cut_off(server):
     elapsed = time.monotonic() - start
     assert answer.startswith(b"HTTP/1.1 408 ") or answer == b"", answer
     assert HEADER_TIMEOUT_S - 0.5 < elapsed < HEADER_TIMEOUT_S + 5, elapsed
+
+
+def test_a_body_that_never_finishes_is_answered_408(server, solo):
+    """Headers at once, then 10 of the 100 bytes promised: the request's connection, which the
+    connection cap never closes while its request is handled, is freed after the body timeout."""
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{\"model\": ")
+    start = time.monotonic()
+    outcome = attack(server, lambda client, url: asyncio.to_thread(_raw_request, server.port, head))
+    assert outcome.attacker.startswith(b"HTTP/1.1 408 "), outcome.attacker[:200]
+    assert b"did not arrive within" in outcome.attacker
+    assert BODY_TIMEOUT_S - 0.5 < time.monotonic() - start < BODY_TIMEOUT_S + 30
+    assert_victims_unharmed(outcome, solo)
 
 
 def _open_files_limit(pid: int) -> tuple[int, int]:

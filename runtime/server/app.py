@@ -59,6 +59,9 @@ class ServerConfig:
     layout_model: str | None = DEFAULT_LAYOUT_MODEL
     shutdown_timeout_s: float = 30.0  # on SIGTERM/SIGINT, how long requests in flight may run on
     grammar_timeout_s: float = 10.0  # compiling a request's structured-output constraint, at most
+    # A request's whole body, from its headers on: a body sent a byte at a time would hold its
+    # connection (never closed while its request is handled) for ever.
+    body_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -70,8 +73,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.shutdown_timeout_s, (int, float)) or not 0 <= self.shutdown_timeout_s < float("inf"):
             raise ValueError(f"shutdown_timeout_s must be a number of seconds >= 0, got {self.shutdown_timeout_s!r}")
-        if not isinstance(self.grammar_timeout_s, (int, float)) or not 0 < self.grammar_timeout_s < float("inf"):
-            raise ValueError(f"grammar_timeout_s must be a number of seconds > 0, got {self.grammar_timeout_s!r}")
+        for name in ("grammar_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
 
 
 class _StatusCounter:
@@ -187,13 +192,20 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise APIError(f"the request body is {declared} bytes, more than the limit of {limit} bytes", "body")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(f"the request body is more than the limit of {limit} bytes", "body")
-            chunks.append(chunk)
-        body = b"".join(chunks)
+        async def receive() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(f"the request body is more than the limit of {limit} bytes", "body")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            body = await asyncio.wait_for(receive(), config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(f"the request body did not arrive within {config.body_timeout_s:g} s", "body", status=408,
+                           headers={"connection": "close"}) from None
         if len(body) > max_json_values and body.count(b",") >= max_json_values:  # ~1 ms a MB, a third of json.loads
             raise APIError(f"the request body has more than {max_json_values} JSON values, more than any request "
                            "needs", "body")

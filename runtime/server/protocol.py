@@ -34,7 +34,7 @@ from ..sampling_params import SamplingParams
 class APIError(Exception):
     """An error answered with an OpenAI-style body: {"error": {message, type, param, code}}."""
 
-    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 408: "RequestTimeoutError",
              500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
