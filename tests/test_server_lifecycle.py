@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import gc
 import io
 import json
@@ -88,6 +89,32 @@ def test_a_stream_nobody_reads_holds_one_output(tiny_checkpoint):
         assert first.delta_token_ids + rest[0].delta_token_ids == alone.token_ids
 
     asyncio.run(scenario())
+
+
+def test_steps_go_on_while_the_default_executor_is_busy(tiny_checkpoint):
+    """Every worker of the event loop's default executor blocked (as by many requests' image
+    decoding at once): a running request's steps still run, on the engine's own thread."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+        engine = AsyncEngine(str(tiny_checkpoint), device="cpu", dtype="float32", max_model_len=512)
+        stream = engine.generate({"prompt_token_ids": [1, 2, 3]}, glmrt.SamplingParams(max_tokens=40, ignore_eos=True))
+        await stream.__anext__()
+        release = threading.Event()
+        blockers = [asyncio.to_thread(release.wait, 60) for _ in range(4)]
+        blocked = asyncio.gather(*blockers)
+        try:
+            outputs = await asyncio.wait_for(_drain(stream), 30)
+        finally:
+            release.set()
+            await blocked
+        assert outputs[-1].finish_reason == "length" and len(outputs[-1].token_ids) == 40
+
+    asyncio.run(scenario())
+
+
+async def _drain(stream) -> list:
+    return [out async for out in stream]
 
 
 # ----------------------------------------------------------------------------- /metrics, clients

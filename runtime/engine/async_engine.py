@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from ..outputs import Request, RequestOutput
@@ -70,6 +71,9 @@ class AsyncEngine:
         self._pending: list = []  # prepared sequences, queued at the next step boundary
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        # Steps run on a thread of their own: on the loop's default executor they would wait behind
+        # whatever else is there (image decoding, page rendering, tokenization of many requests).
+        self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmrt-step")
 
     async def generate(self, request: Request | dict, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -166,7 +170,7 @@ class AsyncEngine:
                 await self._wakeup.wait()
                 continue
             try:
-                outputs = await asyncio.to_thread(self.engine.step)
+                outputs = await asyncio.get_running_loop().run_in_executor(self._stepper, self.engine.step)
             except Exception as exc:  # a fault in the engine's own host code: no request can go on
                 outputs = [self.engine.abort(i) for i in self.engine.request_ids]
                 for out in outputs:
