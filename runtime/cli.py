@@ -472,8 +472,11 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"glmrt: serving {args.model} as {', '.join(names)} on http://{args.host}:{args.port}: device {e.device}, "
           f"dtype {str(e.dtype).removeprefix('torch.')}, backend {e.backend}, max_model_len {e.max_model_len}, "
           f"KV cache {e.kv_capacity_tokens} tokens", file=sys.stderr)
-    serve_with_drain(build_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
-                     http=guarded_http_protocol(limits), h11_max_incomplete_event_size=limits.max_header_bytes)
+    app = build_app(engine, config)
+    refused = app.state.metrics.http_requests  # answered before any endpoint is known: endpoint "connection"
+    serve_with_drain(app, host=args.host, port=args.port, log_level=args.log_level,
+                     http=guarded_http_protocol(limits, lambda status: refused.labels("connection", str(status)).inc()),
+                     h11_max_incomplete_event_size=limits.max_header_bytes)
     return 0
 
 

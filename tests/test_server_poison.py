@@ -304,14 +304,22 @@ def _raw_request(port: int, head: bytes, timeout: float = 30.0) -> bytes:
         return b"".join(chunks)
 
 
+def refusals(server: ServerProcess, status: int) -> float:
+    """Connections the guard answered `status`, as /metrics counts them."""
+    return server.metrics().get(f'glmrt:http_requests_total{{endpoint="connection",status="{status}"}}', 0.0)
+
+
 def test_header_over_the_limit_is_refused_with_431(server, solo):
     head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"  # one read, likely
+    before = refusals(server, 431)
     outcome = attack(server, lambda client, url: asyncio.to_thread(_raw_request, server.port, head))
     assert outcome.attacker.startswith(b"HTTP/1.1 431 "), outcome.attacker[:200]
     assert_victims_unharmed(outcome, solo)
+    assert refusals(server, 431) == before + 1
 
 
 def test_a_header_dripped_byte_by_byte_is_cut_off(server):
+    before = refusals(server, 408)
     start = time.monotonic()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         answer = b""
@@ -329,6 +337,7 @@ def test_a_header_dripped_byte_by_byte_is_cut_off(server):
     elapsed = time.monotonic() - start
     assert answer.startswith(b"HTTP/1.1 408 ") or answer == b"", answer
     assert HEADER_TIMEOUT_S - 0.5 < elapsed < HEADER_TIMEOUT_S + 5, elapsed
+    assert refusals(server, 408) == before + 1
 
 
 def test_a_body_that_never_finishes_is_answered_408(server, solo):

@@ -154,6 +154,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="glmrt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.drain = drain  # begun by shutdown.serve_with_drain on SIGTERM/SIGINT
+    app.state.metrics = metrics  # the connection guard's refusals are counted here too (endpoint "connection")
     app.add_middleware(_RefuseWhileDraining, drain=drain)
     app.add_middleware(_StatusCounter, metrics=metrics)  # the outermost: it counts the refusals too
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .protocol import APIError
@@ -69,11 +70,14 @@ def connection_limits(open_files: int, **given) -> ConnectionLimits:
     return limits
 
 
-def guarded_http_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
-    """uvicorn's own choice of HTTP protocol class with `limits` applied (uvicorn.run(http=...))."""
+def guarded_http_protocol(limits: ConnectionLimits,
+                           on_refusal: Callable[[int], None] = lambda status: None) -> type[asyncio.Protocol]:
+    """uvicorn's own choice of HTTP protocol class with `limits` applied (uvicorn.run(http=...));
+    on_refusal(status) is called for each connection answered 408, 431 or 503 (to count it)."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    return type("GuardedHTTPProtocol", (_Guard, AutoHTTPProtocol), {"limits": limits})
+    return type("GuardedHTTPProtocol", (_Guard, AutoHTTPProtocol),
+                {"limits": limits, "on_refusal": staticmethod(on_refusal)})
 
 
 class _Guard:
@@ -81,6 +85,7 @@ class _Guard:
     for a request's headers (None while a request is handled); `_header_bytes`: bytes received since."""
 
     limits: ConnectionLimits
+    on_refusal: Callable[[int], None]
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -147,3 +152,4 @@ class _Guard:
                 % (status, REASONS[status], len(body)))
         self.transport.write(head + body)
         self.transport.close()
+        self.on_refusal(status)
