@@ -128,8 +128,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     # values than its prompt's text, its token ids and its constraint hold, and a few for the rest.
     max_json_values = prompt_limit.max_chars + engine.engine.max_model_len + MAX_CONSTRAINT_CHARS + 65536
     # Requests with a structured-output constraint are parsed here, since SamplingParams compiles it
-    # (llguidance releases the GIL): never on the loop, nor on its default executor, which runs the
-    # engine's steps.
+    # (llguidance releases the GIL): never on the loop, and on a pool of their own, so that a burst
+    # of compiles neither waits behind nor delays the image decoding on the loop's default executor.
     intake = ThreadPoolExecutor(max_workers=4, thread_name_prefix="glmrt-intake")
     max_in_flight = engine.engine.options.max_num_seqs + config.max_queue
     in_flight = 0
