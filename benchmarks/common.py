@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -90,10 +91,62 @@ def output_dir(out: Path | None, smoke: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix="glmrt-bench-")) if smoke else RESULTS
 
 
+CUDA = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> tuple[float, object]:
+    """(seconds, fn()) with the device drained before and after."""
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
+def copy_bandwidth_gbps() -> float:
+    """This machine's device memory bandwidth: a device-to-device copy of 2 GiB (64 MiB on a CPU),
+    bytes read + bytes written, best of 5. Every hardware floor divides by this."""
+    device = "cuda" if CUDA else "cpu"
+    n = 2 << 30 if CUDA else 64 << 20
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src))[0] for _ in range(5))
+    return 2 * n / best / 1e9
+
+
+def floor_ms(nbytes: float, bandwidth_gbps: float) -> float:
+    """Milliseconds to read `nbytes` once at `bandwidth_gbps`: the floor of a memory-bound step."""
+    return nbytes / (bandwidth_gbps * 1e9) * 1e3
+
+
+def key_row(metric: str, unit: str, glmrt: float, *, better: str = "lower", peer: float | None = None,
+            peer_name: str | None = None, floor: float | None = None, floor_basis: str | None = None) -> dict:
+    """One key number of the GPU suite (key.json's "key_numbers"): glmrt's value, its peer's from
+    the same run on the same device, and the hardware floor, all in `unit`. `better` says which
+    way is good ("lower" for times, "higher" for rates); vs_peer and pct_of_floor are oriented so
+    that > 1 (> 100%) means glmrt is ahead of the peer (past the floor, which cannot happen)."""
+    if better not in ("lower", "higher"):
+        raise ValueError(f"better must be 'lower' or 'higher', got {better!r}")
+    row = dict(metric=metric, unit=unit, glmrt=glmrt, better=better)
+    if peer is not None:
+        row.update(peer=peer, peer_name=peer_name, vs_peer=peer / glmrt if better == "lower" else glmrt / peer)
+    if floor is not None:
+        row.update(floor=floor, floor_basis=floor_basis,
+                   pct_of_floor=100 * (floor / glmrt if better == "lower" else glmrt / floor))
+    return row
+
+
 def write_report(out: Path, benchmark: str, meta: dict, results: dict,
                  markdown: list[str]) -> tuple[Path, Path]:
     """Writes <out>/<benchmark>-<device>-<timestamp>.json ({**meta, **results}) and the same
-    name .md (the markdown lines), says where; returns both paths."""
+    name .md (the markdown lines), says where; returns both paths. results["key"], a list of
+    key_row()s, holds the numbers the GPU suite collects into key.json."""
     name = meta["device"]["name"].lower() if torch.cuda.is_available() else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
     stem = out / f"{benchmark}-{slug}-{meta['timestamp']}"

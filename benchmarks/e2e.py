@@ -22,7 +22,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import metadata, output_dir, provenance, write_report  # noqa: E402
+from common import copy_bandwidth_gbps, metadata, output_dir, provenance, sync, timed, write_report  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -42,29 +41,6 @@ from glmrt_testing.tiny_checkpoint import build_checkpoint, real_config, tiny_co
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-
-
-def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def timed(fn) -> tuple[float, object]:
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - start, out
-
-
-def copy_bandwidth_gbps() -> float:
-    """Device-to-device copy of 2 GiB, read + write bytes, best of 5."""
-    n = 2 << 30 if CUDA else 64 << 20
-    src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = min(timed(lambda: dst.copy_(src))[0] for _ in range(5))
-    return 2 * n / best / 1e9
 
 
 def page_image(width: int, height: int, seed: int) -> Image.Image:

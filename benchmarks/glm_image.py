@@ -31,8 +31,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import metadata, output_dir, provenance, write_report  # noqa: E402
-from e2e import copy_bandwidth_gbps, decoder_weight_bytes, timed  # noqa: E402
+from common import copy_bandwidth_gbps, metadata, output_dir, provenance, timed, write_report  # noqa: E402
+from e2e import decoder_weight_bytes  # noqa: E402
 
 import glmrt  # noqa: E402
 from glmrt.engine.engine import LLMEngine  # noqa: E402
