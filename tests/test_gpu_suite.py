@@ -1,11 +1,15 @@
-"""benchmarks/gpu_suite.sh without a GPU: its dry run, its refusal to run on a CPU, and its
-plumbing (--allow-cpu): per-step status and logs, a failing or hung step not stopping the suite,
-SUMMARY.md with the benchmarks' key numbers, and the tarball. The benchmarks themselves run only
-where cheap (patchify); a stand-in python makes the glmrt._C check fail or hang on demand."""
+"""benchmarks/gpu_suite.sh without a GPU: the whole --key suite as a dry run on the CPU (every step,
+tiny sizes, the same files), its refusal to run for real without a GPU, and its plumbing: a step
+that hangs is cut off while what it measured so far still reaches key.json, key.json is current
+while a step runs, a failing step does not stop the next, and the Triton cache survives a round
+trip between two machines."""
+import importlib.util
+import json
 import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,149 +18,176 @@ import torch
 from glmrt_testing import REPO
 
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
-STEPS = ["install", "cpp-ext", "gpu-tests", "bench-kernels", "bench-e2e", "bench-spec", "bench-host", "bench-structured",
-         "bench-patchify", "bench-serve", "bench-documents", "bench-capacity", "bench-glm-image",
-         "kernel-tests-gpu"]
+KEY_STEPS = ["install", "checkpoint", "smoke", "decode", "mtp", "structured", "documents", "serve",
+             "image-checkpoint", "glm-image", "gpu-tests"]
+BENCHMARK_STEPS = ["smoke", "decode", "mtp", "structured", "documents", "serve", "glm-image"]
+FILES = {"key.json", "SUMMARY.md", "logs.tar.gz", "triton-cache.tar.gz"}
 
 
-def run_suite(*args: str, python: str = sys.executable, timeout: float = 120) -> subprocess.CompletedProcess:
+def suite_module():
+    spec = importlib.util.spec_from_file_location("glmrt_suite", REPO / "benchmarks" / "suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_suite(*args: str, python: str = sys.executable, timeout: float = 120, **popen) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": python}
-    return subprocess.run(["bash", str(SUITE), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(["bash", str(SUITE), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, **popen)
 
 
-def stand_in_python(tmp_path: Path, on_cpp_check: str) -> str:
-    """A python that runs `on_cpp_check` (shell) instead of the glmrt._C check, else the real one."""
+def listed_steps(stdout: str) -> list[str]:
+    return [line.split()[1] for line in stdout.splitlines() if line.split()[0].rstrip(".").isdigit()]
+
+
+def steps_of(report: dict) -> dict[str, dict]:
+    return {s["name"]: s for s in report["steps"]}
+
+
+def stand_in_python(tmp_path: Path, script: str, body: str) -> str:
+    """A python that runs the shell `body` when its arguments name benchmarks/`script`, else the real one."""
     path = tmp_path / "python"
-    path.write_text(f'#!/usr/bin/env bash\nif [[ "$*" == *glmrt._C* ]]; then {on_cpp_check}; fi\n'
+    path.write_text(f'#!/usr/bin/env bash\nif [[ "$*" == *benchmarks/{script}* ]]; then {body}; fi\n'
                     f'exec {sys.executable} "$@"\n')
     path.chmod(0o755)
     return str(path)
 
 
-def step_rows(results: Path) -> dict[str, list[str]]:
-    """steps.tsv as {step: [status, exit, seconds, timeout]}."""
-    lines = (results / "steps.tsv").read_text().splitlines()
-    assert lines[0].split("\t") == ["step", "status", "exit", "seconds", "timeout"]
-    return {row[0]: row[1:] for row in (line.split("\t") for line in lines[1:])}
-
-
-def test_dry_run_lists_every_step(tmp_path):
-    out = tmp_path / "results"
-    done = run_suite("--dry-run", "--out", str(out), "--skip", "bench-e2e")
+def test_list_shows_the_key_plan_in_order(tmp_path):
+    done = run_suite("--key", "--list", "--model", "/ckpt/glm-ocr", "--skip", "serve")
     assert done.returncode == 0, done.stderr
-    listed = [line.split()[1] for line in done.stdout.splitlines() if line.split()[0].rstrip(".").isdigit()]
-    assert listed == STEPS
-    assert "pip install --no-build-isolation --no-deps -e ." in done.stdout
-    assert f"benchmarks/kernel_bench.py --out {out}" in done.stdout
-    assert "env -u TRITON_INTERPRET" in done.stdout
-    assert any("bench-e2e" in line and "skipped (--skip)" in line for line in done.stdout.splitlines())
-    assert not out.exists()
-
-
-def test_quick_dry_run_passes_smoke_to_the_benchmarks(tmp_path):
-    done = run_suite("--dry-run", "--quick", "--out", str(tmp_path))
-    assert done.returncode == 0, done.stderr
-    assert f"benchmarks/kernel_bench.py --out {tmp_path} --smoke" in done.stdout
-    assert f"benchmarks/e2e.py --out {tmp_path} --smoke" in done.stdout
-    assert f"benchmarks/serve.py --out {tmp_path} --smoke" in done.stdout
-    assert any("kernel-tests-gpu" in line and "skipped (--quick)" in line for line in done.stdout.splitlines())
+    assert listed_steps(done.stdout) == KEY_STEPS
+    lines = {line.split()[1]: line for line in done.stdout.splitlines() if line.split()[0].rstrip(".").isdigit()}
+    assert "budget 540 s" in done.stdout
+    assert "pip install --no-build-isolation --no-deps -e ." in lines["install"]
+    assert "skipped (--model given)" in lines["checkpoint"] and "skipped (--skip)" in lines["serve"]
+    assert "benchmarks/e2e.py --model /ckpt/glm-ocr --key" in lines["decode"]
+    everything = listed_steps(run_suite("--list").stdout)
+    assert everything[:10] == KEY_STEPS[:10] and everything[-1] == "gpu-tests"
+    assert {"kernels", "host", "patchify", "capacity"} <= set(everything)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--skip", "bench-kernels,nope"], "unknown step 'nope'"),
-    (["--budget", "ten"], "--budget must be a whole number of seconds, got 'ten'"),
-    (["--frobnicate"], "unknown argument: --frobnicate"),
+    (["--key", "--skip", "decode,nope"], "unknown step(s) nope"),
+    (["--budget", "0"], "--budget must be a positive number of seconds"),
+    (["--triton-cache", "/no/such.tar.gz"], "--triton-cache: no such file"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ])
 def test_bad_arguments_are_named(args, message):
-    done = run_suite("--dry-run", *args)
+    done = run_suite("--list", *args)
     assert done.returncode == 2 and message in done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_refuses_to_run_without_a_gpu(tmp_path):
-    done = run_suite("--out", str(tmp_path / "results"))
-    assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+    done = run_suite("--key", "--out", str(tmp_path / "results"))
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr and "--dry-run" in done.stderr
     assert not (tmp_path / "results").exists()
 
 
-def test_allow_cpu_quick_run_writes_summary_and_tarball(tmp_path):
-    """The glmrt._C check fails (exit 3); patchify still runs and its numbers reach SUMMARY.md."""
-    results, tarball = tmp_path / "results", tmp_path / "packed" / "suite.tar.gz"
-    done = run_suite("--allow-cpu", "--quick", "--only", "cpp-ext,bench-patchify",
-                     "--out", str(results), "--tar", str(tarball),
-                     python=stand_in_python(tmp_path, "exit 3"))
-    assert done.returncode == 1, done.stdout + done.stderr  # a required step failed
-    rows = step_rows(results)
-    assert list(rows) == STEPS
-    assert rows["cpp-ext"][:2] == ["FAIL", "3"]
-    assert rows["bench-patchify"][:2] == ["PASS", "0"]
-    assert rows["install"][0] == rows["bench-kernels"][0] == "SKIPPED"
-    assert rows["bench-host"][0] == "SKIPPED"  # not in --only
-    summary = (results / "SUMMARY.md").read_text()
-    assert "| cpp-ext | FAIL (exit 3) |" in summary and "| bench-patchify | PASS |" in summary
-    assert "- overall: FAIL" in summary
-    assert "### patchify-" in summary and "19276 patches: numpy" in summary
-    assert (results / "environment.md").read_text().count("- commit: `") == 1
-    assert "import glmrt._C" in (results / "logs" / "cpp-ext.log").read_text()
-    with tarfile.open(tarball) as tar:
-        names = set(tar.getnames())
-    assert {"results/SUMMARY.md", "results/steps.tsv", "results/logs/bench-patchify.log"} <= names
-    assert any(n.startswith("results/patchify-") and n.endswith(".json") for n in names)
+def test_key_dry_run_runs_every_step_and_writes_the_files(tmp_path):
+    """The one-lease suite, every step, on the CPU: each benchmark's key rows, the smoke checks and
+    the GPU tests' tally (all skipped here) reach key.json and SUMMARY.md, in four files."""
+    out = tmp_path / "out"
+    done = run_suite("--key", "--dry-run", "--out", str(out), timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert {p.name for p in out.iterdir()} == FILES  # the device tool returns at most 8
+    report = json.loads((out / "key.json").read_text())
+    assert report["overall"] == "PASS" and report["state"] == "finished" and report["dry_run"]
+    steps = steps_of(report)
+    assert list(steps) == KEY_STEPS
+    assert all(s["status"] == "PASS" for s in steps.values()), steps
+    rows = report["key_numbers"]
+    for step in BENCHMARK_STEPS:
+        mine = [r for r in rows if r["step"] == step]
+        assert mine, f"no key numbers from {step}"
+        assert step in report["results"] and report["results"][step]["key"]
+    for row in rows:
+        assert {"metric", "unit", "glmrt", "better"} <= set(row) and row["glmrt"] > 0 and not row.get("partial")
+        if "peer" in row:
+            assert row["peer_name"] and row["vs_peer"] > 0
+    assert any("peer" in r for r in rows) and any("floor" in r for r in rows)
+    assert report["smoke_checks"] and all(c["ok"] for c in report["smoke_checks"])
+    assert report["machine"]["copy_bandwidth_gbps"] > 0
+    assert report["gpu_tests"]["counts"].get("skipped", 0) > 0 and not report["gpu_tests"]["failures"]
+    summary = (out / "SUMMARY.md").read_text()
+    assert "overall: **PASS**" in summary and "dry run on the CPU" in summary
+    for step in KEY_STEPS:
+        assert f"| {step} | PASS |" in summary
+    assert summary.count("\n| decode |") >= 4  # its key rows
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert {f"{s}.log" for s in KEY_STEPS} <= set(tar.getnames())
+    tarfile.open(out / "triton-cache.tar.gz").close()  # a readable archive (empty: the interpreter compiles nothing)
 
 
-def test_serve_and_documents_benchmarks_are_skipped_without_their_extras(tmp_path):
-    """A python without fastapi or pypdfium2: bench-serve and bench-documents are skipped with the
-    import error, not run and failed."""
-    python = tmp_path / "python"
-    python.write_text('#!/usr/bin/env bash\nif [[ "$*" == *"import fastapi"* ]]; then\n'
-                      '    echo "ModuleNotFoundError: No module named \'fastapi\'" >&2; exit 1\nfi\n'
-                      'if [[ "$*" == *"import pypdfium2"* ]]; then\n'
-                      '    echo "ModuleNotFoundError: No module named \'pypdfium2\'" >&2; exit 1\nfi\n'
-                      f'exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
-    done = run_suite("--dry-run", python=str(python))
-    assert done.returncode == 0, done.stderr
-    line = next(line for line in done.stdout.splitlines() if " bench-serve " in line)
-    assert "skipped (glmrt[serve] is not installed (ModuleNotFoundError: No module named 'fastapi'))" in line
-    line = next(line for line in done.stdout.splitlines() if " bench-documents " in line)
-    assert "skipped (glmrt[documents] or glmrt[serve] is not installed (ModuleNotFoundError: No module named " \
-           "'pypdfium2'))" in line
+def test_a_hung_step_is_cut_off_and_keeps_what_it_measured(tmp_path):
+    """decode streams two key rows, then hangs: while it runs key.json already says so; at its limit
+    it is killed (with its process group), its rows are kept as partial, and the step after it runs."""
+    python = stand_in_python(tmp_path, "e2e.py", "exec " + sys.executable + " -c \"import sys, time; "
+                             "sys.path.insert(0, 'benchmarks'); from common import key_row; "
+                             "key_row('decode ms/token, batch 1', 'ms', 0.5, peer=2.0, peer_name='transformers'); "
+                             "key_row('decode ms/step, batch 32', 'ms', 1.5); print('measured', flush=True); "
+                             "time.sleep(600)\"")
+    out = tmp_path / "out"
+    process = subprocess.Popen(["bash", str(SUITE), "--key", "--dry-run", "--model", "/unused", "--budget", "45",
+                                "--only", "decode,structured", "--out", str(out)], cwd=REPO,
+                               env={**os.environ, "PYTHON": python}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the file is written before the step starts
+        try:
+            running = json.loads((out / "key.json").read_text())
+            if running["state"] == "running decode":
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    else:
+        pytest.fail("key.json never said the decode step was running")
+    assert running["overall"] == "RUNNING" and steps_of(running)["decode"]["status"] == "RUNNING"
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stdout + stderr
+    report = json.loads((out / "key.json").read_text())
+    steps = steps_of(report)
+    assert steps["decode"]["status"] == "TIMEOUT" and steps["decode"]["seconds"] <= 45
+    assert steps["structured"]["status"] in ("SKIPPED", "PASS", "FAIL")  # ran or found the budget spent
+    assert "budget spent" in steps["structured"]["note"] or steps["structured"]["seconds"] is not None
+    partial = [r for r in report["key_numbers"] if r["step"] == "decode"]
+    assert [r["metric"] for r in partial] == ["decode ms/token, batch 1", "decode ms/step, batch 32"]
+    assert all(r["partial"] for r in partial) and partial[0]["vs_peer"] == 4.0
+    assert "(partial: step cut off)" in (out / "SUMMARY.md").read_text()
+    assert "overall: **FAIL**" in (out / "SUMMARY.md").read_text()
 
 
-def test_allow_cpu_quick_serve_benchmark_reaches_the_summary(tmp_path):
-    """benchmarks/serve.py --smoke against a real glmrt serve process; its rows reach SUMMARY.md."""
-    results = tmp_path / "results"
-    done = run_suite("--allow-cpu", "--quick", "--only", "bench-serve", "--out", str(results), timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert step_rows(results)["bench-serve"][:2] == ["PASS", "0"]
-    summary = (results / "SUMMARY.md").read_text()
-    assert "### serve-cpu-" in summary and "tiny test checkpoint, 16 region requests" in summary
-    for concurrency in (1, 8, 16):  # 32 in flight is capped by the 16 requests
-        assert f"| glmrt serve | {concurrency} |" in summary
-
-
-def test_hung_step_is_cut_by_the_budget(tmp_path):
-    """A step that hangs is killed when the budget runs out; the steps after it are skipped."""
-    results = tmp_path / "results"
-    done = run_suite("--allow-cpu", "--budget", "12", "--only", "cpp-ext,bench-patchify",
-                     "--out", str(results), python=stand_in_python(tmp_path, "sleep 600"))
+def test_a_failing_step_does_not_stop_the_next(tmp_path, tiny_checkpoint):
+    python = stand_in_python(tmp_path, "smoke.py", "echo 'smoke broke' >&2; exit 3")
+    out = tmp_path / "out"
+    done = run_suite("--key", "--dry-run", "--model", str(tiny_checkpoint), "--only", "smoke,structured",
+                     "--out", str(out), python=python, timeout=300)
     assert done.returncode == 1
-    rows = step_rows(results)
-    assert rows["cpp-ext"][0] == "TIMEOUT" and int(rows["cpp-ext"][3]) <= 12
-    assert rows["bench-patchify"][0] == "SKIPPED"
-    assert "budget spent" in (results / "SUMMARY.md").read_text()
+    steps = steps_of(json.loads((out / "key.json").read_text()))
+    assert steps["smoke"]["status"] == "FAIL" and steps["smoke"]["exit"] == 3 and steps["smoke"]["note"] == "smoke broke"
+    assert steps["structured"]["status"] == "PASS"
+    assert steps["decode"]["status"] == "SKIPPED" and steps["decode"]["note"] == "not in --only"
+    assert "smoke broke" in done.stdout  # the failing step's tail is printed
 
 
-def test_allow_cpu_quick_documents_benchmark_reaches_the_summary(tmp_path):
-    """benchmarks/documents.py --smoke: glmrt parse in process and the glmocr SDK against a real
-    glmrt serve process, over generated PDFs; its rows reach SUMMARY.md."""
-    results = tmp_path / "results"
-    done = run_suite("--allow-cpu", "--quick", "--only", "bench-documents", "--out", str(results), timeout=400)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert step_rows(results)["bench-documents"][:2] == ["PASS", "0"]
-    summary = (results / "SUMMARY.md").read_text()
-    assert "### documents-cpu-" in summary
-    for run in ("glmrt parse, single concurrency", "glmrt parse, full throughput",
-                "glmocr SDK -> glmrt serve, single concurrency", "glmocr SDK -> glmrt serve, full throughput"):
-        assert f"| {run} | 4 |" in summary
+def test_triton_cache_round_trip(tmp_path):
+    """Packed on one machine (IR texts dropped), restored on another under another path: Triton's
+    group files then name the members where they now are."""
+    suite = suite_module()
+    cache = tmp_path / "lease1" / "cache"
+    entry = cache / "ABC123"
+    entry.mkdir(parents=True)
+    for name in ("k.cubin", "k.json", "k.ptx", "k.ttir"):
+        (entry / name).write_bytes(os.urandom(64))
+    (entry / "__grp__k.json").write_text(json.dumps({"child_paths": {
+        name: str(entry / name) for name in ("k.cubin", "k.json", "k.ptx", "k.ttir")}}))
+    note = suite.pack(cache, tmp_path / "triton-cache.tar.gz", keep=suite.TRITON_CACHE_KEEP)
+    assert note.startswith("3 files")
+    restored = tmp_path / "lease2" / "cache"
+    assert "1 compiled kernels" in suite.restore_triton_cache(tmp_path / "triton-cache.tar.gz", restored)
+    group = json.loads((restored / "ABC123" / "__grp__k.json").read_text())["child_paths"]
+    assert group["k.cubin"] == str(restored / "ABC123" / "k.cubin")
+    assert (restored / "ABC123" / "k.cubin").read_bytes() == (entry / "k.cubin").read_bytes()
+    assert not (restored / "ABC123" / "k.ptx").exists()  # dropped; triton skips missing members
