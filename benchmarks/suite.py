@@ -121,6 +121,8 @@ class Suite:
             Step("patchify", 120, [py, "benchmarks/patchify.py", "--out", str(self.results)]
                  + (["--repeats", "3"] if self.dry else []), key=False, writes="patchify"),
             Step("capacity", 180, bench("capacity.py"), key=False, writes="capacity", needs=("pypdfium2",)),
+            # every kernel test compiled for the GPU (on the CPU they run in Triton's interpreter)
+            Step("kernel-tests", 300, [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"], key=False),
             # -v: one line per test, so a run cut off by its limit still says which passed
             Step("gpu-tests", 600, [py, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "tests"],
                  env={"GLMRT_GPU_MODEL": self.model, "GLMRT_GPU_IMAGE_MODEL": self.image_model}),
