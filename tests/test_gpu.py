@@ -1,7 +1,16 @@
 """GPU-only end-to-end checks at GLM-OCR's real size (random bf16 weights): CUDA-graph decode vs
 eager decode (also with structured-output rows, whose steps replay the forward and the masked
 sampling as two graphs, and with MTP speculation), and logits close to transformers' bf16
-forward. Skipped without a GPU."""
+forward. Skipped without a GPU.
+
+The checkpoint: the directory named by the environment variable GLMRT_GPU_MODEL when it is set
+(benchmarks/gpu_suite.sh sets it to the real-size random checkpoint it built for every step, with
+benchmarks/random_checkpoint.py), else one written here from the GPU's RNG (random_weights.write_glm_ocr,
+seconds). It must carry the MTP layer (the speculative tests draft with it).
+"""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,7 +19,7 @@ from glmrt.engine.runner import allocate_kv_cache
 from glmrt.model.positions import mrope_positions
 from glmrt.model.text import AttentionMetadata
 from glmrt_testing.helpers import make_image
-from glmrt_testing.tiny_checkpoint import build_checkpoint, real_config
+from glmrt_testing.random_weights import write_glm_ocr
 
 pytestmark = pytest.mark.gpu
 
@@ -25,7 +34,9 @@ REQUESTS = [
 
 @pytest.fixture(scope="module")
 def real_checkpoint(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("glm-ocr-real-random"), real_config(), dtype=torch.bfloat16)
+    if os.environ.get("GLMRT_GPU_MODEL"):
+        return Path(os.environ["GLMRT_GPU_MODEL"])
+    return write_glm_ocr(tmp_path_factory.mktemp("glm-ocr-real-random"), device="cuda", dtype=torch.bfloat16)
 
 
 PARAMS = [  # greedy, penalised, and seeded sampled rows in the same batches

@@ -102,29 +102,33 @@ def build_tokenizer():
     return tok
 
 
+def perturbed_(name: str, noise: torch.Tensor) -> torch.Tensor:
+    """Parameter `name`'s value from standard normal `noise` of its shape, in place: norm weights
+    1 + 0.2 n, biases 0.1 n, the rest n / sqrt(fan_in), so that activations keep their scale
+    through every layer at any size."""
+    if name.endswith("norm.weight") or "layernorm" in name or "norm1" in name or "norm2" in name:
+        return noise.mul_(0.2).add_(1.0)
+    if name.endswith("bias"):
+        return noise.mul_(0.1)
+    fan_in = math.prod(noise.shape[1:]) if noise.dim() > 1 else 1
+    return noise.div_(math.sqrt(fan_in))
+
+
 def _perturb_(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("norm.weight") or "layernorm" in name or "norm1" in name or "norm2" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            else:
-                fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else 1
-                p.copy_(noise / math.sqrt(fan_in))
+            p.copy_(perturbed_(name, torch.randn(p.shape, generator=gen)))
 
 
 def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     return build_checkpoint(path, tiny_config(), seed)
 
 
-def mtp_layer_weights(text_config, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The MTP layer the real checkpoint carries as layer index num_layers (transformers drops it):
-    a decoder layer's 10 tensors, enorm, hnorm, eh_proj [H, 2H], shared_head.norm, and its own
-    copies of embed_tokens and shared_head.head (here random, unlike the main ones, so that a
-    mix-up shows), with the magnitudes `_perturb_` gives the main model."""
+def mtp_layer_shapes(text_config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the MTP layer the real checkpoint carries as layer index num_layers
+    (transformers drops it): a decoder layer's 10 tensors, enorm, hnorm, eh_proj [H, 2H],
+    shared_head.norm, and its own copies of embed_tokens and shared_head.head."""
     c = text_config
     h, q, kv, inter = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
     shapes = {
@@ -135,13 +139,15 @@ def mtp_layer_weights(text_config, seed: int, dtype: torch.dtype = torch.float32
         "enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h), "shared_head.norm.weight": (h,),
         "shared_head.head.weight": (c.vocab_size, h), "embed_tokens.weight": (c.vocab_size, h),
     }
+    return {f"model.language_model.layers.{c.num_hidden_layers}.{name}": shape for name, shape in shapes.items()}
+
+
+def mtp_layer_weights(text_config, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The MTP layer's tensors (mtp_layer_shapes), random with the magnitudes `_perturb_` gives the
+    main model; its embed_tokens and shared_head.head differ from the main ones, so that a mix-up shows."""
     gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, shape in shapes.items():
-        noise = torch.randn(shape, generator=gen)
-        value = 1.0 + 0.2 * noise if len(shape) == 1 else noise / math.sqrt(shape[1])
-        weights[f"model.language_model.layers.{c.num_hidden_layers}.{name}"] = value.to(dtype)
-    return weights
+    return {name: perturbed_(name, torch.randn(shape, generator=gen)).to(dtype)
+            for name, shape in mtp_layer_shapes(text_config).items()}
 
 
 def build_checkpoint(path: Path, config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
@@ -158,6 +164,12 @@ def build_checkpoint(path: Path, config, seed: int = 0, dtype: torch.dtype = tor
     weights = load_file(path / "model.safetensors")
     weights.update(mtp_layer_weights(config.text_config, seed + 1, dtype))
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    write_processor_files(path)
+    return path
+
+
+def write_processor_files(path: Path) -> None:
+    """Tokenizer, tokenizer config, chat template and preprocessor config into `path`."""
     build_tokenizer().save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
@@ -165,4 +177,3 @@ def build_checkpoint(path: Path, config, seed: int = 0, dtype: torch.dtype = tor
     }))
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
-    return path

@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from glmrt_testing.tiny_checkpoint import _perturb_
 
+MODEL_DIR, PROCESSOR_DIR = "vision_language_encoder", "processor"  # the pipeline's AR-stage subfolders
 VOCAB_SIZE = 168064
 VISION_VOCAB_SIZE = 16512
 IMAGE_START, IMAGE_END = 16384, 16385  # <|dit_token_16384|>, <|dit_token_16385|>: also bos / eos
@@ -109,24 +112,31 @@ def build_tokenizer():
     return tok
 
 
-def build_glm_image_checkpoint(root: Path, config=None, seed: int = 0) -> Path:
-    """A random, perturbed model of `config` (default: tiny_config()) written in the pipeline
-    layout under `root` -> root."""
-    import torch
+def build_glm_image_checkpoint(root: Path, config=None, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """A random, perturbed model of `config` (default: tiny_config()) written in `dtype` in the
+    pipeline layout under `root` -> root."""
     from transformers import GlmImageForConditionalGeneration
 
     torch.manual_seed(seed)
     model = GlmImageForConditionalGeneration(config or tiny_config()).eval()
     _perturb_(model, seed)
-    return save_glm_image_checkpoint(root, model)
+    return save_glm_image_checkpoint(root, model.to(dtype))
 
 
 def save_glm_image_checkpoint(root: Path, model) -> Path:
     """Write `model` (a GlmImageForConditionalGeneration) with our tokenizer, chat template,
     image preprocessing and generation config in the pipeline layout under `root` -> root."""
-    model_dir, processor_dir = root / "vision_language_encoder", root / "processor"
+    model.save_pretrained(root / MODEL_DIR, max_shard_size="100GB")
+    write_pipeline_files(root)
+    return root
+
+
+def write_pipeline_files(root: Path) -> None:
+    """Everything of the pipeline layout under `root` but the model's config and weights: our
+    generation config (over the one save_pretrained writes), model_index.json and processor/."""
+    model_dir, processor_dir = root / MODEL_DIR, root / PROCESSOR_DIR
+    model_dir.mkdir(parents=True, exist_ok=True)
     processor_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir, max_shard_size="100GB")
     (model_dir / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     (root / "model_index.json").write_text(json.dumps({
         "_class_name": "GlmImagePipeline", "vision_language_encoder": ["transformers", "GlmImageForConditionalGeneration"],
@@ -141,4 +151,3 @@ def save_glm_image_checkpoint(root: Path, model) -> Path:
     (processor_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (processor_dir / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
     (processor_dir / "processor_config.json").write_text(json.dumps({"processor_class": "GlmImageProcessor"}))
-    return root
