@@ -182,14 +182,33 @@ def _kernels_numbers(data: dict) -> list[str]:
 
 
 def _e2e_numbers(data: dict) -> list[str]:
-    lines = [f"- backend {data['backend']}, CUDA graphs {data['cuda_graphs']}, "
-             f"HBM floor {data['hbm_floor_ms_per_token']:.3f} ms/token", "",
-             "| metric | glmrt | transformers | speed-up | % of floor |", "|---|---|---|---|---|"]
+    memory, trace = data["memory"], data["trace"]
+    free = ("no GPU" if memory["free_gib"] is None
+            else f"{memory['free_gib']:.1f} of {memory['total_gib']:.1f} GiB of GPU memory free")
+    lines = [f"- backend {data['backend']}, CUDA graphs {data['cuda_graphs']}, copy bandwidth "
+             f"{data['copy_bandwidth_gbps']:.0f} GB/s; decoder weights {data['decoder_weight_bytes'] / 1e9:.3f} GB "
+             f"(floor {data['hbm_floor_ms_per_token']:.3f} ms/step), KV cache "
+             f"{data['kv_bytes_per_token'] / 1024:.3g} KiB/token",
+             f"- after engine start: {free}; KV cache {memory['kv_cache_tokens']} tokens "
+             f"({memory['kv_cache_gib']:.2f} GiB, gpu_memory_utilization {memory['gpu_memory_utilization']})"]
+    if data["decode_device_ops"] is not None:
+        lines.append(f"- device ops per batch-1 decode step: {data['decode_device_ops']} "
+                     f"({data['decoder_layer_device_ops']} per decoder layer, {data['decoder_layers']} layers; "
+                     "target <= 7 per layer)")
+    lines += ["", "| metric | glmrt | transformers | speed-up | % of floor (weights + KV) | % of weights floor |",
+              "|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        pct = f"{r['pct_of_floor']:.0f}%" if "pct_of_floor" in r else "-"
-        lines.append(f"| {r['metric']} | {r['glmrt']:.4g} | {r['transformers']:.4g} | "
-                     f"{r['speedup']:.2f}x | {pct} |")
-    return lines
+        pcts = [f"{r[k]:.0f}%" if k in r else "-" for k in ("pct_of_floor", "pct_of_weights_floor")]
+        lines.append(f"| {r['metric']} | {r['glmrt']:.4g} | {r['transformers']:.4g} | {r['speedup']:.2f}x | "
+                     f"{pcts[0]} | {pcts[1]} |")
+    if trace is None:
+        return lines + ["", f"- decode graph replay trace: none ({data['trace_absent']})"]
+    lines += ["", f"- decode graph replay, batch 1, context {trace['context']}: {trace['device_ops']} device ops, "
+              f"{trace['kernel_us']:.1f} us of kernel time in {trace['wall_us']:.1f} us on the device "
+              f"({trace['wall_us'] - trace['kernel_us']:.1f} us of gaps)", "",
+              "| op (10 longest in total) | count | total us |", "|---|---|---|"]
+    return lines + [f"| `{t['name'][:100].replace('|', '/')}` | {t['count']} | {t['total_us']:.1f} |"
+                    for t in trace["top"]]
 
 
 def _patchify_numbers(data: dict) -> list[str]:
