@@ -241,16 +241,21 @@ def _serve_numbers(data: dict) -> list[str]:
 
 
 def _structured_numbers(data: dict) -> list[str]:
-    lines = [f"- host, batch {r['batch']}, {'json_schema' if r['constrained'] else 'unconstrained'}: "
-             f"{r['mean_us']:.0f} us/step (masks {r['masks_us']:.0f} us)" for r in data["host"]]
-    return lines + [f"- device, batch {r['batch']}, {'json_schema' if r['constrained'] else 'unconstrained'}: "
-                    f"{r['median_ms']:.3f} ms/step" for r in data["device_steps"]]
+    def rows(r: dict) -> str:
+        return f"batch {r['batch']}, {r['constrained_rows']} json_schema row(s)"
+
+    host = {r["batch"]: r["mean_us"] for r in data["host"] if not r["constrained_rows"]}
+    device = {r["batch"]: r["median_ms"] for r in data["device_steps"] if not r["constrained_rows"]}
+    lines = [f"- host, {rows(r)}: {r['mean_us']:.0f} us/step ({r['mean_us'] - host[r['batch']]:+.0f} us; "
+             f"masks {r['masks_us']:.0f} us)" for r in data["host"]]
+    return lines + [f"- device, {rows(r)}: {r['median_ms']:.3f} ms/step ({r['median_ms'] - device[r['batch']]:+.3f} ms)"
+                    for r in data["device_steps"]]
 
 
 def _spec_decode_numbers(data: dict) -> list[str]:
-    plain = data["plain"]
-    return [f"- k {r['k']}, batch {r['batch']}, draft accuracy {r['draft_accuracy']:.2f}: {r['ms_per_step']:.3f} ms/step, "
-            f"{r['tokens_per_s']:.4g} tok/s = {r['speedup']:.2f}x plain ({plain[str(r['batch'])]['tokens_per_s']:.4g}), "
+    return [f"- k {r['k']}, batch {r['batch']}, context {r['context']}, draft accuracy {r['draft_accuracy']:.2f}: "
+            f"{r['ms_per_step']:.3f} ms/step, {r['tokens_per_s']:.4g} tok/s = {r['speedup']:.2f}x plain "
+            f"({r['plain_tokens_per_s']:.4g}); acceptance {r['acceptance']:.2f}, "
             f"{r['mean_accepted_length']:.2f} tokens/step" for r in data["rows"]]
 
 
@@ -271,13 +276,11 @@ def _capacity_numbers(data: dict) -> list[str]:
 
 
 def _glm_image_numbers(data: dict) -> list[str]:
-    lines = [f"- HBM floor {data['hbm_floor_ms_per_token']:.3f} ms/token; a whole {data['image_size']}² image "
-             f"({data['image_tokens']} tokens) in {data['image_seconds']:.2f} s at batch 1"]
-    for r in data["rows"]:
-        pct = f", {r['pct_of_floor']:.0f}% of the floor" if "pct_of_floor" in r else ""
-        lines.append(f"- batch {r['batch']}: glmrt {r['glmrt_tokens_per_s']:.4g} tok/s, transformers "
-                     f"{r['transformers_tokens_per_s']:.4g} tok/s ({r['speedup']:.2f}x){pct}")
-    return lines
+    lines = [f"- weights floor {data['hbm_floor_ms_per_token']:.3f} ms/step; a whole {data['image_size']}² image "
+             f"({data['image_tokens']} tokens) in {data['image_seconds']:.2f} s at batch 1 ({data['image_seconds_how']})"]
+    return lines + [f"- batch {r['batch']}: glmrt {r['glmrt_tokens_per_s']:.4g} tok/s, transformers "
+                    f"{r['transformers_tokens_per_s']:.4g} tok/s ({r['speedup']:.2f}x), {r['pct_of_floor']:.0f}% of "
+                    f"the floor ({r['floor_basis']})" for r in data["rows"]]
 
 
 SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers,

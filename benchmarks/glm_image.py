@@ -1,21 +1,27 @@
 """GLM-Image's autoregressive stage: glmrt vs transformers, side by side in one run on one device.
 
-    python benchmarks/glm_image.py [--out DIR] [--smoke]
+    python benchmarks/glm_image.py [--model ROOT_OR_HUB_ID] [--key] [--out DIR] [--smoke]
 
-A GlmImageForConditionalGeneration with GLM-Image's real config (9B: 40 layers, hidden 4096,
-32 q / 2 kv heads, vision vocabulary 16,512) and random bf16 weights is built on the GPU and
-written to a temp dir in the Hub's pipeline layout (no weights can be downloaded here; random
-weights decode at the same speed as real ones). Both sides get the same text-to-image prompt for
-a 1024x1024 image and generate greedily a fixed number of tokens (ignore_eos / min_new_tokens).
+--model is GLM-Image in the Hub's pipeline layout: a local root (model_index.json,
+vision_language_encoder/, processor/) or a Hub id such as zai-org/GLM-Image. Without it, a
+GlmImageForConditionalGeneration with GLM-Image's real config (9B: 40 layers, hidden 4096, 32 q /
+2 kv heads, vision vocabulary 16,512) and random bf16 weights is written to a temp dir on the GPU
+(random weights decode at the same speed as real ones); with --smoke, the tiny test config on the
+CPU. Both sides load it (glmrt first, then transformers: 2 x ~18 GB fit an 80 GB GPU together),
+get the same text-to-image prompt for a 1024x1024 image and generate greedily a fixed number of
+tokens (ignore_eos / min_new_tokens):
 
 - decode tokens/s at batch 1 and batch 16 (after the prefill), glmrt (CUDA graphs) and
   transformers (sdpa), and the speed-up;
-- % of the HBM floor at batch 1: the decoder's weight bytes (every layer + final norm + lm_head,
-  read once per step; ~18 GB) / measured copy bandwidth, over glmrt's time per token;
-- seconds for a whole 1024x1024 image's tokens (1,281) with glmrt at batch 1.
+- % of the floor: batch 1, the decoder's weight bytes (every layer + final norm + lm_head, read
+  once per step; ~18 GB) / measured copy bandwidth; batch 16, those weights + the KV cache the
+  step reads (16 rows at their mean context);
+- seconds for a whole 1024x1024 image's tokens (1,281) with glmrt at batch 1: measured, or with
+  --key extrapolated from the prefill and the measured decode ms/token.
 
-Writes <out>/glm_image-<device>-<timestamp>.json and .md. `--smoke` runs the tiny test
-checkpoint on CPU with small sizes to prove the code path (numbers meaningless).
+--key (the GPU suite's key numbers): 64 tokens per request, the whole image extrapolated; without
+it 256 tokens and the whole image generated. Writes <out>/glm_image-<device>-<timestamp>.json and
+.md. `--smoke` runs on CPU with small sizes to prove the code path (numbers meaningless).
 """
 from __future__ import annotations
 
@@ -31,39 +37,43 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import copy_bandwidth_gbps, metadata, output_dir, provenance, timed, write_report  # noqa: E402
+from common import (CUDA, copy_bandwidth_gbps, floor_ms, key_row, metadata, output_dir, provenance, timed,  # noqa: E402
+                    write_report)
 from e2e import decoder_weight_bytes  # noqa: E402
 
 import glmrt  # noqa: E402
 from glmrt.engine.engine import LLMEngine  # noqa: E402
-from glmrt_testing.tiny_glm_image import build_glm_image_checkpoint, real_config, save_glm_image_checkpoint  # noqa: E402
+from glmrt.engine.runner import kv_bytes_per_token  # noqa: E402
+from glmrt.loader import model_dirs, resolve_model_path  # noqa: E402
+from glmrt_testing.random_weights import write_glm_image  # noqa: E402
+from glmrt_testing.tiny_glm_image import tiny_config  # noqa: E402
 
-CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 PROMPT = "A watercolor lighthouse on a cliff at dawn, seagulls, soft light"
+PEER = "transformers bf16 sdpa" if CUDA else "transformers fp32 sdpa (cpu)"
+# A request holds its prompt and every token of its image: 1,281 for 1024x1024 plus a short prompt.
+MAX_MODEL_LEN = 2048
 
 
-def real_checkpoint(root: Path):
-    """The real-size model, random bf16 weights, built on the device -> (root, the model)."""
-    from transformers import GlmImageForConditionalGeneration
-
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = GlmImageForConditionalGeneration(real_config()).to(DTYPE).eval()
-    return save_glm_image_checkpoint(root, model), model
+@dataclasses.dataclass
+class Decoded:
+    prefill_s: float  # the first step: the prefill and the first token of every row
+    decode_s: float  # the steps after it
+    tokens: int  # decode tokens of all rows in decode_s
+    prompt_tokens: int
 
 
-def glmrt_decode(engine: LLMEngine, batch: int, tokens: int, size: int) -> tuple[float, int]:
-    """batch copies of the prompt, `tokens` each -> (decode seconds after the prefill step, tokens)."""
+def glmrt_decode(engine: LLMEngine, batch: int, tokens: int, size: int) -> Decoded:
+    """batch copies of the prompt, `tokens` each."""
     params = glmrt.SamplingParams(temperature=0.0, ignore_eos=True)
     seqs = engine.prepare_many([glmrt.ImageRequest(PROMPT, size, size)] * batch, [params] * batch)
     for seq in seqs:
         seq.sampling_params = dataclasses.replace(seq.sampling_params, max_tokens=tokens)
         engine.enqueue(seq)
-    engine.step()  # the prefill of all of them (and their first tokens)
-    elapsed, _ = timed(lambda: [engine.step() for _ in iter(engine.has_unfinished, False)])
-    return elapsed, batch * (tokens - 1)
+    prefill_s, _ = timed(engine.step)
+    decode_s, _ = timed(lambda: [engine.step() for _ in iter(engine.has_unfinished, False)])
+    return Decoded(prefill_s, decode_s, batch * (tokens - 1), seqs[0].num_prompt_tokens)
 
 
 def hf_inputs(processor, batch: int, size: int) -> dict:
@@ -89,57 +99,74 @@ def hf_decode(model, processor, batch: int, tokens: int, size: int) -> tuple[flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="GLM-Image pipeline root or Hub id (default: real config, random weights)")
+    parser.add_argument("--key", action="store_true", help="only the GPU suite's key numbers (see above)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; a temp folder with --smoke)")
-    parser.add_argument("--smoke", action="store_true", help="tiny checkpoint and sizes (CPU-capable)")
+    parser.add_argument("--smoke", action="store_true", help="small sizes, CPU-capable (tiny checkpoint without --model)")
     args = parser.parse_args(argv)
     smoke = args.smoke
-    size, tokens, batches = (64, 6, [1, 3]) if smoke else (1024, 256, [1, 16])
+    size, tokens, batches = (64, 6, [1, 3]) if smoke else (1024, 64 if args.key else 256, [1, 16])
     out_dir = output_dir(args.out, smoke)
+    if smoke and not CUDA:
+        torch.set_num_threads(1)  # tiny tensors: more threads only add overhead
     with tempfile.TemporaryDirectory() as tmp:
-        if smoke:
-            from transformers import GlmImageForConditionalGeneration
-
-            root = build_glm_image_checkpoint(Path(tmp) / "ckpt")
-            hf_model = GlmImageForConditionalGeneration.from_pretrained(root / "vision_language_encoder").eval()
+        if args.model:
+            root = resolve_model_path(args.model)
         else:
-            root, hf_model = real_checkpoint(Path(tmp) / "ckpt")
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(root / "processor")
-        # glmrt's KV cache takes half of what is free beside transformers' copy of the weights.
+            root = write_glm_image(Path(tmp) / "ckpt", tiny_config() if smoke else None, device=DEVICE, dtype=DTYPE)
+        model_dir, processor_dir = model_dirs(root)
         engine = LLMEngine(str(root), device=DEVICE, dtype=DTYPE, max_num_seqs=max(batches),
-                           gpu_memory_utilization=0.5)
-        bandwidth = copy_bandwidth_gbps()
-        weight_bytes = decoder_weight_bytes(engine)
-        floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
-        glmrt_decode(engine, 1, 4, size)  # warm-up
-        rows = []
-        for batch in batches:
-            ours_s, ours_n = glmrt_decode(engine, batch, tokens, size)
-            theirs_s, theirs_n = hf_decode(hf_model, processor, batch, tokens, size)
-            row = dict(batch=batch, tokens=tokens, glmrt_tokens_per_s=ours_n / ours_s,
-                       transformers_tokens_per_s=theirs_n / theirs_s, speedup=(ours_n / ours_s) / (theirs_n / theirs_s))
-            if batch == 1:
-                row["pct_of_floor"] = 100 * floor_ms / (ours_s / ours_n * 1e3)
-            rows.append(row)
-        image_tokens = glmrt.glm_image.generation_length(glmrt.glm_image.target_grids(size, size, True))
-        image_s, _ = timed(lambda: glmrt_decode(engine, 1, image_tokens, size))
+                           max_model_len=MAX_MODEL_LEN, kv_cache_tokens=max(batches) * MAX_MODEL_LEN)
+        from transformers import AutoProcessor, GlmImageForConditionalGeneration
 
-    meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=smoke, backend=engine.backend,
-                    cuda_graphs=engine.runner.graphs is not None, copy_bandwidth_gbps=bandwidth,
-                    decoder_weight_bytes=weight_bytes, hbm_floor_ms_per_token=floor_ms, image_size=size)
+        hf_model = GlmImageForConditionalGeneration.from_pretrained(
+            model_dir, dtype=DTYPE, attn_implementation="sdpa").to(DEVICE).eval()
+        processor = AutoProcessor.from_pretrained(processor_dir)
+        bandwidth = copy_bandwidth_gbps()
+        weight_bytes, kv_token_bytes = decoder_weight_bytes(engine), kv_bytes_per_token(engine.model)
+        glmrt_decode(engine, 1, 4, size)  # warm-up
+        rows, key = [], []
+        for batch in batches:
+            ours = glmrt_decode(engine, batch, tokens, size)
+            theirs_s, theirs_n = hf_decode(hf_model, processor, batch, tokens, size)
+            # what a step reads: the weights, and each row's KV at its mean context over the steps
+            kv_bytes = batch * (ours.prompt_tokens + tokens / 2) * kv_token_bytes
+            floor_bytes = weight_bytes + (kv_bytes if batch > 1 else 0)
+            floor_tps = batch / floor_ms(floor_bytes, bandwidth) * 1e3
+            row = dict(batch=batch, tokens=tokens, prompt_tokens=ours.prompt_tokens, prefill_s=ours.prefill_s,
+                       glmrt_tokens_per_s=ours.tokens / ours.decode_s, transformers_tokens_per_s=theirs_n / theirs_s,
+                       floor_tokens_per_s=floor_tps, floor_basis="weights + KV" if batch > 1 else "weights")
+            row.update(speedup=row["glmrt_tokens_per_s"] / row["transformers_tokens_per_s"],
+                       pct_of_floor=100 * row["glmrt_tokens_per_s"] / floor_tps)
+            rows.append(row)
+            key.append(key_row(f"GLM-Image AR decode tokens/s, batch {batch}, {size}x{size} image", "tokens/s",
+                               row["glmrt_tokens_per_s"], better="higher", peer=row["transformers_tokens_per_s"],
+                               peer_name=PEER, floor=floor_tps, floor_basis=row["floor_basis"]))
+        image_tokens = glmrt.glm_image.generation_length(glmrt.glm_image.target_grids(size, size, True))
+        if args.key:  # the prefill, then every other token at the measured batch-1 rate
+            image_s = rows[0]["prefill_s"] + (image_tokens - 1) / rows[0]["glmrt_tokens_per_s"]
+        else:
+            image_s, _ = timed(lambda: glmrt_decode(engine, 1, image_tokens, size))
+
+    meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=smoke, key_only=args.key, model=args.model,
+                    backend=engine.backend, cuda_graphs=engine.runner.graphs is not None, copy_bandwidth_gbps=bandwidth,
+                    decoder_weight_bytes=weight_bytes, kv_bytes_per_token=kv_token_bytes,
+                    hbm_floor_ms_per_token=floor_ms(weight_bytes, bandwidth), image_size=size)
+    how = "extrapolated from the prefill and the decode ms/token" if args.key else "measured"
     lines = [f"# GLM-Image AR stage: glmrt vs transformers on {meta['device']['name']}", "", provenance(meta),
-             f"- {meta['dtype']}, backend {engine.backend}, CUDA graphs {meta['cuda_graphs']}",
-             f"- copy bandwidth {bandwidth:.0f} GB/s; decoder weights {weight_bytes / 1e9:.3f} GB; "
-             f"HBM floor {floor_ms:.3f} ms/token ({1e3 / floor_ms:.0f} tokens/s at batch 1)",
-             f"- a whole {size}x{size} image ({image_tokens} tokens), glmrt batch 1: {image_s:.2f} s", "",
-             "| batch | tokens | glmrt tok/s | transformers tok/s | speed-up | % of floor |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        pct = f"{r['pct_of_floor']:.0f}%" if "pct_of_floor" in r else "-"
-        lines.append(f"| {r['batch']} | {r['tokens']} | {r['glmrt_tokens_per_s']:.4g} | "
-                     f"{r['transformers_tokens_per_s']:.4g} | {r['speedup']:.2f}x | {pct} |")
+             f"- {meta['dtype']}, backend {engine.backend}, CUDA graphs {meta['cuda_graphs']}, "
+             f"checkpoint {args.model or 'random weights (real config)'}",
+             f"- copy bandwidth {bandwidth:.0f} GB/s; decoder weights {weight_bytes / 1e9:.3f} GB "
+             f"(floor {meta['hbm_floor_ms_per_token']:.3f} ms/step); KV cache {kv_token_bytes / 1024:.3g} KiB/token",
+             f"- a whole {size}x{size} image ({image_tokens} tokens), glmrt batch 1: {image_s:.2f} s ({how})", "",
+             "| batch | tokens | glmrt tok/s | transformers tok/s | speed-up | floor tok/s | % of floor |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['tokens']} | {r['glmrt_tokens_per_s']:.4g} | {r['transformers_tokens_per_s']:.4g} | "
+              f"{r['speedup']:.2f}x | {r['floor_tokens_per_s']:.4g} ({r['floor_basis']}) | {r['pct_of_floor']:.0f}% |"
+              for r in rows]
     print("\n".join(lines))
-    write_report(out_dir, "glm_image", meta, dict(rows=rows, image_seconds=image_s, image_tokens=image_tokens), lines)
+    write_report(out_dir, "glm_image", meta, dict(rows=rows, key=key, image_seconds=image_s, image_seconds_how=how,
+                                                  image_tokens=image_tokens), lines)
     return 0
 
 
