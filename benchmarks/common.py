@@ -226,7 +226,9 @@ def _host_overhead_numbers(data: dict) -> list[str]:
 
 
 def _serve_numbers(data: dict) -> list[str]:
-    lines = [f"- {data['checkpoint']}, {len(data['regions'])} region requests, {data['preemptions']} preemptions",
+    started = f"; the server answered after {data['server_start_s']:.1f} s" if "server_start_s" in data else ""
+    lines = [f"- {data['checkpoint']}, {len(data['regions'])} region requests, "
+             f"{data['preemptions']} preemptions{started}",
              "", "| run | concurrency | req/s | output tok/s | TTFT p50/p99 ms | latency p50/p99 ms |",
              "|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -260,9 +262,11 @@ def _spec_decode_numbers(data: dict) -> list[str]:
 
 
 def _documents_numbers(data: dict) -> list[str]:
+    started = ([f"- glmrt parse's engine started in {data['engine_start_s']:.1f} s, its warm-up document took "
+                f"{data['warm_up_s']:.1f} s"] if "engine_start_s" in data else [])
     lines = [f"- {data['documents']} PDFs x {data['pages_per_document']} pages, {data['tokens_per_region']} "
              f"tokens per region, {data['model']}" + (f"; {data['sdk_note']}" if data.get("sdk_note") else ""),
-             "", "| run | pages | regions | tokens/page | pages/s |", "|---|---|---|---|---|"]
+             *started, "", "| run | pages | regions | tokens/page | pages/s |", "|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['pages']} | {r['regions']} | {r['tokens_per_page']:.0f} | {r['pages_per_s']:.3g} |"
               for r in data["rows"]]
     return lines + [f"- {r['comparison']}: {r['pages_per_s']:.2f}x pages/s" for r in data["ratios"]]

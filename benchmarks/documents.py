@@ -1,19 +1,24 @@
 """`glmrt parse` throughput: pages/s over generated multi-page PDFs, beside the glmocr SDK's own
 pipeline pointed at `glmrt serve`, in one run on one device.
 
-    python benchmarks/documents.py [--model DIR] [--layout-model DIR] [--documents N] [--pages N]
+    python benchmarks/documents.py [--model DIR] [--layout-model DIR] [--key] [--documents N] [--pages N]
                                    [--tokens-per-region N] [--sdk|--no-sdk] [--out DIR] [--smoke]
 
 Runs, each over the same N generated PDFs (scans: text, shaded boxes, ruled tables rendered and
 embedded losslessly at 200 DPI; every second page landscape), after a warm-up document:
-(a) glmrt parse, single concurrency (the model card's setting): documents one after another, each
+(a) glmrt parse, full throughput: every document in one job, all regions sharing the engine;
+(b) glmrt parse, single concurrency (the model card's setting): documents one after another, each
     parsed alone (its pages and regions still overlap inside the pipeline);
-(b) glmrt parse, full throughput: every document in one job, all regions sharing the engine;
 (c, d) the same two with the glmocr SDK's self-hosted pipeline (`glmocr.GlmOcr(mode="selfhosted")`:
     PyMuPDF rendering, its PP-DocLayoutV3 through transformers in this process, every region crop
     re-encoded as JPEG and sent over HTTP by its 32 workers) against `glmrt serve` on the same
     checkpoint, with the same layout checkpoint and the same tokens per region. Skipped, with a
-    note, where glmocr, OpenCV or torchvision is missing.
+    note, where glmocr, OpenCV or torchvision is missing, and by default with --key.
+Key numbers (results["key"], quoted by the GPU suite): pages/s of (a) and (b), each made as soon
+as its run ends (a run cut off later keeps them), with (c) and (d) as their peers where they ran.
+--key measures only them: glmrt parse alone (--sdk adds the SDK's runs), at the default sizes
+(sized for about 60 s on an H100, most of it the engine's start with its CUDA graphs and the
+warm-up).
 Without --model / --layout-model, GLM-OCR's real config with random weights (on a GPU; the tiny
 test checkpoint on CPU) and a tiny random PP-DocLayoutV3 are built on the fly (no weights can be
 downloaded here). Random weights find random regions and write random text: every region gets
@@ -37,7 +42,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import SUMMARIZERS, metadata, output_dir, provenance, write_report  # noqa: E402
+from common import SUMMARIZERS, key_row, metadata, output_dir, provenance, write_report  # noqa: E402
 
 from glmrt_testing.vendored_torchvision import use_vendored_torchvision  # noqa: E402
 
@@ -46,9 +51,8 @@ use_vendored_torchvision()  # the SDK's layout processor needs torchvision (befo
 import glmrt  # noqa: E402
 from glmrt.documents.layout import LayoutDetector  # noqa: E402
 from glmrt.documents.pipeline import DocumentParser  # noqa: E402
-from serve import SERVER_FLAGS, counter, cpu_config, glmrt_server  # noqa: E402
+from serve import SERVER_FLAGS, counter, glmrt_server, write_checkpoint  # noqa: E402
 from glmrt_testing.documents import make_pdf, make_scanned_pdf  # noqa: E402
-from glmrt_testing.tiny_checkpoint import build_checkpoint, real_config  # noqa: E402
 from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -57,37 +61,55 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 MAX_NUM_SEQS = 64 if CUDA else 16  # glmrt parse's engine and glmrt serve's alike
 SMOKE = dict(documents=2, pages=2, tokens=4)
 DEFAULTS = dict(documents=8, pages=4, tokens=64) if CUDA else dict(documents=3, pages=2, tokens=8)
+# Full throughput first: the key number, kept should the single-concurrency run be cut off.
+MODES = ("full throughput", "single concurrency")
+SDK_PEER = "glmocr SDK pipeline -> glmrt serve"
 
 
-def glmrt_runs(model: Path, layout: Path, pdfs: list[Path], tokens: int, tmp: Path) -> list[dict]:
-    """(a) and (b): glmrt parse in this process."""
-    llm = glmrt.LLM(str(model), device=DEVICE, dtype=DTYPE, max_num_seqs=MAX_NUM_SEQS)
-    parser = DocumentParser(llm, LayoutDetector.from_pretrained(layout, device=DEVICE), max_tokens=tokens)
-    generated = [0]
-    step = llm.engine.step
+def jobs(mode: str, pdfs: list[Path]) -> list[list[Path]]:
+    """The parse calls of a run: every PDF in one (full throughput), or one each."""
+    return [pdfs] if mode == "full throughput" else [[pdf] for pdf in pdfs]
 
-    def counting_step():
-        outputs = step()
-        generated[0] += sum(len(out.token_ids) for out in outputs if out.finished)
-        return outputs
 
-    llm.engine.step = counting_step
-    parser.parse(pdfs[:1], tmp / "warm-up")
-    rows = []
-    for run, jobs in (("glmrt parse, single concurrency", [[pdf] for pdf in pdfs]),
-                      ("glmrt parse, full throughput", [pdfs])):
-        regions, generated[0] = [0], 0
+class GlmrtParse:
+    """glmrt parse in this process: its engine and layout model, warmed up on a document, counting
+    the tokens the engine generates."""
+
+    def __init__(self, model: str | Path, layout: Path, tokens: int, warm_up: Path, tmp: Path):
+        started = time.perf_counter()
+        llm = glmrt.LLM(str(model), device=DEVICE, dtype=DTYPE, max_num_seqs=MAX_NUM_SEQS)
+        self.engine_start_s = time.perf_counter() - started
+        self.parser = DocumentParser(llm, LayoutDetector.from_pretrained(layout, device=DEVICE), max_tokens=tokens)
+        self.generated = 0
+        step = llm.engine.step
+
+        def counting_step():
+            outputs = step()
+            self.generated += sum(len(out.token_ids) for out in outputs if out.finished)
+            return outputs
+
+        llm.engine.step = counting_step
+        started = time.perf_counter()
+        self.parser.parse([warm_up], tmp / "warm-up")
+        self.warm_up_s = time.perf_counter() - started
+        self.tmp = tmp
+        print(f"glmrt parse: engine started in {self.engine_start_s:.1f} s, warm-up document in {self.warm_up_s:.1f} s")
+
+    def run(self, mode: str, pdfs: list[Path]) -> dict:
+        """(a) or (b) -> its row."""
+        name, regions, self.generated = f"glmrt parse, {mode}", [0], 0
         count = lambda kind, n: regions.__setitem__(0, regions[0] + n) if kind == "regions" else None  # noqa: E731
         start = time.perf_counter()
-        for i, job in enumerate(jobs):
-            results = parser.parse(job, tmp / run / str(i), on_progress=count)
+        for i, job in enumerate(jobs(mode, pdfs)):
+            results = self.parser.parse(job, self.tmp / name / str(i), on_progress=count)
             assert all(not r.errors for r in results), [r.errors for r in results]
-        rows.append(row(run, len(pdfs), pages_of(pdfs), regions[0], generated[0], time.perf_counter() - start))
-    return rows
+        return row(name, len(pdfs), pages_of(pdfs), regions[0], self.generated, time.perf_counter() - start)
 
 
-def sdk_runs(model: Path, layout: Path, pdfs: list[Path], tokens: int, tmp: Path) -> tuple[list[dict], str | None]:
-    """(c) and (d): the glmocr SDK's pipeline against glmrt serve -> rows, or none and why not."""
+def sdk_runs(model: str | Path, layout: Path, pdfs: list[Path], tokens: int,
+             tmp: Path) -> tuple[list[dict], str | None]:
+    """(c) and (d): the glmocr SDK's pipeline against glmrt serve -> rows (in MODES' order), or none
+    and why not."""
     try:
         import cv2  # noqa: F401 -- transformers' PP-DocLayoutV3 polygons, in the SDK's layout step
         import torchvision  # noqa: F401 -- its PPDocLayoutV3ImageProcessor
@@ -100,18 +122,17 @@ def sdk_runs(model: Path, layout: Path, pdfs: list[Path], tokens: int, tmp: Path
         with GlmOcr(mode="selfhosted", ocr_api_host="127.0.0.1", ocr_api_port=int(url.rsplit(":", 1)[1]),
                     model="glm-ocr", layout_device=DEVICE, log_level="WARNING", _dotted=settings) as sdk:
             sdk.parse(str(pdfs[0]))  # warm-up
-            for run, jobs in (("glmocr SDK -> glmrt serve, single concurrency", [[pdf] for pdf in pdfs]),
-                              ("glmocr SDK -> glmrt serve, full throughput", [pdfs])):
+            for mode in MODES:
                 before = counter(url, "glmrt:generation_tokens_total")
                 regions, start = 0, time.perf_counter()
-                for job in jobs:
+                for job in jobs(mode, pdfs):
                     results = sdk.parse([str(pdf) for pdf in job])
                     for result in results:
                         if getattr(result, "_error", None):
                             raise RuntimeError(f"the SDK failed on {result.original_images}: {result._error}")
                         regions += sum(region["label"] != "image" for page in result.json_result for region in page)
                 seconds = time.perf_counter() - start
-                rows.append(row(run, len(pdfs), pages_of(pdfs), regions,
+                rows.append(row(f"glmocr SDK -> glmrt serve, {mode}", len(pdfs), pages_of(pdfs), regions,
                                 int(counter(url, "glmrt:generation_tokens_total") - before), seconds))
     return rows, None
 
@@ -140,13 +161,14 @@ def row(run: str, documents: int, pages: int, regions: int, tokens: int, seconds
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="GLM-OCR checkpoint dir (default: built, see above)")
+    parser.add_argument("--model", help="GLM-OCR checkpoint dir or Hub id (default: built, see above)")
     parser.add_argument("--layout-model", type=Path, help="PP-DocLayoutV3 dir (default: a tiny random one)")
+    parser.add_argument("--key", action="store_true", help="the key numbers only: glmrt parse, without the SDK")
     parser.add_argument("--documents", type=int, help=f"PDFs per run (default {DEFAULTS['documents']})")
     parser.add_argument("--pages", type=int, help=f"pages per PDF (default {DEFAULTS['pages']})")
     parser.add_argument("--tokens-per-region", type=int, help=f"(default {DEFAULTS['tokens']})")
-    parser.add_argument("--sdk", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run the glmocr SDK's pipeline against glmrt serve (default: yes)")
+    parser.add_argument("--sdk", action=argparse.BooleanOptionalAction,
+                        help="also run the glmocr SDK's pipeline against glmrt serve (default: yes, no with --key)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; a temp folder with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoints and sizes (CPU-capable)")
     args = parser.parse_args(argv)
@@ -156,27 +178,40 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.tokens_per_region or sizes["tokens"]
     if min(docs, pages, tokens) < 1:
         parser.error("--documents, --pages and --tokens-per-region must be >= 1")
+    sdk = args.sdk if args.sdk is not None else not args.key
     real = CUDA and not args.smoke
+    where = f"{docs} generated PDFs x {pages} pages, random layout model, {tokens} tokens per region"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = args.model or build_checkpoint(tmp / "ckpt", real_config() if real else cpu_config(), dtype=DTYPE)
+        model = args.model or write_checkpoint(tmp / "ckpt", real)
         layout = args.layout_model or build_tiny_layout_checkpoint(tmp / "layout")
         pdfs = [scanned_pdf(tmp / "in", i, pages) for i in range(docs)]
         # The SDK's runs first: its server process must have the device to itself while it sizes
         # its KV cache, before this process holds an engine.
-        sdk_rows, sdk_note = sdk_runs(model, layout, pdfs, tokens, tmp) if args.sdk else ([], "not requested (--no-sdk)")
-        rows = glmrt_runs(model, layout, pdfs, tokens, tmp) + sdk_rows
-    by_run = {r["run"]: r for r in rows}
-    ratios = [dict(comparison=f"{mode}: glmrt parse / glmocr SDK -> glmrt serve",
-                   pages_per_s=by_run[f"glmrt parse, {mode}"]["pages_per_s"]
-                   / by_run[f"glmocr SDK -> glmrt serve, {mode}"]["pages_per_s"])
-              for mode in ("single concurrency", "full throughput") if f"glmocr SDK -> glmrt serve, {mode}" in by_run]
+        if sdk:
+            sdk_rows, sdk_note = sdk_runs(model, layout, pdfs, tokens, tmp)
+        else:
+            sdk_rows, sdk_note = [], "not run (--no-sdk; --key implies it): the key numbers have no peer"
+        peers = dict(zip(MODES, sdk_rows))
+        glmrt_parse = GlmrtParse(model, layout, tokens, pdfs[0], tmp)
+        rows, key, ratios = [], [], []
+        for mode in MODES:
+            ours, theirs = glmrt_parse.run(mode, pdfs), peers.get(mode)
+            rows.append(ours)
+            peer = dict(peer=theirs["pages_per_s"], peer_name=SDK_PEER) if theirs else {}
+            key.append(key_row(f"glmrt parse pages/s, {mode}: {where}", "pages/s", ours["pages_per_s"],
+                               better="higher", **peer))
+            if theirs:
+                ratios.append(dict(comparison=f"{mode}: glmrt parse / {SDK_PEER}",
+                                   pages_per_s=ours["pages_per_s"] / theirs["pages_per_s"]))
+        rows += sdk_rows
     checkpoint = str(args.model or ("GLM-OCR's real config, random weights" if real else "tiny test checkpoint"))
-    meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=args.smoke, documents=docs, pages_per_document=pages,
-                    tokens_per_region=tokens, model=checkpoint, max_num_seqs=MAX_NUM_SEQS,
+    meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=args.smoke, key_only=args.key, documents=docs,
+                    pages_per_document=pages, tokens_per_region=tokens, model=checkpoint, max_num_seqs=MAX_NUM_SEQS,
                     server_flags=" ".join(SERVER_FLAGS), sdk_note=sdk_note,
                     layout_model=str(args.layout_model or "tiny random PP-DocLayoutV3"))
-    results = dict(rows=rows, ratios=ratios)
+    results = dict(rows=rows, ratios=ratios, key=key, engine_start_s=glmrt_parse.engine_start_s,
+                   warm_up_s=glmrt_parse.warm_up_s)
     lines = [f"# glmrt parse on {meta['device']['name']}", "", provenance(meta),
              f"- layout: {meta['layout_model']}; engine max_num_seqs {MAX_NUM_SEQS}",
              *SUMMARIZERS["documents"]({**meta, **results})]

@@ -1,6 +1,6 @@
 """`glmrt serve` under the glmocr SDK's traffic, and transformers on the same requests.
 
-    python benchmarks/serve.py [--model DIR] [--requests N] [--concurrency 1 8 32]
+    python benchmarks/serve.py [--model DIR] [--key] [--requests N] [--concurrency 1 8 32]
                                [--baseline transformers|none] [--out DIR] [--smoke]
 
 Starts `glmrt serve` on a checkpoint: --model, else one written to a temp dir: GLM-OCR's real
@@ -19,14 +19,22 @@ requests/s, output tokens/s, p50/p99 time to first token (request sent -> first 
 the server sends once the first token is sampled) and p50/p99 latency (request sent -> last
 byte), and how many requests returned the same text as at concurrency 1.
 
---baseline transformers (default on a GPU; on CPU it compares the tiny model): the same requests
-(decoded images, same prompts) through transformers' GlmOcrForConditionalGeneration.generate (sdpa,
-the server's dtype), one at a time, then in padded batches of the highest concurrency (halved while
-it runs out of memory). A batch runs to its longest request (min_new_tokens), so its requests
-finish together; only each request's own tokens are counted. Side by side as ratios: glmrt at
-concurrency 1 against one at a time, glmrt at the highest concurrency against the batches.
-Writes <out>/serve-<device>-<timestamp>.json and .md; --smoke: 16 tiny requests of 4 tokens, to
-check that it works.
+--baseline transformers (default on a GPU and with --key; on CPU it compares the tiny model): the
+same requests (decoded images, same prompts) through transformers' GlmOcrForConditionalGeneration.
+generate (sdpa, the server's dtype), one at a time where concurrency 1 was measured, and in padded
+batches of the highest concurrency (halved while it runs out of memory). A batch runs to its
+longest request (min_new_tokens), so its requests finish together; only each request's own tokens
+are counted. Side by side as ratios: glmrt at concurrency 1 against one at a time, glmrt at the
+highest concurrency against the batches.
+
+Key numbers (results["key"], quoted by the GPU suite): output tokens/s, requests/s and TTFT p50 of
+glmrt serve at the highest concurrency, transformers' padded batches as the peer. --key measures
+only them: 64 requests, 32 in flight, transformers in batches of 32 (sized for about 60 s on an H100,
+most of it the server's start with its CUDA graphs and transformers' two batches of 512 steps). The
+glmrt rows are made as soon as glmrt's run ends, without a peer, and again with it once
+transformers' batches end, so that a run cut off in between still has glmrt's numbers.
+Writes <out>/serve-<device>-<timestamp>.json and .md; --smoke: tiny requests of 4 tokens (16, or
+--key's 64), to check that it works.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -50,13 +59,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common import metadata, output_dir, provenance, write_report
+from common import key_row, metadata, output_dir, provenance, write_report
 
+import glmrt  # noqa: E402
+from glmrt.config import ModelConfig  # noqa: E402
 from glmrt.image_processor import load_image  # noqa: E402
+from glmrt.loader import resolve_model_path  # noqa: E402
 from glmrt_testing import glmrt_command  # noqa: E402
-from glmrt_testing.tiny_checkpoint import build_checkpoint, real_config, tiny_config  # noqa: E402
+from glmrt_testing.tiny_checkpoint import build_checkpoint, tiny_config  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 MODEL_NAME = "glm-ocr"  # what the SDK sends as "model"
 # kind -> (prompt, (min, max) width, (min, max) height, new tokens); sizes as the SDK's crops of a
@@ -69,6 +82,7 @@ REGIONS = {
 }
 MIX = ["text"] * 8 + ["formula"] * 4 + ["table"] * 3 + ["page"]  # per 16 regions of a document
 SMOKE_SCALE, SMOKE_TOKENS = 8, 4  # --smoke: sides / 8, 4 tokens each
+KEY_REQUESTS, KEY_CONCURRENCY = 64, 32  # --key: 4 of each 16 requests' mix, two waves of 32
 REQUEST_TIMEOUT_S = STARTUP_TIMEOUT_S = 600.0
 SERVER_FLAGS = ["--served-model-name", MODEL_NAME, "--device", "cuda" if CUDA else "cpu",
                 "--dtype", str(DTYPE).removeprefix("torch.")]
@@ -153,6 +167,18 @@ def cpu_config():
     return config
 
 
+def write_checkpoint(path: Path, real: bool) -> Path:
+    """GLM-OCR's real config with random weights drawn on the GPU (real), else cpu_config()'s tiny
+    checkpoint, written to `path`."""
+    if not real:
+        return build_checkpoint(path, cpu_config(), dtype=DTYPE)
+    from glmrt_testing.random_weights import write_glm_ocr
+
+    write_glm_ocr(path, device="cuda", dtype=DTYPE)
+    torch.cuda.empty_cache()  # the weights drawn here stay cached otherwise, out of the server's KV cache
+    return path
+
+
 # ----------------------------------------------------------------------------- glmrt serve
 
 
@@ -162,16 +188,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    sys.exit(128 + signum)
+
+
 @contextlib.contextmanager
 def glmrt_server(model: Path, log_path: Path, *flags: str) -> Iterator[str]:
     """`glmrt serve MODEL SERVER_FLAGS FLAGS` on a free loopback port until the block ends; yields
-    its base URL."""
+    its base URL once it answers /health. The server is always stopped: it runs in this process's
+    process group (a timeout that signals the group reaches it too), and while the block runs,
+    SIGTERM to this process alone unwinds it (SystemExit) through the finally that stops it."""
     port = free_port()
     cmd = glmrt_command("serve", str(model), "--host", "127.0.0.1", "--port", str(port),
                         "--log-level", "warning", *SERVER_FLAGS, *flags)
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             while True:
@@ -185,6 +218,7 @@ def glmrt_server(model: Path, log_path: Path, *flags: str) -> Iterator[str]:
                 time.sleep(0.5)
             yield url
         finally:
+            signal.signal(signal.SIGTERM, previous)  # unwinds once; a second SIGTERM acts as it did before
             proc.terminate()
             try:
                 proc.wait(timeout=30)
@@ -269,7 +303,36 @@ class FirstTokenClock:
         pass
 
 
-def hf_run(hf, regions: list[Region], batch: int) -> tuple[float, list[Record]]:
+class Transformers:
+    """transformers' GlmOcrForConditionalGeneration (sdpa, the server's dtype) fed the inputs of
+    glmrt's processor, left-padded into a batch as transformers' processor pads one."""
+
+    def __init__(self, path: Path):
+        from transformers import GlmOcrForConditionalGeneration
+
+        self.model = GlmOcrForConditionalGeneration.from_pretrained(
+            path, dtype=DTYPE, attn_implementation="sdpa").to(DEVICE).eval()
+        self.processor = glmrt.Processor.from_pretrained(path)
+        config = ModelConfig.from_pretrained(path)
+        self.pad_id = config.text.eos_token_ids[0]  # what GLM-OCR's processor pads with
+        self.image_token_id = config.image_token_id
+
+    def inputs(self, regions: list[Region]) -> dict:
+        """input_ids and attention_mask (batch, longest prompt), the images' patches and grids."""
+        processed = [self.processor(images=[load_image(r.jpeg)], prompt=r.prompt) for r in regions]
+        width = max(len(p.input_ids) for p in processed)
+        ids = torch.full((len(processed), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(processed):
+            ids[row, width - len(p.input_ids):] = torch.tensor(p.input_ids)
+            mask[row, width - len(p.input_ids):] = 1
+        inputs = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == self.image_token_id).int(),
+                      pixel_values=torch.cat([p.pixel_values for p in processed]),
+                      image_grid_thw=torch.cat([p.image_grid_thw for p in processed]))
+        return {k: v.to(DEVICE) for k, v in inputs.items()}
+
+
+def hf_run(hf: Transformers, regions: list[Region], batch: int) -> tuple[float, list[Record]]:
     """`regions` through transformers in padded batches of `batch`, each run to its longest
     request; times are from the start of the request's batch (when its client sent it)."""
     records = []
@@ -280,7 +343,7 @@ def hf_run(hf, regions: list[Region], batch: int) -> tuple[float, list[Record]]:
         clock = FirstTokenClock()
         sent = time.perf_counter()
         with torch.inference_mode():
-            inputs = hf.inputs([{"images": [load_image(r.jpeg)], "prompt": r.prompt} for r in group])
+            inputs = hf.inputs(group)
             out = hf.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                     repetition_penalty=1.1, streamer=clock)
         if CUDA:
@@ -294,7 +357,7 @@ def hf_run(hf, regions: list[Region], batch: int) -> tuple[float, list[Record]]:
     return time.perf_counter() - start, records
 
 
-def hf_batched(hf, regions: list[Region], batch: int) -> tuple[int, float, list[Record]]:
+def hf_batched(hf: Transformers, regions: list[Region], batch: int) -> tuple[int, float, list[Record]]:
     """hf_run at the largest batch (from `batch`, halving) that fits in GPU memory."""
     while True:
         try:
@@ -335,6 +398,24 @@ def ratio(name: str, ours: dict, theirs: dict) -> dict:
                 latency_p99=theirs["latency_p99_ms"] / ours["latency_p99_ms"])
 
 
+def key_rows(ours: dict, theirs: dict | None, requests: int) -> list[dict]:
+    """The key numbers: glmrt serve's run `ours`, transformers' padded batches `theirs` (None: not
+    run yet, or not at all) as the peer."""
+    where = f"{requests} region requests, {ours['concurrency']} in flight"
+    dtype = str(DTYPE).removeprefix("torch.")
+
+    def peer(field: str) -> dict:
+        return dict(peer=theirs[field], peer_name=f"transformers {dtype} sdpa, padded batches of "
+                    f"{theirs['concurrency']}") if theirs else {}
+
+    return [key_row(f"glmrt serve output tokens/s, {where}", "tokens/s", ours["output_tokens_per_s"],
+                    better="higher", **peer("output_tokens_per_s")),
+            key_row(f"glmrt serve requests/s, {where}", "requests/s", ours["requests_per_s"], better="higher",
+                    **peer("requests_per_s")),
+            key_row(f"glmrt serve TTFT p50 (request sent -> first token), {where}", "ms", ours["ttft_p50_ms"],
+                    **peer("ttft_p50_ms"))]
+
+
 def markdown(meta: dict, regions: list[Region], rows: list[dict], ratios: list[dict]) -> list[str]:
     kinds = {k: sum(r.kind == k for r in regions) for k in REGIONS}
     mix = ", ".join(f"{n} {k} ({REGIONS[k][3] if not meta['smoke'] else SMOKE_TOKENS} tokens)"
@@ -343,7 +424,8 @@ def markdown(meta: dict, regions: list[Region], rows: list[dict], ratios: list[d
              f"- checkpoint: {meta['checkpoint']}; `glmrt serve {meta['server_flags']}`",
              f"- {len(regions)} SDK-style region requests: {mix}; JPEG {sum(len(r.jpeg) for r in regions) / 1e3:.0f} kB "
              "in all; greedy, repetition_penalty 1.1, streamed",
-             f"- preemptions in the server: {meta['preemptions']}", "",
+             f"- the server answered /health {meta['server_start_s']:.1f} s after it was started; "
+             f"preemptions in it: {meta['preemptions']}", "",
              "| run | concurrency | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | "
              "latency p99 ms | same text |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -363,26 +445,35 @@ def markdown(meta: dict, regions: list[Region], rows: list[dict], ratios: list[d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="checkpoint dir (default: built, see above)")
-    parser.add_argument("--requests", type=int, help="region requests per run (default 32, 16 with --smoke)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="requests in flight")
-    parser.add_argument("--baseline", choices=["transformers", "none"], default="transformers" if CUDA else "none",
-                        help="also run the requests through transformers (default on a GPU)")
+    parser.add_argument("--model", help="checkpoint dir or Hub id (default: built, see above)")
+    parser.add_argument("--key", action="store_true",
+                        help=f"the key numbers only: {KEY_REQUESTS} requests, {KEY_CONCURRENCY} in flight, "
+                             "against transformers' padded batches")
+    parser.add_argument("--requests", type=int,
+                        help=f"region requests per run (default 32, 16 with --smoke, {KEY_REQUESTS} with --key)")
+    parser.add_argument("--concurrency", type=int, nargs="+",
+                        help=f"requests in flight (default 1 8 32, {KEY_CONCURRENCY} with --key)")
+    parser.add_argument("--baseline", choices=["transformers", "none"],
+                        help="also run the requests through transformers (default on a GPU and with --key)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; a temp folder with --smoke)")
-    parser.add_argument("--smoke", action="store_true", help="few tiny requests of 4 tokens (numbers meaningless)")
+    parser.add_argument("--smoke", action="store_true", help="tiny requests of 4 tokens (numbers meaningless)")
     args = parser.parse_args(argv)
-    count = args.requests if args.requests is not None else 16 if args.smoke else 32
-    if count < 1 or min(args.concurrency) < 1:
+    count = args.requests if args.requests is not None else KEY_REQUESTS if args.key else 16 if args.smoke else 32
+    levels = sorted(set(args.concurrency or ([KEY_CONCURRENCY] if args.key else [1, 8, 32])))
+    baseline = args.baseline or ("transformers" if CUDA or args.key else "none")
+    if count < 1 or levels[0] < 1:
         parser.error("--requests and --concurrency must be >= 1")
-    levels = sorted(set(args.concurrency))
     regions = make_regions(count, args.smoke)
     rows, ratios = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         real = CUDA and not args.smoke
-        model = args.model or build_checkpoint(tmp / "ckpt", real_config() if real else cpu_config(), dtype=DTYPE)
+        model = resolve_model_path(args.model) if args.model else write_checkpoint(tmp / "ckpt", real)
         checkpoint = str(args.model or ("GLM-OCR's real config, random weights" if real else "tiny test checkpoint"))
+        started = time.perf_counter()
         with glmrt_server(model, tmp / "server.log") as url:
+            server_start_s = time.perf_counter() - started
+            print(f"glmrt serve answered /health after {server_start_s:.1f} s")
             # warm-up: every image size once (Triton specializations, allocator), 2 tokens each
             asyncio.run(drive(url, [dataclasses.replace(r, max_tokens=2) for r in regions], max(levels)))
             ours: dict[int, list[Record]] = {}
@@ -390,25 +481,26 @@ def main(argv: list[str] | None = None) -> int:
                 wall, ours[c] = asyncio.run(drive(url, regions, c))
                 rows.append(stats("glmrt serve", min(c, count), wall, ours[c], ours[levels[0]]))
             preempted = preemptions(url)
-        if args.baseline == "transformers":
-            from e2e import HFSide  # the e2e benchmark's transformers side: same inputs, left-padded batches
-
-            hf = HFSide(model)
+        top = rows[-1]  # glmrt at the highest concurrency
+        key = key_rows(top, None, count)
+        if baseline == "transformers":
+            hf = Transformers(model)
             hf_run(hf, [dataclasses.replace(r, max_tokens=2) for r in regions[:4]], 4)  # warm-up
-            wall, records = hf_run(hf, regions, 1)
-            rows.append(stats("transformers, one at a time", 1, wall, records, ours[levels[0]]))
-            ratios.append(ratio(f"concurrency {rows[0]['concurrency']} vs one at a time", rows[0], rows[-1]))
-            batch, wall, records = hf_batched(hf, regions, min(max(levels), count))
-            rows.append(stats(f"transformers, batches of {batch}", batch, wall, records, ours[max(levels)]))
-            top = rows[len(levels) - 1]
+            if levels[0] == 1:
+                wall, records = hf_run(hf, regions, 1)
+                rows.append(stats("transformers, one at a time", 1, wall, records, ours[1]))
+                ratios.append(ratio("concurrency 1 vs one at a time", rows[0], rows[-1]))
+            batch, wall, records = hf_batched(hf, regions, top["concurrency"])
+            rows.append(stats(f"transformers, batches of {batch}", batch, wall, records, ours[levels[-1]]))
             ratios.append(ratio(f"concurrency {top['concurrency']} vs batches of {batch}", top, rows[-1]))
-    meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=args.smoke, checkpoint=checkpoint,
-                    server_flags=" ".join(SERVER_FLAGS), preemptions=preempted,
+            key = key_rows(top, rows[-1], count)
+    meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=args.smoke, key_only=args.key, checkpoint=checkpoint,
+                    server_flags=" ".join(SERVER_FLAGS), server_start_s=server_start_s, preemptions=preempted,
                     regions=[dict(kind=r.kind, width=r.width, height=r.height, jpeg_bytes=len(r.jpeg),
                                   max_tokens=r.max_tokens) for r in regions])
     lines = markdown(meta, regions, rows, ratios)
     print("\n".join(lines))
-    write_report(output_dir(args.out, args.smoke), "serve", meta, dict(rows=rows, ratios=ratios), lines)
+    write_report(output_dir(args.out, args.smoke), "serve", meta, dict(rows=rows, ratios=ratios, key=key), lines)
     return 0
 
 
