@@ -128,19 +128,21 @@ def floor_ms(nbytes: float, bandwidth_gbps: float) -> float:
 
 
 def key_row(metric: str, unit: str, glmrt: float, *, better: str = "lower", peer: float | None = None,
-            peer_name: str | None = None, floor: float | None = None, floor_basis: str | None = None) -> dict:
+            peer_name: str | None = None, floors: dict[str, float] | None = None) -> dict:
     """One key number of the GPU suite (key.json's "key_numbers"): glmrt's value, its peer's from
-    the same run on the same device, and the hardware floor, all in `unit`. `better` says which
-    way is good ("lower" for times, "higher" for rates); vs_peer and pct_of_floor are oriented so
-    that > 1 (> 100%) means glmrt is ahead of the peer (past the floor, which cannot happen)."""
+    the same run on the same device, and the hardware floors, all in `unit`. `floors` maps what a
+    floor counts ("weights", "weights + KV": the bytes a step must read, over the measured copy
+    bandwidth) to its value. `better` says which way is good ("lower" for times, "higher" for
+    rates); vs_peer and pct are oriented so that > 1 (> 100%) means glmrt is ahead of the peer
+    (past the floor, which cannot happen)."""
     if better not in ("lower", "higher"):
         raise ValueError(f"better must be 'lower' or 'higher', got {better!r}")
+    ahead = (lambda other: other / glmrt) if better == "lower" else (lambda other: glmrt / other)
     row = dict(metric=metric, unit=unit, glmrt=glmrt, better=better)
     if peer is not None:
-        row.update(peer=peer, peer_name=peer_name, vs_peer=peer / glmrt if better == "lower" else glmrt / peer)
-    if floor is not None:
-        row.update(floor=floor, floor_basis=floor_basis,
-                   pct_of_floor=100 * (floor / glmrt if better == "lower" else glmrt / floor))
+        row.update(peer=peer, peer_name=peer_name, vs_peer=ahead(peer))
+    if floors:
+        row["floors"] = [dict(basis=basis, value=value, pct=100 * ahead(value)) for basis, value in floors.items()]
     if os.environ.get(KEY_ROWS_ENV):  # the suite keeps each row as it is made: a step cut off by
         with open(os.environ[KEY_ROWS_ENV], "a") as f:  # its timeout still returns what it measured
             f.write(json.dumps(row) + "\n")

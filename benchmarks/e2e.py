@@ -263,10 +263,10 @@ def ttft_ms(engine: LLMEngine, hf: HFSide, image: Image.Image) -> tuple[float, f
 
 
 def compared_key_row(r: dict) -> dict:
-    """A row of the table against transformers as a key number (decode rows with their weights +
-    KV floor)."""
-    floor = dict(floor=r["floor_ms"], floor_basis="weights + KV") if "floor_ms" in r else {}
-    return key_row(r["metric"], r["unit"], r["glmrt"], peer=r["transformers"], peer_name=r["peer_name"], **floor)
+    """A row of the table against transformers as a key number (decode rows with their two floors:
+    weights, and weights + KV)."""
+    floors = {"weights": r["weights_floor_ms"], "weights + KV": r["floor_ms"]} if "floor_ms" in r else None
+    return key_row(r["metric"], r["unit"], r["glmrt"], peer=r["transformers"], peer_name=r["peer_name"], floors=floors)
 
 
 def memory_key_rows(memory: dict) -> list[dict]:
@@ -282,7 +282,7 @@ def trace_key_rows(trace: dict, floor_us: float) -> list[dict]:
     of the step (weights + the row's KV)."""
     what = f"decode graph replay, batch 1, context {trace['context']}"
     return [key_row(f"{what}: device ops (kernels, memsets, copies)", "ops", trace["device_ops"])] + [
-        key_row(f"{what}: {name}, us", "us", trace[field], floor=floor_us, floor_basis="weights + KV")
+        key_row(f"{what}: {name}, us", "us", trace[field], floors={"weights + KV": floor_us})
         for name, field in (("kernel time", "kernel_us"), ("wall time on the device", "wall_us"))]
 
 

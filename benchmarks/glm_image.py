@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             key.append(key_row(f"GLM-Image AR decode tokens/s, batch {batch}, {size}x{size} image", "tokens/s",
                                row["glmrt_tokens_per_s"], better="higher", peer=row["transformers_tokens_per_s"],
-                               peer_name=peer, floor=floor_tps, floor_basis=row["floor_basis"]))
+                               peer_name=peer, floors={row["floor_basis"]: floor_tps}))
         image_tokens = glmrt.glm_image.generation_length(glmrt.glm_image.target_grids(size, size, True))
         if args.key:  # the prefill, then every other token at the measured batch-1 rate
             image_s = rows[0]["prefill_s"] + (image_tokens - 1) / rows[0]["glmrt_tokens_per_s"]

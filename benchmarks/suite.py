@@ -465,16 +465,17 @@ def summary_markdown(r: dict) -> str:
     lines += [f"| {s['name']} | {s['status']} | {fmt(s['seconds'])} | {fmt(s['timeout'])} | {s['note'].replace('|', '/')} |"
               for s in r["steps"]]
     lines += ["", "## Key numbers", "",
-              "vs peer > 1: glmrt ahead; % of floor: of the hardware floor (bytes over the measured copy bandwidth).", "",
-              "| step | metric | glmrt | peer | vs peer | floor | % of floor |", "|---|---|---|---|---|---|---|"]
+              "vs peer > 1: glmrt ahead of its peer (same run, same device). Floors: the bytes a step must read "
+              "(weights; weights + KV) over the copy bandwidth measured on this machine; 100% is the floor.", "",
+              "| step | metric | glmrt | peer | vs peer | floors: % of |", "|---|---|---|---|---|---|"]
     for row in r["key_numbers"]:
         peer = f"{fmt(row.get('peer'), row['unit'])} ({row.get('peer_name')})" if row.get("peer") is not None else "-"
-        floor = f"{fmt(row.get('floor'), row['unit'])} ({row.get('floor_basis')})" if row.get("floor") is not None else "-"
         vs = f"{row['vs_peer']:.2f}x" if row.get("vs_peer") is not None else "-"
-        pct = f"{row['pct_of_floor']:.0f}%" if row.get("pct_of_floor") is not None else "-"
+        floors = "; ".join(f"{f['pct']:.0f}% of {fmt(f['value'], row['unit'])} ({f['basis']})"
+                           for f in row.get("floors", [])) or "-"
         partial = " (partial: step cut off)" if row.get("partial") else ""
         lines.append(f"| {row['step']} | {row['metric']}{partial} | {fmt(row['glmrt'], row['unit'])} | {peer} | {vs} | "
-                     f"{floor} | {pct} |")
+                     f"{floors} |")
     if r["smoke_checks"]:
         lines += ["", "## Smoke: steps without host-device waits", "", "| case | batch | result |", "|---|---|---|"]
         lines += [f"| {c['case']} | {c['batch']} | {'ok' if c['ok'] else '; '.join(c['errors']).replace('|', '/')} |"

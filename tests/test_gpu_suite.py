@@ -27,6 +27,7 @@ FILES = {"key.json", "SUMMARY.md", "logs.tar.gz", "triton-cache.tar.gz"}
 def suite_module():
     spec = importlib.util.spec_from_file_location("glmrt_suite", REPO / "benchmarks" / "suite.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -107,7 +108,10 @@ def test_key_dry_run_runs_every_step_and_writes_the_files(tmp_path):
         assert {"metric", "unit", "glmrt", "better"} <= set(row) and row["glmrt"] > 0 and not row.get("partial")
         if "peer" in row:
             assert row["peer_name"] and row["vs_peer"] > 0
-    assert any("peer" in r for r in rows) and any("floor" in r for r in rows)
+        for floor in row.get("floors", []):
+            assert floor["basis"] in ("weights", "weights + KV") and floor["value"] > 0 and floor["pct"] > 0
+    assert any("peer" in r for r in rows)
+    assert {f["basis"] for r in rows for f in r.get("floors", [])} == {"weights", "weights + KV"}
     assert report["smoke_checks"] and all(c["ok"] for c in report["smoke_checks"])
     assert report["machine"]["copy_bandwidth_gbps"] > 0
     assert report["gpu_tests"]["counts"].get("skipped", 0) > 0 and not report["gpu_tests"]["failures"]
@@ -162,12 +166,12 @@ def test_a_hung_step_is_cut_off_and_keeps_what_it_measured(tmp_path):
 def test_a_failing_step_does_not_stop_the_next(tmp_path, tiny_checkpoint):
     python = stand_in_python(tmp_path, "smoke.py", "echo 'smoke broke' >&2; exit 3")
     out = tmp_path / "out"
-    done = run_suite("--key", "--dry-run", "--model", str(tiny_checkpoint), "--only", "smoke,structured",
+    done = run_suite("--key", "--dry-run", "--model", str(tiny_checkpoint), "--only", "smoke,gpu-tests",
                      "--out", str(out), python=python, timeout=300)
     assert done.returncode == 1
     steps = steps_of(json.loads((out / "key.json").read_text()))
     assert steps["smoke"]["status"] == "FAIL" and steps["smoke"]["exit"] == 3 and steps["smoke"]["note"] == "smoke broke"
-    assert steps["structured"]["status"] == "PASS"
+    assert steps["gpu-tests"]["status"] == "PASS"
     assert steps["decode"]["status"] == "SKIPPED" and steps["decode"]["note"] == "not in --only"
     assert "smoke broke" in done.stdout  # the failing step's tail is printed
 
