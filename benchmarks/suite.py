@@ -183,10 +183,12 @@ class Suite:
         wheels = sorted((REPO / ".whl").glob("*.whl"))
         if wheels and not self.dry:  # packages the GPU image lacks, carried as wheels (fetch_wheels.sh)
             site = self.work / "site"
-            subprocess.run([self.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                            "--target", str(site), *map(str, wheels)], check=False)
+            with open(self.logs / "wheels.log", "w") as log:  # a failure shows in the steps that need them
+                done = subprocess.run([self.python, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile",
+                                       "--target", str(site), *map(str, wheels)], stdout=log, stderr=subprocess.STDOUT)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
-            self.environment["carried_wheels"] = [w.name for w in wheels]
+            self.environment["carried_wheels"] = [w.name for w in wheels] + ([] if done.returncode == 0 else
+                                                                             ["(pip failed: logs/wheels.log)"])
         return env
 
     def run_step(self, step: Step, env: dict[str, str]) -> None:
@@ -304,8 +306,11 @@ class Suite:
                     [dict(test=t, message="") for t in outcomes.get("failed", []) + outcomes.get("error", [])])
 
     def write(self, final: bool = False) -> None:
-        """key.json, SUMMARY.md and logs.tar.gz, each written whole and renamed into place; and
-        the Triton cache after the benchmarks and at the end."""
+        """key.json, SUMMARY.md, logs.tar.gz and triton-cache.tar.gz, each written whole and renamed
+        into place (a few seconds at most: the compiled kernels are some MiB)."""
+        pack(self.logs, self.out / "logs.tar.gz")
+        self.environment["triton_cache_packed"] = pack(self.triton_cache, self.out / "triton-cache.tar.gz",
+                                                       keep=TRITON_CACHE_KEEP)
         rows, results = self.collect()
         smoke = results.get("smoke", {})
         report = dict(
@@ -321,11 +326,6 @@ class Suite:
             key_numbers=rows, smoke_checks=smoke.get("checks"), gpu_tests=self.gpu_tests(), results=results)
         atomic_write(self.out / "key.json", json.dumps(report, indent=1, default=str) + "\n")
         atomic_write(self.out / "SUMMARY.md", summary_markdown(report))
-        pack(self.logs, self.out / "logs.tar.gz")
-        benchmarks_done = all(s.status != "PENDING" for s in self.steps if s.name != "gpu-tests")
-        if final or (benchmarks_done and not (self.out / "triton-cache.tar.gz").exists()):
-            note = pack(self.triton_cache, self.out / "triton-cache.tar.gz", keep=TRITON_CACHE_KEEP)
-            self.environment["triton_cache_packed"] = note
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -384,7 +384,7 @@ def pack(folder: Path, target: Path, keep: tuple[str, ...] | None = None) -> str
                    key=lambda p: p.stat().st_mtime, reverse=True)
     while True:
         buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
             for p in files:
                 tar.add(p, arcname=str(p.relative_to(folder)))
         if buffer.tell() <= MAX_FILE_BYTES or not files:

@@ -6,6 +6,7 @@ trip between two machines."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -176,22 +177,48 @@ def test_a_failing_step_does_not_stop_the_next(tmp_path, tiny_checkpoint):
     assert "smoke broke" in done.stdout  # the failing step's tail is printed
 
 
+KERNEL = """
+import triton, triton.language as tl
+
+@triton.jit
+def add_one(x, y, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y + i, tl.load(x + i, mask=i < n) + 1, mask=i < n)
+"""
+COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+sys.path.insert(0, sys.argv[1])
+from kernel import add_one
+source = triton.compiler.ASTSource(fn=add_one, signature={"x": "*fp32", "y": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+                                   constexprs={"BLOCK": 128})
+print(len(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]))
+"""
+
+
+def compile_kernel(folder: Path, cache: Path) -> int:
+    """Compile the kernel in `folder` for sm_90 with `cache` as Triton's cache -> its cubin's size."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE, str(folder)], env={**env, "TRITON_CACHE_DIR": str(cache)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return int(done.stdout.split()[-1])
+
+
 def test_triton_cache_round_trip(tmp_path):
-    """Packed on one machine (IR texts dropped), restored on another under another path: Triton's
-    group files then name the members where they now are."""
+    """A kernel compiled on one lease, packed (IR texts dropped), restored on the next under another
+    path: Triton takes it from the cache (writes nothing new) and gets the same cubin."""
     suite = suite_module()
-    cache = tmp_path / "lease1" / "cache"
-    entry = cache / "ABC123"
-    entry.mkdir(parents=True)
-    for name in ("k.cubin", "k.json", "k.ptx", "k.ttir"):
-        (entry / name).write_bytes(os.urandom(64))
-    (entry / "__grp__k.json").write_text(json.dumps({"child_paths": {
-        name: str(entry / name) for name in ("k.cubin", "k.json", "k.ptx", "k.ttir")}}))
-    note = suite.pack(cache, tmp_path / "triton-cache.tar.gz", keep=suite.TRITON_CACHE_KEEP)
-    assert note.startswith("3 files")
-    restored = tmp_path / "lease2" / "cache"
-    assert "1 compiled kernels" in suite.restore_triton_cache(tmp_path / "triton-cache.tar.gz", restored)
-    group = json.loads((restored / "ABC123" / "__grp__k.json").read_text())["child_paths"]
-    assert group["k.cubin"] == str(restored / "ABC123" / "k.cubin")
-    assert (restored / "ABC123" / "k.cubin").read_bytes() == (entry / "k.cubin").read_bytes()
-    assert not (restored / "ABC123" / "k.ptx").exists()  # dropped; triton skips missing members
+    (tmp_path / "kernel.py").write_text(KERNEL)
+    first = tmp_path / "lease1" / "cache"
+    size = compile_kernel(tmp_path, first)
+    assert any(first.rglob("*.ptx")) and any(first.rglob("__grp__*.json"))
+    note = suite.pack(first, tmp_path / "triton-cache.tar.gz", keep=suite.TRITON_CACHE_KEEP)
+    assert note.startswith("3 files")  # the cubin, its metadata and the group file
+    shutil.rmtree(tmp_path / "lease1")  # the group file's absolute paths now lead nowhere
+    second = tmp_path / "lease2" / "cache"
+    assert "1 compiled kernels" in suite.restore_triton_cache(tmp_path / "triton-cache.tar.gz", second)
+    before = sorted(p.relative_to(second) for p in second.rglob("*"))
+    assert compile_kernel(tmp_path, second) == size
+    assert sorted(p.relative_to(second) for p in second.rglob("*")) == before  # a hit: nothing compiled
