@@ -201,8 +201,9 @@ def _e2e_numbers(data: dict) -> list[str]:
               "|---|---|---|---|---|---|"]
     for r in data["rows"]:
         pcts = [f"{r[k]:.0f}%" if k in r else "-" for k in ("pct_of_floor", "pct_of_weights_floor")]
-        lines.append(f"| {r['metric']} | {r['glmrt']:.4g} | {r['transformers']:.4g} | {r['speedup']:.2f}x | "
-                     f"{pcts[0]} | {pcts[1]} |")
+        theirs, speedup = ("out of memory", "-") if r["transformers"] is None else (
+            f"{r['transformers']:.4g}", f"{r['speedup']:.2f}x")
+        lines.append(f"| {r['metric']} | {r['glmrt']:.4g} | {theirs} | {speedup} | {pcts[0]} | {pcts[1]} |")
     if trace is None:
         return lines + ["", f"- decode graph replay trace: none ({data['trace_absent']})"]
     lines += ["", f"- decode graph replay, batch 1, context {trace['context']}: {trace['device_ops']} device ops, "
