@@ -176,8 +176,10 @@ class Suite:
         return 0 if self.passed() else 1
 
     def step_env(self) -> dict[str, str]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   TRITON_CACHE_DIR=str(self.triton_cache))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_CACHE_DIR=str(self.triton_cache))
+        hub_ids = [m for m in (self.args.model, self.args.image_model) if m and not Path(m).exists()]
+        if not hub_ids:  # every model is local: nothing may reach for the Hub (a GPU machine may have no network)
+            env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         if not self.dry:
             env.pop("TRITON_INTERPRET", None)  # on a GPU the kernels are compiled, never interpreted
         wheels = sorted((REPO / ".whl").glob("*.whl"))
@@ -208,9 +210,8 @@ class Suite:
         self.write()
         rows_file = self.work / f"{step.name}.rows.jsonl"
         log_path = self.logs / f"{step.name}.log"
-        # a checkpoint the suite did not manage to write is not passed on (the tests then write their own)
-        given = {self.args.model, self.args.image_model}
-        extra = {k: v for k, v in step.env.items() if v in given or Path(v).exists()}
+        # only checkpoints on disk are passed on; else (one not written, a Hub id) the tests write their own
+        extra = {k: v for k, v in step.env.items() if Path(v).exists()}
         step_env = dict(env, **extra, GLMRT_KEY_ROWS=str(rows_file))
         start = time.time()
         with open(log_path, "w") as log:
