@@ -198,7 +198,6 @@ class Suite:
         why = step.skip or self.blocked(step, env)
         if why is None and left < MIN_STEP_SECONDS:
             why = f"budget spent ({max(left, 0)} s left)"
-            step.status = "SKIPPED"
         if why is not None:
             step.status, step.note = "SKIPPED", why
             print(f"[{step.name}] skipped: {why}", flush=True)
@@ -313,15 +312,15 @@ class Suite:
         self.environment["triton_cache_packed"] = pack(self.triton_cache, self.out / "triton-cache.tar.gz",
                                                        keep=TRITON_CACHE_KEEP)
         rows, results = self.collect()
-        smoke = results.get("smoke", {})
+        smoke, config = results.get("smoke", {}), "tiny" if self.dry else "real"
         report = dict(
             suite="glmrt gpu_suite" + (" --key" if self.args.key else ""), format=1,
             state=self.state, overall=("PASS" if self.passed() else "FAIL") if final else "RUNNING",
             dry_run=self.dry, started=iso(self.started), updated=iso(time.time()),
             elapsed_s=round(time.time() - self.started, 1), budget_s=self.args.budget,
             environment=self.environment, machine=smoke.get("machine"),
-            models=dict(glm_ocr=self.args.model or "random weights, real config (written by the checkpoint step)",
-                        glm_image=self.args.image_model or "random weights, real config (image-checkpoint step)"),
+            models=dict(glm_ocr=self.args.model or f"random weights, {config} config (written by the checkpoint step)",
+                        glm_image=self.args.image_model or f"random weights, {config} config (image-checkpoint step)"),
             steps=[dict(name=s.name, status=s.status, exit=s.exit, seconds=s.seconds, timeout=s.timeout,
                         note=s.note or s.skip or "") for s in self.steps],
             key_numbers=rows, smoke_checks=smoke.get("checks"), gpu_tests=self.gpu_tests(), results=results)
