@@ -125,7 +125,7 @@ class Suite:
             Step("kernel-tests", 300, [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"], key=False),
             # -v: one line per test, so a run cut off by its limit still says which passed
             Step("gpu-tests", 600, [py, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "tests"],
-                 env={"GLMRT_GPU_MODEL": self.model, "GLMRT_GPU_IMAGE_MODEL": self.image_model}),
+                 env={"GLMRT_GPU_MODEL": self.model}),
         ]
         names = {s.name for s in steps}
         for option in (self.args.only, self.args.skip):
