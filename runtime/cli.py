@@ -35,7 +35,8 @@ SERVE_DESCRIPTION = """\
 an OpenAI-compatible server (POST /v1/chat/completions, /v1/completions; GET /v1/models, /health,
 /metrics) for the glmocr SDK, docling and any OpenAI client. Sampling fields a request leaves out
 take the checkpoint's generation_config.json values, then the glmocr SDK's (greedy,
-repetition_penalty 1.1, max_tokens 8192)."""
+repetition_penalty 1.1, max_tokens 8192). A GLM-Image pipeline checkpoint is served as OpenAI's
+images API instead (POST /v1/images/generations, /v1/images/edits; needs glmrt[image])."""
 
 EPILOG = """\
 sampling flags left out take their values from the checkpoint's generation_config.json
@@ -130,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--served-model-name", nargs="+", metavar="NAME",
-                       help="names clients may send as 'model' (default: glm-ocr and the model argument)")
+                       help="names clients may send as 'model' (default: glm-ocr, or glm-image for a GLM-Image "
+                            "checkpoint, and the model argument)")
     serve.add_argument("--api-key", default=os.environ.get("GLMRT_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1 (default: $GLMRT_API_KEY, else none)")
     serve.add_argument("--allowed-media-domains", nargs="+", default=[], metavar="HOST",
@@ -140,12 +142,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=1024,
                        help="requests accepted beyond --max-num-seqs before answering 503 (default 1024)")
     serve.add_argument("--max-images-per-request", type=int, default=16,
-                       help="images per chat request, and documents per POST /glmocr/parse (default 16)")
+                       help="images per chat request, documents per POST /glmocr/parse, condition images per "
+                            "POST /v1/images/edits (default 16)")
     serve.add_argument("--max-pages-per-request", type=int, default=100,
                        help="PDF pages and images per POST /glmocr/parse, all its documents together (default 100)")
     serve.add_argument("--max-image-pixels", type=int,
                        help="decoded pixels (width x height) per image (default: PIL's limit, 89478485)")
     serve.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, help="request body size")
+    serve.add_argument("--max-queued-images", type=int, default=32,
+                       help="GLM-Image: pictures admitted and not yet rendered (in the AR stage, waiting for or in "
+                            "the diffusion stage) before answering 503 (default 32)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long requests in flight may run on before they are ended "
@@ -445,6 +451,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_pages_per_request=args.max_pages_per_request,
             layout_model=args.layout_model, shutdown_timeout_s=args.shutdown_timeout,
             grammar_timeout_s=args.grammar_timeout, body_timeout_s=args.body_timeout,
+            max_queued_images=args.max_queued_images,
             media=MediaPolicy(allowed_domains=tuple(args.allowed_media_domains),
                               allowed_local_path=args.allowed_local_media_path,
                               **({} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels})),
@@ -469,15 +476,35 @@ def _serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine(_fetch(resolve_model_path, args.model, "glmrt serve DIR"), device=args.device,
                          dtype=args.dtype, backend=args.backend, **options)
     e = engine.engine  # what the defaults came to on this machine, whatever --log-level says
+    diffusion = None
+    if e.generates_images:
+        diffusion = _diffusion_stage(args.model, e)
+        if not args.served_model_name:
+            names = tuple(dict.fromkeys(["glm-image", args.model]))
+            config = dataclasses.replace(config, served_model_names=names)
     print(f"glmrt: serving {args.model} as {', '.join(names)} on http://{args.host}:{args.port}: device {e.device}, "
           f"dtype {str(e.dtype).removeprefix('torch.')}, backend {e.backend}, max_model_len {e.max_model_len}, "
           f"KV cache {e.kv_capacity_tokens} tokens", file=sys.stderr)
-    app = build_app(engine, config)
+    app = build_app(engine, config, diffusion)
     refused = app.state.metrics.http_requests  # answered before any endpoint is known: endpoint "connection"
     serve_with_drain(app, host=args.host, port=args.port, log_level=args.log_level,
                      http=guarded_http_protocol(limits, lambda status: refused.labels("connection", str(status)).inc()),
                      h11_max_incomplete_event_size=limits.max_header_bytes)
     return 0
+
+
+def _diffusion_stage(model: str, engine):
+    """GLM-Image's diffusion stage for `glmrt serve`, from the pipeline `model` names (its directory
+    or Hub id), on the engine's device and dtype."""
+    if not (engine.model_path / "model_index.json").is_file():
+        raise UsageError(f"{model} is GLM-Image's autoregressive stage alone: serving pictures needs the whole "
+                         "pipeline (model_index.json with the transformer, VAE, text encoder and scheduler)")
+    from .diffusers_stage import DiffusionStage
+
+    try:
+        return DiffusionStage.from_pretrained(model, device=engine.device, dtype=engine.dtype)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _ray_options(args: argparse.Namespace, **names: str) -> dict:

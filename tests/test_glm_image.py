@@ -407,11 +407,3 @@ def test_gpu_graph_decode_matches_eager_and_transformers(checkpoint):
         [out] = fp32.generate_image_tokens(prompt, height, width, images=[CONDITIONS[n] for n in names],
                                            sampling_params=greedy())
         assert out.token_ids == hf_generate(hf_model, inputs, do_sample=False)
-
-
-def test_text_front_ends_refuse_glm_image(checkpoint):
-    from glmrt.engine.async_engine import AsyncEngine
-
-    with pytest.raises(ValueError, match=r"the async engine \(glmrt serve\) runs GLM-OCR text generation.*"
-                                         "generate_image_tokens"):
-        AsyncEngine(str(checkpoint), device="cpu", dtype="float32")

@@ -15,13 +15,16 @@ O(output^2) (each output carries the whole output so far), and its deltas join u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
+from ..glm_image import ImageRequest, ImageTokensOutput
 from ..outputs import Request, RequestOutput
 from ..sampling_params import SamplingParams
 from .engine import LLMEngine
+from .sequence import Sequence
 
 
 class RequestFailed(RuntimeError):
@@ -63,7 +66,6 @@ class _Unread:
 class AsyncEngine:
     def __init__(self, model: str, **kwargs):
         self.engine = LLMEngine(model, **kwargs)
-        self.engine.require_text_model("the async engine (glmrt serve)")
         self._streams: dict[str, _Unread] = {}
         self._preparing: set[str] = set()  # ids whose images are being decoded in a worker thread
         self._cancelled: set[str] = set()  # ids aborted while preparing
@@ -75,14 +77,40 @@ class AsyncEngine:
         # whatever else is there (image decoding, page rendering, tokenization of many requests).
         self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmrt-step")
 
-    async def generate(self, request: Request | dict, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    def generate(self, request: Request | dict, sampling_params: SamplingParams | None = None,
+                 request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield outputs with the new text/token delta (one per step; a consumer that reads slower
         gets the steps it missed folded into one); the last one has finish_reason set
         ("stop", "length" or "abort"). Invalid requests raise ValueError/TypeError before anything is
         queued; a failed step raises RequestFailed. Closing the iterator early (a client disconnect)
         aborts the request and frees everything it holds."""
         request_id = self.engine.new_request_id() if request_id is None else request_id
+        return self._stream(request_id, lambda: self.engine.prepare(request, sampling_params, request_id))
+
+    async def generate_image_tokens(self, request: ImageRequest, sampling_params: SamplingParams | None = None,
+                                    request_id: str | None = None) -> ImageTokensOutput:
+        """GLM-Image's autoregressive stage for one image, in the running batch (as
+        LLM.generate_image_tokens, one request of it): its final output as an ImageTokensOutput
+        (image_tokens None unless the grid was filled). Invalid requests raise ValueError/TypeError
+        before anything is queued; a failed step raises RequestFailed; cancelling the call aborts
+        the request."""
+        request_id = self.engine.new_request_id() if request_id is None else request_id
+        prepared: list[Sequence] = []
+
+        def prepare() -> Sequence:
+            prepared.append(self.engine.prepare(request, sampling_params, request_id))
+            return prepared[0]
+
+        last = None
+        async with contextlib.aclosing(self._stream(request_id, prepare)) as outputs:
+            async for last in outputs:
+                pass
+        c = self.engine.config
+        return ImageTokensOutput.from_output(last, request, prepared[0].image_grid_thw, c.image_start_token_id,
+                                             c.image_end_token_id)
+
+    async def _stream(self, request_id: str, prepare: Callable[[], Sequence]) -> AsyncIterator[RequestOutput]:
+        """generate's outputs for the sequence `prepare()` makes (in a worker thread)."""
         if request_id in self._streams or self.engine.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Unread()
@@ -91,7 +119,7 @@ class AsyncEngine:
         try:
             self._preparing.add(request_id)
             try:
-                seq = await asyncio.to_thread(self.engine.prepare, request, sampling_params, request_id)
+                seq = await asyncio.to_thread(prepare)
             finally:
                 self._preparing.discard(request_id)
             if request_id in self._cancelled:

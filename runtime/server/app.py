@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP app: FastAPI routes over one AsyncEngine.
 
-Endpoints: POST /v1/chat/completions and /v1/completions (JSON, or SSE with `stream: true`),
-POST /glmocr/parse (whole documents, as the glmocr SDK's server; server/documents.py),
-GET /v1/models, /health and /metrics. A request is validated (body size, JSON, fields, model name,
-images) before anything is queued; every refusal is an OpenAI-style error body naming the field.
+Endpoints of a GLM-OCR server: POST /v1/chat/completions and /v1/completions (JSON, or SSE with
+`stream: true`), POST /glmocr/parse (whole documents, as the glmocr SDK's server;
+server/documents.py). Of a GLM-Image server: POST /v1/images/generations and /v1/images/edits
+(server/images.py). Each answers the other's endpoints with a 404 naming the model it serves.
+Both: GET /v1/models, /health and /metrics. A request is validated (body size, JSON, fields, model
+name, images) before anything is queued; every refusal is an OpenAI-style error body naming the field.
 Each request owns one engine request: when its client disconnects, the engine request is aborted
 (counted as an "abort") and its KV blocks freed; when its engine step fails, that request alone
 gets a 500 (or an error event in its stream) and the server goes on. On SIGTERM/SIGINT the server
@@ -33,6 +35,7 @@ from ..engine.structured import MAX_CONSTRAINT_CHARS
 from ..image_processor import load_image
 from ..outputs import Request as EngineRequest
 from ..outputs import RequestOutput
+from .images import Painter, add_image_routes
 from .media import MediaLoader, MediaPolicy
 from .metrics import RequestTimer, ServerMetrics
 from .protocol import (APIError, ImageRef, ParsedRequest, PromptLimit, ResponseShape, constraint_field, parse_chat,
@@ -42,7 +45,9 @@ from .shutdown import Drain
 # Request defaults after the checkpoint's generation_config.json: the glmocr SDK's profile
 # (greedy, repetition_penalty 1.1, up to 8192 new tokens).
 SDK_PROFILE = {"temperature": 0.0, "repetition_penalty": 1.1, "max_tokens": 8192}
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/glmocr/parse", "/health", "/metrics")
+TEXT_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/glmocr/parse")
+IMAGE_ENDPOINTS = ("/v1/images/generations", "/v1/images/edits")
+ENDPOINTS = (*TEXT_ENDPOINTS, *IMAGE_ENDPOINTS, "/v1/models", "/health", "/metrics")
 
 
 @dataclass
@@ -62,12 +67,15 @@ class ServerConfig:
     # A request's whole body, from its headers on: a body sent a byte at a time would hold its
     # connection (never closed while its request is handled) for ever.
     body_timeout_s: float = 120.0
+    # GLM-Image: images admitted and not yet rendered (AR stage, waiting for or in the diffusion
+    # stage) before answering 503
+    max_queued_images: int = 32
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
             raise ValueError("served_model_names must name at least one model")
         for name in ("max_queue", "max_request_bytes", "max_images_per_request", "max_pages_per_request",
-                     "retry_after_s"):
+                     "retry_after_s", "max_queued_images"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -113,7 +121,14 @@ class _RefuseWhileDraining:
         await JSONResponse(error.body(), status_code=503)(scope, receive, send)
 
 
-def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> FastAPI:
+    """The app over `engine`: GLM-OCR's endpoints, or for a GLM-Image engine the images endpoints,
+    which need its diffusion stage (a diffusers_stage.DiffusionStage of the same checkpoint)."""
+    serves_images = engine.engine.generates_images
+    if serves_images and diffusion is None:
+        raise ValueError(f"{engine.engine.model_path} is GLM-Image: serving it needs its diffusion stage "
+                         "(build_app(..., diffusion=DiffusionStage.from_pretrained(...)); glmrt serve --ray serves "
+                         "GLM-OCR only)")
     metrics = ServerMetrics(engine)
     media = MediaLoader(config.media)
     generation_config = engine.engine.generation_config
@@ -143,13 +158,19 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         return APIError(f"the server is shutting down and this request did not finish within its "
                         f"{config.shutdown_timeout_s:g} s drain timeout; retry it", status=503)
 
+    painter = (Painter(engine, diffusion, metrics, config.max_queued_images, config.retry_after_s)
+               if serves_images else None)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
-        # llguidance's tokenizer, built before the first request: built for the first constrained
-        # one, it would hold the GIL, and so stop every stream, for up to a second
-        await asyncio.to_thread(engine.engine.structured.load)
+        if engine.engine.structured is not None:
+            # llguidance's tokenizer, built before the first request: built for the first constrained
+            # one, it would hold the GIL, and so stop every stream, for up to a second
+            await asyncio.to_thread(engine.engine.structured.load)
         yield
         intake.shutdown(wait=False, cancel_futures=True)
+        if painter is not None:
+            painter.close()
         await media.aclose()
 
     app = FastAPI(title="glmrt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -188,7 +209,16 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                            "model", status=404)
         return model
 
-    async def read_json(request: Request) -> Any:
+    def serves(kind: str, path: str) -> None:
+        """Refuse `path` unless this server's model is `kind` ("GLM-OCR" or "GLM-Image")."""
+        served = "GLM-Image" if serves_images else "GLM-OCR"
+        if kind != served:
+            own = IMAGE_ENDPOINTS if serves_images else TEXT_ENDPOINTS[:2]
+            raise APIError(f"{path} needs a {kind} checkpoint, but this server serves {served} "
+                           f"({', '.join(config.served_model_names)}): use POST {' or '.join(own)}", status=404)
+
+    async def read_body(request: Request) -> bytes:
+        """The request's body, within the body size limit and timeout."""
         limit = config.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -203,10 +233,13 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             return b"".join(chunks)
 
         try:
-            body = await asyncio.wait_for(receive(), config.body_timeout_s)
+            return await asyncio.wait_for(receive(), config.body_timeout_s)
         except asyncio.TimeoutError:
             raise APIError(f"the request body did not arrive within {config.body_timeout_s:g} s", "body", status=408,
                            headers={"connection": "close"}) from None
+
+    async def read_json(request: Request) -> Any:
+        body = await read_body(request)
         if len(body) > max_json_values and body.count(b",") >= max_json_values:  # ~1 ms a MB, a third of json.loads
             raise APIError(f"the request body has more than {max_json_values} JSON values, more than any request "
                            "needs", "body")
@@ -228,17 +261,16 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             raise APIError(f"'{name}' did not compile within {config.grammar_timeout_s:g} s; send a smaller "
                            "constraint", name) from None
 
+    async def decode_image(data: bytes, param: str):
+        """Encoded bytes (policy-checked) -> a PIL image, in a worker thread; errors name the field."""
+        try:
+            return await asyncio.to_thread(load_image, data)
+        except ValueError as exc:
+            raise APIError(f"'{param}': {exc}", param) from exc
+
     async def load_images(refs: list[ImageRef]) -> list:
-        """Encoded bytes (policy-checked) -> decoded PIL images, in worker threads; errors name the field."""
         encoded = await media.load_all(refs)
-
-        async def decode(data: bytes, ref: ImageRef):
-            try:
-                return await asyncio.to_thread(load_image, data)
-            except ValueError as exc:
-                raise APIError(f"'{ref.param}': {exc}", ref.param) from exc
-
-        return list(await asyncio.gather(*(decode(d, r) for d, r in zip(encoded, refs))))
+        return list(await asyncio.gather(*(decode_image(d, r.param) for d, r in zip(encoded, refs))))
 
     def admit() -> None:
         if in_flight >= max_in_flight:
@@ -347,6 +379,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         check_auth(request)
+        serves("GLM-OCR", "/v1/chat/completions")
         parsed = await parse(parse_chat, await read_json(request), defaults, config.max_images_per_request,
                              prompt_limit)
         model = served_name(parsed.model)
@@ -357,6 +390,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         check_auth(request)
+        serves("GLM-OCR", "/v1/completions")
         parsed = await parse(parse_completion, await read_json(request), defaults, prompt_limit)
         model = served_name(parsed.model)
         admit()
@@ -375,19 +409,35 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
              "root": str(engine.engine.model_path), "max_model_len": engine.engine.max_model_len}
             for name in config.served_model_names]})
 
-    try:
-        from .documents import add_document_routes
+    def refuse(kind: str, path: str) -> None:
+        """POST `path`, an endpoint of the other model: a 404 naming the model served."""
+        async def other_model(request: Request) -> Response:
+            check_auth(request)
+            serves(kind, path)
 
-        add_document_routes(app, engine, media, metrics, layout_model=config.layout_model,
-                            max_units=config.max_images_per_request, max_pages=config.max_pages_per_request,
-                            check_auth=check_auth, read_json=read_json, in_flight=in_flight_place,
-                            until_done=until_done)
-    except ImportError as exc:  # glmrt[documents] is not installed
-        missing = f"POST /glmocr/parse needs the documents extra: pip install 'glmrt[documents]' ({exc})"
+        app.add_api_route(path, other_model, methods=["POST"])
 
-        @app.post("/glmocr/parse")
-        async def glmocr_parse_unavailable(request: Request) -> Response:
-            raise APIError(missing, status=501)
+    if serves_images:
+        add_image_routes(app, painter, limit=prompt_limit, max_images=config.max_images_per_request,
+                         check_auth=check_auth, served_name=served_name, read_json=read_json, read_body=read_body,
+                         check_image=media.check, decode_image=decode_image, until_done=until_done)
+        refuse("GLM-OCR", "/glmocr/parse")
+    else:
+        for path in IMAGE_ENDPOINTS:
+            refuse("GLM-Image", path)
+        try:
+            from .documents import add_document_routes
+
+            add_document_routes(app, engine, media, metrics, layout_model=config.layout_model,
+                                max_units=config.max_images_per_request, max_pages=config.max_pages_per_request,
+                                check_auth=check_auth, read_json=read_json, in_flight=in_flight_place,
+                                until_done=until_done)
+        except ImportError as exc:  # glmrt[documents] is not installed
+            missing = f"POST /glmocr/parse needs the documents extra: pip install 'glmrt[documents]' ({exc})"
+
+            @app.post("/glmocr/parse")
+            async def glmocr_parse_unavailable(request: Request) -> Response:
+                raise APIError(missing, status=501)
 
     @app.get("/health")
     async def health() -> Response:

@@ -58,13 +58,15 @@ class MediaLoader:
         else:
             raise APIError(f"'{ref.param}' must be a data: URI, an http(s) URL or a file:// URL, "
                            f"got {_short(ref.url)}", ref.param)
-        self._check(data, ref, documents)
+        self.check(data, ref.param, documents)
         return data
 
-    def _check(self, data: bytes, ref: ImageRef, documents: bool) -> None:
+    def check(self, data: bytes, param: str, documents: bool = False) -> None:
+        """Encoded bytes from request field `param` (an uploaded file's too): within the size and
+        pixel limits and an image format we decode (or a PDF, with `documents`); else an APIError."""
         if len(data) > self.policy.max_image_bytes:
-            raise APIError(f"'{ref.param}': the {'file' if documents else 'image'} is {len(data)} bytes, more than the limit of "
-                           f"{self.policy.max_image_bytes} bytes", ref.param)
+            raise APIError(f"'{param}': the {'file' if documents else 'image'} is {len(data)} bytes, more than the limit of "
+                           f"{self.policy.max_image_bytes} bytes", param)
         if documents and data.startswith(b"%PDF-"):  # rendered page by page, at a bounded size
             return
         try:
@@ -72,14 +74,14 @@ class MediaLoader:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
                 width, height = open_image(io.BytesIO(data)).size  # reads the header only
         except Image.DecompressionBombError as exc:
-            raise APIError(f"'{ref.param}': refusing a decompression bomb ({exc})", ref.param) from exc
+            raise APIError(f"'{param}': refusing a decompression bomb ({exc})", param) from exc
         except ImageFormatError as exc:
-            raise APIError(f"'{ref.param}': {exc}", ref.param) from None
+            raise APIError(f"'{param}': {exc}", param) from None
         except Exception as exc:  # untrusted bytes: any failure means it is not an image we can read
-            raise APIError(f"'{ref.param}': not a decodable image ({type(exc).__name__})", ref.param) from exc
+            raise APIError(f"'{param}': not a decodable image ({type(exc).__name__})", param) from exc
         if width * height > self.policy.max_image_pixels:
-            raise APIError(f"'{ref.param}': the image is {width}x{height} = {width * height} pixels, more than "
-                           f"the limit of {self.policy.max_image_pixels} decoded pixels", ref.param)
+            raise APIError(f"'{param}': the image is {width}x{height} = {width * height} pixels, more than "
+                           f"the limit of {self.policy.max_image_pixels} decoded pixels", param)
 
     async def _fetch(self, ref: ImageRef) -> bytes:
         host = (urllib.parse.urlsplit(ref.url).hostname or "").lower().rstrip(".")

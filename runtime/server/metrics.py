@@ -1,7 +1,8 @@
 """Prometheus metrics of one server (its own registry, so several apps in one process do not mix).
 
 Engine state (queue, running sequences, KV-cache usage, preemptions) is read when /metrics is
-scraped; request events (HTTP status, finish reason, tokens, latencies) are counted as they happen.
+scraped; request events (HTTP status, finish reason, tokens, latencies; pictures made and the time
+of each stage for GLM-Image) are counted as they happen.
 Names follow vLLM's with the `glmrt:` prefix.
 """
 from __future__ import annotations
@@ -75,6 +76,16 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("glmrt:e2e_request_latency_seconds", "Time from arrival to the last token.",
                              buckets=LATENCY_BUCKETS, registry=r)
+        # GLM-Image (POST /v1/images/*): per request, its n images together
+        self.images = Counter("glmrt:images_generated", "Pictures made, by endpoint (generations, edits).",
+                              ["endpoint"], registry=r)
+        self.image_ar_seconds = Histogram("glmrt:image_ar_stage_seconds", "The AR stage of an images request: its n "
+                                          "images' token grids, decoded in the engine's batch.",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.image_queue_seconds = Histogram("glmrt:image_diffusion_queue_seconds", "Time an images request waited "
+                                             "for the diffusion worker.", buckets=LATENCY_BUCKETS, registry=r)
+        self.image_diffusion_seconds = Histogram("glmrt:image_diffusion_stage_seconds", "The diffusion stage (DiT "
+                                                 "and VAE) of an images request.", buckets=LATENCY_BUCKETS, registry=r)
         r.register(EngineCollector(async_engine))
 
     def render(self) -> bytes:

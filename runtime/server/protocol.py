@@ -121,7 +121,7 @@ def _strings(value: Any) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
-class _PromptText:
+class PromptText:
     """The prompt's text, counted as the request is parsed, against its PromptLimit."""
 
     def __init__(self, limit: PromptLimit):
@@ -144,7 +144,7 @@ def _path(*parts: str | int) -> str:
     return out
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number")
 
@@ -171,7 +171,7 @@ def _constraints(body: dict) -> list[tuple[str, str, Any]]:
     response_format = body.get("response_format")
     if response_format is not None:
         if not isinstance(response_format, dict):
-            raise APIError(f"'response_format' must be an object, got {_type_name(response_format)}", "response_format")
+            raise APIError(f"'response_format' must be an object, got {type_name(response_format)}", "response_format")
         kind = response_format.get("type")
         if kind == "json_object":
             found.append(("response_format", "json_object", True))
@@ -194,7 +194,7 @@ def _constraints(body: dict) -> list[tuple[str, str, Any]]:
     options = body.get("structured_outputs")
     if options is not None:
         if not isinstance(options, dict):
-            raise APIError(f"'structured_outputs' must be an object, got {_type_name(options)}", "structured_outputs")
+            raise APIError(f"'structured_outputs' must be an object, got {type_name(options)}", "structured_outputs")
         for key, value in options.items():
             name = f"structured_outputs.{key}"
             if key in STRUCTURED_OUTPUTS_KEYS and value not in (None, False):
@@ -261,12 +261,12 @@ def _stream_options(body: dict) -> tuple[bool, bool, bool]:
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise APIError(f"'stream' must be a boolean, got {_type_name(stream)}", "stream")
+        raise APIError(f"'stream' must be a boolean, got {type_name(stream)}", "stream")
     options = body.get("stream_options")
     if options is None:
         return stream, False, False
     if not isinstance(options, dict):
-        raise APIError(f"'stream_options' must be an object, got {_type_name(options)}", "stream_options")
+        raise APIError(f"'stream_options' must be an object, got {type_name(options)}", "stream_options")
     if not stream:
         raise APIError("'stream_options' is only allowed with 'stream': true", "stream_options")
     flags = []
@@ -278,27 +278,27 @@ def _stream_options(body: dict) -> tuple[bool, bool, bool]:
     return stream, flags[0], flags[1]
 
 
-def _model(body: dict) -> str | None:
+def model_field(body: dict) -> str | None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise APIError(f"'model' must be a string, got {_type_name(model)}", "model")
+        raise APIError(f"'model' must be a string, got {type_name(model)}", "model")
     return model if model is None else _unicode(model, "model")
 
 
 def parse_chat(body: Any, defaults: dict[str, Any], max_images: int, limit: PromptLimit) -> ParsedRequest:
     """Validate a /v1/chat/completions body."""
     if not isinstance(body, dict):
-        raise APIError(f"the request body must be a JSON object, got {_type_name(body)}")
-    model = _model(body)
+        raise APIError(f"the request body must be a JSON object, got {type_name(body)}")
+    model = model_field(body)
     _check_inert(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty array of messages", "messages")
-    rendered, images, text = [], [], _PromptText(limit)
+    rendered, images, text = [], [], PromptText(limit)
     for i, message in enumerate(messages):
         where = _path("messages", i)
         if not isinstance(message, dict):
-            raise APIError(f"'{where}' must be an object, got {_type_name(message)}", where)
+            raise APIError(f"'{where}' must be an object, got {type_name(message)}", where)
         role = message.get("role")
         if role not in ROLES:
             raise APIError(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
@@ -316,23 +316,23 @@ def parse_chat(body: Any, defaults: dict[str, Any], max_images: int, limit: Prom
                          messages=rendered, images=images)
 
 
-def _content(content: Any, where: str, role: str, images: list[ImageRef], text: _PromptText) -> str | list[dict]:
+def _content(content: Any, where: str, role: str, images: list[ImageRef], text: PromptText) -> str | list[dict]:
     """OpenAI content -> transformers' chat-template content: a string stays a string; parts become
     {"type": "text", "text"} and {"type": "image"} (images only in user turns)."""
     if isinstance(content, str):
         return text.take(content, where)
     if not isinstance(content, list):
-        raise APIError(f"'{where}' must be a string or an array of content parts, got {_type_name(content)}", where)
+        raise APIError(f"'{where}' must be a string or an array of content parts, got {type_name(content)}", where)
     parts = []
     for j, part in enumerate(content):
         at = _path(where, j)
         if not isinstance(part, dict):
-            raise APIError(f"'{at}' must be an object, got {_type_name(part)}", at)
+            raise APIError(f"'{at}' must be an object, got {type_name(part)}", at)
         kind = part.get("type")
         if kind == "text":
             value = part.get("text")
             if not isinstance(value, str):
-                raise APIError(f"'{at}.text' must be a string, got {_type_name(value)}", f"{at}.text")
+                raise APIError(f"'{at}.text' must be a string, got {type_name(value)}", f"{at}.text")
             parts.append({"type": "text", "text": text.take(value, f"{at}.text")})
         elif kind == "image_url":
             if role != "user":
@@ -351,8 +351,8 @@ def _content(content: Any, where: str, role: str, images: list[ImageRef], text: 
 def parse_completion(body: Any, defaults: dict[str, Any], limit: PromptLimit) -> ParsedRequest:
     """Validate a /v1/completions body: one prompt, a string or a list of token ids."""
     if not isinstance(body, dict):
-        raise APIError(f"the request body must be a JSON object, got {_type_name(body)}")
-    model = _model(body)
+        raise APIError(f"the request body must be a JSON object, got {type_name(body)}")
+    model = model_field(body)
     _check_inert(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -364,7 +364,7 @@ def parse_completion(body: Any, defaults: dict[str, Any], limit: PromptLimit) ->
     elif not isinstance(prompt, str) or not prompt:
         raise APIError("'prompt' must be a non-empty string or an array of token ids", "prompt")
     else:
-        _PromptText(limit).take(prompt, "prompt")
+        PromptText(limit).take(prompt, "prompt")
     stream, include_usage, continuous = _stream_options(body)
     return ParsedRequest(model=model, params=sampling_params(body, defaults), stream=stream,
                          include_usage=include_usage, continuous_usage=continuous, prompt=prompt)
