@@ -1,11 +1,13 @@
-"""glmrt: a Triton/CUDA inference runtime for GLM-OCR (and GLM-Image's autoregressive stage)."""
+"""glmrt: a Triton/CUDA inference runtime for GLM-OCR and GLM-Image (its autoregressive stage; the whole
+pipeline with glmrt[image])."""
 __version__ = "0.1.0"  # keep in step with pyproject.toml
 
 # The public names are imported on first use, not with glmrt: `glmrt --version`, `--help` and a
 # usage error then answer without importing torch (seconds).
-_EXPORTS = {"GenerationConfig": ".generation_config", "ImageRequest": ".glm_image", "ImageTokensOutput": ".glm_image",
-            "IncompleteOutputError": ".outputs", "LLM": ".llm", "Processor": ".processor", "Request": ".outputs",
-            "RequestOutput": ".outputs", "SamplingParams": ".sampling_params"}
+_EXPORTS = {"GenerationConfig": ".generation_config", "ImagePipeline": ".image_pipeline", "ImageRequest": ".glm_image",
+            "ImageTokensOutput": ".glm_image", "IncompleteOutputError": ".outputs", "LLM": ".llm",
+            "Processor": ".processor", "Request": ".outputs", "RequestOutput": ".outputs",
+            "SamplingParams": ".sampling_params"}
 
 __all__ = [*_EXPORTS, "parse"]
 

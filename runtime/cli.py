@@ -27,6 +27,7 @@ from .prompts import TASK_PROMPTS, task_prompt
 from .sampling_params import SamplingParams
 
 DEFAULT_MODEL = "zai-org/GLM-OCR"
+DEFAULT_IMAGE_MODEL = "zai-org/GLM-Image"
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization",
                 "block_size", "image_backend", "num_speculative_tokens", "speculative_max_batch")
@@ -47,6 +48,18 @@ exit status: 0 ok, 1 an image or the model failed or a --schema output is incomp
 line each on stderr), 2 usage error (also an input that is missing, a directory or a PDF: see
 glmrt parse), 130 interrupted. GLMRT_DEBUG=1 shows full tracebacks instead of one-line errors."""
 
+
+IMAGE_EPILOG = """\
+GLM-Image's whole pipeline in this process: glmrt's autoregressive stage (all prompts together),
+then diffusers' diffusion transformer and VAE from the same checkpoint (needs glmrt[image]). With
+one prompt, -o is the PNG file (a path ending in .png) or a folder; with several, a folder (made
+if missing) that gets one PNG per prompt: N-SLUG.png, N the prompt's place on the command line
+from 1 (zero-padded to the same width), SLUG its first 40 letters and digits, lowercased, other
+runs of characters as '-'. The written paths print on stdout. --image gives condition images
+(image-to-image), the same ones for every prompt. With --temperature 0 and the same --seed the
+PNG is byte-identical to diffusers' own pipeline's. On a terminal, progress shows on stderr.
+exit status: 0 written, 1 the model failed, 2 usage error (a bad size, prompt or --image; checked
+before anything loads), 130 interrupted."""
 
 PARSE_EPILOG = """\
 pages are rendered at --dpi (long side at most 3500 px), laid out with PP-DocLayoutV3, and every
@@ -124,6 +137,25 @@ def _parser() -> argparse.ArgumentParser:
                      help="layout batches (up to 4 pages) in flight per actor, whose regions share its engine "
                           "(default 4)")
     _add_engine_flags(parse)
+    image = sub.add_parser("image", help="GLM-Image: pictures from prompts (and condition images; needs glmrt[image])",
+                           epilog=IMAGE_EPILOG)
+    image.add_argument("prompts", nargs="+", metavar="PROMPT", help="what to draw (each prompt makes one picture)")
+    image.add_argument("-o", "--output", type=Path, required=True, metavar="PATH",
+                       help="a .png file (one prompt) or a folder (see below)")
+    image.add_argument("--size", type=_image_size, default=(1024, 1024), metavar="WIDTHxHEIGHT",
+                       help="pixels, each a multiple of 32 up to 2048 (default 1024x1024; OpenAI's order)")
+    image.add_argument("--image", dest="condition_images", nargs="+", action="extend", type=Path, default=[],
+                       metavar="FILE", help="condition images (image-to-image), for every prompt (after the prompts)")
+    image.add_argument("--model", default=DEFAULT_IMAGE_MODEL,
+                       help=f"GLM-Image pipeline directory or Hub id (default: {DEFAULT_IMAGE_MODEL})")
+    image.add_argument("--seed", type=int, help="seeds the autoregressive sampling and the diffusion noise")
+    image.add_argument("--steps", type=int, help="diffusion steps (default: diffusers', 50)")
+    image.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: diffusers', 1.5)")
+    ar = image.add_argument_group("autoregressive sampling (default: the checkpoint's generation_config.json)")
+    ar.add_argument("--temperature", type=float, help="0 = greedy")
+    ar.add_argument("--top-k", type=int, help="0 or -1 = off")
+    ar.add_argument("--top-p", type=float)
+    _add_engine_flags(image)
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs glmrt[serve])",
                            description=SERVE_DESCRIPTION)
     serve.add_argument("model", nargs="?", default=DEFAULT_MODEL,
@@ -429,6 +461,77 @@ def _report(printer: _Printer, image: str, out: RequestOutput, args: argparse.Na
     return failed
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    """--size WIDTHxHEIGHT -> (height, width); their range is checked by _image."""
+    try:
+        width, height = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT in pixels, e.g. 1024x768") from None
+    return height, width
+
+
+def _image_paths(prompts: list[str], output: Path) -> list[Path]:
+    """Where each prompt's PNG goes: -o itself (a .png path, one prompt only), or N-SLUG.png in the
+    folder -o (see IMAGE_EPILOG)."""
+    if output.suffix.lower() == ".png":
+        if len(prompts) > 1:
+            raise UsageError(f"-o {output} is one file for {len(prompts)} prompts; give a folder")
+        return [output]
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"-o {output} is a file, not a folder (or give a path ending in .png)")
+    width = len(str(len(prompts)))
+    paths = []
+    for n, prompt in enumerate(prompts, 1):
+        slug = "-".join("".join(c if c.isalnum() else " " for c in prompt.lower()).split())[:40].strip("-")
+        paths.append(output / (f"{n:0{width}d}-{slug}.png" if slug else f"{n:0{width}d}.png"))
+    return paths
+
+
+def _image(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from .glm_image import check_image_size
+    from .image_processor import load_image
+
+    for i, prompt in enumerate(args.prompts, 1):
+        if not prompt.strip():
+            raise UsageError(f"prompt {i} is empty")
+    height, width = args.size
+    try:
+        check_image_size(height, width)
+    except ValueError as exc:
+        raise UsageError(f"--size {width}x{height}: {exc}") from exc
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed must be from 0 to 2**64 - 1, got {args.seed}")
+    paths = _image_paths(args.prompts, args.output)
+    conditions = []
+    for path in args.condition_images:
+        try:
+            conditions.append(load_image(str(path)))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--image {path}: {_one_line(exc)}") from exc
+    overrides = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p") if getattr(args, name) is not None}
+    options = _engine_options(args)
+    _check_flags(overrides, options)
+    if importlib.util.find_spec("diffusers") is None:
+        raise UsageError("glmrt image needs the image extra (diffusers): pip install 'glmrt[image]'")
+    from .image_pipeline import ImagePipeline
+
+    pipe = ImagePipeline(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **options)
+    prompts = args.prompts
+    pictures = pipe(prompts, height=height, width=width, image=[conditions] * len(prompts) if conditions else None,
+                    seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                    sampling_params=pipe.llm.generation_config.sampling_params(**overrides),
+                    progress=sys.stderr.isatty())
+    for picture, path in zip(pictures, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path)
+        print(path, flush=True)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         from .engine.async_engine import AsyncEngine
@@ -631,9 +734,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        if args.command != "ocr":
+        if args.command in ("serve", "parse"):  # the commands with --ray
             _check_ray_flags(args)
-        return {"serve": _serve, "parse": _parse, "ocr": _ocr}[args.command](args)
+        return {"serve": _serve, "parse": _parse, "ocr": _ocr, "image": _image}[args.command](args)
     except KeyboardInterrupt:
         print("glmrt: interrupted", file=sys.stderr)
         return 130

@@ -22,11 +22,14 @@ from tokenizers import Tokenizer
 from .config import GlmImageVisionConfig
 from .glm_image_processor import GlmImageImageProcessor
 from .image_processor import read_config_json
-from .processor import ChatTemplate, Processor, load_tokenizer
+from .processor import ChatTemplate, Processor, load_tokenizer, named_special_tokens
 
 # Pixels per token of the target grid (the diffusion decoder upsamples the grid 2x, then 16x).
 TARGET_FACTOR = 32
 PREVIEW_SIDE = TARGET_FACTOR // 2  # the preview grid holds about PREVIEW_SIDE² tokens
+# The longest side GLM-Image is made for (diffusers' GlmImageTransformer2DModel documents it; Z.ai's
+# API allows up to it): the AR grid is then 64 x 64 tokens, the diffusion transformer's 128 x 128.
+MAX_IMAGE_SIDE = 2048
 # The tokenizer's names for the tokens the prompt is built with (tokenizer_config.json).
 SPECIAL_TOKEN_KEYS = ("image_token", "grid_bos_token", "grid_eos_token", "bos_token")
 
@@ -47,6 +50,17 @@ def target_grids(height: int, width: int, text_to_image: bool) -> list[tuple[int
                              f"({ph} x {pw} tokens)")
         grids.append((1, ph, pw))
     return grids
+
+
+def check_image_size(height: int, width: int) -> None:
+    """A picture's size for the whole pipeline (AR stage and diffusion decoder): each side a
+    multiple of 32 pixels (one AR token; the decoder makes no other sizes), from 32 to
+    MAX_IMAGE_SIDE. ValueError naming the side otherwise."""
+    for name, value in (("height", height), ("width", width)):
+        if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                or not TARGET_FACTOR <= value <= MAX_IMAGE_SIDE or value % TARGET_FACTOR):
+            raise ValueError(f"{name} must be a multiple of {TARGET_FACTOR} pixels from {TARGET_FACTOR} to "
+                             f"{MAX_IMAGE_SIDE}, got {value!r}")
 
 
 def generation_length(targets: list[tuple[int, int, int]]) -> int:
@@ -98,12 +112,9 @@ class GlmImageProcessor:
         path = Path(path)
         tokenizer = load_tokenizer(path)
         config = read_config_json(path / "tokenizer_config.json") or {}
-        named = {**config, **(config.get("extra_special_tokens") or {})}
-        special = {}
+        named, special = named_special_tokens(config), {}
         for key in SPECIAL_TOKEN_KEYS:
             token = named.get(key)
-            if isinstance(token, dict):  # an AddedToken written out as {"content": ...}
-                token = token.get("content")
             if not isinstance(token, str) or tokenizer.token_to_id(token) is None:
                 raise ValueError(f"{path / 'tokenizer_config.json'}: {key} {token!r} is not a token of the tokenizer")
             special[key] = token

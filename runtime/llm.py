@@ -8,7 +8,7 @@ import torch
 
 from .engine.engine import LLMEngine
 from .extraction import as_json_schema
-from .glm_image import ImageRequest, ImageTokensOutput
+from .glm_image import ImageRequest, ImageTokensOutput, generation_length
 from .outputs import IncompleteOutputError, Request, RequestOutput
 from .prompts import task_prompt
 from .sampling_params import SamplingParams
@@ -73,11 +73,12 @@ class LLM:
     def generate_image_tokens(self, prompt: str | Sequence[str], height: int, width: int,
                               images: Sequence[Any] | Sequence[Sequence[Any]] | None = None,
                               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                              ) -> list[ImageTokensOutput]:
+                              use_tqdm: bool = False) -> list[ImageTokensOutput]:
         """GLM-Image's autoregressive stage for one prompt or many (batched): the token grids of an
         image of height x width pixels, for the diffusion decoder. images: the condition images
         (image-to-image) of the one prompt, or one list per prompt. sampling_params: defaults to
         the checkpoint's generation_config.json; max_tokens is always the target grids' length.
+        use_tqdm: a progress bar (stderr) over the tokens of all prompts together.
         One output per prompt, in order."""
         if not self.engine.generates_images:
             raise ValueError("generate_image_tokens needs a GLM-Image checkpoint; this one is GLM-OCR (use generate)")
@@ -92,7 +93,11 @@ class LLM:
                 raise ValueError(f"images must hold one list of condition images per prompt ({len(prompts)} prompts)")
         requests = [ImageRequest(p, height, width, imgs) for p, imgs in zip(prompts, per_prompt)]
         seqs = self.engine.prepare_many(requests, self._params_list(sampling_params, len(requests)))
-        outputs = self.engine.run(seqs)
+        if use_tqdm:
+            with _TokenProgress(sum(generation_length(r.targets) for r in requests)) as progress:
+                outputs = self.engine.run(seqs, on_output=progress.update)
+        else:
+            outputs = self.engine.run(seqs)
         c = self.engine.config
         return [ImageTokensOutput.from_output(out, request, seq.image_grid_thw, c.image_start_token_id,
                                               c.image_end_token_id)
@@ -120,3 +125,24 @@ class LLM:
         if schema is not None and out.finish_reason != "stop":
             raise IncompleteOutputError(out)
         return out.text
+
+
+class _TokenProgress:
+    """A tqdm bar over the tokens a batch generates, fed each output as it is read back."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="token", desc="image tokens", dynamic_ncols=True)
+        self.counts: dict[str, int] = {}  # request id -> tokens counted so far
+
+    def update(self, output: RequestOutput) -> None:
+        n = len(output.token_ids)
+        self.bar.update(n - self.counts.get(output.request_id, 0))
+        self.counts[output.request_id] = n
+
+    def __enter__(self) -> "_TokenProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

@@ -39,6 +39,20 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def named_special_tokens(config: dict[str, Any]) -> dict[str, Any]:
+    """tokenizer_config.json's named special tokens (bos_token, image_token, ...) in every form
+    transformers writes: at top level (save_pretrained in 5.x, which also lists them under
+    `model_specific_special_tokens` and makes `extra_special_tokens` a list of unnamed tokens, as
+    the Hub's current files have it), or in an `extra_special_tokens` mapping (earlier files). A
+    token written as an AddedToken object ({"content": ...}) becomes its text."""
+    named = dict(config)
+    for key in ("model_specific_special_tokens", "extra_special_tokens"):
+        if isinstance(config.get(key), dict):
+            named.update(config[key])
+    return {key: value.get("content") if isinstance(value, dict) and "content" in value else value
+            for key, value in named.items()}
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
     """The checkpoint's tokenizer.json; a missing or unparsable file is an error naming it."""
     tokenizer_file = path / "tokenizer.json"
@@ -74,7 +88,7 @@ class ChatTemplate:
     def from_pretrained(cls, path: Path) -> "ChatTemplate":
         config_file = path / "tokenizer_config.json"
         config = read_config_json(config_file) or {}
-        special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+        special = {k: v for k, v in named_special_tokens(config).items() if k.endswith("_token") and isinstance(v, str)}
         jinja_file = path / "chat_template.jinja"
         if jinja_file.is_file():
             return cls(jinja_file.read_text(encoding="utf-8"), special, str(jinja_file))

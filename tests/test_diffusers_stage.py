@@ -1,6 +1,6 @@
-"""glmrt as the autoregressive stage of diffusers' GlmImagePipeline, on a tiny random pipeline:
-the AR stage of tiny_glm_image.py beside a tiny diffusion transformer, VAE, T5 glyph encoder and
-scheduler sized as in diffusers' own GlmImagePipeline tests (fp32, CPU).
+"""glmrt as the autoregressive stage of diffusers' GlmImagePipeline, on a tiny random pipeline
+(tiny_glm_image.build_glm_image_pipeline: the AR stage beside a tiny diffusion transformer, VAE,
+T5 glyph encoder and scheduler sized as in diffusers' own GlmImagePipeline tests; fp32, CPU).
 
 Greedy prior tokens identical to the pipeline's own generate_prior_tokens (transformers'
 generate, greedy through top_k=1) for text-to-image and image-to-image; a full pipe(...) call on
@@ -8,7 +8,6 @@ glmrt, loaded without vision_language_encoder and processor, pixel-identical to 
 the reference tokens; per-prompt seeds from the pipeline's generator; a generation that stops
 before its grid is full is an error naming the prompt.
 """
-import json
 import subprocess
 import sys
 
@@ -18,7 +17,8 @@ import torch
 import glmrt
 from glmrt.diffusers_stage import prior_tokens, use_glmrt
 from glmrt_testing.helpers import make_image
-from glmrt_testing.tiny_glm_image import GENERATION_CONFIG, VISION_VOCAB_SIZE, build_glm_image_checkpoint
+from glmrt_testing.tiny_glm_image import (GENERATION_CONFIG, VISION_VOCAB_SIZE, build_glm_image_pipeline,
+                                          reference_pipeline)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -33,64 +33,16 @@ GREEDY = glmrt.SamplingParams(temperature=0.0)
 STOP_AT_ONCE = glmrt.SamplingParams(temperature=0.0, stop_token_ids=list(range(VISION_VOCAB_SIZE)))
 
 
-def diffusion_components() -> dict:
-    """The pipeline's other components: 8x VAE and patch 2 give 16 pixels per DiT token, which the
-    AR grid (32 pixels per token) upsampled 2x matches; the prior embedding covers the whole
-    vision vocabulary, since a random AR model may emit any of its ids."""
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    tokenizer = ByT5Tokenizer()
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                           num_heads=4))
-    transformer = diffusers.GlmImageTransformer2DModel(
-        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        text_embed_dim=32, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=VISION_VOCAB_SIZE)
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(4, 8, 16, 16), in_channels=3, out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4, norm_num_groups=4, sample_size=128, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "transformer": transformer, "vae": vae,
-            "scheduler": diffusers.FlowMatchEulerDiscreteScheduler()}
-
-
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     """A complete GLM-Image pipeline folder, as zai-org/GLM-Image is laid out."""
-    root = build_glm_image_checkpoint(tmp_path_factory.mktemp("tiny-glm-image-pipeline"))
-    index = json.loads((root / "model_index.json").read_text())
-    for name, component in diffusion_components().items():
-        component.save_pretrained(root / name)
-        index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
-    (root / "model_index.json").write_text(json.dumps(index))
-    return root
-
-
-def accept_concatenated_features(model) -> None:
-    """diffusers 0.42's generate_prior_tokens torch.cat's the condition images' features before
-    get_image_tokens, while transformers 5 returns them as a list of [C, h, w] that its
-    get_image_tokens iterates over: give it the list back (exact for one condition image)."""
-    get_image_tokens = model.get_image_tokens
-
-    def unconcatenated(hidden_states, image_grid_thw=None):
-        if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3:  # [n * C, h, w]
-            hidden_states = hidden_states.chunk(len(image_grid_thw))
-        return get_image_tokens(hidden_states, image_grid_thw)
-
-    model.get_image_tokens = unconcatenated
+    return build_glm_image_pipeline(tmp_path_factory.mktemp("tiny-glm-image-pipeline"))
 
 
 @pytest.fixture(scope="module")
 def reference_pipe(pipeline_dir, torchvision_available):
     """The pipeline with its own AR stage: transformers' model, greedy, and processor."""
-    from transformers import AutoProcessor, GlmImageForConditionalGeneration
-
-    model = GlmImageForConditionalGeneration.from_pretrained(pipeline_dir / "vision_language_encoder",
-                                                             dtype=torch.float32)
-    model.generation_config.top_k = 1  # the pipeline passes do_sample=True: top-1 sampling is argmax
-    accept_concatenated_features(model)
-    processor = AutoProcessor.from_pretrained(pipeline_dir / "processor")
-    return diffusers.GlmImagePipeline.from_pretrained(pipeline_dir, vision_language_encoder=model, processor=processor)
+    return reference_pipeline(pipeline_dir)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -410,8 +411,10 @@ class LLMEngine:
         is queued; if the call is interrupted (KeyboardInterrupt), its requests are aborted."""
         return self.run(self.prepare_many(requests, params))
 
-    def run(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        """Queue prepared sequences and run them to completion (see generate)."""
+    def run(self, seqs: list[Sequence], on_output: Callable[[RequestOutput], None] | None = None,
+            ) -> list[RequestOutput]:
+        """Queue prepared sequences and run them to completion (see generate). on_output: called
+        with every output as it is read back (e.g. to show progress)."""
         ids = [seq.request_id for seq in seqs]
         finished: dict[str, RequestOutput] = {}
         try:
@@ -419,6 +422,8 @@ class LLMEngine:
                 self.enqueue(seq)
             while len(finished) < len(ids):
                 for out in self.step():
+                    if on_output is not None:
+                        on_output(out)
                     if out.finished:
                         finished[out.request_id] = out
         finally:

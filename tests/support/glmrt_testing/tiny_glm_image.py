@@ -2,7 +2,8 @@
 
 `<root>/model_index.json` (a diffusers pipeline), `<root>/vision_language_encoder/` (config,
 safetensors weights, generation config) and `<root>/processor/` (tokenizer, chat template,
-image preprocessing), as zai-org/GLM-Image ships its autoregressive stage. Small sizes but every
+image preprocessing), as zai-org/GLM-Image ships its autoregressive stage; with
+build_glm_image_pipeline, the diffusion stage's folders too (a complete pipeline). Small sizes but every
 structural feature of the real model: the real vocabularies (168,064 in, 16,512 out) so the
 special tokens sit at GLM-Image's ids, q/k/v biases, head_dim != hidden/heads, GQA, partial NeoX
 M-RoPE with three sections, a learned vision position table that must be resampled, a VQ codebook,
@@ -151,3 +152,65 @@ def write_pipeline_files(root: Path) -> None:
     (processor_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (processor_dir / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
     (processor_dir / "processor_config.json").write_text(json.dumps({"processor_class": "GlmImageProcessor"}))
+
+
+def diffusion_components() -> dict:
+    """The pipeline's other components, sized as in diffusers' own GlmImagePipeline tests (random,
+    fp32): 8x VAE and patch 2 give 16 pixels per DiT token, which the AR grid (32 pixels per token)
+    upsampled 2x matches; the prior embedding covers the whole vision vocabulary, since a random AR
+    model may emit any of its ids."""
+    import diffusers
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer = ByT5Tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4))
+    transformer = diffusers.GlmImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=32, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=VISION_VOCAB_SIZE)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(4, 8, 16, 16), in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4, norm_num_groups=4, sample_size=128, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "transformer": transformer, "vae": vae,
+            "scheduler": diffusers.FlowMatchEulerDiscreteScheduler()}
+
+
+def build_glm_image_pipeline(root: Path) -> Path:
+    """A complete tiny GLM-Image pipeline folder under `root`, laid out as zai-org/GLM-Image: the
+    AR stage of build_glm_image_checkpoint and the diffusion_components -> root."""
+    build_glm_image_checkpoint(root)
+    index = json.loads((root / "model_index.json").read_text())
+    for name, component in diffusion_components().items():
+        component.save_pretrained(root / name)
+        index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def reference_pipeline(root: Path):
+    """diffusers' own GlmImagePipeline on the pipeline folder `root`, with its own AR stage:
+    transformers' model (fp32) and processor, greedy (the pipeline samples, so top_k=1)."""
+    import diffusers
+    from transformers import AutoProcessor, GlmImageForConditionalGeneration
+
+    model = GlmImageForConditionalGeneration.from_pretrained(root / MODEL_DIR, dtype=torch.float32)
+    model.generation_config.top_k = 1  # the pipeline passes do_sample=True: top-1 sampling is argmax
+    accept_concatenated_features(model)
+    processor = AutoProcessor.from_pretrained(root / PROCESSOR_DIR)
+    return diffusers.GlmImagePipeline.from_pretrained(root, vision_language_encoder=model, processor=processor)
+
+
+def accept_concatenated_features(model) -> None:
+    """diffusers 0.42's generate_prior_tokens torch.cat's the condition images' features before
+    get_image_tokens, while transformers 5 returns them as a list of [C, h, w] that its
+    get_image_tokens iterates over: give it the list back (exact for one condition image)."""
+    get_image_tokens = model.get_image_tokens
+
+    def unconcatenated(hidden_states, image_grid_thw=None):
+        if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3:  # [n * C, h, w]
+            hidden_states = hidden_states.chunk(len(image_grid_thw))
+        return get_image_tokens(hidden_states, image_grid_thw)
+
+    model.get_image_tokens = unconcatenated
