@@ -27,6 +27,7 @@ from PIL import Image
 
 from .engine.engine import resolve_device, resolve_dtype
 from .glm_image import GlmImageProcessor, ImageTokensOutput
+from .image_processor import load_image, to_rgb
 from .llm import LLM
 from .sampling_params import SamplingParams
 
@@ -140,6 +141,17 @@ class DiffusionStage:
     @property
     def device(self) -> torch.device:
         return self.pipe._execution_device
+
+    def condition(self, image: Any, processor: GlmImageProcessor, name: str) -> Image.Image:
+        """A condition image (PIL image, path, bytes or data URI) as both stages take it: RGB,
+        converted as the AR stage's processor converts (transparency onto white), and sized by
+        fit_condition. The Python API and the server both prepare theirs here, so an edit over
+        HTTP gives the Python API's picture. ValueError naming the image as `name`."""
+        try:
+            picture = load_image(image)
+            return self.fit_condition(picture if picture.mode == "RGB" else to_rgb(picture), processor)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{name}: {exc}") from exc
 
     def fit_condition(self, picture: Image.Image, processor: GlmImageProcessor) -> Image.Image:
         """A condition image (RGB) sized so that its AR grid, upsampled 2x, covers the same cells

@@ -22,7 +22,6 @@ from PIL import Image
 
 from .diffusers_stage import DiffusionStage, _images_per_prompt, prior_tokens
 from .glm_image import check_image_size
-from .image_processor import load_image, to_rgb
 from .llm import LLM
 from .sampling_params import SamplingParams
 
@@ -70,8 +69,9 @@ class ImagePipeline:
             image = [image]  # one condition image
         images = _images_per_prompt(image, len(prompts))
         if images is not None:
-            images = [[self._condition(x, f"image {i}.{j}" if len(prompts) > 1 else f"image {j}")
-                       for j, x in enumerate(imgs)] for i, imgs in enumerate(images)]
+            name = (lambda i, j: f"image {i}.{j}") if len(prompts) > 1 else (lambda i, j: f"image {j}")
+            images = [[self.diffusion.condition(x, self.llm.processor, name(i, j)) for j, x in enumerate(imgs)]
+                      for i, imgs in enumerate(images)]
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         prior = prior_tokens(self.llm, prompts, height, width, image=images, generator=generator,
                              sampling_params=sampling_params, device=self.diffusion.device, use_tqdm=progress)
@@ -79,14 +79,3 @@ class ImagePipeline:
                                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                          progress=progress)
         return pictures[0] if isinstance(prompt, str) else pictures
-
-    def _condition(self, image: Any, name: str) -> Image.Image:
-        """A condition image as both stages take it: RGB, converted as the AR stage's processor
-        converts (transparency onto white), and sized by DiffusionStage.fit_condition. Errors
-        name the image."""
-        try:
-            picture = load_image(image)
-            return self.diffusion.fit_condition(picture if picture.mode == "RGB" else to_rgb(picture),
-                                                self.llm.processor)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{name}: {exc}") from exc

@@ -32,7 +32,6 @@ import io
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 from fastapi import FastAPI, Request
@@ -43,7 +42,6 @@ from starlette.datastructures import UploadFile
 from ..diffusers_stage import to_prior_tokens
 from ..engine.async_engine import AsyncEngine
 from ..glm_image import ImageRequest, check_image_size
-from ..image_pipeline import ImagePipeline
 from ..sampling_params import SamplingParams
 from .metrics import ServerMetrics
 from .protocol import APIError, PromptLimit, PromptText, type_name
@@ -177,12 +175,10 @@ class Painter:
               "the diffusion stage.", registry=metrics.registry).set_function(lambda: self.pending)
 
     def condition(self, image, param: str):
-        """A decoded condition image (request field `param`) as both stages take it, prepared as
-        glmrt.ImagePipeline prepares its own (RGB; resized where the AR stage's patches and the
-        diffusion transformer's tokens would round its size apart), so that an edit gives the Python
-        API's picture. ImagePipeline._condition reads only its `llm.processor` and `diffusion`: the
-        engine and the stage here. ValueError naming `param` (too small, too elongated)."""
-        return ImagePipeline._condition(SimpleNamespace(llm=self.engine.engine, diffusion=self.stage), image, param)
+        """A decoded condition image (request field `param`) prepared as glmrt.ImagePipeline prepares
+        its own (DiffusionStage.condition), so that an edit gives the Python API's picture.
+        ValueError naming `param` (too small, too elongated)."""
+        return self.stage.condition(image, self.engine.engine.processor, param)
 
     def _admit(self, n: int) -> None:
         """Take n places, or refuse the request."""
