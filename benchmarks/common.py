@@ -285,9 +285,12 @@ def _capacity_numbers(data: dict) -> list[str]:
 def _glm_image_numbers(data: dict) -> list[str]:
     lines = [f"- weights floor {data['hbm_floor_ms_per_token']:.3f} ms/step; a whole {data['image_size']}² image "
              f"({data['image_tokens']} tokens) in {data['image_seconds']:.2f} s at batch 1 ({data['image_seconds_how']})"]
-    return lines + [f"- batch {r['batch']}: glmrt {r['glmrt_tokens_per_s']:.4g} tok/s, transformers "
-                    f"{r['transformers_tokens_per_s']:.4g} tok/s ({r['speedup']:.2f}x), {r['pct_of_floor']:.0f}% of "
-                    f"the floor ({r['floor_basis']})" for r in data["rows"]]
+    lines += [f"- batch {r['batch']}: glmrt {r['glmrt_tokens_per_s']:.4g} tok/s, transformers "
+              f"{r['transformers_tokens_per_s']:.4g} tok/s ({r['speedup']:.2f}x), {r['pct_of_floor']:.0f}% of "
+              f"the floor ({r['floor_basis']})" for r in data["rows"]]
+    return lines + [f"- pictures, batch {r['batch']}, {r['steps']} diffusion steps: glmrt {r['glmrt_s_per_picture']:.3g} "
+                    f"s/picture ({r['ar_share'] * 100:.0f}% AR stage), diffusers {r['diffusers_s_per_picture']:.3g} "
+                    f"({r['speedup']:.2f}x)" for r in data.get("pictures", [])]
 
 
 SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers,

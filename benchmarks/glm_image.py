@@ -19,14 +19,22 @@ tokens (ignore_eos / min_new_tokens):
 - seconds for a whole 1024x1024 image's tokens (1,281) with glmrt at batch 1: measured, or with
   --key extrapolated from the prefill and the measured decode ms/token.
 
---key (the GPU suite's key numbers): 64 tokens per request, the whole image extrapolated; without
-it 256 tokens and the whole image generated. Writes <out>/glm_image-<device>-<timestamp>.json and
+When --model is a whole pipeline (a Hub id, or a root whose model_index.json lists the diffusion
+transformer, VAE and glyph encoder; the random real-size checkpoint has the AR stage only), also
+pictures end to end: seconds per size x size picture at batch 1 and 16 (AR stage + diffusion +
+VAE, --steps diffusion steps), glmrt.ImagePipeline against diffusers' GlmImagePipeline with its own
+AR stage on transformers (the same diffusion modules, greedy AR on both, the same seed), and the
+AR stage's share of glmrt's time.
+
+--key (the GPU suite's key numbers): 64 tokens per request, the whole image extrapolated, pictures
+at batch 1 only; without it 256 tokens and the whole image generated. Writes <out>/glm_image-<device>-<timestamp>.json and
 .md. `--smoke` runs on CPU with small sizes to prove the code path (numbers meaningless).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -96,14 +104,65 @@ def hf_decode(model, processor, batch: int, tokens: int, size: int) -> tuple[flo
     return total - first, batch * (tokens - 1)
 
 
+def whole_pipeline(model: str, root: Path) -> bool:
+    """Whether `model` has the diffusion side too: a Hub id (ImagePipeline fetches it), or a root
+    whose model_index.json lists a diffusion transformer."""
+    if not Path(model).exists():
+        return True
+    index = Path(root) / "model_index.json"
+    return index.exists() and bool(json.loads(index.read_text()).get("transformer"))
+
+
+def picture_seconds(model: str, hf_model, processor, batches: list[int], size: int, steps: int) -> list[dict]:
+    """End to end, per batch: glmrt.ImagePipeline's AR stage (glmrt) then its diffusion stage, and
+    diffusers' GlmImagePipeline with transformers' AR stage (`hf_model`) over the same diffusion
+    modules; greedy AR on both (the pipeline samples: top-1 sampling is argmax), seed 0, after a
+    batch-1 warm-up of each. -> rows with seconds per picture and the AR stage's share."""
+    import diffusers
+
+    from glmrt.diffusers_stage import prior_tokens
+
+    pipe = glmrt.ImagePipeline(model, device=DEVICE, dtype=DTYPE, max_num_seqs=max(batches),
+                               max_model_len=MAX_MODEL_LEN, kv_cache_tokens=max(batches) * MAX_MODEL_LEN)
+    hf_model.generation_config.top_k = 1
+    reference = diffusers.GlmImagePipeline(**{**pipe.diffusion.pipe.components,
+                                              "vision_language_encoder": hf_model, "processor": processor})
+    reference.set_progress_bar_config(disable=True)
+    greedy = glmrt.SamplingParams(temperature=0.0)
+
+    def ours(prompts: list[str]) -> tuple[float, float]:
+        ar_s, prior = timed(lambda: prior_tokens(pipe.llm, prompts, size, size, generator=torch.Generator().manual_seed(0),
+                                                 sampling_params=greedy, device=pipe.diffusion.device))
+        diffusion_s, _ = timed(lambda: pipe.diffusion.render(prompts, prior, height=size, width=size, seed=0,
+                                                             num_inference_steps=steps))
+        return ar_s, diffusion_s
+
+    def theirs(prompts: list[str]) -> float:
+        generator = torch.Generator(reference._execution_device).manual_seed(0)
+        return timed(lambda: reference(prompts, height=size, width=size, num_inference_steps=steps,
+                                       generator=generator))[0]
+
+    ours([PROMPT]), theirs([PROMPT])  # warm-up
+    rows = []
+    for batch in batches:
+        ar_s, diffusion_s = ours([PROMPT] * batch)
+        peer_s = theirs([PROMPT] * batch)
+        total = ar_s + diffusion_s
+        rows.append(dict(batch=batch, steps=steps, glmrt_s_per_picture=total / batch, ar_share=ar_s / total,
+                         diffusers_s_per_picture=peer_s / batch, speedup=peer_s / total))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="GLM-Image pipeline root or Hub id (default: real config, random weights)")
     parser.add_argument("--key", action="store_true", help="only the GPU suite's key numbers (see above)")
+    parser.add_argument("--steps", type=int, help="diffusion steps of the pictures (default 50, 2 with --smoke)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; a temp folder with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="small sizes, CPU-capable (tiny checkpoint without --model)")
     args = parser.parse_args(argv)
     smoke = args.smoke
+    args.steps = args.steps or (2 if smoke else 50)
     size, tokens, batches = (64, 6, [1, 3]) if smoke else (1024, 64 if args.key else 256, [1, 16])
     out_dir = output_dir(args.out, smoke)
     if smoke and not CUDA:
@@ -146,14 +205,25 @@ def main(argv: list[str] | None = None) -> int:
             image_s = rows[0]["prefill_s"] + (image_tokens - 1) / rows[0]["glmrt_tokens_per_s"]
         else:
             image_s, _ = timed(lambda: glmrt_decode(engine, 1, image_tokens, size))
+        backend, cuda_graphs = engine.backend, engine.runner.graphs is not None
+        pictures = []
+        if args.model and whole_pipeline(args.model, root):
+            del engine  # its memory goes to the ImagePipeline's engine
+            if CUDA:
+                torch.cuda.empty_cache()
+            picture_batches = batches[:1] if args.key else batches
+            pictures = picture_seconds(args.model, hf_model, processor, picture_batches, size, args.steps)
+            key += [key_row(f"GLM-Image picture end to end s/picture, batch {r['batch']}, {size}x{size}, {r['steps']} "
+                            "diffusion steps", "s", r["glmrt_s_per_picture"], peer=r["diffusers_s_per_picture"],
+                            peer_name=f"diffusers GlmImagePipeline, AR stage on {peer}") for r in pictures]
 
     meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=smoke, key_only=args.key, model=args.model,
-                    backend=engine.backend, cuda_graphs=engine.runner.graphs is not None, copy_bandwidth_gbps=bandwidth,
+                    backend=backend, cuda_graphs=cuda_graphs, copy_bandwidth_gbps=bandwidth,
                     decoder_weight_bytes=weight_bytes, kv_bytes_per_token=kv_token_bytes,
                     hbm_floor_ms_per_token=floor_ms(weight_bytes, bandwidth), image_size=size)
     how = "extrapolated from the prefill and the decode ms/token" if args.key else "measured"
     lines = [f"# GLM-Image AR stage: glmrt vs transformers on {meta['device']['name']}", "", provenance(meta),
-             f"- {meta['dtype']}, backend {engine.backend}, CUDA graphs {meta['cuda_graphs']}, "
+             f"- {meta['dtype']}, backend {backend}, CUDA graphs {cuda_graphs}, "
              f"checkpoint {args.model or 'random weights (real config)'}",
              f"- copy bandwidth {bandwidth:.0f} GB/s; decoder weights {weight_bytes / 1e9:.3f} GB "
              f"(floor {meta['hbm_floor_ms_per_token']:.3f} ms/step); KV cache {kv_token_bytes / 1024:.3g} KiB/token",
@@ -163,9 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['batch']} | {r['tokens']} | {r['glmrt_tokens_per_s']:.4g} | {r['transformers_tokens_per_s']:.4g} | "
               f"{r['speedup']:.2f}x | {r['floor_tokens_per_s']:.4g} ({r['floor_basis']}) | {r['pct_of_floor']:.0f}% |"
               for r in rows]
+    if pictures:
+        lines += ["", "| pictures | steps | glmrt s/picture | of which AR stage | diffusers s/picture | speed-up |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| batch {r['batch']} | {r['steps']} | {r['glmrt_s_per_picture']:.3g} | {r['ar_share'] * 100:.0f}% | "
+                  f"{r['diffusers_s_per_picture']:.3g} | {r['speedup']:.2f}x |" for r in pictures]
     print("\n".join(lines))
     write_report(out_dir, "glm_image", meta, dict(rows=rows, key=key, image_seconds=image_s, image_seconds_how=how,
-                                                  image_tokens=image_tokens), lines)
+                                                  image_tokens=image_tokens, pictures=pictures), lines)
     return 0
 
 

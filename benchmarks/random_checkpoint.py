@@ -5,7 +5,8 @@
 
 glm-ocr: GLM-OCR with its MTP layer, flat in DIR (~2.7 GB in bf16); glm-image: GLM-Image's
 autoregressive stage in the Hub's pipeline layout under DIR (9B, ~20 GB in bf16, in shards). --tiny:
-the tests' tiny configs instead. Defaults: cuda when available, else cpu; bfloat16 on cuda, float32
+the tests' tiny configs instead (glm-image: with the tests' tiny diffusion transformer, VAE and glyph
+encoder, a whole pipeline). Defaults: cuda when available, else cpu; bfloat16 on cuda, float32
 on cpu. Weights and files are those of glmrt_testing.random_weights (tests/support); pass DIR to the
 benchmarks as --model DIR. Prints each file written, the total size and the seconds the write took.
 """
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     root = write(args.dir, tiny_config() if args.tiny else None, device=args.device, dtype=dtype, seed=args.seed)
+    if args.model == "glm-image" and args.tiny:  # tiny: a whole pipeline (its diffusion side is seconds on a CPU)
+        tiny_glm_image.add_diffusion_components(root)
     seconds = time.perf_counter() - start
 
     files = sorted(p for p in root.rglob("*") if p.is_file())

@@ -180,7 +180,12 @@ def diffusion_components() -> dict:
 def build_glm_image_pipeline(root: Path) -> Path:
     """A complete tiny GLM-Image pipeline folder under `root`, laid out as zai-org/GLM-Image: the
     AR stage of build_glm_image_checkpoint and the diffusion_components -> root."""
-    build_glm_image_checkpoint(root)
+    return add_diffusion_components(build_glm_image_checkpoint(root))
+
+
+def add_diffusion_components(root: Path) -> Path:
+    """The tiny diffusion_components saved into the AR-stage checkpoint at `root` (any writer's)
+    and listed in its model_index.json, making it a complete pipeline -> root."""
     index = json.loads((root / "model_index.json").read_text())
     for name, component in diffusion_components().items():
         component.save_pretrained(root / name)
