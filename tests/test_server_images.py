@@ -2,9 +2,9 @@
 and a tiny random pipeline (tiny_glm_image.build_glm_image_pipeline; fp32, CPU).
 
 The `openai` client's images.generate and images.edit, unchanged, get PNGs byte-identical to
-diffusers' own GlmImagePipeline's (transformers' AR stage, greedy; the same seed) -- n = 2 and
-several condition images against glmrt.ImagePipeline, which test_image_pipeline.py holds to
-diffusers' -- also when requests run concurrently; every refusal's status and the field it
+diffusers' own GlmImagePipeline's (transformers' AR stage, greedy; the same seed): text-to-image
+with n = 2 and an edit; edits whose condition images must be resized first (which diffusers'
+pipeline cannot take) against glmrt.ImagePipeline -- also when requests run concurrently; every refusal's status and the field it
 names; the other model's endpoints; the bounded queue's 503; /metrics' image counters. In
 process: AsyncEngine.generate_image_tokens gives LLM.generate_image_tokens's tokens.
 """
@@ -36,9 +36,10 @@ GREEDY = glmrt.SamplingParams(temperature=0.0)
 CONDITIONS = [make_image(90, 70, 3), make_image(64, 80, 5)]
 # (prompt, condition images, width, height, n): a 3 x 5 and a 4 x 3 AR grid
 T2I = ("a cat on a mat", None, 160, 96, 2)
+I2I_AS_DIFFUSERS = ("make it blue", [make_image(96, 64, 3)], 96, 128, 1)  # a size diffusers' pipeline takes as is
 I2I = ("make it blue", CONDITIONS[:1], 96, 128, 1)
 I2I_TWO = ("make them one", CONDITIONS, 96, 128, 1)
-CASES = {"generate-n2": T2I, "edit": I2I, "edit-two-images": I2I_TWO}
+CASES = {"generate-n2": T2I, "edit-as-diffusers": I2I_AS_DIFFUSERS, "edit": I2I, "edit-two-images": I2I_TWO}
 
 
 def png(picture: Image.Image) -> bytes:
@@ -80,13 +81,16 @@ def pipe(pipeline_dir):
 
 @pytest.fixture(scope="module")
 def expected(pipeline_dir, pipe, torchvision_available):
-    """Each case's PNGs: diffusers' own pipeline's for text-to-image, glmrt.ImagePipeline's (equal
-    to diffusers', test_image_pipeline.py) for image-to-image."""
-    prompt, _, width, height, n = T2I
-    with torch.no_grad():
-        pictures = reference_pipeline(pipeline_dir)([prompt] * n, height=height, width=width, num_inference_steps=STEPS,
-                                                    generator=torch.Generator().manual_seed(SEED)).images
-    out = {"generate-n2": [png(p) for p in pictures]}
+    """Each case's PNGs: diffusers' own pipeline's for text-to-image and for a condition image it
+    takes as is; glmrt.ImagePipeline's (equal to diffusers' where diffusers runs,
+    test_image_pipeline.py) for condition images that must be resized first."""
+    reference, out = reference_pipeline(pipeline_dir), {}
+    for case in ("generate-n2", "edit-as-diffusers"):
+        prompt, images, width, height, n = CASES[case]
+        with torch.no_grad():
+            pictures = reference([prompt] * n, image=images and [images], height=height, width=width,
+                                 num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED)).images
+        out[case] = [png(p) for p in pictures]
     for case in ("edit", "edit-two-images"):
         prompt, images, width, height, _ = CASES[case]
         out[case] = [png(pipe(prompt, image=images, height=height, width=width, seed=SEED,
