@@ -27,6 +27,19 @@ from .engine import LLMEngine
 from .sequence import Sequence
 
 
+async def gather_or_cancel(coroutines) -> list:
+    """The results of the coroutines (engine calls), in order; when one fails, or the caller is
+    cancelled, the others are cancelled, which aborts their engine requests, and waited for."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+
 class RequestFailed(RuntimeError):
     """The engine step that carried this request failed; other requests are unaffected."""
 

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
-from ..engine.async_engine import AsyncEngine, RequestFailed
+from ..engine.async_engine import AsyncEngine, RequestFailed, gather_or_cancel
 from .media import MediaLoader
 from .metrics import RequestTimer, ServerMetrics
 from .protocol import APIError, ImageRef
@@ -132,7 +132,7 @@ def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, m
             if num_pages > max_pages:
                 raise APIError(f"the request has {num_pages} pages, more than the limit of {max_pages} pages per "
                                f"request (--max-pages-per-request)", refs[0].param.split("[")[0])
-            return await _together(parse_unit(source, total) for source, total in units)
+            return await gather_or_cancel(parse_unit(source, total) for source, total in units)
 
     @app.post("/glmocr/parse")
     async def glmocr_parse(request: Request) -> Response:
@@ -153,17 +153,6 @@ def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, m
             "layout_details": json_result, "md_results": markdown, "data_info": {"pages": []},
             "usage": {}, "model": "glm-ocr", "id": f"chatcmpl-{uuid.uuid4().hex[:29]}", "created": int(time.time()),
         })
-
-
-async def _together(coroutines) -> list:
-    """asyncio.gather, but a failure or a cancellation cancels the others: a unit that fails stops
-    the regions of the rest."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 class _CountedEngine:

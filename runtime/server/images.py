@@ -40,7 +40,7 @@ from prometheus_client import Gauge
 from starlette.datastructures import UploadFile
 
 from ..diffusers_stage import to_prior_tokens
-from ..engine.async_engine import AsyncEngine
+from ..engine.async_engine import AsyncEngine, gather_or_cancel
 from ..glm_image import ImageRequest, check_image_size
 from ..sampling_params import SamplingParams
 from .metrics import ServerMetrics
@@ -205,7 +205,7 @@ class Painter:
             start = time.monotonic()
             requests = [ImageRequest(job.prompt, job.height, job.width, images or []) for _ in range(job.n)]
             try:
-                outputs = await _all(self.engine.generate_image_tokens(r, p)
+                outputs = await gather_or_cancel(self.engine.generate_image_tokens(r, p)
                                      for r, p in zip(requests, job.image_params()))
             except (ValueError, TypeError) as exc:  # refused by the engine before it was queued
                 raise APIError(str(exc), "image" if str(exc).startswith("image ") else "size") from exc
@@ -245,18 +245,6 @@ class Painter:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
-
-
-async def _all(coroutines) -> list:
-    """The results of all, in order; when one fails (or the caller is cancelled) the others are
-    cancelled, which aborts their engine requests."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
 
 
 def _png(picture) -> bytes:
