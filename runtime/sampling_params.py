@@ -19,6 +19,7 @@ SEED_RANGE = (-(2**63), 2**64)
 # distribution is uniform for any logits a model gives.
 MAX_TEMPERATURE = 1e4
 REPETITION_PENALTY_RANGE = (1e-4, 1e4)
+DRAFT_SOURCES = ("auto", "mtp", "text", "ngram", "off")
 
 
 def _int(name: str, value: Any) -> int:
@@ -64,6 +65,14 @@ class SamplingParams:
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
+    # Speculative decoding's draft source (engines started with num_speculative_tokens > 0; the
+    # output is the same whatever drafts): "auto" (the reference text where it has a proposal, else
+    # the MTP layer, or n-gram lookup over the output so far on an engine without it), or only
+    # "mtp", "text", "ngram", or "off". reference_text: text the output is expected to repeat for the most part
+    # (e.g. the PDF text layer of the region being read), matched against the output's tail and
+    # its continuation proposed as drafts.
+    draft: str = "auto"
+    reference_text: str | None = None
     # The compiled constraint (llguidance grammar), derived from the four fields above.
     grammar: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -119,6 +128,11 @@ class SamplingParams:
             self.seed = _int("seed", self.seed)
             if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
                 raise ValueError(f"SamplingParams.seed must be in [-2**63, 2**64), got {self.seed}")
+        if self.draft not in DRAFT_SOURCES:
+            raise ValueError(f"SamplingParams.draft must be one of {', '.join(DRAFT_SOURCES)}, got {self.draft!r}")
+        if self.reference_text is not None and not isinstance(self.reference_text, str):
+            raise TypeError(f"SamplingParams.reference_text must be a str or None, got "
+                            f"{type(self.reference_text).__name__} {self.reference_text!r:.80}")
         self._check_constraint()
         if self.greedy:
             self.top_k, self.top_p = 0, 1.0  # greedy ignores them; keep the object saying so

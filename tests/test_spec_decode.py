@@ -462,7 +462,8 @@ def test_server_speculates_with_vllms_flag_and_reports_acceptance(trained):
 
 
 @pytest.mark.parametrize("flag,message", [
-    ('{"method": "ngram", "num_speculative_tokens": 2}', '"method": "mtp"'),
+    ('{"method": "eagle", "num_speculative_tokens": 2}', '"method" one of'),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "draft_model": "x"}', "unsupported fields ['draft_model']"),
     ('{"num_speculative_tokens": "x"}', "num_speculative_tokens must be an int"),
     ("{not json", "not JSON"),
 ])

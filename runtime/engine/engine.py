@@ -4,7 +4,9 @@ Steps overlap (async_scheduling, on by default): `step()` schedules and launches
 reads step N's tokens and does its host work (stop checks, detokenization, outputs) while the
 device runs N+1. A token computed for a request that turned out to have finished at step N is
 dropped. With async_scheduling=False each step is read back before the next is scheduled; both
-give the same tokens.
+give the same tokens. So is it while a running request drafts speculative tokens on the host
+(from its reference text or its output so far, drafters.py): its drafts continue the tokens of
+the step before.
 
 Failures stay with the requests they concern: a bad request is refused by `prepare` before it is
 queued; a request whose own host work fails (its grammar, stop strings, detokenization) or whose
@@ -37,6 +39,7 @@ from ..processor import IMAGE_TOKEN, VIDEO_TOKEN, Processor
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
+from .drafters import Drafter
 from .runner import ModelRunner, PrefillInputError, StepHandle, allocate_kv_cache, kv_bytes_per_token
 from .sampler import Sampler, SamplingState, request_seed
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
@@ -114,8 +117,12 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool = True  # overlap the host work of step N with step N+1 on the device
     image_backend: str = "torchvision"  # resize like transformers' default image processor, or "pil"
-    # Tokens the MTP layer drafts per decode step, verified together by the target (0: off).
+    # Draft tokens verified per decode step (0: off), drafted per request (SamplingParams.draft)
+    # from its reference text, n-gram lookup over its output, or the MTP layer.
     num_speculative_tokens: int = 0
+    # "mtp": the checkpoint's MTP layer is loaded and drafts where no host source proposes;
+    # "ngram": drafts only from reference text and n-gram lookup (no MTP layer, chunked prefill kept).
+    speculative_method: str = "mtp"
     speculative_max_batch: int | None = None  # decode steps with more running sequences do not speculate
 
     def __post_init__(self) -> None:
@@ -135,6 +142,8 @@ class EngineConfig:
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num_speculative_tokens must be an int in [0, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if self.speculative_method not in ("mtp", "ngram"):
+            raise ValueError(f"speculative_method must be 'mtp' or 'ngram', got {self.speculative_method!r}")
         limit = self.speculative_max_batch
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise ValueError(f"speculative_max_batch must be an int >= 1 or None, got {limit!r}")
@@ -174,11 +183,12 @@ class LLMEngine:
                 f"{self.max_model_len} tokens; raise kv_cache_tokens or lower max_model_len"
             )
         k = self.options.num_speculative_tokens
-        self.chunked_prefill = self.options.enable_chunked_prefill and not k
+        mtp = k > 0 and self.options.speculative_method == "mtp"
+        self.chunked_prefill = self.options.enable_chunked_prefill and not mtp
         self.max_num_batched_tokens = self.options.max_num_batched_tokens or (
             8192 if self.chunked_prefill else self.max_model_len)
         self.model = model_class(self.config).from_pretrained(path, self.config, make_ops(self.backend), self.device,
-                                                              self.dtype, load_mtp=k > 0)
+                                                              self.dtype, load_mtp=mtp)
         block_size = self.options.block_size
         num_blocks = -(-self._kv_cache_tokens() // block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
@@ -348,7 +358,25 @@ class LLMEngine:
             seed=request_seed(params.seed),
             pixel_values=pixel_values, image_grid_thw=grids,
             grammar=self.structured.matcher(params.grammar, request_id) if params.grammar is not None else None,
+            drafter=self._drafter(params),
         )
+
+    def _drafter(self, params: SamplingParams) -> Drafter | None:
+        """A request's draft sources (SamplingParams.draft) on this engine; None when it does not speculate."""
+        if not self.options.num_speculative_tokens:
+            return None
+        has_mtp = self.model.mtp is not None
+        if params.draft == "mtp" and not has_mtp:
+            raise ValueError("SamplingParams.draft='mtp' needs an engine whose speculative_method is 'mtp' "
+                             "(this one drafts only from reference text and n-gram lookup)")
+        if params.draft == "auto":  # the reference text where given, then the MTP layer or else n-gram lookup
+            sources = ("text",) * bool(params.reference_text) + (("mtp",) if has_mtp else ("ngram",))
+        else:
+            sources = () if params.draft == "off" else (params.draft,)
+        reference = None
+        if "text" in sources and params.reference_text:
+            reference = self.processor.tokenizer.encode(params.reference_text, add_special_tokens=False).ids
+        return Drafter(sources, reference)
 
     def _prepare_image_request(self, request: ImageRequest, params: SamplingParams, request_id: str) -> Sequence:
         """GLM-Image: the prompt (condition images' codes still placeholders, filled at prefill),
@@ -458,6 +486,8 @@ class LLMEngine:
         """Launch the next step and return the outputs (with deltas) of the sequences whose
         tokens were read back in this call: the previous step's with async_scheduling, else this one's."""
         outputs: list[RequestOutput] = []
+        if self._in_flight is not None and self._drafts_on_host():
+            outputs += self._read_in_flight()  # host drafts continue the output, so it must be known
         plan = self.scheduler.schedule()
         if plan == NEEDS_DRAIN:  # preemption needs every in-flight token read first
             outputs += self._read_in_flight()
@@ -470,14 +500,22 @@ class LLMEngine:
                 outputs += self._read_in_flight()
         return outputs
 
+    def _drafts_on_host(self) -> bool:
+        """Whether a running request may draft from its output so far (the next step needs it read)."""
+        limit = self.options.speculative_max_batch
+        running = self.scheduler.running
+        return (limit is None or len(running) <= limit) and any(
+            s.drafter is not None and s.drafter.on_host for s in running)
+
     def _launch(self, plan: ScheduledStep, outputs: list[RequestOutput]) -> StepHandle | None:
         try:
             if plan.chunks:
                 return self.runner.prefill(plan, self._token_masks(plan.seqs))
             if all(seq.grammar is None for seq in plan.seqs):
                 limit = self.options.speculative_max_batch
-                speculate = self.runner.spec is not None and (limit is None or len(plan.seqs) <= limit)
-                return self.runner.decode(plan, speculate)
+                if self.runner.spec is None or (limit is not None and len(plan.seqs) > limit):
+                    return self.runner.decode(plan)
+                return self._speculate(plan)
             # Structured-output rows need the previous step's tokens for their masks: the device
             # runs this step's forward while the host reads them and fills the masks. Requests
             # that finish meanwhile keep their rows until the sampling is launched (a row move
@@ -499,6 +537,25 @@ class LLMEngine:
         except BaseException as exc:  # an interrupt: fail the step's requests and propagate
             outputs += self._fail(plan.decode + plan.prefill_seqs, exc)
             raise
+
+    def _speculate(self, plan: ScheduledStep) -> StepHandle:
+        """A speculative decode step: each row's drafts from its drafter's host sources, else the
+        MTP layer's; without the MTP layer, a plain step when no row proposes anything."""
+        k, on_host = self.options.num_speculative_tokens, False
+        proposals = []  # per row: (source, host drafts, or None for the MTP layer's k)
+        for seq in plan.decode:
+            drafter = seq.drafter
+            if drafter is not None and drafter.on_host and self._in_flight is None:  # read first: see step
+                on_host = True
+                proposals.append(drafter.propose(seq.output_token_ids, k) or ("mtp", None))
+            else:
+                proposals.append(("mtp", None) if drafter is not None and drafter.mtp else ("off", []))
+        if self.model.mtp is None and not any(drafts for _, drafts in proposals):
+            return self.runner.decode(plan)
+        # Rows hold their admission default (MTP or none) until a host-drafting row makes the upload.
+        handle = self.runner.decode(plan, True, [drafts for _, drafts in proposals] if on_host else None)
+        handle.proposals = [(k if drafts is None else len(drafts), source) for source, drafts in proposals]
+        return handle
 
     def _prefill_failed(self, plan: ScheduledStep, exc: BaseException, outputs: list[RequestOutput]) -> StepHandle | None:
         """A step's prefill failed while its decode rows (if any) were still untouched: a request
@@ -542,11 +599,11 @@ class LLMEngine:
         except Exception as exc:
             return self._fail(handle.seqs, exc)
         outputs = []
-        for seq, new_tokens in zip(handle.seqs, tokens):
+        for i, (seq, new_tokens) in enumerate(zip(handle.seqs, tokens)):
             if seq.is_finished:  # finished or aborted after this step was launched: drop the tokens
                 continue
             if handle.speculative:
-                self.spec_stats.record(len(new_tokens) - 1)
+                self.spec_stats.record(len(new_tokens) - 1, *handle.proposals[i])
             seq.num_pending -= 1
             seq.num_cached -= handle.reserved_tokens - len(new_tokens)  # slots reserved but not used
             read, by_token = [], False

@@ -72,6 +72,13 @@ class DeviceBatch:
             self.decode_lens = torch.ones(max_rows, dtype=torch.int64, device=device)
             self._row_tensors += [self.decode_positions, self.prompt_lens, self.decode_lens]
         if num_speculative_tokens:
+            # The host's drafts of a speculative step [R, k] and how many of each row's are
+            # proposed [R] (-1: the MTP layer's k). A row keeps its admission default (-1 for a
+            # request that drafts with the MTP layer, else 0) until the host uploads drafts, which
+            # it does, for every row, whenever a row drafts on the host.
+            self.drafts = torch.zeros(max_rows, num_speculative_tokens, dtype=torch.int64, device=device)
+            self.draft_lens = torch.zeros(max_rows, dtype=torch.int64, device=device)
+            self._row_tensors += [self.drafts, self.draft_lens]
             # What the MTP layer's next catch-up needs of the last step (see spec_decode.py): its
             # target hidden states [R, k+1, H], the target's tokens after them, and how many of
             # the rows were accepted drafts (rows 0..carry_accepted are valid).
@@ -109,6 +116,9 @@ class DeviceBatch:
                         self.device, torch.float32)
         st.temperature[rows], st.top_p[rows], st.penalty[rows] = floats[:, 0], floats[:, 1], floats[:, 2]
         self.active[rows] = True
+        if hasattr(self, "draft_lens"):
+            mtp = [-1 if s.drafter is not None and s.drafter.mtp else 0 for s in seqs]
+            self.draft_lens[rows] = upload(mtp, self.device, torch.int64)
         if self.decode_positions is not None:
             for i, s in enumerate(seqs):
                 table = s.decode_positions
@@ -129,6 +139,15 @@ class DeviceBatch:
         if new_blocks:
             index = upload(new_blocks, self.device, torch.int64)
             self.block_tables[index[:, 0], index[:, 1]] = index[:, 2].int()
+
+    def set_drafts(self, drafts: list[list[int] | None]) -> None:
+        """Upload the host's drafts of rows [0, len(drafts)): a row's list (up to k tokens), or
+        None to take the MTP layer's."""
+        k = self.drafts.shape[1]
+        host = upload([(d or []) + [0] * (k - len(d or [])) + [-1 if d is None else len(d)] for d in drafts],
+                      self.device, torch.int64)
+        self.drafts[: len(drafts)] = host[:, :k]
+        self.draft_lens[: len(drafts)] = host[:, k]
 
     def set_token_masks(self, first_row: int, masks: torch.Tensor) -> torch.Tensor:
         """Upload host bitmasks [N, W] (pinned on CUDA) for rows [first_row, first_row + N) -> that
@@ -175,6 +194,7 @@ class StepHandle:
         self.seqs = seqs
         self.reserved_tokens = reserved_tokens  # cache slots the scheduler reserved per sequence
         self.speculative = tokens.dim() == 2
+        self.proposals: list[tuple[int, str]] = []  # speculative: each row's (drafts proposed, their source)
         on_cuda = tokens.device.type == "cuda"
         self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_cuda)
         self._host.copy_(tokens, non_blocking=on_cuda)
@@ -207,9 +227,10 @@ class ModelRunner:
         self.sampler = Sampler(model.ops, self.batch.sampling)
         self.spec = None
         if num_speculative_tokens:
-            self.spec = SpeculativeDecoder(model, self.batch, self.sampler, self.kv_caches,
-                                           allocate_kv_cache(model, num_blocks, block_size, num_layers=1)[0],
+            mtp_cache = allocate_kv_cache(model, num_blocks, block_size, num_layers=1)[0] if model.mtp else None
+            self.spec = SpeculativeDecoder(model, self.batch, self.sampler, self.kv_caches, mtp_cache,
                                            num_speculative_tokens)
+        self.mtp = self.spec is not None and self.spec.mtp is not None  # the MTP layer drafts and must follow every step
         self.image_cache: dict[str, torch.Tensor] = {}  # request id -> image embeddings, kept for recompute
         self.buckets = batch_buckets(max_num_seqs)
         self.graphs = self._capture_graphs() if use_graphs else None
@@ -341,7 +362,7 @@ class ModelRunner:
             last = torch.cat([torch.arange(nd, dtype=last.dtype), last + nd])
         attn = AttentionMetadata(slot_mapping=slots, **fields)
         hidden = self.model.forward(ids, positions, attn, self.kv_caches, image_embeds, image_mask)
-        if self.spec is not None:  # speculation prefills whole prompts, never mixed with decode rows
+        if self.mtp:  # the MTP layer prefills whole prompts, never mixed with decode rows
             assert not nd and all(c.start == 0 and c.samples for c in chunks)
             self.spec.prefill(ids, image_embeds, image_mask, hidden, positions, slots, (cu[1:] - cu[:-1]).tolist())
         if not sampled and not nd:
@@ -354,7 +375,7 @@ class ModelRunner:
         token_mask = self.batch.set_token_masks(rows.start, masks) if masks is not None else None
         tokens = self.sampler(logits, rows, self._do_sample(step), token_mask)
         self.batch.next_tokens[rows] = tokens
-        if self.spec is not None:
+        if self.mtp:
             self.spec.carry_prefill(rows, last_hidden, tokens)
         return StepHandle(step.seqs, tokens, step.reserved_tokens)
 
@@ -362,11 +383,11 @@ class ModelRunner:
         """The decoder forward of rows [0, bs) on device state only -> [bs, V] logits. With
         speculation on, the MTP layer first catches up on the last step and this step's hidden
         states become the carry (see spec_decode.py)."""
-        if self.spec is not None:
+        if self.mtp:
             self.spec.catch_up(bs)
         input_ids, positions, attn = self.batch.decode_inputs(bs)
         hidden = self.model.forward(input_ids, positions, attn, self.kv_caches)
-        if self.spec is not None:
+        if self.mtp:
             self.batch.carry_hidden[:bs, 0] = hidden
         return self.model.compute_logits(hidden)
 
@@ -375,7 +396,7 @@ class ModelRunner:
         the next step reads as its inputs."""
         tokens = self.sampler(logits, slice(0, bs), do_sample, self.batch.token_masks[:bs] if masked else None)
         self.batch.next_tokens[:bs] = tokens
-        if self.spec is not None:
+        if self.mtp:
             self.batch.carry_tokens[:bs, 0] = tokens
             self.batch.carry_accepted[:bs] = 0
         return tokens
@@ -397,10 +418,14 @@ class ModelRunner:
         return any(not s.sampling_params.greedy for s in step.seqs)
 
     @torch.inference_mode()
-    def decode(self, step: ScheduledStep, speculate: bool = False) -> StepHandle:
+    def decode(self, step: ScheduledStep, speculate: bool = False,
+               drafts: list[list[int] | None] | None = None) -> StepHandle:
         """One token for every running sequence (or, speculating, 1 to k + 1), in one launch (no
-        structured-output row)."""
+        structured-output row). drafts: the host's, one per row (see DeviceBatch.set_drafts);
+        None: every row keeps its admission default."""
         bs, do_sample = self._start_decode(step), self._do_sample(step)
+        if drafts is not None:
+            self.batch.set_drafts(drafts)
         key = ("spec" if speculate else "step", bs, do_sample)
         if self.graphs is not None:
             tokens = self.graphs.replay(key)

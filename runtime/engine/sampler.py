@@ -142,11 +142,13 @@ class Sampler:
         st.counters[rows] += 1
         return tokens
 
-    def verify(self, logits: torch.Tensor, drafts: torch.Tensor, rows: slice, do_sample: bool) -> torch.Tensor:
+    def verify(self, logits: torch.Tensor, drafts: torch.Tensor, rows: slice, do_sample: bool,
+               draft_lens: torch.Tensor | None = None) -> torch.Tensor:
         """logits [N * (k + 1), V]: the target's at each row's input token and at its k drafts
-        [N, k] -> [N, k + 2] int64: column 0 the count c of new tokens (accepted drafts + 1), then
-        the tokens (the first c are valid: the accepted drafts and one token from the target).
-        Records them in the presence mask and advances the RNG counters by c."""
+        [N, k], of which the first draft_lens [N] (default: all) are proposed -> [N, k + 2] int64:
+        column 0 the count c of new tokens (accepted drafts + 1), then the tokens (the first c are
+        valid: the accepted drafts and one token from the target). Records them in the presence
+        mask and advances the RNG counters by c."""
         st = self.state
         n, k = drafts.shape
         q, vocab = k + 1, logits.shape[-1]
@@ -168,13 +170,17 @@ class Sampler:
             u = hashed_uniform(seeds[:, :k].reshape(-1), counters[:, :k].reshape(-1), st.vocab_ids[-1:] + 1).view(n, k)
             sampled = st.temperature[rows] > 0
             accept = torch.where(sampled[:, None], u < probs[:, :k].gather(2, drafts[..., None])[..., 0], accept)
+        if draft_lens is not None:
+            accept &= position[:k] < draft_lens[:, None]
         num_accepted = accept.int().cumprod(dim=1).sum(dim=1)  # [N]: the longest accepted prefix
         bonus = target.gather(1, num_accepted[:, None])[:, 0]
         if do_sample:
             at = num_accepted[:, None, None].expand(n, 1, vocab)
             p = probs.gather(1, at)[:, 0]  # [N, V]: the distribution at the first unaccepted position
             rejected = drafts.gather(1, num_accepted.clamp(max=k - 1)[:, None])  # [N, 1]
-            p = torch.where((num_accepted < k)[:, None] & (st.vocab_ids == rejected), 0.0, p)  # residual: p without it
+            # The residual, p without the rejected draft; a row that ran out of drafts samples p.
+            proposed = num_accepted < (k if draft_lens is None else draft_lens)
+            p = torch.where(proposed[:, None] & (st.vocab_ids == rejected), 0.0, p)
             bonus = torch.where(sampled, (p / race.gather(1, at)[:, 0]).argmax(-1), bonus)
         tokens = torch.where(position[:k] < num_accepted[:, None], drafts, bonus[:, None])
         tokens = torch.cat([tokens, bonus[:, None]], dim=1)  # [N, q]

@@ -53,6 +53,8 @@ class Sequence:
     # The llguidance matcher of a constrained request (json_schema, regex, ...), advanced by every
     # token read back; None when unconstrained.
     grammar: Any = None
+    # Where its speculative drafts come from (drafters.Drafter); None: it does not draft.
+    drafter: Any = None
     # GLM-Image: [3, L] positions of generated tokens, precomputed from the target grids
     # (generated token j is at column min(j, L - 1)); None: p + rope_delta.
     decode_positions: torch.Tensor | None = None

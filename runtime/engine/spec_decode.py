@@ -1,4 +1,11 @@
-"""Speculative decoding with GLM-OCR's MTP layer: draft k tokens, verify them in one target step.
+"""Speculative decoding: k draft tokens per row, verified in one target step.
+
+Drafts come from the MTP layer (on the device, below) or from the host (drafters.py: a reference
+text, n-gram lookup over the output), per row: the host uploads each step's host drafts with
+their count per row (`DeviceBatch.drafts`, `draft_lens`; -1 takes the MTP layer's k), so rows
+with different sources and draft lengths share one verify step, and a row proposing fewer than k
+drafts just accepts at most that many. Verification does not depend on where drafts came from:
+greedy output is token-identical to plain decoding, sampled output keeps its distribution.
 
 Cache indices: a sequence whose target cache holds n tokens (context_lens) has its next input
 token t[n] in next_tokens. The MTP layer's entry at index i is computed from (h[i], t[i+1]), h
@@ -13,12 +20,13 @@ the device (one CUDA graph per batch bucket and sampling mode):
    attention per layer), the sampler accepts the longest valid prefix (`Sampler.verify`) and
    the step's hidden states and tokens become the next carry.
 
-Nothing is rolled back explicitly: cache entries past the accepted tokens are simply overwritten
-by later steps before any query reads them, and the scheduler gives back the slots it reserved.
-A prefill runs the MTP layer over the prompt (rows 0..P-2, embeddings of the next tokens, image
-tokens taking the target's image embeddings) and leaves row P-1 as the carry; a plain decode
-step (structured output, or a batch above speculative_max_batch) runs the catch-up without the
-head and leaves its one row as the carry, so the MTP cache never has holes.
+Steps 1 and 2 run whatever the rows' sources, so the MTP cache never has holes (an engine
+without the MTP layer runs step 3 alone). Nothing is rolled back explicitly: cache entries past
+the accepted tokens are simply overwritten by later steps before any query reads them, and the
+scheduler gives back the slots it reserved. A prefill runs the MTP layer over the prompt (rows
+0..P-2, embeddings of the next tokens, image tokens taking the target's image embeddings) and
+leaves row P-1 as the carry; a plain decode step (structured output, or a batch above
+speculative_max_batch) runs the catch-up without the head and leaves its one row as the carry.
 """
 from __future__ import annotations
 
@@ -36,21 +44,30 @@ class SpecDecodeStats:
     """Acceptance counters over every sequence of every speculative step (vLLM's metric names)."""
 
     num_speculative_tokens: int
-    num_drafts: int = 0  # verified rows: one per sequence per speculative step
+    num_drafts: int = 0  # verified rows that drafted: one per sequence per speculative step
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [k]: drafts accepted at position i
+    # source ("mtp", "text", "ngram") -> [drafts, draft tokens, accepted tokens]
+    by_source: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.accepted_per_position = [0] * self.num_speculative_tokens
 
-    def record(self, accepted: int) -> None:
-        """One sequence's verification: `accepted` of its k drafts (a prefix) were accepted."""
+    def record(self, accepted: int, drafted: int, source: str = "mtp") -> None:
+        """One sequence's verification: `accepted` of its `drafted` drafts (a prefix) were accepted.
+        A row that proposed nothing is no draft."""
+        if not drafted:
+            return
         self.num_drafts += 1
-        self.num_draft_tokens += self.num_speculative_tokens
+        self.num_draft_tokens += drafted
         self.num_accepted_tokens += accepted
         for i in range(accepted):
             self.accepted_per_position[i] += 1
+        counts = self.by_source.setdefault(source, [0, 0, 0])
+        counts[0] += 1
+        counts[1] += drafted
+        counts[2] += accepted
 
     @property
     def mean_accepted_length(self) -> float:
@@ -64,15 +81,16 @@ class SpecDecodeStats:
             "num_draft_tokens": self.num_draft_tokens, "num_accepted_tokens": self.num_accepted_tokens,
             "acceptance_rate_per_position": [n / drafts for n in self.accepted_per_position],
             "mean_accepted_length": self.mean_accepted_length,
+            "by_source": {source: {"num_drafts": d, "num_draft_tokens": t, "num_accepted_tokens": a}
+                          for source, (d, t, a) in self.by_source.items()},
         }
 
 
 class SpeculativeDecoder:
-    def __init__(self, model: GlmOcrModel, batch, sampler: Sampler, kv_caches: list, mtp_kv_cache: tuple,
+    def __init__(self, model: GlmOcrModel, batch, sampler: Sampler, kv_caches: list, mtp_kv_cache: tuple | None,
                  num_speculative_tokens: int):
-        assert model.mtp is not None, "speculative decoding needs the model's MTP layer"
         self.model = model
-        self.mtp = model.mtp
+        self.mtp = model.mtp  # None: drafts only from the host
         self.batch = batch  # the runner's DeviceBatch, with carry_hidden/tokens/accepted
         self.sampler = sampler
         self.kv_caches = kv_caches
@@ -151,9 +169,10 @@ class SpeculativeDecoder:
             drafts.append(draft)
         return torch.stack(drafts, dim=1)
 
-    def verify(self, bs: int, drafts: torch.Tensor, do_sample: bool) -> torch.Tensor:
-        """The target over [next token, drafts] of rows [0, bs) -> [bs, k + 2] (see Sampler.verify);
-        advances the rows past their new tokens and carries the step into the next catch-up."""
+    def verify(self, bs: int, drafts: torch.Tensor, draft_lens: torch.Tensor, do_sample: bool) -> torch.Tensor:
+        """The target over [next token, drafts [bs, k]] of rows [0, bs), of which the first
+        draft_lens [bs] are proposed -> [bs, k + 2] (see Sampler.verify); advances the rows past
+        their new tokens and carries the step into the next catch-up."""
         b, q = self.batch, self.k + 1
         n, active = b.context_lens[:bs].long(), b.active[:bs]
         index = n[:, None] + self.positions  # [bs, q]
@@ -163,15 +182,23 @@ class SpeculativeDecoder:
         positions = (index + b.rope_deltas[:bs, None]).view(1, -1).expand(3, -1)
         tokens = torch.cat([b.next_tokens[:bs, None], drafts], dim=1)
         hidden = self.model.forward(tokens.view(-1), positions, attn, self.kv_caches)  # [bs * q, H]
-        out = self.sampler.verify(self.model.compute_logits(hidden), drafts, slice(0, bs), do_sample)
+        out = self.sampler.verify(self.model.compute_logits(hidden), drafts, slice(0, bs), do_sample, draft_lens)
         count = out[:, 0]
         b.context_lens[:bs] += torch.where(active, count, 0).int()
         b.next_tokens[:bs] = out[:, 1:].gather(1, (count - 1)[:, None])[:, 0]
-        b.carry_hidden[:bs] = hidden.view(bs, q, -1)
-        b.carry_tokens[:bs] = out[:, 1:]
-        b.carry_accepted[:bs] = count - 1
+        if self.mtp is not None:
+            b.carry_hidden[:bs] = hidden.view(bs, q, -1)
+            b.carry_tokens[:bs] = out[:, 1:]
+            b.carry_accepted[:bs] = count - 1
         return out
 
     def step(self, bs: int, do_sample: bool) -> torch.Tensor:
-        """A whole speculative step of rows [0, bs) -> [bs, k + 2]. Captured per (bucket, do_sample)."""
-        return self.verify(bs, self.propose(bs), do_sample)
+        """A whole speculative step of rows [0, bs) -> [bs, k + 2]: the host's drafts, or the MTP
+        layer's where a row's draft_lens is -1. Captured per (bucket, do_sample)."""
+        b = self.batch
+        drafts, lens = b.drafts[:bs], b.draft_lens[:bs]
+        if self.mtp is not None:
+            from_mtp = lens < 0
+            drafts = torch.where(from_mtp[:, None], self.propose(bs), drafts)
+            lens = torch.where(from_mtp, self.k, lens)
+        return self.verify(bs, drafts, lens, do_sample)

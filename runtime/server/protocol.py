@@ -4,7 +4,9 @@ Parsing is plain validation of the decoded JSON (no schema library): every probl
 `APIError` that names the offending field the way OpenAI does (`messages[0].content[1].image_url`),
 answered as HTTP 400 with an OpenAI-style error body. Field semantics follow vLLM's server:
 `null` means "not set"; non-OpenAI sampling fields (`top_k`, `repetition_penalty`, `stop_token_ids`,
-`ignore_eos`, `skip_special_tokens`, `include_stop_str_in_output`) are accepted at the top level;
+`ignore_eos`, `skip_special_tokens`, `include_stop_str_in_output`) are accepted at the top level,
+as are glmrt's speculative-decoding extensions `reference_text` (text the answer is expected to
+repeat for the most part, e.g. a PDF's text layer: drafts are taken from it) and `draft`;
 fields glmrt does not implement are refused only when they ask for something (`n: 2`,
 `logprobs: true`), and names it does not know are ignored, as vLLM ignores them.
 
@@ -53,7 +55,10 @@ SAMPLING_FIELDS = {
     "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty", "seed": "seed",
     "stop": "stop", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
     "skip_special_tokens": "skip_special_tokens", "include_stop_str_in_output": "include_stop_str_in_output",
+    "reference_text": "reference_text", "draft": "draft",
 }
+# A reference text longer than this cannot be what one answer repeats (max_model_len tokens at most).
+MAX_REFERENCE_CHARS = 1 << 20
 # OpenAI fields glmrt does not implement, with the values that ask for nothing (accepted).
 INERT_VALUES = {
     "n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
@@ -228,6 +233,12 @@ def sampling_params(body: dict, defaults: dict[str, Any]) -> SamplingParams:
         values[target] = value
     for stop in _strings(body.get("stop")):
         _unicode(stop, "stop")
+    reference = body.get("reference_text")
+    if isinstance(reference, str):
+        _unicode(reference, "reference_text")
+        if len(reference) > MAX_REFERENCE_CHARS:
+            raise APIError(f"'reference_text' has {len(reference)} characters, more than {MAX_REFERENCE_CHARS}",
+                           "reference_text")
     constraint = None  # (SamplingParams field, request field)
     for name, target, value in _constraints(body):
         constraint = (target, name)
