@@ -49,11 +49,29 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def page_reader(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint fine-tuned to read three rendered pages (see page_reader.py) ->
+    (checkpoint directory, [(image, prompt, text)])."""
+    from glmrt_testing.page_reader import train_page_reader
+
+    path = tmp_path_factory.mktemp("tiny-glm-ocr-page-reader")
+    return path, train_page_reader(tiny_checkpoint, path)
+
+
+@pytest.fixture(scope="session")
 def tiny_layout_checkpoint(tmp_path_factory):
     """A tiny random PP-DocLayoutV3 checkpoint directory written by transformers (see tiny_layout.py)."""
     from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint
 
     return build_tiny_layout_checkpoint(tmp_path_factory.mktemp("tiny-pp-doclayout-v3"))
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory):
+    """A complete tiny GLM-Image pipeline folder, laid out as zai-org/GLM-Image is (see tiny_glm_image.py)."""
+    from glmrt_testing.tiny_glm_image import build_glm_image_pipeline
+
+    return build_glm_image_pipeline(tmp_path_factory.mktemp("tiny-glm-image-pipeline"))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import torch
 import glmrt
 from glmrt.diffusers_stage import prior_tokens, use_glmrt
 from glmrt_testing.helpers import make_image
-from glmrt_testing.tiny_glm_image import (GENERATION_CONFIG, VISION_VOCAB_SIZE, build_glm_image_pipeline,
+from glmrt_testing.tiny_glm_image import (GENERATION_CONFIG, VISION_VOCAB_SIZE,
                                           reference_pipeline)
 
 diffusers = pytest.importorskip("diffusers")
@@ -31,12 +31,6 @@ CASES = {
 GREEDY = glmrt.SamplingParams(temperature=0.0)
 # Every vision id is a stop token: generation ends after its first token.
 STOP_AT_ONCE = glmrt.SamplingParams(temperature=0.0, stop_token_ids=list(range(VISION_VOCAB_SIZE)))
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    """A complete GLM-Image pipeline folder, as zai-org/GLM-Image is laid out."""
-    return build_glm_image_pipeline(tmp_path_factory.mktemp("tiny-glm-image-pipeline"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import glmrt
 from glmrt.cli import _image_paths, main
 from glmrt_testing import glmrt_command
 from glmrt_testing.helpers import make_image
-from glmrt_testing.tiny_glm_image import build_glm_image_pipeline, reference_pipeline
+from glmrt_testing.tiny_glm_image import reference_pipeline
 
 pytest.importorskip("diffusers")
 
@@ -38,11 +38,6 @@ def png(picture) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    return build_glm_image_pipeline(tmp_path_factory.mktemp("tiny-glm-image-pipeline"))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from PIL import Image
 import glmrt
 from glmrt_testing.helpers import make_image
 from glmrt_testing.server_process import ServerProcess
-from glmrt_testing.tiny_glm_image import build_glm_image_pipeline, reference_pipeline
+from glmrt_testing.tiny_glm_image import reference_pipeline
 
 pytest.importorskip("diffusers")
 
@@ -54,11 +54,6 @@ def pngs(response) -> list[bytes]:
 
 def upload(image: Image.Image, name: str) -> tuple[str, bytes, str]:
     return name, png(image), "image/png"
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    return build_glm_image_pipeline(tmp_path_factory.mktemp("tiny-glm-image-pipeline"))
 
 
 @pytest.fixture(scope="module")
