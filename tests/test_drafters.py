@@ -238,3 +238,32 @@ def test_server_takes_reference_text_and_draft(reading):
         metrics = server.metrics()
     drafted = metrics["glmrt:spec_decode_num_draft_tokens_total"]
     assert metrics["glmrt:spec_decode_num_accepted_tokens_total"] >= 0.8 * drafted > 0
+
+
+def test_mixed_steps_keep_every_rows_reservation(tiny_checkpoint):
+    """An engine drafting on the host keeps chunked prefill: prompts arrive in chunks while other
+    rows decode (mixed steps reserve k + 1 slots for each decode row, one for a row sampling its
+    first token). Whenever a step is read back, every row it ran still holds slots for every
+    token it has (else a later verify step writes through a block it does not own), and the
+    output is plain greedy's."""
+    from glmrt_testing.helpers import IMAGES
+
+    requests = [{"images": [IMAGES[name]], "prompt": "Text Recognition:"} for name in ("small", "wide", "page", "small")]
+    params = [glmrt.SamplingParams(max_tokens=12, repetition_penalty=1.1, draft="ngram")] * 4
+    expected, _ = run(tiny_checkpoint, requests, params, max_num_batched_tokens=96)
+    engine = make_engine(tiny_checkpoint, num_speculative_tokens=8, speculative_method="ngram",
+                         max_num_batched_tokens=96)
+    read, checked = engine._read_in_flight, []
+
+    def read_and_check():
+        handle = engine._in_flight
+        outputs = read()
+        for seq in [] if handle is None else handle.seqs:
+            if not seq.is_finished:
+                checked.append(len(handle.seqs))
+                assert seq.num_cached >= seq.num_tokens - 1, seq.request_id
+        return outputs
+
+    engine._read_in_flight = read_and_check
+    assert [o.token_ids for o in engine.generate(requests, params)] == expected[0]
+    assert max(checked) > 1

@@ -605,7 +605,7 @@ class LLMEngine:
             if handle.speculative:
                 self.spec_stats.record(len(new_tokens) - 1, *handle.proposals[i])
             seq.num_pending -= 1
-            seq.num_cached -= handle.reserved_tokens - len(new_tokens)  # slots reserved but not used
+            seq.num_cached -= handle.reserved[i] - len(new_tokens)  # slots reserved but not used
             read, by_token = [], False
             try:
                 # Token by token, as without speculation: tokens after the one that ends the

@@ -190,9 +190,11 @@ class StepHandle:
     host memory asynchronously: [B] (one each) or, from a speculative step, [B, k + 2] (the count
     of new tokens, then the tokens; see Sampler.verify)."""
 
-    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, reserved_tokens: int = 1):
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, reserved: list[int] | None = None):
         self.seqs = seqs
-        self.reserved_tokens = reserved_tokens  # cache slots the scheduler reserved per sequence
+        # Cache slots the scheduler reserved for each sequence's new tokens: a decode row's step
+        # reserves k + 1 with speculation; a sequence sampling its first token after its prefill, 1.
+        self.reserved = reserved if reserved is not None else [1] * len(seqs)
         self.speculative = tokens.dim() == 2
         self.proposals: list[tuple[int, str]] = []  # speculative: each row's (drafts proposed, their source)
         on_cuda = tokens.device.type == "cuda"
@@ -377,7 +379,7 @@ class ModelRunner:
         self.batch.next_tokens[rows] = tokens
         if self.mtp:
             self.spec.carry_prefill(rows, last_hidden, tokens)
-        return StepHandle(step.seqs, tokens, step.reserved_tokens)
+        return self._handle(step, tokens)
 
     def decode_logits(self, bs: int) -> torch.Tensor:
         """The decoder forward of rows [0, bs) on device state only -> [bs, V] logits. With
@@ -414,6 +416,11 @@ class ModelRunner:
         return len(step.decode) if exact else next(x for x in self.buckets if x >= len(step.decode))
 
     @staticmethod
+    def _handle(step: ScheduledStep, tokens: torch.Tensor) -> StepHandle:
+        reserved = [step.reserved_tokens] * len(step.decode) + [1] * (len(step.seqs) - len(step.decode))
+        return StepHandle(step.seqs, tokens, reserved)
+
+    @staticmethod
     def _do_sample(step: ScheduledStep) -> bool:
         return any(not s.sampling_params.greedy for s in step.seqs)
 
@@ -433,7 +440,7 @@ class ModelRunner:
             tokens = self.spec.step(bs, do_sample)
         else:
             tokens = self.decode_step(bs, do_sample)
-        return StepHandle(step.seqs, tokens[: len(step.seqs)], step.reserved_tokens)
+        return self._handle(step, tokens[: len(step.seqs)])
 
     @torch.inference_mode()
     def decode_forward(self, step: ScheduledStep) -> torch.Tensor:
@@ -456,4 +463,4 @@ class ModelRunner:
             tokens = self.graphs.replay(("masked", bs, do_sample))
         else:
             tokens = self.sample_rows(logits, bs, do_sample, masked=True)
-        return StepHandle(step.seqs, tokens[:b], step.reserved_tokens)
+        return self._handle(step, tokens[:b])
