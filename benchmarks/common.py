@@ -272,7 +272,13 @@ def _documents_numbers(data: dict) -> list[str]:
              *started, "", "| run | pages | regions | tokens/page | pages/s |", "|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['pages']} | {r['regions']} | {r['tokens_per_page']:.0f} | {r['pages_per_s']:.3g} |"
               for r in data["rows"]]
-    return lines + [f"- {r['comparison']}: {r['pages_per_s']:.2f}x pages/s" for r in data["ratios"]]
+    lines += [f"- {r['comparison']}: {r['pages_per_s']:.2f}x pages/s" for r in data["ratios"]]
+    if data.get("draft_rows"):
+        lines += ["", "| --draft | PDFs | pages/s | mean accepted tokens/step | decode steps/page | tokens/page |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['draft']} | {r['kind']} | {r['pages_per_s']:.3g} | {r['mean_accepted_length']:.2f} | "
+                  f"{r['decode_steps_per_page']:.1f} | {r['tokens_per_page']:.0f} |" for r in data["draft_rows"]]
+    return lines
 
 
 def _capacity_numbers(data: dict) -> list[str]:

@@ -2,7 +2,7 @@
 pipeline pointed at `glmrt serve`, in one run on one device.
 
     python benchmarks/documents.py [--model DIR] [--layout-model DIR] [--key] [--documents N] [--pages N]
-                                   [--tokens-per-region N] [--sdk|--no-sdk] [--out DIR] [--smoke]
+                                   [--tokens-per-region N] [--sdk|--no-sdk] [--draft MODE ...] [--out DIR] [--smoke]
 
 Runs, each over the same N generated PDFs (scans: text, shaded boxes, ruled tables rendered and
 embedded losslessly at 200 DPI; every second page landscape), after a warm-up document:
@@ -18,7 +18,17 @@ Key numbers (results["key"], quoted by the GPU suite): pages/s of (a) and (b), e
 as its run ends (a run cut off later keeps them), with (c) and (d) as their peers where they ran.
 --key measures only them: glmrt parse alone (--sdk adds the SDK's runs), at the default sizes
 (sized for about 60 s on an H100, most of it the engine's start with its CUDA graphs and the
-warm-up).
+warm-up). These runs do not speculate (--draft off).
+--draft off mtp text ngram auto (any of them, repeatable): glmrt parse --draft MODE, full
+throughput, over the same documents born-digital (the generated PDFs themselves: their text is
+PDF text, which draft auto and text draft from) and scanned (the scans above: no text layer), each
+mode on the engine `glmrt parse --draft MODE` starts (draft_engine_options: off no speculation,
+mtp 3 MTP tokens, the others 8 tokens from the text and n-gram lookup, one engine for the three),
+side by side: pages/s, mean accepted tokens per speculative step (accepted drafts + 1, over the
+rows that drafted) and decode steps per page (the forward passes its regions' sequences took:
+tokens generated less drafts accepted). With auto and off: the key number "documents pages/s
+draft auto vs off, born-digital" (off as its peer). Random weights write random text, which the
+PDF's text never predicts: only a trained checkpoint (--model) shows what drafting gains.
 Without --model / --layout-model, GLM-OCR's real config with random weights (on a GPU; the tiny
 test checkpoint on CPU) and a tiny random PP-DocLayoutV3 are built on the fly (no weights can be
 downloaded here). Random weights find random regions and write random text: every region gets
@@ -31,6 +41,7 @@ on the tiny checkpoint to prove the code paths (numbers meaningless).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -50,7 +61,7 @@ use_vendored_torchvision()  # the SDK's layout processor needs torchvision (befo
 
 import glmrt  # noqa: E402
 from glmrt.documents.layout import LayoutDetector  # noqa: E402
-from glmrt.documents.pipeline import DocumentParser  # noqa: E402
+from glmrt.documents.pipeline import DocumentParser, draft_engine_options  # noqa: E402
 from serve import SERVER_FLAGS, counter, glmrt_server, write_checkpoint  # noqa: E402
 from glmrt_testing.documents import make_pdf, make_scanned_pdf  # noqa: E402
 from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint  # noqa: E402
@@ -64,6 +75,8 @@ DEFAULTS = dict(documents=8, pages=4, tokens=64) if CUDA else dict(documents=3, 
 # Full throughput first: the key number, kept should the single-concurrency run be cut off.
 MODES = ("full throughput", "single concurrency")
 SDK_PEER = "glmocr SDK pipeline -> glmrt serve"
+DRAFT_MODES = ("off", "mtp", "text", "ngram", "auto")
+KINDS = ("born-digital", "scanned")
 
 
 def jobs(mode: str, pdfs: list[Path]) -> list[list[Path]]:
@@ -72,14 +85,17 @@ def jobs(mode: str, pdfs: list[Path]) -> list[list[Path]]:
 
 
 class GlmrtParse:
-    """glmrt parse in this process: its engine and layout model, warmed up on a document, counting
-    the tokens the engine generates."""
+    """glmrt parse in this process: its engine (started with `engine_options`) and layout model,
+    warmed up on a document with `draft`, counting the tokens the engine generates."""
 
-    def __init__(self, model: str | Path, layout: Path, tokens: int, warm_up: Path, tmp: Path):
+    def __init__(self, model: str | Path, layout: Path, tokens: int, warm_up: Path, tmp: Path,
+                 engine_options: dict | None = None, draft: str = "off"):
         started = time.perf_counter()
-        llm = glmrt.LLM(str(model), device=DEVICE, dtype=DTYPE, max_num_seqs=MAX_NUM_SEQS)
+        llm = glmrt.LLM(str(model), device=DEVICE, dtype=DTYPE, max_num_seqs=MAX_NUM_SEQS, **(engine_options or {}))
         self.engine_start_s = time.perf_counter() - started
-        self.parser = DocumentParser(llm, LayoutDetector.from_pretrained(layout, device=DEVICE), max_tokens=tokens)
+        self.llm, self.tokens = llm, tokens
+        self.layout = LayoutDetector.from_pretrained(layout, device=DEVICE)
+        self.parser = DocumentParser(llm, self.layout, max_tokens=tokens, draft=draft)
         self.generated = 0
         step = llm.engine.step
 
@@ -97,13 +113,53 @@ class GlmrtParse:
 
     def run(self, mode: str, pdfs: list[Path]) -> dict:
         """(a) or (b) -> its row."""
-        name, regions, self.generated = f"glmrt parse, {mode}", [0], 0
+        name = f"glmrt parse, {mode}"
+        regions, seconds = self.timed(self.parser, jobs(mode, pdfs), name)
+        return row(name, len(pdfs), pages_of(pdfs), regions, self.generated, seconds)
+
+    def run_draft(self, draft: str, kind: str, pdfs: list[Path]) -> dict:
+        """glmrt parse --draft `draft`, full throughput, over `kind` PDFs -> its row, with the
+        drafts' acceptance and the decode steps per page."""
+        parser = DocumentParser(self.llm, self.layout, max_tokens=self.tokens, draft=draft)
+        stats = self.llm.engine.spec_stats
+        drafts, accepted = stats.num_drafts, stats.num_accepted_tokens
+        name = f"glmrt parse --draft {draft}, {kind}"
+        regions, seconds = self.timed(parser, [pdfs], name)
+        drafts, accepted = stats.num_drafts - drafts, stats.num_accepted_tokens - accepted
+        out = row(name, len(pdfs), pages_of(pdfs), regions, self.generated, seconds)
+        return {**out, "draft": draft, "kind": kind, "mean_accepted_length": 1 + accepted / max(drafts, 1),
+                "decode_steps_per_page": (self.generated - accepted) / out["pages"]}
+
+    def timed(self, parser: DocumentParser, calls: list[list[Path]], name: str) -> tuple[int, float]:
+        """Each parse call in turn -> (regions recognised, seconds); self.generated: their tokens."""
+        regions, self.generated = [0], 0
         count = lambda kind, n: regions.__setitem__(0, regions[0] + n) if kind == "regions" else None  # noqa: E731
         start = time.perf_counter()
-        for i, job in enumerate(jobs(mode, pdfs)):
-            results = self.parser.parse(job, self.tmp / name / str(i), on_progress=count)
+        for i, job in enumerate(calls):
+            results = parser.parse(job, self.tmp / name / str(i), on_progress=count)
             assert all(not r.errors for r in results), [r.errors for r in results]
-        return row(name, len(pdfs), pages_of(pdfs), regions[0], self.generated, time.perf_counter() - start)
+        return regions[0], time.perf_counter() - start
+
+
+def draft_runs(modes: list[str], model: str | Path, layout: Path, tokens: int, pdfs: dict[str, list[Path]],
+               tmp: Path, plain: GlmrtParse) -> list[dict]:
+    """--draft: every mode over every kind of PDF -> rows (mode by mode); `plain` (no speculation)
+    serves draft off, one engine per other set of draft_engine_options."""
+    engines: dict[str, GlmrtParse] = {}
+    rows = []
+    for draft in modes:
+        options = draft_engine_options(draft, {})
+        key = json.dumps(options, sort_keys=True)
+        if not options:
+            engine = plain
+        elif key not in engines:
+            print(f"--draft {draft}: engine options {options}")
+            engine = engines[key] = GlmrtParse(model, layout, tokens, pdfs["born-digital"][0],
+                                               tmp / f"engine{len(engines)}", options, draft=draft)
+        else:
+            engine = engines[key]
+        rows += [engine.run_draft(draft, kind, pdfs[kind]) for kind in KINDS]
+    return rows
 
 
 def sdk_runs(model: str | Path, layout: Path, pdfs: list[Path], tokens: int,
@@ -138,14 +194,19 @@ def sdk_runs(model: str | Path, layout: Path, pdfs: list[Path], tokens: int,
 
 
 def scanned_pdf(folder: Path, seed: int, pages: int) -> Path:
-    """A scanner's PDF of a generated document: its pages rendered, then embedded losslessly at 200
-    DPI, so that PyMuPDF (the SDK) and pdfium (glmrt) give the same pixels and both pipelines find
-    the same regions (vector pages render a little differently, and random layout weights react
-    to that)."""
+    """A scanner's PDF of a generated document (born_digital_pdf's): its pages rendered, then
+    embedded losslessly at 200 DPI, so that PyMuPDF (the SDK) and pdfium (glmrt) give the same
+    pixels and both pipelines find the same regions (vector pages render a little differently,
+    and random layout weights react to that)."""
     from glmrt.documents.pages import iter_pages
 
-    vector = make_pdf(folder / f"vector{seed}.pdf", pages=pages, seed=seed)
+    vector = born_digital_pdf(folder, seed, pages)
     return make_scanned_pdf(folder / f"doc{seed}.pdf", [page.image for page in iter_pages(vector)])
+
+
+def born_digital_pdf(folder: Path, seed: int, pages: int) -> Path:
+    """A generated document as written: its words are PDF text (Helvetica), its text layer."""
+    return make_pdf(folder / f"vector{seed}.pdf", pages=pages, seed=seed)
 
 
 def pages_of(pdfs: list[Path]) -> int:
@@ -169,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-region", type=int, help=f"(default {DEFAULTS['tokens']})")
     parser.add_argument("--sdk", action=argparse.BooleanOptionalAction,
                         help="also run the glmocr SDK's pipeline against glmrt serve (default: yes, no with --key)")
+    parser.add_argument("--draft", nargs="+", action="extend", choices=DRAFT_MODES, metavar="MODE",
+                        help=f"also compare glmrt parse --draft MODE ({', '.join(DRAFT_MODES)}; repeatable) on "
+                             "born-digital and scanned PDFs")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; a temp folder with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoints and sizes (CPU-capable)")
     args = parser.parse_args(argv)
@@ -186,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or write_checkpoint(tmp / "ckpt", real)
         layout = args.layout_model or build_tiny_layout_checkpoint(tmp / "layout")
         pdfs = [scanned_pdf(tmp / "in", i, pages) for i in range(docs)]
+        by_kind = {"born-digital": [born_digital_pdf(tmp / "in", i, pages) for i in range(docs)], "scanned": pdfs}
         # The SDK's runs first: its server process must have the device to itself while it sizes
         # its KV cache, before this process holds an engine.
         if sdk:
@@ -205,12 +270,20 @@ def main(argv: list[str] | None = None) -> int:
                 ratios.append(dict(comparison=f"{mode}: glmrt parse / {SDK_PEER}",
                                    pages_per_s=ours["pages_per_s"] / theirs["pages_per_s"]))
         rows += sdk_rows
+        modes = list(dict.fromkeys(args.draft or []))  # in the order given, once each
+        drafted = draft_runs(modes, model, layout, tokens, by_kind, tmp, glmrt_parse)
+        pps = {(r["draft"], r["kind"]): r["pages_per_s"] for r in drafted}
+        if ("auto", "born-digital") in pps and ("off", "born-digital") in pps:
+            key.append(key_row(f"documents pages/s draft auto vs off, born-digital: {where}", "pages/s",
+                               pps["auto", "born-digital"], better="higher", peer=pps["off", "born-digital"],
+                               peer_name="glmrt parse --draft off"))
     checkpoint = str(args.model or ("GLM-OCR's real config, random weights" if real else "tiny test checkpoint"))
     meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=args.smoke, key_only=args.key, documents=docs,
+                    drafts=modes,
                     pages_per_document=pages, tokens_per_region=tokens, model=checkpoint, max_num_seqs=MAX_NUM_SEQS,
                     server_flags=" ".join(SERVER_FLAGS), sdk_note=sdk_note,
                     layout_model=str(args.layout_model or "tiny random PP-DocLayoutV3"))
-    results = dict(rows=rows, ratios=ratios, key=key, engine_start_s=glmrt_parse.engine_start_s,
+    results = dict(rows=rows, ratios=ratios, key=key, draft_rows=drafted, engine_start_s=glmrt_parse.engine_start_s,
                    warm_up_s=glmrt_parse.warm_up_s)
     lines = [f"# glmrt parse on {meta['device']['name']}", "", provenance(meta),
              f"- layout: {meta['layout_model']}; engine max_num_seqs {MAX_NUM_SEQS}",

@@ -24,13 +24,13 @@ from .documents import DEFAULT_LAYOUT_MODEL
 from .extraction import as_json_schema
 from .outputs import RequestOutput
 from .prompts import TASK_PROMPTS, task_prompt
-from .sampling_params import SamplingParams
+from .sampling_params import DRAFT_SOURCES, SamplingParams
 
 DEFAULT_MODEL = "zai-org/GLM-OCR"
 DEFAULT_IMAGE_MODEL = "zai-org/GLM-Image"
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization",
-                "block_size", "image_backend", "num_speculative_tokens", "speculative_max_batch")
+                "block_size", "image_backend", "num_speculative_tokens", "speculative_method", "speculative_max_batch")
 
 SERVE_DESCRIPTION = """\
 an OpenAI-compatible server (POST /v1/chat/completions, /v1/completions; GET /v1/models, /health,
@@ -67,9 +67,13 @@ text, table and formula region is recognised with the glmocr SDK's prompts (gree
 penalty 1.1); figures are saved under imgs/. Re-running skips the pages and documents already
 done with the same --model, --layout-model, --no-layout, --dpi and --max-tokens, and parses failed
 pages again (a document with failed pages is written without them; <name>_status.json lists
-them). exit status: 0 all documents written without a failure; 1 some document, page or region
-failed (reported on stderr, the rest written), or a model could not be loaded; 2 usage error;
-130 interrupted."""
+them). --draft: speculative decoding, the same output sooner. auto (default) drafts each region
+from the PDF's own text inside it (born-digital pages), then from n-gram lookup over what it has
+written, without an MTP layer (8 tokens per step); text and ngram only one of those; mtp the
+checkpoint's MTP layer (3 tokens); off none. --num-speculative-tokens, --speculative-method or
+--speculative-config, when given, set the engine instead. exit status: 0 all documents written
+without a failure; 1 some document, page or region failed (reported on stderr, the rest written),
+or a model could not be loaded; 2 usage error; 130 interrupted."""
 
 
 class UsageError(Exception):
@@ -126,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     parse.add_argument("--no-layout", action="store_true", help="recognise each whole page as one text region")
     parse.add_argument("--dpi", type=int, default=200, help="PDF rendering resolution (default 200, as the SDK)")
     parse.add_argument("--max-tokens", type=int, default=8192, help="per region (default 8192, as the SDK)")
+    parse.add_argument("--draft", choices=DRAFT_SOURCES, default="auto",
+                       help="speculative drafts' source (default auto: the PDF's text, then n-gram lookup; see below)")
     ray = parse.add_argument_group("Ray (needs glmrt[ray]; inputs may then be URIs pyarrow reads: s3://, gs://, ...)")
     ray.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                      help="run as a Ray Data job: on the cluster at ADDRESS, or (no ADDRESS) the one RAY_ADDRESS "
@@ -241,36 +247,47 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                         help="read each step back before scheduling the next (same tokens, slower)")
     engine.add_argument("--num-speculative-tokens", type=int,
-                        help="tokens the checkpoint's MTP layer drafts per decode step (default 0: off)")
+                        help="draft tokens verified per decode step (default 0: off)")
+    engine.add_argument("--speculative-method", choices=["mtp", "ngram"],
+                        help="mtp (default): the checkpoint's MTP layer drafts, and requests' reference text and "
+                             "n-gram lookup where they propose; ngram: only reference text and n-gram lookup")
     engine.add_argument("--speculative-max-batch", type=int,
                         help="decode steps with more running requests than this do not speculate")
     engine.add_argument("--speculative-config", type=_speculative_config, metavar="JSON",
-                        help='vLLM\'s form, e.g. \'{"method": "mtp", "num_speculative_tokens": 1}\'')
+                        help='vLLM\'s form, e.g. \'{"method": "mtp", "num_speculative_tokens": 1}\' '
+                             '(method mtp or ngram)')
 
 
-def _speculative_config(text: str) -> int:
-    """vLLM's --speculative-config JSON -> num_speculative_tokens (MTP is the only method)."""
+# vLLM's method names -> glmrt's speculative_method
+SPECULATIVE_METHODS = {"mtp": "mtp", "glm_ocr_mtp": "mtp", "ngram": "ngram"}
+
+
+def _speculative_config(text: str) -> dict:
+    """vLLM's --speculative-config JSON -> {num_speculative_tokens, speculative_method}."""
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
-    if not isinstance(config, dict) or config.get("method", "mtp") not in ("mtp", "glm_ocr_mtp"):
-        raise argparse.ArgumentTypeError('must be an object with "method": "mtp" (the only drafter glmrt has)')
-    unknown = set(config) - {"method", "num_speculative_tokens"}
+    if not isinstance(config, dict) or config.get("method", "mtp") not in SPECULATIVE_METHODS:
+        raise argparse.ArgumentTypeError(f'must be an object with "method" one of {sorted(SPECULATIVE_METHODS)}')
+    # vLLM's n-gram sizes are accepted and ignored: glmrt's lookups take the longest match (up to 4)
+    unknown = set(config) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
     if unknown:
-        raise argparse.ArgumentTypeError(f"unsupported fields {sorted(unknown)} (known: method, num_speculative_tokens)")
+        raise argparse.ArgumentTypeError(f"unsupported fields {sorted(unknown)} (known: method, num_speculative_tokens, "
+                                         "prompt_lookup_max, prompt_lookup_min)")
     k = config.get("num_speculative_tokens", 1)
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
         raise argparse.ArgumentTypeError(f"num_speculative_tokens must be an int >= 0, got {k!r}")
-    return k
+    return {"num_speculative_tokens": k, "speculative_method": SPECULATIVE_METHODS[config.get("method", "mtp")]}
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
     options = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
     if args.speculative_config is not None:
-        if args.num_speculative_tokens is not None and args.num_speculative_tokens != args.speculative_config:
-            raise UsageError("--speculative-config and --num-speculative-tokens disagree; give one")
-        options["num_speculative_tokens"] = args.speculative_config
+        for name, value in args.speculative_config.items():
+            if options.get(name, value) != value:
+                raise UsageError(f"--speculative-config and --{name.replace('_', '-')} disagree; give one")
+            options[name] = value
     if args.enforce_eager:
         options["enforce_eager"] = True
     for flag in ("async_scheduling", "enable_chunked_prefill"):
@@ -662,7 +679,7 @@ def _parse(args: argparse.Namespace) -> int:
     try:
         from .documents.layout import resolve_checkpoint
         from .documents.pages import find_documents
-        from .documents.pipeline import parse
+        from .documents.pipeline import draft_engine_options, parse
     except ImportError as exc:
         raise UsageError(f"glmrt parse needs the documents extra: pip install 'glmrt[documents]' ({exc})") from exc
     from .loader import resolve_model_path
@@ -670,12 +687,18 @@ def _parse(args: argparse.Namespace) -> int:
     for value, name in ((args.dpi, "--dpi"), (args.max_tokens, "--max-tokens")):
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
-    options = _engine_options(args)
+    try:
+        options = draft_engine_options(args.draft, _engine_options(args))
+    except ValueError:  # the only one: --draft mtp without the MTP layer
+        raise UsageError("--draft mtp drafts with the MTP layer, which speculative method ngram "
+                         "(--speculative-method / --speculative-config) does not load: give --draft auto, text "
+                         "or ngram, or method mtp") from None
     _check_flags({}, options)
     if not args.no_layout:
         _check_layout_model(args.layout_model)
     common = dict(model=args.model, layout_model=None if args.no_layout else args.layout_model, device=args.device,
-                  dtype=args.dtype, backend=args.backend, dpi=args.dpi, max_tokens=args.max_tokens, **options)
+                  dtype=args.dtype, backend=args.backend, dpi=args.dpi, max_tokens=args.max_tokens, draft=args.draft,
+                  **options)
     if args.ray is not None:
         results = _parse_on_ray(args, common)
     else:

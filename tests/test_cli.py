@@ -260,6 +260,37 @@ def test_parse_usage_errors_exit_2_before_the_model_loads(tmp_path, capsys, monk
     assert not (tmp_path / "out").exists()
 
 
+def test_parse_draft_sets_the_engine_options_the_speculative_flags_override(tmp_path, capsys, monkeypatch):
+    """--draft auto (default), text, ngram: 8 tokens from the PDF's text and n-gram lookup, no MTP
+    layer; mtp: 3 MTP tokens; off: no speculation. Speculative flags, when given, set the engine
+    instead; --draft mtp on an engine without the MTP layer is a usage error naming --draft."""
+    from glmrt.documents import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "parse", lambda inputs, output, **kwargs: calls.append(kwargs) or [])
+    page = tmp_path / "page.png"
+    Image.new("RGB", (64, 48), "white").save(page)
+    base = ["parse", str(page), "-o", str(tmp_path / "out"), "--model", str(tmp_path), "--no-layout"]
+    lookup, mtp = {"num_speculative_tokens": 8, "speculative_method": "ngram"}, {"num_speculative_tokens": 3,
+                                                                                  "speculative_method": "mtp"}
+    for flags, draft, options in [([], "auto", lookup), (["--draft", "text"], "text", lookup),
+                                  (["--draft", "ngram"], "ngram", lookup), (["--draft", "mtp"], "mtp", mtp),
+                                  (["--draft", "off"], "off", {}),
+                                  (["--num-speculative-tokens", "4"], "auto", {"num_speculative_tokens": 4}),
+                                  (["--draft", "text", "--speculative-config", '{"method": "ngram", '
+                                    '"num_speculative_tokens": 5}'], "text",
+                                   {"num_speculative_tokens": 5, "speculative_method": "ngram"})]:
+        assert main([*base, *flags]) == 0, capsys.readouterr().err
+        given = {k: v for k, v in calls.pop().items() if k in ("draft", "num_speculative_tokens", "speculative_method")}
+        assert given == {"draft": draft, **options}, flags
+    for flags in (["--draft", "mtp", "--speculative-method", "ngram", "--num-speculative-tokens", "4"],
+                  ["--draft", "mtp", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}']):
+        assert main([*base, *flags]) == 2
+        assert "--draft mtp" in capsys.readouterr().err
+    assert main([*base, "--draft", "everything"]) == 2 and "--draft" in capsys.readouterr().err
+    assert calls == []
+
+
 def test_version_and_default_model(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"glmrt {glmrt.__version__}"

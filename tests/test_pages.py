@@ -13,7 +13,7 @@ import pypdfium2 as pdfium
 import pytest
 from PIL import Image, ImageOps
 
-from glmrt.documents.pages import DocumentError, count_pages, find_documents, iter_pages, render_size
+from glmrt.documents.pages import DocumentError, PageText, count_pages, find_documents, iter_pages, render_size
 from glmrt_testing.documents import (PdfPage, make_corrupt_pdf, make_encrypted_pdf, make_images, make_pdf, make_scanned_pdf,
                              page_content, write_pdf)
 
@@ -261,3 +261,59 @@ def test_unreadable_images_raise_one_line_naming_the_file(tmp_path):
         assert str(info.value).startswith(f"{path}: not a readable image") and "\n" not in str(info.value)
     with pytest.raises(DocumentError, match="not a readable image"):
         count_pages(broken)
+
+
+# --- text layer ----------------------------------------------------------------------------------
+
+LINES = ["alpha beta gamma", "delta epsilon zeta", "eta theta iota"]
+
+
+def lines_page(rotate: int = 0, origin: tuple[float, float] = (0, 0)) -> PdfPage:
+    """A 300 x 200 pt page with LINES in 12 pt Helvetica, 20 pt apart, top to bottom."""
+    x, y = origin
+    content = "\n".join(f"BT /F1 12 Tf {x + 20} {y + 150 - 20 * i} Td ({line}) Tj ET" for i, line in enumerate(LINES))
+    return PdfPage(300, 200, content.encode(), rotate=rotate, origin=origin)
+
+
+@pytest.mark.parametrize("rotate, origin", [(0, (0, 0)), (90, (30.5, -12.25)), (180, (0, 0)), (270, (-7, 40))])
+def test_the_text_layer_gives_a_regions_words_in_reading_order(tmp_path, rotate, origin):
+    """The text inside a box of rendered pixels: the whole page gives every line in order, one per
+    line; a box around the middle line's ink (found in the render, whatever the page's /Rotate
+    and MediaBox) gives that line alone."""
+    pdf = write_pdf(tmp_path / "lines.pdf", [lines_page(rotate, origin)])
+    [page] = iter_pages(pdf, text=True)
+    width, height = page.image.size
+    assert page.text.within((0, 0, width, height)) == "\n".join(LINES)
+    axis = 1 if rotate in (0, 180) else 0  # lines run across the rows, or (turned) down the columns
+    ink = (np.asarray(page.image.convert("L")) < 128).any(axis=axis)
+    edges = np.flatnonzero(np.diff(ink.astype(int)))  # where the ink bands start and end
+    assert len(edges) == 6  # three lines
+    start, end = edges[2] - 5, edges[3] + 5  # the middle band, with a margin
+    box = (0, start, width, end) if axis == 1 else (start, 0, end, height)
+    assert page.text.within(box) == LINES[1]
+    assert page.text.within((0, 0, 1, 1)) is None
+    [plain] = iter_pages(pdf)
+    assert plain.text is None  # read only when asked for
+
+
+def test_scans_and_images_have_no_text_layer(tmp_path):
+    scan = make_scanned_pdf(tmp_path / "scan.pdf", [Image.new("RGB", (300, 200), "white")])
+    image = tmp_path / "page.png"
+    Image.new("RGB", (300, 200), "white").save(image)
+    assert [page.text for path in (scan, image) for page in iter_pages(path, text=True)] == [None, None]
+
+
+def test_region_text_is_plain_text_as_the_model_writes_it():
+    """pdfium's inferred breaks, its mark for a line-end hyphen, ligatures and odd spaces -> plain
+    lines; characters left out of the box between kept ones are a space, or a line break when a
+    line ended among them."""
+    def layer(chars: str, kept=lambda i, ch: ch not in "\r\n") -> PageText:
+        centres = np.array([[i, 0.0] if kept(i, ch) else [np.nan, np.nan] for i, ch in enumerate(chars)], np.float32)
+        return PageText(chars, centres)
+
+    text = layer("Ef\ufb01cient\x02ly  done,\r\n\tnext\xa0line!\r\n\r\nend")
+    assert text.within((0, -1, 100, 1)) == "Efficient-\nly done,\nnext line!\nend"
+    assert text.within((0, -1, 3, 1)) == "Effi"  # characters 0-2
+    chars = "one two three\r\nfour five"
+    text = layer(chars, lambda i, ch: i < 3 or 8 <= i < 13 or i >= chars.index("five"))
+    assert text.within((0, -1, 100, 1)) == "one three\nfive"

@@ -1,11 +1,13 @@
 """`glmrt parse` end to end on CPU: a tiny random GLM-OCR and a tiny random PP-DocLayoutV3 (both
 built with transformers) over generated multi-page PDFs and images. Outputs are the SDK's
 formatter's for the recognised regions, deterministic, resumable, and failures stay local."""
+import asyncio
 import base64
 import json
 import os
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -17,7 +19,8 @@ from glmrt.documents.markdown import format_document
 from glmrt.documents.pipeline import DocumentParser, document_names, sdk_region_image
 from glmrt.prompts import TASK_PROMPTS
 from glmrt_testing import REPO, glmrt_command
-from glmrt_testing.documents import POSTSCRIPT, fake_ghostscript, make_corrupt_pdf, make_images, make_pdf
+from glmrt_testing.documents import (POSTSCRIPT, PdfPage, fake_ghostscript, make_corrupt_pdf, make_images, make_pdf,
+                                     make_scanned_pdf, write_pdf)
 
 MAX_TOKENS = 6
 
@@ -279,6 +282,84 @@ def test_without_layout_each_page_is_one_region(tiny_checkpoint, inputs, tmp_pat
     assert result.markdown_path.read_text(encoding="utf-8").count("\n\n---\n\n") == 2
 
 
+def test_regions_draft_from_the_pdf_text_inside_them(parser, tmp_path, monkeypatch):
+    """Each region's SamplingParams: the parse's draft and, with draft auto or text, the PDF text
+    inside the region as its reference_text (None on a scanned page); draft off or mtp reads no
+    text layer."""
+    lines = ["Quarterly report", "Revenue rose 12 percent."]
+    content = "\n".join(f"BT /F1 12 Tf 20 {150 - 20 * i} Td ({line}) Tj ET" for i, line in enumerate(lines))
+    pdf = write_pdf(tmp_path / "digital.pdf", [PdfPage(300, 200, content.encode())])
+    scan = make_scanned_pdf(tmp_path / "scan.pdf", [Image.new("RGB", (300, 200), "white")])
+    seen = []
+
+    def prepare(request, params, *args):  # recorded, then failed: nothing is generated
+        seen.append((params.draft, params.reference_text))
+        raise ValueError("spied")
+
+    monkeypatch.setattr(parser.llm.engine, "prepare", prepare)
+    for draft in ("text", "mtp"):
+        DocumentParser(parser.llm, None, draft=draft).parse([pdf, scan], tmp_path / draft)
+    assert seen == [("text", "\n".join(lines)), ("text", None), ("mtp", None), ("mtp", None)]
+
+
+def test_recognise_pages_gives_each_region_its_reference():
+    """The server's and the Ray job's path: one SamplingParams per region, with its reference."""
+    class Engine:
+        async def generate(self, request, params):
+            yield glmrt.RequestOutput("r", [], [], f"{params.draft}:{params.reference_text}", "stop")
+
+    regions = [pipeline._whole_page(), pipeline._whole_page()]
+    request = {"images": [Image.new("RGB", (28, 28))], "prompt": TASK_PROMPTS["text"]}
+    page = pipeline._PageWork(Path("doc.pdf"), 0, regions=regions, requests={0: request, 1: request},
+                              references={0: "Total: 42", 1: None})
+    [(contents, errors)] = asyncio.run(pipeline.recognise_pages(Engine(), [page], pipeline.sdk_params(draft="text")))
+    assert contents == ["text:Total: 42", "text:None"] and errors == []
+
+
+def test_draft_implies_engine_options_unless_they_are_given():
+    options = pipeline.draft_engine_options
+    assert options("auto", {"max_num_seqs": 4}) == {"max_num_seqs": 4, "num_speculative_tokens": 8,
+                                                     "speculative_method": "ngram"}
+    assert options("text", {}) == options("ngram", {}) == options("auto", {})
+    assert options("mtp", {}) == {"num_speculative_tokens": 3, "speculative_method": "mtp"}
+    assert options("off", {}) == {}
+    assert options("auto", {"num_speculative_tokens": 2}) == {"num_speculative_tokens": 2}  # as given
+    assert options("mtp", {"num_speculative_tokens": 2}) == {"num_speculative_tokens": 2}
+    with pytest.raises(ValueError, match="draft 'mtp'.*speculative_method 'ngram'"):
+        options("mtp", {"speculative_method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="draft must be one of"):
+        options("mtp2", {})
+
+
+def test_draft_auto_writes_what_draft_off_writes(parser, tiny_checkpoint, tmp_path):
+    """Speculation is lossless: glmrt parse --draft auto (8 drafted tokens per step, several regions
+    verified in one step) writes the files --draft off (no speculation) writes, byte for byte."""
+    pdf = make_pdf(tmp_path / "page.pdf", pages=1, seed=5)  # a region's random text repeats: n-gram drafts
+    max_tokens = 12
+    DocumentParser(parser.llm, parser.layout, max_tokens=max_tokens, draft="off").parse([pdf], tmp_path / "off")
+    llm = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", max_num_seqs=16,
+                    **pipeline.draft_engine_options("auto", {}))
+    DocumentParser(llm, parser.layout, max_tokens=max_tokens, draft="auto").parse([pdf], tmp_path / "auto")
+    assert llm.engine.spec_stats.num_drafts > 0, "nothing was drafted: the test proves nothing"
+    assert outputs(tmp_path / "auto") == outputs(tmp_path / "off")
+
+
+def test_a_reader_accepts_the_drafts_of_its_pages_text(page_reader, tmp_path):
+    """An OCR'd scan of the page reader's pages (their text as an invisible text layer), each page
+    one region: --draft auto drafts from that text, the reader accepts the drafts, and the files
+    are those of --draft off, byte for byte."""
+    path, cases = page_reader
+    pdf = make_scanned_pdf(tmp_path / "scan.pdf", [image for image, _, _ in cases],
+                           texts=[text.split("\n") for _, _, text in cases])
+    for draft in ("off", "auto"):
+        llm = glmrt.LLM(str(path), device="cpu", dtype="float32", **pipeline.draft_engine_options(draft, {}))
+        [result] = DocumentParser(llm, None, max_tokens=32, draft=draft).parse([pdf], tmp_path / draft)
+        assert result.errors == []
+    drafts, _, accepted = llm.engine.spec_stats.by_source["text"]
+    assert accepted > drafts  # more than one drafted token accepted per draft, on average
+    assert outputs(tmp_path / "auto") == outputs(tmp_path / "off")
+
+
 def test_sdk_crop_resize_matches_the_sdk():
     from glmocr.utils.image_utils import smart_resize
 
@@ -309,9 +390,9 @@ def test_cli_parse_writes_and_reports(tiny_checkpoint, tiny_layout_checkpoint, i
 
 def test_server_parses_documents_like_the_sdks_server(tiny_checkpoint, tiny_layout_checkpoint, inputs, tmp_path):
     """POST /glmocr/parse over HTTP: a PDF (data URI) and an image; the SDK server's response shape,
-    and the same regions and Markdown as `glmrt parse` on an engine with the same limits. Then the
-    SDK's own MaaS-mode client (glmocr.GlmOcr(mode="maas")) pointed at it saves what `glmrt parse`
-    writes."""
+    and the same regions and Markdown as `glmrt parse` on an engine with the same limits (the
+    server's speculates, drafting from the PDF's text: the same output). Then the SDK's own
+    MaaS-mode client (glmocr.GlmOcr(mode="maas")) pointed at it saves what `glmrt parse` writes."""
     import base64
 
     import httpx
@@ -329,8 +410,9 @@ def test_server_parses_documents_like_the_sdks_server(tiny_checkpoint, tiny_layo
     expected_json = json.loads(expected.json_path.read_text(encoding="utf-8"))
     expected_md = expected.markdown_path.read_text(encoding="utf-8")
     key = {"Authorization": "Bearer sesame"}
+    # A speculating server: each PDF region drafts from the page's text inside it (lossless)
     with ServerProcess(tiny_checkpoint, "--layout-model", str(tiny_layout_checkpoint), "--max-model-len", "256",
-                       "--api-key", "sesame") as server:
+                       "--api-key", "sesame", "--num-speculative-tokens", "8", "--speculative-method", "ngram") as server:
         url = f"{server.url}/glmocr/parse"
         assert httpx.post(url, json={"images": [uri]}).status_code == 401
         response = httpx.post(url, json={"images": [uri]}, headers=key, timeout=300)

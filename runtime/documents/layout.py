@@ -118,11 +118,16 @@ class LayoutRegion:
                 "polygon": self.polygon, "task_type": self.task}
 
 
+def region_box(size: tuple[int, int], bbox_2d: list[int]) -> tuple[int, int, int, int]:
+    """The region's box (x1, y1, x2, y2) in the pixels of a page of `size`, as the SDK crops it."""
+    width, height = size
+    x1, y1, x2, y2 = (int(v * side / 1000) for v, side in zip(bbox_2d, (width, height, width, height)))
+    return x1, y1, x2, y2
+
+
 def crop_region(image: Image.Image, bbox_2d: list[int]) -> Image.Image:
     """The region's pixels as the SDK crops them for recognition (crop_image_region, no polygon)."""
-    width, height = image.size
-    x1, y1, x2, y2 = (int(v * side / 1000) for v, side in zip(bbox_2d, (width, height, width, height)))
-    return image.crop((x1, y1, x2, y2))
+    return image.crop(region_box(image.size, bbox_2d))
 
 
 class LayoutDetector:

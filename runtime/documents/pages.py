@@ -10,17 +10,25 @@ Images are read as the SDK reads them: `Image.open` (the first frame of a GIF), 
 then `convert("RGB")`, which drops an alpha channel rather than compositing it; but only in the
 formats glmrt decodes anywhere (image_processor.IMAGE_FORMATS), whatever the file's suffix says:
 PostScript named `.png` never reaches Ghostscript.
+
+A PDF page can also bring its text layer (`PageText`: pdfium's characters placed on the rendered
+bitmap), from which each layout region's text is read (`PageText.within`): the reference a
+region's recognition drafts from. Scanned pages and images have none.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import re
 import struct
 import threading
+import unicodedata
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 from PIL import Image
@@ -44,13 +52,58 @@ _OPEN_ERRORS = {
 
 
 @dataclass
+class PageText:
+    """A PDF page's text layer as plain data (no pdfium object, so it may cross threads): every
+    character pdfium reads on the page, in its order (the content stream's, which born-digital
+    documents write in reading order), with the spaces and line breaks pdfium infers between
+    them, and each character's centre on the rendered bitmap."""
+
+    chars: str  # one per pdfium character index
+    centres: np.ndarray  # [N, 2] float32 (x, y) in rendered pixels; NaN for the characters pdfium infers
+
+    def within(self, box: tuple[float, float, float, float]) -> str | None:
+        """The text whose characters' centres lie in `box` (x1, y1, x2, y2 in rendered pixels, as
+        a region is cropped), in pdfium's order, one line per line of the page, spaces collapsed:
+        as GLM-OCR writes a text region. None when there is none."""
+        x1, y1, x2, y2 = box
+        x, y = self.centres[:, 0], self.centres[:, 1]
+        kept = np.flatnonzero((x >= x1) & (x < x2) & (y >= y1) & (y < y2))  # NaN compares False
+        if kept.size == 0:
+            return None
+        pieces = [self.chars[kept[0]]]
+        for before, after in zip(kept[:-1].tolist(), kept[1:].tolist()):
+            if after > before + 1:  # characters left out or inferred between: a line break or a space
+                between = self.chars[before + 1:after]
+                pieces.append("\n" if "\n" in between or "\r" in between else " ")
+            pieces.append(self.chars[after])
+        return _plain_text("".join(pieces))
+
+
+# Ligatures as the model spells them out; U+0002: pdfium's mark for a hyphen that ends a line (the
+# line break after it is not reported).
+_SPELLED = {**{chr(c): unicodedata.normalize("NFKC", chr(c)) for c in range(0xFB00, 0xFB07)}, "\x02": "-\n"}
+_SPACES = re.compile(r"[^\S\n]+")
+
+
+def _plain_text(text: str) -> str | None:
+    """pdfium's text -> plain text: \\n line breaks, each line's spaces (tabs, no-break spaces)
+    collapsed and trimmed, empty lines and control characters dropped."""
+    text = "".join(_SPELLED.get(ch, ch) for ch in text).replace("\r\n", "\n").replace("\r", "\n")
+    text = "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch) not in ("Cc", "Cn"))
+    lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    return "\n".join(line for line in lines if line) or None
+
+
+@dataclass
 class Page:
-    """One page of a document: its RGB image, or why it could not be rendered (image None)."""
+    """One page of a document: its RGB image, or why it could not be rendered (image None); a PDF
+    page's text layer when it was asked for and the page has one."""
 
     source: Path
     index: int  # 0-based
     image: Image.Image | None
     error: str | None = None
+    text: PageText | None = None
 
 
 class DocumentError(Exception):
@@ -130,13 +183,15 @@ def count_pages(path: Path) -> int:
             pdf.close()
 
 
-def iter_pages(path: Path, dpi: int = 200, max_side: int = 3500, skip: Collection[int] = ()) -> Iterator[Page]:
+def iter_pages(path: Path, dpi: int = 200, max_side: int = 3500, skip: Collection[int] = (),
+               text: bool = False) -> Iterator[Page]:
     """Streams the pages of one PDF or image, rendering each only when it is asked for.
 
     Page indices in `skip` (already done, when resuming) are neither loaded nor rendered. The
     document is opened once, when iteration starts (DocumentError then if it cannot be), and
     closed when the generator is exhausted or closed. A page that fails to load comes back with
-    `error` set and no image, and the following pages still come.
+    `error` set and no image, and the following pages still come. text: also read each PDF page's
+    text layer (Page.text; None for a page without any, and for an image).
 
     Threads: one document must be iterated from one thread at a time. Different documents may be
     iterated from different threads; their pdfium calls take turns on a module-level lock.
@@ -153,7 +208,7 @@ def iter_pages(path: Path, dpi: int = 200, max_side: int = 3500, skip: Collectio
         for index in range(count):
             if index not in skip:
                 with _PDFIUM:
-                    page = _render(pdf, path, index, dpi, max_side)
+                    page = _render(pdf, path, index, dpi, max_side, text)
                 yield page
     finally:
         with _PDFIUM:
@@ -208,8 +263,9 @@ def _open_pdf(path: Path) -> pdfium.PdfDocument:
     return pdf
 
 
-def _render(pdf: pdfium.PdfDocument, path: Path, index: int, dpi: int, max_side: int) -> Page:
-    """Renders one page at the SDK's size and exact scale; call with _PDFIUM held."""
+def _render(pdf: pdfium.PdfDocument, path: Path, index: int, dpi: int, max_side: int, text: bool = False) -> Page:
+    """Renders one page at the SDK's size and exact scale (and reads its text layer if `text`);
+    call with _PDFIUM held."""
     try:
         page = pdf[index]
     except pdfium.PdfiumError as exc:
@@ -229,6 +285,56 @@ def _render(pdf: pdfium.PdfDocument, path: Path, index: int, dpi: int, max_side:
             image = bitmap.to_pil()  # a copy for 3-byte pixels: it outlives the bitmap
         finally:
             bitmap.close()
+        try:
+            layer = _text_layer(page, scale) if text else None
+        except pdfium.PdfiumError:  # the page is still read, without a reference to draft from
+            layer = None
     finally:
         page.close()
-    return Page(path, index, image)
+    return Page(path, index, image, text=layer)
+
+
+def _text_layer(page: pdfium.PdfPage, scale: float) -> PageText | None:
+    """The page's characters placed as _render draws them; None without any. Call with _PDFIUM held."""
+    # Read unrotated: pdfium orders the lines of text that runs down the display (a page with
+    # /Rotate 90 or 270) as columns, left to right, which reverses them on one of the two.
+    rotation = page.get_rotation()
+    page.set_rotation(0)
+    try:
+        textpage = page.get_textpage()
+    finally:
+        page.set_rotation(rotation)
+    try:
+        count = textpage.count_chars()
+        if count <= 0:
+            return None
+        to_pixels = _pixel_transform(page, scale)
+        chars, centres, box = [], np.full((count, 2), np.nan, np.float32), pdfium_c.FS_RECTF()
+        for i in range(count):
+            code = pdfium_c.FPDFText_GetUnicode(textpage, i)
+            # One character per index; a UTF-16 half or no character at all as NUL (dropped from the text)
+            chars.append(chr(code) if code <= 0x10FFFF and not 0xD800 <= code < 0xE000 else "\0")
+            # The loose box spans the font's ascent to descent: its centre is mid-line for every glyph.
+            if pdfium_c.FPDFText_IsGenerated(textpage, i) == 0 and pdfium_c.FPDFText_GetLooseCharBox(textpage, i, box):
+                centres[i] = ((box.left + box.right) / 2, (box.bottom + box.top) / 2)
+        centres = (centres @ to_pixels[:, :2].T + to_pixels[:, 2]).astype(np.float32)
+        return PageText("".join(chars), centres)
+    finally:
+        textpage.close()
+
+
+def _pixel_transform(page: pdfium.PdfPage, scale: float) -> np.ndarray:
+    """[2, 3] affine map from page space (points) to the rendered bitmap's pixels: pdfium's own
+    display matrix (rotation, crop box, y flip) times `scale`. FPDF_PageToDevice gives whole device
+    units, so it maps onto a display of 1024 units per point."""
+    width, height = page.get_size()
+    size_x, size_y = round(width * 1024), round(height * 1024)
+    x, y = ctypes.c_int(), ctypes.c_int()
+
+    def device(px: float, py: float) -> np.ndarray:
+        if not pdfium_c.FPDF_PageToDevice(page, 0, 0, size_x, size_y, 0, px, py, x, y):
+            raise pdfium.PdfiumError("FPDF_PageToDevice failed")
+        return np.array([x.value * width / size_x, y.value * height / size_y]) * scale
+
+    origin = device(0.0, 0.0)
+    return np.stack([(device(1000.0, 0.0) - origin) / 1000, (device(0.0, 1000.0) - origin) / 1000, origin], axis=1)

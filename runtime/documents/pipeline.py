@@ -9,6 +9,11 @@ a page whose regions are all recognised is recorded on disk, and a document whos
 done is formatted into the glmocr SDK's Markdown and JSON. A bounded queue between the two
 keeps at most `max_pages_in_flight` pages of crops in memory.
 
+Drafting: with draft "auto" or "text" (SamplingParams.draft; glmrt parse --draft) the producer
+also reads each PDF page's text layer (pages.PageText), and every region's request carries the
+text inside the region as its reference_text, which a speculating engine drafts from: born-digital
+pages are read in fewer steps, with the same output.
+
 Resuming: each page that succeeded whole is kept as a small JSON record (plus its figure crops) in
 `<out>/<name>/.pages/` until its document is written without failures; `<name>_status.json` holds
 the settings the records and outputs were made with (`parse_settings`) and, once written, the
@@ -23,6 +28,7 @@ status and its result. Nothing is written outside `<out>`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,7 +49,7 @@ from ..outputs import Request as EngineRequest
 from ..prompts import TASK_PROMPTS
 from ..sampling_params import SamplingParams
 from .layout import DEFAULT_MODEL as DEFAULT_LAYOUT
-from .layout import LayoutDetector, LayoutRegion, crop_region
+from .layout import LayoutDetector, LayoutRegion, crop_region, region_box
 from .markdown import format_document, format_pages_without_layout, model_output_json, write_document
 from .pages import DocumentError, Page, count_pages, find_documents, iter_pages
 
@@ -58,11 +64,48 @@ SDK_CROP_MIN_PIXELS = 112 * 112
 SDK_CROP_MAX_PIXELS = 14 * 14 * 4 * 1280 * 71
 _FACTOR = 28
 LAYOUT_BATCH = 4  # pages per layout call
+# Speculative drafting (SamplingParams.draft): the sources that draft from a region's PDF text, and
+# the engine options each `draft` implies where none are given: the reference text and n-gram
+# lookup need no MTP layer and propose long drafts; the MTP layer's drafts are short.
+TEXT_DRAFTS = ("auto", "text")
+SPECULATIVE_OPTIONS = ("num_speculative_tokens", "speculative_method")
+_LOOKUP = {"num_speculative_tokens": 8, "speculative_method": "ngram"}
+DRAFT_ENGINE_OPTIONS = {"auto": _LOOKUP, "text": _LOOKUP, "ngram": _LOOKUP,
+                        "mtp": {"num_speculative_tokens": 3, "speculative_method": "mtp"}, "off": {}}
 
 
-def sdk_params(max_tokens: int = SDK_MAX_TOKENS) -> SamplingParams:
-    """The SDK's recognition sampling: greedy, repetition penalty 1.1."""
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=SDK_REPETITION_PENALTY)
+def sdk_params(max_tokens: int = SDK_MAX_TOKENS, draft: str = "auto") -> SamplingParams:
+    """The SDK's recognition sampling: greedy, repetition penalty 1.1; `draft` the speculative
+    drafts' source."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=SDK_REPETITION_PENALTY,
+                          draft=draft)
+
+
+def region_params(params: SamplingParams, reference: str | None) -> SamplingParams:
+    """A region's sampling: `params` with the region's PDF text to draft from (None: none)."""
+    return dataclasses.replace(params, reference_text=reference)
+
+
+def draft_engine_options(draft: str, engine_options: dict) -> dict:
+    """The engine options for parsing with `draft`: the speculative ones it implies
+    (DRAFT_ENGINE_OPTIONS) unless `engine_options` gives any, which then stand as given. Raises
+    ValueError for draft "mtp" on an engine without the MTP layer (speculative_method "ngram")."""
+    if draft not in DRAFT_ENGINE_OPTIONS:
+        raise ValueError(f"draft must be one of {', '.join(DRAFT_ENGINE_OPTIONS)}, got {draft!r}")
+    if not any(name in engine_options for name in SPECULATIVE_OPTIONS):
+        return {**engine_options, **DRAFT_ENGINE_OPTIONS[draft]}
+    if draft == "mtp" and engine_options.get("speculative_method") == "ngram":
+        raise ValueError("draft 'mtp' drafts with the MTP layer, which speculative_method 'ngram' does not load")
+    return engine_options
+
+
+def region_reference(page: Page, region: LayoutRegion, whole_page: bool = False) -> str | None:
+    """The PDF text inside a region, its recognition's reference to draft from; None for a page
+    without a text layer (a scan, an image) and a region without text. whole_page: the region
+    covers the page (no layout)."""
+    if page.text is None:
+        return None
+    return page.text.within((0, 0, *page.image.size) if whole_page else region_box(page.image.size, region.bbox_2d))
 
 
 def region_requests(page: Image.Image, regions: list[LayoutRegion],
@@ -133,6 +176,7 @@ class _PageWork:
     # region index -> its recognition request (a request dict; in glmrt parse preprocessed into a
     # Sequence, or why it could not be)
     requests: dict[int, dict | Sequence | str] = field(default_factory=dict)
+    references: dict[int, str | None] = field(default_factory=dict)  # region index -> region_reference
     error: str | None = None
 
 
@@ -185,9 +229,10 @@ def layout_batches(doc: Path, total: int, size: int = LAYOUT_BATCH, skip: Collec
 
 
 def lay_out(layout: LayoutDetector | None, pages: list[Page]) -> list[_PageWork]:
-    """A batch of rendered pages -> each page's regions, figure crops and recognition requests
-    (request dicts, not yet preprocessed). layout None: each whole page is one text region. A
-    failed layout batch fails its pages only (their `error` is set)."""
+    """A batch of rendered pages -> each page's regions, figure crops, recognition requests
+    (request dicts, not yet preprocessed) and their references (region_reference). layout None:
+    each whole page is one text region. A failed layout batch fails its pages only (their `error`
+    is set)."""
     if layout is None:
         detected = [[_whole_page()] for _ in pages]
     else:
@@ -199,6 +244,7 @@ def lay_out(layout: LayoutDetector | None, pages: list[Page]) -> list[_PageWork]
     for page, regions in zip(pages, detected):
         item = _PageWork(page.source, page.index, page.image.size, regions)
         item.figures, item.requests = region_requests(page.image, regions, whole_page=layout is None)
+        item.references = {i: region_reference(page, regions[i], whole_page=layout is None) for i in item.requests}
         work.append(item)
     return work
 
@@ -219,17 +265,18 @@ def page_record(page: _PageWork, contents: list[str | None], with_layout: bool) 
 
 async def recognise_pages(engine, pages: list[_PageWork], params: SamplingParams) -> list[tuple[list, list[str]]]:
     """Every region of `pages` recognised at once by an AsyncEngine (sharing its steps with
-    whatever else it runs) -> per page: its contents (None for a figure or a failed region) and
-    one line per failed region."""
-    async def recognise(request: dict) -> str:
+    whatever else it runs), each with `params` and its reference (region_params) -> per page: its
+    contents (None for a figure or a failed region) and one line per failed region."""
+    async def recognise(request: dict, reference: str | None) -> str:
         final = None
-        async for out in engine.generate(EngineRequest(**request), params):
+        async for out in engine.generate(EngineRequest(**request), region_params(params, reference)):
             final = out
         if final is None or final.finish_reason == "error":
             raise RuntimeError(getattr(final, "error", None) or "recognition failed")
         return final.text.strip()
 
-    jobs = [(p, i, recognise(request)) for p, page in enumerate(pages) for i, request in page.requests.items()]
+    jobs = [(p, i, recognise(request, page.references[i]))
+            for p, page in enumerate(pages) for i, request in page.requests.items()]
     texts = await asyncio.gather(*(job for _, _, job in jobs), return_exceptions=True)
     results = [([None] * len(page.regions), []) for page in pages]
     for (p, i, _), text in zip(jobs, texts):
@@ -357,14 +404,19 @@ class DocumentOutputs:
 
 
 class DocumentParser:
-    """Parses documents with one LLM (GLM-OCR) and, unless `layout` is None, a layout detector."""
+    """Parses documents with one LLM (GLM-OCR) and, unless `layout` is None, a layout detector.
+    draft: the regions' SamplingParams.draft; with "auto" or "text" each region of a PDF page
+    with a text layer has that text as its reference_text (the engine drafts from it when it
+    speculates; the output is the same)."""
 
     def __init__(self, llm: LLM, layout: LayoutDetector | None, *, dpi: int = 200, max_side: int = 3500,
-                 max_tokens: int = SDK_MAX_TOKENS, layout_batch_size: int = LAYOUT_BATCH, max_pages_in_flight: int = 8):
+                 max_tokens: int = SDK_MAX_TOKENS, layout_batch_size: int = LAYOUT_BATCH, max_pages_in_flight: int = 8,
+                 draft: str = "auto"):
         self.llm = llm
         self.layout = layout
         self.dpi, self.max_side = dpi, max_side
-        self.params = sdk_params(max_tokens)
+        self.params = sdk_params(max_tokens, draft)
+        self.text_layer = draft in TEXT_DRAFTS
         self.settings = parse_settings(llm.engine.model_path, None if layout is None else layout.checkpoint,
                                        layout=layout is not None, dpi=dpi, max_side=max_side, max_tokens=max_tokens)
         self.layout_batch_size = layout_batch_size
@@ -428,7 +480,7 @@ class DocumentParser:
                 st.pages_total = count_pages(doc)
                 done = self.outputs.load_records(st)
                 for batch in layout_batches(doc, st.pages_total, self.layout_batch_size, skip=done,
-                                            dpi=self.dpi, max_side=self.max_side):
+                                            dpi=self.dpi, max_side=self.max_side, text=self.text_layer):
                     if stop.is_set():
                         return
                     if isinstance(batch, Page):  # not rendered
@@ -453,7 +505,7 @@ class DocumentParser:
         for item in work:
             for i, request in item.requests.items():
                 try:
-                    item.requests[i] = self.llm.engine.prepare(request, self.params)
+                    item.requests[i] = self.llm.engine.prepare(request, region_params(self.params, item.references[i]))
                 except (ValueError, TypeError, OSError) as exc:  # reported with the page, the rest goes on
                     item.requests[i] = str(exc)
         return work
@@ -582,17 +634,20 @@ def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
 
 def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, model: str = "zai-org/GLM-OCR",
           layout_model: str | Path | None = DEFAULT_LAYOUT, device=None, dtype=None, backend: str = "auto",
-          dpi: int = 200, max_tokens: int = SDK_MAX_TOKENS, progress: bool = False,
+          dpi: int = 200, max_tokens: int = SDK_MAX_TOKENS, progress: bool = False, draft: str = "auto",
           **engine_options) -> list[DocumentResult]:
     """PDFs, images and directories of them -> Markdown and JSON under `output_dir` (one folder
     per document). layout_model=None recognises each whole page as one region. Engine options are
-    glmrt.LLM's. progress: a tqdm bar over pages (with regions/s)."""
+    glmrt.LLM's. progress: a tqdm bar over pages (with regions/s). draft: speculative decoding's
+    draft source (SamplingParams.draft; "auto" drafts from each region's PDF text, then n-gram
+    lookup); without speculative engine options it implies them (DRAFT_ENGINE_OPTIONS: "off" none)."""
     inputs = inputs if isinstance(inputs, list) else [inputs]
+    engine_options = draft_engine_options(draft, engine_options)
     find_documents(inputs)  # a missing or unsupported input fails now, before any model loads
     llm = LLM(model, device=device, dtype=dtype, backend=backend, **engine_options)
     llm.engine.require_text_model("glmrt parse")
     layout = None if layout_model is None else LayoutDetector.from_pretrained(layout_model, device=llm.engine.device)
-    parser = DocumentParser(llm, layout, dpi=dpi, max_tokens=max_tokens)
+    parser = DocumentParser(llm, layout, dpi=dpi, max_tokens=max_tokens, draft=draft)
     if not progress:
         return parser.parse(inputs, output_dir)
     from tqdm import tqdm

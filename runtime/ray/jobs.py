@@ -38,12 +38,14 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+import numpy as np
 from PIL import Image
 
 from ..documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT
-from ..documents.pages import SUPPORTED, DocumentError, Page, count_pages, find_documents
-from ..documents.pipeline import (LAYOUT_BATCH, SDK_MAX_TOKENS, DocumentOutputs, DocumentResult, document_names,
-                                  lay_out, layout_batches, page_record, parse_settings, recognise_pages, sdk_params)
+from ..documents.pages import SUPPORTED, DocumentError, Page, PageText, count_pages, find_documents
+from ..documents.pipeline import (LAYOUT_BATCH, SDK_MAX_TOKENS, TEXT_DRAFTS, DocumentOutputs, DocumentResult,
+                                  document_names, draft_engine_options, lay_out, layout_batches, page_record,
+                                  parse_settings, recognise_pages, sdk_params)
 from .cluster import init
 
 ACTOR_TASK_RETRIES = 3  # a batch whose actor died this often is dropped (its documents are reported)
@@ -134,26 +136,32 @@ def _local(source: str) -> Iterator[Path]:
 
 # ------------------------------------------------------------------------ stage 1: render (CPU)
 
-def render_document(row: dict, dpi: int = 200, max_side: int = 3500,
-                    layout_batch: int = LAYOUT_BATCH) -> Iterator[dict]:
+def render_document(row: dict, dpi: int = 200, max_side: int = 3500, layout_batch: int = LAYOUT_BATCH,
+                    text: bool = False) -> Iterator[dict]:
     """One document row {"key", "source", "skip" (JSON list of recorded pages)} -> a row per layout
     batch, as glmrt parse forms them: {"key", "pages": JSON [[index, width, height, recorded],
-    ...], "pixels": their RGB bytes one after the other} (recorded pages are only the batch's
-    neighbours in layout), or a page that could not be rendered (no pixels, "error" set); then
-    the marker row {"pages": "[]", "pages_total", "error"}."""
+    ...], "pixels": their RGB bytes one after the other, "texts": JSON [each page's text layer's
+    characters, or null], "centres": the text layers' character centres (float32 bytes one after
+    the other)} (recorded pages are only the batch's neighbours in layout), or a page that could
+    not be rendered (no pixels, "error" set); then the marker row {"pages": "[]", "pages_total",
+    "error"}. text: read the pages' text layers (iter_pages)."""
     key, source, skip = int(row["key"]), str(row["source"]), set(json.loads(row["skip"]))
-    blank = {"key": key, "pages": "[]", "pixels": b"", "pages_total": MARKER, "error": ""}
+    blank = {"key": key, "pages": "[]", "pixels": b"", "texts": "[]", "centres": b"", "pages_total": MARKER,
+             "error": ""}
     try:
         with _local(source) as path:
             try:
                 total = count_pages(path)
-                for batch in layout_batches(path, total, layout_batch, dpi=dpi, max_side=max_side, skip=skip):
+                for batch in layout_batches(path, total, layout_batch, dpi=dpi, max_side=max_side, skip=skip,
+                                            text=text):
                     if isinstance(batch, Page):
                         yield {**blank, "pages": json.dumps([[batch.index, 0, 0]]),
                                "error": f"page {batch.index + 1}: {batch.error}"}
                     else:
                         yield {**blank, "pages": json.dumps([[p.index, *p.image.size, p.index in skip] for p in batch]),
-                               "pixels": b"".join(p.image.tobytes() for p in batch)}
+                               "pixels": b"".join(p.image.tobytes() for p in batch),
+                               "texts": json.dumps([p.text and p.text.chars for p in batch]),
+                               "centres": b"".join(p.text.centres.tobytes() for p in batch if p.text)}
             except DocumentError as exc:  # named by its source, not by a temporary copy
                 yield {**blank, "pages_total": 0, "error": str(exc).replace(str(path), source)}
                 return
@@ -172,14 +180,15 @@ class PageRecognizer:
     several threads at once (Ray Data's concurrent calls per actor): layout takes turns,
     recognition of every call shares the one engine."""
 
-    def __init__(self, model: str, layout_model: str | None, max_tokens: int, engine_kwargs: dict):
+    def __init__(self, model: str, layout_model: str | None, max_tokens: int, engine_kwargs: dict,
+                 draft: str = "auto"):
         from ..documents.layout import LayoutDetector
         from ..engine.async_engine import AsyncEngine
 
         self.engine = AsyncEngine(model, **engine_kwargs)
         self.layout = None if layout_model is None else LayoutDetector.from_pretrained(
             layout_model, device=self.engine.engine.device)
-        self.params = sdk_params(max_tokens)
+        self.params = sdk_params(max_tokens, draft)
         self._layout_turn = threading.Lock()
         self._loop = asyncio.new_event_loop()  # the engine's: one loop for every call's requests
         threading.Thread(target=self._loop.run_forever, daemon=True, name="glmrt-ray-engine").start()
@@ -200,9 +209,14 @@ class PageRecognizer:
                 emit(key, pages[0][0], error=error)
             else:
                 images, pixels, offset = [], memoryview(batch["pixels"][i]), 0
-                for index, w, h, _ in pages:  # a page's source is its document's key, as a path
+                texts, centres, at = json.loads(str(batch["texts"][i])), memoryview(batch["centres"][i]), 0
+                for (index, w, h, _), chars in zip(pages, texts):  # a page's source is its document's key, as a path
                     image = Image.frombytes("RGB", (w, h), pixels[offset:offset + 3 * w * h])
-                    images.append(Page(Path(str(key)), index, image))
+                    text = None
+                    if chars is not None:
+                        text = PageText(chars, np.frombuffer(centres[at:at + 8 * len(chars)], np.float32).reshape(-1, 2))
+                        at += 8 * len(chars)
+                    images.append(Page(Path(str(key)), index, image, text=text))
                     offset += 3 * w * h
                 recorded = {index for index, _, _, was_recorded in pages if was_recorded}
                 with self._layout_turn:
@@ -236,7 +250,7 @@ def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, addr
           device: str | None = None, dtype: str | None = None, backend: str = "auto", dpi: int = 200,
           max_tokens: int = SDK_MAX_TOKENS, actors: int | None = None, actors_per_gpu: int = 1,
           render_tasks: int | None = None, batches_per_actor: int = 4,
-          progress: bool = True, **engine_options) -> list[DocumentResult]:
+          progress: bool = True, draft: str = "auto", **engine_options) -> list[DocumentResult]:
     """`glmrt.parse` on a Ray cluster: the same outputs, written by this process (the driver).
 
     address: the cluster (None: the one this process is connected to, else RAY_ADDRESS or a new
@@ -244,12 +258,13 @@ def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, addr
     cluster without GPUs); each takes 1/actors_per_gpu of a GPU. render_tasks: at most this many
     documents rendered at once (default: as many as the cluster's CPUs allow). batches_per_actor:
     actor calls in flight at once, each one layout batch (up to 4 pages of a document, as glmrt
-    parse batches them), whose regions share the actor's engine. Engine options are glmrt.LLM's.
-    -> one result per document, in input order."""
+    parse batches them), whose regions share the actor's engine. Engine options are glmrt.LLM's; draft as
+    glmrt.parse's. -> one result per document, in input order."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     inputs = inputs if isinstance(inputs, list) else [inputs]
+    engine_options = draft_engine_options(draft, engine_options)
     sizes = {"actors": actors, "actors_per_gpu": actors_per_gpu, "render_tasks": render_tasks,
              "batches_per_actor": batches_per_actor}
     for name, value in sizes.items():
@@ -275,13 +290,15 @@ def parse(inputs: str | Path | list[str | Path], output_dir: str | Path, *, addr
             items = [{"key": key, "source": str(st.result.source), "skip": json.dumps(sorted(outputs.load_records(st)))}
                      for key, st in todo.items()]
             pages = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-                render_document, fn_kwargs={"dpi": dpi}, num_cpus=1, concurrency=render_tasks)
+                render_document, fn_kwargs={"dpi": dpi, "text": draft in TEXT_DRAFTS}, num_cpus=1,
+                concurrency=render_tasks)
             with warnings.catch_warnings():  # max_task_retries has no named parameter of its own yet
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
                 records = pages.map_batches(
                     PageRecognizer, batch_size=1, batch_format="numpy",
                     fn_constructor_kwargs={"model": model, "max_tokens": max_tokens, "engine_kwargs": engine_kwargs,
-                                           "layout_model": None if layout_model is None else str(layout_model)},
+                                           "layout_model": None if layout_model is None else str(layout_model),
+                                           "draft": draft},
                     compute=ActorPoolStrategy(size=actors or max(1, gpus * actors_per_gpu),
                                               max_concurrent_calls_per_actor=batches_per_actor,
                                               enable_true_multi_threading=True),

@@ -8,6 +8,8 @@ all units at once, sharing steps with the chat requests), and the SDK's formatte
 {"json_result", "markdown_result", "layout_details", "md_results", "data_info": {"pages": []},
 "usage", "model", "id", "created"} -- several units give a list of JSON results and Markdown
 joined by "---", as the SDK's server does. Figures are linked in the Markdown but not returned.
+When the engine speculates (--num-speculative-tokens), each region of a PDF page with a text layer
+drafts from the text inside it (draft "auto", as `glmrt parse`): the output is the same, sooner.
 
 Bounded like a chat request: at most --max-images-per-request units and --max-pages-per-request
 pages (counted before any page is rendered: a 400 naming the limit); admitted against the same
@@ -51,6 +53,8 @@ def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, m
     from ..image_processor import load_image
 
     params = sdk_params()
+    # PDF pages bring their text layer, each region's reference to draft from, when the engine speculates.
+    text_layer = engine.engine.options.num_speculative_tokens > 0
     counted = _CountedEngine(engine, metrics)
     detector: list = []  # the layout model, once loaded
     loading = asyncio.Lock()
@@ -85,7 +89,7 @@ def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, m
         if isinstance(source, Image.Image):
             yield [Page(Path("unit"), 0, source)]
             return
-        for batch in layout_batches(source, total):
+        for batch in layout_batches(source, total, text=text_layer):
             yield [Page(batch.source, batch.index, Image.new("RGB", (1, 1), "white"))] if isinstance(batch, Page) \
                 else batch
 

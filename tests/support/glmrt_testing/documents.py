@@ -66,14 +66,26 @@ def make_pdf(path: str | Path, pages: int, size: tuple[float, float] = (612, 792
     return write_pdf(path, specs)
 
 
-def make_scanned_pdf(path: str | Path, pages: list[Image.Image], dpi: float = 200) -> Path:
+def make_scanned_pdf(path: str | Path, pages: list[Image.Image], dpi: float = 200,
+                     texts: list[list[str]] | None = None) -> Path:
     """A PDF whose pages are the given RGB images at `dpi` (losslessly embedded, as a scanner's
-    PDF): rendered at that DPI, every renderer gives the images back pixel for pixel."""
+    PDF): rendered at that DPI, every renderer gives the images back pixel for pixel. texts: per
+    page, lines of invisible text over the image, top to bottom (an OCR'd scan's text layer)."""
     specs = []
-    for image in pages:
+    for n, image in enumerate(pages):
         w, h = (v * 72 / dpi for v in image.size)
-        specs.append(PdfPage(w, h, f"q {w:.4f} 0 0 {h:.4f} 0 0 cm /Scan Do Q".encode(), scan=image.convert("RGB")))
+        content = f"q {w:.4f} 0 0 {h:.4f} 0 0 cm /Scan Do Q"
+        if texts is not None:
+            lead = h / (len(texts[n]) + 1)
+            content += "".join(f"\nBT 3 Tr /F1 {lead * 0.8:.4f} Tf 1 {h - lead * (i + 1):.4f} Td ({_pdf_string(line)}) Tj ET"
+                               for i, line in enumerate(texts[n]))
+        specs.append(PdfPage(w, h, content.encode("latin-1"), scan=image.convert("RGB")))
     return write_pdf(path, specs)
+
+
+def _pdf_string(text: str) -> str:
+    """A literal string's body: backslashes and parentheses escaped."""
+    return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
 def make_corrupt_pdf(path: str | Path) -> Path:
