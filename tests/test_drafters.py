@@ -267,3 +267,18 @@ def test_mixed_steps_keep_every_rows_reservation(tiny_checkpoint):
     engine._read_in_flight = read_and_check
     assert [o.token_ids for o in engine.generate(requests, params)] == expected[0]
     assert max(checked) > 1
+
+
+def test_host_drafts_verify_only_when_they_pay(tiny_checkpoint):
+    """Without the MTP layer a verify step (k + 1 query rows per row) runs only when the host's
+    drafts are expected to be accepted for at least MIN_DRAFT_GAIN tokens per running row, by
+    each source's acceptance so far: a source that keeps failing stops costing verify steps."""
+    from glmrt.engine.engine import MIN_DRAFT_GAIN
+
+    engine = make_engine(tiny_checkpoint, num_speculative_tokens=8, speculative_method="ngram")
+    proposals = [("ngram", [1, 2]), ("off", []), ("text", [3, 4, 5, 6])]
+    assert engine._expected_gain(proposals) == 1.0 + 2.0  # half of each before any is verified
+    for _ in range(20):
+        engine.spec_stats.record(0, 8, "ngram")
+        engine.spec_stats.record(8, 8, "text")
+    assert engine._expected_gain(proposals[:2]) < MIN_DRAFT_GAIN <= engine._expected_gain(proposals[2:]) / 3

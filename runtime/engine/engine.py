@@ -96,6 +96,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+# A verify step runs k + 1 query rows for every sequence, so without the MTP layer (whose rows
+# always speculate) one runs only when the host's drafts are expected to be accepted for at least
+# this many tokens per running sequence; else the step is a plain one.
+MIN_DRAFT_GAIN = 0.5
 # A verify step writes k + 1 cache slots per sequence; with at most 8 it never crosses more than one
 # block boundary (block_size >= 16).
 MAX_SPECULATIVE_TOKENS = 8
@@ -550,12 +554,22 @@ class LLMEngine:
                 proposals.append(drafter.propose(seq.output_token_ids, k) or ("mtp", None))
             else:
                 proposals.append(("mtp", None) if drafter is not None and drafter.mtp else ("off", []))
-        if self.model.mtp is None and not any(drafts for _, drafts in proposals):
+        if self.model.mtp is None and self._expected_gain(proposals) < MIN_DRAFT_GAIN * len(plan.decode):
             return self.runner.decode(plan)
         # Rows hold their admission default (MTP or none) until a host-drafting row makes the upload.
         handle = self.runner.decode(plan, True, [drafts for _, drafts in proposals] if on_host else None)
         handle.proposals = [(k if drafts is None else len(drafts), source) for source, drafts in proposals]
         return handle
+
+    def _expected_gain(self, proposals: list[tuple[str, list[int] | None]]) -> float:
+        """Draft tokens a verify step of these host proposals is expected to accept, by each
+        source's acceptance so far (Laplace-smoothed: 1/2 before any)."""
+        gain = 0.0
+        for source, drafts in proposals:
+            if drafts:
+                _, drafted, accepted = self.spec_stats.by_source.get(source, (0, 0, 0))
+                gain += len(drafts) * (accepted + 1) / (drafted + 2)
+        return gain
 
     def _prefill_failed(self, plan: ScheduledStep, exc: BaseException, outputs: list[RequestOutput]) -> StepHandle | None:
         """A step's prefill failed while its decode rows (if any) were still untouched: a request
