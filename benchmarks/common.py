@@ -269,9 +269,11 @@ def _documents_numbers(data: dict) -> list[str]:
                 f"{data['warm_up_s']:.1f} s"] if "engine_start_s" in data else [])
     lines = [f"- {data['documents']} PDFs x {data['pages_per_document']} pages, {data['tokens_per_region']} "
              f"tokens per region, {data['model']}" + (f"; {data['sdk_note']}" if data.get("sdk_note") else ""),
-             *started, "", "| run | pages | regions | tokens/page | pages/s |", "|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['pages']} | {r['regions']} | {r['tokens_per_page']:.0f} | {r['pages_per_s']:.3g} |"
-              for r in data["rows"]]
+             *started]
+    if data["rows"]:  # none with --reader
+        lines += ["", "| run | pages | regions | tokens/page | pages/s |", "|---|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['pages']} | {r['regions']} | {r['tokens_per_page']:.0f} | {r['pages_per_s']:.3g} |"
+                  for r in data["rows"]]
     lines += [f"- {r['comparison']}: {r['pages_per_s']:.2f}x pages/s" for r in data["ratios"]]
     if data.get("draft_rows"):
         lines += ["", "| --draft | PDFs | pages/s | mean accepted tokens/step | decode steps/page | tokens/page |",

@@ -2,7 +2,8 @@
 pipeline pointed at `glmrt serve`, in one run on one device.
 
     python benchmarks/documents.py [--model DIR] [--layout-model DIR] [--key] [--documents N] [--pages N]
-                                   [--tokens-per-region N] [--sdk|--no-sdk] [--draft MODE ...] [--out DIR] [--smoke]
+                                   [--tokens-per-region N] [--sdk|--no-sdk] [--draft MODE ...] [--reader] [--out DIR]
+                                   [--smoke]
 
 Runs, each over the same N generated PDFs (scans: text, shaded boxes, ruled tables rendered and
 embedded losslessly at 200 DPI; every second page landscape), after a warm-up document:
@@ -28,7 +29,14 @@ side by side: pages/s, mean accepted tokens per speculative step (accepted draft
 rows that drafted) and decode steps per page (the forward passes its regions' sequences took:
 tokens generated less drafts accepted). With auto and off: the key number "documents pages/s
 draft auto vs off, born-digital" (off as its peer). Random weights write random text, which the
-PDF's text never predicts: only a trained checkpoint (--model) shows what drafting gains.
+PDF's text never predicts: only a trained checkpoint (--model, or --reader) shows what drafting gains.
+--reader: the --draft comparison alone (default modes off ngram text auto; off always, as the
+reference), CPU-capable and without a layout model (each page one region), on a checkpoint that
+reads: the tiny test checkpoint fine-tuned here (~10 s, glmrt_testing.page_reader) to read three
+small rendered pages. Its PDFs repeat those pages, born-digital (the page images with their text as
+an invisible text layer, as an OCR'd scan has) and scanned (the same images, no text layer). The
+pages are 196 x 84, which the SDK's crop resize leaves as they are: the reader sees its training
+pixels. Fails unless every mode writes the files --draft off writes (drafts are lossless).
 Without --model / --layout-model, GLM-OCR's real config with random weights (on a GPU; the tiny
 test checkpoint on CPU) and a tiny random PP-DocLayoutV3 are built on the fly (no weights can be
 downloaded here). Random weights find random regions and write random text: every region gets
@@ -41,6 +49,7 @@ on the tiny checkpoint to prove the code paths (numbers meaningless).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -64,6 +73,8 @@ from glmrt.documents.layout import LayoutDetector  # noqa: E402
 from glmrt.documents.pipeline import DocumentParser, draft_engine_options  # noqa: E402
 from serve import SERVER_FLAGS, counter, glmrt_server, write_checkpoint  # noqa: E402
 from glmrt_testing.documents import make_pdf, make_scanned_pdf  # noqa: E402
+from glmrt_testing.page_reader import train_page_reader  # noqa: E402
+from glmrt_testing.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 from glmrt_testing.tiny_layout import build_tiny_layout_checkpoint  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -72,6 +83,7 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 MAX_NUM_SEQS = 64 if CUDA else 16  # glmrt parse's engine and glmrt serve's alike
 SMOKE = dict(documents=2, pages=2, tokens=4)
 DEFAULTS = dict(documents=8, pages=4, tokens=64) if CUDA else dict(documents=3, pages=2, tokens=8)
+READER = dict(documents=8, pages=24, tokens=64)  # its pages are 35-36 tokens with eos: all end with it
 # Full throughput first: the key number, kept should the single-concurrency run be cut off.
 MODES = ("full throughput", "single concurrency")
 SDK_PEER = "glmocr SDK pipeline -> glmrt serve"
@@ -85,16 +97,17 @@ def jobs(mode: str, pdfs: list[Path]) -> list[list[Path]]:
 
 
 class GlmrtParse:
-    """glmrt parse in this process: its engine (started with `engine_options`) and layout model,
-    warmed up on a document with `draft`, counting the tokens the engine generates."""
+    """glmrt parse in this process: its engine (started with `engine_options`) and layout model
+    (None: each page one region), warmed up on a document with `draft`, counting the tokens the
+    engine generates."""
 
-    def __init__(self, model: str | Path, layout: Path, tokens: int, warm_up: Path, tmp: Path,
+    def __init__(self, model: str | Path, layout: Path | None, tokens: int, warm_up: Path, tmp: Path,
                  engine_options: dict | None = None, draft: str = "off"):
         started = time.perf_counter()
         llm = glmrt.LLM(str(model), device=DEVICE, dtype=DTYPE, max_num_seqs=MAX_NUM_SEQS, **(engine_options or {}))
         self.engine_start_s = time.perf_counter() - started
         self.llm, self.tokens = llm, tokens
-        self.layout = LayoutDetector.from_pretrained(layout, device=DEVICE)
+        self.layout = None if layout is None else LayoutDetector.from_pretrained(layout, device=DEVICE)
         self.parser = DocumentParser(llm, self.layout, max_tokens=tokens, draft=draft)
         self.generated = 0
         step = llm.engine.step
@@ -119,7 +132,7 @@ class GlmrtParse:
 
     def run_draft(self, draft: str, kind: str, pdfs: list[Path]) -> dict:
         """glmrt parse --draft `draft`, full throughput, over `kind` PDFs -> its row, with the
-        drafts' acceptance and the decode steps per page."""
+        drafts' acceptance, the decode steps per page and a digest of the files written."""
         parser = DocumentParser(self.llm, self.layout, max_tokens=self.tokens, draft=draft)
         stats = self.llm.engine.spec_stats
         drafts, accepted = stats.num_drafts, stats.num_accepted_tokens
@@ -128,7 +141,8 @@ class GlmrtParse:
         drafts, accepted = stats.num_drafts - drafts, stats.num_accepted_tokens - accepted
         out = row(name, len(pdfs), pages_of(pdfs), regions, self.generated, seconds)
         return {**out, "draft": draft, "kind": kind, "mean_accepted_length": 1 + accepted / max(drafts, 1),
-                "decode_steps_per_page": (self.generated - accepted) / out["pages"]}
+                "decode_steps_per_page": (self.generated - accepted) / out["pages"],
+                "outputs_sha256": digest(self.tmp / name)}
 
     def timed(self, parser: DocumentParser, calls: list[list[Path]], name: str) -> tuple[int, float]:
         """Each parse call in turn -> (regions recognised, seconds); self.generated: their tokens."""
@@ -141,7 +155,7 @@ class GlmrtParse:
         return regions[0], time.perf_counter() - start
 
 
-def draft_runs(modes: list[str], model: str | Path, layout: Path, tokens: int, pdfs: dict[str, list[Path]],
+def draft_runs(modes: list[str], model: str | Path, layout: Path | None, tokens: int, pdfs: dict[str, list[Path]],
                tmp: Path, plain: GlmrtParse) -> list[dict]:
     """--draft: every mode over every kind of PDF -> rows (mode by mode); `plain` (no speculation)
     serves draft off, one engine per other set of draft_engine_options."""
@@ -193,6 +207,27 @@ def sdk_runs(model: str | Path, layout: Path, pdfs: list[Path], tokens: int,
     return rows, None
 
 
+def reader_pdfs(folder: Path, documents: int, pages: int, cases: list[tuple]) -> dict[str, list[Path]]:
+    """PDFs of the page reader's pages (`cases`: train_page_reader's), `pages` a document, each
+    document starting one page later -> {kind: PDFs}: born-digital (their text as the text layer)
+    and scanned (none)."""
+    pdfs = {kind: [] for kind in KINDS}
+    for d in range(documents):
+        images, _, texts = zip(*(cases[(d + p) % len(cases)] for p in range(pages)))
+        lines = [text.split("\n") for text in texts]
+        pdfs["born-digital"].append(make_scanned_pdf(folder / f"text-layer{d}.pdf", list(images), texts=lines))
+        pdfs["scanned"].append(make_scanned_pdf(folder / f"scan{d}.pdf", list(images)))
+    return pdfs
+
+
+def digest(folder: Path) -> str:
+    """sha256 of every file under `folder`, path and bytes: equal files, equal digests."""
+    sha = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        sha.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return sha.hexdigest()
+
+
 def scanned_pdf(folder: Path, seed: int, pages: int) -> Path:
     """A scanner's PDF of a generated document (born_digital_pdf's): its pages rendered, then
     embedded losslessly at 200 DPI, so that PyMuPDF (the SDK) and pdfium (glmrt) give the same
@@ -229,38 +264,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", type=int, help=f"pages per PDF (default {DEFAULTS['pages']})")
     parser.add_argument("--tokens-per-region", type=int, help=f"(default {DEFAULTS['tokens']})")
     parser.add_argument("--sdk", action=argparse.BooleanOptionalAction,
-                        help="also run the glmocr SDK's pipeline against glmrt serve (default: yes, no with --key)")
+                        help="also run the glmocr SDK's pipeline against glmrt serve (default: yes, no with --key or --reader)")
     parser.add_argument("--draft", nargs="+", action="extend", choices=DRAFT_MODES, metavar="MODE",
                         help=f"also compare glmrt parse --draft MODE ({', '.join(DRAFT_MODES)}; repeatable) on "
                              "born-digital and scanned PDFs")
+    parser.add_argument("--reader", action="store_true",
+                        help="the --draft comparison alone, on the tiny checkpoint trained to read its pages (CPU-capable)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; a temp folder with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoints and sizes (CPU-capable)")
     args = parser.parse_args(argv)
-    sizes = SMOKE if args.smoke else DEFAULTS
+    sizes = READER if args.reader else SMOKE if args.smoke else DEFAULTS
     docs = args.documents or sizes["documents"]
     pages = args.pages or sizes["pages"]
     tokens = args.tokens_per_region or sizes["tokens"]
     if min(docs, pages, tokens) < 1:
         parser.error("--documents, --pages and --tokens-per-region must be >= 1")
-    sdk = args.sdk if args.sdk is not None else not args.key
+    if args.reader and (args.model or args.layout_model):
+        parser.error("--reader trains its own checkpoint and uses no layout model: drop --model / --layout-model")
+    sdk = args.sdk if args.sdk is not None else not (args.key or args.reader)
     real = CUDA and not args.smoke
-    where = f"{docs} generated PDFs x {pages} pages, random layout model, {tokens} tokens per region"
+    modes = list(dict.fromkeys(args.draft or []))  # in the order given, once each
+    if args.reader:
+        modes = list(dict.fromkeys(["off", *(modes or ["ngram", "text", "auto"])]))
+        where = f"{docs} PDFs x {pages} pages of the page reader, no layout, at most {tokens} tokens per page"
+    else:
+        where = f"{docs} generated PDFs x {pages} pages, random layout model, {tokens} tokens per region"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = args.model or write_checkpoint(tmp / "ckpt", real)
-        layout = args.layout_model or build_tiny_layout_checkpoint(tmp / "layout")
-        pdfs = [scanned_pdf(tmp / "in", i, pages) for i in range(docs)]
-        by_kind = {"born-digital": [born_digital_pdf(tmp / "in", i, pages) for i in range(docs)], "scanned": pdfs}
+        if args.reader:
+            model, layout = tmp / "reader", None
+            by_kind = reader_pdfs(tmp / "in", docs, pages, train_page_reader(build_tiny_checkpoint(tmp / "tiny"), model))
+            pdfs = by_kind["scanned"]
+        else:
+            model = args.model or write_checkpoint(tmp / "ckpt", real)
+            layout = args.layout_model or build_tiny_layout_checkpoint(tmp / "layout")
+            pdfs = [scanned_pdf(tmp / "in", i, pages) for i in range(docs)]
+            by_kind = {"born-digital": [born_digital_pdf(tmp / "in", i, pages) for i in range(docs)], "scanned": pdfs}
         # The SDK's runs first: its server process must have the device to itself while it sizes
         # its KV cache, before this process holds an engine.
         if sdk:
             sdk_rows, sdk_note = sdk_runs(model, layout, pdfs, tokens, tmp)
         else:
-            sdk_rows, sdk_note = [], "not run (--no-sdk; --key implies it): the key numbers have no peer"
+            sdk_rows, sdk_note = [], "not run (--no-sdk; --key and --reader imply it): the key numbers have no peer"
         peers = dict(zip(MODES, sdk_rows))
         glmrt_parse = GlmrtParse(model, layout, tokens, pdfs[0], tmp)
         rows, key, ratios = [], [], []
-        for mode in MODES:
+        for mode in () if args.reader else MODES:
             ours, theirs = glmrt_parse.run(mode, pdfs), peers.get(mode)
             rows.append(ours)
             peer = dict(peer=theirs["pages_per_s"], peer_name=SDK_PEER) if theirs else {}
@@ -270,19 +319,25 @@ def main(argv: list[str] | None = None) -> int:
                 ratios.append(dict(comparison=f"{mode}: glmrt parse / {SDK_PEER}",
                                    pages_per_s=ours["pages_per_s"] / theirs["pages_per_s"]))
         rows += sdk_rows
-        modes = list(dict.fromkeys(args.draft or []))  # in the order given, once each
         drafted = draft_runs(modes, model, layout, tokens, by_kind, tmp, glmrt_parse)
         pps = {(r["draft"], r["kind"]): r["pages_per_s"] for r in drafted}
         if ("auto", "born-digital") in pps and ("off", "born-digital") in pps:
             key.append(key_row(f"documents pages/s draft auto vs off, born-digital: {where}", "pages/s",
                                pps["auto", "born-digital"], better="higher", peer=pps["off", "born-digital"],
                                peer_name="glmrt parse --draft off"))
-    checkpoint = str(args.model or ("GLM-OCR's real config, random weights" if real else "tiny test checkpoint"))
+    if args.reader:  # drafts are lossless: every mode must write the files --draft off writes
+        off = {r["kind"]: r["outputs_sha256"] for r in drafted if r["draft"] == "off"}
+        changed = [f"--draft {r['draft']}, {r['kind']}" for r in drafted if r["outputs_sha256"] != off[r["kind"]]]
+        if changed:
+            raise RuntimeError(f"these runs wrote other files than --draft off: {changed}")
+    checkpoint = ("tiny test checkpoint trained to read its 3 pages" if args.reader else
+                  str(args.model or ("GLM-OCR's real config, random weights" if real else "tiny test checkpoint")))
     meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=args.smoke, key_only=args.key, documents=docs,
                     drafts=modes,
                     pages_per_document=pages, tokens_per_region=tokens, model=checkpoint, max_num_seqs=MAX_NUM_SEQS,
                     server_flags=" ".join(SERVER_FLAGS), sdk_note=sdk_note,
-                    layout_model=str(args.layout_model or "tiny random PP-DocLayoutV3"))
+                    layout_model="none (each page one region)" if args.reader else
+                    str(args.layout_model or "tiny random PP-DocLayoutV3"))
     results = dict(rows=rows, ratios=ratios, key=key, draft_rows=drafted, engine_start_s=glmrt_parse.engine_start_s,
                    warm_up_s=glmrt_parse.warm_up_s)
     lines = [f"# glmrt parse on {meta['device']['name']}", "", provenance(meta),
