@@ -303,7 +303,7 @@ def _glm_image_numbers(data: dict) -> list[str]:
 
 SUMMARIZERS = {"kernels": _kernels_numbers, "e2e": _e2e_numbers, "patchify": _patchify_numbers,
                "host_overhead": _host_overhead_numbers, "serve": _serve_numbers, "structured": _structured_numbers,
-               "spec_decode": _spec_decode_numbers, "documents": _documents_numbers,
+               "spec_decode": _spec_decode_numbers, "documents": _documents_numbers, "drafts": _documents_numbers,
                "capacity": _capacity_numbers, "glm_image": _glm_image_numbers}
 
 

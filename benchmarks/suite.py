@@ -5,7 +5,7 @@
 
 Steps, in order, each a subprocess with its own time limit (cut to what is left of --budget; a
 step with under 10 s left is skipped; a failing step never stops the ones after it):
-  install -> checkpoint -> smoke -> decode, mtp, structured, documents, serve -> image-checkpoint,
+  install -> checkpoint -> smoke -> decode, mtp, structured, documents, drafts, serve -> image-checkpoint,
   glm-image -> (without --key: kernels, host, patchify, capacity) -> gpu-tests (the time left).
 The GLM-OCR checkpoint (real config, random weights from the device's RNG, MTP layer included) is
 written once and passed to every step as --model; --model uses yours instead (a local path or a
@@ -112,6 +112,8 @@ class Suite:
             Step("mtp", 100, bench("spec_decode.py", *model, *key), writes="spec_decode"),
             Step("structured", 60, bench("structured.py", *model, *key), writes="structured"),
             Step("documents", 90, bench("documents.py", *model, *key), writes="documents", needs=("pypdfium2", *serve)),
+            # --draft off/ngram/text/auto on the tiny checkpoint trained to read its pages (built here)
+            Step("drafts", 90, bench("documents.py", "--reader", *key), writes="drafts", needs=("pypdfium2",)),
             Step("serve", 90, bench("serve.py", *model, *key), writes="serve", needs=serve),
             Step("image-checkpoint", 120, [py, "benchmarks/random_checkpoint.py", "glm-image", self.image_model, *tiny],
                  skip="--image-model given" if self.args.image_model else None),

@@ -19,9 +19,9 @@ import torch
 from glmrt_testing import REPO
 
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
-KEY_STEPS = ["install", "checkpoint", "smoke", "decode", "mtp", "structured", "documents", "serve",
+KEY_STEPS = ["install", "checkpoint", "smoke", "decode", "mtp", "structured", "documents", "drafts", "serve",
              "image-checkpoint", "glm-image", "gpu-tests"]
-BENCHMARK_STEPS = ["smoke", "decode", "mtp", "structured", "documents", "serve", "glm-image"]
+BENCHMARK_STEPS = ["smoke", "decode", "mtp", "structured", "documents", "drafts", "serve", "glm-image"]
 FILES = {"key.json", "SUMMARY.md", "logs.tar.gz", "triton-cache.tar.gz"}
 
 
