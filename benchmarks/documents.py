@@ -71,7 +71,7 @@ use_vendored_torchvision()  # the SDK's layout processor needs torchvision (befo
 
 import glmrt  # noqa: E402
 from glmrt.documents.layout import LayoutDetector  # noqa: E402
-from glmrt.documents.pipeline import DocumentParser, draft_engine_options  # noqa: E402
+from glmrt.documents.pipeline import DRAFT_ENGINE_OPTIONS, DocumentParser, draft_engine_options  # noqa: E402
 from serve import SERVER_FLAGS, counter, glmrt_server, write_checkpoint  # noqa: E402
 from glmrt_testing.documents import make_pdf, make_scanned_pdf  # noqa: E402
 from glmrt_testing.page_reader import train_page_reader  # noqa: E402
@@ -89,7 +89,7 @@ READER_SMOKE = dict(documents=2, pages=3, tokens=64)
 # Full throughput first: the key number, kept should the single-concurrency run be cut off.
 MODES = ("full throughput", "single concurrency")
 SDK_PEER = "glmocr SDK pipeline -> glmrt serve"
-DRAFT_MODES = ("off", "mtp", "text", "ngram", "auto")
+DRAFT_MODES = tuple(DRAFT_ENGINE_OPTIONS)  # off, mtp, text, ngram, auto
 KINDS = ("born-digital", "scanned")
 
 
@@ -230,14 +230,13 @@ def digest(folder: Path) -> str:
     return sha.hexdigest()
 
 
-def scanned_pdf(folder: Path, seed: int, pages: int) -> Path:
+def scanned_pdf(folder: Path, seed: int, vector: Path) -> Path:
     """A scanner's PDF of a generated document (born_digital_pdf's): its pages rendered, then
     embedded losslessly at 200 DPI, so that PyMuPDF (the SDK) and pdfium (glmrt) give the same
     pixels and both pipelines find the same regions (vector pages render a little differently,
     and random layout weights react to that)."""
     from glmrt.documents.pages import iter_pages
 
-    vector = born_digital_pdf(folder, seed, pages)
     return make_scanned_pdf(folder / f"doc{seed}.pdf", [page.image for page in iter_pages(vector)])
 
 
@@ -300,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = args.model or write_checkpoint(tmp / "ckpt", real)
             layout = args.layout_model or build_tiny_layout_checkpoint(tmp / "layout")
-            pdfs = [scanned_pdf(tmp / "in", i, pages) for i in range(docs)]
-            by_kind = {"born-digital": [born_digital_pdf(tmp / "in", i, pages) for i in range(docs)], "scanned": pdfs}
+            born_digital = [born_digital_pdf(tmp / "in", i, pages) for i in range(docs)]
+            pdfs = [scanned_pdf(tmp / "in", i, vector) for i, vector in enumerate(born_digital)]
+            by_kind = {"born-digital": born_digital, "scanned": pdfs}
         # The SDK's runs first: its server process must have the device to itself while it sizes
         # its KV cache, before this process holds an engine.
         if sdk:

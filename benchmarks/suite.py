@@ -379,11 +379,18 @@ def atomic_write(path: Path, text: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+_PACKED: dict[Path, tuple[tuple, str]] = {}  # target -> (what its folder held when packed, the note)
+
+
 def pack(folder: Path, target: Path, keep: tuple[str, ...] | None = None) -> str:
-    """folder -> a .tar.gz at `target` (only files ending in `keep`, when given), written whole.
-    Over the device tool's 16 MiB per file, the newest files that fit are kept. -> a note."""
+    """folder -> a .tar.gz at `target` (only files ending in `keep`, when given), written whole;
+    not again while the files are unchanged (the suite writes before and after every step). Over
+    the device tool's 16 MiB per file, the newest files that fit are kept. -> a note."""
     files = sorted((p for p in folder.rglob("*") if p.is_file() and (keep is None or p.name.endswith(keep))),
                    key=lambda p: p.stat().st_mtime, reverse=True)
+    held = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if target in _PACKED and _PACKED[target][0] == held and target.exists():
+        return _PACKED[target][1]
     while True:
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
@@ -393,7 +400,8 @@ def pack(folder: Path, target: Path, keep: tuple[str, ...] | None = None) -> str
             break
         files = files[: len(files) * 3 // 4]
     atomic_write(target, buffer.getvalue())
-    return f"{len(files)} files, {buffer.tell() / 2**20:.1f} MiB"
+    _PACKED[target] = (held, f"{len(files)} files, {buffer.tell() / 2**20:.1f} MiB")
+    return _PACKED[target][1]
 
 
 def restore_triton_cache(tarball: Path, cache: Path) -> str:

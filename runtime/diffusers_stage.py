@@ -31,6 +31,14 @@ from .image_processor import load_image, to_rgb
 from .llm import LLM
 from .sampling_params import SamplingParams
 
+SEED_LIMIT = 2**64  # seeds are in [0, 2**64): torch.Generator's; image i's seed + i wraps there
+
+
+def seeded(params: Sequence[SamplingParams], seed: int) -> list[SamplingParams]:
+    """Image i's AR-stage sampling: params[i] with seed + i (mod 2**64), as `prior_tokens` draws a
+    batch from one generator's seed (the Python API and the server give the same pictures)."""
+    return [dataclasses.replace(p, seed=(seed + i) % SEED_LIMIT) for i, p in enumerate(params)]
+
 if TYPE_CHECKING:
     from diffusers import GlmImagePipeline
 
@@ -64,7 +72,7 @@ def prior_tokens(llm: LLM, prompt: str | Sequence[str], height: int, width: int,
             sampling_params = llm.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
-        sampling_params = [dataclasses.replace(p, seed=(seed + i) % 2**64) for i, p in enumerate(sampling_params)]
+        sampling_params = seeded(sampling_params, seed)
     outputs = llm.generate_image_tokens(prompts, height, width, images=images, sampling_params=sampling_params,
                                         use_tqdm=use_tqdm)
     return to_prior_tokens(outputs, prompts, image_to_image=images is not None, device=device)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from .diffusers_stage import DiffusionStage, _images_per_prompt, prior_tokens
+from .diffusers_stage import SEED_LIMIT, DiffusionStage, _images_per_prompt, prior_tokens
 from .glm_image import check_image_size
 from .llm import LLM
 from .sampling_params import SamplingParams
@@ -63,7 +63,7 @@ class ImagePipeline:
                 raise ValueError(f"prompt {i} must be a non-empty string, got {p!r:.80}")
         check_image_size(height, width)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                                 or not 0 <= seed < 2**64):
+                                 or not 0 <= seed < SEED_LIMIT):
             raise ValueError(f"seed must be an int from 0 to 2**64 - 1, got {seed!r}")
         if isinstance(prompt, str) and image is not None and not isinstance(image, (list, tuple)):
             image = [image]  # one condition image

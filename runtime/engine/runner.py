@@ -71,6 +71,7 @@ class DeviceBatch:
             self.prompt_lens = torch.zeros(max_rows, dtype=torch.int64, device=device)
             self.decode_lens = torch.ones(max_rows, dtype=torch.int64, device=device)
             self._row_tensors += [self.decode_positions, self.prompt_lens, self.decode_lens]
+        self.drafts = self.draft_lens = None
         if num_speculative_tokens:
             # The host's drafts of a speculative step [R, k] and how many of each row's are
             # proposed [R] (-1: the MTP layer's k). A row keeps its admission default (-1 for a
@@ -116,7 +117,7 @@ class DeviceBatch:
                         self.device, torch.float32)
         st.temperature[rows], st.top_p[rows], st.penalty[rows] = floats[:, 0], floats[:, 1], floats[:, 2]
         self.active[rows] = True
-        if hasattr(self, "draft_lens"):
+        if self.draft_lens is not None:
             mtp = [-1 if s.drafter is not None and s.drafter.mtp else 0 for s in seqs]
             self.draft_lens[rows] = upload(mtp, self.device, torch.int64)
         if self.decode_positions is not None:
@@ -232,7 +233,8 @@ class ModelRunner:
             mtp_cache = allocate_kv_cache(model, num_blocks, block_size, num_layers=1)[0] if model.mtp else None
             self.spec = SpeculativeDecoder(model, self.batch, self.sampler, self.kv_caches, mtp_cache,
                                            num_speculative_tokens)
-        self.mtp = self.spec is not None and self.spec.mtp is not None  # the MTP layer drafts and must follow every step
+        # The MTP layer is loaded: it follows every step (prefill, catch-up, carry) to draft.
+        self.has_mtp = self.spec is not None and self.spec.mtp is not None
         self.image_cache: dict[str, torch.Tensor] = {}  # request id -> image embeddings, kept for recompute
         self.buckets = batch_buckets(max_num_seqs)
         self.graphs = self._capture_graphs() if use_graphs else None
@@ -364,7 +366,7 @@ class ModelRunner:
             last = torch.cat([torch.arange(nd, dtype=last.dtype), last + nd])
         attn = AttentionMetadata(slot_mapping=slots, **fields)
         hidden = self.model.forward(ids, positions, attn, self.kv_caches, image_embeds, image_mask)
-        if self.mtp:  # the MTP layer prefills whole prompts, never mixed with decode rows
+        if self.has_mtp:  # the MTP layer prefills whole prompts, never mixed with decode rows
             assert not nd and all(c.start == 0 and c.samples for c in chunks)
             self.spec.prefill(ids, image_embeds, image_mask, hidden, positions, slots, (cu[1:] - cu[:-1]).tolist())
         if not sampled and not nd:
@@ -377,7 +379,7 @@ class ModelRunner:
         token_mask = self.batch.set_token_masks(rows.start, masks) if masks is not None else None
         tokens = self.sampler(logits, rows, self._do_sample(step), token_mask)
         self.batch.next_tokens[rows] = tokens
-        if self.mtp:
+        if self.has_mtp:
             self.spec.carry_prefill(rows, last_hidden, tokens)
         return self._handle(step, tokens)
 
@@ -385,11 +387,11 @@ class ModelRunner:
         """The decoder forward of rows [0, bs) on device state only -> [bs, V] logits. With
         speculation on, the MTP layer first catches up on the last step and this step's hidden
         states become the carry (see spec_decode.py)."""
-        if self.mtp:
+        if self.has_mtp:
             self.spec.catch_up(bs)
         input_ids, positions, attn = self.batch.decode_inputs(bs)
         hidden = self.model.forward(input_ids, positions, attn, self.kv_caches)
-        if self.mtp:
+        if self.has_mtp:
             self.batch.carry_hidden[:bs, 0] = hidden
         return self.model.compute_logits(hidden)
 
@@ -398,7 +400,7 @@ class ModelRunner:
         the next step reads as its inputs."""
         tokens = self.sampler(logits, slice(0, bs), do_sample, self.batch.token_masks[:bs] if masked else None)
         self.batch.next_tokens[:bs] = tokens
-        if self.mtp:
+        if self.has_mtp:
             self.batch.carry_tokens[:bs, 0] = tokens
             self.batch.carry_accepted[:bs] = 0
         return tokens

@@ -186,6 +186,7 @@ class PageRecognizer:
         from ..engine.async_engine import AsyncEngine
 
         self.engine = AsyncEngine(model, **engine_kwargs)
+        self.engine.engine.require_text_model("glmrt parse --ray")
         self.layout = None if layout_model is None else LayoutDetector.from_pretrained(
             layout_model, device=self.engine.engine.device)
         self.params = sdk_params(max_tokens, draft)

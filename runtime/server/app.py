@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +37,8 @@ from ..outputs import RequestOutput
 from .images import Painter, add_image_routes
 from .media import MediaLoader, MediaPolicy
 from .metrics import RequestTimer, ServerMetrics
-from .protocol import (APIError, ImageRef, ParsedRequest, PromptLimit, ResponseShape, constraint_field, parse_chat,
-                       parse_completion)
+from .protocol import (APIError, ImageRef, ParsedRequest, PromptLimit, ResponseShape, constraint_field, param_of,
+                       parse_chat, parse_completion)
 from .shutdown import Drain
 
 # Request defaults after the checkpoint's generation_config.json: the glmocr SDK's profile
@@ -325,7 +324,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> Fast
             first = await _until_disconnected(request, _next(outputs, timer))
         except (ValueError, TypeError) as exc:  # refused by the engine before anything was queued
             await release(ended=None)
-            raise APIError(str(exc), _param_of(str(exc), "messages" if kind == "chat" else "prompt")) from exc
+            raise APIError(str(exc), param_of(str(exc), "messages" if kind == "chat" else "prompt")) from exc
         except Exception:
             await release(ended="error")
             raise
@@ -501,11 +500,6 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client goes away (the body has been read, so the next ASGI message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _param_of(message: str, default: str) -> str:
-    match = re.search(r"SamplingParams\.(\w+)", message)
-    return match.group(1) if match else default
 
 
 def _sse(body: dict) -> str:

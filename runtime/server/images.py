@@ -39,16 +39,15 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Gauge
 from starlette.datastructures import UploadFile
 
-from ..diffusers_stage import to_prior_tokens
+from ..diffusers_stage import SEED_LIMIT, seeded, to_prior_tokens
 from ..engine.async_engine import AsyncEngine, gather_or_cancel
 from ..glm_image import ImageRequest, check_image_size
 from ..sampling_params import SamplingParams
 from .metrics import ServerMetrics
-from .protocol import APIError, PromptLimit, PromptText, type_name
+from .protocol import APIError, PromptLimit, PromptText, param_of, type_name
 
 MAX_N = 10  # images per request, as OpenAI's API
 DEFAULT_SIZE = "1024x1024"
-SEED_LIMIT = 2**64  # seeds are in [0, 2**64): torch.Generator's, and prior_tokens' per-image seed + i wraps there
 SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
 # Form fields read from an edit's body: a text field may be at most this many bytes (starlette's
 # default of 1 MB would cap the prompt below what the JSON endpoint takes).
@@ -73,7 +72,7 @@ class ImageJob:
         """One SamplingParams per image: seed + i (mod 2**64), as prior_tokens' generator seeds them."""
         if self.seed is None:
             return [self.params] * self.n
-        return [dataclasses.replace(self.params, seed=(self.seed + i) % SEED_LIMIT) for i in range(self.n)]
+        return seeded([self.params] * self.n, self.seed)
 
 
 class _Fields:
@@ -152,8 +151,7 @@ def parse_image_request(fields: _Fields, defaults: SamplingParams, limit: Prompt
     try:
         params = dataclasses.replace(defaults, **{k: v for k, v in sampling.items() if v is not None})
     except (ValueError, TypeError) as exc:
-        name = re.search(r"SamplingParams\.(\w+)", str(exc))
-        raise APIError(str(exc), name[1] if name else None) from None
+        raise APIError(str(exc), param_of(str(exc), None)) from None
     return ImageJob(
         model=fields.text("model"), prompt=prompt, n=1 if n is None else n, width=width, height=height,
         seed=fields.number("seed", int, 0, SEED_LIMIT - 1),

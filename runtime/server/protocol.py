@@ -24,6 +24,7 @@ as a whole must fit in max_model_len tokens, given how many characters one token
 from __future__ import annotations
 
 import numbers
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,6 +256,12 @@ def sampling_params(body: dict, defaults: dict[str, Any]) -> SamplingParams:
             raise APIError(str(exc)) from exc
         target, name = constraint
         raise APIError(f"'{name}': {str(exc).replace('SamplingParams.' + target, name)}", name) from exc
+
+
+def param_of(message: str, default: str | None) -> str | None:
+    """The request field a SamplingParams error names ("SamplingParams.top_p must ..." -> top_p), else `default`."""
+    match = re.search(r"SamplingParams\.(\w+)", message)
+    return match.group(1) if match else default
 
 
 def constraint_field(body: Any) -> str | None:
