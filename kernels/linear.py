@@ -42,6 +42,7 @@ from .rmsnorm import check_rows, rms_norm_ref, sandwich_rms_norm_ref
 # decode sizes the per-program norm passes grow with M and cuBLAS' tiling wins.
 MAX_FUSED_ROWS = 16
 _BLOCK_M = 16  # tl.dot's minimum M; rows past M load as zeros and are not stored
+_INTERPRETER_BLOCK_M = 64  # batch-invariant rows per program in the interpreter (see _launch_config)
 
 
 @triton.jit
@@ -92,31 +93,39 @@ def _pad_rows(v, BLOCK_M: tl.constexpr):
 def _norm_linear_kernel(
     x_ptr, res_ptr, post_w_ptr, pre_w_ptr, w_ptr, bias_ptr, y_ptr, r_ptr,
     M, N_OUT, stride_x, stride_res, stride_w, stride_y, stride_r, eps,
-    K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    NORM_M: tl.constexpr, NORM_K: tl.constexpr,
+    K: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr, NORM_M: tl.constexpr, NORM_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # grid (cdiv(N_OUT, BLOCK_N),); x, residual [M, K] (row strides), y [M, N_OUT], r [M, K];
-    # w [N, K] with N = N_OUT, or N = 2 N_OUT (gate rows, then up rows) with SILU; bias [N].
+    # grid (cdiv(N_OUT, BLOCK_N), cdiv(M, BLOCK_M)); x, residual [M, K] (row strides),
+    # y [M, N_OUT], r [M, K]; w [N, K] with N = N_OUT, or N = 2 N_OUT (gate rows, then up rows)
+    # with SILU; bias [N]. Program (n, m) computes rows m * BLOCK_M .. + BLOCK_M - 1.
     # K (the model's hidden size) is a constexpr: the loops over it have fixed trip counts and
     # the K masks are known 16-byte aligned where K allows it (vector loads, cp.async).
-    # The norm passes walk [NORM_M, NORM_K] tiles (NORM_M = M rounded up to a power of two), as
-    # few and as wide as the registers allow: one tile per pass at M <= 2 and K <= 2048.
+    # The norm passes walk [NORM_M, NORM_K] tiles, as few and as wide as the registers allow
+    # (one tile per pass at NORM_M <= 2 and K <= 2048). HAS_NORM False: a plain GEMM of x.
     pid = tl.program_id(0)
+    first_row = tl.program_id(1) * BLOCK_M
+    x_ptr += first_row.to(tl.int64) * stride_x
+    res_ptr += first_row.to(tl.int64) * stride_res
+    y_ptr += first_row.to(tl.int64) * stride_y
+    r_ptr += first_row.to(tl.int64) * stride_r
+    M -= first_row  # rows of this program's block (more than BLOCK_M: all BLOCK_M of them)
     dtype = y_ptr.dtype.element_ty
-    n_rows = tl.arange(0, NORM_M)
-    n_row_mask = n_rows < M
 
-    # Pass 1: rstd of x. Pass 2 (with a residual): r = residual + post_norm(x) and its rstd.
-    rstd_x = _norm_pass(x_ptr, res_ptr, post_w_ptr, n_rows, n_row_mask, stride_x, stride_res,
-                        None, eps, K, NORM_K, False, dtype)
-    rstd = rstd_x
-    if HAS_RESIDUAL:
-        rstd = _norm_pass(x_ptr, res_ptr, post_w_ptr, n_rows, n_row_mask, stride_x, stride_res,
-                          rstd_x, eps, K, NORM_K, True, dtype)
-    rstd_x = _pad_rows(rstd_x, BLOCK_M)
-    rstd = _pad_rows(rstd, BLOCK_M)
+    if HAS_NORM:
+        # Pass 1: rstd of x. Pass 2 (with a residual): r = residual + post_norm(x) and its rstd.
+        n_rows = tl.arange(0, NORM_M)
+        n_row_mask = n_rows < M
+        rstd_x = _norm_pass(x_ptr, res_ptr, post_w_ptr, n_rows, n_row_mask, stride_x, stride_res,
+                            None, eps, K, NORM_K, False, dtype)
+        rstd = rstd_x
+        if HAS_RESIDUAL:
+            rstd = _norm_pass(x_ptr, res_ptr, post_w_ptr, n_rows, n_row_mask, stride_x,
+                              stride_res, rstd_x, eps, K, NORM_K, True, dtype)
+        rstd_x = _pad_rows(rstd_x, BLOCK_M)
+        rstd = _pad_rows(rstd, BLOCK_M)
 
     # Main loop: h = pre_w * rms(x or r), rebuilt chunk by chunk, into the dot with the W^T
     # tile. Every load here is a pipeline stage (cp.async, num_stages).
@@ -135,13 +144,16 @@ def _norm_linear_kernel(
         kk = k0 + ks
         k_mask = kk < K
         mask = row_mask[:, None] & k_mask[None, :]
-        s = _branch_chunk(x_ptr, res_ptr, post_w_ptr + kk, rows, kk, mask, k_mask, stride_x,
-                          stride_res, rstd_x, HAS_RESIDUAL, dtype)
-        if HAS_RESIDUAL:  # program 0 writes r out here: the loads ahead are already in flight
-            tl.store(r_ptr + rows[:, None] * stride_r + kk[None, :], s.to(dtype),
-                     mask=mask & (pid == 0))
-        pre_w = tl.load(pre_w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-        h = (pre_w[None, :] * (s * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        if HAS_NORM:
+            s = _branch_chunk(x_ptr, res_ptr, post_w_ptr + kk, rows, kk, mask, k_mask, stride_x,
+                              stride_res, rstd_x, HAS_RESIDUAL, dtype)
+            if HAS_RESIDUAL:  # column block 0 writes r here: the loads ahead are in flight
+                tl.store(r_ptr + rows[:, None] * stride_r + kk[None, :], s.to(dtype),
+                         mask=mask & (pid == 0))
+            pre_w = tl.load(pre_w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+            h = (pre_w[None, :] * (s * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        else:
+            h = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :], mask=mask, other=0.0)
         w_mask = k_mask[:, None] & col_mask[None, :]
         w = tl.load(w_ptrs + k0, mask=w_mask, other=0.0)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
@@ -164,7 +176,8 @@ def _norm_linear_kernel(
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _launch_config(M: int, K: int, dtype: torch.dtype, silu: bool) -> dict:
+def _launch_config(M: int, K: int, dtype: torch.dtype, silu: bool,
+                   batch_invariant: bool = False, interpreter: bool = False) -> dict:
     """Tiles, warps and stages for sm_90 (ptxas numbers: tests/kernels/test_linear.py).
 
     BLOCK_N 32: GLM-OCR's qkv (N 4096) runs 128 programs and gate_up (I 4608 with SwiGLU) 144 on
@@ -177,10 +190,16 @@ def _launch_config(M: int, K: int, dtype: torch.dtype, silu: bool) -> dict:
     fp32 (tests) takes BLOCK_K 64: its ieee dot runs on the FMA units, from registers.
     The norm tile holds 4096 elements (32 per thread); at K 1536 one tile covers 1-2 rows, 1024
     columns of 4, 512 of 8, 256 of 16.
+
+    Specialised (M <= MAX_FUSED_ROWS): the norm tile's rows are M rounded up to a power of two,
+    so a row's rms is summed in a different order at another M. batch_invariant: every M runs
+    the M = 16 configuration over blocks of 16 rows, so nothing a row's bits depend on follows M.
+    The interpreter (CPU) runs programs one after another, each op a numpy call: 64 x 2048 tiles
+    there (an lm_head of 59,392 columns takes 29 programs a row block instead of 1,856).
     """
-    norm_m = triton.next_power_of_2(M)
-    return dict(NORM_M=norm_m, NORM_K=min(triton.next_power_of_2(K), 4096 // norm_m),
-                BLOCK_N=32, BLOCK_K=64 if dtype == torch.float32 else 256,
+    norm_m = (_INTERPRETER_BLOCK_M if interpreter else _BLOCK_M) if batch_invariant else triton.next_power_of_2(M)
+    return dict(NORM_M=norm_m, BLOCK_M=max(norm_m, _BLOCK_M), NORM_K=min(triton.next_power_of_2(K), 4096 // norm_m),
+                BLOCK_N=2048 if interpreter else 32, BLOCK_K=64 if dtype == torch.float32 else 256,
                 num_warps=4, num_stages=3 if silu else 4)
 
 
@@ -211,7 +230,8 @@ def _check_args(x, weight, pre_weight, residual, post_weight, bias, silu_and_mul
     if silu_and_mul and N % 2:
         raise ValueError(f"weight must have an even number of rows (gate | up) with "
                          f"silu_and_mul, got {N}")
-    _check_vector("pre_weight", pre_weight, K, x)
+    if pre_weight is not None:
+        _check_vector("pre_weight", pre_weight, K, x)
     _check_sandwich(residual, post_weight)
     if residual is not None:
         check_rows("residual", residual)
@@ -225,39 +245,59 @@ def _check_args(x, weight, pre_weight, residual, post_weight, bias, silu_and_mul
 
 def norm_linear(x: torch.Tensor, weight: torch.Tensor, pre_weight: torch.Tensor, eps: float,
                 residual: torch.Tensor | None = None, post_weight: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None,
-                silu_and_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                bias: torch.Tensor | None = None, silu_and_mul: bool = False,
+                batch_invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The norm feeding a projection, the projection, and optionally SwiGLU, in one launch.
 
-    x [M, K] with M <= MAX_FUSED_ROWS (rows may be strided, K contiguous); weight [N, K]
-    contiguous (nn.Linear's layout); pre_weight, post_weight [K]; bias [N] or None; all in x's
-    dtype (fp32, fp16 or bf16) and on its device.
+    x [M, K] (rows may be strided, K contiguous); weight [N, K] contiguous (nn.Linear's layout);
+    pre_weight, post_weight [K]; bias [N] or None; all in x's dtype (fp32, fp16 or bf16) and on
+    its device.
     - residual None: r = x, h = rms_norm(x, pre_weight).
     - residual [M, K] (post_weight required): r = residual + rms_norm(x, post_weight),
       h = rms_norm(r, pre_weight) (sandwich_rms_norm).
     y = h @ weight^T + bias [M, N]; with silu_and_mul, weight is [gate rows; up rows] (N = 2I) and
     y = silu(gate) * up [M, I]. Returns (y, r), r [M, K] (x itself when residual is None).
+    Specialised for decode, M <= MAX_FUSED_ROWS; batch_invariant: any M, and each row's
+    results are the same bits whatever the other rows and M.
     """
     _check_args(x, weight, pre_weight, residual, post_weight, bias, silu_and_mul)
-    M, K = x.shape
-    if M > MAX_FUSED_ROWS:
+    M = x.shape[0]
+    if M > MAX_FUSED_ROWS and not batch_invariant:
         raise ValueError(f"x has {M} rows, more than MAX_FUSED_ROWS = {MAX_FUSED_ROWS}: run "
-                         f"the norm and the GEMM unfused")
+                         f"the norm and the GEMM unfused (or batch_invariant)")
+    return _launch(x, weight, bias, silu_and_mul, pre_weight, eps, residual, post_weight,
+                   batch_invariant)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           silu_and_mul: bool = False) -> torch.Tensor:
+    """x [M, K] @ weight^T (+ bias) -> [M, N] (with silu_and_mul, weight [gate; up] -> [M, N/2]),
+    batch-invariant: norm_linear's kernel without the norm, the same tiles for every M, so a
+    row's output bits never depend on the other rows (cuBLAS picks its tiling, and on some
+    shapes a split of K, by M). Arguments as in norm_linear."""
+    _check_args(x, weight, None, None, None, bias, silu_and_mul)
+    return _launch(x, weight, bias, silu_and_mul, None, 0.0, None, None, True)[0]
+
+
+def _launch(x, weight, bias, silu_and_mul, pre_weight, eps, residual, post_weight,
+            batch_invariant) -> tuple[torch.Tensor, torch.Tensor]:
+    M, K = x.shape
     n_out = weight.shape[0] // 2 if silu_and_mul else weight.shape[0]
     y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
     r = x if residual is None else torch.empty((M, K), dtype=x.dtype, device=x.device)
     if M == 0:
         return y, r
-    cfg = _launch_config(M, K, x.dtype, silu_and_mul)
-    # without a residual (or bias) the kernel never touches those pointers: x stands in
+    cfg = _launch_config(M, K, x.dtype, silu_and_mul, batch_invariant, x.device.type != "cuda")
+    # without a residual, norm or bias the kernel never touches those pointers: x stands in
     res = x if residual is None else residual
-    _norm_linear_kernel[(triton.cdiv(n_out, cfg["BLOCK_N"]),)](
-        x, res, pre_weight if post_weight is None else post_weight, pre_weight, weight,
+    norm_w = x if pre_weight is None else pre_weight
+    _norm_linear_kernel[(triton.cdiv(n_out, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))](
+        x, res, norm_w if post_weight is None else post_weight, norm_w, weight,
         weight if bias is None else bias, y, r,
         M, n_out, x.stride(0), res.stride(0), weight.stride(0), y.stride(0), r.stride(0),
         float(eps),
-        K=K, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, SILU=silu_and_mul,
-        BLOCK_M=_BLOCK_M,
+        K=K, HAS_NORM=pre_weight is not None, HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None, SILU=silu_and_mul,
         # fp32 inputs (tests, CPU) must not silently drop to tf32 on the GPU
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg,
     )
@@ -277,3 +317,10 @@ def norm_linear_ref(x: torch.Tensor, weight: torch.Tensor, pre_weight: torch.Ten
         h, r = sandwich_rms_norm_ref(x, residual, post_weight, pre_weight, eps)
     y = F.linear(h, weight, bias)
     return (silu_and_mul_ref(y) if silu_and_mul else y), r
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               silu_and_mul: bool = False) -> torch.Tensor:
+    """Plain-torch twin of `linear`: F.linear, then silu_and_mul_ref."""
+    y = F.linear(x, weight, bias)
+    return silu_and_mul_ref(y) if silu_and_mul else y

@@ -323,21 +323,10 @@ def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_siz
     return max(1, min(wanted, tiles, _MAX_SPLITS))
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float | None = None, num_splits: int | None = None,
-                           num_queries: int = 1) -> torch.Tensor:
-    """num_queries decode queries per sequence against its paged K/V; returns [B * Q, Hq, D] in
-    q.dtype (Q = num_queries).
-
-    q: [B * Q, Hq, D], sequence b's queries at rows b*Q .. b*Q+Q-1 in token order (any row/head
-    strides, contiguous D, any D from 1 to 256); k_cache, v_cache: [num_blocks, block_size, Hkv, D];
-    block_tables: [B, max_blocks] int32; context_lens: [B] int32, the context of each sequence's
-    last query, whose Q tokens are all in the cache already. Query j of sequence b attends to the
-    first context_lens[b] - (Q-1-j) tokens (causal among the Q new ones; <= 0 gives a zero row).
-    Query head h reads kv head h // (Hq // Hkv). Tokens past max_blocks * block_size are ignored.
-    Q=1 is plain decode; Q=k+1 verifies k speculative tokens in the same kernel and K/V reads.
-    """
+def check_decode_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, num_queries: int) -> None:
+    """The arguments of a decode attention call (see paged_decode_attention); ValueError naming
+    the first that is wrong."""
     _check_cache(k_cache, v_cache)
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     check_head_dim("head_dim", head_dim)
@@ -362,6 +351,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if context_lens.shape != (batch,) or context_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"context_lens must be [{batch}] int32/int64, got "
                          f"{tuple(context_lens.shape)} {context_lens.dtype}")
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float | None = None, num_splits: int | None = None,
+                           num_queries: int = 1) -> torch.Tensor:
+    """num_queries decode queries per sequence against its paged K/V; returns [B * Q, Hq, D] in
+    q.dtype (Q = num_queries).
+
+    q: [B * Q, Hq, D], sequence b's queries at rows b*Q .. b*Q+Q-1 in token order (any row/head
+    strides, contiguous D, any D from 1 to 256); k_cache, v_cache: [num_blocks, block_size, Hkv, D];
+    block_tables: [B, max_blocks] int32; context_lens: [B] int32, the context of each sequence's
+    last query, whose Q tokens are all in the cache already. Query j of sequence b attends to the
+    first context_lens[b] - (Q-1-j) tokens (causal among the Q new ones; <= 0 gives a zero row).
+    Query head h reads kv head h // (Hq // Hkv). Tokens past max_blocks * block_size are ignored.
+    Q=1 is plain decode; Q=k+1 verifies k speculative tokens in the same kernel and K/V reads.
+    """
+    check_decode_args(q, k_cache, v_cache, block_tables, context_lens, num_queries)
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    rows, num_q_heads, _ = q.shape
+    batch = rows // num_queries
     max_blocks = block_tables.shape[1]
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, max_blocks, block_size,
@@ -603,24 +613,11 @@ def prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
                 num_stages=5, maxnreg=128)
 
 
-def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor,
-                            context_lens: torch.Tensor, max_seqlen_q: int,
-                            scale: float | None = None) -> torch.Tensor:
-    """Causal attention of packed prefill chunks over their paged cache; returns a fresh
-    contiguous [T, Hq, D] in q.dtype.
-
-    q: [T, Hq, D] (any row/head strides, contiguous D, any D from 1 to 256), sequence i's n_i new
-    tokens at rows cu_seqlens_q[i] .. cu_seqlens_q[i+1]-1 (cu_seqlens_q [N + 1] int32/int64,
-    cu_seqlens_q[0] = 0 and cu_seqlens_q[N] = T; n_i may be 0); k_cache, v_cache: [num_blocks,
-    block_size, Hkv, D]; block_tables: [N, max_blocks] int32/int64; context_lens: [N] int32/int64,
-    the cache tokens of sequence i including its n_i new ones, already written at indices
-    context_lens[i] - n_i .. context_lens[i] - 1. Query j of sequence i sits at index
-    p = context_lens[i] - n_i + j and attends to cache tokens 0 .. p. Query head h reads kv head
-    h // (Hq // Hkv). max_seqlen_q >= every n_i sizes the grid (rows of a longer chunk past it
-    are left unwritten). scale defaults to 1/sqrt(D). Reads no device tensor on the host: the call
-    never synchronizes and can be captured in a CUDA graph (the grid follows max_seqlen_q).
-    """
+def check_prefill_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor, max_seqlen_q: int) -> None:
+    """The arguments of a prefill attention call (see paged_prefill_attention); ValueError naming
+    the first that is wrong."""
     _check_cache(k_cache, v_cache)
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     check_head_dim("head_dim", head_dim)
@@ -654,6 +651,30 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     if not isinstance(max_seqlen_q, int) or isinstance(max_seqlen_q, bool) or max_seqlen_q < 0:
         raise ValueError(f"max_seqlen_q must be an int >= 0, got {max_seqlen_q!r}")
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor,
+                            context_lens: torch.Tensor, max_seqlen_q: int,
+                            scale: float | None = None) -> torch.Tensor:
+    """Causal attention of packed prefill chunks over their paged cache; returns a fresh
+    contiguous [T, Hq, D] in q.dtype.
+
+    q: [T, Hq, D] (any row/head strides, contiguous D, any D from 1 to 256), sequence i's n_i new
+    tokens at rows cu_seqlens_q[i] .. cu_seqlens_q[i+1]-1 (cu_seqlens_q [N + 1] int32/int64,
+    cu_seqlens_q[0] = 0 and cu_seqlens_q[N] = T; n_i may be 0); k_cache, v_cache: [num_blocks,
+    block_size, Hkv, D]; block_tables: [N, max_blocks] int32/int64; context_lens: [N] int32/int64,
+    the cache tokens of sequence i including its n_i new ones, already written at indices
+    context_lens[i] - n_i .. context_lens[i] - 1. Query j of sequence i sits at index
+    p = context_lens[i] - n_i + j and attends to cache tokens 0 .. p. Query head h reads kv head
+    h // (Hq // Hkv). max_seqlen_q >= every n_i sizes the grid (rows of a longer chunk past it
+    are left unwritten). scale defaults to 1/sqrt(D). Reads no device tensor on the host: the call
+    never synchronizes and can be captured in a CUDA graph (the grid follows max_seqlen_q).
+    """
+    check_prefill_args(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, max_seqlen_q)
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_tokens, num_q_heads, _ = q.shape
+    num_seqs = cu_seqlens_q.shape[0] - 1
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if not scale > 0.0:
         raise ValueError(f"scale must be positive, got {scale}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmrt.kernels import activation, attention, linear, paged, rmsnorm, rope, sampling
+from glmrt.kernels import activation, attention, invariant_attention, linear, paged, rmsnorm, rope, sampling
 
 Tensor = torch.Tensor
 # Weights (or biases) of projections sharing an input, in the backend's form (see fuse_rows).
@@ -21,6 +21,9 @@ FusedRows = Tensor | tuple[Tensor, ...]
 
 class TorchOps:
     name = "torch"
+    # Whether a row's results are the same bits whatever else is in the step (TritonOps' kernels);
+    # transformers' ops, here, make no such promise (on CPU a GEMM's rounding can follow M).
+    batch_invariant = False
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
@@ -152,23 +155,47 @@ class TorchOps:
 
 
 class TritonOps(TorchOps):
-    """Every op that has a Triton kernel runs it; GEMMs stay with torch (cuBLAS)."""
+    """Every op that has a Triton kernel runs it.
+
+    batch_invariant (the default): every GEMM is glmrt.kernels.linear's (one tiling for every M)
+    and the decoder's attention glmrt.kernels.invariant_attention's (one reduction order per
+    query, whether decoded, verified, prefilled whole or in chunks), so a row's logits are the
+    same bits whatever else shares its step. Otherwise GEMMs are torch's (cuBLAS picks its tiling
+    by M), decode-sized projections the fused norm + GEMM kernel, and attention paged.py's
+    kernels, tuned per batch (split-KV count by batch size).
+    """
 
     name = "triton"
+
+    def __init__(self, batch_invariant: bool = True):
+        self.batch_invariant = batch_invariant
+
+    def linear(self, x, weight, bias=None):
+        return linear.linear(x, weight, bias) if self.batch_invariant else F.linear(x, weight, bias)
 
     def fuse_rows(self, weights):
         # One GEMM for all projections: their weights stacked once, at load time.
         return torch.cat(weights)
 
     def fused_linear(self, x, weight, bias=None):
-        return F.linear(x, weight, bias)
+        return self.linear(x, weight, bias)
 
     def linear_silu_and_mul(self, x, weight, bias):
+        if self.batch_invariant:
+            return linear.linear(x, weight, bias, silu_and_mul=True)
         return self.silu_and_mul(F.linear(x, weight, bias))
 
     def patch_embed(self, pixels, weight, bias):
         # A Conv3d whose kernel equals its stride is a GEMM over the flattened patches.
-        return F.linear(pixels, weight.view(weight.shape[0], -1), bias)
+        return self.linear(pixels, weight.view(weight.shape[0], -1), bias)
+
+    def downsample(self, x, weight, bias):
+        if not self.batch_invariant:
+            return super().downsample(x, weight, bias)
+        # The Conv2d (kernel == stride == m) as a GEMM over each block flattened as (W, i, j).
+        out, width, m = weight.shape[0], x.shape[-1], weight.shape[-1]
+        blocks = x.view(-1, m * m, width).transpose(1, 2).reshape(-1, width * m * m)
+        return self.linear(blocks, weight.reshape(out, -1), bias)
 
     def rms_norm(self, x, weight, eps, residual=None):
         return rmsnorm.rms_norm(x, weight, eps, residual)
@@ -177,10 +204,12 @@ class TritonOps(TorchOps):
         return rmsnorm.sandwich_rms_norm(branch, residual, post_weight, pre_weight, eps)
 
     def norm_linear(self, x, weight, pre_weight, eps, residual=None, post_weight=None, bias=None, silu_and_mul=False):
-        # Decode-sized steps: the norm and silu_and_mul in the projection's own kernel, which
-        # reads the weights once (a layer in 7 launches); wider steps: norm kernel, then cuBLAS.
-        if x.shape[0] <= linear.MAX_FUSED_ROWS:
-            return linear.norm_linear(x, weight, pre_weight, eps, residual, post_weight, bias, silu_and_mul)
+        # Decode-sized steps (every step when batch-invariant): the norm and silu_and_mul in the
+        # projection's own kernel, which reads the weights once (a layer in 7 launches); wider
+        # steps: norm kernel, then cuBLAS.
+        if self.batch_invariant or x.shape[0] <= linear.MAX_FUSED_ROWS:
+            return linear.norm_linear(x, weight, pre_weight, eps, residual, post_weight, bias, silu_and_mul,
+                                      batch_invariant=self.batch_invariant)
         return super().norm_linear(x, weight, pre_weight, eps, residual, post_weight, bias, silu_and_mul)
 
     def silu_and_mul(self, x):
@@ -203,10 +232,13 @@ class TritonOps(TorchOps):
         return attention.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal)
 
     def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, num_queries=1):
+        if self.batch_invariant:
+            return invariant_attention.decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_queries)
         return paged.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_queries=num_queries)
 
     def paged_prefill_attention(self, q, k_cache, v_cache, cu_seqlens, block_tables, context_lens, max_seqlen):
-        return paged.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens, block_tables, context_lens, max_seqlen)
+        kernels = invariant_attention.prefill_attention if self.batch_invariant else paged.paged_prefill_attention
+        return kernels(q, k_cache, v_cache, cu_seqlens, block_tables, context_lens, max_seqlen)
 
     def apply_repetition_penalty(self, logits, presence, penalty):
         return sampling.apply_repetition_penalty_(logits, presence, penalty)
@@ -218,9 +250,10 @@ class TritonOps(TorchOps):
         return sampling.argmax(logits)
 
 
-def make_ops(backend: str) -> TorchOps:
+def make_ops(backend: str, batch_invariant: bool = True) -> TorchOps:
+    """batch_invariant: the Triton backend's kernels (the torch backend has one set of ops)."""
     if backend == "torch":
         return TorchOps()
     if backend == "triton":
-        return TritonOps()
+        return TritonOps(batch_invariant)
     raise ValueError(f"backend {backend!r} is not one of 'torch', 'triton'")

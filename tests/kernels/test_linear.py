@@ -174,17 +174,19 @@ _GLM_OCR_CASES = [  # (rows, residual, bias, silu, N)
 _PATTERNS = ["cp.async.cg", "mma.sync"]
 
 
-def _spec(dtype: str, m: int, k: int, residual: bool, bias: bool, silu: bool) -> tuple:
-    """(module, kernel, signature, constexprs, options) as norm_linear launches it."""
+def _spec(dtype: str, m: int, k: int, residual: bool, bias: bool, silu: bool,
+          batch_invariant: bool = False, norm: bool = True) -> tuple:
+    """(module, kernel, signature, constexprs, options) as norm_linear (norm=False: linear)
+    launches it on a GPU."""
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    cfg = linear._launch_config(m, k, torch_dtype, silu)
+    cfg = linear._launch_config(m, k, torch_dtype, silu, batch_invariant)
     options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     sig = {n: f"*{dtype}" for n in ("x_ptr", "res_ptr", "post_w_ptr", "pre_w_ptr", "w_ptr",
                                      "bias_ptr", "y_ptr", "r_ptr")}
     sig.update({n: "i32" for n in ("M", "N_OUT", "stride_x", "stride_res", "stride_w", "stride_y",
                                    "stride_r")})
     sig["eps"] = "fp32"
-    consts = dict(K=k, HAS_RESIDUAL=residual, HAS_BIAS=bias, SILU=silu, BLOCK_M=linear._BLOCK_M,
+    consts = dict(K=k, HAS_NORM=norm, HAS_RESIDUAL=residual, HAS_BIAS=bias, SILU=silu,
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg)
     if m == 1:  # the JIT turns an int argument equal to 1 into a constexpr
         consts["M"] = 1
@@ -198,7 +200,10 @@ def test_norm_linear_compiles_for_sm90():
              _spec("fp32", 16, 200, True, False, True)]
     one_column = _spec("fp32", 1, 72, False, True, False)  # N_OUT == 1: a constexpr too
     one_column[2]["N_OUT"], one_column[3]["N_OUT"] = "constexpr", 1
-    compile_for_hopper([spec[:4] for spec in specs + [one_column]])
+    # batch-invariant: any M (not a constexpr past 1), with the norm and as a plain GEMM
+    invariant = [_spec("fp16", 100, 200, True, False, True, batch_invariant=True),
+                 _spec("bf16", 37, 1536, False, True, False, batch_invariant=True, norm=False)]
+    compile_for_hopper([spec[:4] for spec in specs + [one_column] + invariant])
 
 
 def test_glm_ocr_decode_configs_fit_sm90():
@@ -257,3 +262,50 @@ def test_norm_linear_cuda_graph_replay():
     ref_y, ref_r = norm_linear_ref(**args, silu_and_mul=True)
     torch.testing.assert_close(y, ref_y, **Y_TOL[torch.bfloat16])
     assert _row_ulps(r, ref_r) <= 1
+
+
+# ----------------------------------------------------------------------------- batch invariance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("silu,bias,residual", [(False, True, True), (True, False, False)])
+def test_batch_invariant_norm_linear_rows_do_not_depend_on_m(dtype, silu, bias, residual):
+    """Any M (past MAX_FUSED_ROWS, ragged row blocks): each row bit for bit what it is alone or in
+    any other batch, and the reference's within rounding."""
+    k, n = _SHAPES[dtype][0]
+    n += silu and n % 2
+    args = _problem(100, k, n, dtype, residual, bias, torch.Generator().manual_seed(11))
+    full_y, full_r = norm_linear(**args, silu_and_mul=silu, batch_invariant=True)
+    ref_y, ref_r = norm_linear_ref(**args, silu_and_mul=silu)
+    torch.testing.assert_close(full_y, ref_y, **Y_TOL[dtype])
+    assert _row_ulps(full_r, ref_r) <= R_ULPS[dtype]
+    for lo, hi in ((0, 1), (5, 6), (0, 15), (3, 20), (40, 100), (99, 100)):
+        part = {name: (v[lo:hi] if name in ("x", "residual") and v is not None else v)
+                for name, v in args.items()}
+        y, r = norm_linear(**part, silu_and_mul=silu, batch_invariant=True)
+        assert torch.equal(y, full_y[lo:hi]) and torch.equal(r, full_r[lo:hi]), (lo, hi)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("silu,bias", [(False, True), (True, False)])
+def test_linear_matches_reference_and_is_batch_invariant(dtype, silu, bias):
+    gen = torch.Generator().manual_seed(12)
+    k, n = _SHAPES[dtype][1]
+    x = _strided_rows(70, k, dtype, gen, 1.0)
+    weight = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype).to(DEVICE)
+    b = (torch.randn(n, generator=gen) * 0.5).to(dtype).to(DEVICE) if bias else None
+    full = linear.linear(x, weight, b, silu_and_mul=silu)
+    torch.testing.assert_close(full, linear.linear_ref(x, weight, b, silu_and_mul=silu), **Y_TOL[dtype])
+    for lo, hi in ((0, 1), (7, 8), (0, 17), (30, 70)):
+        assert torch.equal(linear.linear(x[lo:hi], weight, b, silu_and_mul=silu), full[lo:hi]), (lo, hi)
+    assert linear.linear(x[:0], weight, b).shape == (0, n)
+
+
+def test_specialised_norm_tiles_follow_m():
+    """Why batch_invariant exists: the decode-specialised configuration sums a row's rms over
+    tiles whose width follows M, so past K 256 its bits can change with the batch."""
+    one, seven = (linear._launch_config(m, 1536, torch.bfloat16, False) for m in (1, 7))
+    assert one["NORM_K"] != seven["NORM_K"]
+    assert all(linear._launch_config(m, 1536, torch.bfloat16, False, batch_invariant=True)
+               == linear._launch_config(16, 1536, torch.bfloat16, False, batch_invariant=True)
+               for m in (1, 7, 16, 300))
