@@ -30,7 +30,8 @@ DEFAULT_MODEL = "zai-org/GLM-OCR"
 DEFAULT_IMAGE_MODEL = "zai-org/GLM-Image"
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens", "gpu_memory_utilization",
-                "block_size", "image_backend", "num_speculative_tokens", "speculative_method", "speculative_max_batch")
+                "block_size", "image_backend", "num_speculative_tokens", "speculative_method", "speculative_max_batch",
+                "max_logprobs")
 
 SERVE_DESCRIPTION = """\
 an OpenAI-compatible server (POST /v1/chat/completions, /v1/completions; GET /v1/models, /health,
@@ -253,6 +254,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "n-gram lookup where they propose; ngram: only reference text and n-gram lookup")
     engine.add_argument("--speculative-max-batch", type=int,
                         help="decode steps with more running requests than this do not speculate")
+    engine.add_argument("--max-logprobs", type=int,
+                        help="the most log-probabilities a request may ask for per token (default 20)")
     engine.add_argument("--speculative-config", type=_speculative_config, metavar="JSON",
                         help='vLLM\'s form, e.g. \'{"method": "mtp", "num_speculative_tokens": 1}\' '
                              '(method mtp or ngram)')

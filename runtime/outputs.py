@@ -130,6 +130,13 @@ class RequestOutput:
     # finish_reason "stop": the stop string that ended the request, or the token id from
     # SamplingParams.stop_token_ids that did; None for an eos token and every other ending.
     stop_reason: int | str | None = None
+    # SamplingParams.logprobs = N: entry i is for token_ids[i], {token id: log-probability} under the
+    # model's raw distribution (before the structured-output mask, the repetition penalty and
+    # temperature) of the N most likely tokens, most likely first, then of token_ids[i] itself
+    # unless it is one of them (N or N + 1 entries).
+    # The request's own list, grown in place as tokens are read (as vLLM's): an output read later may
+    # already hold entries past its token_ids. None when not asked for.
+    logprobs: list[dict[int, float]] | None = None
 
     @property
     def finished(self) -> bool:

@@ -58,6 +58,11 @@ class SamplingParams:
     seed: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Log-probabilities (vLLM's meaning): None = off; N >= 0 = RequestOutput.logprobs gets, for
+    # every generated token, the log-probability of that token and of the N most likely ones under
+    # the model's raw distribution (before the structured-output mask, the repetition penalty and
+    # temperature). N is bounded by the engine's max_logprobs.
+    logprobs: int | None = None
     # Structured outputs (vLLM's meanings; at most one): the output is JSON valid against the
     # schema (a dict or its JSON text), any JSON object, a full match of the regex, or exactly one
     # of the strings in `choice`.
@@ -124,6 +129,10 @@ class SamplingParams:
         self.ignore_eos = _bool("ignore_eos", self.ignore_eos)
         self.skip_special_tokens = _bool("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        if self.logprobs is not None:
+            self.logprobs = _int("logprobs", self.logprobs)
+            if self.logprobs < 0:
+                raise ValueError(f"SamplingParams.logprobs must be None (off) or an int >= 0, got {self.logprobs}")
         if self.seed is not None:
             self.seed = _int("seed", self.seed)
             if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:

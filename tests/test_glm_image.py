@@ -348,6 +348,8 @@ def test_wrong_model_for_the_api_is_refused(llm, tiny_checkpoint):
         llm.generate({"prompt": "hello"})
     with pytest.raises(ValueError, match="structured output and stop strings"):
         llm.generate_image_tokens("x", 64, 64, sampling_params=glmrt.SamplingParams(stop=["a"]))
+    with pytest.raises(ValueError, match=r"SamplingParams\.logprobs: GLM-Image requests report no log-probabilities"):
+        llm.generate_image_tokens("x", 64, 64, sampling_params=glmrt.SamplingParams(logprobs=1))
     ocr = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch")
     with pytest.raises(ValueError, match="needs a GLM-Image checkpoint"):
         ocr.generate_image_tokens("x", 64, 64)

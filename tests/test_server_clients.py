@@ -254,6 +254,60 @@ def test_openai_completions(client, llm, tiny_checkpoint):
     assert full.usage.model_dump(exclude_none=True) == usage_of(expected)
 
 
+# ---------------------------------------------------------------------------- log-probabilities
+
+def test_openai_chat_logprobs_plain_and_streamed(client, llm):
+    """logprobs + top_logprobs: one content entry per token of the text (the stop token that ends
+    it, left out of the text, is left out here too), its values the engine's; the token strings and
+    bytes join up to the text; a stream's chunks carry the entries of their own tokens."""
+    sent, messages, images = user_turn(png(90, 70, 60), "Text Recognition:")
+    unstopped = reference(llm, messages, images, max_tokens=10)
+    stop = unstopped.token_ids[6]
+    expected = reference(llm, messages, images, max_tokens=10, logprobs=3, stop_token_ids=[stop])
+    assert expected.finish_reason == "stop" and expected.token_ids[-1] == stop
+    request = dict(model="glm-ocr", messages=sent, max_tokens=10, logprobs=True, top_logprobs=3,
+                   extra_body={"stop_token_ids": [stop]})
+    full = client.chat.completions.create(**request)
+    content = full.choices[0].logprobs.content
+    assert len(content) == len(expected.token_ids) - 1
+    assert "".join(c.token for c in content) == full.choices[0].message.content == expected.text
+    assert bytes(b for c in content for b in c.bytes).decode() == expected.text
+    for c, token, entry in zip(content, expected.token_ids, expected.logprobs):
+        assert c.logprob == entry[token] and len(c.top_logprobs) == 3
+        assert [t.logprob for t in c.top_logprobs] == list(entry.values())[:3]
+        assert [t.token for t in c.top_logprobs] == [llm.processor.tokenizer.decode([i], skip_special_tokens=False)
+                                                     for i in list(entry)[:3]]
+
+    chunks = list(client.chat.completions.create(stream=True, **request))
+    assert chunks[0].choices[0].logprobs is None  # the role chunk
+    for chunk in chunks[1:]:
+        entries = chunk.choices[0].logprobs.content
+        assert "".join(c.token for c in entries) == (chunk.choices[0].delta.content or "")
+    assert [c for chunk in chunks[1:] for c in chunk.choices[0].logprobs.content] == content
+
+    plain = client.chat.completions.create(model="glm-ocr", messages=sent, max_tokens=4, logprobs=True)
+    assert all(c.top_logprobs == [] for c in plain.choices[0].logprobs.content)
+    assert client.chat.completions.create(model="glm-ocr", messages=sent, max_tokens=4).choices[0].logprobs is None
+
+
+def test_openai_completions_logprobs(client, llm, tiny_checkpoint):
+    """The legacy shape: tokens, token_logprobs, top_logprobs (the top N and the token) and text offsets."""
+    prompt = "Text Recognition: hello world"
+    ids = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")).encode(prompt, add_special_tokens=True).ids
+    expected = llm.generate(glmrt.Request(prompt_token_ids=ids),
+                            glmrt.SamplingParams(max_tokens=7, logprobs=2, **SERVER_DEFAULTS))[0]
+    full = client.completions.create(model="glm-ocr", prompt=prompt, max_tokens=7, logprobs=2)
+    lp = full.choices[0].logprobs
+    assert "".join(lp.tokens) == full.choices[0].text == expected.text
+    assert lp.token_logprobs == [e[t] for t, e in zip(expected.token_ids, expected.logprobs)]
+    assert [list(top.values()) for top in lp.top_logprobs] == [list(e.values()) for e in expected.logprobs]
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    chunks = list(client.completions.create(model="glm-ocr", prompt=prompt, max_tokens=7, logprobs=2, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+
+
 # ---------------------------------------------------------------------- structured outputs
 
 INVOICE = {"type": "object", "additionalProperties": False, "required": ["number", "lines"], "properties": {

@@ -128,6 +128,7 @@ class EngineConfig:
     # "ngram": drafts only from reference text and n-gram lookup (no MTP layer, chunked prefill kept).
     speculative_method: str = "mtp"
     speculative_max_batch: int | None = None  # decode steps with more running sequences do not speculate
+    max_logprobs: int = 20  # the most SamplingParams.logprobs a request may ask for (vLLM's default)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens"):
@@ -151,6 +152,8 @@ class EngineConfig:
         limit = self.speculative_max_batch
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise ValueError(f"speculative_max_batch must be an int >= 1 or None, got {limit!r}")
+        if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an int >= 0, got {self.max_logprobs!r}")
 
 
 class LLMEngine:
@@ -311,6 +314,9 @@ class LLMEngine:
         request_id = request_id if request_id is not None else self.new_request_id()
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if params.logprobs is not None and params.logprobs > self.options.max_logprobs:
+            raise ValueError(f"SamplingParams.logprobs = {params.logprobs} is more than this engine's max_logprobs "
+                             f"({self.options.max_logprobs})")
         if self.generates_images:
             return self._prepare_image_request(request, params, request_id)
         if isinstance(request, ImageRequest):
@@ -362,7 +368,7 @@ class LLMEngine:
             seed=request_seed(params.seed),
             pixel_values=pixel_values, image_grid_thw=grids,
             grammar=self.structured.matcher(params.grammar, request_id) if params.grammar is not None else None,
-            drafter=self._drafter(params),
+            drafter=self._drafter(params), logprobs=None if params.logprobs is None else [],
         )
 
     def _drafter(self, params: SamplingParams) -> Drafter | None:
@@ -390,6 +396,8 @@ class LLMEngine:
             raise TypeError(f"a GLM-Image request must be a glmrt.ImageRequest, got {type(request).__name__}")
         if params.grammar is not None or params.stop:
             raise ValueError("SamplingParams: structured output and stop strings do not apply to image tokens")
+        if params.logprobs is not None:
+            raise ValueError("SamplingParams.logprobs: GLM-Image requests report no log-probabilities; leave it None")
         vocab = self.config.text.output_vocab_size
         bad_stop = [t for t in params.stop_token_ids or [] if t >= vocab]
         if bad_stop:
@@ -610,6 +618,7 @@ class LLMEngine:
             return []
         try:
             tokens = handle.tokens()
+            logprobs = handle.logprobs(tokens) if handle.has_logprobs else None
         except Exception as exc:
             return self._fail(handle.seqs, exc)
         outputs = []
@@ -624,8 +633,10 @@ class LLMEngine:
             try:
                 # Token by token, as without speculation: tokens after the one that ends the
                 # request (stop token or string, length, a completed constraint) are dropped.
-                for token in new_tokens:
+                for j, token in enumerate(new_tokens):
                     read.append(token)
+                    if seq.logprobs is not None:  # O(1): the one list of the request grows
+                        seq.logprobs.append(logprobs[i][j])
                     seq.append_token(token)
                     if seq.grammar is not None and self.structured.accept(seq.grammar, token) and not seq.is_finished:
                         seq.finish("stop")  # an ignored eos that completes the constraint still ends it
@@ -657,6 +668,7 @@ class LLMEngine:
                 outputs.append(RequestOutput(
                     request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
                     token_ids=list(seq.output_token_ids), text="", finish_reason="error", error=message,
+                    logprobs=seq.logprobs,
                 ))
         return outputs
 
@@ -704,4 +716,5 @@ class LLMEngine:
             request_id=request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
             text=stops.sent_text, finish_reason=seq.finish_reason, delta_text=delta,
             delta_token_ids=new_tokens[:-1] if by_token else new_tokens, error=seq.error, stop_reason=stop_reason,
+            logprobs=seq.logprobs,
         )

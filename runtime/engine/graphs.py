@@ -7,7 +7,9 @@ lengths, last tokens, sampling state), so a replay needs no input copy at all; r
 running count are inactive (no KV write, context 0). Two graphs per bucket: greedy-only, and with
 the sampled path (temperature, top-k/top-p sort, draw), so greedy steps never pay for a sort.
 Steps with a structured-output row replay two graphs instead: the forward up to the logits, then
-(once the host has filled the token masks) the masked sampling. All graphs share one memory
+(once the host has filled the token masks) the masked sampling. A whole step's graph outputs
+its raw logits beside its tokens, so that a step whose requests ask for log-probabilities computes
+them eagerly after the replay (steps that do not, pay nothing). All graphs share one memory
 pool. Capture happens at start-up, while every row is inactive, so warm-up runs touch no
 request's state.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+StaticOutput = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -31,13 +35,13 @@ class DecodeGraphs:
 
     def __init__(self):
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple, torch.Tensor] = {}
+        self.outputs: dict[tuple, StaticOutput] = {}
         self._pool = None
 
     @torch.inference_mode()
-    def capture(self, key: tuple, run: Callable[[], torch.Tensor]) -> None:
-        """Capture `run` (reading and writing device state only) under `key`; its output tensor
-        is static: every replay rewrites it."""
+    def capture(self, key: tuple, run: Callable[[], StaticOutput]) -> None:
+        """Capture `run` (reading and writing device state only) under `key`; its output tensors
+        are static: every replay rewrites them."""
         run()  # warm-up: Triton compiles and cuBLAS picks its kernels outside capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -47,7 +51,7 @@ class DecodeGraphs:
         self.graphs[key] = graph
         torch.cuda.synchronize()
 
-    def replay(self, key: tuple) -> torch.Tensor:
+    def replay(self, key: tuple) -> StaticOutput:
         """-> the graph's static output (valid until its next replay)."""
         self.graphs[key].replay()
         return self.outputs[key]

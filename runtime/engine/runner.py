@@ -7,7 +7,9 @@ boundary), context lengths and positions (advanced on the device), the previous 
 tokens (fed straight back as inputs) and the sampling state. The host uploads only what changes:
 a new request's row at admission, new block ids, row moves when a request leaves. Steps are
 launched without waiting; each returns a `StepHandle` whose tokens are copied to pinned host
-memory asynchronously and read when the engine gets to them.
+memory asynchronously and read when the engine gets to them. A step in which a request asks for
+log-probabilities computes them from the raw logits it sampled from, in one place
+(`ModelRunner.logprobs_of`), and they travel back with the tokens; other steps never compute them.
 """
 from __future__ import annotations
 
@@ -186,12 +188,22 @@ class PrefillInputError(Exception):
     the device; the exception it wraps is its __cause__."""
 
 
+def _to_host(t: torch.Tensor, on_cuda: bool) -> torch.Tensor:
+    """An asynchronous copy of `t` in (pinned, on CUDA) host memory."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=on_cuda)
+    host.copy_(t, non_blocking=on_cuda)
+    return host
+
+
 class StepHandle:
     """A launched step: its sequences (row order at launch) and their sampled tokens, copied to
     host memory asynchronously: [B] (one each) or, from a speculative step, [B, k + 2] (the count
-    of new tokens, then the tokens; see Sampler.verify)."""
+    of new tokens, then the tokens; see Sampler.verify); with them, when a row asked for them, the
+    step's log-probabilities (`ModelRunner.logprobs_of`'s tensors: one row per token row, B or
+    B * (k + 1))."""
 
-    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, reserved: list[int] | None = None):
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, reserved: list[int] | None = None,
+                 logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         self.seqs = seqs
         # Cache slots the scheduler reserved for each sequence's new tokens: a decode row's step
         # reserves k + 1 with speculation; a sequence sampling its first token after its prefill, 1.
@@ -199,8 +211,8 @@ class StepHandle:
         self.speculative = tokens.dim() == 2
         self.proposals: list[tuple[int, str]] = []  # speculative: each row's (drafts proposed, their source)
         on_cuda = tokens.device.type == "cuda"
-        self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_cuda)
-        self._host.copy_(tokens, non_blocking=on_cuda)
+        self._host = _to_host(tokens, on_cuda)
+        self._host_logprobs = None if logprobs is None else [_to_host(t, on_cuda) for t in logprobs]
         self._event = None
         if on_cuda:
             self._event = torch.cuda.Event()
@@ -214,6 +226,32 @@ class StepHandle:
         if self._host.dim() == 1:
             return [[t] for t in rows]
         return [row[1: 1 + row[0]] for row in rows]
+
+    @property
+    def has_logprobs(self) -> bool:
+        return self._host_logprobs is not None
+
+    def logprobs(self, tokens: list[list[int]]) -> list[list[dict[int, float]] | None]:
+        """`tokens()`'s new tokens (read first: it waits for the step) -> for each sequence that asked
+        for log-probabilities, one entry per new token: {id: log-probability} of the N most likely
+        ids, most likely first (N its own SamplingParams.logprobs), then of the token itself unless
+        it is one of them; None for the others."""
+        token_logprobs, top_ids, top_logprobs = (t.tolist() for t in self._host_logprobs)
+        per_seq = self._host.shape[1] - 1 if self.speculative else 1  # token rows per sequence
+        entries = []
+        for i, (seq, new) in enumerate(zip(self.seqs, tokens)):
+            n = seq.sampling_params.logprobs
+            if n is None:
+                entries.append(None)
+                continue
+            rows = range(i * per_seq, i * per_seq + len(new))
+            step_entries = []
+            for token, r in zip(new, rows):
+                entry = dict(zip(top_ids[r][:n], top_logprobs[r][:n]))
+                entry.setdefault(token, token_logprobs[r])
+                step_entries.append(entry)
+            entries.append(step_entries)
+        return entries
 
 
 class ModelRunner:
@@ -242,7 +280,8 @@ class ModelRunner:
     def _capture_graphs(self) -> DecodeGraphs:
         """Per bucket: the whole step (greedy-only and sampled; with speculation also the whole
         speculative step), and for steps with structured-output rows the forward to the logits
-        plus the masked sampling of those logits."""
+        plus the masked sampling of those logits. Every graph's raw logits are a static output,
+        which `logprobs_of` reads after the replay, for the steps that ask for log-probabilities."""
         graphs = DecodeGraphs()
         for bs in reversed(self.buckets):  # largest first, so later captures fit in its pool
             for do_sample in (True, False):
@@ -381,7 +420,7 @@ class ModelRunner:
         self.batch.next_tokens[rows] = tokens
         if self.has_mtp:
             self.spec.carry_prefill(rows, last_hidden, tokens)
-        return self._handle(step, tokens)
+        return self._handle(step, tokens, logits)
 
     def decode_logits(self, bs: int) -> torch.Tensor:
         """The decoder forward of rows [0, bs) on device state only -> [bs, V] logits. With
@@ -405,10 +444,11 @@ class ModelRunner:
             self.batch.carry_accepted[:bs] = 0
         return tokens
 
-    def decode_step(self, bs: int, do_sample: bool) -> torch.Tensor:
-        """The whole decode step of rows [0, bs) on device state only -> [bs] tokens.
-        Captured per (bucket, do_sample), or run as is."""
-        return self.sample_rows(self.decode_logits(bs), bs, do_sample, masked=False)
+    def decode_step(self, bs: int, do_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole decode step of rows [0, bs) on device state only -> ([bs] tokens, the raw
+        [bs, V] logits they were sampled from). Captured per (bucket, do_sample), or run as is."""
+        logits = self.decode_logits(bs)
+        return self.sample_rows(logits, bs, do_sample, masked=False), logits
 
     def _start_decode(self, step: ScheduledStep, exact: bool = False) -> int:
         """Upload the step's new block ids -> the number of rows it runs: the bucket size (eager
@@ -417,10 +457,38 @@ class ModelRunner:
         self.batch.set_blocks(step.new_blocks)
         return len(step.decode) if exact else next(x for x in self.buckets if x >= len(step.decode))
 
-    @staticmethod
-    def _handle(step: ScheduledStep, tokens: torch.Tensor) -> StepHandle:
-        reserved = [step.reserved_tokens] * len(step.decode) + [1] * (len(step.seqs) - len(step.decode))
-        return StepHandle(step.seqs, tokens, reserved)
+    def logprobs_of(self, logits: torch.Tensor, tokens: torch.Tensor,
+                    num_logprobs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The one place log-probabilities are computed: every step with a row that asks for them
+        (SamplingParams.logprobs; num_logprobs the most any row of the step asks for) calls it once,
+        other steps never.
+
+        logits [N, V]: the raw logits the step sampled from (the model's, before the structured-output
+        mask, the repetition penalty and temperature), one row per token row of its StepHandle, in
+        the order of handle.seqs: a prefill or mixed step's decode rows then its sampling chunks
+        (one each); a decode step's (graph, eager, or structured-output split) first len(seqs) rows
+        of its bucket; a speculative step's verify logits [len(seqs) * (k + 1), V], row b * (k + 1)
+        + j the target's distribution for sequence b's j-th new token. tokens [N] int64: the token
+        sampled at each row (speculative: the verify output's token columns, of which only the
+        accepted count per sequence is ever read).
+        -> (the tokens' log-probabilities [N] fp32, the top num_logprobs ids [N, num_logprobs] int64,
+        most likely first, and theirs [N, num_logprobs] fp32): log_softmax of the logits in fp32,
+        vLLM's raw_logprobs."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = logprobs.topk(num_logprobs, dim=-1)
+        return logprobs.gather(1, tokens[:, None])[:, 0], top.indices, top.values
+
+    def _handle(self, step: ScheduledStep, tokens: torch.Tensor, logits: torch.Tensor) -> StepHandle:
+        """The handle of a step that sampled tokens [len(seqs)] (speculative: [len(seqs), k + 2])
+        from the raw logits whose first rows are theirs, with log-probabilities if a row asks."""
+        seqs = step.seqs
+        reserved = [step.reserved_tokens] * len(step.decode) + [1] * (len(seqs) - len(step.decode))
+        asked = [s.sampling_params.logprobs for s in seqs if s.sampling_params.logprobs is not None]
+        logprobs = None
+        if asked:
+            rows = tokens if tokens.dim() == 1 else tokens[:, 1:]  # [N] or [len(seqs), k + 1]
+            logprobs = self.logprobs_of(logits[: rows.numel()], rows.reshape(-1), max(asked))
+        return StepHandle(seqs, tokens, reserved, logprobs)
 
     @staticmethod
     def _do_sample(step: ScheduledStep) -> bool:
@@ -437,12 +505,12 @@ class ModelRunner:
             self.batch.set_drafts(drafts)
         key = ("spec" if speculate else "step", bs, do_sample)
         if self.graphs is not None:
-            tokens = self.graphs.replay(key)
+            tokens, logits = self.graphs.replay(key)
         elif speculate:
-            tokens = self.spec.step(bs, do_sample)
+            tokens, logits = self.spec.step(bs, do_sample)
         else:
-            tokens = self.decode_step(bs, do_sample)
-        return self._handle(step, tokens[: len(step.seqs)])
+            tokens, logits = self.decode_step(bs, do_sample)
+        return self._handle(step, tokens[: len(step.seqs)], logits)
 
     @torch.inference_mode()
     def decode_forward(self, step: ScheduledStep) -> torch.Tensor:
@@ -465,4 +533,4 @@ class ModelRunner:
             tokens = self.graphs.replay(("masked", bs, do_sample))
         else:
             tokens = self.sample_rows(logits, bs, do_sample, masked=True)
-        return self._handle(step, tokens[:b])
+        return self._handle(step, tokens[:b], logits)

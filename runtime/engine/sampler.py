@@ -127,9 +127,12 @@ class Sampler:
         presence mask and advances the rows' RNG counters. do_sample=False skips the sampled
         path (every row greedy), which keeps the common greedy step free of a vocabulary sort.
         token_mask [N, ceil(V / 32)] int32: the structured-output bitmask (1 bits = allowed),
-        applied first, as in vLLM, so that the penalty, temperature and draw see allowed tokens only."""
+        applied first, as in vLLM, so that the penalty, temperature and draw see allowed tokens only.
+        `logits` itself is left unchanged."""
         st = self.state
-        logits = logits.float()
+        # A copy (the mask and penalty ops may work in place): the raw logits stay intact for
+        # ModelRunner.logprobs_of. From bf16 logits the fp32 conversion is this copy anyway.
+        logits = logits.to(torch.float32, copy=True)
         if token_mask is not None:
             logits = self.ops.apply_token_bitmask(logits, token_mask)
         logits = self.ops.apply_repetition_penalty(logits, st.presence[rows], st.penalty[rows])
@@ -148,7 +151,7 @@ class Sampler:
         [N, k], of which the first draft_lens [N] (default: all) are proposed -> [N, k + 2] int64:
         column 0 the count c of new tokens (accepted drafts + 1), then the tokens (the first c are
         valid: the accepted drafts and one token from the target). Records them in the presence
-        mask and advances the RNG counters by c."""
+        mask and advances the RNG counters by c; `logits` itself is left unchanged."""
         st = self.state
         n, k = drafts.shape
         q, vocab = k + 1, logits.shape[-1]
@@ -157,7 +160,8 @@ class Sampler:
         presence = st.presence[rows].repeat_interleave(q, dim=0).view(n, q, vocab)
         for j in range(1, q):
             presence[:, j:].scatter_(2, drafts[:, j - 1, None, None].expand(n, q - j, 1), True)
-        logits = self.ops.apply_repetition_penalty(logits.float(), presence.view(n * q, vocab),
+        logits = logits.to(torch.float32, copy=True)  # as in __call__: the raw logits stay intact
+        logits = self.ops.apply_repetition_penalty(logits, presence.view(n * q, vocab),
                                                    st.penalty[rows].repeat_interleave(q))
         target = self.ops.argmax(logits).view(n, q)  # greedy choice at every position
         accept = drafts == target[:, :k]

@@ -58,6 +58,9 @@ class Sequence:
     # GLM-Image: [3, L] positions of generated tokens, precomputed from the target grids
     # (generated token j is at column min(j, L - 1)); None: p + rope_delta.
     decode_positions: torch.Tensor | None = None
+    # SamplingParams.logprobs set: one entry per output token ({token id: log-probability}, the
+    # token's and its step's top N), appended as tokens are read back; None when not asked for.
+    logprobs: list[dict[int, float]] | None = None
 
     @property
     def num_tokens(self) -> int:

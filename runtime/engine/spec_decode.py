@@ -169,10 +169,12 @@ class SpeculativeDecoder:
             drafts.append(draft)
         return torch.stack(drafts, dim=1)
 
-    def verify(self, bs: int, drafts: torch.Tensor, draft_lens: torch.Tensor, do_sample: bool) -> torch.Tensor:
+    def verify(self, bs: int, drafts: torch.Tensor, draft_lens: torch.Tensor,
+               do_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The target over [next token, drafts [bs, k]] of rows [0, bs), of which the first
-        draft_lens [bs] are proposed -> [bs, k + 2] (see Sampler.verify); advances the rows past
-        their new tokens and carries the step into the next catch-up."""
+        draft_lens [bs] are proposed -> ([bs, k + 2] tokens (see Sampler.verify), the raw logits
+        [bs * (k + 1), V] they were sampled from); advances the rows past their new tokens and
+        carries the step into the next catch-up."""
         b, q = self.batch, self.k + 1
         n, active = b.context_lens[:bs].long(), b.active[:bs]
         index = n[:, None] + self.positions  # [bs, q]
@@ -182,7 +184,8 @@ class SpeculativeDecoder:
         positions = (index + b.rope_deltas[:bs, None]).view(1, -1).expand(3, -1)
         tokens = torch.cat([b.next_tokens[:bs, None], drafts], dim=1)
         hidden = self.model.forward(tokens.view(-1), positions, attn, self.kv_caches)  # [bs * q, H]
-        out = self.sampler.verify(self.model.compute_logits(hidden), drafts, slice(0, bs), do_sample, draft_lens)
+        logits = self.model.compute_logits(hidden)
+        out = self.sampler.verify(logits, drafts, slice(0, bs), do_sample, draft_lens)
         count = out[:, 0]
         b.context_lens[:bs] += torch.where(active, count, 0).int()
         b.next_tokens[:bs] = out[:, 1:].gather(1, (count - 1)[:, None])[:, 0]
@@ -190,11 +193,12 @@ class SpeculativeDecoder:
             b.carry_hidden[:bs] = hidden.view(bs, q, -1)
             b.carry_tokens[:bs] = out[:, 1:]
             b.carry_accepted[:bs] = count - 1
-        return out
+        return out, logits
 
-    def step(self, bs: int, do_sample: bool) -> torch.Tensor:
-        """A whole speculative step of rows [0, bs) -> [bs, k + 2]: the host's drafts, or the MTP
-        layer's where a row's draft_lens is -1. Captured per (bucket, do_sample)."""
+    def step(self, bs: int, do_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole speculative step of rows [0, bs) -> (tokens [bs, k + 2], raw logits
+        [bs * (k + 1), V]), as `verify`: the host's drafts, or the MTP layer's where a row's
+        draft_lens is -1. Captured per (bucket, do_sample)."""
         b = self.batch
         drafts, lens = b.drafts[:bs], b.draft_lens[:bs]
         if self.mtp is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import time
@@ -35,6 +36,7 @@ from ..image_processor import load_image
 from ..outputs import Request as EngineRequest
 from ..outputs import RequestOutput
 from .images import Painter, add_image_routes
+from .logprobs import TokenTexts
 from .media import MediaLoader, MediaPolicy
 from .metrics import RequestTimer, ServerMetrics
 from .protocol import (APIError, ImageRef, ParsedRequest, PromptLimit, ResponseShape, constraint_field, param_of,
@@ -137,6 +139,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> Fast
     # string has one per byte; an added token is its text; GLM's tokenizer has no normalizer), so a
     # longer text than max_model_len times the longest cannot fit: refused before it is tokenized.
     prompt_limit = PromptLimit(engine.engine.max_model_len, max(map(len, tokenizer.get_vocab(with_added_tokens=True))))
+    max_logprobs = engine.engine.options.max_logprobs
+    token_texts = TokenTexts(tokenizer)
     # json.loads holds the GIL, and so the loop, for ~0.1 us a value: a 64 MB body of small numbers
     # held it for seconds. Every value but the first follows a comma, and no request needs more
     # values than its prompt's text, its token ids and its constraint hold, and a few for the rest.
@@ -295,6 +299,18 @@ def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> Fast
             raise shutting_down()
         return result
 
+    def logprobs(kind: str, parsed: ParsedRequest, out: RequestOutput, start: int, end: int,
+                 offset: int = 0) -> dict | None:
+        """The choice's `logprobs` of out's tokens [start, end), their text from character `offset`
+        of the output; None when the request asked for none."""
+        top = parsed.params.logprobs
+        if top is None:
+            return None
+        ids, entries = out.token_ids[start:end], out.logprobs[start:end]
+        if kind == "chat":
+            return token_texts.chat(ids, entries, top)
+        return token_texts.completion(ids, entries, top, offset)
+
     async def respond(request: Request, kind: str, parsed: ParsedRequest, model: str,
                       engine_request: EngineRequest) -> Response:
         nonlocal in_flight
@@ -347,21 +363,27 @@ def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> Fast
                     return Response(status_code=499)
                 if final.finish_reason == "abort":
                     raise shutting_down()
-                return JSONResponse(shape.full(final))
+                # The tokens the text holds (a stop token left out of it is left out here too).
+                reported = len(final.delta_token_ids) + (len(first.delta_token_ids) if final is not first else 0)
+                return JSONResponse(shape.full(final, logprobs(kind, parsed, final, 0, reported)))
             finally:
                 await release()
 
         async def events() -> AsyncIterator[str]:
             usage = None if not parsed.include_usage else parsed.continuous_usage
             out = first
+            reported = taken = 0  # delta tokens whose logprobs were sent, and read
             try:
                 yield _sse(shape.chunk(out, "", first=True, with_usage=usage))
                 while True:
                     if out.finish_reason == "abort":  # the drain timeout passed
                         yield _sse(shutting_down().body())
                         break
-                    if out.delta_text or out.finished:
-                        yield _sse(shape.chunk(out, out.delta_text, with_usage=usage))
+                    taken += len(out.delta_token_ids)
+                    if out.delta_text or out.finished:  # the logprobs of tokens with no text yet wait for it
+                        entries = logprobs(kind, parsed, out, reported, taken, len(out.text) - len(out.delta_text))
+                        reported = taken
+                        yield _sse(shape.chunk(out, out.delta_text, with_usage=usage, logprobs=entries))
                     if out.finished:
                         if parsed.include_usage:
                             yield _sse(shape.usage_chunk(out))
@@ -380,7 +402,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> Fast
         check_auth(request)
         serves("GLM-OCR", "/v1/chat/completions")
         parsed = await parse(parse_chat, await read_json(request), defaults, config.max_images_per_request,
-                             prompt_limit)
+                             prompt_limit, max_logprobs)
         model = served_name(parsed.model)
         admit()
         images = await load_images(parsed.images)
@@ -390,7 +412,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> Fast
     async def completions(request: Request) -> Response:
         check_auth(request)
         serves("GLM-OCR", "/v1/completions")
-        parsed = await parse(parse_completion, await read_json(request), defaults, prompt_limit)
+        parsed = await parse(parse_completion, await read_json(request), defaults, prompt_limit, max_logprobs)
         model = served_name(parsed.model)
         admit()
         ids = parsed.prompt
@@ -460,10 +482,13 @@ async def _next(outputs: AsyncIterator[RequestOutput], timer: RequestTimer) -> R
 
 
 async def _last(outputs: AsyncIterator[RequestOutput], timer: RequestTimer) -> RequestOutput:
+    """The final output, with the delta_token_ids of every output read here joined."""
+    token_ids: list[int] = []
     while True:
         out = await _next(outputs, timer)
+        token_ids += out.delta_token_ids
         if out.finished:
-            return out
+            return dataclasses.replace(out, delta_token_ids=token_ids)
 
 
 async def _until_disconnected(request: Request, work, stop: asyncio.Event | None = None) -> Any:

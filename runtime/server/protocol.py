@@ -8,7 +8,12 @@ answered as HTTP 400 with an OpenAI-style error body. Field semantics follow vLL
 as are glmrt's speculative-decoding extensions `reference_text` (text the answer is expected to
 repeat for the most part, e.g. a PDF's text layer: drafts are taken from it) and `draft`;
 fields glmrt does not implement are refused only when they ask for something (`n: 2`,
-`logprobs: true`), and names it does not know are ignored, as vLLM ignores them.
+`echo: true`), and names it does not know are ignored, as vLLM ignores them.
+
+Log-probabilities (of the model's raw distribution, SamplingParams.logprobs): chat's
+`logprobs: true` with `top_logprobs` alternatives (0 to the server's max_logprobs, 20 by default;
+`top_logprobs` > 0 needs `logprobs: true`) and the legacy completions' `logprobs: N`, answered in
+OpenAI's shapes (server/logprobs.py), in a stream chunk by chunk with the tokens of each chunk.
 
 Structured outputs come in three spellings, all mapped onto SamplingParams' constraint fields:
 OpenAI's `response_format` ({"type": "json_schema", "json_schema": {"schema": ...}} or
@@ -62,7 +67,7 @@ SAMPLING_FIELDS = {
 MAX_REFERENCE_CHARS = 1 << 20
 # OpenAI fields glmrt does not implement, with the values that ask for nothing (accepted).
 INERT_VALUES = {
-    "n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
+    "n": (1,), "best_of": (1,), "echo": (False,),
     "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],),
     "tool_choice": ("none",), "functions": ([],), "suffix": ("",), "min_tokens": (0,),
     "parallel_tool_calls": (False, True),
@@ -221,10 +226,38 @@ def _constraints(body: dict) -> list[tuple[str, str, Any]]:
     return found
 
 
-def sampling_params(body: dict, defaults: dict[str, Any]) -> SamplingParams:
-    """SamplingParams from the request fields over the server's defaults; errors name the field.
-    The constraint (compiled by SamplingParams, the one part that can take long) is compiled once."""
-    values = dict(defaults)
+def _logprobs_count(body: dict, name: str, max_logprobs: int) -> int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= max_logprobs):
+        raise APIError(f"'{name}' must be an integer in [0, {max_logprobs}] (the server's max_logprobs), "
+                       f"got {value!r}", name)
+    return value
+
+
+def chat_logprobs(body: dict, max_logprobs: int) -> int | None:
+    """Chat's `logprobs` (a boolean) and `top_logprobs` -> SamplingParams.logprobs (None: off)."""
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise APIError(f"'logprobs' must be a boolean, got {type_name(wanted)}", "logprobs")
+    top = _logprobs_count(body, "top_logprobs", max_logprobs)
+    if top and not wanted:
+        raise APIError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def completion_logprobs(body: dict, max_logprobs: int) -> int | None:
+    """The legacy completions' `logprobs` (the alternatives per token; false or null: off) ->
+    SamplingParams.logprobs."""
+    if body.get("logprobs") is False:
+        return None
+    return _logprobs_count(body, "logprobs", max_logprobs)
+
+
+def sampling_params(body: dict, defaults: dict[str, Any], logprobs: int | None = None) -> SamplingParams:
+    """SamplingParams from the request fields over the server's defaults (and `logprobs`, parsed
+    from the endpoint's own fields); errors name the field. The constraint (compiled by
+    SamplingParams, the one part that can take long) is compiled once."""
+    values = dict(defaults, logprobs=logprobs)
     given: dict[str, str] = {}  # SamplingParams field -> request field, for error messages
     for name, target in SAMPLING_FIELDS.items():
         value = body.get(name)
@@ -303,7 +336,8 @@ def model_field(body: dict) -> str | None:
     return model if model is None else _unicode(model, "model")
 
 
-def parse_chat(body: Any, defaults: dict[str, Any], max_images: int, limit: PromptLimit) -> ParsedRequest:
+def parse_chat(body: Any, defaults: dict[str, Any], max_images: int, limit: PromptLimit,
+               max_logprobs: int) -> ParsedRequest:
     """Validate a /v1/chat/completions body."""
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {type_name(body)}")
@@ -329,9 +363,9 @@ def parse_chat(body: Any, defaults: dict[str, Any], max_images: int, limit: Prom
         raise APIError(f"the request has {len(images)} images; at most {max_images} are allowed per request",
                        "messages")
     stream, include_usage, continuous = _stream_options(body)
-    return ParsedRequest(model=model, params=sampling_params(body, defaults), stream=stream,
-                         include_usage=include_usage, continuous_usage=continuous,
-                         messages=rendered, images=images)
+    params = sampling_params(body, defaults, chat_logprobs(body, max_logprobs))
+    return ParsedRequest(model=model, params=params, stream=stream, include_usage=include_usage,
+                         continuous_usage=continuous, messages=rendered, images=images)
 
 
 def _content(content: Any, where: str, role: str, images: list[ImageRef], text: PromptText) -> str | list[dict]:
@@ -366,7 +400,7 @@ def _content(content: Any, where: str, role: str, images: list[ImageRef], text: 
     return parts
 
 
-def parse_completion(body: Any, defaults: dict[str, Any], limit: PromptLimit) -> ParsedRequest:
+def parse_completion(body: Any, defaults: dict[str, Any], limit: PromptLimit, max_logprobs: int) -> ParsedRequest:
     """Validate a /v1/completions body: one prompt, a string or a list of token ids."""
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {type_name(body)}")
@@ -384,8 +418,9 @@ def parse_completion(body: Any, defaults: dict[str, Any], limit: PromptLimit) ->
     else:
         PromptText(limit).take(prompt, "prompt")
     stream, include_usage, continuous = _stream_options(body)
-    return ParsedRequest(model=model, params=sampling_params(body, defaults), stream=stream,
-                         include_usage=include_usage, continuous_usage=continuous, prompt=prompt)
+    params = sampling_params(body, defaults, completion_logprobs(body, max_logprobs))
+    return ParsedRequest(model=model, params=params, stream=stream, include_usage=include_usage,
+                         continuous_usage=continuous, prompt=prompt)
 
 
 # ------------------------------------------------------------------------------------ responses
@@ -404,7 +439,7 @@ class ResponseShape:
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def _choice(self, out: RequestOutput, text: str, delta: bool, first: bool) -> dict:
+    def _choice(self, out: RequestOutput, text: str, delta: bool, first: bool, logprobs: dict | None) -> dict:
         choice: dict[str, Any] = {"index": 0}
         if self.kind == "chat":
             if delta:
@@ -414,7 +449,7 @@ class ResponseShape:
                 choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        choice["logprobs"] = None
+        choice["logprobs"] = logprobs
         # A stream's first chunk only opens it (role, no text): the chunk after it carries the end,
         # even when the request finished on its first token.
         finished = out.finished and not (delta and first)
@@ -431,16 +466,20 @@ class ResponseShape:
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
-    def full(self, out: RequestOutput) -> dict:
+    def full(self, out: RequestOutput, logprobs: dict | None = None) -> dict:
+        """The whole response; `logprobs` its choice's (server/logprobs.py), if asked for."""
         return {"id": self.id, "object": self._object, "created": self.created, "model": self.model,
-                "choices": [self._choice(out, out.text, delta=False, first=False)], "usage": usage(out)}
+                "choices": [self._choice(out, out.text, delta=False, first=False, logprobs=logprobs)],
+                "usage": usage(out)}
 
-    def chunk(self, out: RequestOutput, text: str, first: bool = False, with_usage: bool | None = None) -> dict:
-        """A streaming chunk; `with_usage` None leaves usage out, False sets it to null (include_usage
-        asks for usage: null in every chunk but the last), True fills it (continuous_usage_stats)."""
+    def chunk(self, out: RequestOutput, text: str, first: bool = False, with_usage: bool | None = None,
+              logprobs: dict | None = None) -> dict:
+        """A streaming chunk, `logprobs` those of its tokens; `with_usage` None leaves usage out, False
+        sets it to null (include_usage asks for usage: null in every chunk but the last), True fills
+        it (continuous_usage_stats)."""
         body = {"id": self.id, "object": self._chunk_object,
                 "created": self.created, "model": self.model,
-                "choices": [self._choice(out, text, delta=True, first=first)]}
+                "choices": [self._choice(out, text, delta=True, first=first, logprobs=logprobs)]}
         if with_usage is not None:
             body["usage"] = usage(out) if with_usage else None
         return body
