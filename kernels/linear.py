@@ -177,7 +177,7 @@ def _norm_linear_kernel(
 
 
 def _launch_config(M: int, K: int, dtype: torch.dtype, silu: bool,
-                   batch_invariant: bool = False, interpreter: bool = False) -> dict:
+                   batch_invariant: bool = False, interpreter: bool = False, N: int = 8192) -> dict:
     """Tiles, warps and stages for sm_90 (ptxas numbers: tests/kernels/test_linear.py).
 
     BLOCK_N 32: GLM-OCR's qkv (N 4096) runs 128 programs and gate_up (I 4608 with SwiGLU) 144 on
@@ -194,12 +194,17 @@ def _launch_config(M: int, K: int, dtype: torch.dtype, silu: bool,
     Specialised (M <= MAX_FUSED_ROWS): the norm tile's rows are M rounded up to a power of two,
     so a row's rms is summed in a different order at another M. batch_invariant: every M runs
     the M = 16 configuration over blocks of 16 rows, so nothing a row's bits depend on follows M.
-    The interpreter (CPU) runs programs one after another, each op a numpy call: 64 x 2048 tiles
-    there (an lm_head of 59,392 columns takes 29 programs a row block instead of 1,856).
+    The interpreter (CPU) runs programs one after another, each op a numpy call, so there the
+    batch-invariant tiles are as large as it allows: 64 rows, up to 8192 of the N output columns
+    (an lm_head of 59,392 takes 8 programs a row block instead of 1,856), K in chunks of 64.
     """
-    norm_m = (_INTERPRETER_BLOCK_M if interpreter else _BLOCK_M) if batch_invariant else triton.next_power_of_2(M)
+    norm_m = triton.next_power_of_2(M)
+    if batch_invariant:
+        norm_m = _INTERPRETER_BLOCK_M if interpreter else _BLOCK_M
+    block_k = 64 if dtype == torch.float32 or (interpreter and batch_invariant) else 256
     return dict(NORM_M=norm_m, BLOCK_M=max(norm_m, _BLOCK_M), NORM_K=min(triton.next_power_of_2(K), 4096 // norm_m),
-                BLOCK_N=2048 if interpreter else 32, BLOCK_K=64 if dtype == torch.float32 else 256,
+                BLOCK_N=min(8192, triton.next_power_of_2(N)) if interpreter and batch_invariant else 32,
+                BLOCK_K=block_k,
                 num_warps=4, num_stages=3 if silu else 4)
 
 
@@ -287,7 +292,7 @@ def _launch(x, weight, bias, silu_and_mul, pre_weight, eps, residual, post_weigh
     r = x if residual is None else torch.empty((M, K), dtype=x.dtype, device=x.device)
     if M == 0:
         return y, r
-    cfg = _launch_config(M, K, x.dtype, silu_and_mul, batch_invariant, x.device.type != "cuda")
+    cfg = _launch_config(M, K, x.dtype, silu_and_mul, batch_invariant, x.device.type != "cuda", n_out)
     # without a residual, norm or bias the kernel never touches those pointers: x stands in
     res = x if residual is None else residual
     norm_w = x if pre_weight is None else pre_weight

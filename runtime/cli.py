@@ -247,6 +247,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="prefill whole prompts in steps of their own (running requests wait for them)")
     engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                         help="read each step back before scheduling the next (same tokens, slower)")
+    engine.add_argument("--no-batch-invariant", dest="batch_invariant", action="store_false",
+                        help="triton backend: kernels tuned per batch size (a request's output may then change "
+                             "with what else is running; see the README's Reproducible output)")
     engine.add_argument("--num-speculative-tokens", type=int,
                         help="draft tokens verified per decode step (default 0: off)")
     engine.add_argument("--speculative-method", choices=["mtp", "ngram"],
@@ -293,7 +296,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
             options[name] = value
     if args.enforce_eager:
         options["enforce_eager"] = True
-    for flag in ("async_scheduling", "enable_chunked_prefill"):
+    for flag in ("async_scheduling", "enable_chunked_prefill", "batch_invariant"):
         if not getattr(args, flag):
             options[flag] = False
     return options

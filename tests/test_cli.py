@@ -291,6 +291,19 @@ def test_parse_draft_sets_the_engine_options_the_speculative_flags_override(tmp_
     assert calls == []
 
 
+def test_no_batch_invariant_reaches_the_engine(tmp_path, capsys, monkeypatch):
+    """Batch-invariant kernels are the default; --no-batch-invariant turns them off."""
+    from glmrt.documents import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "parse", lambda inputs, output, **kwargs: calls.append(kwargs) or [])
+    page = tmp_path / "page.png"
+    Image.new("RGB", (64, 48), "white").save(page)
+    base = ["parse", str(page), "-o", str(tmp_path / "out"), "--model", str(tmp_path), "--no-layout"]
+    assert main(base) == 0 and "batch_invariant" not in calls.pop(), capsys.readouterr().err
+    assert main([*base, "--no-batch-invariant"]) == 0 and calls.pop()["batch_invariant"] is False
+
+
 def test_version_and_default_model(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"glmrt {glmrt.__version__}"

@@ -129,6 +129,9 @@ class EngineConfig:
     speculative_method: str = "mtp"
     speculative_max_batch: int | None = None  # decode steps with more running sequences do not speculate
     max_logprobs: int = 20  # the most SamplingParams.logprobs a request may ask for (vLLM's default)
+    # Triton backend: every kernel gives a row the same bits whatever else is in its step (batch
+    # size, bucket, speculative queries, chunking); see the README's "Reproducible output".
+    batch_invariant: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "kv_cache_tokens"):
@@ -141,7 +144,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name in ("enforce_eager", "async_scheduling", "enable_chunked_prefill"):
+        for name in ("enforce_eager", "async_scheduling", "enable_chunked_prefill", "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         k = self.num_speculative_tokens
@@ -194,8 +197,9 @@ class LLMEngine:
         self.chunked_prefill = self.options.enable_chunked_prefill and not mtp
         self.max_num_batched_tokens = self.options.max_num_batched_tokens or (
             8192 if self.chunked_prefill else self.max_model_len)
-        self.model = model_class(self.config).from_pretrained(path, self.config, make_ops(self.backend), self.device,
-                                                              self.dtype, load_mtp=mtp)
+        ops = make_ops(self.backend, self.options.batch_invariant)
+        self.model = model_class(self.config).from_pretrained(path, self.config, ops, self.device, self.dtype,
+                                                              load_mtp=mtp)
         block_size = self.options.block_size
         num_blocks = -(-self._kv_cache_tokens() // block_size)
         self.block_manager = BlockManager(num_blocks, block_size)

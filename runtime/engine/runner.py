@@ -370,7 +370,9 @@ class ModelRunner:
         cu = torch.zeros(len(chunks) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lens, 0)
         fields = dict(cu_seqlens=upload(cu, device), max_seqlen=int(lens.max()))
-        if any(c.start for c in chunks):  # chunks after a cached prefix attend to it through the cache
+        # Chunks after a cached prefix attend to it through the cache; batch-invariant ops read
+        # every prompt from the cache, so a chunk's attention is reduced as the whole prompt's.
+        if any(c.start for c in chunks) or self.model.ops.batch_invariant:
             fields["prefill_block_tables"] = upload(tables, device, torch.int32)
             fields["prefill_context_lens"] = upload([c.end for c in chunks], device, torch.int32)
         positions = torch.cat([c.seq.positions()[:, c.start: c.end] for c in chunks], dim=1)
