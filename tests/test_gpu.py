@@ -1,13 +1,16 @@
-"""GPU-only end-to-end checks at GLM-OCR's real size (random bf16 weights): CUDA-graph decode vs
-eager decode (also with structured-output rows, whose steps replay the forward and the masked
-sampling as two graphs, and with MTP speculation), and logits close to transformers' bf16
-forward. Skipped without a GPU.
+"""GPU-only end-to-end checks at GLM-OCR's real size (random bf16 weights): CUDA-graph decode with
+overlapped steps vs eager serial decode (also with structured-output rows, whose steps replay the
+forward and the masked sampling as two graphs, and with MTP speculation), and speculative vs
+plain decode, compared bitwise: every token's raw bf16 logits with torch.equal (the batch-invariant
+kernels promise the same bits whatever the batch, bucket or step kind), and logits close to
+transformers' bf16 forward. Skipped without a GPU.
 
 The checkpoint: the directory named by the environment variable GLMRT_GPU_MODEL when it is set
 (benchmarks/gpu_suite.sh sets it to the real-size random checkpoint it built for every step, with
 benchmarks/random_checkpoint.py), else one written here from the GPU's RNG (random_weights.write_glm_ocr,
 seconds). It must carry the MTP layer (the speculative tests draft with it).
 """
+import dataclasses
 import os
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import glmrt
 from glmrt.engine.runner import allocate_kv_cache
 from glmrt.model.positions import mrope_positions
 from glmrt.model.text import AttentionMetadata
+from glmrt_testing.engine_checks import LogitsRecorder, logits_differences
 from glmrt_testing.helpers import make_image
 from glmrt_testing.random_weights import write_glm_ocr
 
@@ -48,18 +52,31 @@ PARAMS = [  # greedy, penalised, and seeded sampled rows in the same batches
 ]
 
 
+def recorded(llm, params) -> list:
+    """(output, raw logits of each of its tokens) per request (log-probabilities asked for, so
+    every step passes its logits through the recorded seam)."""
+    recorder = LogitsRecorder(llm.engine)
+    return recorder.generate(REQUESTS, [dataclasses.replace(p, logprobs=1) for p in params])
+
+
+def assert_bitwise_equal(results, reference, what: str) -> None:
+    for i, (got, want) in enumerate(zip(results, reference, strict=True)):
+        found = logits_differences(got, want)
+        assert not found, f"{what}, request {i}: " + "; ".join(found[:4])
+
+
 def test_graph_decode_matches_eager_and_serial(real_checkpoint):
     """CUDA-graph decode (sampling inside the graph, overlapped steps) gives the tokens of eager,
     serial decode: graph and eager share the bucket size, block-table width and split-KV choice."""
     graphs = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, gpu_memory_utilization=0.4)
     assert graphs.engine.backend == "triton" and graphs.engine.runner.graphs is not None
-    with_graphs = [o.token_ids for o in graphs.generate(REQUESTS, PARAMS)]
+    with_graphs = recorded(graphs, PARAMS)
     del graphs
     torch.cuda.empty_cache()
     eager = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, kv_cache_tokens=65536,
                       enforce_eager=True, async_scheduling=False)
     assert eager.engine.runner.graphs is None
-    assert [o.token_ids for o in eager.generate(REQUESTS, PARAMS)] == with_graphs
+    assert_bitwise_equal(recorded(eager, PARAMS), with_graphs, "eager serial vs graphs")
 
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "lines"], "properties": {
@@ -86,7 +103,8 @@ def test_graph_decode_with_structured_outputs_matches_eager_and_serial(real_chec
 
     graphs = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, gpu_memory_utilization=0.4)
     assert ("masked", 8, True) in graphs.engine.runner.graphs.graphs
-    outputs = graphs.generate(REQUESTS, CONSTRAINED)
+    with_graphs = recorded(graphs, CONSTRAINED)
+    outputs = [out for out, _ in with_graphs]
     del graphs
     torch.cuda.empty_cache()
     for out in (outputs[0], outputs[2]):
@@ -95,7 +113,7 @@ def test_graph_decode_with_structured_outputs_matches_eager_and_serial(real_chec
     assert re.fullmatch(r"[A-Z]{2}-[0-9]{2,6}", outputs[3].text) and outputs[4].text in ("paid", "due")
     eager = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, kv_cache_tokens=65536,
                       enforce_eager=True, async_scheduling=False)
-    assert [o.token_ids for o in eager.generate(REQUESTS, CONSTRAINED)] == [o.token_ids for o in outputs]
+    assert_bitwise_equal(recorded(eager, CONSTRAINED), with_graphs, "eager serial vs graphs")
 
 
 @pytest.mark.parametrize("params", [PARAMS, CONSTRAINED], ids=["plain", "constrained"])
@@ -106,12 +124,28 @@ def test_speculative_graph_decode_matches_eager(real_checkpoint, params):
     options = dict(max_num_seqs=8, max_model_len=8192, num_speculative_tokens=3)
     graphs = glmrt.LLM(str(real_checkpoint), gpu_memory_utilization=0.4, **options)
     assert ("spec", 8, True) in graphs.engine.runner.graphs.graphs
-    with_graphs = [o.token_ids for o in graphs.generate(REQUESTS, params)]
+    with_graphs = recorded(graphs, params)
     assert graphs.engine.spec_stats.num_drafts > 0
     del graphs
     torch.cuda.empty_cache()
     eager = glmrt.LLM(str(real_checkpoint), kv_cache_tokens=65536, enforce_eager=True, async_scheduling=False, **options)
-    assert [o.token_ids for o in eager.generate(REQUESTS, params)] == with_graphs
+    assert_bitwise_equal(recorded(eager, params), with_graphs, "eager serial vs graphs, speculative")
+
+
+def test_speculative_decode_gives_plain_decodes_logits(real_checkpoint):
+    """Greedy rows (a penalised one too) with MTP speculation (k = 3, graphs): every accepted
+    token's logits, computed in a verify step of k + 1 queries per row, are plain decoding's bits."""
+    greedy = [p for p in PARAMS if p.temperature == 0.0]
+    requests = REQUESTS[: len(greedy)]
+    plain = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, gpu_memory_utilization=0.4)
+    reference = LogitsRecorder(plain.engine).generate(requests, [dataclasses.replace(p, logprobs=1) for p in greedy])
+    del plain
+    torch.cuda.empty_cache()
+    spec = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, gpu_memory_utilization=0.4,
+                     num_speculative_tokens=3)
+    got = LogitsRecorder(spec.engine).generate(requests, [dataclasses.replace(p, logprobs=1) for p in greedy])
+    assert spec.engine.spec_stats.num_accepted_tokens > 0
+    assert_bitwise_equal(got, reference, "speculative vs plain")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -18,3 +18,70 @@ def assert_all_free(engine):
     assert bm.num_free_blocks == bm.num_blocks and all(c == 0 for c in bm.ref_counts)
     assert not engine.runner.image_cache
     assert not engine.runner.batch.active.any() and not engine.runner.batch.context_lens.any()
+
+
+class LogitsRecorder:
+    """Records, per request id, the raw logits row [V] of every token an engine gives it, in order:
+    at ModelRunner.logprobs_of, the one place every step's logits pass through (called for each
+    step in which a row asks for log-probabilities: give every request `logprobs`), assigned to
+    the step's sequences and the tokens each was given (1, or a verify step's accepted count)."""
+
+    def __init__(self, engine):
+        self.rows: dict[str, list] = {}
+        self.preempted: list[str] = []  # request ids, each time one is preempted
+        runner, pending = engine.runner, []
+        seam = runner.logprobs_of
+
+        def recording_seam(logits, tokens, num_logprobs):
+            pending.append(logits.clone())
+            return seam(logits, tokens, num_logprobs)
+
+        runner.logprobs_of = recording_seam
+        for name in ("prefill", "decode", "decode_sample"):
+            runner.__dict__[name] = self._recording(getattr(runner, name), pending)
+        preempt = engine.scheduler._preempt
+
+        def recording_preempt(seq):
+            self.preempted.append(seq.request_id)
+            preempt(seq)
+
+        engine.scheduler._preempt = recording_preempt
+        self.engine = engine
+
+    def _recording(self, launch, pending):
+        def recording(*args, **kwargs):
+            handle = launch(*args, **kwargs)
+            if handle.seqs:
+                (logits,) = pending
+                per_seq = logits.shape[0] // len(handle.seqs) if handle.speculative else 1
+                for i, (seq, new) in enumerate(zip(handle.seqs, handle.tokens())):
+                    self.rows.setdefault(seq.request_id, []).extend(logits[i * per_seq: i * per_seq + len(new)])
+            pending.clear()
+            return handle
+        return recording
+
+    def generate(self, requests: list, params: list) -> list:
+        """engine.generate -> (output, logits [its tokens, V]) per request, in order."""
+        import torch
+
+        outputs = self.engine.generate(requests, params)
+        return [(out, torch.stack(self.rows.pop(out.request_id)[: len(out.token_ids)])) for out in outputs]
+
+
+def logits_differences(got, want) -> list[str]:
+    """What differs between two (output, logits) results of one request, bitwise ([]: nothing):
+    its tokens, each token's logits (torch.equal), its reported log-probabilities."""
+    import torch
+
+    (out, logits), (ref, ref_logits) = got, want
+    found = []
+    if out.token_ids != ref.token_ids:
+        found.append(f"tokens {out.token_ids} != {ref.token_ids}")
+    n = min(len(logits), len(ref_logits))
+    for i in range(n):
+        if not torch.equal(logits[i], ref_logits[i]):
+            diff = (logits[i].float() - ref_logits[i].float()).abs().max().item()
+            found.append(f"token {i}: logits differ (max |diff| {diff:.3g})")
+    if (out.logprobs or [])[:n] != (ref.logprobs or [])[:n]:
+        found.append("log-probabilities differ")
+    return found
