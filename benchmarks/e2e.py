@@ -24,6 +24,10 @@ exactly its number of tokens whatever the tokenizer.
     longest ops.
 (e) without --key: throughput (generated tokens/s) for 64 document crops of mixed sizes, 256 new
     tokens each, at concurrency 32 (glmrt max_num_seqs=32; transformers in padded batches of 32).
+(f) with --invariance, only this: the cost of batch invariance, glmrt's decode ms/step with its
+    batch-invariant kernels (the default) and with the batch-tuned ones (batch_invariant=False),
+    each on its own engine, at batch 1, 8 and 32 and the batch-1 contexts (1k, 5k); written as
+    <out>/invariance-<device>-<timestamp>.json and .md.
 --key runs (a)-(d) only, sized to finish in about 90 s on an H100. Writes
 <out>/e2e-<device>-<timestamp>.json and .md. `--smoke` runs a tiny checkpoint on CPU with small
 sizes (a batch of 4) to prove every code path (numbers meaningless; no CUDA graphs, so no (d)).
@@ -262,6 +266,32 @@ def ttft_ms(engine: LLMEngine, hf: HFSide, image: Image.Image) -> tuple[float, f
     return times[0], times[1]
 
 
+def invariance(path, sizes: Sizes, out_dir: Path, smoke: bool) -> int:
+    """(f): decode ms/step of each kernel set on its own engine (built, measured, released in turn)."""
+    batches = sorted({1, min(8, sizes.batch), sizes.batch})
+    ms = {}
+    for invariant in (True, False):
+        engine = LLMEngine(str(path), device=DEVICE, dtype=DTYPE, max_num_seqs=sizes.batch,
+                           gpu_memory_utilization=KV_SHARE, batch_invariant=invariant)
+        for batch in batches:
+            for context in sizes.contexts:
+                prompts = [prompt_ids(context, seed=context + i) for i in range(batch)]
+                ms[invariant, batch, context] = glmrt_decode_ms(engine, prompts, sizes.decode_steps)
+        del engine
+        if CUDA:
+            torch.cuda.empty_cache()
+    rows = [dict(metric=f"decode ms/step, batch {b}, context {c}", invariant_ms=ms[True, b, c],
+                 tuned_ms=ms[False, b, c], cost_pct=100 * (ms[True, b, c] / ms[False, b, c] - 1))
+            for b in batches for c in sizes.contexts]
+    meta = metadata(dtype=str(DTYPE).removeprefix("torch."), smoke=smoke, decode_steps=sizes.decode_steps)
+    lines = [f"# glmrt batch-invariant vs batch-tuned kernels on {meta['device']['name']}", "", provenance(meta), "",
+             "| case | batch-invariant ms | batch-tuned ms | cost |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['metric']} | {r['invariant_ms']:.3f} | {r['tuned_ms']:.3f} | {r['cost_pct']:+.1f}% |" for r in rows]
+    print("\n".join(lines))
+    write_report(out_dir, "invariance", meta, dict(rows=rows), lines)
+    return 0
+
+
 def compared_key_row(r: dict) -> dict:
     """A row of the table against transformers as a key number (decode rows with their two floors:
     weights, and weights + KV)."""
@@ -292,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; a temp folder with --smoke)")
     parser.add_argument("--key", action="store_true", help="only the key numbers (a)-(d), sized for the GPU suite")
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoint and sizes (CPU-capable)")
+    parser.add_argument("--invariance", action="store_true",
+                        help="only (f): batch-invariant vs batch-tuned kernels, decode ms/step")
     args = parser.parse_args(argv)
     sizes = SMOKE_SIZES if args.smoke else KEY_SIZES if args.key else GPU_SIZES
     out_dir = output_dir(args.out, args.smoke)
@@ -305,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             from glmrt_testing.random_weights import write_glm_ocr
 
             path = write_glm_ocr(Path(tmp) / "ckpt", device=DEVICE, dtype=DTYPE)
+        if args.invariance:
+            return invariance(path, sizes, out_dir, args.smoke)
         engine = LLMEngine(str(path), device=DEVICE, dtype=DTYPE, max_num_seqs=sizes.batch,
                            gpu_memory_utilization=KV_SHARE)
         longest = max(sizes.contexts + sizes.batch_contexts) + sizes.decode_steps + 2

@@ -13,6 +13,12 @@ achieved GB/s or TFLOP/s, % of the measured ceiling, and PASS/MISS against the t
 The repetition penalty is one pass over a [B, V] presence mask and the logits: memory-bound too.
 norm_linear (a decode GEMM with its sandwich norm and SwiGLU fused) is timed against the unfused
 chain it replaces, sandwich_rms_norm + cuBLAS (+ silu_and_mul): the "ref" columns of its rows.
+The batch-invariant kernels (the engine's default) are timed against the batch-tuned ones they
+replace, in the "ref" columns: invariant_linear (qkv with its sandwich step, gate_up with SwiGLU,
+lm_head, at batch 1, 8, 32 and a 2048-token prefill) against the specialised norm_linear (<= 16
+rows) or sandwich_rms_norm + cuBLAS; invariant_decode_attention (batch 1, 8, 32 at contexts 1k
+and 5k) against paged_decode_attention's split-KV tuned per batch; invariant_prefill_attention
+against paged_prefill_attention. Their cost is the ratio: `ref / triton` below 1 is a slowdown.
 
 Timing is triton.testing.do_bench's median. do_bench zeroes a 256 MB buffer before every rep
 (outside the timed events), so each rep starts with a cold L2: memory-bound numbers are HBM
@@ -45,7 +51,7 @@ if not HAS_CUDA:  # must precede the first import of a kernel module (@triton.ji
 from triton.testing import do_bench
 
 from common import metadata, output_dir, provenance, write_report
-from glmrt.kernels import activation, attention, linear, paged, rmsnorm, rope, sampling
+from glmrt.kernels import activation, attention, invariant_attention, linear, paged, rmsnorm, rope, sampling
 from glmrt.model.ops import TorchOps
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -81,14 +87,16 @@ class Workload:
     fused_rows: tuple[int, ...]  # decode rows of norm_linear (at most linear.MAX_FUSED_ROWS)
     fused_outputs: tuple[int, int]  # its output features: qkv, gate_up (gate | up)
     prefill_chunks: tuple[tuple[int, int], ...]  # (chunk tokens, cached prefix) of a chunked prefill
+    invariant_rows: tuple[int, ...]  # GEMM rows of the batch-invariant comparison (decode batches, a prefill)
+    invariant_contexts: tuple[int, ...]  # decode contexts of the batch-invariant attention comparison
 
 
 REAL = Workload(24576, (1, 2, 4, 8), ((1024, 1), (2048, 1), (4096, 1), (6144, 1), (6144, 6)),
                 (1, 8, 32, 128, 256), (1024, 4096, 8192),
                 (1, 8, 16), ((TEXT_HEADS + 2 * TEXT_KV_HEADS) * TEXT_HEAD_DIM, 2 * TEXT_INTER),
-                ((2048, 0), (2048, 2048), (2048, 6144), (8192, 8192)))
+                ((2048, 0), (2048, 2048), (2048, 6144), (8192, 8192)), (1, 8, 32, 2048), (1024, 5120))
 # the interpreter runs a program's loop over K in ~0.5 s: a handful of output tiles only
-SMOKE = Workload(64, (1, 2), ((48, 1), (48, 3)), (1, 3), (40,), (1, 3), (64, 96), ((24, 40),))
+SMOKE = Workload(64, (1, 2), ((48, 1), (48, 3)), (1, 3), (40,), (1, 3), (64, 96), ((24, 40),), (1, 20), (40,))
 
 
 @dataclass
@@ -105,6 +113,7 @@ class Case:
     target: float | None = None  # fraction of the measured ceiling; None: no target at this size
     sdpa: Callable[[], object] | None = None  # torch SDPA on the same problem (attention only)
     note: str = ""
+    args: tuple = ()  # the kernel's tensors, for cases built on another's problem
 
 
 @dataclass
@@ -244,6 +253,52 @@ def norm_linear_case(label: str, rows: int, out_features: int, silu: bool) -> Ca
                 bytes=n, target=memory_target(n),
                 note="ref: unfused sandwich_rms_norm + F.linear"
                      + (" + silu_and_mul" if silu else ""))
+
+
+def invariant_linear_case(label: str, rows: int, out_features: int, silu: bool, norm: bool) -> Case:
+    """A text-decoder GEMM on the batch-invariant kernel (one tiling for every M), against the path
+    the batch-tuned backend runs: the fused norm_linear up to linear.MAX_FUSED_ROWS rows, else
+    sandwich_rms_norm + cuBLAS (+ silu_and_mul); without a norm (lm_head) cuBLAS."""
+    x, res = _randn(rows, TEXT_HIDDEN), _randn(rows, TEXT_HIDDEN)
+    post, pre = _weight(TEXT_HIDDEN), _weight(TEXT_HIDDEN)
+    weight = _randn(out_features, TEXT_HIDDEN) * TEXT_HIDDEN**-0.5
+    if norm:
+        args = (x, weight, pre, EPS, res, post)
+        invariant = lambda: linear.norm_linear(*args, silu_and_mul=silu, batch_invariant=True)[0]  # noqa: E731
+
+        def tuned() -> torch.Tensor:
+            if rows <= linear.MAX_FUSED_ROWS:
+                return linear.norm_linear(*args, silu_and_mul=silu)[0]
+            h, _ = rmsnorm.sandwich_rms_norm(x, res, post, pre, EPS)
+            y = F.linear(h, weight)
+            return activation.silu_and_mul(y) if silu else y
+    else:
+        invariant, tuned = (lambda: linear.linear(x, weight)), (lambda: F.linear(x, weight))
+    elt, n_out = x.element_size(), out_features // 2 if silu else out_features
+    n = rowwise_bytes(rows, (2 if norm else 1) * TEXT_HIDDEN, n_out, elt, out_features * TEXT_HIDDEN * elt)
+    return Case("invariant_linear", f"{label} M={rows} {out_features}x{TEXT_HIDDEN}" + (" +silu" if silu else ""),
+                triton=invariant, reference=tuned, bytes=n, target=None,
+                note="ref: the batch-tuned path (fused norm_linear <= 16 rows, else norm + cuBLAS)")
+
+
+def invariant_decode_case(batch: int, context: int) -> Case:
+    """Batch-invariant decode attention (fixed 256-key splits) against paged_decode_attention,
+    whose split count is tuned to the batch, on the same cache."""
+    case = paged_decode_case(batch, context)
+    tuned_fn = case.triton
+    q, k_cache, v_cache, tables, lens = case.args
+    invariant_fn = lambda: invariant_attention.decode_attention(q, k_cache, v_cache, tables, lens)  # noqa: E731
+    return Case("invariant_decode_attention", case.name, triton=invariant_fn, reference=tuned_fn,
+                bytes=case.bytes, target=None, note="ref: paged_decode_attention (split-KV tuned per batch)")
+
+
+def invariant_prefill_case(chunk: int, prefix: int) -> Case:
+    """Batch-invariant prefill attention (in-program 256-key splits) against paged_prefill_attention."""
+    case = paged_prefill_case(chunk, prefix)
+    q, k_cache, v_cache, cu, tables, lens = case.args
+    return Case("invariant_prefill_attention", case.name,
+                triton=lambda: invariant_attention.prefill_attention(q, k_cache, v_cache, cu, tables, lens, chunk),
+                reference=case.triton, flops=case.flops, target=None, note="ref: paged_prefill_attention")
 
 
 def layer_norm_gelu_case(rows: int) -> Case:
@@ -437,6 +492,7 @@ def paged_decode_case(batch: int, context: int, queries: int = 1) -> Case:
                 reference=lambda: paged.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, **kwargs),
                 bytes=decode_attention_bytes([context] * batch, TEXT_HEADS, TEXT_KV_HEADS,
                                              TEXT_HEAD_DIM, q.element_size(), queries),
+                args=(q, k_cache, v_cache, tables, lens),
                 target=DECODE_TARGET if batch >= DECODE_MIN_BATCH else None,
                 sdpa=lambda: F.scaled_dot_product_attention(q_dense, k_dense, v_dense,
                                                             attn_mask=None if queries == 1 else mask, enable_gqa=True))
@@ -466,6 +522,7 @@ def paged_prefill_case(chunk: int, prefix: int) -> Case:
                 triton=lambda: paged.paged_prefill_attention(q, k_cache, v_cache, cu, tables, lens, chunk),
                 reference=lambda: paged.paged_prefill_attention_ref(q, k_cache, v_cache, cu, tables, lens),
                 flops=flops, target=ATTENTION_TARGET if context >= ATTENTION_MIN_TOKENS else None, sdpa=sdpa,
+                args=(q, k_cache, v_cache, cu, tables, lens),
                 note="sdpa column: the varlen kernel" if not prefix else "sdpa column: masked SDPA on dense K/V")
 
 
@@ -550,6 +607,14 @@ def plan(w: Workload) -> dict[str, list[Callable[[], Case]]]:
                                    for b, c in itertools.product(w.decode_batches, w.decode_contexts)]
                                   + [partial(paged_decode_case, b, max(w.decode_contexts), 4) for b in w.decode_batches],
         "paged_prefill_attention": [partial(paged_prefill_case, c, p) for c, p in w.prefill_chunks],
+        "invariant_linear": [partial(invariant_linear_case, label, m, n, silu, norm)
+                             for label, n, silu, norm in (("qkv", w.fused_outputs[0], False, True),
+                                                          ("gate_up", w.fused_outputs[1], True, True),
+                                                          ("lm_head", VOCAB, False, False))
+                             for m in w.invariant_rows],
+        "invariant_decode_attention": [partial(invariant_decode_case, b, c) for c in w.invariant_contexts
+                                       for b in w.invariant_rows if b <= max(w.decode_batches)],
+        "invariant_prefill_attention": [partial(invariant_prefill_case, c, p) for c, p in w.prefill_chunks[:2]],
         "argmax": [partial(argmax_case, b) for b in w.decode_batches],
         "token_bitmask": [partial(token_bitmask_case, b) for b in w.decode_batches],
         "repetition_penalty": [partial(repetition_penalty_case, b, max(w.decode_contexts))
