@@ -283,22 +283,27 @@ def invariant_linear_case(label: str, rows: int, out_features: int, silu: bool, 
 
 def invariant_decode_case(batch: int, context: int) -> Case:
     """Batch-invariant decode attention (fixed 256-key splits) against paged_decode_attention,
-    whose split count is tuned to the batch, on the same cache."""
+    whose split count is tuned to the batch, on the same cache; both through block tables as
+    wide as the engine's (max_model_len 16384: 1025 blocks), which set the grids' split counts."""
     case = paged_decode_case(batch, context)
-    tuned_fn = case.triton
     q, k_cache, v_cache, tables, lens = case.args
-    invariant_fn = lambda: invariant_attention.decode_attention(q, k_cache, v_cache, tables, lens)  # noqa: E731
-    return Case("invariant_decode_attention", case.name, triton=invariant_fn, reference=tuned_fn,
+    wide = torch.zeros(batch, 16384 // BLOCK_SIZE + 1, dtype=torch.int32, device=DEVICE)
+    wide[:, : tables.shape[1]] = tables
+    return Case("invariant_decode_attention", case.name,
+                triton=lambda: invariant_attention.decode_attention(q, k_cache, v_cache, wide, lens),
+                reference=lambda: paged.paged_decode_attention(q, k_cache, v_cache, wide, lens),
                 bytes=case.bytes, target=None, note="ref: paged_decode_attention (split-KV tuned per batch)")
 
 
 def invariant_prefill_case(chunk: int, prefix: int) -> Case:
-    """Batch-invariant prefill attention (in-program 256-key splits) against paged_prefill_attention."""
+    """Batch-invariant prefill attention (in-program 256-key splits) against what the batch-tuned
+    engine runs: paged_prefill_attention after a prefix, the varlen kernel on a whole prompt."""
     case = paged_prefill_case(chunk, prefix)
     q, k_cache, v_cache, cu, tables, lens = case.args
     return Case("invariant_prefill_attention", case.name,
                 triton=lambda: invariant_attention.prefill_attention(q, k_cache, v_cache, cu, tables, lens, chunk),
-                reference=case.triton, flops=case.flops, target=None, note="ref: paged_prefill_attention")
+                reference=case.sdpa if not prefix else case.triton, flops=case.flops, target=None,
+                note="ref: the varlen kernel" if not prefix else "ref: paged_prefill_attention")
 
 
 def layer_norm_gelu_case(rows: int) -> Case:

@@ -22,7 +22,7 @@ query itself, its position and the cache:
   (p = 0, alpha = 1; a split it saw nothing of merges with weight 0).
 
 The cost against paged.py: decode writes one partial per split (fp32) where paged.py writes a few
-per sequence, and prefill rescales once per split. benchmarks/kernels.py measures both.
+per sequence, and prefill rescales once per split. benchmarks/kernel_bench.py measures both.
 Arguments and results as paged.paged_decode_attention / paged_prefill_attention (their `_ref`
 twins are these kernels' references too).
 """
@@ -79,7 +79,8 @@ def _split_partial(q, k_base, v_base, bt_row, last, lo, hi, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Online softmax (base 2) of q [BLOCK_R, BLOCK_D] over keys [lo, hi) in BLOCK_N tiles from lo;
-    # row r sees keys <= last[r]. -> unnormalised (m [BLOCK_R], l [BLOCK_R], acc [BLOCK_R, BLOCK_D]),
+    # row r sees keys <= last[r]. -> unnormalised (m [BLOCK_R], l [BLOCK_R], acc [BLOCK_R,
+    # BLOCK_D]),
     # m = -inf, l = 0, acc = 0 for a row that saw no key.
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -128,7 +129,9 @@ def _finish(l, acc):
     return tl.where(seen[:, None], acc / tl.where(seen, l, 1.0)[:, None], 0.0)
 
 
-@triton.jit
+# The launch arguments that follow the step (table width) are not specialized on: one compiled
+# kernel for every step.
+@triton.jit(do_not_specialize=["max_blocks", "stride_bt"])
 def _attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -143,13 +146,14 @@ def _attention_kernel(
     SPLIT_KEYS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # grid (Hkv, row blocks, sequences * GRID_SPLITS). GRID_SPLITS == 1: the program folds every
-    # split itself and writes out. Else program (.., .., b * GRID_SPLITS + s) writes split s's
-    # partial of its rows to part_* [T, Hq, GRID_SPLITS(, BLOCK_D)], for _combine_kernel.
-    kv_head = tl.program_id(0)
+    # grid (sequences * GRID_SPLITS, row blocks, Hkv) (the first axis takes up to 2^31 - 1).
+    # GRID_SPLITS == 1: the program folds every split itself and writes out. Else program
+    # (b * GRID_SPLITS + s, ..) writes split s's partial of its rows to part_* [T, Hq,
+    # GRID_SPLITS(, BLOCK_D)], for _combine_kernel.
+    seq = tl.program_id(0) // GRID_SPLITS
+    split = tl.program_id(0) % GRID_SPLITS
     row_block = tl.program_id(1)
-    seq = tl.program_id(2) // GRID_SPLITS
-    split = tl.program_id(2) % GRID_SPLITS
+    kv_head = tl.program_id(2)
     token, head, valid, last, hi = _rows(cu_seqlens_ptr, context_lens_ptr, seq, kv_head,
                                          row_block, max_blocks, GROUP, BLOCK_SIZE, NUM_QUERIES,
                                          BLOCK_R)
@@ -189,7 +193,7 @@ def _attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_blocks"])
 def _combine_kernel(
     context_lens_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, max_blocks,
     stride_ot, stride_oh,
@@ -197,10 +201,11 @@ def _combine_kernel(
     BLOCK_SIZE: tl.constexpr, NUM_QUERIES: tl.constexpr, GRID_SPLITS: tl.constexpr,
     SPLIT_KEYS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # grid (Hkv, row blocks, B): the rows of one split program block, their splits folded in order
-    kv_head = tl.program_id(0)
+    # grid (B, row blocks, Hkv): the rows of one split program block, their splits folded in order
+    tl.static_assert(NUM_QUERIES > 0)  # decode only: context_lens stands in for cu_seqlens
+    seq = tl.program_id(0)
     row_block = tl.program_id(1)
-    seq = tl.program_id(2)
+    kv_head = tl.program_id(2)
     token, head, valid, last, hi = _rows(context_lens_ptr, context_lens_ptr, seq, kv_head,
                                          row_block, max_blocks, GROUP, BLOCK_SIZE, NUM_QUERIES,
                                          BLOCK_R)
@@ -222,7 +227,8 @@ def _combine_kernel(
 
 
 def _launch(q, k_cache, v_cache, cu_seqlens, block_tables, context_lens, num_seqs: int,
-            num_queries: int, max_seqlen_q: int, grid_splits: int, scale: float | None) -> torch.Tensor:
+            num_queries: int, max_seqlen_q: int, grid_splits: int,
+            scale: float | None) -> torch.Tensor:
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     rows, num_q_heads, _ = q.shape
     group = num_q_heads // num_kv_heads
@@ -242,7 +248,10 @@ def _launch(q, k_cache, v_cache, cu_seqlens, block_tables, context_lens, num_seq
     common = dict(NUM_Q_HEADS=num_q_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
                   NUM_QUERIES=num_queries, GRID_SPLITS=grid_splits, SPLIT_KEYS=SPLIT,
                   BLOCK_R=block_r, BLOCK_D=block_d)
-    _attention_kernel[(num_kv_heads, row_blocks, num_seqs * grid_splits)](
+    # each multiply and add rounded as written (no FMA contraction): the decode and prefill
+    # kernels, compiled separately, fold splits with the same roundings (and as the interpreter)
+    common["enable_fp_fusion"] = False
+    _attention_kernel[(num_seqs * grid_splits, row_blocks, num_kv_heads)](
         q, k_cache, v_cache, cu_seqlens, block_tables, context_lens, out, part_m, part_l, part_acc,
         scale * math.log2(math.e), block_tables.shape[1],
         q.stride(0), q.stride(1),
@@ -255,7 +264,7 @@ def _launch(q, k_cache, v_cache, cu_seqlens, block_tables, context_lens, num_seq
         num_warps=4, **common,
     )
     if grid_splits > 1:
-        _combine_kernel[(num_kv_heads, row_blocks, num_seqs)](
+        _combine_kernel[(num_seqs, row_blocks, num_kv_heads)](
             context_lens, out, part_m, part_l, part_acc, block_tables.shape[1],
             out.stride(0), out.stride(1), num_warps=4, **common,
         )

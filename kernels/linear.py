@@ -12,15 +12,21 @@ ride along with the GEMM:
                                                                        h = pre_norm(r)
     silu_and_mul=True, W = [gate rows; up rows]      -> silu(h @ Wg^T) * (h @ Wu^T)
 
-The kernel is a skinny GEMM for M <= MAX_FUSED_ROWS rows. One program per BLOCK_N output columns
-streams its [BLOCK_N, K] weight rows (with SwiGLU: the same columns of the gate and of the up
-half) in BLOCK_K chunks through tl.dot, the rows padded to 16 (tl.dot's minimum M), so the
-weights are read exactly once in total; that read is what bounds the kernel. There is no
+At decode the kernel is a skinny GEMM for M <= MAX_FUSED_ROWS rows. One program per BLOCK_N
+output columns streams its [BLOCK_N, K] weight rows (with SwiGLU: the same columns of the gate
+and of the up half) in BLOCK_K chunks through tl.dot, the rows padded to 16 (tl.dot's minimum M),
+so the weights are read exactly once in total; that read is what bounds the kernel. There is no
 grid-wide sync, so every program recomputes the row norms itself from the [M, K] input (3 KB per
 bf16 row of 1536, from L2): one pass over K for rms(x), with a residual a second one that builds
-r and takes rms(r); the main loop then rebuilds each chunk of h right before its dot.
-Program 0 alone writes r. K (the hidden size) is a compile-time constant, as is M rounded up to a
-power of two (the norm tiles): a model compiles a handful of variants.
+r and takes rms(r); the main loop then rebuilds each chunk of h right before its dot. The
+column-block-0 programs write r. K (the hidden size) is a compile-time constant, as is M rounded
+up to a power of two (the norm tiles): a model compiles a handful of variants.
+
+Batch-invariant (`norm_linear(batch_invariant=True)`, and `linear`, the same kernel without the
+norm): any M, over blocks of 16 rows (a 2D grid) with the M = 16 tiles, so a row's bits never
+depend on M or on the other rows. For wide steps (prefill, vision) this re-reads the weights once
+per 16 rows and recomputes each row block's norms in every column program: slower than cuBLAS
+there (benchmarks/kernel_bench.py's invariant_linear rows measure by how much).
 
 Rounding is exactly that of the unfused ops (kernels/rmsnorm.py, kernels/activation.py): fp32
 statistics, x * rstd rounded to the dtype, times the weight, rounded again; r rounded before its
@@ -42,7 +48,7 @@ from .rmsnorm import check_rows, rms_norm_ref, sandwich_rms_norm_ref
 # decode sizes the per-program norm passes grow with M and cuBLAS' tiling wins.
 MAX_FUSED_ROWS = 16
 _BLOCK_M = 16  # tl.dot's minimum M; rows past M load as zeros and are not stored
-_INTERPRETER_BLOCK_M = 64  # batch-invariant rows per program in the interpreter (see _launch_config)
+_INTERPRETER_BLOCK_M = 64  # batch-invariant rows per program in the interpreter (_launch_config)
 
 
 @triton.jit
@@ -89,7 +95,7 @@ def _pad_rows(v, BLOCK_M: tl.constexpr):
     return tl.sum(tl.where(dst[:, None] == src[None, :], v[None, :], 0.0), axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every M (see _launch)
 def _norm_linear_kernel(
     x_ptr, res_ptr, post_w_ptr, pre_w_ptr, w_ptr, bias_ptr, y_ptr, r_ptr,
     M, N_OUT, stride_x, stride_res, stride_w, stride_y, stride_r, eps,
@@ -176,8 +182,8 @@ def _norm_linear_kernel(
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _launch_config(M: int, K: int, dtype: torch.dtype, silu: bool,
-                   batch_invariant: bool = False, interpreter: bool = False, N: int = 8192) -> dict:
+def _launch_config(M: int, K: int, N: int, dtype: torch.dtype, silu: bool,
+                   batch_invariant: bool = False, interpreter: bool = False) -> dict:
     """Tiles, warps and stages for sm_90 (ptxas numbers: tests/kernels/test_linear.py).
 
     BLOCK_N 32: GLM-OCR's qkv (N 4096) runs 128 programs and gate_up (I 4608 with SwiGLU) 144 on
@@ -202,10 +208,10 @@ def _launch_config(M: int, K: int, dtype: torch.dtype, silu: bool,
     if batch_invariant:
         norm_m = _INTERPRETER_BLOCK_M if interpreter else _BLOCK_M
     block_k = 64 if dtype == torch.float32 or (interpreter and batch_invariant) else 256
-    return dict(NORM_M=norm_m, BLOCK_M=max(norm_m, _BLOCK_M), NORM_K=min(triton.next_power_of_2(K), 4096 // norm_m),
-                BLOCK_N=min(8192, triton.next_power_of_2(N)) if interpreter and batch_invariant else 32,
-                BLOCK_K=block_k,
-                num_warps=4, num_stages=3 if silu else 4)
+    block_n = min(8192, triton.next_power_of_2(N)) if interpreter and batch_invariant else 32
+    return dict(NORM_M=norm_m, BLOCK_M=max(norm_m, _BLOCK_M),
+                NORM_K=min(triton.next_power_of_2(K), 4096 // norm_m), BLOCK_N=block_n,
+                BLOCK_K=block_k, num_warps=4, num_stages=3 if silu else 4)
 
 
 def _check_vector(name: str, t: torch.Tensor, size: int, x: torch.Tensor) -> None:
@@ -292,7 +298,12 @@ def _launch(x, weight, bias, silu_and_mul, pre_weight, eps, residual, post_weigh
     r = x if residual is None else torch.empty((M, K), dtype=x.dtype, device=x.device)
     if M == 0:
         return y, r
-    cfg = _launch_config(M, K, x.dtype, silu_and_mul, batch_invariant, x.device.type != "cuda", n_out)
+    interpreter = x.device.type != "cuda"
+    cfg = _launch_config(M, K, n_out, x.dtype, silu_and_mul, batch_invariant, interpreter)
+    if batch_invariant:
+        # Each multiply and add rounded as written (no FMA contraction), so that kernels compiled
+        # for other shapes or alignments, and the interpreter, round a row's values alike.
+        cfg["enable_fp_fusion"] = False
     # without a residual, norm or bias the kernel never touches those pointers: x stands in
     res = x if residual is None else residual
     norm_w = x if pre_weight is None else pre_weight

@@ -324,7 +324,8 @@ def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_siz
 
 
 def check_decode_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, context_lens: torch.Tensor, num_queries: int) -> None:
+                      block_tables: torch.Tensor, context_lens: torch.Tensor,
+                      num_queries: int) -> None:
     """The arguments of a decode attention call (see paged_decode_attention); ValueError naming
     the first that is wrong."""
     _check_cache(k_cache, v_cache)

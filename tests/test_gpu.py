@@ -132,6 +132,22 @@ def test_speculative_graph_decode_matches_eager(real_checkpoint, params):
     assert_bitwise_equal(recorded(eager, params), with_graphs, "eager serial vs graphs, speculative")
 
 
+def test_a_request_gets_the_same_logits_alone_in_a_batch_and_chunked(real_checkpoint):
+    """Batch invariance in bf16 with CUDA graphs: a page request's every-token logits alone, in a
+    batch of 5 requests of mixed images and lengths, and with every prompt prefilled in chunks of
+    512 tokens beside the running rows' decode steps, are the same bits."""
+    params = [dataclasses.replace(p, logprobs=1) for p in PARAMS]
+    options = dict(max_num_seqs=8, max_model_len=8192, gpu_memory_utilization=0.4)
+    llm = glmrt.LLM(str(real_checkpoint), **options)
+    recorder = LogitsRecorder(llm.engine)
+    (alone,) = recorder.generate(REQUESTS[3:4], params[3:4])
+    assert_bitwise_equal(recorder.generate(REQUESTS, params)[3:4], [alone], "alone vs in a batch of 5")
+    del llm, recorder
+    torch.cuda.empty_cache()
+    chunked = glmrt.LLM(str(real_checkpoint), max_num_batched_tokens=512, **options)
+    assert_bitwise_equal(LogitsRecorder(chunked.engine).generate(REQUESTS, params)[3:4], [alone], "chunks of 512")
+
+
 def test_speculative_decode_gives_plain_decodes_logits(real_checkpoint):
     """Greedy rows (a penalised one too) with MTP speculation (k = 3, graphs): every accepted
     token's logits, computed in a verify step of k + 1 queries per row, are plain decoding's bits."""

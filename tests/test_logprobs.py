@@ -112,6 +112,23 @@ def test_zero_gives_the_sampled_token_alone_and_none_gives_nothing(engine):
     assert [e[t] for t, e in zip(two.token_ids, two.logprobs)] == [e[t] for t, e in zip(zero.token_ids, zero.logprobs)]
 
 
+def test_a_stop_token_is_reported_where_the_text_holds_it(engine):
+    """A stop token that ends a request is left out of the text and of delta_token_ids (the
+    server's logprobs entries follow them), unless include_stop_str_in_output keeps it in both."""
+    free = engine.generate([request()], [glmrt.SamplingParams(max_tokens=TOKENS, ignore_eos=True)])[0]
+    stop = free.token_ids[2]
+    for keep in (False, True):
+        outs = []
+        params = glmrt.SamplingParams(max_tokens=TOKENS, stop_token_ids=[stop], ignore_eos=True, logprobs=1,
+                                      include_stop_str_in_output=keep)
+        engine.add_request(request(), params)
+        while engine.has_unfinished():
+            outs += engine.step()
+        delta = [t for out in outs for t in out.delta_token_ids]
+        assert outs[-1].token_ids[-1] == stop and len(outs[-1].logprobs) == len(outs[-1].token_ids)
+        assert delta == (outs[-1].token_ids if keep else outs[-1].token_ids[:-1])
+
+
 def test_temperature_and_top_k_leave_the_raw_values(engine):
     """top_k 1 samples the argmax whatever the temperature, so the tokens are greedy's: so must the
     values be (not those of logits / temperature, nor of the top-k-filtered distribution)."""

@@ -698,7 +698,7 @@ class LLMEngine:
     def _output(self, seq: Sequence, new_tokens: list[int], by_token: bool = False) -> RequestOutput:
         """The request's output after `new_tokens` were read back and absorbed ([] when it was
         aborted or failed); by_token: the last of them is a stop token that ended it, which
-        delta_token_ids leaves out. The caller releases a request that finished like any finished
+        delta_token_ids leaves out, as the text does (unless include_stop_str_in_output). The caller releases a request that finished like any finished
         request. An aborted or failed request keeps its reason."""
         request_id, params = seq.request_id, seq.sampling_params
         detok, stops = self._detokenizers[request_id], self._stop_checkers[request_id]
@@ -719,6 +719,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
             text=stops.sent_text, finish_reason=seq.finish_reason, delta_text=delta,
-            delta_token_ids=new_tokens[:-1] if by_token else new_tokens, error=seq.error, stop_reason=stop_reason,
+            delta_token_ids=new_tokens[:-1] if by_token and not params.include_stop_str_in_output else new_tokens,
+            error=seq.error, stop_reason=stop_reason,
             logprobs=seq.logprobs,
         )

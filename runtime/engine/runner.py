@@ -474,11 +474,12 @@ class ModelRunner:
         sampled at each row (speculative: the verify output's token columns, of which only the
         accepted count per sequence is ever read).
         -> (the tokens' log-probabilities [N] fp32, the top num_logprobs ids [N, num_logprobs] int64,
-        most likely first, and theirs [N, num_logprobs] fp32): log_softmax of the logits in fp32,
-        vLLM's raw_logprobs."""
+        most likely first, equal ones by id, and theirs [N, num_logprobs] fp32): log_softmax of the
+        logits in fp32, vLLM's raw_logprobs. A stable sort, not topk: which of several equal values
+        make the cut, and their order, must not depend on how many rows the step has."""
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        top = logprobs.topk(num_logprobs, dim=-1)
-        return logprobs.gather(1, tokens[:, None])[:, 0], top.indices, top.values
+        values, ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
+        return logprobs.gather(1, tokens[:, None])[:, 0], ids[:, :num_logprobs], values[:, :num_logprobs]
 
     def _handle(self, step: ScheduledStep, tokens: torch.Tensor, logits: torch.Tensor) -> StepHandle:
         """The handle of a step that sampled tokens [len(seqs)] (speculative: [len(seqs), k + 2])

@@ -179,7 +179,7 @@ def _spec(dtype: str, m: int, k: int, residual: bool, bias: bool, silu: bool,
     """(module, kernel, signature, constexprs, options) as norm_linear (norm=False: linear)
     launches it on a GPU."""
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    cfg = linear._launch_config(m, k, torch_dtype, silu, batch_invariant)
+    cfg = linear._launch_config(m, k, 4096, torch_dtype, silu, batch_invariant)
     options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     sig = {n: f"*{dtype}" for n in ("x_ptr", "res_ptr", "post_w_ptr", "pre_w_ptr", "w_ptr",
                                      "bias_ptr", "y_ptr", "r_ptr")}
@@ -188,8 +188,6 @@ def _spec(dtype: str, m: int, k: int, residual: bool, bias: bool, silu: bool,
     sig["eps"] = "fp32"
     consts = dict(K=k, HAS_NORM=norm, HAS_RESIDUAL=residual, HAS_BIAS=bias, SILU=silu,
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg)
-    if m == 1:  # the JIT turns an int argument equal to 1 into a constexpr
-        consts["M"] = 1
     sig.update({n: "constexpr" for n in consts})
     return "glmrt.kernels.linear", "_norm_linear_kernel", sig, consts, options
 
@@ -218,7 +216,7 @@ def test_glm_ocr_decode_configs_fit_sm90():
     results = [r for half in halves for r in half]
     cases = _GLM_OCR_CASES[::2] + _GLM_OCR_CASES[1::2]
     for (m, residual, bias, silu, n), r in zip(cases, results):
-        block_n = linear._launch_config(m, 1536, torch.bfloat16, silu)["BLOCK_N"]
+        block_n = linear._launch_config(m, 1536, n, torch.bfloat16, silu)["BLOCK_N"]
         r.update(rows=m, residual=residual, bias=bias, silu=silu, N=n,
                  programs=-(-(n // 2 if silu else n) // block_n))
         assert r["spills"] == 0, f"registers spill: {r}"
@@ -304,8 +302,9 @@ def test_linear_matches_reference_and_is_batch_invariant(dtype, silu, bias):
 def test_specialised_norm_tiles_follow_m():
     """Why batch_invariant exists: the decode-specialised configuration sums a row's rms over
     tiles whose width follows M, so past K 256 its bits can change with the batch."""
-    one, seven = (linear._launch_config(m, 1536, torch.bfloat16, False) for m in (1, 7))
+    one, seven = (linear._launch_config(m, 1536, 4096, torch.bfloat16, False) for m in (1, 7))
     assert one["NORM_K"] != seven["NORM_K"]
-    assert all(linear._launch_config(m, 1536, torch.bfloat16, False, batch_invariant=True)
-               == linear._launch_config(16, 1536, torch.bfloat16, False, batch_invariant=True)
-               for m in (1, 7, 16, 300))
+    for interpreter in (False, True):
+        configs = [linear._launch_config(m, 1536, 4096, torch.bfloat16, False, True, interpreter)
+                   for m in (1, 7, 16, 300)]
+        assert all(c == configs[0] for c in configs)

@@ -51,12 +51,19 @@ class LogitsRecorder:
     def _recording(self, launch, pending):
         def recording(*args, **kwargs):
             handle = launch(*args, **kwargs)
-            if handle.seqs:
-                (logits,) = pending
-                per_seq = logits.shape[0] // len(handle.seqs) if handle.speculative else 1
-                for i, (seq, new) in enumerate(zip(handle.seqs, handle.tokens())):
-                    self.rows.setdefault(seq.request_id, []).extend(logits[i * per_seq: i * per_seq + len(new)])
-            pending.clear()
+            logits = pending.pop() if pending else None
+            assert not pending
+            if handle.seqs and logits is not None:  # recorded when the engine reads the step back,
+                read = handle.tokens               # so steps still overlap as they do unrecorded
+
+                def tokens_then_record():
+                    new_tokens = read()
+                    per_seq = logits.shape[0] // len(handle.seqs) if handle.speculative else 1
+                    for i, (seq, new) in enumerate(zip(handle.seqs, new_tokens)):
+                        self.rows.setdefault(seq.request_id, []).extend(logits[i * per_seq: i * per_seq + len(new)])
+                    return new_tokens
+
+                handle.tokens = tokens_then_record
             return handle
         return recording
 
@@ -82,6 +89,7 @@ def logits_differences(got, want) -> list[str]:
         if not torch.equal(logits[i], ref_logits[i]):
             diff = (logits[i].float() - ref_logits[i].float()).abs().max().item()
             found.append(f"token {i}: logits differ (max |diff| {diff:.3g})")
-    if (out.logprobs or [])[:n] != (ref.logprobs or [])[:n]:
+    entries = lambda o: [list(entry.items()) for entry in (o.logprobs or [])[:n]]  # noqa: E731 (in order)
+    if entries(out) != entries(ref):
         found.append("log-probabilities differ")
     return found
