@@ -5,7 +5,7 @@ The Triton backend (the interpreter on CPU): a probe request with an image, alon
 of 2, 7, 17 and 32 requests of mixed lengths; async vs sync scheduling; MTP speculation (k = 3:
 the logits of every accepted token) vs none; a 600-token prompt prefilled whole vs in chunks of
 64 and 500 beside other requests' decode rows; the probe preempted and recomputed. All in fp32;
-fp16 (the interpreter is slow) the batch of 17, chunks of 64 and speculation. (On CPU there are
+fp16 (the interpreter is slow) the batch of 17 and chunks of 64. (On CPU there are
 no CUDA graphs: a decode step runs its bucket's rows eagerly, as a replay would, and decode
 attention folds its key splits in-program, as prefill does; the kernel tests show the GPU's
 split-in-grid path gives the same bits, and tests/test_gpu.py compares graph vs eager.)
@@ -27,8 +27,8 @@ from glmrt.engine.engine import LLMEngine
 from glmrt_testing.engine_checks import LogitsRecorder, logits_differences
 from glmrt_testing.helpers import make_image
 
-PROBE_TOKENS = 6
-FILLER_TOKENS = (1, 3, 6, 2, 5)  # fillers finish at different steps: the batch shrinks under the probe
+PROBE_TOKENS = 5
+FILLER_TOKENS = (1, 3, 2)  # fillers finish at different steps: the batch shrinks under the probe
 NUM_LOGPROBS = 5
 
 
@@ -128,6 +128,8 @@ def test_chunked_prefill(tiny_checkpoint, alone, dtype, budget):
 
 def test_speculative_decoding(tiny_checkpoint, alone, dtype):
     """MTP drafts (k = 3) verified in one step: every accepted token's logits as plain decoding's."""
+    if dtype == "float16":
+        pytest.skip("fp32 only (the interpreter is slow)")
     engine = make_engine(tiny_checkpoint, dtype, num_speculative_tokens=3)
     recorder = LogitsRecorder(engine)
     requests = fillers(6, seed=5)
@@ -146,7 +148,7 @@ def test_preempted_and_recomputed(tiny_checkpoint, alone, dtype):
         pytest.skip("fp32 only (the interpreter is slow)")
     engine = make_engine(tiny_checkpoint, dtype, max_model_len=256, kv_cache_tokens=256)
     recorder = LogitsRecorder(engine)
-    requests = [({"prompt_token_ids": token_ids(206, 10)}, params(30)), (probe(), params(PROBE_TOKENS))]
+    requests = [({"prompt_token_ids": token_ids(206, 10)}, params(12)), (probe(), params(PROBE_TOKENS))]
     results = run(recorder, requests)
     assert results[1][0].request_id in recorder.preempted
     assert_same(results[1], alone[0], "preempted and recomputed")
