@@ -57,7 +57,8 @@ class StubDevice:
             sum(t * h * w for t, h, w in grids) // 4, hidden)
         model.compute_logits = lambda h: h[:, :1]
         runner.sampler = self.sample
-        runner.decode_step = lambda bs, do_sample: self.sample(None, slice(0, bs), do_sample)
+        # (tokens, the logits they came from): what a decode step returns
+        runner.decode_step = lambda bs, do_sample: (self.sample(None, slice(0, bs), do_sample), torch.zeros(bs, 1))
         runner.decode_logits = lambda bs: torch.zeros(bs, 1)  # the forward half of a constrained step
 
     def sample(self, logits, rows: slice, do_sample: bool, token_mask: torch.Tensor | None = None) -> torch.Tensor:
