@@ -195,6 +195,16 @@ class StepKinds:
         return {kind for kind, _, _ in self.seen}
 
 
+def assert_same_outputs(outs: list[glmrt.RequestOutput], refs: list[glmrt.RequestOutput]) -> None:
+    """The same tokens, and log-probabilities within 1e-5 where the reference has them."""
+    for out, ref in zip(outs, refs, strict=True):
+        assert out.token_ids == ref.token_ids
+        if ref.logprobs is None:
+            assert out.logprobs is None
+        else:
+            assert_same_logprobs(out.logprobs, ref.logprobs, exact=False)
+
+
 def run_staggered(engine, arrivals: dict[int, list[tuple[dict, glmrt.SamplingParams]]]) -> list[glmrt.RequestOutput]:
     """Requests added at the given step indices -> their final outputs, in arrival order."""
     order, done, step = [], {}, 0
@@ -224,12 +234,7 @@ def test_mixed_and_split_steps_report_what_a_request_alone_does(tiny_checkpoint,
     outs = run_staggered(engine, {0: [cases[0]], 2: [cases[1]], 4: [cases[2]]})
     assert steps.kinds == {"prefill", "mixed", "decode", "split"}, steps.seen
     assert max(num for _, _, num in steps.seen) == 3
-    for out, ref in zip(outs, alone):
-        assert out.token_ids == ref.token_ids
-        if ref.logprobs is None:
-            assert out.logprobs is None
-        else:
-            assert_same_logprobs(out.logprobs, ref.logprobs, exact=False)
+    assert_same_outputs(outs, alone)
     assert_all_free(engine)
 
 
@@ -285,12 +290,7 @@ def test_speculative_steps_report_what_plain_steps_do(tiny_checkpoint, monkeypat
         assert any(rows == 3 * 4 for kind, rows, _ in steps.seen if kind == "speculative")  # bs * (k + 1)
         if oracle:
             assert engine.spec_stats.num_accepted_tokens > 10
-        for out, ref in zip(outs, refs):
-            assert out.token_ids == ref.token_ids
-            if ref.logprobs is None:
-                assert out.logprobs is None
-            else:
-                assert_same_logprobs(out.logprobs, ref.logprobs, exact=False)
+        assert_same_outputs(outs, refs)
 
 
 def test_triton_backend_matches_the_torch_backend(tiny_checkpoint, engine):
