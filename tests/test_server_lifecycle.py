@@ -266,6 +266,11 @@ async def _sigterm_during(server: ServerProcess, bodies: list[dict]) -> tuple[fl
                     late.append((await fresh.post(server.url + CHAT, json=chat("hello", max_tokens=1))).status_code)
             except httpx.ConnectError:
                 late.append("refused")
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                # Connected in the instant the listening socket closed: the kernel's backlog (or a
+                # connection whose request was not read yet) is dropped without an answer; nothing
+                # of it reached the engine, so it is a refusal too.
+                late.append("refused")
             await asyncio.sleep(0.3)
         return sent, await asyncio.gather(*tasks), late
 
