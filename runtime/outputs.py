@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 # The content parts of transformers' chat format that a request can carry, with their keys.
 # An image part holds no image: request['images'] fill the image parts in order.
@@ -114,15 +114,49 @@ def _token_ids(ids: Any) -> list[int]:
     return [int(t) for t in ids]
 
 
+class Prefix:
+    """The first `n` items of a list that the engine keeps growing (a request's tokens, its text
+    deltas): what an output holds in place of a copy, so that making one costs the same whatever
+    the length of the output. `join` makes the value (a list, a string) when it is first read."""
+
+    __slots__ = ("items", "n", "join")
+
+    def __init__(self, items: list, join: Callable[[list], Any] = list):
+        self.items, self.n, self.join = items, len(items), join
+
+    def value(self) -> Any:
+        return self.join(self.items[: self.n])
+
+
+class _MadeOnRead:
+    """A RequestOutput field that may be given a Prefix: its value is made on the first read and
+    kept (so a caller's changes to it stick, as with a plain field)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:  # no class-level default: the dataclass field stays required
+            raise AttributeError(self.name)
+        value = obj.__dict__[self.name]
+        if isinstance(value, Prefix):
+            value = obj.__dict__[self.name] = value.value()
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = value
+
+
 @dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     # Generated tokens, including the stop token or the token that completed the stop string.
-    token_ids: list[int]
+    # (The engine's outputs make it, and `text`, when first read: O(1) per step while streaming.)
+    token_ids: list[int] = _MadeOnRead()
     # Detokenized output without the stop token, cut before the stop string (after it with
     # include_stop_str_in_output); while streaming, the text sent so far (all deltas joined).
-    text: str
+    text: str = _MadeOnRead()
     finish_reason: str | None  # "stop" | "length" | "abort" | "error"; None while streaming
     delta_text: str = ""  # streaming: text added by this step
     delta_token_ids: list[int] = field(default_factory=list)

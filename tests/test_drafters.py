@@ -261,7 +261,7 @@ def test_mixed_steps_keep_every_rows_reservation(tiny_checkpoint):
         for seq in [] if handle is None else handle.seqs:
             if not seq.is_finished:
                 checked.append(len(handle.seqs))
-                assert seq.num_cached >= seq.num_tokens - 1, seq.request_id
+                assert seq.num_reserved >= seq.num_tokens - 1, seq.request_id
         return outputs
 
     engine._read_in_flight = read_and_check

@@ -239,7 +239,7 @@ def test_abort_in_every_state_frees_everything(tiny_checkpoint):
     engine.step()  # prefill of three requests, in flight
     engine.step()  # their first decode launched, the prefill's tokens read
     engine.step()
-    states = {s.request_id: s.status.value for s in engine._sequences.values()}
+    states = {s.request_id: s.status.value for s in (r.seq for r in engine._requests.values())}
     assert set(states.values()) >= {"waiting", "running"}
     assert engine._in_flight is not None
     for request_id in [ids[4], ids[0], last]:  # waiting, running with a token in flight, waiting
@@ -262,7 +262,7 @@ def test_abort_of_a_draining_request(tiny_checkpoint):
     engine.step()  # prefill: token 1 in flight
     engine.step()  # decode of token 2 launched, token 1 read back
     assert engine.scheduler.schedule() is None  # nothing left to schedule: the request gives up its row
-    seq = engine._sequences[request_id]
+    seq = engine._requests[request_id].seq
     assert seq.status.value == "draining" and seq.row is None and seq.block_table
     assert engine.abort(request_id).finish_reason == "abort"
     assert engine.step() == []  # the in-flight token is dropped
@@ -324,7 +324,7 @@ def test_a_request_whose_detokenization_fails_fails_alone(tiny_checkpoint, expec
     engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=4)
     params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)
     ids = [engine.add_request(as_request(REQUESTS[i]), params) for i in range(3)]
-    detok = engine._detokenizers[ids[1]]
+    detok = engine._requests[ids[1]].detokenizer
     calls = []
 
     def broken(tokens):

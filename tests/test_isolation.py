@@ -129,7 +129,7 @@ def test_a_request_that_breaks_every_step_fails_alone_after_bisection(tiny_check
     requests = [{"prompt": f"request {i}: " + "word " * i} for i in range(8)]
     solo = [engine.generate([r], [params])[0].token_ids for r in requests]
     ids = [engine.add_request(r, params) for r in requests]
-    poisoned = engine._sequences[ids[5]]
+    poisoned = engine._requests[ids[5]].seq
     failures = []
 
     def faulty(launch):

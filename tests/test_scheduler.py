@@ -111,9 +111,9 @@ def test_decode_counts_scheduled_tokens_and_hands_out_new_blocks():
     sched.add(a)
     sched.schedule()  # prefill: 31 tokens cached, 2 blocks, token 32 pending
     step = sched.schedule()  # decode feeds token 32 (cache index 31): still block 2
-    assert step.new_blocks == [] and a.num_cached == 32
+    assert step.new_blocks == [] and a.num_reserved == 32
     read_back(sched.schedule())  # feeds cache index 32: a third block, before a token is read
-    assert a.num_cached == 33 and len(a.block_table) == 3
+    assert a.num_reserved == 33 and len(a.block_table) == 3
 
 
 def test_decode_drains_then_preempts_latest_and_requeues_it_first():
@@ -127,7 +127,7 @@ def test_decode_drains_then_preempts_latest_and_requeues_it_first():
     step = sched.schedule()
     assert not step.is_prefill and step.seqs == [a]
     assert b.status == SequenceStatus.WAITING and sched.waiting[0] is b and b.block_table == []
-    assert b.row is None and b.num_cached == 0 and b.output_token_ids == [7]
+    assert b.row is None and b.num_reserved == 0 and b.output_token_ids == [7]
     assert sched.num_preemptions == 1 and len(a.block_table) == 3
     assert sched.rows.log == [("clear", 1)]
 
@@ -191,7 +191,7 @@ def test_chunked_prefill_runs_chunks_within_the_budget_beside_the_decode_rows():
     step = sched.schedule()  # b's last chunk samples its first token and takes row 1; c starts
     assert step.decode == [a] and chunks_of(step) == [("b", 48, 50, True), ("c", 0, 5, True)]
     assert step.seqs == [a, b, c] and step.first_row == 1 and (b.row, c.row) == (1, 2)
-    assert b.num_pending == 1 and b.num_cached == 50 and sched.prefilling == []
+    assert b.num_pending == 1 and b.num_reserved == 50 and sched.prefilling == []
     step = sched.schedule()
     assert step.decode == [a, b, c] and step.chunks == []
 
@@ -221,7 +221,7 @@ def test_chunked_prefill_preempts_prefilling_sequences_first_without_draining():
     assert sched.prefilling == [b] and sched.block_manager.num_free_blocks == 0
     step = sched.schedule()  # a's token 17 needs a block: b is preempted, a's first token still in flight
     assert step.decode == [a] and step.chunks == [] and a.num_pending == 2
-    assert sched.waiting[0] is b and b.status == SequenceStatus.WAITING and b.num_cached == 0
+    assert sched.waiting[0] is b and b.status == SequenceStatus.WAITING and b.num_reserved == 0
     assert b.block_table == [] and sched.num_preemptions == 1 and sched.prefilling == []
 
 

@@ -14,7 +14,7 @@ class IncrementalDetokenizer:
     def __init__(self, decode: Callable[[Sequence[int]], str]):
         self._decode = decode
         self.token_ids: list[int] = []
-        self.text = ""
+        self._deltas: list[str] = []  # the text so far, in the pieces `add` returned (no O(text) += per step)
         self._prefix_offset = 0
         self._read_offset = 0
 
@@ -27,12 +27,17 @@ class IncrementalDetokenizer:
             return ""
         delta = full[len(prefix):]
         self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
-        self.text += delta
+        self._deltas.append(delta)
         return delta
 
     def finish(self) -> str:
         """Flush: the final text is the plain decode of all tokens; return what was not yet emitted."""
-        final = self._decode(self.token_ids)
-        delta = final[len(self.text):] if final.startswith(self.text) else ""
-        self.text = final
+        final, text = self._decode(self.token_ids), self.text
+        delta = final[len(text):] if final.startswith(text) else ""
+        self._deltas = [final]
         return delta
+
+    @property
+    def text(self) -> str:
+        """The text emitted so far (the plain decode of all tokens once finished)."""
+        return "".join(self._deltas)

@@ -38,14 +38,13 @@ from ..outputs import Request, RequestOutput
 from ..processor import IMAGE_TOKEN, VIDEO_TOKEN, Processor
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
-from .detokenizer import IncrementalDetokenizer
 from .drafters import Drafter
 from .runner import ModelRunner, PrefillInputError, StepHandle, allocate_kv_cache, kv_bytes_per_token
 from .sampler import Sampler, SamplingState, request_seed
+from .request_state import RequestState
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
 from .spec_decode import SpecDecodeStats
-from .stop import StopChecker
 from .structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -215,10 +214,7 @@ class LLMEngine:
                                    rows=self.runner.batch, tokens_per_step=k + 1,
                                    chunked_prefill=self.chunked_prefill)
         self.spec_stats = SpecDecodeStats(k)
-        self._sequences: dict[str, Sequence] = {}
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self._stop_checkers: dict[str, StopChecker] = {}
-        # An eos token that ends a request is no stop_reason, even when stop_token_ids lists it (vLLM).
+        self._requests: dict[str, RequestState] = {}  # every request queued and not yet finished
         self._eos_token_ids = frozenset(self.config.text.eos_token_ids + self.generation_config.eos_token_ids)
         self.structured = None if self.generates_images else StructuredOutputs(
             path / "tokenizer.json", text.vocab_size, sorted(self._eos_token_ids))
@@ -437,15 +433,11 @@ class LLMEngine:
         return list(self._pool.map(lambda job: self.prepare(*job), jobs))
 
     def enqueue(self, seq: Sequence) -> str:
-        if seq.request_id in self._sequences:
+        if seq.request_id in self._requests:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
-        self._sequences[seq.request_id] = seq
         skip = seq.sampling_params.skip_special_tokens
-        self._detokenizers[seq.request_id] = IncrementalDetokenizer(
-            (lambda t: "") if self.generates_images else lambda t: self.processor.decode(t, skip_special_tokens=skip)
-        )
-        params = seq.sampling_params
-        self._stop_checkers[seq.request_id] = StopChecker(params.stop or [], params.include_stop_str_in_output)
+        decode = (lambda t: "") if self.generates_images else lambda t: self.processor.decode(t, skip_special_tokens=skip)
+        self._requests[seq.request_id] = RequestState(seq, decode, self._eos_token_ids)
         self.scheduler.add(seq)
         return seq.request_id
 
@@ -479,22 +471,22 @@ class LLMEngine:
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now, from any state, and free its KV blocks, row and image embeddings;
         -> its final output (finish_reason "abort"), or None if it is unknown or already done."""
-        seq = self._sequences.get(request_id)
-        if seq is None:
+        state = self._requests.get(request_id)
+        if state is None:
             return None
-        seq.finish("abort")
-        self._release(seq)
-        return self._output(seq, [])
+        state.seq.finish("abort")
+        self._release(state.seq)
+        return self._output(state, [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def has_request(self, request_id: str) -> bool:
-        return request_id in self._sequences
+        return request_id in self._requests
 
     @property
     def request_ids(self) -> list[str]:
-        return list(self._sequences)
+        return list(self._requests)
 
     # ---------------------------------------------------------------------------------- steps
 
@@ -625,14 +617,15 @@ class LLMEngine:
             logprobs = handle.logprobs(tokens) if handle.has_logprobs else None
         except Exception as exc:
             return self._fail(handle.seqs, exc)
-        outputs = []
+        outputs, requests = [], self._requests
         for i, (seq, new_tokens) in enumerate(zip(handle.seqs, tokens)):
             if seq.is_finished:  # finished or aborted after this step was launched: drop the tokens
                 continue
+            state = requests[seq.request_id]
             if handle.speculative:
                 self.spec_stats.record(len(new_tokens) - 1, *handle.proposals[i])
             seq.num_pending -= 1
-            seq.num_cached -= handle.reserved[i] - len(new_tokens)  # slots reserved but not used
+            seq.num_reserved -= handle.reserved[i] - len(new_tokens)  # slots reserved but not used
             read, by_token = [], False
             try:
                 # Token by token, as without speculation: tokens after the one that ends the
@@ -644,10 +637,10 @@ class LLMEngine:
                     seq.append_token(token)
                     if seq.grammar is not None and self.structured.accept(seq.grammar, token) and not seq.is_finished:
                         seq.finish("stop")  # an ignored eos that completes the constraint still ends it
-                    by_token = self._absorb(seq, token)  # may finish the request on a stop string
+                    by_token = state.absorb(token)  # may finish the request on a stop string
                     if seq.is_finished:
                         break
-                out = self._output(seq, read, by_token)
+                out = self._output(state, read, by_token)
             except Exception as exc:  # e.g. detokenization: this request's own host work failed
                 outputs += self._fail([seq], exc)
                 continue
@@ -660,15 +653,15 @@ class LLMEngine:
         message = f"{type(exc).__name__}: {exc}"
         outputs = []
         for seq in seqs:
-            if self._sequences.get(seq.request_id) is not seq:  # its final output was already made
+            state = self._requests.get(seq.request_id)
+            if state is None or state.seq is not seq:  # its final output was already made
                 continue
             seq.finish("error", error=message)
             self._release(seq)
             try:
-                outputs.append(self._output(seq, []))
+                outputs.append(self._output(state, []))
             except Exception:  # its text cannot be made either (the detokenizer failed): none then
-                for table in (self._sequences, self._detokenizers, self._stop_checkers):
-                    table.pop(seq.request_id, None)
+                self._requests.pop(seq.request_id, None)
                 outputs.append(RequestOutput(
                     request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
                     token_ids=list(seq.output_token_ids), text="", finish_reason="error", error=message,
@@ -683,43 +676,10 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self.runner.release(seq)
 
-    def _absorb(self, seq: Sequence, token: int) -> bool:
-        """Add a token just appended to `seq` to its text -> whether it ended the request as a stop
-        token. As in vLLM, a stop token is left out of the text (kept with
-        include_stop_str_in_output), and a stop string in the new text ends the request with
-        "stop", also when this token reached the length limit."""
-        detok, stops = self._detokenizers[seq.request_id], self._stop_checkers[seq.request_id]
-        by_token = seq.finish_reason == "stop"
-        stops.add(detok.add([] if by_token and not seq.sampling_params.include_stop_str_in_output else [token]))
-        if stops.stop_str is not None and seq.finish_reason in (None, "length", "stop"):
-            seq.finish("stop")
-        return by_token
-
-    def _output(self, seq: Sequence, new_tokens: list[int], by_token: bool = False) -> RequestOutput:
-        """The request's output after `new_tokens` were read back and absorbed ([] when it was
-        aborted or failed); by_token: the last of them is a stop token that ended it, which
-        delta_token_ids leaves out, as the text does (unless include_stop_str_in_output). The caller releases a request that finished like any finished
-        request. An aborted or failed request keeps its reason."""
-        request_id, params = seq.request_id, seq.sampling_params
-        detok, stops = self._detokenizers[request_id], self._stop_checkers[request_id]
-        if seq.is_finished:
-            stops.add(detok.finish())  # the tail held back as an incomplete character
-        if stops.stop_str is not None and seq.finish_reason in (None, "length", "stop"):
-            seq.finish("stop")
-        stop_reason = None  # the stop string, or the stop_token_ids token (not an eos) that ended it
-        if seq.finish_reason == "stop":
-            token = seq.output_token_ids[-1]
-            stop_reason = stops.stop_str
-            if stop_reason is None and token in (params.stop_token_ids or ()) and (
-                    params.ignore_eos or token not in self._eos_token_ids):
-                stop_reason = token
-        delta = stops.pop_delta(seq.is_finished)
-        if seq.is_finished:
-            del self._sequences[request_id], self._detokenizers[request_id], self._stop_checkers[request_id]
-        return RequestOutput(
-            request_id=request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
-            text=stops.sent_text, finish_reason=seq.finish_reason, delta_text=delta,
-            delta_token_ids=new_tokens[:-1] if by_token and not params.include_stop_str_in_output else new_tokens,
-            error=seq.error, stop_reason=stop_reason,
-            logprobs=seq.logprobs,
-        )
+    def _output(self, state: RequestState, new_tokens: list[int], by_token: bool = False) -> RequestOutput:
+        """The request's output (RequestState.output); a finished request is forgotten here (the
+        caller releases it like any finished request)."""
+        out = state.output(new_tokens, by_token)
+        if out.finished:
+            del self._requests[out.request_id]
+        return out

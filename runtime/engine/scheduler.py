@@ -23,7 +23,7 @@ them. A sequence that leaves (finished, aborted, preempted, or with its last tok
 gives its row to the last row's sequence; `rows` mirrors every move on the device.
 
 Steps may overlap: the engine schedules step N+1 before it has read step N's tokens. The
-scheduler therefore counts scheduled steps and cache slots (`num_pending`, `num_cached`) rather
+scheduler therefore counts scheduled steps and cache slots (`num_pending`, `num_reserved`) rather
 than known tokens; with speculative decoding a decode step reserves k + 1 slots per sequence;
 a sequence whose stop token is still in flight is scheduled once more and that token is dropped.
 When a decode step needs more blocks than are free, prefilling sequences are preempted first
@@ -163,10 +163,10 @@ class Scheduler:
             self._preempt(self.running[-1])
         new_blocks = []
         for row, seq in enumerate(self.running):
-            block_id = self.block_manager.grow(seq, seq.num_cached + self.tokens_per_step)
+            block_id = self.block_manager.grow(seq, seq.num_reserved + self.tokens_per_step)
             if block_id is not None:
                 new_blocks.append((row, len(seq.block_table) - 1, block_id))
-            seq.num_cached += self.tokens_per_step
+            seq.num_reserved += self.tokens_per_step
             seq.num_pending += 1
         return list(self.running), new_blocks
 
@@ -191,7 +191,7 @@ class Scheduler:
             self.waiting.popleft()
             self.block_manager.allocate(seq, seq.num_tokens)
             seq.status = SequenceStatus.PREFILLING
-            seq.num_cached, seq.num_pending = 0, 0
+            seq.num_reserved, seq.num_pending = 0, 0
             self.prefilling.append(seq)
             budget = self._add_chunk(chunks, seq, cost, budget)
             if budget is None:
@@ -201,7 +201,7 @@ class Scheduler:
     def _chunk_cost(self, chunks: list[PrefillChunk], seq: Sequence, budget: int) -> tuple[int, int] | None:
         """-> (tokens, vision patches) of seq's next chunk within `budget`, or None if it must wait.
         Without chunked prefill a chunk is the whole rest of the prompt."""
-        remaining = seq.num_tokens - seq.num_cached
+        remaining = seq.num_tokens - seq.num_reserved
         vision = seq.num_unencoded_patches
         if not chunks:  # the first chunk of a step always runs
             return (min(remaining, max(budget, 1)) if self.chunked_prefill else remaining), vision
@@ -216,10 +216,10 @@ class Scheduler:
         """Append seq's next chunk of `cost` (_chunk_cost) -> the budget left, or None when the
         step is full (a sequence that prefills alone ends it)."""
         tokens, vision = cost
-        start = seq.num_cached
-        seq.num_cached += tokens
-        samples = seq.num_cached == seq.num_tokens
-        chunks.append(PrefillChunk(seq, start, seq.num_cached, samples))
+        start = seq.num_reserved
+        seq.num_reserved += tokens
+        samples = seq.num_reserved == seq.num_tokens
+        chunks.append(PrefillChunk(seq, start, seq.num_reserved, samples))
         if samples:  # its last chunk: it takes the next row and samples its first token
             self.prefilling.remove(seq)
             seq.status = SequenceStatus.RUNNING
@@ -236,7 +236,7 @@ class Scheduler:
 
     def _new_blocks_needed(self) -> int:
         bm = self.block_manager
-        return sum(len(s.block_table) < bm.blocks_needed(s.num_cached + self.tokens_per_step) for s in self.running)
+        return sum(len(s.block_table) < bm.blocks_needed(s.num_reserved + self.tokens_per_step) for s in self.running)
 
     def _release_row(self, seq: Sequence) -> None:
         row, last = seq.row, len(self.running) - 1
@@ -262,7 +262,7 @@ class Scheduler:
             self.prefilling.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_cached = seq.num_pending = 0
+        seq.num_reserved = seq.num_pending = 0
         self.waiting.appendleft(seq)
 
     def retry_alone(self, seqs: list[Sequence]) -> None:

@@ -39,9 +39,10 @@ class Sequence:
     # before it has read step N's tokens. Each yields at least one token (up to k + 1 with k
     # speculative tokens), so outputs + num_pending is what the sequence is sure to reach.
     num_pending: int = 0
-    # Tokens whose K/V the launched steps may write: exact without speculation, an upper bound
-    # with it (each decode step reserves room for k + 1; reading its result gives back the rest).
-    num_cached: int = 0
+    # Cache slots reserved by the launched steps: the tokens whose K/V they write (its prefill
+    # chunks' tokens, one per decode step), exact without speculation, an upper bound with it
+    # (each decode step reserves room for k + 1; reading its result gives back the rest).
+    num_reserved: int = 0
     row: int | None = None  # its row in the device-resident batch while RUNNING
     # Set when a prefill shared with other requests failed: it is prefilled again in a step of
     # its own, so that a request that breaks a step fails alone.

@@ -108,8 +108,10 @@ class RequestTimer:
         if not self.prompt_counted:
             m.prompt_tokens.inc(len(out.prompt_token_ids))
             self.prompt_counted = True
-        n = len(out.token_ids) - self.num_tokens
-        self.num_tokens = len(out.token_ids)
+        # Deltas while streaming (reading token_ids would copy the whole output every step); the
+        # final output's token_ids also count a stop token, which has no delta.
+        n = len(out.token_ids) - self.num_tokens if out.finished else len(out.delta_token_ids)
+        self.num_tokens += n
         if n:
             m.generation_tokens.inc(n)
             if self.last is None:

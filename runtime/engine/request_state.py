@@ -1,0 +1,67 @@
+"""A request's output side: the text of the tokens read back, its stop strings, its RequestOutputs.
+
+The engine core reads tokens back and appends them to the Sequence; a RequestState turns them into
+text (incremental detokenization), finds stop strings in it and makes the request's outputs. The
+work per token is O(1) in the length of the output: deltas are decoded from a short window, stop
+strings are searched in the new text only, and an output refers to the request's growing lists
+(outputs.Prefix) rather than copying them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence as Ids
+
+from ..outputs import Prefix, RequestOutput
+from .detokenizer import IncrementalDetokenizer
+from .sequence import Sequence
+from .stop import StopChecker
+
+
+class RequestState:
+    __slots__ = ("seq", "detokenizer", "stops", "eos_token_ids")
+
+    def __init__(self, seq: Sequence, decode: Callable[[Ids[int]], str], eos_token_ids: frozenset[int]):
+        self.seq = seq
+        self.detokenizer = IncrementalDetokenizer(decode)
+        params = seq.sampling_params
+        self.stops = StopChecker(params.stop or [], params.include_stop_str_in_output)
+        # An eos token that ends a request is no stop_reason, even when stop_token_ids lists it (vLLM).
+        self.eos_token_ids = eos_token_ids
+
+    def absorb(self, token: int) -> bool:
+        """Add a token just appended to the sequence to its text -> whether it ended the request as
+        a stop token. As in vLLM, a stop token is left out of the text (kept with
+        include_stop_str_in_output), and a stop string in the new text ends the request with
+        "stop", also when this token reached the length limit."""
+        seq = self.seq
+        by_token = seq.finish_reason == "stop"
+        keep = not by_token or seq.sampling_params.include_stop_str_in_output
+        self.stops.add(self.detokenizer.add([token] if keep else []))
+        if self.stops.stop_str is not None and seq.finish_reason in (None, "length", "stop"):
+            seq.finish("stop")
+        return by_token
+
+    def output(self, new_tokens: list[int], by_token: bool = False) -> RequestOutput:
+        """The request's output after `new_tokens` were read back and absorbed ([] when it was
+        aborted or failed); by_token: the last of them is a stop token that ended it, which
+        delta_token_ids leaves out, as the text does (unless include_stop_str_in_output). An
+        aborted or failed request keeps its reason."""
+        seq, stops, params = self.seq, self.stops, self.seq.sampling_params
+        if seq.is_finished:
+            stops.add(self.detokenizer.finish())  # the tail held back as an incomplete character
+        if stops.stop_str is not None and seq.finish_reason in (None, "length", "stop"):
+            seq.finish("stop")
+        stop_reason = None  # the stop string, or the stop_token_ids token (not an eos) that ended it
+        if seq.finish_reason == "stop":
+            token = seq.output_token_ids[-1]
+            stop_reason = stops.stop_str
+            if stop_reason is None and token in (params.stop_token_ids or ()) and (
+                    params.ignore_eos or token not in self.eos_token_ids):
+                stop_reason = token
+        delta = stops.pop_delta(seq.is_finished)
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+            token_ids=Prefix(seq.output_token_ids), text=Prefix(stops.sent, "".join),
+            finish_reason=seq.finish_reason, delta_text=delta,
+            delta_token_ids=new_tokens[:-1] if by_token and not params.include_stop_str_in_output else new_tokens,
+            error=seq.error, stop_reason=stop_reason, logprobs=seq.logprobs,
+        )
