@@ -13,6 +13,8 @@ achieved GB/s or TFLOP/s, % of the measured ceiling, and PASS/MISS against the t
 The repetition penalty is one pass over a [B, V] presence mask and the logits: memory-bound too.
 norm_linear (a decode GEMM with its sandwich norm and SwiGLU fused) is timed against the unfused
 chain it replaces, sandwich_rms_norm + cuBLAS (+ silu_and_mul): the "ref" columns of its rows.
+mrope_write_kv (M-RoPE fused with the paged KV-cache write) is timed against the torch backend's
+unfused path, TorchOps.mrope_write_kv: mrope_ref, then an in-place scatter into the caches.
 The batch-invariant kernels (the engine's default) are timed against the batch-tuned ones they
 replace, in the "ref" columns: invariant_linear (qkv with its sandwich step, gate_up with SwiGLU,
 lm_head, at batch 1, 8, 32 and a 2048-token prefill) against the specialised norm_linear (<= 16
@@ -346,26 +348,11 @@ def _text_qkv(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
     return qkv, *qkv.split([TEXT_HEADS, TEXT_KV_HEADS, TEXT_KV_HEADS], dim=1)
 
 
-def mrope_case(label: str, tokens: int) -> Case:
-    qkv, q, k, _ = _text_qkv(tokens)
+def mrope_write_kv_case(label: str, tokens: int, prefill: bool) -> Case:
+    """The decoder's op: M-RoPE on q/k and the KV-cache write in one launch, vs the torch backend's
+    unfused path (mrope_ref, then an in-place scatter into the caches)."""
+    qkv, q, k, v = _text_qkv(tokens)
     pos = torch.randint(0, 8192, (3, tokens), device=DEVICE)  # (t, h, w) rows
-
-    def check() -> tuple[object, object]:
-        wq, wk, _ = qkv.clone().split([TEXT_HEADS, TEXT_KV_HEADS, TEXT_KV_HEADS], dim=1)
-        rope.mrope_(wq, wk, pos, MROPE_SECTION, ROPE_THETA)
-        return (wq, wk), rope.mrope_ref(q, k, pos, MROPE_SECTION, ROPE_THETA)
-
-    elt, heads = qkv.element_size(), TEXT_HEADS + TEXT_KV_HEADS
-    n = rowwise_bytes(tokens, heads * TEXT_HEAD_DIM, heads * TEXT_HEAD_DIM, elt,
-                      pos.numel() * pos.element_size())
-    return Case("mrope", f"{label} T={tokens} {TEXT_HEADS}q/{TEXT_KV_HEADS}k D{TEXT_HEAD_DIM}",
-                triton=lambda: rope.mrope_(q, k, pos, MROPE_SECTION, ROPE_THETA),
-                reference=lambda: rope.mrope_ref(q, k, pos, MROPE_SECTION, ROPE_THETA),
-                check=check, bytes=n, target=memory_target(n))
-
-
-def write_kv_cache_case(label: str, tokens: int, prefill: bool) -> Case:
-    _, _, k, v = _text_qkv(tokens)
     num_blocks = -(-tokens // BLOCK_SIZE) if prefill else tokens
     shape = (num_blocks, BLOCK_SIZE, TEXT_KV_HEADS, TEXT_HEAD_DIM)
     k_cache = torch.zeros(shape, device=DEVICE, dtype=DTYPE)
@@ -377,37 +364,8 @@ def write_kv_cache_case(label: str, tokens: int, prefill: bool) -> Case:
     else:  # one new token per sequence, at some offset of that sequence's last block
         slots = blocks * BLOCK_SIZE + torch.randint(0, BLOCK_SIZE, (tokens,), device=DEVICE)
 
-    def check() -> tuple[object, object]:
-        expected = paged.write_kv_cache_ref(k, v, k_cache, v_cache, slots)
-        kc, vc = k_cache.clone(), v_cache.clone()
-        paged.write_kv_cache(k, v, kc, vc, slots)
-        return (kc, vc), expected
-
-    row = 2 * TEXT_KV_HEADS * TEXT_HEAD_DIM  # K and V of one token
-    n = rowwise_bytes(tokens, row, row, k.element_size(), tokens * slots.element_size())
-    return Case("write_kv_cache", f"{label} T={tokens}",
-                triton=lambda: paged.write_kv_cache(k, v, k_cache, v_cache, slots),
-                # write_kv_cache_ref clones the whole cache (an oracle); time the torch backend's
-                # in-place scatter instead
-                reference=lambda: TorchOps().write_kv_cache(k, v, k_cache, v_cache, slots),
-                check=check, bytes=n, target=memory_target(n))
-
-
-def mrope_write_kv_case(label: str, tokens: int) -> Case:
-    """The decoder's op: M-RoPE on q/k and the KV-cache write in one launch (vs the two kernels)."""
-    qkv, q, k, v = _text_qkv(tokens)
-    pos = torch.randint(0, 8192, (3, tokens), device=DEVICE)
-    blocks = -(-tokens // BLOCK_SIZE)
-    k_cache = torch.zeros(blocks, BLOCK_SIZE, TEXT_KV_HEADS, TEXT_HEAD_DIM, device=DEVICE, dtype=DTYPE)
-    v_cache = torch.zeros_like(k_cache)
-    slots = torch.randperm(blocks * BLOCK_SIZE, device=DEVICE)[:tokens]
-
     def fused(q_, k_, v_, kc, vc) -> None:
         rope.mrope_write_kv_(q_, k_, v_, pos, MROPE_SECTION, ROPE_THETA, kc, vc, slots)
-
-    def two_kernels() -> None:
-        rope.mrope_(q, k, pos, MROPE_SECTION, ROPE_THETA)
-        paged.write_kv_cache(k, v, k_cache, v_cache, slots)
 
     def check() -> tuple[object, object]:
         wq, wk, wv = qkv.clone().split([TEXT_HEADS, TEXT_KV_HEADS, TEXT_KV_HEADS], dim=1)
@@ -419,8 +377,11 @@ def mrope_write_kv_case(label: str, tokens: int) -> Case:
     elt, heads = qkv.element_size(), TEXT_HEADS + TEXT_KV_HEADS
     n = rowwise_bytes(tokens, (heads + TEXT_KV_HEADS) * TEXT_HEAD_DIM, (heads + 2 * TEXT_KV_HEADS) * TEXT_HEAD_DIM,
                       elt, pos.numel() * pos.element_size() + slots.numel() * slots.element_size())
-    return Case("mrope_write_kv", f"{label} T={tokens}", triton=lambda: fused(q, k, v, k_cache, v_cache),
-                reference=two_kernels, check=check, bytes=n, target=memory_target(n))
+    return Case("mrope_write_kv", f"{label} T={tokens}",
+                triton=lambda: fused(q, k, v, k_cache, v_cache),
+                reference=lambda: TorchOps().mrope_write_kv(q, k, v, pos, MROPE_SECTION, ROPE_THETA, k_cache,
+                                                            v_cache, slots),
+                check=check, bytes=n, target=memory_target(n))
 
 
 def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int],
@@ -598,11 +559,8 @@ def plan(w: Workload) -> dict[str, list[Callable[[], Case]]]:
                         in zip(("qkv", "gate_up"), w.fused_outputs, (False, True))
                         for m in w.fused_rows],
         "vision_qk_norm_rope": [partial(vision_rope_case, w.vision_patches)],
-        "mrope": [partial(mrope_case, "decode", decode_b), partial(mrope_case, "prefill", prefill_t)],
-        "mrope_write_kv": [partial(mrope_write_kv_case, "decode", decode_b),
-                           partial(mrope_write_kv_case, "prefill", prefill_t)],
-        "write_kv_cache": [partial(write_kv_cache_case, "decode", decode_b, False),
-                           partial(write_kv_cache_case, "prefill", prefill_t, True)],
+        "mrope_write_kv": [partial(mrope_write_kv_case, "decode", decode_b, False),
+                           partial(mrope_write_kv_case, "prefill", prefill_t, True)],
         "varlen_attention": [
             *(partial(varlen_attention_case, "vision", [w.vision_patches // n] * n,
                       VISION_HEADS, VISION_HEADS, VISION_HEAD_DIM, False) for n in w.vision_images),

@@ -1,5 +1,6 @@
-"""Paged KV cache: the cache write, split-KV decode attention (flash-decoding) and chunked-prefill
-attention.
+"""Paged KV cache: split-KV decode attention (flash-decoding), chunked-prefill attention, and the
+cache write's argument check and reference (the write itself is the epilogue of rope.py's
+`mrope_write_kv_`, fused with the M-RoPE that precedes it in every decoder layer).
 
 Cache layout (vLLM / nano-vllm "flash" layout), one tensor per layer for K and one for V:
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], last dim contiguous.
@@ -59,35 +60,6 @@ _MAX_SPLITS = 64
 # ----------------------------------------------------------------------------- cache write
 
 
-@triton.jit
-def _write_kv_cache_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_kc_block, stride_kc_slot, stride_kc_head,
-    stride_vc_block, stride_vc_slot, stride_vc_head,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # One program per token: all kv heads of its K and V rows, [H, D] each.
-    t = tl.program_id(0)
-    slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (slot >= 0) & (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HEAD_DIM)
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
-    t64 = t.to(tl.int64)
-
-    k = tl.load(k_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-    v = tl.load(v_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    kc = k_cache_ptr + block * stride_kc_block + offset * stride_kc_slot
-    vc = v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot
-    tl.store(kc + offs_h[:, None] * stride_kc_head + offs_d[None, :],
-             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc + offs_h[:, None] * stride_vc_head + offs_d[None, :],
-             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
 def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1:
         raise ValueError(f"{name} must have a contiguous last dimension, got strides {t.stride()}")
@@ -122,32 +94,12 @@ def check_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                          f"{slot_mapping.dtype} strides {slot_mapping.stride()}")
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """Store k, v [T, Hkv, D] at slot_mapping [T] (int32/int64, -1 = skip) into the caches, in place.
-
-    k and v may be strided views (e.g. slices of a packed qkv projection) as long as the head_dim
-    axis is contiguous.
-    """
-    check_kv_write(k, v, k_cache, v_cache, slot_mapping)
-    _, block_size, num_heads, head_dim = k_cache.shape
-    num_tokens = k.shape[0]
-    if num_tokens == 0:
-        return
-    _write_kv_cache_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-    )
-
-
 def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: index_put into clones of the caches; rows with slot -1 are dropped."""
+    """The cache write in plain torch (the write of `rope.mrope_write_kv_ref`): k, v [T, Hkv, D]
+    index_put at slot_mapping into clones of the caches, rows with slot -1 dropped; returns the
+    new (k_cache, v_cache)."""
     num_blocks, block_size, num_heads, head_dim = k_cache.shape
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()

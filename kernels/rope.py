@@ -4,20 +4,19 @@ Two kernels, both memory-bound elementwise passes that read q/k once and write t
 
 - `vision_qk_norm_rope_`: the vision attention's per-head q/k RMSNorm fused with the 2D
   (row, col) rotary embedding, NeoX half-rotate over the whole head dim.
-- `mrope_`: the text decoder's 3D M-RoPE: rotary_dim/2 frequencies split into contiguous (t, h, w)
-  sections, each turning by that row's position, rotating the first rotary_dim dims of every head
-  (None = all of them) in one of two layouts:
+- `mrope_write_kv_`: the text decoder's 3D M-RoPE on q and k, fused with the paged KV-cache write
+  of k and v (one launch per decoder layer). rotary_dim/2 frequencies split into contiguous
+  (t, h, w) sections, each turning by that row's position, rotate the first rotary_dim dims of
+  every head (None = all of them) in one of two layouts:
   - interleaved=True, GPT-J pairs: frequency j rotates dims (2j, 2j+1). GLM-OCR, full rotation
     (transformers' GlmOcr `rotate_half_llm`, cos/sin `repeat_interleave(2)`).
   - interleaved=False, NeoX halves: frequency j rotates dims (j, rotary_dim/2 + j). GLM-Image,
     partial rotation over the first half of a 128-dim head (GlmImage `rotate_half`, cos/sin
     `cat([freqs, freqs])`).
-  Dims [rotary_dim, D) pass through: the kernel neither reads nor writes them.
-
-`mrope_write_kv_` is `mrope_` fused with the paged KV-cache write (one launch instead of two per
-decoder layer): it lives here because it is the M-RoPE kernel with a store epilogue (the whole k
-row, pass-through dims included, and v), while the cache layout it stores into is a few lines of
-slot addressing (see paged.py).
+  Dims [rotary_dim, D) pass through: neither read nor written in q and k, copied into the cache
+  with the rest of the k row. The kernel lives here because it is the M-RoPE kernel with a store
+  epilogue, while the cache layout it stores into is a few lines of slot addressing (see paged.py,
+  which holds the layout's argument check and the write's reference).
 
 Head dims: tiles pad to a power of two and mask the padding, so any D up to MAX_HEAD_DIM works
 that the rotation allows: D and rotary_dim even for M-RoPE (pairs or halves), a multiple of 4 for
@@ -196,7 +195,7 @@ def vision_qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Te
 # ---------------------------------------------------------------------------------------------------
 #
 # Both layouts rotate the first ROTARY = 2 * HALF dims of a head with HALF frequencies; dims
-# [ROTARY, HEAD_DIM) pass through: the in-place kernels never load or store them, the KV-cache
+# [ROTARY, HEAD_DIM) pass through: the in-place rotation never loads or stores them, the KV-cache
 # epilogue copies them into the cache row unchanged.
 
 
@@ -273,29 +272,6 @@ def _rope_neox(x_ptr, stride_t, stride_h, H, offs_t, mask_t, cos, sin,
 
 
 @triton.jit
-def _mrope_kernel(
-    q_ptr, k_ptr, pos_ptr, inv_freq_ptr,
-    T, HQ, HK,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_pr, stride_pt,
-    HALF: tl.constexpr, SEC_T: tl.constexpr, SEC_TH: tl.constexpr, INTERLEAVED: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
-    # One program: BLOCK_T tokens x all q heads and all k heads; cos/sin computed once for both.
-    # HALF = rotary_dim / 2 frequencies: only the first 2 * HALF dims of a head are read or written.
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < T
-    cos, sin = _mrope_cos_sin(pos_ptr, inv_freq_ptr, stride_pr, stride_pt, offs_t, mask_t,
-                              q_ptr.dtype.element_ty, HALF, SEC_T, SEC_TH, BLOCK_HALF)
-    if INTERLEAVED:
-        _rope_interleaved(q_ptr, stride_qt, stride_qh, HQ, offs_t, mask_t, cos, sin, HALF, BLOCK_HQ)
-        _rope_interleaved(k_ptr, stride_kt, stride_kh, HK, offs_t, mask_t, cos, sin, HALF, BLOCK_HK)
-    else:
-        _rope_neox(q_ptr, stride_qt, stride_qh, HQ, offs_t, mask_t, cos, sin, HALF, BLOCK_HQ)
-        _rope_neox(k_ptr, stride_kt, stride_kh, HK, offs_t, mask_t, cos, sin, HALF, BLOCK_HK)
-
-
-@triton.jit
 def _mrope_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     T, HQ, HK,
@@ -307,10 +283,12 @@ def _mrope_write_kv_kernel(
     BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # _mrope_kernel, then the whole k row of the same BLOCK_T tokens is stored at its cache slot
-    # (slot -1 rows skipped): the rotated dims [0, 2 * HALF) from registers, the pass-through
-    # dims [2 * HALF, HEAD_DIM) (a BLOCK_PASS tile, absent when the rotation is full) copied from
-    # k, which the rotation did not touch; then v [BLOCK_T, BLOCK_HK, BLOCK_D].
+    # One program: BLOCK_T tokens x all q heads and all k heads, cos/sin computed once for both,
+    # q and k rotated in place (only their first ROTARY = 2 * HALF dims are read or written).
+    # Then the whole k row of the same tokens is stored at its cache slot (slot -1 rows skipped):
+    # the rotated dims [0, ROTARY) from registers, the pass-through dims [ROTARY, HEAD_DIM) (a
+    # BLOCK_PASS tile, absent when the rotation is full) copied from k, which the rotation did not
+    # touch; then v [BLOCK_T, BLOCK_HK, BLOCK_D].
     ROTARY: tl.constexpr = 2 * HALF
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
@@ -378,7 +356,8 @@ def _check_rotary(head_dim: int, rotary_dim: int | None, mrope_section, interlea
 def _check_mrope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                  mrope_section: tuple[int, int, int] | list[int], rotary_dim: int | None,
                  interleaved: bool) -> tuple[list[int], int]:
-    """Validate mrope_'s arguments; returns (the three section sizes, rotary_dim)."""
+    """Validate the rotation's arguments of mrope_write_kv_; returns (the three section sizes,
+    rotary_dim)."""
     _check_heads("q", q)
     _check_heads("k", k)
     T, _, D = q.shape
@@ -391,61 +370,27 @@ def _check_mrope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return sections, rotary
 
 
-def _mrope_meta(T: int, HQ: int, HK: int, rotary: int, sections: list[int],
-                interleaved: bool) -> tuple[int, dict]:
-    """(programs, launch constexprs) shared by the two M-RoPE kernels."""
-    block_hq = triton.next_power_of_2(HQ)
-    block_half = triton.next_power_of_2(rotary // 2)
-    block_t, num_warps = _tile(T, block_hq, 2 * block_half)
-    return triton.cdiv(T, block_t), dict(
-        HALF=rotary // 2, SEC_T=sections[0], SEC_TH=sections[0] + sections[1],
-        INTERLEAVED=interleaved, BLOCK_T=block_t, BLOCK_HQ=block_hq,
-        BLOCK_HK=triton.next_power_of_2(HK), BLOCK_HALF=block_half, num_warps=num_warps,
-    )
-
-
-def mrope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-           mrope_section: tuple[int, int, int] | list[int], theta: float = 10000.0,
-           rotary_dim: int | None = None, interleaved: bool = True) -> None:
-    """In place: rotate the first rotary_dim dims of q [T, Hq, D] and k [T, Hk, D] with 3D M-RoPE.
-
-    q, k: same dtype, any token/head strides, head_dim contiguous (views into a packed q|k|v
-    projection output are fine); D even, up to 256. positions: [3, T] int32/int64 (t, h, w rows),
-    any strides. rotary_dim: even, 2..D, None = D; dims [rotary_dim, D) are neither read nor
-    written. mrope_section: 3 section sizes summing to rotary_dim/2 (GLM-OCR: [16, 24, 24] with
-    D = rotary_dim = 128; GLM-Image: [8, 12, 12] with D = 128, rotary_dim = 64). Frequency j =
-    theta^(-2j/rotary_dim) turns by pos[row(j)]; interleaved=True rotates the pair (2j, 2j+1)
-    (GPT-J, GLM-OCR), interleaved=False the dims (j, rotary_dim/2 + j) (NeoX rotate_half,
-    GLM-Image). As for the vision kernel, make the first call per (theta, rotary_dim, device) before
-    CUDA-graph capture.
-    """
-    sections, rotary = _check_mrope(q, k, positions, mrope_section, rotary_dim, interleaved)
-    T, HQ, D = q.shape
-    HK = k.shape[1]
-    if T == 0:
-        return
-    programs, meta = _mrope_meta(T, HQ, HK, rotary, sections, interleaved)
-    _mrope_kernel[(programs,)](
-        q, k, positions, _inv_freq(float(theta), rotary, q.device),
-        T, HQ, HK,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions.stride(0), positions.stride(1),
-        **meta,
-    )
-
-
 def mrope_write_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     mrope_section: tuple[int, int, int] | list[int], theta: float,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, rotary_dim: int | None = None,
                     interleaved: bool = True) -> None:
-    """`mrope_(q, k, ...)` then `write_kv_cache(k, v, ...)` in one launch, with the same results.
+    """In place: rotate the first rotary_dim dims of q [T, Hq, D] and k [T, Hkv, D] with 3D M-RoPE,
+    then store the whole rotated k rows and v [T, Hkv, D] in the paged caches.
 
-    q [T, Hq, D] and k [T, Hkv, D] are rotated in place (prefill attention reads k from there);
-    the whole rotated k rows (pass-through dims included) and v [T, Hkv, D] are stored at
-    slot_mapping [T] (contiguous int32/int64, -1 = skip) into k_cache, v_cache [num_blocks,
-    block_size, Hkv, D]. Same argument rules as the two calls it replaces; reads no device tensor
-    on the host, so it can be captured in a CUDA graph (after a first call per (theta, rotary_dim,
-    device), which uploads the frequency table).
+    q, k, v: same dtype, any token/head strides, head_dim contiguous (views into a packed q|k|v
+    projection output are fine); D even, up to 256. q and k are rotated in place (prefill
+    attention reads k from there). positions: [3, T] int32/int64 (t, h, w rows), any strides.
+    rotary_dim: even, 2..D, None = D; dims [rotary_dim, D) of q and k are neither read nor written,
+    those of k are copied into the cache. mrope_section: 3 section sizes summing to rotary_dim/2
+    (GLM-OCR: [16, 24, 24] with D = rotary_dim = 128; GLM-Image: [8, 12, 12] with D = 128,
+    rotary_dim = 64). Frequency j = theta^(-2j/rotary_dim) turns by pos[row(j)]; interleaved=True
+    rotates the pair (2j, 2j+1) (GPT-J, GLM-OCR), interleaved=False the dims (j, rotary_dim/2 + j)
+    (NeoX rotate_half, GLM-Image).
+    k_cache, v_cache: [num_blocks, block_size, Hkv, D], D contiguous; token t goes to slot
+    slot_mapping[t] (contiguous int32/int64, -1 = skip) = block * block_size + offset.
+    Reads no device tensor on the host, so it can be captured in a CUDA graph, after a first call
+    per (theta, rotary_dim, device), which uploads the frequency table.
     """
     sections, rotary = _check_mrope(q, k, positions, mrope_section, rotary_dim, interleaved)
     check_kv_write(k, v, k_cache, v_cache, slot_mapping)
@@ -453,8 +398,10 @@ def mrope_write_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     HK = k.shape[1]
     if T == 0:
         return
-    programs, meta = _mrope_meta(T, HQ, HK, rotary, sections, interleaved)
-    _mrope_write_kv_kernel[(programs,)](
+    block_hq = triton.next_power_of_2(HQ)
+    block_half = triton.next_power_of_2(rotary // 2)
+    block_t, num_warps = _tile(T, block_hq, 2 * block_half)
+    _mrope_write_kv_kernel[(triton.cdiv(T, block_t),)](
         q, k, v, positions, _inv_freq(float(theta), rotary, q.device), k_cache, v_cache,
         slot_mapping,
         T, HQ, HK,
@@ -462,9 +409,11 @@ def mrope_write_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         positions.stride(0), positions.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_PASS=triton.next_power_of_2(D - rotary) if rotary < D else 1,
-        BLOCK_D=triton.next_power_of_2(D), **meta,
+        HEAD_DIM=D, HALF=rotary // 2, SEC_T=sections[0], SEC_TH=sections[0] + sections[1],
+        INTERLEAVED=interleaved, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(HK),
+        BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(D - rotary) if rotary < D else 1,
+        BLOCK_D=triton.next_power_of_2(D), num_warps=num_warps,
     )
 
 
@@ -472,9 +421,10 @@ def mrope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
               mrope_section: tuple[int, int, int] | list[int], theta: float = 10000.0,
               rotary_dim: int | None = None, interleaved: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch twin of `mrope_`: transformers' text rotary embedding + apply_rotary_pos_emb,
-    GlmOcr's (interleaved=True) or GlmImage's (interleaved=False). q [T, Hq, D], k [T, Hk, D],
-    positions [3, T]; returns new (q, k), dims [rotary_dim, D) copied unchanged."""
+    """The rotation of `mrope_write_kv_` in plain torch: transformers' text rotary embedding +
+    apply_rotary_pos_emb, GlmOcr's (interleaved=True) or GlmImage's (interleaved=False).
+    q [T, Hq, D], k [T, Hk, D], positions [3, T]; returns new (q, k), dims [rotary_dim, D) copied
+    unchanged."""
     D = q.shape[-1]
     sections, rotary = _check_rotary(D, rotary_dim, mrope_section, interleaved)
     freqs = positions[..., None].float() * _inv_freq(float(theta), rotary, q.device)  # [3, T, R/2]

@@ -57,7 +57,10 @@ def test_block_manager_allocates_grows_and_frees():
     new = bm.grow(s, 33)
     assert new is not None and s.block_table[-1] == new and len(s.block_table) == 3
     bm.free(s)
-    assert bm.num_free_blocks == 4 and s.block_table == [] and set(bm.ref_counts) == {0}
+    assert bm.num_free_blocks == 4 and s.block_table == [] and not bm.used_block_ids
+    s.block_table = [new]  # a table that still lists a freed block: freeing it again is refused
+    with pytest.raises(AssertionError, match=f"frees block {new}, which is free"):
+        bm.free(s)
 
 
 def test_prefill_respects_max_num_seqs_and_token_budget():

@@ -1,4 +1,4 @@
-"""Paged KV-cache bookkeeping: fixed-size blocks, reference counts, per-sequence block tables."""
+"""Paged KV-cache bookkeeping: fixed-size blocks, each held by one sequence, per-sequence block tables."""
 from __future__ import annotations
 
 from collections import deque
@@ -12,8 +12,8 @@ class BlockManager:
             raise ValueError(f"need at least one KV block (num_blocks={num_blocks}, block_size={block_size})")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.ref_counts = [0] * num_blocks
         self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.used_block_ids: set[int] = set()
 
     @property
     def num_free_blocks(self) -> int:
@@ -46,13 +46,12 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self.free_block_ids.append(block_id)
+            assert block_id in self.used_block_ids, f"request {seq.request_id} frees block {block_id}, which is free"
+            self.used_block_ids.remove(block_id)
+            self.free_block_ids.append(block_id)
         seq.block_table = []
 
     def _take(self) -> int:
         block_id = self.free_block_ids.popleft()
-        assert self.ref_counts[block_id] == 0
-        self.ref_counts[block_id] = 1
+        self.used_block_ids.add(block_id)
         return block_id

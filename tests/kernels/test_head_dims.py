@@ -4,7 +4,7 @@ import torch
 
 from glmrt.kernels import MAX_HEAD_DIM, check_head_dims
 from glmrt.kernels.attention import varlen_attention
-from glmrt.kernels.rope import mrope_, vision_qk_norm_rope_
+from glmrt.kernels.rope import mrope_write_kv_, vision_qk_norm_rope_
 
 
 @pytest.mark.parametrize("text, vision", [(128, 64), (16, 16), (2, 4), (80, 24), (256, 256),
@@ -28,20 +28,26 @@ def test_unsupported_head_dims_name_the_head_dim(text, vision, message):
         check_head_dims(text, vision)
 
 
+def _mrope_write_kv(x: torch.Tensor, sections: list[int]) -> None:
+    """M-RoPE on x [2, 1, D] as q and k, and the cache write of k and v = x."""
+    cache = torch.zeros(1, 16, *x.shape[1:])
+    mrope_write_kv_(x.clone(), x.clone(), x, torch.zeros(3, 2, dtype=torch.int64), sections,
+                    10000.0, cache, cache.clone(), torch.arange(2))
+
+
 def test_the_bounds_are_those_of_the_kernels():
     # The smallest and largest head dims check_head_dims accepts run; just past them the kernels
     # refuse with the same error.
     d = MAX_HEAD_DIM
-    pos3 = torch.zeros(3, 2, dtype=torch.int64)
     x = torch.randn(2, 1, d)
-    mrope_(x, x.clone(), pos3, [d // 2, 0, 0])
-    mrope_(torch.randn(2, 1, 2), torch.randn(2, 1, 2), pos3, [1, 0, 0])
+    _mrope_write_kv(x, [d // 2, 0, 0])
+    _mrope_write_kv(torch.randn(2, 1, 2), [1, 0, 0])
     vision_qk_norm_rope_(torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.ones(4), torch.ones(4),
                          torch.zeros(2, 2, dtype=torch.int64))
     cu = torch.tensor([0, 2], dtype=torch.int32)
     assert varlen_attention(x, x, x, cu, 2, causal=True).shape == x.shape
     big = torch.randn(2, 1, d + 2)
     with pytest.raises(ValueError, match=f"head_dim {d + 2} is not supported"):
-        mrope_(big, big.clone(), pos3, [d // 2 + 1, 0, 0])
+        _mrope_write_kv(big, [d // 2 + 1, 0, 0])
     with pytest.raises(ValueError, match=f"head_dim {d + 2} is not supported"):
         varlen_attention(big, big, big, cu, 2, causal=True)

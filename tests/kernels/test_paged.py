@@ -1,4 +1,5 @@
-"""Paged KV cache write and split-KV decode attention against their torch references."""
+"""Split-KV paged decode attention against its torch reference (the cache write is tested with
+the M-RoPE kernel it is fused into, in test_rope.py)."""
 import pytest
 import torch
 import triton
@@ -10,9 +11,8 @@ from glmrt.kernels.paged import (
     multiprocessor_count,
     paged_decode_attention,
     paged_decode_attention_ref,
-    write_kv_cache,
-    write_kv_cache_ref,
 )
+from glmrt.kernels.rope import mrope_write_kv_
 from glmrt_testing.hopper import compile_for_hopper, hopper_resources
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,78 +61,6 @@ def _decode_case(context_lens, block_size, num_q_heads, num_kv_heads, head_dim, 
     tables = _make_tables(context_lens, block_size, max_blocks, num_blocks, gen)
     lens = torch.tensor(context_lens, dtype=torch.int32)
     return [t.to(DEVICE) for t in (q, k_cache, v_cache, tables, lens)]
-
-
-# ----------------------------------------------------------------------------- write_kv_cache
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
-def test_write_kv_cache_strided_with_padding_slots(dtype, block_size, slot_dtype):
-    gen = torch.Generator().manual_seed(1)
-    num_blocks, num_kv_heads, num_q_heads, head_dim, tokens = 6, 2, 4, 32, 21
-    # k and v are strided views of one packed [T, (Hq + 2 Hkv) * D] projection output.
-    qkv = torch.randn(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
-    k = qkv[:, num_q_heads * head_dim: (num_q_heads + num_kv_heads) * head_dim]
-    v = qkv[:, (num_q_heads + num_kv_heads) * head_dim:]
-    k = k.view(tokens, num_kv_heads, head_dim)
-    v = v.view(tokens, num_kv_heads, head_dim)
-    assert not k.is_contiguous()
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
-    slots[[0, 5, 6, 20]] = -1  # padding rows of a graph batch: must write nothing
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, SENTINEL, dtype=dtype)
-    v_cache = torch.full(shape, SENTINEL, dtype=dtype)
-    k, v, k_cache, v_cache = (t.to(DEVICE) for t in (k, v, k_cache, v_cache))
-    slots = slots.to(slot_dtype).to(DEVICE)
-
-    k_ref, v_ref = write_kv_cache_ref(k, v, k_cache, v_cache, slots)
-    assert write_kv_cache(k, v, k_cache, v_cache, slots) is None
-    assert torch.equal(k_cache, k_ref)
-    assert torch.equal(v_cache, v_ref)
-    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
-    written[slots[slots >= 0].long().cpu()] = True
-    flat_k = k_cache.view(-1, num_kv_heads, head_dim).cpu()
-    assert (flat_k[~written] == SENTINEL).all()
-    assert (flat_k[written] != SENTINEL).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("head_dim", [8, 40, 80, 256])
-def test_write_kv_cache_any_head_dim(head_dim, dtype):
-    # Padded head-dim lanes must neither be read past a row nor written into a neighbour slot.
-    gen = torch.Generator().manual_seed(head_dim)
-    num_blocks, block_size, num_kv_heads, tokens = 3, 16, 3, 13
-    k = torch.randn(tokens, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    v = torch.randn(tokens, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
-    slots[[2, 9]] = -1
-    slots = slots.to(DEVICE)
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, SENTINEL, dtype=dtype, device=DEVICE)
-    v_cache = torch.full(shape, SENTINEL, dtype=dtype, device=DEVICE)
-    k_ref, v_ref = write_kv_cache_ref(k, v, k_cache, v_cache, slots)
-    write_kv_cache(k, v, k_cache, v_cache, slots)
-    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
-
-
-def test_write_kv_cache_all_padding_touches_nothing():
-    k = torch.randn(3, 2, 16, device=DEVICE)
-    k_cache = torch.full((2, 16, 2, 16), SENTINEL, device=DEVICE)
-    v_cache = k_cache.clone()
-    write_kv_cache(k, k, k_cache, v_cache, torch.full((3,), -1, dtype=torch.int32, device=DEVICE))
-    assert (k_cache == SENTINEL).all() and (v_cache == SENTINEL).all()
-
-
-def test_write_kv_cache_rejects_bad_shapes():
-    k_cache = torch.zeros(2, 16, 2, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="k must be"):
-        write_kv_cache(torch.zeros(3, 4, 16, device=DEVICE), torch.zeros(3, 2, 16, device=DEVICE),
-                       k_cache, k_cache.clone(), torch.zeros(3, dtype=torch.int32, device=DEVICE))
-    with pytest.raises(ValueError, match="slot_mapping"):
-        write_kv_cache(torch.zeros(3, 2, 16, device=DEVICE), torch.zeros(3, 2, 16, device=DEVICE),
-                       k_cache, k_cache.clone(), torch.zeros(3, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------- decode attention
@@ -188,8 +116,9 @@ def test_paged_decode_rejects_head_dim_over_256():
         paged_decode_attention(q, k_cache, v_cache, tables, lens)
 
 
-def test_paged_decode_after_write_kv_cache():
-    # Tokens written through write_kv_cache are the ones decode reads back.
+def test_paged_decode_after_the_cache_write():
+    # Tokens written by the decoder's cache write (mrope_write_kv_) are the ones decode reads
+    # back. At position 0 the rotation is the identity, so the cache holds k itself.
     gen = torch.Generator().manual_seed(5)
     block_size, num_kv_heads, head_dim, n = 16, 2, 32, 40
     k = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(DEVICE)
@@ -199,7 +128,8 @@ def test_paged_decode_after_write_kv_cache():
     slots = table[0, pos // block_size].long() * block_size + pos % block_size
     k_cache = torch.full((8, block_size, num_kv_heads, head_dim), SENTINEL, device=DEVICE)
     v_cache = k_cache.clone()
-    write_kv_cache(k, v, k_cache, v_cache, slots)
+    mrope_write_kv_(k.clone(), k.clone(), v, torch.zeros(3, n, dtype=torch.int64, device=DEVICE),
+                    [head_dim // 2, 0, 0], 10000.0, k_cache, v_cache, slots)
     q = torch.randn(1, 4, head_dim, generator=gen).to(DEVICE)
     out = paged_decode_attention(q, k_cache, v_cache, table, torch.tensor([n], dtype=torch.int32,
                                                                         device=DEVICE))
@@ -360,19 +290,6 @@ def test_paged_decode_multi_query_past_table_capacity():
 # ----------------------------------------------------------------------------- sm_90 compile
 
 
-def _write_spec(dtype: str, slot: str, block_size: int, head_dim: int = 128) -> tuple:
-    sig = {n: f"*{dtype}" for n in ("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr")}
-    sig["slot_mapping_ptr"] = f"*{slot}"
-    for n in ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_kc_block",
-              "stride_kc_slot", "stride_kc_head", "stride_vc_block", "stride_vc_slot",
-              "stride_vc_head"):
-        sig[n] = "i32"
-    consts = dict(NUM_HEADS=8, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=8,
-                  BLOCK_D=triton.next_power_of_2(head_dim))
-    sig.update({n: "constexpr" for n in consts})
-    return ("glmrt.kernels.paged", "_write_kv_cache_kernel", sig, consts)
-
-
 def _split_spec(dtype: str, num_splits: int, block_size: int, group: int, head_dim: int,
                 num_queries: int = 1) -> tuple:
     sig = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
@@ -407,16 +324,12 @@ def _combine_spec(dtype: str, num_splits: int, head_dim: int = 128) -> tuple:
 def test_paged_kernels_compile_for_sm90():
     specs = []
     for dtype in ("fp16", "bf16"):
-        for slot in ("i32", "i64"):
-            specs.append(_write_spec(dtype, slot, 16))
-        specs.append(_write_spec(dtype, "i64", 32))
         for num_splits, block_size in ((1, 16), (3, 16), (4, 32), (64, 16)):
             specs.append(_split_spec(dtype, num_splits, block_size, group=2, head_dim=128))
         for head_dim in (8, 24, 80, 160, 256):
             specs.append(_split_spec(dtype, 2, 16, group=3, head_dim=head_dim))
             # speculative verification: 4 queries x group 3 = 12 of the 16 MMA rows
             specs.append(_split_spec(dtype, 2, 16, group=3, head_dim=head_dim, num_queries=4))
-            specs.append(_write_spec(dtype, "i64", 16, head_dim))
             specs.append(_combine_spec(dtype, 5, head_dim))
         for num_splits in (3, 64):
             specs.append(_combine_spec(dtype, num_splits))

@@ -10,7 +10,6 @@ from glmrt.kernels.paged import (
     paged_prefill_attention,
     paged_prefill_attention_ref,
     prefill_config,
-    write_kv_cache,
     write_kv_cache_ref,
 )
 from glmrt_testing.hopper import compile_for_hopper, hopper_resources
@@ -168,9 +167,9 @@ def test_paged_prefill_single_queries_are_decode(dtype):
 
 
 def test_paged_prefill_chunks_compose_into_the_whole_prompt():
-    # Two prompts prefilled chunk by chunk through write_kv_cache, ragged differently at each step
-    # (one sequence idle in the last): every chunk's rows are the rows of one causal attention
-    # over its whole prompt.
+    # Two prompts prefilled chunk by chunk (each chunk's k, v written by write_kv_cache_ref),
+    # ragged differently at each step (one sequence idle in the last): every chunk's rows are the
+    # rows of one causal attention over its whole prompt.
     gen = torch.Generator().manual_seed(3)
     hq, hkv, d, block_size = 4, 2, 32, 16
     lens = [70, 45]
@@ -189,8 +188,9 @@ def test_paged_prefill_chunks_compose_into_the_whole_prompt():
         rows = [torch.arange(done[i], done[i] + n, device=DEVICE) for i, n in enumerate(chunks)]
         slots = torch.cat([tables[i, r // block_size].long() * block_size + r % block_size
                            for i, r in enumerate(rows)])
-        write_kv_cache(torch.cat([k[i][r] for i, r in enumerate(rows)]),
-                       torch.cat([v[i][r] for i, r in enumerate(rows)]), k_cache, v_cache, slots)
+        k_cache, v_cache = write_kv_cache_ref(torch.cat([k[i][r] for i, r in enumerate(rows)]),
+                                              torch.cat([v[i][r] for i, r in enumerate(rows)]),
+                                              k_cache, v_cache, slots)
         done = [a + n for a, n in zip(done, chunks)]
         out = paged_prefill_attention(
             torch.cat([q[i][r] for i, r in enumerate(rows)]), k_cache, v_cache,

@@ -14,10 +14,8 @@ from transformers.models.glm_ocr.modeling_glm_ocr import (
     apply_rotary_pos_emb_vision,
 )
 
-from glmrt.kernels.paged import write_kv_cache
 from glmrt.kernels.rope import (
     _tile,
-    mrope_,
     mrope_ref,
     mrope_write_kv_,
     mrope_write_kv_ref,
@@ -87,23 +85,6 @@ def _run_vision(S: int, H: int, D: int, dtype: torch.dtype, device: str = "cpu",
     assert torch.equal(qkv[:, 2 * H * D:], v_before), "v was written"
 
 
-def _run_mrope(T: int, HQ: int, HK: int, D: int, sections: list[int], dtype: torch.dtype,
-               device: str = "cpu", pos_dtype: torch.dtype = torch.int64,
-               rotary_dim: int | None = None, interleaved: bool = True) -> None:
-    qkv, q, k = _packed_qkv(T, (HQ, HK, HK), D, dtype, device)
-    before = qkv.clone()
-    positions = _text_positions(T, device, pos_dtype)
-    q_ref, k_ref = mrope_ref(q, k, positions, sections, THETA, rotary_dim, interleaved)
-    mrope_(q, k, positions, sections, THETA, rotary_dim, interleaved)
-    _assert_matches(q, q_ref)
-    _assert_matches(k, k_ref)
-    assert torch.equal(qkv[:, (HQ + HK) * D:], before[:, (HQ + HK) * D:]), "v was written"
-    # the pass-through dims of every q and k head keep their bits
-    R = D if rotary_dim is None else rotary_dim
-    heads = qkv.view(T, -1, D)[:, : HQ + HK]
-    assert _bits(heads[..., R:]).equal(_bits(before.view(T, -1, D)[:, : HQ + HK, R:]))
-
-
 # ---- kernels vs references (Triton interpreter on CPU, compiled on a GPU) --------------------------
 
 
@@ -134,27 +115,6 @@ def test_vision_qk_norm_rope_contiguous_inputs():
     _assert_matches(k, k_ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,HQ,HK", [(1, 16, 8), (7, 16, 8), (33, 5, 3), (130, 2, 1)])
-def test_mrope_matches_ref(T, HQ, HK, dtype):
-    torch.manual_seed(T * 100 + HQ)
-    _run_mrope(T, HQ, HK, 128, [16, 24, 24], dtype, pos_dtype=torch.int32 if T % 2 else torch.int64)
-
-
-@pytest.mark.parametrize("D,sections", [(32, [4, 6, 6]), (64, [0, 16, 16]), (16, [8, 0, 0])])
-def test_mrope_other_sections(D, sections):
-    torch.manual_seed(D)
-    _run_mrope(5, 3, 2, D, sections, torch.float32)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("D,sections", [(2, [1, 0, 0]), (24, [4, 4, 4]), (40, [6, 7, 7]),
-                                        (80, [8, 16, 16]), (96, [16, 16, 16]), (256, [32, 48, 48])])
-def test_mrope_any_head_dim(D, sections, dtype):
-    torch.manual_seed(D)
-    _run_mrope(5, 3, 2, D, sections, dtype)
-
-
 # (T, Hq, Hk, D, rotary_dim, mrope_section): partial and full rotations, sizes that are not powers
 # of two, GQA and odd token counts (several programs, a ragged last one).
 ROTARY_CASES = [
@@ -168,16 +128,6 @@ ROTARY_CASES = [
     (5, 3, 2, 256, 128, [16, 24, 24]),    # the widest head
     (4, 2, 1, 64, 2, [1, 0, 0]),          # a single frequency
 ]
-
-
-@pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,HQ,HK,D,rotary_dim,sections", ROTARY_CASES)
-def test_mrope_rotary_dim_matches_ref(T, HQ, HK, D, rotary_dim, sections, dtype, interleaved):
-    # NeoX halves (GLM-Image) and, for the same sizes, GPT-J pairs over a partial rotary dim.
-    torch.manual_seed(T * 1000 + D + rotary_dim)
-    _run_mrope(T, HQ, HK, D, sections, dtype, pos_dtype=torch.int32 if T % 2 else torch.int64,
-               rotary_dim=rotary_dim, interleaved=interleaved)
 
 
 def test_mrope_rotary_dim_none_is_the_whole_head():
@@ -206,24 +156,30 @@ def test_tile_keeps_glm_shapes_and_grows_warps_for_wide_tokens():
 def test_errors_name_the_offending_tensor():
     q, k = torch.randn(4, 2, 64), torch.randn(4, 2, 64)
     w = torch.ones(64)
+
+    def mrope_write_kv(q, k, sections):  # with a valid cache write: the errors are the rotation's
+        cache = torch.zeros(1, 16, *k.shape[1:])
+        mrope_write_kv_(q, k, k, torch.zeros(3, 4, dtype=torch.int64), sections, THETA, cache,
+                        cache.clone(), torch.zeros(4, dtype=torch.int64))
+
     with pytest.raises(ValueError, match="positions"):
         vision_qk_norm_rope_(q, k, w, w, torch.zeros(2, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="q_weight"):
         vision_qk_norm_rope_(q, k, torch.ones(32), w, torch.zeros(4, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="mrope_section"):
-        mrope_(q, k, torch.zeros(3, 4, dtype=torch.int64), [8, 12, 8])
+        mrope_write_kv(q, k, [8, 12, 8])
     with pytest.raises(ValueError, match="contiguous in head_dim"):
-        mrope_(q.transpose(1, 2), k, torch.zeros(3, 4, dtype=torch.int64), [8, 12, 12])
+        mrope_write_kv(q.transpose(1, 2), k, [8, 12, 12])
     odd = torch.randn(4, 2, 7)
     with pytest.raises(ValueError, match="head_dim 7 is not supported.*multiple of 2"):
-        mrope_(odd, odd, torch.zeros(3, 4, dtype=torch.int64), [1, 1, 1])
+        mrope_write_kv(odd, odd, [1, 1, 1])
     six = torch.randn(4, 2, 6)
     with pytest.raises(ValueError, match="head_dim 6 is not supported.*multiple of 4"):
         vision_qk_norm_rope_(six, six, torch.ones(6), torch.ones(6),
                              torch.zeros(4, 2, dtype=torch.int64))
     big = torch.randn(4, 2, 260)
     with pytest.raises(ValueError, match="head_dim 260 is not supported"):
-        mrope_(big, big, torch.zeros(3, 4, dtype=torch.int64), [130, 0, 0])
+        mrope_write_kv(big, big, [130, 0, 0])
 
 
 @pytest.mark.parametrize("rotary_dim,sections,message", [
@@ -243,7 +199,6 @@ def test_bad_rotary_dim_or_sections_raise(rotary_dim, sections, message):
     positions = _text_positions(4)
     for interleaved in (False, True):
         calls = [
-            lambda: mrope_(q, k, positions, sections, THETA, rotary_dim, interleaved),
             lambda: mrope_ref(q, k, positions, sections, THETA, rotary_dim, interleaved),
             lambda: mrope_write_kv_(q, k, v, positions, sections, THETA, k_cache, v_cache, slots,
                                     rotary_dim, interleaved),
@@ -257,9 +212,10 @@ def test_bad_rotary_dim_or_sections_raise(rotary_dim, sections, message):
 
 
 def test_interleaved_must_be_a_bool():
-    q, k = torch.randn(4, 2, 64), torch.randn(4, 2, 64)
+    _, q, k, v, k_cache, v_cache, slots = _fused_case(4, 2, 2, 64, torch.float32)
     with pytest.raises(ValueError, match="interleaved must be a bool, got 'neox'"):
-        mrope_(q, k, _text_positions(4), [4, 6, 6], THETA, 32, "neox")
+        mrope_write_kv_(q, k, v, _text_positions(4), [4, 6, 6], THETA, k_cache, v_cache, slots,
+                        32, "neox")
 
 
 # ---- M-RoPE fused with the paged KV-cache write -----------------------------------------------------
@@ -288,32 +244,26 @@ def _fused_case(T: int, HQ: int, HK: int, D: int, dtype: torch.dtype, device: st
 
 def _run_mrope_write_kv(T: int, HQ: int, HK: int, D: int, sections: list[int],
                         dtype: torch.dtype, device: str = "cpu",
-                        slot_dtype: torch.dtype = torch.int64, rotary_dim: int | None = None,
-                        interleaved: bool = True, fill: float = SENTINEL) -> None:
-    qkv, q, k, v, k_cache, v_cache, slots = _fused_case(T, HQ, HK, D, dtype, device,
-                                                        slot_dtype=slot_dtype, fill=fill)
-    positions = _text_positions(T, device)
+                        pos_dtype: torch.dtype = torch.int64, slot_dtype: torch.dtype = torch.int64,
+                        rotary_dim: int | None = None, interleaved: bool = True,
+                        fill: float = SENTINEL, block_size: int = 16) -> None:
+    qkv, q, k, v, k_cache, v_cache, slots = _fused_case(T, HQ, HK, D, dtype, device, block_size,
+                                                        slot_dtype, fill)
+    positions = _text_positions(T, device, pos_dtype)
     rope = (rotary_dim, interleaved)
-    k_before = k.clone()
-    # the two launches the fused kernel replaces, on copies
-    qkv2 = qkv.clone()
-    q2 = qkv2[:, : HQ * D].view(T, HQ, D)
-    k2 = qkv2[:, HQ * D: (HQ + HK) * D].view(T, HK, D)
-    v2 = _v_view(qkv2, HQ, HK, D)
-    k_cache2, v_cache2 = k_cache.clone(), v_cache.clone()
-    mrope_(q2, k2, positions, sections, THETA, *rope)
-    write_kv_cache(k2, v2, k_cache2, v_cache2, slots)
-
+    before = qkv.clone()
     q_ref, k_ref, k_cache_ref, v_cache_ref = mrope_write_kv_ref(q, k, v, positions, sections, THETA,
                                                                 k_cache, v_cache, slots, *rope)
     assert mrope_write_kv_(q, k, v, positions, sections, THETA, k_cache, v_cache, slots,
                            *rope) is None
-    # exactly what the two launches produce, bit for bit (v untouched in the packed output)
-    assert torch.equal(qkv, qkv2)
-    assert _bits(k_cache).equal(_bits(k_cache2)) and _bits(v_cache).equal(_bits(v_cache2))
-    # and the reference's numbers; slot -1 rows and untouched slots keep the fill
     _assert_matches(q, q_ref)
     _assert_matches(k, k_ref)
+    # v is only read; the pass-through dims of every q and k head keep their bits
+    assert _bits(v).equal(_bits(_v_view(before, HQ, HK, D))), "v was written"
+    R = D if rotary_dim is None else rotary_dim
+    heads = qkv.view(T, -1, D)[:, : HQ + HK]
+    assert _bits(heads[..., R:]).equal(_bits(before.view(T, -1, D)[:, : HQ + HK, R:]))
+    # slot -1 rows and untouched slots keep the fill; the others hold the reference's rows
     written = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=device)  # [blocks, slots]
     written.view(-1)[slots[slots >= 0].long()] = True
     untouched = _bits(torch.full_like(k_cache[~written], fill))
@@ -321,25 +271,52 @@ def _run_mrope_write_kv(T: int, HQ: int, HK: int, D: int, sections: list[int],
         assert _bits(cache[~written]).equal(untouched), "a slot -1 row or a free slot was written"
     _assert_matches(k_cache[written], k_cache_ref[written])
     assert _bits(v_cache).equal(_bits(v_cache_ref))
-    # the cache holds the whole k row: pass-through dims exactly as they came in
-    R = D if rotary_dim is None else rotary_dim
+    # the cache holds the whole rotated k row, bit for bit: the rotated dims as left in k, the
+    # pass-through dims as they came in
     stored = slots >= 0
-    flat_k_cache = k_cache.view(-1, HK, D)
-    assert _bits(flat_k_cache[slots[stored].long(), :, R:]).equal(_bits(k_before[stored, :, R:]))
+    assert _bits(k_cache.view(-1, HK, D)[slots[stored].long()]).equal(_bits(k[stored]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,HQ,HK,D,sections", [
-    (1, 16, 8, 128, [16, 24, 24]),   # a decode row, GLM-OCR's heads
-    (7, 16, 8, 128, [16, 24, 24]),   # GQA, odd T
-    (33, 5, 3, 128, [16, 24, 24]),   # odd head counts, several programs, ragged last program
-    (13, 4, 2, 40, [6, 7, 7]),       # a head dim that is not a power of two
-    (3, 2, 1, 256, [32, 48, 48]),
+@pytest.mark.parametrize("T,HQ,HK", [
+    (1, 16, 8),     # a decode row, GLM-OCR's heads
+    (7, 16, 8),     # GQA, odd T
+    (33, 5, 3),     # odd head counts, several programs, ragged last program
+    (130, 2, 1),    # a prefill, one kv head
 ])
-def test_mrope_write_kv_matches_two_launches_and_ref(T, HQ, HK, D, sections, dtype):
-    torch.manual_seed(T * 10 + D)
-    _run_mrope_write_kv(T, HQ, HK, D, sections, dtype,
-                        slot_dtype=torch.int32 if T % 2 else torch.int64)
+def test_mrope_write_kv_matches_ref(T, HQ, HK, dtype):
+    torch.manual_seed(T * 100 + HQ)
+    # positions int32 for odd T, slots int32 unless T % 3 == 0: the pairings other than int64 for
+    # both, which is the default of the other tests
+    _run_mrope_write_kv(T, HQ, HK, 128, [16, 24, 24], dtype,
+                        pos_dtype=torch.int32 if T % 2 else torch.int64,
+                        slot_dtype=torch.int32 if T % 3 else torch.int64)
+
+
+@pytest.mark.parametrize("D,sections", [(32, [4, 6, 6]), (64, [0, 16, 16]), (16, [8, 0, 0])])
+def test_mrope_write_kv_other_sections(D, sections):
+    torch.manual_seed(D)
+    _run_mrope_write_kv(5, 3, 2, D, sections, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D,sections", [(2, [1, 0, 0]), (8, [1, 1, 2]), (24, [4, 4, 4]),
+                                        (40, [6, 7, 7]), (80, [8, 16, 16]), (96, [16, 16, 16]),
+                                        (256, [32, 48, 48])])
+def test_mrope_write_kv_any_head_dim(D, sections, dtype):
+    # padded head-dim lanes must neither be read past a row nor written into a neighbour slot
+    torch.manual_seed(D)
+    _run_mrope_write_kv(13, 5, 3, D, sections, dtype)
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mrope_write_kv_block_sizes(dtype, block_size, slot_dtype):
+    # slots over shuffled blocks of either size, some -1 (padding rows of a graph batch)
+    torch.manual_seed(block_size)
+    _run_mrope_write_kv(21, 4, 2, 32, [4, 6, 6], dtype, slot_dtype=slot_dtype,
+                        block_size=block_size)
 
 
 def test_mrope_write_kv_no_tokens_and_bad_arguments():
@@ -348,8 +325,18 @@ def test_mrope_write_kv_no_tokens_and_bad_arguments():
     mrope_write_kv_(q[:0], k[:0], v[:0], positions[:, :0], [4, 6, 6], THETA, k_cache, v_cache,
                     slots[:0])
     assert (k_cache == SENTINEL).all() and (v_cache == SENTINEL).all()
+    # all slots -1 (a graph batch of padding rows): q and k rotate, the caches stay as they were
+    q_ref, k_ref, _, _ = mrope_write_kv_ref(q, k, v, positions, [4, 6, 6], THETA, k_cache, v_cache,
+                                            slots)
+    mrope_write_kv_(q, k, v, positions, [4, 6, 6], THETA, k_cache, v_cache,
+                    torch.full_like(slots, -1))
+    _assert_matches(q, q_ref)
+    _assert_matches(k, k_ref)
+    assert (k_cache == SENTINEL).all() and (v_cache == SENTINEL).all()
     with pytest.raises(ValueError, match="slot_mapping"):
         mrope_write_kv_(q, k, v, positions, [4, 6, 6], THETA, k_cache, v_cache, slots[:3])
+    with pytest.raises(ValueError, match=r"k must be \[T, 2, 32\]"):
+        mrope_write_kv_(q, q, v, positions, [4, 6, 6], THETA, k_cache, v_cache, slots)
     with pytest.raises(ValueError, match="v must be"):
         mrope_write_kv_(q, k, v[:, :1], positions, [4, 6, 6], THETA, k_cache, v_cache, slots)
     with pytest.raises(ValueError, match="mrope_section"):
@@ -357,18 +344,21 @@ def test_mrope_write_kv_no_tokens_and_bad_arguments():
     with pytest.raises(ValueError, match="slot_mapping must be a contiguous"):
         mrope_write_kv_(q, k, v, positions, [4, 6, 6], THETA, k_cache, v_cache,
                         torch.zeros(8, dtype=torch.int64)[::2])
+    with pytest.raises(ValueError, match="slot_mapping must be a contiguous int32 or int64"):
+        mrope_write_kv_(q, k, v, positions, [4, 6, 6], THETA, k_cache, v_cache, torch.zeros(4))
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,HQ,HK,D,rotary_dim,sections", ROTARY_CASES)
-def test_mrope_write_kv_rotary_dim_matches_two_launches_and_ref(T, HQ, HK, D, rotary_dim,
-                                                                 sections, dtype, interleaved):
+def test_mrope_write_kv_rotary_dim_matches_ref(T, HQ, HK, D, rotary_dim, sections, dtype,
+                                               interleaved):
+    # NeoX halves (GLM-Image) and, for the same sizes, GPT-J pairs over a partial rotary dim.
     # NaN-poisoned caches: a slot -1 row, a free slot or a pass-through dim written wrongly shows.
     torch.manual_seed(T * 1000 + D + rotary_dim)
-    _run_mrope_write_kv(T, HQ, HK, D, sections, dtype,
-                        slot_dtype=torch.int32 if T % 2 else torch.int64, rotary_dim=rotary_dim,
-                        interleaved=interleaved, fill=float("nan"))
+    int_dtype = torch.int32 if T % 2 else torch.int64
+    _run_mrope_write_kv(T, HQ, HK, D, sections, dtype, pos_dtype=int_dtype, slot_dtype=int_dtype,
+                        rotary_dim=rotary_dim, interleaved=interleaved, fill=float("nan"))
 
 
 def test_ops_pass_rotary_dim_and_layout_through():
@@ -420,7 +410,7 @@ def test_mrope_matches_transformers():
         hidden_size=96, num_attention_heads=HQ, num_key_value_heads=HK, head_dim=D,
         rope_parameters={"rope_type": "default", "rope_theta": THETA, "mrope_section": [16, 24, 24]},
     )
-    qkv, q, k = _packed_qkv(T, (HQ, HK, HK), D, torch.float32)
+    _, q, k, v, k_cache, v_cache, slots = _fused_case(T, HQ, HK, D, torch.float32)
     positions = torch.randint(0, MAX_POS, (3, T))
     with torch.no_grad():
         cos, sin = GlmOcrTextRotaryEmbedding(config)(q, positions[:, None, :])  # [1, T, D]
@@ -429,11 +419,14 @@ def test_mrope_matches_transformers():
     q_hf, k_hf = q_hf[0].transpose(0, 1), k_hf[0].transpose(0, 1)
     section = config.rope_parameters["mrope_section"]
     q_ref, k_ref = mrope_ref(q, k, positions, section, THETA)
-    mrope_(q, k, positions, section, THETA)
+    mrope_write_kv_(q, k, v, positions, section, THETA, k_cache, v_cache, slots)
     for ours in (q_ref, q):
         torch.testing.assert_close(ours, q_hf, atol=1e-5, rtol=1e-5)
     for ours in (k_ref, k):
         torch.testing.assert_close(ours, k_hf, atol=1e-5, rtol=1e-5)
+    stored = slots >= 0
+    torch.testing.assert_close(k_cache.view(-1, HK, D)[slots[stored]], k_hf[stored],
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -522,14 +515,19 @@ def test_mrope_neox_kernel_matches_transformers_glm_image():
     torch.manual_seed(9)
     T, HQ, HK, D, sections = 21, 4, 2, 128, [8, 12, 12]
     rotary, positions = _glm_image_rotary(1, T, HQ, D, 0.5, sections)
-    qkv, q, k = _packed_qkv(T, (HQ, HK, HK), D, torch.float32)
+    _, q, k, v, k_cache, v_cache, slots = _fused_case(T, HQ, HK, D, torch.float32)
     with torch.no_grad():
         cos, sin = rotary(q, positions)
         q_hf, k_hf = glm_image_apply_rotary_pos_emb(q.transpose(0, 1)[None],
                                                     k.transpose(0, 1)[None], cos, sin)
-    mrope_(q, k, positions[:, 0], sections, THETA, rotary_dim=64, interleaved=False)
-    torch.testing.assert_close(q, q_hf[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(k, k_hf[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    q_hf, k_hf = q_hf[0].transpose(0, 1), k_hf[0].transpose(0, 1)
+    mrope_write_kv_(q, k, v, positions[:, 0], sections, THETA, k_cache, v_cache, slots,
+                    rotary_dim=64, interleaved=False)
+    stored = slots >= 0
+    torch.testing.assert_close(q, q_hf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_hf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache.view(-1, HK, D)[slots[stored]], k_hf[stored],
+                               atol=1e-5, rtol=1e-5)
 
 
 # ---- sm_90 compile ----------------------------------------------------------------------------------
@@ -561,20 +559,10 @@ def _mrope_constexprs(D: int, HQ: int, HK: int, block_t: int, rotary: int | None
             "BLOCK_HK": _pow2(HK), "BLOCK_HALF": _pow2(half)}
 
 
-def _mrope_spec(dtype: str, pos: str, block_t: int, D: int = 128, HQ: int = 16, HK: int = 8,
-                rotary: int | None = None, interleaved: bool = True) -> tuple[str, str, dict, dict]:
-    signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "pos_ptr": f"*{pos}",
-                 "inv_freq_ptr": "*fp32", "T": "i32", "HQ": "i32", "HK": "i32"}
-    signature |= {s: "i32" for s in ("stride_qt", "stride_qh", "stride_kt", "stride_kh",
-                                     "stride_pr", "stride_pt")}
-    constexprs = _mrope_constexprs(D, HQ, HK, block_t, rotary, interleaved)
-    signature |= {name: "constexpr" for name in constexprs}
-    return "glmrt.kernels.rope", "_mrope_kernel", signature, constexprs
-
-
 def _mrope_write_kv_spec(dtype: str, pos: str, slot: str, block_t: int, D: int = 128,
                          HQ: int = 16, HK: int = 8, rotary: int | None = None,
-                         interleaved: bool = True) -> tuple[str, str, dict, dict]:
+                         interleaved: bool = True, block_size: int = 16
+                         ) -> tuple[str, str, dict, dict]:
     signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}",
                  "pos_ptr": f"*{pos}", "inv_freq_ptr": "*fp32", "k_cache_ptr": f"*{dtype}",
                  "v_cache_ptr": f"*{dtype}", "slot_mapping_ptr": f"*{slot}",
@@ -585,8 +573,8 @@ def _mrope_write_kv_spec(dtype: str, pos: str, slot: str, block_t: int, D: int =
                                      "stride_vc_block", "stride_vc_slot", "stride_vc_head")}
     rotary = rotary or D
     constexprs = _mrope_constexprs(D, HQ, HK, block_t, rotary, interleaved) | {
-        "HEAD_DIM": D, "BLOCK_SIZE": 16, "BLOCK_PASS": _pow2(D - rotary) if rotary < D else 1,
-        "BLOCK_D": _pow2(D)}
+        "HEAD_DIM": D, "BLOCK_SIZE": block_size,
+        "BLOCK_PASS": _pow2(D - rotary) if rotary < D else 1, "BLOCK_D": _pow2(D)}
     signature |= {name: "constexpr" for name in constexprs}
     return "glmrt.kernels.rope", "_mrope_write_kv_kernel", signature, constexprs
 
@@ -600,24 +588,22 @@ def test_compiles_for_sm90():
     for dtype in ("fp16", "bf16"):
         for pos in ("i32", "i64"):
             slot = "i64" if pos == "i32" else "i32"
-            specs += [_vision_spec(dtype, pos), _mrope_spec(dtype, pos, block_t=1),
-                      _mrope_spec(dtype, pos, block_t=2),
-                      _mrope_write_kv_spec(dtype, pos, slot, 2)]
-            # GLM-Image: a decode row and a prefill tile (_tile gives 2 tokens at 32 x 64)
-            specs += [_mrope_spec(dtype, pos, bt, **GLM_IMAGE_ROPE) for bt in (1, 2)]
+            # GLM-OCR and GLM-Image: a decode row and a prefill tile (_tile gives 2 tokens)
+            specs += [_vision_spec(dtype, pos)]
+            specs += [_mrope_write_kv_spec(dtype, pos, slot, bt) for bt in (1, 2)]
             specs += [_mrope_write_kv_spec(dtype, pos, slot, bt, **GLM_IMAGE_ROPE)
                       for bt in (1, 2)]
+        specs += [_mrope_write_kv_spec(dtype, "i64", "i64", 2, block_size=32)]
         for D in (4, 24, 40, 80, 256):
             specs += [_vision_spec(dtype, "i64", D, H=3, block_s=2)]
-        for D in (2, 24, 40, 80, 96, 256):
-            specs += [_mrope_spec(dtype, "i64", 1, D, HQ=5, HK=3),
-                      _mrope_write_kv_spec(dtype, "i64", "i64", 2, D, HQ=5, HK=3)]
+        for D in (2, 8, 24, 40, 80, 96, 160, 256):  # with the head dims of test_paged's
+            specs += [_mrope_write_kv_spec(dtype, "i64", "i64", bt, D, HQ=5, HK=3)
+                      for bt in (1, 2)]
         # partial and full NeoX, partial interleaved, sizes that are not powers of two
         for D, rotary, interleaved in ((48, 24, False), (80, 32, False), (40, 40, False),
                                        (256, 128, False), (64, 2, False), (64, 32, True),
                                        (48, 24, True)):
-            specs += [_mrope_spec(dtype, "i64", 2, D, 5, 3, rotary, interleaved),
-                      _mrope_write_kv_spec(dtype, "i64", "i32", 2, D, 5, 3, rotary, interleaved)]
+            specs += [_mrope_write_kv_spec(dtype, "i64", "i32", 2, D, 5, 3, rotary, interleaved)]
     compile_for_hopper(specs)
 
 
@@ -634,33 +620,20 @@ def test_vision_qk_norm_rope_gpu_bf16(S, pos_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("T", [1, 3, 912, 6157])
-def test_mrope_gpu_bf16(T, pos_dtype):
+@pytest.mark.parametrize("T", [1, 3, 5, 912, 6157])
+def test_mrope_write_kv_gpu_bf16(T, pos_dtype):
     torch.manual_seed(T)
-    _run_mrope(T, 16, 8, 128, [16, 24, 24], torch.bfloat16, device="cuda", pos_dtype=pos_dtype)
+    _run_mrope_write_kv(T, 16, 8, 128, [16, 24, 24], torch.bfloat16, device="cuda",
+                        pos_dtype=pos_dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 5, 912])
-def test_mrope_write_kv_gpu_bf16(T):
-    torch.manual_seed(T)
-    _run_mrope_write_kv(T, 16, 8, 128, [16, 24, 24], torch.bfloat16, device="cuda")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 3, 912, 6157])
-def test_mrope_neox_partial_gpu_bf16(T):
-    torch.manual_seed(T)
-    _run_mrope(T, 32, 2, 128, [8, 12, 12], torch.bfloat16, device="cuda",
-               pos_dtype=torch.int32 if T % 2 else torch.int64, rotary_dim=64, interleaved=False)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 5, 912])
+@pytest.mark.parametrize("T", [1, 3, 5, 912, 6157])
 def test_mrope_write_kv_neox_partial_gpu_bf16(T):
     torch.manual_seed(T)
     _run_mrope_write_kv(T, 32, 2, 128, [8, 12, 12], torch.bfloat16, device="cuda",
-                        rotary_dim=64, interleaved=False, fill=float("nan"))
+                        pos_dtype=torch.int32 if T % 2 else torch.int64, rotary_dim=64,
+                        interleaved=False, fill=float("nan"))
 
 
 @pytest.mark.gpu
