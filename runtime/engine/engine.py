@@ -17,6 +17,7 @@ that breaks every step it is in fails; an abort, from any state, frees everythin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -436,7 +437,8 @@ class LLMEngine:
         if seq.request_id in self._requests:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
         skip = seq.sampling_params.skip_special_tokens
-        decode = (lambda t: "") if self.generates_images else lambda t: self.processor.decode(t, skip_special_tokens=skip)
+        decode = (lambda t: "") if self.generates_images else functools.partial(
+            self.processor.tokenizer.decode, skip_special_tokens=skip)
         self._requests[seq.request_id] = RequestState(seq, decode, self._eos_token_ids)
         self.scheduler.add(seq)
         return seq.request_id

@@ -4,10 +4,12 @@ sampling, state updates) captured once per batch-size bucket and per sampling mo
 A decode step of this small decoder is bound by kernel-launch overhead, so each step is one
 replay. The step reads only the device-resident batch (block tables of fixed width, context
 lengths, last tokens, sampling state), so a replay needs no input copy at all; rows past the
-running count are inactive (no KV write, context 0). Two graphs per bucket: greedy-only, and with
-the sampled path (temperature, top-k/top-p sort, draw), so greedy steps never pay for a sort.
-Steps with a structured-output row replay two graphs instead: the forward up to the logits, then
-(once the host has filled the token masks) the masked sampling. A whole step's graph outputs
+running count are inactive (no KV write, context 0). Per bucket (ModelRunner._capture_graphs): the
+whole step greedy-only and with the sampled path (temperature, top-k/top-p sort, draw), so greedy
+steps never pay for a sort; with speculation the whole speculative step in both modes too; and for
+steps with a structured-output row, the forward up to the logits plus the masked sampling in both
+modes, replayed one after the other (the host fills the token masks in between): 5 graphs per
+bucket, 7 with speculation. A whole step's graph outputs
 its raw logits beside its tokens, so that a step whose requests ask for log-probabilities computes
 them eagerly after the replay (steps that do not, pay nothing). All graphs share one memory
 pool. Capture happens at start-up, while every row is inactive, so warm-up runs touch no

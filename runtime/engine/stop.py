@@ -35,6 +35,9 @@ class StopChecker:
         else None. Text added after a stop string was found is ignored."""
         if self.stop_str is not None or not delta:
             return None
+        if not self.stop:
+            self._unsent += delta
+            return None
         window = self._tail + self._unsent + delta  # all a match ending in `delta` can span
         start = len(window) - len(delta)
         best: tuple[int, int, str] | None = None  # (end, begin, stop string) of the first match
