@@ -7,7 +7,25 @@ character (U+FFFD).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+from typing import Any, Callable, Sequence
+
+
+class TokenDecoder:
+    """A tokenizer's decode for one skip_special_tokens setting, single tokens cached: the
+    detokenizer's prefix window is one token at most steps (a vocabulary's worth of strings at most)."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool):
+        self._decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens)
+        self._single: dict[int, str] = {}
+
+    def __call__(self, token_ids: list[int]) -> str:
+        if len(token_ids) != 1:
+            return self._decode(token_ids)
+        text = self._single.get(token_ids[0])
+        if text is None:
+            text = self._single[token_ids[0]] = self._decode(token_ids)
+        return text
 
 
 class IncrementalDetokenizer:

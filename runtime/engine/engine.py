@@ -17,7 +17,6 @@ that breaks every step it is in fails; an abort, from any state, frees everythin
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
 import os
@@ -39,6 +38,7 @@ from ..outputs import Request, RequestOutput
 from ..processor import IMAGE_TOKEN, VIDEO_TOKEN, Processor
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
+from .detokenizer import TokenDecoder
 from .drafters import Drafter
 from .runner import ModelRunner, PrefillInputError, StepHandle, allocate_kv_cache, kv_bytes_per_token
 from .sampler import Sampler, SamplingState, request_seed
@@ -216,6 +216,8 @@ class LLMEngine:
                                    chunked_prefill=self.chunked_prefill)
         self.spec_stats = SpecDecodeStats(k)
         self._requests: dict[str, RequestState] = {}  # every request queued and not yet finished
+        if not self.generates_images:  # by skip_special_tokens
+            self._decoders = {skip: TokenDecoder(self.processor.tokenizer, skip) for skip in (False, True)}
         self._eos_token_ids = frozenset(self.config.text.eos_token_ids + self.generation_config.eos_token_ids)
         self.structured = None if self.generates_images else StructuredOutputs(
             path / "tokenizer.json", text.vocab_size, sorted(self._eos_token_ids))
@@ -436,9 +438,7 @@ class LLMEngine:
     def enqueue(self, seq: Sequence) -> str:
         if seq.request_id in self._requests:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
-        skip = seq.sampling_params.skip_special_tokens
-        decode = (lambda t: "") if self.generates_images else functools.partial(
-            self.processor.tokenizer.decode, skip_special_tokens=skip)
+        decode = (lambda t: "") if self.generates_images else self._decoders[seq.sampling_params.skip_special_tokens]
         self._requests[seq.request_id] = RequestState(seq, decode, self._eos_token_ids)
         self.scheduler.add(seq)
         return seq.request_id
@@ -620,6 +620,7 @@ class LLMEngine:
         except Exception as exc:
             return self._fail(handle.seqs, exc)
         outputs, requests = [], self._requests
+        accept = None if self.structured is None else self.structured.accept
         for i, (seq, new_tokens) in enumerate(zip(handle.seqs, tokens)):
             if seq.is_finished:  # finished or aborted after this step was launched: drop the tokens
                 continue
@@ -628,25 +629,13 @@ class LLMEngine:
                 self.spec_stats.record(len(new_tokens) - 1, *handle.proposals[i])
             seq.num_pending -= 1
             seq.num_reserved -= handle.reserved[i] - len(new_tokens)  # slots reserved but not used
-            read, by_token = [], False
             try:
-                # Token by token, as without speculation: tokens after the one that ends the
-                # request (stop token or string, length, a completed constraint) are dropped.
-                for j, token in enumerate(new_tokens):
-                    read.append(token)
-                    if seq.logprobs is not None:  # O(1): the one list of the request grows
-                        seq.logprobs.append(logprobs[i][j])
-                    seq.append_token(token)
-                    if seq.grammar is not None and self.structured.accept(seq.grammar, token) and not seq.is_finished:
-                        seq.finish("stop")  # an ignored eos that completes the constraint still ends it
-                    by_token = state.absorb(token)  # may finish the request on a stop string
-                    if seq.is_finished:
-                        break
-                out = self._output(state, read, by_token)
+                out = state.read(new_tokens, None if logprobs is None else logprobs[i], accept)
             except Exception as exc:  # e.g. detokenization: this request's own host work failed
                 outputs += self._fail([seq], exc)
                 continue
-            if seq.is_finished:
+            if out.finished:
+                del requests[seq.request_id]
                 self._release(seq)
             outputs.append(out)
         return outputs

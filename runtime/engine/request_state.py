@@ -27,6 +27,26 @@ class RequestState:
         # An eos token that ends a request is no stop_reason, even when stop_token_ids lists it (vLLM).
         self.eos_token_ids = eos_token_ids
 
+    def read(self, new_tokens: list[int], logprobs: list[dict[int, float]] | None,
+             accept: Callable[[object, int], bool]) -> RequestOutput:
+        """A step's tokens for this request, read back -> its output. Token by token, as without
+        speculation: tokens after the one that ends the request (stop token or string, length, a
+        completed constraint) are dropped. logprobs: one entry per token, when it asked for them;
+        accept(grammar, token): whether the token completes a constrained request."""
+        seq = self.seq
+        read, by_token = [], False
+        for j, token in enumerate(new_tokens):
+            read.append(token)
+            if logprobs is not None:  # O(1): the one list of the request grows
+                seq.logprobs.append(logprobs[j])
+            seq.append_token(token)
+            if seq.grammar is not None and accept(seq.grammar, token) and not seq.is_finished:
+                seq.finish("stop")  # an ignored eos that completes the constraint still ends it
+            by_token = self.absorb(token)  # may finish the request on a stop string
+            if seq.is_finished:
+                break
+        return self.output(read, by_token)
+
     def absorb(self, token: int) -> bool:
         """Add a token just appended to the sequence to its text -> whether it ended the request as
         a stop token. As in vLLM, a stop token is left out of the text (kept with
