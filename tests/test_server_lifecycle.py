@@ -145,19 +145,28 @@ def test_steps_go_on_while_the_event_loop_is_blocked(tiny_checkpoint, monkeypatc
     asyncio.run(scenario())
 
 
-def test_close_ends_running_requests_and_joins_the_engine_thread(tiny_checkpoint):
-    """AsyncEngine.close() (the server's last act on shutdown) with a request decoding: it ends
-    with an "abort" output holding its tokens so far, the engine's thread is gone, everything it
-    held is freed, and a later request is refused."""
+def test_close_ends_running_requests_and_joins_the_engine_thread(tiny_checkpoint, monkeypatch):
+    """AsyncEngine.close() (the server's last act on shutdown) with a request decoding and one
+    being prepared: each ends with an "abort" output (the first holding its tokens so far), the
+    engine's thread is gone, everything it held is freed, and a later request is refused."""
     async def scenario():
         engine = AsyncEngine(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch",
                              max_model_len=512)
-        stream = engine.generate({"prompt_token_ids": [1, 2, 3]}, glmrt.SamplingParams(max_tokens=400, ignore_eos=True))
+        params = glmrt.SamplingParams(max_tokens=400, ignore_eos=True)
+        stream = engine.generate({"prompt_token_ids": [1, 2, 3]}, params)
         await stream.__anext__()
+        prepare, release = engine.engine.prepare, threading.Event()
+        monkeypatch.setattr(engine.engine, "prepare", lambda *args: release.wait(30) and prepare(*args))
+        preparing = asyncio.ensure_future(_drain(engine.generate({"prompt_token_ids": [4, 5]}, params)))
+        while not engine._preparing:
+            await asyncio.sleep(0.01)
         await asyncio.to_thread(engine.close)
         assert not engine._core._thread.is_alive()
         rest = [out async for out in stream]
         assert rest[-1].finish_reason == "abort" and 0 < len(rest[-1].token_ids) < 400
+        release.set()
+        (prepared,) = await preparing
+        assert prepared.finish_reason == "abort" and prepared.prompt_token_ids == [4, 5]
         assert not engine._streams
         with pytest.raises(RuntimeError, match="shut down"):
             await engine.generate({"prompt_token_ids": [1, 2, 3]}).__anext__()

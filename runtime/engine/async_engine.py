@@ -132,6 +132,7 @@ class AsyncEngine:
         elif self._loop is not loop:
             raise RuntimeError("this AsyncEngine delivers its outputs on the event loop of its first request; "
                                "use it from that loop only")
+        self._core.check_open()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Unread()
@@ -143,12 +144,11 @@ class AsyncEngine:
                 seq = await asyncio.to_thread(prepare)
             finally:
                 self._preparing.discard(request_id)
-            if request_id in self._cancelled:
+            queued = request_id not in self._cancelled and self._core.add(seq)
+            if not queued:  # aborted while being prepared, or the engine was closed meanwhile
                 finished = True
                 yield aborted_output(request_id, seq.prompt_token_ids)
                 return
-            self._core.add(seq)
-            queued = True
             while not finished:
                 out = await stream.get()
                 finished = out.finished

@@ -40,17 +40,23 @@ class EngineCore:
         self._published: tuple[EngineStats, int] = (engine.stats(), 0)
         self._thread: threading.Thread | None = None  # started by the first add
 
-    def add(self, seq: Sequence) -> None:
+    def check_open(self) -> None:
+        """Raise RuntimeError if the core takes no more requests (closed, or its thread failed)."""
+        if self._closed:
+            raise RuntimeError(self._error or "the engine is shut down and takes no new requests")
+
+    def add(self, seq: Sequence) -> bool:
         """Queue a prepared sequence for the engine; its outputs come through on_outputs.
-        Raises RuntimeError once the core is closed."""
+        -> False, the sequence not taken, if the core was closed meanwhile."""
         with self._lock:
             if self._closed:
-                raise RuntimeError(self._error or "the engine is shut down and takes no new requests")
+                return False
             self._num_added += 1
             self._inbox.put(seq)
             if self._thread is None:  # a daemon: an engine nobody closes (a script's) does not hold the exit
                 self._thread = threading.Thread(target=self._run, name="glmrt-engine-core", daemon=True)
                 self._thread.start()
+            return True
 
     def abort(self, request_id: str) -> None:
         """Stop a request added here: its final "abort" output comes through on_outputs (none if it
