@@ -1,8 +1,9 @@
 """Prometheus metrics of one server (its own registry, so several apps in one process do not mix).
 
 Engine state (queue, running sequences, KV-cache usage, preemptions) is read when /metrics is
-scraped; request events (HTTP status, finish reason, tokens, latencies; pictures made and the time
-of each stage for GLM-Image) are counted as they happen.
+scraped, from the snapshot the engine's thread published after its last step; request events
+(HTTP status, finish reason, tokens, latencies; pictures made and the time of each stage for
+GLM-Image) are counted as they happen.
 Names follow vLLM's with the `glmrt:` prefix.
 """
 from __future__ import annotations
