@@ -471,6 +471,7 @@ def test_async_engine_streams_and_aborts(tiny_checkpoint, expected):
             await asyncio.sleep(0.05)
         bm = engine.engine.block_manager
         assert bm.num_free_blocks == bm.num_blocks
+        engine.close()
 
     asyncio.run(main())
 
@@ -502,18 +503,25 @@ def test_async_abort_races(tiny_checkpoint, monkeypatch):
         out = await task
         assert out.finish_reason == "abort" and out.request_id == "decoding"
 
-        # 2. abort after preparation, before the engine loop queues it
+        # 2. abort after preparation, while the core thread is still taking the request in: the
+        # abort waits in the core's inbox behind it
         monkeypatch.setattr(engine.engine, "prepare", prepare)
-        ensure = engine._ensure_loop
-        monkeypatch.setattr(engine, "_ensure_loop", lambda: None)
+        enqueue, entered, release = engine.engine.enqueue, threading.Event(), threading.Event()
+
+        def slow_enqueue(seq):
+            entered.set()
+            release.wait(timeout=30)
+            return enqueue(seq)
+
+        monkeypatch.setattr(engine.engine, "enqueue", slow_enqueue)
         task = asyncio.create_task(first(engine.generate(as_request(REQUESTS[0]), request_id="prepared")))
-        while not engine._pending:
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(entered.wait, 30)
+        assert engine.stats().num_waiting == 1  # in neither the scheduler nor a worker thread: still counted
         engine.abort("prepared")
-        monkeypatch.setattr(engine, "_ensure_loop", ensure)
-        engine._ensure_loop()
+        release.set()
         out = await task
         assert out.finish_reason == "abort" and out.request_id == "prepared"
+        monkeypatch.setattr(engine.engine, "enqueue", enqueue)
 
         # 3. the consumer is cancelled while its images are being decoded
         gate.clear()
@@ -526,12 +534,13 @@ def test_async_abort_races(tiny_checkpoint, monkeypatch):
         with pytest.raises(asyncio.CancelledError):
             await task
         await asyncio.sleep(0.5)  # the worker thread finishes its preparation; nothing may be queued
-        engine._ensure_loop()
         for _ in range(100):
-            if not engine.engine.has_unfinished() and not engine._pending:
+            if not engine.engine.has_unfinished():
                 break
             await asyncio.sleep(0.05)
-        assert not engine._streams and not engine._preparing and not engine._pending
+        assert not engine._streams and not engine._preparing
+        stats = engine.stats()
+        assert (stats.num_waiting, stats.num_running, stats.kv_cache_usage) == (0, 0, 0.0)
         assert_all_free(engine.engine)
 
         # 4. a failed step ends its request with RequestFailed; the next request is unaffected
@@ -549,6 +558,7 @@ def test_async_abort_races(tiny_checkpoint, monkeypatch):
         outs = [o async for o in engine.generate(as_request(REQUESTS[1]), glmrt.SamplingParams(max_tokens=5))]
         assert outs[-1].finished and outs[-1].finish_reason in ("stop", "length")
         assert_all_free(engine.engine)
+        engine.close()
 
     asyncio.run(main())
 

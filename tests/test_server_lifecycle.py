@@ -27,6 +27,7 @@ import glmrt
 from glmrt.engine.async_engine import AsyncEngine
 from glmrt.outputs import RequestOutput
 from glmrt_testing.documents import make_pdf
+from glmrt_testing.engine_checks import assert_all_free
 from glmrt_testing.helpers import make_image
 from glmrt_testing.server_process import ServerProcess
 
@@ -84,6 +85,7 @@ def test_a_stream_nobody_reads_holds_one_output(tiny_checkpoint):
             len(o.token_ids) for o in waiting))
         rest = [out async for out in stream]
         assert len(rest) == 1 and rest[0].finish_reason == "length"
+        engine.close()  # the engine is the core thread's until then
         (alone,) = engine.engine.generate([request], [params])
         assert first.delta_text + rest[0].delta_text == alone.text == rest[0].text
         assert first.delta_token_ids + rest[0].delta_token_ids == alone.token_ids
@@ -109,6 +111,67 @@ def test_steps_go_on_while_the_default_executor_is_busy(tiny_checkpoint):
             release.set()
             await blocked
         assert outputs[-1].finish_reason == "length" and len(outputs[-1].token_ids) == 40
+        engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_steps_go_on_while_the_event_loop_is_blocked(tiny_checkpoint, monkeypatch):
+    """The event loop held for 200 ms (a large body being parsed, Python work on the loop): the
+    engine steps on meanwhile, on its own thread. When steps were launched from the loop, the
+    engine ran at most the one step under way, then idled until the loop was free. (A step of the
+    tiny model takes ~3 ms on a CPU: dozens fit in the block; 3 are asked for.)"""
+    async def scenario():
+        engine = AsyncEngine(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch",
+                             max_model_len=512)
+        steps, step = [0], engine.engine.step
+
+        def counted_step():
+            steps[0] += 1
+            return step()
+
+        monkeypatch.setattr(engine.engine, "step", counted_step)
+        stream = engine.generate({"prompt_token_ids": [1, 2, 3]}, glmrt.SamplingParams(max_tokens=400, ignore_eos=True))
+        for _ in range(2):  # decoding
+            await stream.__anext__()
+        before = steps[0]
+        time.sleep(0.2)  # the loop held: no callback, no task runs meanwhile
+        during = steps[0] - before
+        assert during >= 3, f"{during} engine steps while the event loop was blocked for 200 ms"
+        rest = [out async for out in stream]
+        assert rest[-1].finish_reason == "length" and len(rest[-1].token_ids) == 400
+        engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_close_ends_running_requests_and_joins_the_engine_thread(tiny_checkpoint, monkeypatch):
+    """AsyncEngine.close() (the server's last act on shutdown) with a request decoding and one
+    being prepared: each ends with an "abort" output (the first holding its tokens so far), the
+    engine's thread is gone, everything it held is freed, and a later request is refused."""
+    async def scenario():
+        engine = AsyncEngine(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch",
+                             max_model_len=512)
+        params = glmrt.SamplingParams(max_tokens=400, ignore_eos=True)
+        stream = engine.generate({"prompt_token_ids": [1, 2, 3]}, params)
+        await stream.__anext__()
+        prepare, release = engine.engine.prepare, threading.Event()
+        monkeypatch.setattr(engine.engine, "prepare", lambda *args: release.wait(30) and prepare(*args))
+        preparing = asyncio.ensure_future(_drain(engine.generate({"prompt_token_ids": [4, 5]}, params)))
+        while not engine._preparing:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(engine.close)
+        assert not engine._core._thread.is_alive()
+        rest = [out async for out in stream]
+        assert rest[-1].finish_reason == "abort" and 0 < len(rest[-1].token_ids) < 400
+        release.set()
+        (prepared,) = await preparing
+        assert prepared.finish_reason == "abort" and prepared.prompt_token_ids == [4, 5]
+        assert not engine._streams
+        with pytest.raises(RuntimeError, match="shut down"):
+            await engine.generate({"prompt_token_ids": [1, 2, 3]}).__anext__()
+        assert not engine._streams
+        assert_all_free(engine.engine)
 
     asyncio.run(scenario())
 

@@ -291,5 +291,6 @@ def test_async_engine_streams_only_text_that_stays(tiny_checkpoint, unstopped):
                 break
             await asyncio.sleep(0.05)
         assert_all_free(engine.engine)
+        engine.close()
 
     asyncio.run(main())

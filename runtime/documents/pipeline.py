@@ -542,7 +542,7 @@ class DocumentParser:
                 if page.outstanding == 0:
                     self._finish_page(states[item.doc], page, report)
                     continue
-                if engine.scheduler.waiting and len(engine.scheduler.waiting) >= engine.options.max_num_seqs:
+                if engine.stats().num_waiting >= engine.options.max_num_seqs:
                     break  # enough queued for the next steps: let the engine run
             if not engine.has_unfinished():
                 continue

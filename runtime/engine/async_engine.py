@@ -1,12 +1,16 @@
 """AsyncEngine: the asyncio front of LLMEngine, for services and the server.
 
-One background task drives the engine. Model steps run in a worker thread so the event loop
-stays responsive; request preprocessing also runs in worker threads. New requests and aborts are
-applied to the engine only between steps, on the loop, so the engine is never touched by two
-threads at once.
+The engine runs on a thread of its own (core.py's EngineCore), which steps it back to back while
+it has work: a busy event loop delays the delivery of outputs, never the next step. This side
+never touches the engine: request preprocessing (tokenization, image decoding, grammar compiles)
+runs in worker threads, the prepared sequence and any abort go to the core's inbox, and each
+step's outputs come back to the loop in one callback (`loop.call_soon_threadsafe`), to be handed
+to each request's consumer. An AsyncEngine serves the event loop of its first request; `close()`
+ends the core thread.
 
 Every request ends with a final output whatever state it was in when it was aborted or its
-consumer went away: still being preprocessed, prepared but not yet queued, queued, running.
+consumer went away: still being preprocessed, prepared but not yet taken by the core, queued,
+running, or the engine shutting down.
 
 A consumer that stops reading (a stalled HTTP client) holds one output per request, not one per
 step: outputs it has not read are folded into one (_Unread), so its memory is O(output), not
@@ -17,14 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
 from ..glm_image import ImageRequest, ImageTokensOutput
 from ..outputs import Request, RequestOutput
 from ..sampling_params import SamplingParams
+from .core import EngineCore, aborted_output
 from .engine import LLMEngine
 from .sequence import Sequence
+from .stats import EngineStats
 
 
 async def gather_or_cancel(coroutines) -> list:
@@ -78,17 +83,14 @@ class _Unread:
 
 class AsyncEngine:
     def __init__(self, model: str, **kwargs):
-        self.engine = LLMEngine(model, **kwargs)
+        self.engine = LLMEngine(model, **kwargs)  # the core thread's: read only its fixed settings here
+        self._core = EngineCore(self.engine, self._post)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop outputs are delivered on
+        # On the loop only: the requests with a consumer (from generate until their final output),
+        # those being prepared in a worker thread, and those of them aborted meanwhile.
         self._streams: dict[str, _Unread] = {}
-        self._preparing: set[str] = set()  # ids whose images are being decoded in a worker thread
-        self._cancelled: set[str] = set()  # ids aborted while preparing
-        self._pending_aborts: set[str] = set()
-        self._pending: list = []  # prepared sequences, queued at the next step boundary
-        self._wakeup: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
-        # Steps run on a thread of their own: on the loop's default executor they would wait behind
-        # whatever else is there (image decoding, page rendering, tokenization of many requests).
-        self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmrt-step")
+        self._preparing: set[str] = set()
+        self._cancelled: set[str] = set()
 
     def generate(self, request: Request | dict, sampling_params: SamplingParams | None = None,
                  request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -124,24 +126,29 @@ class AsyncEngine:
 
     async def _stream(self, request_id: str, prepare: Callable[[], Sequence]) -> AsyncIterator[RequestOutput]:
         """generate's outputs for the sequence `prepare()` makes (in a worker thread)."""
-        if request_id in self._streams or self.engine.has_request(request_id):
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("this AsyncEngine delivers its outputs on the event loop of its first request; "
+                               "use it from that loop only")
+        self._core.check_open()
+        if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Unread()
         self._streams[request_id] = stream
-        finished = False
+        queued = finished = False
         try:
             self._preparing.add(request_id)
             try:
                 seq = await asyncio.to_thread(prepare)
             finally:
                 self._preparing.discard(request_id)
-            if request_id in self._cancelled:
-                self._cancelled.discard(request_id)
+            queued = request_id not in self._cancelled and self._core.add(seq)
+            if not queued:  # aborted while being prepared, or the engine was closed meanwhile
                 finished = True
-                yield _aborted(request_id, seq.prompt_token_ids)
+                yield aborted_output(request_id, seq.prompt_token_ids)
                 return
-            self._pending.append(seq)
-            self._ensure_loop()
             while not finished:
                 out = await stream.get()
                 finished = out.finished
@@ -150,76 +157,44 @@ class AsyncEngine:
                 yield out
         finally:
             self._cancelled.discard(request_id)
-            if not finished:
-                self.abort(request_id)
-            else:
-                self._streams.pop(request_id, None)
+            if self._streams.get(request_id) is stream:  # not ended by a final output yet
+                if queued:
+                    self._core.abort(request_id)  # its final output, when the core applies it, ends it
+                else:
+                    del self._streams[request_id]
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its consumer gets a final "abort" output and everything it holds is
         freed before the next step."""
         if request_id in self._preparing:
             self._cancelled.add(request_id)
-            return
-        self._pending_aborts.add(request_id)
-        self._ensure_loop()
+        elif request_id in self._streams:
+            self._core.abort(request_id)
 
-    @property
-    def num_preparing(self) -> int:
-        """Requests accepted but not yet in the scheduler (images being decoded, or prepared and
-        waiting for the next step boundary)."""
-        return len(self._preparing) + len(self._pending)
+    def stats(self) -> EngineStats:
+        """The engine's load after its last step (LLMEngine.stats), requests accepted but not yet
+        in the scheduler (being prepared, or in the core's inbox) counted as waiting."""
+        stats = self._core.stats()
+        return dataclasses.replace(stats, num_waiting=stats.num_waiting + len(self._preparing))
 
-    def _ensure_loop(self) -> None:
-        if self._wakeup is None:
-            self._wakeup = asyncio.Event()
-        self._wakeup.set()
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+    def close(self) -> None:
+        """Stop the engine thread once the step under way returns and wait for it (blocks: from a
+        coroutine, run it in a thread). Requests still running end with an "abort" output; new
+        requests raise RuntimeError."""
+        self._core.close()
 
-    def _apply_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        aborts, self._pending_aborts = self._pending_aborts, set()
-        for seq in pending:
-            if seq.request_id in aborts:  # aborted between preparation and queueing
-                aborts.discard(seq.request_id)
-                self._deliver(_aborted(seq.request_id, seq.prompt_token_ids))
+    def _post(self, outputs: list[RequestOutput]) -> None:
+        """On the core thread: one step's outputs, to be delivered on the loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+        except RuntimeError:  # the loop is closed: its consumers are gone, nobody is left to read them
+            pass
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
                 continue
-            self.engine.enqueue(seq)
-        for request_id in aborts:
-            out = self.engine.abort(request_id)
-            if out is not None:
-                self._deliver(out)
-            else:  # never queued (its consumer left while it was being prepared) or already done
-                self._streams.pop(request_id, None)
-
-    def _deliver(self, out: RequestOutput) -> None:
-        stream = self._streams.get(out.request_id)
-        if stream is None:
-            return
-        stream.put(out)
-        if out.finished:
-            del self._streams[out.request_id]
-
-    async def _run(self) -> None:
-        while True:
-            self._apply_pending()
-            if not self.engine.has_unfinished():
-                self._wakeup.clear()
-                if self._pending or self._pending_aborts:
-                    continue
-                await self._wakeup.wait()
-                continue
-            try:
-                outputs = await asyncio.get_running_loop().run_in_executor(self._stepper, self.engine.step)
-            except Exception as exc:  # a fault in the engine's own host code: no request can go on
-                outputs = [self.engine.abort(i) for i in self.engine.request_ids]
-                for out in outputs:
-                    out.finish_reason, out.error = "error", f"engine step failed: {exc!r}"
-            for out in outputs:
-                self._deliver(out)
-
-
-def _aborted(request_id: str, prompt_token_ids: list[int]) -> RequestOutput:
-    return RequestOutput(request_id=request_id, prompt_token_ids=prompt_token_ids, token_ids=[], text="",
-                         finish_reason="abort")
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]

@@ -46,6 +46,7 @@ from .request_state import RequestState
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
 from .spec_decode import SpecDecodeStats
+from .stats import EngineStats
 from .structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -489,6 +490,18 @@ class LLMEngine:
     @property
     def request_ids(self) -> list[str]:
         return list(self._requests)
+
+    def stats(self) -> EngineStats:
+        """The engine's load now, as an immutable snapshot (see stats.py); call it between steps."""
+        scheduler, blocks, spec = self.scheduler, self.block_manager, self.spec_stats
+        return EngineStats(
+            num_waiting=len(scheduler.waiting),
+            num_running=len(scheduler.prefilling) + len(scheduler.running) + len(scheduler.draining),
+            kv_cache_usage=1.0 - blocks.num_free_blocks / blocks.num_blocks,
+            num_preemptions=scheduler.num_preemptions,
+            num_speculative_tokens=spec.num_speculative_tokens, num_drafts=spec.num_drafts,
+            num_draft_tokens=spec.num_draft_tokens, num_accepted_tokens=spec.num_accepted_tokens,
+            accepted_per_position=tuple(spec.accepted_per_position))
 
     # ---------------------------------------------------------------------------------- steps
 

@@ -7,8 +7,9 @@ One row per document goes in (one block each, so a document that kills its rende
 loses that document only). A render task streams the document's pages out as raw RGB rows, a
 layout batch per row (as `glmrt parse` batches them: layout results depend on the batch in their
 last bits), then one marker row with the page count (or why the document could not be opened). Each actor holds
-one LLM engine (an AsyncEngine on a thread of its own) and the layout model; Ray Data hands it
-several batches of pages at once, and the regions of all of them share the engine's steps.
+one LLM engine (an AsyncEngine, its event loop on a thread of its own) and the layout model;
+Ray Data hands it several batches of pages at once, and the regions of all of them share the
+engine's steps.
 What comes back per page is its record (regions with their text, figure crops as PNG): the
 driver alone writes outputs, through the same DocumentOutputs as the single-process `glmrt parse`,
 so the files are the same bytes and each document is written once, renamed into place.

@@ -124,7 +124,8 @@ class _RefuseWhileDraining:
 
 def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> FastAPI:
     """The app over `engine`: GLM-OCR's endpoints, or for a GLM-Image engine the images endpoints,
-    which need its diffusion stage (a diffusers_stage.DiffusionStage of the same checkpoint)."""
+    which need its diffusion stage (a diffusers_stage.DiffusionStage of the same checkpoint). The
+    app's shutdown closes the engine."""
     serves_images = engine.engine.generates_images
     if serves_images and diffusion is None:
         raise ValueError(f"{engine.engine.model_path} is GLM-Image: serving it needs its diffusion stage "
@@ -171,6 +172,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> Fast
             # one, it would hold the GIL, and so stop every stream, for up to a second
             await asyncio.to_thread(engine.engine.structured.load)
         yield
+        # After the drain: the requests still held (none, unless uvicorn cancelled their handlers)
+        # end with an "abort" output, and the engine's thread is joined.
+        await asyncio.to_thread(engine.close)
         intake.shutdown(wait=False, cancel_futures=True)
         if painter is not None:
             painter.close()

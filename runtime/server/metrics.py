@@ -1,8 +1,9 @@
 """Prometheus metrics of one server (its own registry, so several apps in one process do not mix).
 
 Engine state (queue, running sequences, KV-cache usage, preemptions) is read when /metrics is
-scraped; request events (HTTP status, finish reason, tokens, latencies; pictures made and the time
-of each stage for GLM-Image) are counted as they happen.
+scraped, from the snapshot the engine's thread published after its last step; request events
+(HTTP status, finish reason, tokens, latencies; pictures made and the time of each stage for
+GLM-Image) are counted as they happen.
 Names follow vLLM's with the `glmrt:` prefix.
 """
 from __future__ import annotations
@@ -19,42 +20,41 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
 
 
 class EngineCollector:
-    """Gauges and counters read from the engine at scrape time (plain int reads: safe while a step runs)."""
+    """Gauges and counters read at scrape time from the engine's last published snapshot
+    (AsyncEngine.stats(): the engine itself belongs to the thread that steps it)."""
 
     def __init__(self, async_engine):
         self.async_engine = async_engine
 
     def collect(self):
-        engine = self.async_engine.engine
-        scheduler, blocks = engine.scheduler, engine.block_manager
+        s = self.async_engine.stats()
         waiting = GaugeMetricFamily("glmrt:num_requests_waiting", "Requests queued for their first step.")
-        waiting.add_metric([], len(scheduler.waiting) + self.async_engine.num_preparing)
+        waiting.add_metric([], s.num_waiting)
         yield waiting
         # As vLLM's: every request the scheduler has admitted (its prompt being prefilled, chunk by
         # chunk, or decoding), not only those holding a decode row.
         running = GaugeMetricFamily("glmrt:num_requests_running", "Requests admitted to the engine, prefilling or "
                                     "decoding.")
-        running.add_metric([], len(scheduler.prefilling) + len(scheduler.running) + len(scheduler.draining))
+        running.add_metric([], s.num_running)
         yield running
         usage = GaugeMetricFamily("glmrt:kv_cache_usage_perc", "Share of KV-cache blocks in use (0 to 1).")
-        usage.add_metric([], 1.0 - blocks.num_free_blocks / blocks.num_blocks)
+        usage.add_metric([], s.kv_cache_usage)
         yield usage
         preempted = CounterMetricFamily("glmrt:num_preemptions", "Sequences preempted to free KV blocks.")
-        preempted.add_metric([], scheduler.num_preemptions)
+        preempted.add_metric([], s.num_preemptions)
         yield preempted
-        stats = engine.spec_stats
-        if stats.num_speculative_tokens:  # vLLM's speculative-decoding counters
+        if s.num_speculative_tokens:  # vLLM's speculative-decoding counters
             for name, doc, value in (
-                ("num_drafts", "Sequences verified by speculative steps (one per sequence per step).", stats.num_drafts),
-                ("num_draft_tokens", "Draft tokens proposed.", stats.num_draft_tokens),
-                ("num_accepted_tokens", "Draft tokens accepted.", stats.num_accepted_tokens),
+                ("num_drafts", "Sequences verified by speculative steps (one per sequence per step).", s.num_drafts),
+                ("num_draft_tokens", "Draft tokens proposed.", s.num_draft_tokens),
+                ("num_accepted_tokens", "Draft tokens accepted.", s.num_accepted_tokens),
             ):
                 counter = CounterMetricFamily(f"glmrt:spec_decode_{name}", doc)
                 counter.add_metric([], value)
                 yield counter
             per_pos = CounterMetricFamily("glmrt:spec_decode_num_accepted_tokens_per_pos",
                                           "Draft tokens accepted, by position in the draft.", labels=["position"])
-            for position, value in enumerate(list(stats.accepted_per_position)):
+            for position, value in enumerate(s.accepted_per_position):
                 per_pos.add_metric([str(position)], value)
             yield per_pos
 
