@@ -17,7 +17,10 @@ from collections.abc import Callable
 
 import torch
 
+from glmrt.kernels.decode_inputs import table_slots
+
 from ..model.glm_ocr import GlmOcrModel
+from ..model.ops import TorchOps
 from ..model.text import AttentionMetadata
 from ..model.transfer import upload
 from .graphs import DecodeGraphs, batch_buckets
@@ -49,9 +52,10 @@ class DeviceBatch:
     """Per-row decode state on the device. Row i belongs to the scheduler's running[i]; rows
     past the running count are inactive (context length 0, no KV write, output ignored)."""
 
-    def __init__(self, max_rows: int, max_blocks: int, block_size: int, vocab_size: int, device: torch.device,
-                 num_speculative_tokens: int = 0, hidden_size: int = 0, dtype: torch.dtype = torch.float32,
-                 max_decode_positions: int = 0):
+    def __init__(self, ops: TorchOps, max_rows: int, max_blocks: int, block_size: int, vocab_size: int,
+                 device: torch.device, num_speculative_tokens: int = 0, hidden_size: int = 0,
+                 dtype: torch.dtype = torch.float32, max_decode_positions: int = 0):
+        self.ops = ops  # the model's backend: builds each decode step's inputs (decode_inputs)
         self.device = device
         self.block_size = block_size
         self.block_tables = torch.zeros(max_rows, max_blocks, dtype=torch.int32, device=device)
@@ -162,23 +166,16 @@ class DeviceBatch:
     def slots(self, bs: int, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Cache indices [bs, N] of rows [0, bs) -> their slots [bs, N] through the block tables;
         -1 (no write) where not `valid` or outside the table."""
-        tables = self.block_tables[:bs]
-        limit = tables.shape[1] * self.block_size
-        block = tables.gather(1, (index.clamp(0, limit - 1) // self.block_size)).long()
-        return torch.where(valid & (index >= 0) & (index < limit), block * self.block_size + index % self.block_size, -1)
+        return table_slots(self.block_tables[:bs], self.block_size, index, valid)
 
     def decode_inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Advance rows [0, bs) by one token on the device -> (input ids, positions, attention)."""
-        active = self.active[:bs]
+        """Advance rows [0, bs) by one token on the device -> (input ids, positions, attention):
+        one backend op (on Triton one launch) from the rows' state."""
         context = self.context_lens[:bs]
-        context += active.int()
-        pos = (context - 1).long()  # cache index of the token fed in this step
-        slots = self.slots(bs, pos[:, None], active[:, None])[:, 0]
-        if self.decode_positions is None:
-            positions = (pos + self.rope_deltas[:bs]).expand(3, bs)
-        else:  # the column of the generated token fed, clamped to the row's table
-            column = torch.minimum((pos - self.prompt_lens[:bs]).clamp(min=0), self.decode_lens[:bs] - 1)
-            positions = self.decode_positions[:bs].gather(2, column.view(bs, 1, 1).expand(bs, 3, 1))[:, :, 0].T
+        table = self.decode_positions is not None  # GLM-Image: positions from each row's table
+        slots, positions = self.ops.decode_inputs(
+            context, self.active[:bs], self.block_tables[:bs], self.block_size, self.rope_deltas[:bs],
+            *((self.decode_positions[:bs], self.prompt_lens[:bs], self.decode_lens[:bs]) if table else ()))
         attn = AttentionMetadata(slot_mapping=slots, block_tables=self.block_tables[:bs], context_lens=context)
         return self.next_tokens[:bs], positions, attn
 
@@ -263,8 +260,8 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_caches = allocate_kv_cache(model, num_blocks, block_size)
         c = model.config.text
-        self.batch = DeviceBatch(max_num_seqs, max_blocks_per_seq, block_size, c.output_vocab_size, model.device,
-                                 num_speculative_tokens, c.hidden_size, model.dtype, max_decode_positions)
+        self.batch = DeviceBatch(model.ops, max_num_seqs, max_blocks_per_seq, block_size, c.output_vocab_size,
+                                 model.device, num_speculative_tokens, c.hidden_size, model.dtype, max_decode_positions)
         self.sampler = Sampler(model.ops, self.batch.sampling)
         self.spec = None
         if num_speculative_tokens:

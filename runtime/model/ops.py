@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmrt.kernels import activation, attention, invariant_attention, linear, paged, rmsnorm, rope, sampling
+from glmrt.kernels import (activation, attention, decode_inputs, invariant_attention, linear, paged, rmsnorm, rope,
+                           sampling)
 
 Tensor = torch.Tensor
 # Weights (or biases) of projections sharing an input, in the backend's form (see fuse_rows).
@@ -153,6 +154,14 @@ class TorchOps:
         """logits [B, V] -> [B] int64, lowest index on ties."""
         return sampling.argmax_ref(logits)
 
+    def decode_inputs(self, context_lens: Tensor, active: Tensor, block_tables: Tensor, block_size: int,
+                      rope_deltas: Tensor, decode_positions: Tensor | None = None, prompt_lens: Tensor | None = None,
+                      decode_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """A decode step's inputs of B rows: context_lens [B] += active [B], in place -> (slot_mapping
+        [B], positions [3, B]) of each row's fed token (see glmrt.kernels.decode_inputs)."""
+        return decode_inputs.decode_inputs_ref(context_lens, active, block_tables, block_size, rope_deltas,
+                                               decode_positions, prompt_lens, decode_lens)
+
 
 class TritonOps(TorchOps):
     """Every op that has a Triton kernel runs it.
@@ -248,6 +257,11 @@ class TritonOps(TorchOps):
 
     def argmax(self, logits):
         return sampling.argmax(logits)
+
+    def decode_inputs(self, context_lens, active, block_tables, block_size, rope_deltas, decode_positions=None,
+                      prompt_lens=None, decode_lens=None):
+        return decode_inputs.decode_inputs_(context_lens, active, block_tables, block_size, rope_deltas,
+                                            decode_positions, prompt_lens, decode_lens)  # one launch
 
 
 def make_ops(backend: str, batch_invariant: bool = True) -> TorchOps:
