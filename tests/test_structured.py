@@ -109,7 +109,7 @@ def test_json_object_output_follows_the_grammar_at_every_token(llm):
     params = SamplingParams(max_tokens=120, json_object=True)
     outputs = llm.generate([_request(i) for i in range(3)], params)
     for out in outputs:
-        matcher = llm.engine.structured.matcher(params.grammar, "check")
+        matcher = llm.engine.structured.matcher(params)
         assert all(matcher.consume_token(t) for t in out.token_ids), out.text
         assert out.text.startswith("{")
         if out.finish_reason == "stop":
@@ -127,7 +127,7 @@ def test_a_constraint_that_allows_every_chosen_token_changes_nothing(llm):
     permissive = [_replace(p, regex=r"[\s\S]*") for p in params]
     free = llm.generate(requests, params)
     for out, p in zip(free, permissive):  # the precondition: the constraint allows every token chosen
-        matcher = llm.engine.structured.matcher(p.grammar, "check")
+        matcher = llm.engine.structured.matcher(p)
         assert all(matcher.consume_token(t) for t in out.token_ids), out.token_ids
     constrained = llm.generate(requests, permissive)
     for a, b in zip(free, constrained):
@@ -173,7 +173,7 @@ def test_greedy_constrained_tokens_equal_transformers_generate_with_the_same_mas
     ours = llm.generate({"prompt": prompt, "images": images}, params)[0]
 
     structured = llm.engine.structured
-    matcher = structured.matcher(params.grammar, "hf")
+    matcher = structured.matcher(params)
 
     class Guidance(LogitsProcessor):  # llguidance's mask as a transformers logits processor
         def __init__(self):
@@ -205,17 +205,45 @@ def test_ignore_eos_still_ends_when_the_constraint_is_complete(llm):
     assert out.token_ids[-1] in llm.engine._eos_token_ids
 
 
+def test_a_repeated_constraint_compiles_once(llm, monkeypatch):
+    """The engine compiles a constraint at its first prepare and copies the compiled matcher after,
+    keyed by the constraint's text; a schema with its properties in another order is another grammar."""
+    import llguidance
+
+    compiled = []
+    real = llguidance.LLMatcher
+
+    class CountingMatcher:  # llguidance.LLMatcher, counting the matchers built (each compiles its grammar)
+        def __call__(self, tokenizer, grammar, **options):
+            compiled.append(grammar)
+            return real(tokenizer, grammar, **options)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", CountingMatcher())
+    a = _obj({"cache_test_a": _str(), "cache_test_b": _str()})
+    a_reordered = _obj({"cache_test_b": _str(), "cache_test_a": _str()})
+    b = _obj({"cache_test_c": _str()})
+    first = llm.engine.prepare(_request(1), SamplingParams(json_schema=a))
+    again = llm.engine.prepare(_request(1), SamplingParams(json_schema=json.dumps(a), temperature=0.5))
+    assert len(compiled) == 1 and first.grammar is not again.grammar  # one compile, one matcher per request
+    llm.engine.prepare(_request(1), SamplingParams(json_schema=b))
+    llm.engine.prepare(_request(1), SamplingParams(json_schema=a_reordered))
+    assert len(compiled) == 3
+    llm.engine.prepare(_request(1), SamplingParams(json_schema=b))
+    assert len(compiled) == 3
+
+
 @pytest.mark.parametrize("fields,match", [
     ({"json_schema": "{not json"}, r"SamplingParams\.json_schema is not valid JSON"),
     ({"json_schema": [1, 2]}, r"SamplingParams\.json_schema must be a JSON Schema object"),
-    ({"json_schema": {"type": "bogus"}}, r"SamplingParams\.json_schema cannot be used.*bogus"),
-    ({"json_schema": {"$ref": "#/$defs/missing"}}, r"SamplingParams\.json_schema cannot be used"),
-    ({"regex": "a(b"}, r"(?s)SamplingParams\.regex cannot be used.*unclosed group"),
+    ({"json_schema": {"enum": [{1, 2}]}}, r"SamplingParams\.json_schema holds set \{1, 2\}, which is not JSON"),
     ({"regex": ""}, r"SamplingParams\.regex must be a non-empty str"),
     ({"choice": []}, r"SamplingParams\.choice must be a non-empty list"),
     ({"choice": ["a", 1]}, r"SamplingParams\.choice must be a non-empty list"),
     ({"json_object": "yes"}, r"SamplingParams\.json_object must be a bool"),
-    ({"regex": "a", "choice": ["a"]}, r"at most one of json_schema, json_object, regex and choice, got regex and choice"),
+    ({"regex": "a", "choice": ["a"]}, r"at most one of json_schema, json_object, regex, choice, got regex and choice"),
     # sizes, refused before anything is compiled
     ({"choice": [f"option {i}" for i in range(10_001)]}, r"SamplingParams\.choice has 10001 options; at most 10000"),
     ({"choice": ["x" * 100_000] * 3}, r"SamplingParams\.choice has 300000 characters in its options; at most 262144"),
@@ -226,6 +254,18 @@ def test_a_malformed_constraint_is_refused_naming_its_field(fields, match):
     with pytest.raises((ValueError, TypeError), match=match):
         SamplingParams(**fields)
 
+
+@pytest.mark.parametrize("fields,match", [
+    ({"json_schema": {"type": "bogus"}}, r"SamplingParams\.json_schema cannot be used.*bogus"),
+    ({"json_schema": {"$ref": "#/$defs/missing"}}, r"SamplingParams\.json_schema cannot be used"),
+    ({"regex": "a(b"}, r"(?s)SamplingParams\.regex cannot be used.*unclosed group"),
+])
+def test_a_constraint_that_does_not_compile_is_refused_by_prepare_naming_its_field(llm, fields, match):
+    """SamplingParams checks types and sizes only; the engine compiles (llguidance's error, without
+    the excerpt of the grammar it appends)."""
+    params = SamplingParams(**fields)
+    with pytest.raises(ValueError, match=match):
+        llm.engine.prepare(_request(1), params)
 
 
 def test_a_choice_of_more_options_than_an_earley_row_holds(llm):

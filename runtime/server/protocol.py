@@ -20,6 +20,8 @@ OpenAI's `response_format` ({"type": "json_schema", "json_schema": {"schema": ..
 {"type": "json_object"}), vLLM's `structured_outputs` ({"json" | "regex" | "choice" |
 "json_object": ...}) and vLLM's older `guided_json` / `guided_regex` / `guided_choice`. A JSON
 schema may also be the model card's example template (`{"name": "", "items": [{"price": ""}]}`).
+The server compiles a request's constraint (`compile_constraint`) before it hands the request to
+the engine, so that its errors name the request field and it runs under the server's grammar timeout.
 
 Text is checked before anything is tokenized: every string must be valid Unicode (JSON may carry a
 lone surrogate such as "\\ud800", which UTF-8 and the tokenizer cannot take), and the prompt's text
@@ -32,7 +34,7 @@ import numbers
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..extraction import as_json_schema
 from ..outputs import RequestOutput
@@ -99,6 +101,8 @@ class ParsedRequest:
     messages: list[dict] | None = None
     images: list[ImageRef] = field(default_factory=list)
     prompt: str | list[int] | None = None
+    # SamplingParams field -> the request field that set it, for errors found after parsing (compile_constraint).
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -253,10 +257,11 @@ def completion_logprobs(body: dict, max_logprobs: int) -> int | None:
     return _logprobs_count(body, "logprobs", max_logprobs)
 
 
-def sampling_params(body: dict, defaults: dict[str, Any], logprobs: int | None = None) -> SamplingParams:
+def sampling_params(body: dict, defaults: dict[str, Any],
+                    logprobs: int | None = None) -> tuple[SamplingParams, dict[str, str]]:
     """SamplingParams from the request fields over the server's defaults (and `logprobs`, parsed
-    from the endpoint's own fields); errors name the field. The constraint (compiled by
-    SamplingParams, the one part that can take long) is compiled once."""
+    from the endpoint's own fields), and which request field set each SamplingParams field; errors
+    name the field."""
     values = dict(defaults, logprobs=logprobs)
     given: dict[str, str] = {}  # SamplingParams field -> request field, for error messages
     for name, target in SAMPLING_FIELDS.items():
@@ -273,22 +278,40 @@ def sampling_params(body: dict, defaults: dict[str, Any], logprobs: int | None =
         if len(reference) > MAX_REFERENCE_CHARS:
             raise APIError(f"'reference_text' has {len(reference)} characters, more than {MAX_REFERENCE_CHARS}",
                            "reference_text")
-    constraint = None  # (SamplingParams field, request field)
-    for name, target, value in _constraints(body):
-        constraint = (target, name)
-        values[target] = value
-    for target, name in given.items():
+    structured = _constraints(body)
+    for target, name in given.items():  # each alone, so that an error is that field's
         try:
             SamplingParams(**{target: values[target]})
         except (TypeError, ValueError) as exc:
-            raise APIError(f"'{name}': {str(exc).replace('SamplingParams.' + target, name)}", name) from exc
+            raise _renamed(exc, {target: name}, name) from exc
+    for name, target, value in structured:
+        given[target] = name
+        values[target] = value
     try:
-        return SamplingParams(**values)
-    except (TypeError, ValueError) as exc:  # every other field holds alone: the constraint does not
-        if constraint is None:
-            raise APIError(str(exc)) from exc
-        target, name = constraint
-        raise APIError(f"'{name}': {str(exc).replace('SamplingParams.' + target, name)}", name) from exc
+        return SamplingParams(**values), given
+    except (TypeError, ValueError) as exc:  # every other field holds alone: the constraint's fields do not
+        raise _renamed(exc, given, None) from exc
+
+
+def compile_constraint(parsed: ParsedRequest, compile: Callable[[SamplingParams], Any]) -> None:
+    """Compile the request's constraint with the engine's `compile` (StructuredOutputs.compile,
+    which keeps it for the engine's prepare); a constraint that does not compile is refused naming
+    its request field, with llguidance's error."""
+    try:
+        compile(parsed.params)
+    except ValueError as exc:
+        raise _renamed(exc, parsed.fields, None) from exc
+
+
+def _renamed(exc: Exception, fields: dict[str, str], default: str | None) -> APIError:
+    """A SamplingParams error as an APIError naming the request field `fields` maps its field to
+    ('SamplingParams.regex ...' -> "'guided_regex' ..."); `default` where it names none of them."""
+    message = str(exc)
+    target = param_of(message, None)
+    if target not in fields:
+        return APIError(message, default)
+    name = fields[target]
+    return APIError(f"'{name}': {message.replace('SamplingParams.' + target, name)}", name)
 
 
 def param_of(message: str, default: str | None) -> str | None:
@@ -363,9 +386,9 @@ def parse_chat(body: Any, defaults: dict[str, Any], max_images: int, limit: Prom
         raise APIError(f"the request has {len(images)} images; at most {max_images} are allowed per request",
                        "messages")
     stream, include_usage, continuous = _stream_options(body)
-    params = sampling_params(body, defaults, chat_logprobs(body, max_logprobs))
+    params, fields = sampling_params(body, defaults, chat_logprobs(body, max_logprobs))
     return ParsedRequest(model=model, params=params, stream=stream, include_usage=include_usage,
-                         continuous_usage=continuous, messages=rendered, images=images)
+                         continuous_usage=continuous, messages=rendered, images=images, fields=fields)
 
 
 def _content(content: Any, where: str, role: str, images: list[ImageRef], text: PromptText) -> str | list[dict]:
@@ -418,9 +441,9 @@ def parse_completion(body: Any, defaults: dict[str, Any], limit: PromptLimit, ma
     else:
         PromptText(limit).take(prompt, "prompt")
     stream, include_usage, continuous = _stream_options(body)
-    params = sampling_params(body, defaults, completion_logprobs(body, max_logprobs))
+    params, fields = sampling_params(body, defaults, completion_logprobs(body, max_logprobs))
     return ParsedRequest(model=model, params=params, stream=stream, include_usage=include_usage,
-                         continuous_usage=continuous, prompt=prompt)
+                         continuous_usage=continuous, prompt=prompt, fields=fields)
 
 
 # ------------------------------------------------------------------------------------ responses
