@@ -27,6 +27,7 @@ CONSTRAINTS = ("json_schema", "json_object", "regex", "choice")
 # these limits it stays well under 1 s.
 MAX_CHOICES = 10_000
 MAX_CONSTRAINT_CHARS = 256 * 1024  # a regex, the options of a choice together, a schema's JSON text
+MAX_WHITESPACE_PATTERN_CHARS = 1024
 
 
 def _int(name: str, value: Any) -> int:
@@ -77,6 +78,10 @@ class SamplingParams:
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
+    # JSON (json_schema, json_object) is written compactly by default, in json.dumps's layout (", "
+    # and ": ", no other whitespace outside strings); a regex here allows its matches between JSON
+    # tokens instead (vLLM's whitespace_pattern), e.g. r"[ \n]{0,8}".
+    whitespace_pattern: str | None = None
     # Speculative decoding's draft source (engines started with num_speculative_tokens > 0; the
     # output is the same whatever drafts): "auto" (the reference text where it has a proposal, else
     # the MTP layer, or n-gram lookup over the output so far on an engine without it), or only
@@ -190,6 +195,17 @@ class SamplingParams:
             if size > MAX_CONSTRAINT_CHARS:
                 raise ValueError(f"SamplingParams.choice has {size} characters in its options; at most "
                                  f"{MAX_CONSTRAINT_CHARS} are allowed")
+        if self.whitespace_pattern is not None:
+            pattern = self.whitespace_pattern
+            if not isinstance(pattern, str) or not pattern:
+                raise TypeError(f"SamplingParams.whitespace_pattern must be a non-empty str (a regex), got "
+                                f"{type(pattern).__name__} {pattern!r:.80}")
+            if len(pattern) > MAX_WHITESPACE_PATTERN_CHARS:
+                raise ValueError(f"SamplingParams.whitespace_pattern is {len(pattern)} characters long; at most "
+                                 f"{MAX_WHITESPACE_PATTERN_CHARS} are allowed")
+            if self.constraint not in ("json_schema", "json_object"):
+                raise ValueError("SamplingParams.whitespace_pattern applies to JSON output: it needs json_schema or "
+                                 f"json_object, got {self.constraint or 'no constraint'}")
 
     @property
     def constraint(self) -> str | None:

@@ -298,6 +298,13 @@ CASES = [
     _field_case("guided_grammar", guided_grammar="root ::= x", says="not supported"),
     Case("structured_outputs-grammar", lambda m: user(txt("hi"), structured_outputs={"grammar": "root ::= x"}),
          "structured_outputs.grammar", "not supported"),
+    Case("guided_whitespace_pattern-not-a-regex", lambda m: user(txt("hi"), guided_json={"type": "object"},
+                                                                 guided_whitespace_pattern="[ "),
+         "guided_whitespace_pattern", "not a regex"),
+    Case("whitespace_pattern-without-json", lambda m: user(txt("hi"), structured_outputs={
+        "regex": "a+", "whitespace_pattern": " "}), "structured_outputs.whitespace_pattern", "applies to JSON output"),
+    Case("structured_outputs-structural_tag", lambda m: user(txt("hi"), structured_outputs={"structural_tag": "{}"}),
+         "structured_outputs.structural_tag", "not supported"),
     Case("two-constraints", lambda m: user(txt("hi"), response_format={"type": "json_object"}, guided_regex="a+"),
          "guided_regex", "at most one"),
     Case("temperature-nan", lambda m: json.dumps(user(txt("hello"), temperature=float("nan"))).encode(),

@@ -205,6 +205,39 @@ def test_ignore_eos_still_ends_when_the_constraint_is_complete(llm):
     assert out.token_ids[-1] in llm.engine._eos_token_ids
 
 
+# The bounded schemas whose numbers are integers: JSON output equals json.dumps of its value (floats
+# keep the model's spelling, 0.50 or 1e2, so "numbers" and "array of objects" are left out).
+INTEGER_SCHEMAS = [schema for schema in SCHEMAS.values() if '"number"' not in json.dumps(schema)]
+# glmrt's default before JSON was compact: bounded runs of free whitespace.
+OLD_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,48}"
+
+
+def _sampled_json(llm, schemas: list[dict], max_tokens: int, **fields) -> list:
+    """Each schema sampled at temperature 1 (seed i)."""
+    params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, json_schema=schema, **fields)
+              for i, schema in enumerate(schemas)]
+    return llm.generate([_request(i) for i in range(len(params))], params)
+
+
+def _finished_compact(out) -> bool:
+    """Whether `out` ended by itself with JSON written as json.dumps writes it."""
+    return out.finish_reason == "stop" and out.text == json.dumps(json.loads(out.text), ensure_ascii=False)
+
+
+def test_json_is_compact_by_default_and_every_bounded_schema_finishes(llm):
+    assert len(INTEGER_SCHEMAS) == 10
+    for schema, out in zip(INTEGER_SCHEMAS, _sampled_json(llm, INTEGER_SCHEMAS, max_tokens=200)):
+        assert _finished_compact(out), (out.finish_reason, out.text)
+        jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_a_whitespace_pattern_brings_back_free_whitespace(llm):
+    """With the old default's whitespace runs, random weights write tabs, newlines and carriage
+    returns between JSON tokens (raw, so outside strings): no such output is in json.dumps's layout."""
+    outputs = _sampled_json(llm, INTEGER_SCHEMAS[:4], max_tokens=30, whitespace_pattern=OLD_WHITESPACE)
+    assert any(re.search(r"[\t\n\r]", out.text) for out in outputs), [out.text for out in outputs]
+
+
 def test_a_repeated_constraint_compiles_once(llm, monkeypatch):
     """The engine compiles a constraint at its first prepare and copies the compiled matcher after,
     keyed by the constraint's text; a schema with its properties in another order is another grammar."""
@@ -230,9 +263,10 @@ def test_a_repeated_constraint_compiles_once(llm, monkeypatch):
     assert len(compiled) == 1 and first.grammar is not again.grammar  # one compile, one matcher per request
     llm.engine.prepare(_request(1), SamplingParams(json_schema=b))
     llm.engine.prepare(_request(1), SamplingParams(json_schema=a_reordered))
-    assert len(compiled) == 3
+    llm.engine.prepare(_request(1), SamplingParams(json_schema=a, whitespace_pattern=" ?"))
+    assert len(compiled) == 4
     llm.engine.prepare(_request(1), SamplingParams(json_schema=b))
-    assert len(compiled) == 3
+    assert len(compiled) == 4
 
 
 @pytest.mark.parametrize("fields,match", [
@@ -244,6 +278,10 @@ def test_a_repeated_constraint_compiles_once(llm, monkeypatch):
     ({"choice": ["a", 1]}, r"SamplingParams\.choice must be a non-empty list"),
     ({"json_object": "yes"}, r"SamplingParams\.json_object must be a bool"),
     ({"regex": "a", "choice": ["a"]}, r"at most one of json_schema, json_object, regex, choice, got regex and choice"),
+    ({"whitespace_pattern": " *"}, r"SamplingParams\.whitespace_pattern applies to JSON output.*got no constraint"),
+    ({"regex": "a", "whitespace_pattern": " *"},
+     r"SamplingParams\.whitespace_pattern applies to JSON output.*got regex"),
+    ({"json_object": True, "whitespace_pattern": [" "]}, r"SamplingParams\.whitespace_pattern must be a non-empty str"),
     # sizes, refused before anything is compiled
     ({"choice": [f"option {i}" for i in range(10_001)]}, r"SamplingParams\.choice has 10001 options; at most 10000"),
     ({"choice": ["x" * 100_000] * 3}, r"SamplingParams\.choice has 300000 characters in its options; at most 262144"),
@@ -259,6 +297,8 @@ def test_a_malformed_constraint_is_refused_naming_its_field(fields, match):
     ({"json_schema": {"type": "bogus"}}, r"SamplingParams\.json_schema cannot be used.*bogus"),
     ({"json_schema": {"$ref": "#/$defs/missing"}}, r"SamplingParams\.json_schema cannot be used"),
     ({"regex": "a(b"}, r"(?s)SamplingParams\.regex cannot be used.*unclosed group"),
+    ({"json_object": True, "whitespace_pattern": "[ \t"},
+     r"(?s)SamplingParams\.whitespace_pattern is not a regex.*unclosed"),
 ])
 def test_a_constraint_that_does_not_compile_is_refused_by_prepare_naming_its_field(llm, fields, match):
     """SamplingParams checks types and sizes only; the engine compiles (llguidance's error, without

@@ -39,10 +39,13 @@ from ..sampling_params import SamplingParams
 # items (llguidance's max_items_in_row), so a 2,500-option choice failed at its first token.
 # Literal strings in llguidance's Lark dialect take JSON string syntax, so json.dumps quotes a choice.
 _CHOICE_HEADER = "start: CHOICE\nCHOICE: "
-# JSON may be laid out freely (the model's habit is the template's 4-space indentation), but each
-# run of whitespace is bounded: unbounded runs let a model loop on whitespace until max_tokens.
-# A schema's own "x-guidance" options override this.
-JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,48}"}
+# JSON is written in json.dumps's layout (", " between items, ": " after keys, no whitespace
+# elsewhere outside strings), so a JSON output equals json.dumps(json.loads(output),
+# ensure_ascii=False) but for numbers and \u escapes, which keep the model's spelling (1.50, 1e2,
+# \u001F). Free whitespace let random weights (and a real model's habit of indenting) spend
+# max_tokens on runs of tabs and spaces, even when each run was bounded. Whitespace is had by asking:
+# SamplingParams.whitespace_pattern, or a schema's own "x-guidance" options.
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # Compiled constraints kept (LRU): extraction clients send the same schema with every page.
 GRAMMAR_CACHE_SIZE = 256
 # llguidance follows an error with an excerpt of the grammar ("   3 | start: foo" and a caret line).
@@ -55,10 +58,10 @@ def _llguidance():
     return llguidance
 
 
-def constraint_key(params: SamplingParams) -> tuple[str, str] | None:
-    """What identifies a request's compiled constraint: (SamplingParams field, its canonical text);
-    None without a constraint. A schema's text is json.dumps without sort_keys: llguidance writes
-    properties in the schema's order, so two orders are two grammars."""
+def constraint_key(params: SamplingParams) -> tuple[str, str, str | None] | None:
+    """What identifies a request's compiled constraint: (SamplingParams field, its canonical text,
+    whitespace_pattern); None without a constraint. A schema's text is json.dumps without sort_keys:
+    llguidance writes properties in the schema's order, so two orders are two grammars."""
     kind = params.constraint
     if kind is None:
         return None
@@ -68,14 +71,15 @@ def constraint_key(params: SamplingParams) -> tuple[str, str] | None:
         text = json.dumps(getattr(params, kind), ensure_ascii=False)
     else:
         text = getattr(params, kind)
-    return kind, text
+    return kind, text, params.whitespace_pattern
 
 
-def build_grammar(kind: str, text: str) -> str:
+def build_grammar(kind: str, text: str, whitespace_pattern: str | None = None) -> str:
     """The llguidance grammar of a constraint_key (not yet compiled)."""
     llg = _llguidance()
     if kind in ("json_schema", "json_object"):
-        return llg.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+        options = COMPACT_JSON if whitespace_pattern is None else {"whitespace_pattern": whitespace_pattern}
+        return llg.LLMatcher.grammar_from_json_schema(text, defaults=options)
     if kind == "regex":
         return llg.LLMatcher.grammar_from_regex(text)
     return llg.LLMatcher.grammar_from_lark(_CHOICE_HEADER + " | ".join(json.dumps(c, ensure_ascii=False)
@@ -138,9 +142,15 @@ class StructuredOutputs:
         compiled = self.compile(params)
         return None if compiled is None else compiled.deep_copy()
 
-    def _compile(self, key: tuple[str, str]) -> Any:
-        kind, text = key
-        matcher = _llguidance().LLMatcher(self._ll_tokenizer(), build_grammar(kind, text), log_level=0)
+    def _compile(self, key: tuple[str, str, str | None]) -> Any:
+        kind, text, whitespace_pattern = key
+        llg = _llguidance()
+        if whitespace_pattern is not None:  # checked alone, so that its error names it
+            error = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_regex(whitespace_pattern))
+            if error:
+                raise ValueError(f"SamplingParams.whitespace_pattern is not a regex llguidance takes: "
+                                 f"{_first_error(error)}")
+        matcher = llg.LLMatcher(self._ll_tokenizer(), build_grammar(kind, text, whitespace_pattern), log_level=0)
         if matcher.is_error():
             raise ValueError(f"SamplingParams.{kind} cannot be used as a constraint: "
                              f"{_first_error(matcher.get_error())}")

@@ -18,10 +18,11 @@ OpenAI's shapes (server/logprobs.py), in a stream chunk by chunk with the tokens
 Structured outputs come in three spellings, all mapped onto SamplingParams' constraint fields:
 OpenAI's `response_format` ({"type": "json_schema", "json_schema": {"schema": ...}} or
 {"type": "json_object"}), vLLM's `structured_outputs` ({"json" | "regex" | "choice" |
-"json_object": ...}) and vLLM's older `guided_json` / `guided_regex` / `guided_choice`. A JSON
-schema may also be the model card's example template (`{"name": "", "items": [{"price": ""}]}`).
-The server compiles a request's constraint (`compile_constraint`) before it hands the request to
-the engine, so that its errors name the request field and it runs under the server's grammar timeout.
+"json_object": ...}, with "whitespace_pattern" for JSON) and vLLM's older `guided_json` /
+`guided_regex` / `guided_choice` / `guided_whitespace_pattern`. A JSON schema may also be the model
+card's example template (`{"name": "", "items": [{"price": ""}]}`). The server compiles a request's
+constraint (`compile_constraint`) before it hands the request to the engine, so that its errors
+name the request field and it runs under the server's grammar timeout.
 
 Text is checked before anything is tokenized: every string must be valid Unicode (JSON may carry a
 lone surrogate such as "\\ud800", which UTF-8 and the tokenizer cannot take), and the prompt's text
@@ -79,7 +80,9 @@ ROLES = ("system", "developer", "user", "assistant")
 GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice"}
 STRUCTURED_OUTPUTS_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "json_object": "json_object"}
 # vLLM constraint options glmrt does not implement: refused unless null or false.
-UNSUPPORTED_GUIDED = ("guided_grammar", "guided_whitespace_pattern")
+UNSUPPORTED_GUIDED = ("guided_grammar",)
+# The request fields of SamplingParams.whitespace_pattern (flexible whitespace in JSON output).
+WHITESPACE_FIELDS = ("guided_whitespace_pattern", "structured_outputs.whitespace_pattern")
 
 
 @dataclass
@@ -214,7 +217,7 @@ def _constraints(body: dict) -> list[tuple[str, str, Any]]:
             name = f"structured_outputs.{key}"
             if key in STRUCTURED_OUTPUTS_KEYS and value not in (None, False):
                 found.append((name, STRUCTURED_OUTPUTS_KEYS[key], value))
-            elif key not in STRUCTURED_OUTPUTS_KEYS and value not in (None, False):
+            elif name not in WHITESPACE_FIELDS and value not in (None, False):
                 raise APIError(f"'{name}' is not supported by this server", name)
     if len(found) > 1:
         raise APIError(f"at most one structured-output constraint per request, got {' and '.join(f[0] for f in found)}",
@@ -228,6 +231,22 @@ def _constraints(body: dict) -> list[tuple[str, str, Any]]:
             except (TypeError, ValueError) as exc:
                 raise APIError(str(exc), name) from exc
     return found
+
+
+def _whitespace_pattern(body: dict) -> tuple[str, Any] | None:
+    """(request field, value) of the whitespace pattern a body asks for, if any."""
+    options = body.get("structured_outputs")
+    values = {"guided_whitespace_pattern": body.get("guided_whitespace_pattern"),
+              "structured_outputs.whitespace_pattern": options.get("whitespace_pattern")
+              if isinstance(options, dict) else None}
+    given = [(name, value) for name, value in values.items() if value is not None]
+    if len(given) > 1:
+        raise APIError(f"'{given[1][0]}': at most one whitespace pattern per request, got "
+                       f"{' and '.join(WHITESPACE_FIELDS)}", given[1][0])
+    for name, value in given:
+        for text in _strings(value):
+            _unicode(text, name)
+    return given[0] if given else None
 
 
 def _logprobs_count(body: dict, name: str, max_logprobs: int) -> int | None:
@@ -279,6 +298,9 @@ def sampling_params(body: dict, defaults: dict[str, Any],
             raise APIError(f"'reference_text' has {len(reference)} characters, more than {MAX_REFERENCE_CHARS}",
                            "reference_text")
     structured = _constraints(body)
+    whitespace = _whitespace_pattern(body)
+    if whitespace is not None:
+        structured.append((whitespace[0], "whitespace_pattern", whitespace[1]))
     for target, name in given.items():  # each alone, so that an error is that field's
         try:
             SamplingParams(**{target: values[target]})
