@@ -21,12 +21,12 @@ MAX_TEMPERATURE = 1e4
 REPETITION_PENALTY_RANGE = (1e-4, 1e4)
 DRAFT_SOURCES = ("auto", "mtp", "text", "ngram", "off")
 # The structured-output constraints (at most one per request), compiled by the engine.
-CONSTRAINTS = ("json_schema", "json_object", "regex", "choice")
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")
 # Size limits on a constraint, checked here, before the engine compiles anything: compile time grows
 # with the constraint's size (~1 s per 40,000 options or 1 MB of regex or schema on one core); at
 # these limits it stays well under 1 s.
 MAX_CHOICES = 10_000
-MAX_CONSTRAINT_CHARS = 256 * 1024  # a regex, the options of a choice together, a schema's JSON text
+MAX_CONSTRAINT_CHARS = 256 * 1024  # a regex, a grammar, the options of a choice together, a schema's JSON text
 MAX_WHITESPACE_PATTERN_CHARS = 1024
 
 
@@ -72,12 +72,15 @@ class SamplingParams:
     # temperature). N is bounded by the engine's max_logprobs.
     logprobs: int | None = None
     # Structured outputs (vLLM's meanings; at most one): the output is JSON valid against the
-    # schema (a dict or its JSON text), any JSON object, a full match of the regex, or exactly one
-    # of the strings in `choice`. The engine compiles the constraint when it prepares the request.
+    # schema (a dict or its JSON text), any JSON object, a full match of the regex, exactly one of
+    # the strings in `choice`, or a sentence of `grammar` (llguidance's Lark dialect, or llama.cpp's
+    # GBNF, which vLLM calls EBNF: a grammar with a `start:` rule or a `%llguidance` line is Lark,
+    # any other is converted from GBNF). The engine compiles the constraint when it prepares the request.
     json_schema: dict | str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
+    grammar: str | None = None
     # JSON (json_schema, json_object) is written compactly by default, in json.dumps's layout (", "
     # and ": ", no other whitespace outside strings); a regex here allows its matches between JSON
     # tokens instead (vLLM's whitespace_pattern), e.g. r"[ \n]{0,8}".
@@ -175,12 +178,13 @@ class SamplingParams:
             if _json_size("json_schema", self.json_schema, MAX_CONSTRAINT_CHARS) > MAX_CONSTRAINT_CHARS:
                 raise ValueError(f"SamplingParams.json_schema is more than {MAX_CONSTRAINT_CHARS} characters of JSON; "
                                  "send a smaller schema")
-        if self.regex is not None:
-            if not isinstance(self.regex, str) or not self.regex:
-                raise TypeError(f"SamplingParams.regex must be a non-empty str, got {type(self.regex).__name__} "
-                                f"{self.regex!r:.80}")
-            if len(self.regex) > MAX_CONSTRAINT_CHARS:
-                raise ValueError(f"SamplingParams.regex is {len(self.regex)} characters long; at most "
+        for name in ("regex", "grammar"):
+            text = getattr(self, name)
+            if text is not None and (not isinstance(text, str) or not text):
+                raise TypeError(f"SamplingParams.{name} must be a non-empty str, got {type(text).__name__} "
+                                f"{text!r:.80}")
+            if text is not None and len(text) > MAX_CONSTRAINT_CHARS:
+                raise ValueError(f"SamplingParams.{name} is {len(text)} characters long; at most "
                                  f"{MAX_CONSTRAINT_CHARS} are allowed")
         if self.choice is not None:
             if (not isinstance(self.choice, (list, tuple)) or not self.choice

@@ -1,4 +1,4 @@
-"""Structured outputs (json_schema, json_object, regex, choice) on the tiny random checkpoint.
+"""Structured outputs (json_schema, json_object, regex, choice, grammar) on the tiny random checkpoint.
 
 Unconstrained, its random weights emit garbage; constrained, every output must parse and validate.
 Strings are bounded with maxLength, arrays with maxItems and numbers with ranges, so that random
@@ -238,6 +238,20 @@ def test_a_whitespace_pattern_brings_back_free_whitespace(llm):
     assert any(re.search(r"[\t\n\r]", out.text) for out in outputs), [out.text for out in outputs]
 
 
+@pytest.mark.parametrize("grammar,language", [
+    # llguidance's Lark dialect: a `start:` rule
+    ('start: greeting " " NAME "!"\ngreeting: "hello" | "hi"\nNAME: /[a-z]{1,6}/', r"(hello|hi) [a-z]{1,6}!"),
+    # llama.cpp's GBNF (vLLM's "EBNF"): converted to Lark
+    ('root ::= answer "-" [0-9] [0-9]?\nanswer ::= "yes" | "no"', r"(yes|no)-[0-9]{1,2}"),
+])
+def test_a_grammar_constrains_the_output_to_its_language(llm, grammar, language):
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=seed, grammar=grammar) for seed in range(4)]
+    outputs = llm.generate([_request(i) for i in range(4)], params)
+    for out in outputs:
+        assert out.finish_reason == "stop" and re.fullmatch(language, out.text), (out.finish_reason, out.text)
+    assert len({out.text for out in outputs}) > 1  # sampled: more than one sentence of the language
+
+
 def test_a_repeated_constraint_compiles_once(llm, monkeypatch):
     """The engine compiles a constraint at its first prepare and copies the compiled matcher after,
     keyed by the constraint's text; a schema with its properties in another order is another grammar."""
@@ -274,10 +288,12 @@ def test_a_repeated_constraint_compiles_once(llm, monkeypatch):
     ({"json_schema": [1, 2]}, r"SamplingParams\.json_schema must be a JSON Schema object"),
     ({"json_schema": {"enum": [{1, 2}]}}, r"SamplingParams\.json_schema holds set \{1, 2\}, which is not JSON"),
     ({"regex": ""}, r"SamplingParams\.regex must be a non-empty str"),
+    ({"grammar": b"start: x"}, r"SamplingParams\.grammar must be a non-empty str"),
     ({"choice": []}, r"SamplingParams\.choice must be a non-empty list"),
     ({"choice": ["a", 1]}, r"SamplingParams\.choice must be a non-empty list"),
     ({"json_object": "yes"}, r"SamplingParams\.json_object must be a bool"),
-    ({"regex": "a", "choice": ["a"]}, r"at most one of json_schema, json_object, regex, choice, got regex and choice"),
+    ({"regex": "a", "choice": ["a"]},
+     r"at most one of json_schema, json_object, regex, choice, grammar, got regex and choice"),
     ({"whitespace_pattern": " *"}, r"SamplingParams\.whitespace_pattern applies to JSON output.*got no constraint"),
     ({"regex": "a", "whitespace_pattern": " *"},
      r"SamplingParams\.whitespace_pattern applies to JSON output.*got regex"),
@@ -286,6 +302,7 @@ def test_a_repeated_constraint_compiles_once(llm, monkeypatch):
     ({"choice": [f"option {i}" for i in range(10_001)]}, r"SamplingParams\.choice has 10001 options; at most 10000"),
     ({"choice": ["x" * 100_000] * 3}, r"SamplingParams\.choice has 300000 characters in its options; at most 262144"),
     ({"regex": "a" * 262_145}, r"SamplingParams\.regex is 262145 characters long; at most 262144"),
+    ({"grammar": "start: " + "a" * 262_145}, r"SamplingParams\.grammar is 262152 characters long; at most 262144"),
     ({"json_schema": {"enum": ["v" * 1000] * 300}}, r"SamplingParams\.json_schema is more than 262144 characters"),
 ])
 def test_a_malformed_constraint_is_refused_naming_its_field(fields, match):
@@ -297,6 +314,10 @@ def test_a_malformed_constraint_is_refused_naming_its_field(fields, match):
     ({"json_schema": {"type": "bogus"}}, r"SamplingParams\.json_schema cannot be used.*bogus"),
     ({"json_schema": {"$ref": "#/$defs/missing"}}, r"SamplingParams\.json_schema cannot be used"),
     ({"regex": "a(b"}, r"(?s)SamplingParams\.regex cannot be used.*unclosed group"),
+    ({"grammar": "start: greeting\n"},
+     r'SamplingParams\.grammar cannot be used as a constraint: .*unknown name: "greeting"$'),
+    ({"grammar": "root ::= greeting"},
+     r"SamplingParams\.grammar has no `start:` rule, so it was read as GBNF: .*'greeting'"),
     ({"json_object": True, "whitespace_pattern": "[ \t"},
      r"(?s)SamplingParams\.whitespace_pattern is not a regex.*unclosed"),
 ])

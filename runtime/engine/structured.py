@@ -1,6 +1,6 @@
 """Structured outputs: grammars from SamplingParams, and per-row token bitmasks from llguidance.
 
-A constrained request (json_schema, json_object, regex or choice) carries an llguidance
+A constrained request (json_schema, json_object, regex, choice or grammar) carries an llguidance
 matcher, a copy of its constraint's compiled matcher, which the engine keeps in an LRU cache keyed
 by the constraint's text (a schema sent with every page compiles once). Every token read back for
 the request is fed to its matcher; before a step samples its token, the host asks the matcher
@@ -75,15 +75,22 @@ def constraint_key(params: SamplingParams) -> tuple[str, str, str | None] | None
 
 
 def build_grammar(kind: str, text: str, whitespace_pattern: str | None = None) -> str:
-    """The llguidance grammar of a constraint_key (not yet compiled)."""
+    """The llguidance grammar of a constraint_key (not yet compiled); ValueError naming the
+    SamplingParams field for a grammar that is neither Lark nor GBNF."""
     llg = _llguidance()
     if kind in ("json_schema", "json_object"):
         options = COMPACT_JSON if whitespace_pattern is None else {"whitespace_pattern": whitespace_pattern}
         return llg.LLMatcher.grammar_from_json_schema(text, defaults=options)
     if kind == "regex":
         return llg.LLMatcher.grammar_from_regex(text)
-    return llg.LLMatcher.grammar_from_lark(_CHOICE_HEADER + " | ".join(json.dumps(c, ensure_ascii=False)
-                                                                        for c in json.loads(text)))
+    if kind == "choice":
+        return llg.LLMatcher.grammar_from_lark(_CHOICE_HEADER + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                            for c in json.loads(text)))
+    try:  # "grammar": llguidance tells Lark (a `start:` rule or a `%llguidance` line) from GBNF, which it converts
+        return llg.grammar_from("grammar", text)
+    except ValueError as exc:
+        raise ValueError(f"SamplingParams.grammar has no `start:` rule, so it was read as GBNF: "
+                         f"{_first_error(str(exc))}") from None
 
 
 def _first_error(error: str) -> str:

@@ -17,12 +17,12 @@ OpenAI's shapes (server/logprobs.py), in a stream chunk by chunk with the tokens
 
 Structured outputs come in three spellings, all mapped onto SamplingParams' constraint fields:
 OpenAI's `response_format` ({"type": "json_schema", "json_schema": {"schema": ...}} or
-{"type": "json_object"}), vLLM's `structured_outputs` ({"json" | "regex" | "choice" |
+{"type": "json_object"}), vLLM's `structured_outputs` ({"json" | "regex" | "choice" | "grammar" |
 "json_object": ...}, with "whitespace_pattern" for JSON) and vLLM's older `guided_json` /
-`guided_regex` / `guided_choice` / `guided_whitespace_pattern`. A JSON schema may also be the model
-card's example template (`{"name": "", "items": [{"price": ""}]}`). The server compiles a request's
-constraint (`compile_constraint`) before it hands the request to the engine, so that its errors
-name the request field and it runs under the server's grammar timeout.
+`guided_regex` / `guided_choice` / `guided_grammar` / `guided_whitespace_pattern`. A JSON schema may
+also be the model card's example template (`{"name": "", "items": [{"price": ""}]}`). The server
+compiles a request's constraint (`compile_constraint`) before it hands the request to the engine,
+so that its errors name the request field and it runs under the server's grammar timeout.
 
 Text is checked before anything is tokenized: every string must be valid Unicode (JSON may carry a
 lone surrogate such as "\\ud800", which UTF-8 and the tokenizer cannot take), and the prompt's text
@@ -77,10 +77,10 @@ INERT_VALUES = {
 }
 ROLES = ("system", "developer", "user", "assistant")
 # Structured-output request fields -> SamplingParams constraint fields (response_format aside).
-GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice"}
-STRUCTURED_OUTPUTS_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "json_object": "json_object"}
-# vLLM constraint options glmrt does not implement: refused unless null or false.
-UNSUPPORTED_GUIDED = ("guided_grammar",)
+GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+STRUCTURED_OUTPUTS_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                           "json_object": "json_object"}
 # The request fields of SamplingParams.whitespace_pattern (flexible whitespace in JSON output).
 WHITESPACE_FIELDS = ("guided_whitespace_pattern", "structured_outputs.whitespace_pattern")
 
@@ -205,9 +205,6 @@ def _constraints(body: dict) -> list[tuple[str, str, Any]]:
         elif kind != "text":
             raise APIError(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
                            "response_format.type")
-    for name in UNSUPPORTED_GUIDED:
-        if body.get(name) not in (None, False):
-            raise APIError(f"'{name}' is not supported by this server", name)
     found += [(name, target, body[name]) for name, target in GUIDED_FIELDS.items() if body.get(name) is not None]
     options = body.get("structured_outputs")
     if options is not None:
