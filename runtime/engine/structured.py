@@ -136,18 +136,19 @@ class StructuredOutputs:
         holds the GIL (~0.3-1 s), which a server does before it takes requests."""
         self._ll_tokenizer()
 
-    def compile(self, params: SamplingParams) -> Any:
-        """The compiled matcher of `params`' constraint (None without one), from the cache or
-        compiled now; ValueError naming the SamplingParams field when it does not compile. The
-        server calls this while it parses a request (under its grammar timeout); prepare() then
-        finds it here."""
+    def compile(self, params: SamplingParams) -> None:
+        """Compile `params`' constraint into the cache, unless it is there (or there is none);
+        ValueError naming the SamplingParams field when it does not compile. The server calls this
+        while it parses a request (under its grammar timeout); matcher() then finds it compiled."""
         key = constraint_key(params)
-        return None if key is None else self._compiled(key)
+        if key is not None:
+            self._compiled(key)
 
     def matcher(self, params: SamplingParams) -> Any:
-        """A fresh matcher for one request's constraint (at the start of its output), or None."""
-        compiled = self.compile(params)
-        return None if compiled is None else compiled.deep_copy()
+        """A fresh matcher for one request's constraint (at the start of its output), or None;
+        ValueError as compile()."""
+        key = constraint_key(params)
+        return None if key is None else self._compiled(key).deep_copy()
 
     def _compile(self, key: tuple[str, str, str | None]) -> Any:
         kind, text, whitespace_pattern = key
