@@ -1,10 +1,10 @@
 """Structured outputs (json_schema, json_object, regex, choice, grammar) on the tiny random checkpoint.
 
 Unconstrained, its random weights emit garbage; constrained, every output must parse and validate.
-Strings are bounded with maxLength, arrays with maxItems and numbers with ranges, so that random
-weights reach the end of the grammar. The mask is also checked against transformers: its greedy
-generate with the same llguidance mask as a logits processor gives the same tokens, and a
-constraint that allows every token the model picks changes nothing.
+Strings are bounded with maxLength, arrays with maxItems, numbers with ranges and their decimals
+with multipleOf, so that random weights reach the end of the grammar. The mask is also checked
+against transformers: its greedy generate with the same llguidance mask as a logits processor gives
+the same tokens, and a constraint that allows every token the model picks changes nothing.
 """
 import json
 import re
@@ -29,16 +29,18 @@ def _str(n: int = 8) -> dict:
     return {"type": "string", "maxLength": n}
 
 
+# multipleOf bounds a number's decimals; binary fractions, since jsonschema checks it in floating point
+# (19.83 is "not a multiple of 0.01").
 SCHEMAS = {
     "flat": _obj({"name": _str(), "date": _str(10)}),
     "nested": _obj({"person": _obj({"first": _str(), "last": _str()}), "address": _obj({"city": _str(6)})}),
-    "array of objects": _obj({"items": {"type": "array", "maxItems": 3,
-                                        "items": _obj({"name": _str(5), "price": {"type": "number", "minimum": 0,
-                                                                                  "maximum": 999}})}}),
+    "array of objects": _obj({"items": {"type": "array", "maxItems": 3, "items": _obj({
+        "name": _str(5), "price": {"type": "number", "minimum": 0, "maximum": 999, "multipleOf": 0.25}})}}),
     "array of strings": _obj({"tags": {"type": "array", "items": _str(4), "minItems": 1, "maxItems": 2}}),
     "enum": _obj({"status": {"enum": ["paid", "due", "void"]}, "currency": {"enum": ["CNY", "USD"]}}),
     "numbers": _obj({"count": {"type": "integer", "minimum": 0, "maximum": 99},
-                     "ratio": {"type": "number", "minimum": -1, "maximum": 1}, "ok": {"type": "boolean"}}),
+                     "ratio": {"type": "number", "minimum": -1, "maximum": 1, "multipleOf": 0.125},
+                     "ok": {"type": "boolean"}}),
     "unicode keys": _obj({"姓名": _str(6), "身份证号": {"type": "string", "pattern": "^[0-9]{6}$"},
                           "地址": _obj({"城市": {"enum": ["北京", "上海"]}})}),
     "optional keys": _obj({"id": {"type": "integer", "minimum": 1, "maximum": 9}, "note": _str(4)}, required=["id"]),
