@@ -116,9 +116,9 @@ class LLM:
         finish raises IncompleteOutputError, whose `output` is the RequestOutput."""
         params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
         if schema is not None:
-            if params.grammar is not None:
-                raise ValueError("sampling_params already carries a constraint (json_schema, json_object, regex or "
-                                 "choice); ocr(schema=...) sets its own")
+            if params.constraint is not None:
+                raise ValueError(f"sampling_params already carries a constraint ({params.constraint}); "
+                                 "ocr(schema=...) sets its own")
             params = dataclasses.replace(params, json_schema=as_json_schema(schema))
         request = Request(prompt=task_prompt(task, schema), images=[image])
         out = self.generate(request, params)[0]

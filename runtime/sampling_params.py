@@ -1,10 +1,10 @@
 """Per-request generation settings, with vLLM's names and meanings."""
 from __future__ import annotations
 
+import json
 import math
 import numbers
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MAX_TOKENS = 8192  # the model card's max_new_tokens for a full page
@@ -20,6 +20,14 @@ SEED_RANGE = (-(2**63), 2**64)
 MAX_TEMPERATURE = 1e4
 REPETITION_PENALTY_RANGE = (1e-4, 1e4)
 DRAFT_SOURCES = ("auto", "mtp", "text", "ngram", "off")
+# The structured-output constraints (at most one per request), compiled by the engine.
+CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")
+# Size limits on a constraint, checked here, before the engine compiles anything: compile time grows
+# with the constraint's size (~1 s per 40,000 options or 1 MB of regex or schema on one core); at
+# these limits it stays well under 1 s.
+MAX_CHOICES = 10_000
+MAX_CONSTRAINT_CHARS = 256 * 1024  # a regex, a grammar, the options of a choice together, a schema's JSON text
+MAX_WHITESPACE_PATTERN_CHARS = 1024
 
 
 def _int(name: str, value: Any) -> int:
@@ -64,12 +72,19 @@ class SamplingParams:
     # temperature). N is bounded by the engine's max_logprobs.
     logprobs: int | None = None
     # Structured outputs (vLLM's meanings; at most one): the output is JSON valid against the
-    # schema (a dict or its JSON text), any JSON object, a full match of the regex, or exactly one
-    # of the strings in `choice`.
+    # schema (a dict or its JSON text), any JSON object, a full match of the regex, exactly one of
+    # the strings in `choice`, or a sentence of `grammar` (llguidance's Lark dialect, or llama.cpp's
+    # GBNF, which vLLM calls EBNF: a grammar with a `start:` rule or a `%llguidance` line is Lark,
+    # any other is converted from GBNF). The engine compiles the constraint when it prepares the request.
     json_schema: dict | str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
+    grammar: str | None = None
+    # JSON (json_schema, json_object) is written compactly by default, in json.dumps's layout (", "
+    # and ": ", no other whitespace outside strings); a regex here allows its matches between JSON
+    # tokens instead (vLLM's whitespace_pattern), e.g. r"[ \n]{0,8}".
+    whitespace_pattern: str | None = None
     # Speculative decoding's draft source (engines started with num_speculative_tokens > 0; the
     # output is the same whatever drafts): "auto" (the reference text where it has a proposal, else
     # the MTP layer, or n-gram lookup over the output so far on an engine without it), or only
@@ -78,8 +93,6 @@ class SamplingParams:
     # its continuation proposed as drafts.
     draft: str = "auto"
     reference_text: str | None = None
-    # The compiled constraint (llguidance grammar), derived from the four fields above.
-    grammar: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.max_tokens = _int("max_tokens", self.max_tokens)
@@ -147,33 +160,88 @@ class SamplingParams:
             self.top_k, self.top_p = 0, 1.0  # greedy ignores them; keep the object saying so
 
     def _check_constraint(self) -> None:
-        from .engine.structured import build_grammar
-
+        """Types and sizes of the constraint fields; whether the constraint compiles is the engine's
+        to find out (SamplingParams is a plain value: it imports no grammar library)."""
         self.json_object = _bool("json_object", self.json_object)
-        given = [name for name in ("json_schema", "regex", "choice") if getattr(self, name) is not None]
-        given += ["json_object"] if self.json_object else []
+        given = [name for name in CONSTRAINTS if getattr(self, name) not in (None, False)]
         if len(given) > 1:
-            raise ValueError(f"SamplingParams takes at most one of json_schema, json_object, regex and choice, "
-                             f"got {' and '.join(given)}")
+            raise ValueError(f"SamplingParams takes at most one of {', '.join(CONSTRAINTS)}, got {' and '.join(given)}")
         if isinstance(self.json_schema, str):
             try:
                 self.json_schema = json.loads(self.json_schema)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"SamplingParams.json_schema is not valid JSON: {exc}") from None
-        if self.json_schema is not None and not isinstance(self.json_schema, dict):
-            raise TypeError(f"SamplingParams.json_schema must be a JSON Schema object (a dict or its JSON text), "
-                            f"got {type(self.json_schema).__name__} {self.json_schema!r:.80}")
-        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
-            raise TypeError(f"SamplingParams.regex must be a non-empty str, got {type(self.regex).__name__} "
-                            f"{self.regex!r:.80}")
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, dict):
+                raise TypeError(f"SamplingParams.json_schema must be a JSON Schema object (a dict or its JSON text), "
+                                f"got {type(self.json_schema).__name__} {self.json_schema!r:.80}")
+            if _json_size("json_schema", self.json_schema, MAX_CONSTRAINT_CHARS) > MAX_CONSTRAINT_CHARS:
+                raise ValueError(f"SamplingParams.json_schema is more than {MAX_CONSTRAINT_CHARS} characters of JSON; "
+                                 "send a smaller schema")
+        for name in ("regex", "grammar"):
+            text = getattr(self, name)
+            if text is not None and (not isinstance(text, str) or not text):
+                raise TypeError(f"SamplingParams.{name} must be a non-empty str, got {type(text).__name__} "
+                                f"{text!r:.80}")
+            if text is not None and len(text) > MAX_CONSTRAINT_CHARS:
+                raise ValueError(f"SamplingParams.{name} is {len(text)} characters long; at most "
+                                 f"{MAX_CONSTRAINT_CHARS} are allowed")
         if self.choice is not None:
             if (not isinstance(self.choice, (list, tuple)) or not self.choice
                     or not all(isinstance(c, str) and c for c in self.choice)):
                 raise TypeError(f"SamplingParams.choice must be a non-empty list of non-empty strings, "
                                 f"got {self.choice!r:.80}")
             self.choice = list(self.choice)
-        self.grammar = build_grammar(self.json_schema, self.json_object, self.regex, self.choice)
+            if len(self.choice) > MAX_CHOICES:
+                raise ValueError(f"SamplingParams.choice has {len(self.choice)} options; at most {MAX_CHOICES} are "
+                                 "allowed")
+            size = sum(map(len, self.choice))
+            if size > MAX_CONSTRAINT_CHARS:
+                raise ValueError(f"SamplingParams.choice has {size} characters in its options; at most "
+                                 f"{MAX_CONSTRAINT_CHARS} are allowed")
+        if self.whitespace_pattern is not None:
+            pattern = self.whitespace_pattern
+            if not isinstance(pattern, str) or not pattern:
+                raise TypeError(f"SamplingParams.whitespace_pattern must be a non-empty str (a regex), got "
+                                f"{type(pattern).__name__} {pattern!r:.80}")
+            if len(pattern) > MAX_WHITESPACE_PATTERN_CHARS:
+                raise ValueError(f"SamplingParams.whitespace_pattern is {len(pattern)} characters long; at most "
+                                 f"{MAX_WHITESPACE_PATTERN_CHARS} are allowed")
+            if self.constraint not in ("json_schema", "json_object"):
+                raise ValueError("SamplingParams.whitespace_pattern applies to JSON output: it needs json_schema or "
+                                 f"json_object, got {self.constraint or 'no constraint'}")
+
+    @property
+    def constraint(self) -> str | None:
+        """The name of the structured-output field this request sets, or None."""
+        return next((name for name in CONSTRAINTS if getattr(self, name) not in (None, False)), None)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+
+def _json_size(name: str, value: Any, limit: int) -> int:
+    """About how many characters `value` takes as JSON (strings and keys by their length, quotes and
+    separators included; any other value as one character), counted only until it passes `limit`,
+    and without building the text (json.dumps would, in one call that holds the GIL). TypeError
+    naming field `name` for a value JSON cannot hold (the engine keys its grammar cache on the JSON text)."""
+    size, stack = 0, [value]
+    while stack and size <= limit:
+        item = stack.pop()
+        size += 1
+        if isinstance(item, dict):
+            bad = next((key for key in item if not isinstance(key, str)), None)
+            if bad is not None:
+                raise TypeError(f"SamplingParams.{name} has the key {bad!r:.40}; JSON object keys are strings")
+            size += sum(len(key) + 3 for key in item)
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, str):
+            size += len(item) + 1
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise TypeError(f"SamplingParams.{name} holds {item}, which is not a JSON number")
+        elif item is not None and not isinstance(item, (bool, int, float)):
+            raise TypeError(f"SamplingParams.{name} holds {type(item).__name__} {item!r:.40}, which is not JSON")
+    return size

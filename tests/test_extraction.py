@@ -161,7 +161,7 @@ def test_ocr_with_a_template_sends_the_model_cards_prompt_and_constrains_to_its_
     assert request.prompt == "请按下列JSON格式输出图中信息:\n" + expected
     assert params.json_schema == template_to_schema(json.loads(TEMPLATE_TEXT)) and params.max_tokens == 40
     assert text == out.text and text.startswith("{") and out.finish_reason in ("stop", "length")
-    matcher = llm.engine.structured.matcher(params.grammar, "check")
+    matcher = llm.engine.structured.matcher(params)
     assert all(matcher.consume_token(t) for t in out.token_ids), text  # a prefix of the schema's language
     if out.finish_reason == "stop":
         jsonschema.validate(json.loads(text), params.json_schema)

@@ -361,6 +361,25 @@ def test_vllm_structured_outputs_and_guided_fields(server, client, llm, tiny_che
     jsonschema.validate(json.loads(done.choices[0].text), INVOICE)
 
 
+def test_vllm_grammar_and_whitespace_pattern_fields(client, llm):
+    """A Lark grammar (structured_outputs.grammar), a GBNF one (guided_grammar) and flexible JSON
+    whitespace (structured_outputs.whitespace_pattern), each as glmrt.LLM answers it."""
+    sent, messages, images = user_turn(png(64, 48, 34), "Which document is this?")
+    language = r"(yes|no)-[0-9]{1,2}"
+    lark = 'start: answer "-" NUMBER\nanswer: "yes" | "no"\nNUMBER: /[0-9]{1,2}/'
+    gbnf = 'root ::= answer "-" [0-9] [0-9]?\nanswer ::= "yes" | "no"'
+    sampled = {"max_tokens": 20, "temperature": 1.0, "seed": 5}
+    for grammar, extra in ((lark, {"structured_outputs": {"grammar": lark}}), (gbnf, {"guided_grammar": gbnf})):
+        full = client.chat.completions.create(model="glm-ocr", messages=sent, extra_body=extra, **sampled)
+        expected = reference(llm, messages, images, grammar=grammar, **sampled)
+        assert full.choices[0].message.content == expected.text and full.choices[0].finish_reason == "stop"
+        assert re.fullmatch(language, expected.text)
+    spaced = {"structured_outputs": {"json": INVOICE, "whitespace_pattern": "[ ]{1,2}"}}
+    full = client.chat.completions.create(model="glm-ocr", messages=sent, max_tokens=200, extra_body=spaced)
+    expected = reference(llm, messages, images, max_tokens=200, json_schema=INVOICE, whitespace_pattern="[ ]{1,2}")
+    assert full.choices[0].message.content == expected.text and "  " in expected.text
+
+
 def test_constrained_and_unconstrained_requests_at_once(client, llm):
     from concurrent.futures import ThreadPoolExecutor
 

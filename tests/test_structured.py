@@ -1,10 +1,10 @@
-"""Structured outputs (json_schema, json_object, regex, choice) on the tiny random checkpoint.
+"""Structured outputs (json_schema, json_object, regex, choice, grammar) on the tiny random checkpoint.
 
 Unconstrained, its random weights emit garbage; constrained, every output must parse and validate.
-Strings are bounded with maxLength, arrays with maxItems and numbers with ranges, so that random
-weights reach the end of the grammar. The mask is also checked against transformers: its greedy
-generate with the same llguidance mask as a logits processor gives the same tokens, and a
-constraint that allows every token the model picks changes nothing.
+Strings are bounded with maxLength, arrays with maxItems, numbers with ranges and their decimals
+with multipleOf, so that random weights reach the end of the grammar. The mask is also checked
+against transformers: its greedy generate with the same llguidance mask as a logits processor gives
+the same tokens, and a constraint that allows every token the model picks changes nothing.
 """
 import json
 import re
@@ -29,16 +29,18 @@ def _str(n: int = 8) -> dict:
     return {"type": "string", "maxLength": n}
 
 
+# multipleOf bounds a number's decimals; binary fractions, since jsonschema checks it in floating point
+# (19.83 is "not a multiple of 0.01").
 SCHEMAS = {
     "flat": _obj({"name": _str(), "date": _str(10)}),
     "nested": _obj({"person": _obj({"first": _str(), "last": _str()}), "address": _obj({"city": _str(6)})}),
-    "array of objects": _obj({"items": {"type": "array", "maxItems": 3,
-                                        "items": _obj({"name": _str(5), "price": {"type": "number", "minimum": 0,
-                                                                                  "maximum": 999}})}}),
+    "array of objects": _obj({"items": {"type": "array", "maxItems": 3, "items": _obj({
+        "name": _str(5), "price": {"type": "number", "minimum": 0, "maximum": 999, "multipleOf": 0.25}})}}),
     "array of strings": _obj({"tags": {"type": "array", "items": _str(4), "minItems": 1, "maxItems": 2}}),
     "enum": _obj({"status": {"enum": ["paid", "due", "void"]}, "currency": {"enum": ["CNY", "USD"]}}),
     "numbers": _obj({"count": {"type": "integer", "minimum": 0, "maximum": 99},
-                     "ratio": {"type": "number", "minimum": -1, "maximum": 1}, "ok": {"type": "boolean"}}),
+                     "ratio": {"type": "number", "minimum": -1, "maximum": 1, "multipleOf": 0.125},
+                     "ok": {"type": "boolean"}}),
     "unicode keys": _obj({"姓名": _str(6), "身份证号": {"type": "string", "pattern": "^[0-9]{6}$"},
                           "地址": _obj({"城市": {"enum": ["北京", "上海"]}})}),
     "optional keys": _obj({"id": {"type": "integer", "minimum": 1, "maximum": 9}, "note": _str(4)}, required=["id"]),
@@ -109,7 +111,7 @@ def test_json_object_output_follows_the_grammar_at_every_token(llm):
     params = SamplingParams(max_tokens=120, json_object=True)
     outputs = llm.generate([_request(i) for i in range(3)], params)
     for out in outputs:
-        matcher = llm.engine.structured.matcher(params.grammar, "check")
+        matcher = llm.engine.structured.matcher(params)
         assert all(matcher.consume_token(t) for t in out.token_ids), out.text
         assert out.text.startswith("{")
         if out.finish_reason == "stop":
@@ -127,7 +129,7 @@ def test_a_constraint_that_allows_every_chosen_token_changes_nothing(llm):
     permissive = [_replace(p, regex=r"[\s\S]*") for p in params]
     free = llm.generate(requests, params)
     for out, p in zip(free, permissive):  # the precondition: the constraint allows every token chosen
-        matcher = llm.engine.structured.matcher(p.grammar, "check")
+        matcher = llm.engine.structured.matcher(p)
         assert all(matcher.consume_token(t) for t in out.token_ids), out.token_ids
     constrained = llm.generate(requests, permissive)
     for a, b in zip(free, constrained):
@@ -173,7 +175,7 @@ def test_greedy_constrained_tokens_equal_transformers_generate_with_the_same_mas
     ours = llm.generate({"prompt": prompt, "images": images}, params)[0]
 
     structured = llm.engine.structured
-    matcher = structured.matcher(params.grammar, "hf")
+    matcher = structured.matcher(params)
 
     class Guidance(LogitsProcessor):  # llguidance's mask as a transformers logits processor
         def __init__(self):
@@ -205,27 +207,128 @@ def test_ignore_eos_still_ends_when_the_constraint_is_complete(llm):
     assert out.token_ids[-1] in llm.engine._eos_token_ids
 
 
+# The bounded schemas whose numbers are integers: JSON output equals json.dumps of its value (floats
+# keep the model's spelling, 0.50 or 1e2, so "numbers" and "array of objects" are left out).
+INTEGER_SCHEMAS = [schema for schema in SCHEMAS.values() if '"number"' not in json.dumps(schema)]
+# glmrt's default before JSON was compact: bounded runs of free whitespace.
+OLD_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,48}"
+
+
+def _sampled_json(llm, schemas: list[dict], max_tokens: int, **fields) -> list:
+    """Each schema sampled at temperature 1 (seed i)."""
+    params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, json_schema=schema, **fields)
+              for i, schema in enumerate(schemas)]
+    return llm.generate([_request(i) for i in range(len(params))], params)
+
+
+def _finished_compact(out) -> bool:
+    """Whether `out` ended by itself with JSON written as json.dumps writes it."""
+    return out.finish_reason == "stop" and out.text == json.dumps(json.loads(out.text), ensure_ascii=False)
+
+
+def test_json_is_compact_by_default_and_every_bounded_schema_finishes(llm):
+    assert len(INTEGER_SCHEMAS) == 10
+    for schema, out in zip(INTEGER_SCHEMAS, _sampled_json(llm, INTEGER_SCHEMAS, max_tokens=200)):
+        assert _finished_compact(out), (out.finish_reason, out.text)
+        jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_a_whitespace_pattern_brings_back_free_whitespace(llm):
+    """With the old default's whitespace runs, random weights write tabs, newlines and carriage
+    returns between JSON tokens (raw, so outside strings): no such output is in json.dumps's layout."""
+    outputs = _sampled_json(llm, INTEGER_SCHEMAS[:4], max_tokens=30, whitespace_pattern=OLD_WHITESPACE)
+    assert any(re.search(r"[\t\n\r]", out.text) for out in outputs), [out.text for out in outputs]
+
+
+@pytest.mark.parametrize("grammar,language", [
+    # llguidance's Lark dialect: a `start:` rule
+    ('start: greeting " " NAME "!"\ngreeting: "hello" | "hi"\nNAME: /[a-z]{1,6}/', r"(hello|hi) [a-z]{1,6}!"),
+    # llama.cpp's GBNF (vLLM's "EBNF"): converted to Lark
+    ('root ::= answer "-" [0-9] [0-9]?\nanswer ::= "yes" | "no"', r"(yes|no)-[0-9]{1,2}"),
+])
+def test_a_grammar_constrains_the_output_to_its_language(llm, grammar, language):
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=seed, grammar=grammar) for seed in range(4)]
+    outputs = llm.generate([_request(i) for i in range(4)], params)
+    for out in outputs:
+        assert out.finish_reason == "stop" and re.fullmatch(language, out.text), (out.finish_reason, out.text)
+    assert len({out.text for out in outputs}) > 1  # sampled: more than one sentence of the language
+
+
+def test_a_repeated_constraint_compiles_once(llm, monkeypatch):
+    """The engine compiles a constraint at its first prepare and copies the compiled matcher after,
+    keyed by the constraint's text; a schema with its properties in another order is another grammar."""
+    import llguidance
+
+    compiled = []
+    real = llguidance.LLMatcher
+
+    class CountingMatcher:  # llguidance.LLMatcher, counting the matchers built (each compiles its grammar)
+        def __call__(self, tokenizer, grammar, **options):
+            compiled.append(grammar)
+            return real(tokenizer, grammar, **options)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", CountingMatcher())
+    a = _obj({"cache_test_a": _str(), "cache_test_b": _str()})
+    a_reordered = _obj({"cache_test_b": _str(), "cache_test_a": _str()})
+    b = _obj({"cache_test_c": _str()})
+    first = llm.engine.prepare(_request(1), SamplingParams(json_schema=a))
+    again = llm.engine.prepare(_request(1), SamplingParams(json_schema=json.dumps(a), temperature=0.5))
+    assert len(compiled) == 1 and first.grammar is not again.grammar  # one compile, one matcher per request
+    llm.engine.prepare(_request(1), SamplingParams(json_schema=b))
+    llm.engine.prepare(_request(1), SamplingParams(json_schema=a_reordered))
+    llm.engine.prepare(_request(1), SamplingParams(json_schema=a, whitespace_pattern=" ?"))
+    assert len(compiled) == 4
+    llm.engine.prepare(_request(1), SamplingParams(json_schema=b))
+    assert len(compiled) == 4
+
+
 @pytest.mark.parametrize("fields,match", [
     ({"json_schema": "{not json"}, r"SamplingParams\.json_schema is not valid JSON"),
     ({"json_schema": [1, 2]}, r"SamplingParams\.json_schema must be a JSON Schema object"),
-    ({"json_schema": {"type": "bogus"}}, r"SamplingParams\.json_schema cannot be used.*bogus"),
-    ({"json_schema": {"$ref": "#/$defs/missing"}}, r"SamplingParams\.json_schema cannot be used"),
-    ({"regex": "a(b"}, r"(?s)SamplingParams\.regex cannot be used.*unclosed group"),
+    ({"json_schema": {"enum": [{1, 2}]}}, r"SamplingParams\.json_schema holds set \{1, 2\}, which is not JSON"),
     ({"regex": ""}, r"SamplingParams\.regex must be a non-empty str"),
+    ({"grammar": b"start: x"}, r"SamplingParams\.grammar must be a non-empty str"),
     ({"choice": []}, r"SamplingParams\.choice must be a non-empty list"),
     ({"choice": ["a", 1]}, r"SamplingParams\.choice must be a non-empty list"),
     ({"json_object": "yes"}, r"SamplingParams\.json_object must be a bool"),
-    ({"regex": "a", "choice": ["a"]}, r"at most one of json_schema, json_object, regex and choice, got regex and choice"),
+    ({"regex": "a", "choice": ["a"]},
+     r"at most one of json_schema, json_object, regex, choice, grammar, got regex and choice"),
+    ({"whitespace_pattern": " *"}, r"SamplingParams\.whitespace_pattern applies to JSON output.*got no constraint"),
+    ({"regex": "a", "whitespace_pattern": " *"},
+     r"SamplingParams\.whitespace_pattern applies to JSON output.*got regex"),
+    ({"json_object": True, "whitespace_pattern": [" "]}, r"SamplingParams\.whitespace_pattern must be a non-empty str"),
     # sizes, refused before anything is compiled
     ({"choice": [f"option {i}" for i in range(10_001)]}, r"SamplingParams\.choice has 10001 options; at most 10000"),
     ({"choice": ["x" * 100_000] * 3}, r"SamplingParams\.choice has 300000 characters in its options; at most 262144"),
     ({"regex": "a" * 262_145}, r"SamplingParams\.regex is 262145 characters long; at most 262144"),
+    ({"grammar": "start: " + "a" * 262_145}, r"SamplingParams\.grammar is 262152 characters long; at most 262144"),
     ({"json_schema": {"enum": ["v" * 1000] * 300}}, r"SamplingParams\.json_schema is more than 262144 characters"),
 ])
 def test_a_malformed_constraint_is_refused_naming_its_field(fields, match):
     with pytest.raises((ValueError, TypeError), match=match):
         SamplingParams(**fields)
 
+
+@pytest.mark.parametrize("fields,match", [
+    ({"json_schema": {"type": "bogus"}}, r"SamplingParams\.json_schema cannot be used.*bogus"),
+    ({"json_schema": {"$ref": "#/$defs/missing"}}, r"SamplingParams\.json_schema cannot be used"),
+    ({"regex": "a(b"}, r"(?s)SamplingParams\.regex cannot be used.*unclosed group"),
+    ({"grammar": "start: greeting\n"},
+     r'SamplingParams\.grammar cannot be used as a constraint: .*unknown name: "greeting"$'),
+    ({"grammar": "root ::= greeting"},
+     r"SamplingParams\.grammar has no `start:` rule, so it was read as GBNF: .*'greeting'"),
+    ({"json_object": True, "whitespace_pattern": "[ \t"},
+     r"(?s)SamplingParams\.whitespace_pattern is not a regex.*unclosed"),
+])
+def test_a_constraint_that_does_not_compile_is_refused_by_prepare_naming_its_field(llm, fields, match):
+    """SamplingParams checks types and sizes only; the engine compiles (llguidance's error, without
+    the excerpt of the grammar it appends)."""
+    params = SamplingParams(**fields)
+    with pytest.raises(ValueError, match=match):
+        llm.engine.prepare(_request(1), params)
 
 
 def test_a_choice_of_more_options_than_an_earley_row_holds(llm):

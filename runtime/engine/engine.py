@@ -371,7 +371,7 @@ class LLMEngine:
             max_total_tokens=min(limit, len(ids) + params.max_tokens),
             seed=request_seed(params.seed),
             pixel_values=pixel_values, image_grid_thw=grids,
-            grammar=self.structured.matcher(params.grammar, request_id) if params.grammar is not None else None,
+            grammar=self.structured.matcher(params),  # compiled once per constraint, then copied
             drafter=self._drafter(params), logprobs=None if params.logprobs is None else [],
         )
 
@@ -398,7 +398,7 @@ class LLMEngine:
         grids' length, as transformers' pipeline does; generation also stops at image_end."""
         if not isinstance(request, ImageRequest):
             raise TypeError(f"a GLM-Image request must be a glmrt.ImageRequest, got {type(request).__name__}")
-        if params.grammar is not None or params.stop:
+        if params.constraint is not None or params.stop:
             raise ValueError("SamplingParams: structured output and stop strings do not apply to image tokens")
         if params.logprobs is not None:
             raise ValueError("SamplingParams.logprobs: GLM-Image requests report no log-probabilities; leave it None")

@@ -1,14 +1,16 @@
 """Structured outputs: grammars from SamplingParams, and per-row token bitmasks from llguidance.
 
-A constrained request (json_schema, json_object, regex or choice) carries an llguidance matcher.
-Every token read back for it is fed to its matcher; before a step samples its token, the host
-asks the matcher which tokens may come next and writes a bitmask row (bit v % 32 of int32 word
-v // 32 set = token v allowed) that the device applies to the logits before the penalty,
-temperature and the draw. In a decode step the masks are computed while the device runs the
-decoder forward (the runner launches the forward, the engine reads the previous step's tokens,
-advances the matchers and fills the masks, then the runner launches the sampling), so the host
-work hides behind the forward instead of serialising the overlapped steps. Steps without a
-constrained row run exactly as before.
+A constrained request (json_schema, json_object, regex, choice or grammar) carries an llguidance
+matcher, a copy of its constraint's compiled matcher, which the engine keeps in an LRU cache keyed
+by the constraint's text (a schema sent with every page compiles once). Every token read back for
+the request is fed to its matcher; before a step samples its token, the host asks the matcher
+which tokens may come next and writes a bitmask row (bit v % 32 of int32 word v // 32 set = token
+v allowed) that the device applies to the logits before the penalty, temperature and the draw.
+In a decode step the masks are computed while the device runs the decoder forward (the runner
+launches the forward, the engine reads the previous step's tokens, advances the matchers and
+fills the masks, then the runner launches the sampling), so the host work hides behind the
+forward instead of serialising the overlapped steps. Steps without a constrained row run
+exactly as before.
 
 When a grammar is complete only the end-of-sequence tokens stay allowed, so a constrained request
 ends the way an unconstrained one does: with an eos token (finish_reason "stop").
@@ -21,27 +23,33 @@ templates need.
 """
 from __future__ import annotations
 
+import functools
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..sampling_params import SamplingParams
+
 # The options of a choice form one lexeme (an upper-case Lark rule: a regex alternation in the
 # lexer), not alternatives of the start rule: the Earley parser refuses a row of more than 2,000
 # items (llguidance's max_items_in_row), so a 2,500-option choice failed at its first token.
 # Literal strings in llguidance's Lark dialect take JSON string syntax, so json.dumps quotes a choice.
 _CHOICE_HEADER = "start: CHOICE\nCHOICE: "
-# Size limits, checked before anything is compiled: compile time grows with the constraint's size
-# (~1 s per 40,000 options or 1 MB of regex or schema on one core), and it is paid twice, by the
-# validation here and by the request's matcher in the engine. At these limits it stays well under 1 s.
-MAX_CHOICES = 10_000
-MAX_CONSTRAINT_CHARS = 256 * 1024  # a regex, the options of a choice together, a schema's JSON text
-# JSON may be laid out freely (the model's habit is the template's 4-space indentation), but each
-# run of whitespace is bounded: unbounded runs let a model loop on whitespace until max_tokens.
-# A schema's own "x-guidance" options override this.
-JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,48}"}
+# JSON is written in json.dumps's layout (", " between items, ": " after keys, no whitespace
+# elsewhere outside strings), so a JSON output equals json.dumps(json.loads(output),
+# ensure_ascii=False) but for numbers and \u escapes, which keep the model's spelling (1.50, 1e2,
+# \u001F). Free whitespace let random weights (and a real model's habit of indenting) spend
+# max_tokens on runs of tabs and spaces, even when each run was bounded. Whitespace is had by asking:
+# SamplingParams.whitespace_pattern, or a schema's own "x-guidance" options.
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Compiled constraints kept (LRU): extraction clients send the same schema with every page.
+GRAMMAR_CACHE_SIZE = 256
+# llguidance follows an error with an excerpt of the grammar ("   3 | start: foo" and a caret line).
+_EXCERPT = re.compile(r"^\s*\d+ \|")
 
 
 def _llguidance():
@@ -50,58 +58,46 @@ def _llguidance():
     return llguidance
 
 
-def build_grammar(json_schema: dict | None = None, json_object: bool = False, regex: str | None = None,
-                  choice: list[str] | None = None) -> str | None:
-    """The llguidance grammar for one request's constraint (at most one is set) or None;
-    ValueError naming the SamplingParams field when the constraint is malformed."""
-    llg = _llguidance().LLMatcher
-    if json_schema is not None:
-        field = "json_schema"
-        if _json_size(json_schema, MAX_CONSTRAINT_CHARS) > MAX_CONSTRAINT_CHARS:
-            raise ValueError(f"SamplingParams.json_schema is more than {MAX_CONSTRAINT_CHARS} characters of JSON; "
-                             "send a smaller schema")
-        grammar = llg.grammar_from_json_schema(json_schema, defaults=JSON_OPTIONS)
-    elif json_object:
-        field, grammar = "json_object", llg.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
-    elif regex is not None:
-        field = "regex"
-        if len(regex) > MAX_CONSTRAINT_CHARS:
-            raise ValueError(f"SamplingParams.regex is {len(regex)} characters long; at most {MAX_CONSTRAINT_CHARS} "
-                             "are allowed")
-        grammar = llg.grammar_from_regex(regex)
-    elif choice is not None:
-        field = "choice"
-        if len(choice) > MAX_CHOICES:
-            raise ValueError(f"SamplingParams.choice has {len(choice)} options; at most {MAX_CHOICES} are allowed")
-        size = sum(map(len, choice))
-        if size > MAX_CONSTRAINT_CHARS:
-            raise ValueError(f"SamplingParams.choice has {size} characters in its options; at most "
-                             f"{MAX_CONSTRAINT_CHARS} are allowed")
-        grammar = llg.grammar_from_lark(_CHOICE_HEADER + " | ".join(json.dumps(c, ensure_ascii=False) for c in choice))
-    else:
+def constraint_key(params: SamplingParams) -> tuple[str, str, str | None] | None:
+    """What identifies a request's compiled constraint: (SamplingParams field, its canonical text,
+    whitespace_pattern); None without a constraint. A schema's text is json.dumps without sort_keys:
+    llguidance writes properties in the schema's order, so two orders are two grammars."""
+    kind = params.constraint
+    if kind is None:
         return None
-    error = llg.validate_grammar(grammar)
-    if error:
-        raise ValueError(f"SamplingParams.{field} cannot be used as a constraint: {error.strip()}")
-    return grammar
+    if kind == "json_object":
+        text = '{"type": "object"}'
+    elif kind in ("json_schema", "choice"):
+        text = json.dumps(getattr(params, kind), ensure_ascii=False)
+    else:
+        text = getattr(params, kind)
+    return kind, text, params.whitespace_pattern
 
 
-def _json_size(value: Any, limit: int) -> int:
-    """About how many characters `value` takes as JSON (strings and keys by their length, quotes and
-    separators included; any other value as one character), counted only until it passes `limit`,
-    and without building the text (json.dumps would, in one call that holds the GIL)."""
-    size, stack = 0, [value]
-    while stack and size <= limit:
-        item = stack.pop()
-        size += 1
-        if isinstance(item, dict):
-            size += sum(len(key) + 3 for key in item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, str):
-            size += len(item) + 1
-    return size
+def build_grammar(kind: str, text: str, whitespace_pattern: str | None = None) -> str:
+    """The llguidance grammar of a constraint_key (not yet compiled); ValueError naming the
+    SamplingParams field for a grammar that is neither Lark nor GBNF."""
+    llg = _llguidance()
+    if kind in ("json_schema", "json_object"):
+        options = COMPACT_JSON if whitespace_pattern is None else {"whitespace_pattern": whitespace_pattern}
+        return llg.LLMatcher.grammar_from_json_schema(text, defaults=options)
+    if kind == "regex":
+        return llg.LLMatcher.grammar_from_regex(text)
+    if kind == "choice":
+        return llg.LLMatcher.grammar_from_lark(_CHOICE_HEADER + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                            for c in json.loads(text)))
+    try:  # "grammar": llguidance tells Lark (a `start:` rule or a `%llguidance` line) from GBNF, which it converts
+        return llg.grammar_from("grammar", text)
+    except ValueError as exc:
+        raise ValueError(f"SamplingParams.grammar has no `start:` rule, so it was read as GBNF: "
+                         f"{_first_error(str(exc))}") from None
+
+
+def _first_error(error: str) -> str:
+    """llguidance's error message without the excerpt of the grammar that follows it."""
+    lines = error.strip().splitlines()
+    cut = next((i for i, line in enumerate(lines) if _EXCERPT.match(line)), len(lines))
+    return "\n".join(lines[:cut]).strip()[:1000]
 
 
 class GrammarRejected(RuntimeError):
@@ -110,8 +106,8 @@ class GrammarRejected(RuntimeError):
 
 
 class StructuredOutputs:
-    """The engine's llguidance state: one tokenizer (built on first use, ~0.1-1 s) and a thread
-    pool for computing many rows' masks at once."""
+    """The engine's llguidance state: one tokenizer (built on first use, ~0.1-1 s), the compiled
+    constraints, and a thread pool for computing many rows' masks at once."""
 
     def __init__(self, tokenizer_file: Path, vocab_size: int, eos_token_ids: list[int]):
         self._tokenizer_file = tokenizer_file
@@ -121,6 +117,10 @@ class StructuredOutputs:
         self._tokenizer = None
         self._executor = None
         self._lock = threading.Lock()  # prepare() runs on worker threads
+        # constraint_key -> a matcher at the start of its grammar, never advanced: each request gets
+        # a deep copy (~10 us; compiling is ~1-10 ms for a page's schema). lru_cache is thread-safe;
+        # two threads missing on one key at once both compile it, and one result is kept.
+        self._compiled = functools.lru_cache(maxsize=GRAMMAR_CACHE_SIZE)(self._compile)
 
     def _ll_tokenizer(self):
         with self._lock:
@@ -136,12 +136,32 @@ class StructuredOutputs:
         holds the GIL (~0.3-1 s), which a server does before it takes requests."""
         self._ll_tokenizer()
 
-    def matcher(self, grammar: str, request_id: str) -> Any:
-        """A fresh matcher for one request (at the start of its output)."""
+    def compile(self, params: SamplingParams) -> None:
+        """Compile `params`' constraint into the cache, unless it is there (or there is none);
+        ValueError naming the SamplingParams field when it does not compile. The server calls this
+        while it parses a request (under its grammar timeout); matcher() then finds it compiled."""
+        key = constraint_key(params)
+        if key is not None:
+            self._compiled(key)
+
+    def matcher(self, params: SamplingParams) -> Any:
+        """A fresh matcher for one request's constraint (at the start of its output), or None;
+        ValueError as compile()."""
+        key = constraint_key(params)
+        return None if key is None else self._compiled(key).deep_copy()
+
+    def _compile(self, key: tuple[str, str, str | None]) -> Any:
+        kind, text, whitespace_pattern = key
         llg = _llguidance()
-        matcher = llg.LLMatcher(self._ll_tokenizer(), grammar, log_level=0)
+        if whitespace_pattern is not None:  # checked alone, so that its error names it
+            error = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_regex(whitespace_pattern))
+            if error:
+                raise ValueError(f"SamplingParams.whitespace_pattern is not a regex llguidance takes: "
+                                 f"{_first_error(error)}")
+        matcher = llg.LLMatcher(self._ll_tokenizer(), build_grammar(kind, text, whitespace_pattern), log_level=0)
         if matcher.is_error():
-            raise ValueError(f"request {request_id}: the constraint cannot be compiled: {matcher.get_error()}")
+            raise ValueError(f"SamplingParams.{kind} cannot be used as a constraint: "
+                             f"{_first_error(matcher.get_error())}")
         return matcher
 
     def accept(self, matcher: Any, token: int) -> bool:

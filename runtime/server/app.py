@@ -31,16 +31,16 @@ from starlette.requests import ClientDisconnect
 
 from ..documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT_MODEL
 from ..engine.async_engine import AsyncEngine, RequestFailed
-from ..engine.structured import MAX_CONSTRAINT_CHARS
 from ..image_processor import load_image
 from ..outputs import Request as EngineRequest
 from ..outputs import RequestOutput
+from ..sampling_params import MAX_CONSTRAINT_CHARS
 from .images import Painter, add_image_routes
 from .logprobs import TokenTexts
 from .media import MediaLoader, MediaPolicy
 from .metrics import RequestTimer, ServerMetrics
-from .protocol import (APIError, ImageRef, ParsedRequest, PromptLimit, ResponseShape, constraint_field, param_of,
-                       parse_chat, parse_completion)
+from .protocol import (APIError, ImageRef, ParsedRequest, PromptLimit, ResponseShape, compile_constraint,
+                       constraint_field, param_of, parse_chat, parse_completion)
 from .shutdown import Drain
 
 # Request defaults after the checkpoint's generation_config.json: the glmocr SDK's profile
@@ -146,8 +146,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> Fast
     # held it for seconds. Every value but the first follows a comma, and no request needs more
     # values than its prompt's text, its token ids and its constraint hold, and a few for the rest.
     max_json_values = prompt_limit.max_chars + engine.engine.max_model_len + MAX_CONSTRAINT_CHARS + 65536
-    # Requests with a structured-output constraint are parsed here, since SamplingParams compiles it
-    # (llguidance releases the GIL): never on the loop, and on a pool of their own, so that a burst
+    # Requests with a structured-output constraint are parsed here, with the constraint compiled into
+    # the engine's cache (llguidance releases the GIL): never on the loop, and on a pool of their own, so that a burst
     # of compiles neither waits behind nor delays the image decoding on the loop's default executor.
     intake = ThreadPoolExecutor(max_workers=4, thread_name_prefix="glmrt-intake")
     max_in_flight = engine.engine.options.max_num_seqs + config.max_queue
@@ -255,13 +255,18 @@ def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> Fast
         except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, too deep, an int too long
             raise APIError(f"the request body is not valid JSON ({type(exc).__name__}: {exc})", "body") from exc
 
+    def parse_and_compile(parse_body, body: Any, *args) -> ParsedRequest:
+        parsed = parse_body(body, *args)
+        compile_constraint(parsed, engine.engine.structured.compile)  # kept for the engine's prepare
+        return parsed
+
     async def parse(parse_body, body: Any, *args) -> ParsedRequest:
-        """`parse_body(body, *args)`; one with a constraint on an intake thread, refused (naming the
-        constraint's field) if it does not compile within the grammar timeout."""
+        """`parse_body(body, *args)`; one with a constraint on an intake thread, with the constraint
+        compiled, refused (naming the constraint's field) if it does not compile within the grammar timeout."""
         name = constraint_field(body)
         if name is None:
             return parse_body(body, *args)  # milliseconds at most: the prompt's text is bounded
-        job = asyncio.get_running_loop().run_in_executor(intake, parse_body, body, *args)
+        job = asyncio.get_running_loop().run_in_executor(intake, parse_and_compile, parse_body, body, *args)
         try:
             return await asyncio.wait_for(job, config.grammar_timeout_s)
         except asyncio.TimeoutError:

@@ -17,9 +17,12 @@ OpenAI's shapes (server/logprobs.py), in a stream chunk by chunk with the tokens
 
 Structured outputs come in three spellings, all mapped onto SamplingParams' constraint fields:
 OpenAI's `response_format` ({"type": "json_schema", "json_schema": {"schema": ...}} or
-{"type": "json_object"}), vLLM's `structured_outputs` ({"json" | "regex" | "choice" |
-"json_object": ...}) and vLLM's older `guided_json` / `guided_regex` / `guided_choice`. A JSON
-schema may also be the model card's example template (`{"name": "", "items": [{"price": ""}]}`).
+{"type": "json_object"}), vLLM's `structured_outputs` ({"json" | "regex" | "choice" | "grammar" |
+"json_object": ...}, with "whitespace_pattern" for JSON) and vLLM's older `guided_json` /
+`guided_regex` / `guided_choice` / `guided_grammar` / `guided_whitespace_pattern`. A JSON schema may
+also be the model card's example template (`{"name": "", "items": [{"price": ""}]}`). The server
+compiles a request's constraint (`compile_constraint`) before it hands the request to the engine,
+so that its errors name the request field and it runs under the server's grammar timeout.
 
 Text is checked before anything is tokenized: every string must be valid Unicode (JSON may carry a
 lone surrogate such as "\\ud800", which UTF-8 and the tokenizer cannot take), and the prompt's text
@@ -32,7 +35,7 @@ import numbers
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..extraction import as_json_schema
 from ..outputs import RequestOutput
@@ -74,10 +77,12 @@ INERT_VALUES = {
 }
 ROLES = ("system", "developer", "user", "assistant")
 # Structured-output request fields -> SamplingParams constraint fields (response_format aside).
-GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice"}
-STRUCTURED_OUTPUTS_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "json_object": "json_object"}
-# vLLM constraint options glmrt does not implement: refused unless null or false.
-UNSUPPORTED_GUIDED = ("guided_grammar", "guided_whitespace_pattern")
+GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+STRUCTURED_OUTPUTS_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                           "json_object": "json_object"}
+# The request fields of SamplingParams.whitespace_pattern (flexible whitespace in JSON output).
+WHITESPACE_FIELDS = ("guided_whitespace_pattern", "structured_outputs.whitespace_pattern")
 
 
 @dataclass
@@ -99,6 +104,8 @@ class ParsedRequest:
     messages: list[dict] | None = None
     images: list[ImageRef] = field(default_factory=list)
     prompt: str | list[int] | None = None
+    # SamplingParams field -> the request field that set it, for errors found after parsing (compile_constraint).
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -198,9 +205,6 @@ def _constraints(body: dict) -> list[tuple[str, str, Any]]:
         elif kind != "text":
             raise APIError(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
                            "response_format.type")
-    for name in UNSUPPORTED_GUIDED:
-        if body.get(name) not in (None, False):
-            raise APIError(f"'{name}' is not supported by this server", name)
     found += [(name, target, body[name]) for name, target in GUIDED_FIELDS.items() if body.get(name) is not None]
     options = body.get("structured_outputs")
     if options is not None:
@@ -210,7 +214,7 @@ def _constraints(body: dict) -> list[tuple[str, str, Any]]:
             name = f"structured_outputs.{key}"
             if key in STRUCTURED_OUTPUTS_KEYS and value not in (None, False):
                 found.append((name, STRUCTURED_OUTPUTS_KEYS[key], value))
-            elif key not in STRUCTURED_OUTPUTS_KEYS and value not in (None, False):
+            elif name not in WHITESPACE_FIELDS and value not in (None, False):
                 raise APIError(f"'{name}' is not supported by this server", name)
     if len(found) > 1:
         raise APIError(f"at most one structured-output constraint per request, got {' and '.join(f[0] for f in found)}",
@@ -224,6 +228,22 @@ def _constraints(body: dict) -> list[tuple[str, str, Any]]:
             except (TypeError, ValueError) as exc:
                 raise APIError(str(exc), name) from exc
     return found
+
+
+def _whitespace_pattern(body: dict) -> tuple[str, Any] | None:
+    """(request field, value) of the whitespace pattern a body asks for, if any."""
+    options = body.get("structured_outputs")
+    values = {"guided_whitespace_pattern": body.get("guided_whitespace_pattern"),
+              "structured_outputs.whitespace_pattern": options.get("whitespace_pattern")
+              if isinstance(options, dict) else None}
+    given = [(name, value) for name, value in values.items() if value is not None]
+    if len(given) > 1:
+        raise APIError(f"'{given[1][0]}': at most one whitespace pattern per request, got "
+                       f"{' and '.join(WHITESPACE_FIELDS)}", given[1][0])
+    for name, value in given:
+        for text in _strings(value):
+            _unicode(text, name)
+    return given[0] if given else None
 
 
 def _logprobs_count(body: dict, name: str, max_logprobs: int) -> int | None:
@@ -253,10 +273,11 @@ def completion_logprobs(body: dict, max_logprobs: int) -> int | None:
     return _logprobs_count(body, "logprobs", max_logprobs)
 
 
-def sampling_params(body: dict, defaults: dict[str, Any], logprobs: int | None = None) -> SamplingParams:
+def sampling_params(body: dict, defaults: dict[str, Any],
+                    logprobs: int | None = None) -> tuple[SamplingParams, dict[str, str]]:
     """SamplingParams from the request fields over the server's defaults (and `logprobs`, parsed
-    from the endpoint's own fields); errors name the field. The constraint (compiled by
-    SamplingParams, the one part that can take long) is compiled once."""
+    from the endpoint's own fields), and which request field set each SamplingParams field; errors
+    name the field."""
     values = dict(defaults, logprobs=logprobs)
     given: dict[str, str] = {}  # SamplingParams field -> request field, for error messages
     for name, target in SAMPLING_FIELDS.items():
@@ -273,22 +294,43 @@ def sampling_params(body: dict, defaults: dict[str, Any], logprobs: int | None =
         if len(reference) > MAX_REFERENCE_CHARS:
             raise APIError(f"'reference_text' has {len(reference)} characters, more than {MAX_REFERENCE_CHARS}",
                            "reference_text")
-    constraint = None  # (SamplingParams field, request field)
-    for name, target, value in _constraints(body):
-        constraint = (target, name)
-        values[target] = value
-    for target, name in given.items():
+    structured = _constraints(body)
+    whitespace = _whitespace_pattern(body)
+    if whitespace is not None:
+        structured.append((whitespace[0], "whitespace_pattern", whitespace[1]))
+    for target, name in given.items():  # each alone, so that an error is that field's
         try:
             SamplingParams(**{target: values[target]})
         except (TypeError, ValueError) as exc:
-            raise APIError(f"'{name}': {str(exc).replace('SamplingParams.' + target, name)}", name) from exc
+            raise _renamed(exc, {target: name}, name) from exc
+    for name, target, value in structured:
+        given[target] = name
+        values[target] = value
     try:
-        return SamplingParams(**values)
-    except (TypeError, ValueError) as exc:  # every other field holds alone: the constraint does not
-        if constraint is None:
-            raise APIError(str(exc)) from exc
-        target, name = constraint
-        raise APIError(f"'{name}': {str(exc).replace('SamplingParams.' + target, name)}", name) from exc
+        return SamplingParams(**values), given
+    except (TypeError, ValueError) as exc:  # every other field holds alone: the constraint's fields do not
+        raise _renamed(exc, given, None) from exc
+
+
+def compile_constraint(parsed: ParsedRequest, compile: Callable[[SamplingParams], Any]) -> None:
+    """Compile the request's constraint with the engine's `compile` (StructuredOutputs.compile,
+    which keeps it for the engine's prepare); a constraint that does not compile is refused naming
+    its request field, with llguidance's error."""
+    try:
+        compile(parsed.params)
+    except ValueError as exc:
+        raise _renamed(exc, parsed.fields, None) from exc
+
+
+def _renamed(exc: Exception, fields: dict[str, str], default: str | None) -> APIError:
+    """A SamplingParams error as an APIError naming the request field `fields` maps its field to
+    ('SamplingParams.regex ...' -> "'guided_regex' ..."); `default` where it names none of them."""
+    message = str(exc)
+    target = param_of(message, None)
+    if target not in fields:
+        return APIError(message, default)
+    name = fields[target]
+    return APIError(f"'{name}': {message.replace('SamplingParams.' + target, name)}", name)
 
 
 def param_of(message: str, default: str | None) -> str | None:
@@ -363,9 +405,9 @@ def parse_chat(body: Any, defaults: dict[str, Any], max_images: int, limit: Prom
         raise APIError(f"the request has {len(images)} images; at most {max_images} are allowed per request",
                        "messages")
     stream, include_usage, continuous = _stream_options(body)
-    params = sampling_params(body, defaults, chat_logprobs(body, max_logprobs))
+    params, fields = sampling_params(body, defaults, chat_logprobs(body, max_logprobs))
     return ParsedRequest(model=model, params=params, stream=stream, include_usage=include_usage,
-                         continuous_usage=continuous, messages=rendered, images=images)
+                         continuous_usage=continuous, messages=rendered, images=images, fields=fields)
 
 
 def _content(content: Any, where: str, role: str, images: list[ImageRef], text: PromptText) -> str | list[dict]:
@@ -418,9 +460,9 @@ def parse_completion(body: Any, defaults: dict[str, Any], limit: PromptLimit, ma
     else:
         PromptText(limit).take(prompt, "prompt")
     stream, include_usage, continuous = _stream_options(body)
-    params = sampling_params(body, defaults, completion_logprobs(body, max_logprobs))
+    params, fields = sampling_params(body, defaults, completion_logprobs(body, max_logprobs))
     return ParsedRequest(model=model, params=params, stream=stream, include_usage=include_usage,
-                         continuous_usage=continuous, prompt=prompt)
+                         continuous_usage=continuous, prompt=prompt, fields=fields)
 
 
 # ------------------------------------------------------------------------------------ responses
