@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from PIL import Image
 
-from .engine.engine import resolve_device, resolve_dtype
+from .devices import resolve_device, resolve_dtype
 from .glm_image import GlmImageProcessor, ImageTokensOutput
 from .image_processor import load_image, to_rgb
 from .llm import LLM

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GlmImageConfig, load_config
+from ..devices import resolve_backend, resolve_device, resolve_dtype
 from ..generation_config import GenerationConfig
 from ..glm_image import GlmImageProcessor, ImageRequest, generation_length
 from ..loader import model_dirs, resolve_model_path
@@ -50,52 +51,6 @@ from .stats import EngineStats
 from .structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a torch device") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA GPU is available")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
-        resolved = _DTYPES[dtype.removeprefix("torch.")]
-    else:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)} or a torch floating dtype")
-    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype {resolved} is not supported (float32, bfloat16, float16)")
-    return resolved
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend {backend!r} is not one of 'auto', 'torch', 'triton'")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend 'triton' needs a CUDA device, got {device.type!r}; use backend 'torch' there "
-            "(or set TRITON_INTERPRET=1 to run the kernels in Triton's slow interpreter)"
-        )
-    return backend
-
 
 # A verify step runs k + 1 query rows for every sequence, so without the MTP layer (whose rows
 # always speculate) one runs only when the host's drafts are expected to be accepted for at least
@@ -490,6 +445,19 @@ class LLMEngine:
     @property
     def request_ids(self) -> list[str]:
         return list(self._requests)
+
+    def load_constraints(self) -> None:
+        """Build llguidance's tokenizer now (it holds the GIL for up to a second), not for the first
+        constrained request: a server does this before it takes requests. Any thread."""
+        if self.structured is not None:
+            self.structured.load()
+
+    def compile_constraint(self, params: SamplingParams) -> None:
+        """Compile params' structured-output constraint now, into the cache `prepare` reads; a
+        ValueError names the SamplingParams field that does not compile. Any thread: the server
+        compiles while it parses a request, under its grammar timeout."""
+        if self.structured is not None:
+            self.structured.compile(params)
 
     def stats(self) -> EngineStats:
         """The engine's load now, as an immutable snapshot (see stats.py); call it between steps."""

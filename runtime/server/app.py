@@ -167,10 +167,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> Fast
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
-        if engine.engine.structured is not None:
-            # llguidance's tokenizer, built before the first request: built for the first constrained
-            # one, it would hold the GIL, and so stop every stream, for up to a second
-            await asyncio.to_thread(engine.engine.structured.load)
+        # llguidance's tokenizer, built before the first request: built for the first constrained
+        # one, it would hold the GIL, and so stop every stream, for up to a second
+        await asyncio.to_thread(engine.engine.load_constraints)
         yield
         # After the drain: the requests still held (none, unless uvicorn cancelled their handlers)
         # end with an "abort" output, and the engine's thread is joined.
@@ -257,7 +256,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig, diffusion=None) -> Fast
 
     def parse_and_compile(parse_body, body: Any, *args) -> ParsedRequest:
         parsed = parse_body(body, *args)
-        compile_constraint(parsed, engine.engine.structured.compile)  # kept for the engine's prepare
+        compile_constraint(parsed, engine.engine.compile_constraint)  # kept for the engine's prepare
         return parsed
 
     async def parse(parse_body, body: Any, *args) -> ParsedRequest:
