@@ -313,7 +313,7 @@ def sampling_params(body: dict, defaults: dict[str, Any],
 
 
 def compile_constraint(parsed: ParsedRequest, compile: Callable[[SamplingParams], Any]) -> None:
-    """Compile the request's constraint with the engine's `compile` (StructuredOutputs.compile,
+    """Compile the request's constraint with the engine's `compile` (LLMEngine.compile_constraint,
     which keeps it for the engine's prepare); a constraint that does not compile is refused naming
     its request field, with llguidance's error."""
     try:
