@@ -36,6 +36,7 @@ import torch
 
 from ..model.glm_ocr import GlmOcrModel
 from ..model.text import AttentionMetadata
+from ..model.transfer import upload
 from .sampler import Sampler
 
 
@@ -118,9 +119,11 @@ class SpeculativeDecoder:
             return
         cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32) - 1, 0)
-        rows_d, next_d = rows.to(device), (rows + 1).to(device)
+        packed = upload(torch.cat([rows, cu.long()]), device)  # one asynchronous copy (pinned on CUDA)
+        rows_d, cu_d = packed[: rows.numel()], packed[rows.numel():].int()
+        next_d = rows_d + 1
         embeds = self.model.embed(ids[next_d], image_embeds, image_mask[next_d], table=self.mtp.embed_tokens)
-        attn = AttentionMetadata(slot_mapping=slots[rows_d], cu_seqlens=cu.to(device), max_seqlen=max(lens) - 1)
+        attn = AttentionMetadata(slot_mapping=slots[rows_d], cu_seqlens=cu_d, max_seqlen=max(lens) - 1)
         self.mtp.forward(embeds, hidden[rows_d], positions[:, rows_d], attn, self.mtp_kv_cache)
 
     def carry_prefill(self, rows: slice, hidden: torch.Tensor, tokens: torch.Tensor) -> None:
