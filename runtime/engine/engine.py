@@ -26,23 +26,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import GlmImageConfig, load_config
+from ..config import load_config
 from ..devices import resolve_backend, resolve_device, resolve_dtype
 from ..generation_config import GenerationConfig
-from ..glm_image import GlmImageProcessor, ImageRequest, generation_length
 from ..loader import model_dirs, resolve_model_path
 from ..model.ops import make_ops
-from ..model.positions import glm_image_positions, mrope_positions
 from ..model.registry import model_class
 from ..model.text import AttentionMetadata
 from ..outputs import Request, RequestOutput
-from ..processor import IMAGE_TOKEN, VIDEO_TOKEN, Processor
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
-from .detokenizer import TokenDecoder
 from .drafters import Drafter
+from .inputs import input_processor
 from .runner import ModelRunner, PrefillInputError, StepHandle, allocate_kv_cache, kv_bytes_per_token
-from .sampler import Sampler, SamplingState, request_seed
+from .sampler import Sampler, SamplingState
 from .request_state import RequestState
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
@@ -124,14 +121,8 @@ class LLMEngine:
         self.model_path = resolve_model_path(model)
         path, processor_path = model_dirs(self.model_path)
         self.config = load_config(path)
-        # GLM-Image's AR stage: requests are ImageRequests, outputs vision-token grids (no text).
-        self.generates_images = isinstance(self.config, GlmImageConfig)
         self.generation_config = GenerationConfig.from_pretrained(path)
-        if self.generates_images:
-            self.processor = GlmImageProcessor.from_pretrained(processor_path, self.options.image_backend,
-                                                               self.config.vision)
-        else:
-            self.processor = Processor.from_pretrained(processor_path, image_backend=self.options.image_backend)
+        self.inputs = input_processor(self.config, self.generation_config, processor_path, self.options.image_backend)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.backend = resolve_backend(backend, self.device)
@@ -172,15 +163,22 @@ class LLMEngine:
                                    chunked_prefill=self.chunked_prefill)
         self.spec_stats = SpecDecodeStats(k)
         self._requests: dict[str, RequestState] = {}  # every request queued and not yet finished
-        if not self.generates_images:  # by skip_special_tokens
-            self._decoders = {skip: TokenDecoder(self.processor.tokenizer, skip) for skip in (False, True)}
-        self._eos_token_ids = frozenset(self.config.text.eos_token_ids + self.generation_config.eos_token_ids)
         self.structured = None if self.generates_images else StructuredOutputs(
-            path / "tokenizer.json", text.vocab_size, sorted(self._eos_token_ids))
+            path / "tokenizer.json", text.vocab_size, sorted(self.inputs.eos_token_ids))
         self._in_flight: StepHandle | None = None
         self._held_releases: list[Sequence] | None = None  # see _launch
         self._ids = itertools.count()
         self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def processor(self):
+        """The checkpoint's processor (GLM-OCR's Processor, GLM-Image's GlmImageProcessor)."""
+        return self.inputs.processor
+
+    @property
+    def generates_images(self) -> bool:
+        """GLM-Image's AR stage: requests are ImageRequests, outputs vision-token grids (no text)."""
+        return self.inputs.generates_images
 
     def require_text_model(self, what: str) -> None:
         """Refuse a GLM-Image checkpoint for `what` (a text-generation front end) up front."""
@@ -276,59 +274,12 @@ class LLMEngine:
         if params.logprobs is not None and params.logprobs > self.options.max_logprobs:
             raise ValueError(f"SamplingParams.logprobs = {params.logprobs} is more than this engine's max_logprobs "
                              f"({self.options.max_logprobs})")
-        if self.generates_images:
-            return self._prepare_image_request(request, params, request_id)
-        if isinstance(request, ImageRequest):
-            raise ValueError("an ImageRequest needs a GLM-Image checkpoint; this one is GLM-OCR")
-        request = Request.coerce(request)
-        vocab = self.config.text.vocab_size
-        if request.prompt_token_ids is not None:  # a raw prompt: no chat template, no images
-            ids, pixel_values, grids = request.prompt_token_ids, None, []
-            needs_pixels = {self.processor.image_token_id: IMAGE_TOKEN, self.processor.video_token_id: VIDEO_TOKEN}
-            for i, token in enumerate(ids):
-                if not 0 <= token < vocab:
-                    raise ValueError(
-                        f"request['prompt_token_ids'][{i}] = {token} is not in the vocabulary [0, {vocab})"
-                    )
-                if token in needs_pixels:
-                    raise ValueError(
-                        f"request['prompt_token_ids'][{i}] = {token} is the {needs_pixels[token]} token, which needs "
-                        "pixels; send images with 'prompt' or 'messages'"
-                    )
-        else:
-            processed = self.processor(images=request.images, prompt=request.prompt, messages=request.messages,
-                                       normalize=False)
-            ids, pixel_values = processed.input_ids, processed.pixel_values
-            grids = [tuple(g) for g in processed.image_grid_thw.tolist()] if processed.image_grid_thw is not None else []
-        limit = min(self.max_model_len, self.kv_capacity_tokens)
-        if len(ids) >= limit:
-            image_tokens = sum(t * h * w for t, h, w in grids) // self.config.vision.spatial_merge_size**2
-            # With images, say so in the words of vLLM's error, which clients (docling-glm-ocr) look
-            # for to retry with smaller images.
-            hint = (f" ({image_tokens} of them for images: they need more of the encoder cache than one request "
-                    "may use; send smaller images)" if image_tokens else "")
-            raise ValueError(
-                f"request {request_id}: the prompt has {len(ids)} tokens{hint}, which leaves no room to generate "
-                f"within {'max_model_len' if limit == self.max_model_len else 'the KV cache'} ({limit} tokens)"
-            )
-        bad_stop = [t for t in params.stop_token_ids or [] if t >= vocab]
-        if bad_stop:
-            raise ValueError(f"SamplingParams.stop_token_ids {bad_stop} are not in the vocabulary (size {vocab})")
-        positions, rope_delta = mrope_positions(
-            ids, grids, self.config.image_token_id, self.config.vision.spatial_merge_size
-        )
-        stop = set(params.stop_token_ids or [])
-        if not params.ignore_eos:
-            stop |= set(self.config.text.eos_token_ids) | set(self.generation_config.eos_token_ids)
-        return Sequence(
-            request_id=request_id, prompt_token_ids=ids, prompt_positions=positions, rope_delta=rope_delta,
-            sampling_params=params, stop_token_ids=frozenset(stop),
-            max_total_tokens=min(limit, len(ids) + params.max_tokens),
-            seed=request_seed(params.seed),
-            pixel_values=pixel_values, image_grid_thw=grids,
-            grammar=self.structured.matcher(params),  # compiled once per constraint, then copied
-            drafter=self._drafter(params), logprobs=None if params.logprobs is None else [],
-        )
+        seq = self.inputs.prepare(request, params, request_id, min(self.max_model_len, self.kv_capacity_tokens),
+                                  self.max_model_len)
+        if not self.generates_images:  # text: constrained and drafted as the request asks
+            seq.grammar = self.structured.matcher(params)  # compiled once per constraint, then copied
+            seq.drafter = self._drafter(params)
+        return seq
 
     def _drafter(self, params: SamplingParams) -> Drafter | None:
         """A request's draft sources (SamplingParams.draft) on this engine; None when it does not speculate."""
@@ -347,42 +298,6 @@ class LLMEngine:
             reference = self.processor.tokenizer.encode(params.reference_text, add_special_tokens=False).ids
         return Drafter(sources, reference)
 
-    def _prepare_image_request(self, request: ImageRequest, params: SamplingParams, request_id: str) -> Sequence:
-        """GLM-Image: the prompt (condition images' codes still placeholders, filled at prefill),
-        its positions and the decode positions of the target grids. max_tokens is set to the
-        grids' length, as transformers' pipeline does; generation also stops at image_end."""
-        if not isinstance(request, ImageRequest):
-            raise TypeError(f"a GLM-Image request must be a glmrt.ImageRequest, got {type(request).__name__}")
-        if params.constraint is not None or params.stop:
-            raise ValueError("SamplingParams: structured output and stop strings do not apply to image tokens")
-        if params.logprobs is not None:
-            raise ValueError("SamplingParams.logprobs: GLM-Image requests report no log-probabilities; leave it None")
-        vocab = self.config.text.output_vocab_size
-        bad_stop = [t for t in params.stop_token_ids or [] if t >= vocab]
-        if bad_stop:
-            raise ValueError(f"SamplingParams.stop_token_ids {bad_stop} are not in the vision vocabulary (size {vocab})")
-        processed = self.processor(request)
-        ids, c = processed.input_ids, self.config
-        grids = processed.source_grids + processed.target_grids
-        positions, decode_positions = glm_image_positions(ids, grids, c.image_start_token_id, c.image_end_token_id)
-        params = dataclasses.replace(params, max_tokens=generation_length(processed.target_grids))
-        total = len(ids) + params.max_tokens
-        limit = min(self.max_model_len, self.kv_capacity_tokens)
-        if total > limit:
-            raise ValueError(f"request {request_id}: {len(ids)} prompt tokens and {params.max_tokens} image tokens "
-                             f"exceed {'max_model_len' if limit == self.max_model_len else 'the KV cache'} ({limit} "
-                             "tokens); ask for a smaller image or send smaller condition images")
-        stop = set(params.stop_token_ids or [])
-        if not params.ignore_eos:
-            stop |= set(c.text.eos_token_ids) | set(self.generation_config.eos_token_ids)
-        return Sequence(
-            request_id=request_id, prompt_token_ids=ids, prompt_positions=positions, rope_delta=0,
-            sampling_params=params, stop_token_ids=frozenset(stop), max_total_tokens=total,
-            seed=request_seed(params.seed),
-            pixel_values=processed.pixel_values, image_grid_thw=processed.source_grids,
-            decode_positions=decode_positions,
-        )
-
     def prepare_many(self, requests: list[Request | dict], params: list[SamplingParams]) -> list[Sequence]:
         """`prepare` for several requests at once on a pool of worker threads (image decoding,
         resizing and the C++ patchify release the GIL); raises the first request's error, if any."""
@@ -394,8 +309,8 @@ class LLMEngine:
     def enqueue(self, seq: Sequence) -> str:
         if seq.request_id in self._requests:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
-        decode = (lambda t: "") if self.generates_images else self._decoders[seq.sampling_params.skip_special_tokens]
-        self._requests[seq.request_id] = RequestState(seq, decode, self._eos_token_ids)
+        self._requests[seq.request_id] = RequestState(seq, self.inputs.decoder(seq.sampling_params),
+                                                      self.inputs.eos_token_ids)
         self.scheduler.add(seq)
         return seq.request_id
 
