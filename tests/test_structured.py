@@ -101,7 +101,7 @@ def test_every_constrained_output_parses_and_validates(llm):
     outputs = llm.generate([_request(i) for i in range(len(cases))], [params for params, _ in cases])
     for (params, check), out in zip(cases, outputs):
         assert out.finish_reason == "stop", (out.finish_reason, out.error, out.text)
-        assert out.token_ids[-1] in llm.engine._eos_token_ids  # ended by eos, as unconstrained output does
+        assert out.token_ids[-1] in llm.engine.inputs.eos_token_ids  # ended by eos, as unconstrained output does
         assert check(out.text) is not False, out.text
 
 
@@ -151,6 +151,35 @@ def test_constrained_and_unconstrained_requests_in_one_batch_do_not_affect_each_
     alone_free = llm.generate(requests[len(cases):], free_params)
     mixed = llm.generate(requests, [p for p, _ in cases] + free_params)
     assert [o.token_ids for o in mixed] == [o.token_ids for o in alone_constrained + alone_free]
+
+
+def test_a_constrained_row_decodes_beside_prefill_chunks(llm, monkeypatch):
+    """A running json_schema request does not turn mixed steps off: a prompt arriving while it
+    decodes is prefilled in the same steps as its constrained decode row (the engine fills its
+    mask between the step's forward and its sampling), and both outputs are those they have alone."""
+    engine = llm.engine
+    (params, check), late_params = _constrained_cases()[0], SamplingParams(max_tokens=12, repetition_penalty=1.1)
+    alone = llm.generate([_request(0), _request(1)], [params, late_params])
+    mixed_steps = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        plan = schedule()
+        if getattr(plan, "chunks", None):
+            mixed_steps.append(any(seq.grammar is not None for seq in plan.decode))
+        return plan
+
+    monkeypatch.setattr(engine.scheduler, "schedule", spy)
+    first = engine.add_request(_request(0), params)
+    outputs = {}
+    for _ in range(3):  # its prefill, then decode steps
+        outputs.update((o.request_id, o) for o in engine.step())
+    late = engine.add_request(_request(1), late_params)
+    while engine.has_unfinished():
+        outputs.update((o.request_id, o) for o in engine.step())
+    assert any(mixed_steps), "the late prompt was never prefilled beside the constrained decode row"
+    check(outputs[first].text)
+    assert [outputs[first].token_ids, outputs[late].token_ids] == [o.token_ids for o in alone]
 
 
 def test_serial_steps_and_preemption_give_the_same_constrained_outputs(llm, tiny_checkpoint):
@@ -204,7 +233,7 @@ def test_ignore_eos_still_ends_when_the_constraint_is_complete(llm):
     choices = ["yes", "no"]
     out = llm.generate(_request(1), SamplingParams(max_tokens=50, choice=choices, ignore_eos=True))[0]
     assert out.finish_reason == "stop" and out.text in choices
-    assert out.token_ids[-1] in llm.engine._eos_token_ids
+    assert out.token_ids[-1] in llm.engine.inputs.eos_token_ids
 
 
 # The bounded schemas whose numbers are integers: JSON output equals json.dumps of its value (floats

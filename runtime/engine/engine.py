@@ -17,6 +17,7 @@ that breaks every step it is in fails; an abort, from any state, frees everythin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -415,22 +416,26 @@ class LLMEngine:
 
     def _launch(self, plan: ScheduledStep, outputs: list[RequestOutput]) -> StepHandle | None:
         try:
-            if plan.chunks:
-                return self.runner.prefill(plan, self._token_masks(plan.seqs))
-            if all(seq.grammar is None for seq in plan.seqs):
+            if all(seq.grammar is None for seq in plan.decode):
+                if plan.chunks:  # (a new sequence's constraint is at its start: its mask is ready)
+                    return self.runner.prefill(plan, self._token_masks(plan.seqs))
                 limit = self.options.speculative_max_batch
                 if self.runner.spec is None or (limit is not None and len(plan.seqs) > limit):
                     return self.runner.decode(plan)
                 return self._speculate(plan)
-            # Structured-output rows need the previous step's tokens for their masks: the device
-            # runs this step's forward while the host reads them and fills the masks. Requests
-            # that finish meanwhile keep their rows until the sampling is launched (a row move
-            # now would reorder the sampling state under the forward's logits).
-            logits = self.runner.decode_forward(plan)
+            # Constrained decode rows need the previous step's tokens for their masks: the device
+            # runs this step's forward (a decode or a mixed step's) while the host reads them and
+            # fills the masks. Requests that finish meanwhile keep their rows until the sampling is
+            # launched (a row move now would reorder the sampling state under the forward's logits).
+            if plan.chunks:
+                forward = self.runner.prefill_forward(plan)
+                sample = functools.partial(self.runner.prefill_sample, plan, forward)
+            else:
+                sample = functools.partial(self.runner.decode_sample, plan, self.runner.decode_forward(plan))
             self._held_releases = []
             try:
                 outputs += self._read_in_flight()
-                return self.runner.decode_sample(plan, logits, self._token_masks(plan.seqs))
+                return sample(self._token_masks(plan.seqs))
             finally:
                 held, self._held_releases = self._held_releases, None
                 for seq in held:

@@ -387,12 +387,18 @@ class ModelRunner:
         decode row and each sequence whose last chunk this is (under the host bitmasks [N, W] of
         those rows, when given). Everything that can fail for one request's input (its images,
         its prompt) runs first: a PrefillInputError leaves the decode rows untouched."""
+        return self.prefill_sample(step, self.prefill_forward(step), masks)
+
+    @torch.inference_mode()
+    def prefill_forward(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`prefill`'s first half, launched: the forward -> (logits [rows sampled, V], their last
+        hidden states), or None when no row samples; `prefill_sample` takes it (a step with
+        constrained decode rows fills their masks in between, as a constrained decode step does)."""
         chunks, device = step.chunks, self.model.device
         try:
             ids, positions, slots, image_embeds, image_mask, cu, fields = self._prefill_inputs(chunks)
         except Exception as exc:
             raise PrefillInputError(exc) from exc
-        sampled = [c for c in chunks if c.samples]
         last = cu[1:][torch.tensor([c.samples for c in chunks])] - 1  # [sampled] rows in the prefill part
         nd = len(step.decode)
         if nd:
@@ -407,10 +413,20 @@ class ModelRunner:
         if self.has_mtp:  # the MTP layer prefills whole prompts, never mixed with decode rows
             assert not nd and all(c.start == 0 and c.samples for c in chunks)
             self.spec.prefill(ids, image_embeds, image_mask, hidden, positions, slots, (cu[1:] - cu[:-1]).tolist())
-        if not sampled and not nd:
-            return StepHandle([], torch.empty(0, dtype=torch.int64, device=device))
+        if last.numel() == 0:
+            return None
         last_hidden = hidden[upload(last, device, torch.int64)]  # [rows sampled, H]
-        logits = self.model.compute_logits(last_hidden)
+        return self.model.compute_logits(last_hidden), last_hidden
+
+    @torch.inference_mode()
+    def prefill_sample(self, step: ScheduledStep, forward: tuple[torch.Tensor, torch.Tensor] | None,
+                       masks: torch.Tensor | None) -> StepHandle:
+        """`prefill`'s second half: admit the sequences whose last chunk this is, sample the rows
+        (under the host bitmasks [N, W], when given)."""
+        if forward is None:
+            return StepHandle([], torch.empty(0, dtype=torch.int64, device=self.model.device))
+        logits, last_hidden = forward
+        sampled, nd = [c for c in step.chunks if c.samples], len(step.decode)
         if sampled:
             self.batch.admit([c.seq for c in sampled], step.first_row)
         rows = slice(0 if nd else step.first_row, step.first_row + len(sampled))

@@ -10,10 +10,10 @@ With chunked prefill (the engine's default) a step is *mixed*: every running seq
 and the rest of the budget goes to prefill chunks, so a page entering costs the running streams
 one step's budget at a time instead of freezing them for its whole prefill. A sequence whose
 prompt is not yet wholly computed is PREFILLING: it holds all its KV blocks but no row; the step
-with its last chunk samples its first token and gives it a row. Without chunked prefill
-(speculative decoding, whose MTP layer prefills whole prompts) or while a structured-output
-request runs (its decode rows need a split forward/sampling step), prefill and decode steps
-alternate: prefill goes first, so new requests reach their first token quickly, but never twice
+with its last chunk samples its first token and gives it a row; structured-output rows are rows
+like any other (the engine fills their masks between the step's forward and its sampling).
+Without chunked prefill (speculative decoding, whose MTP layer prefills whole prompts), prefill
+and decode steps alternate: prefill goes first, so new requests reach their first token quickly, but never twice
 in a row while sequences are running, so running streams stall for one prefill at a time.
 
 Running sequences own the rows 0..B-1 of the device-resident batch (`running[i]` is row i), so
@@ -126,8 +126,7 @@ class Scheduler:
                 self.draining.append(seq)
 
         budget = self.max_num_batched_tokens
-        # Mixed steps need decode rows that sample in one launch (no structured-output row).
-        if self.running and self.chunked_prefill and all(s.grammar is None for s in self.running):
+        if self.running and self.chunked_prefill:
             decode = self._schedule_decode()
             if decode == NEEDS_DRAIN:
                 return NEEDS_DRAIN
