@@ -310,7 +310,6 @@ def _read_schema(path: Path | None) -> tuple[str | None, dict | None]:
     try:
         text = path.read_text(encoding="utf-8")
         schema = as_json_schema(text, what=f"--schema {path}")
-        SamplingParams(json_schema=schema)  # llguidance compiles it: a bad schema fails here, not per image
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read --schema {path}: {exc}") from exc
     except (TypeError, ValueError) as exc:
@@ -424,6 +423,10 @@ def _ocr(args: argparse.Namespace) -> int:
     llm.engine.require_text_model("glmrt ocr")
     params = llm.generation_config.sampling_params(**overrides, json_schema=schema)
     engine = llm.engine
+    try:
+        engine.compile_constraint(params)  # a schema llguidance cannot compile fails once here, not per image
+    except ValueError as exc:
+        raise UsageError(_one_line(exc).replace("SamplingParams.json_schema", f"--schema {args.schema}")) from exc
     printer = _Printer(len(args.images), params.max_tokens)
     todo = list(reversed(args.images))
     running: dict[str, str] = {}  # request id -> image path
