@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence as Ids
 
 from ..outputs import Prefix, RequestOutput
 from .detokenizer import IncrementalDetokenizer
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 from .stop import StopChecker
+
+FINISHED = SequenceStatus.FINISHED
 
 
 class RequestState:
@@ -33,19 +35,18 @@ class RequestState:
         speculation: tokens after the one that ends the request (stop token or string, length, a
         completed constraint) are dropped. logprobs: one entry per token, when it asked for them;
         accept(grammar, token): whether the token completes a constrained request."""
-        seq = self.seq
-        read, by_token = [], False
-        for j, token in enumerate(new_tokens):
-            read.append(token)
+        seq, by_token, count = self.seq, False, 0
+        for token in new_tokens:
             if logprobs is not None:  # O(1): the one list of the request grows
-                seq.logprobs.append(logprobs[j])
+                seq.logprobs.append(logprobs[count])
+            count += 1
             seq.append_token(token)
-            if seq.grammar is not None and accept(seq.grammar, token) and not seq.is_finished:
+            if seq.grammar is not None and accept(seq.grammar, token) and seq.status is not FINISHED:
                 seq.finish("stop")  # an ignored eos that completes the constraint still ends it
             by_token = self.absorb(token)  # may finish the request on a stop string
-            if seq.is_finished:
+            if seq.status is FINISHED:
                 break
-        return self.output(read, by_token)
+        return self.output(new_tokens if count == len(new_tokens) else new_tokens[:count], by_token)
 
     def absorb(self, token: int) -> bool:
         """Add a token just appended to the sequence to its text -> whether it ended the request as

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from glmrt.kernels.decode_inputs import table_slots
@@ -22,7 +23,7 @@ from glmrt.kernels.decode_inputs import table_slots
 from ..model.glm_ocr import GlmOcrModel
 from ..model.ops import TorchOps
 from ..model.text import AttentionMetadata
-from ..model.transfer import upload
+from ..model.transfer import upload, upload_arrays, upload_cat
 from .graphs import DecodeGraphs, batch_buckets
 from .sampler import Sampler, SamplingState
 from .scheduler import PrefillChunk, ScheduledStep
@@ -107,9 +108,10 @@ class DeviceBatch:
         """Upload the rows of newly admitted sequences (after their prefill, the context holds
         every known token)."""
         rows = slice(first_row, first_row + len(seqs))
-        width = self.block_tables.shape[1]
-        self.block_tables[rows] = upload([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
-                                         self.device, torch.int32)
+        tables = np.zeros((len(seqs), self.block_tables.shape[1]), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            tables[i, : len(s.block_table)] = s.block_table
+        self.block_tables[rows] = upload(torch.from_numpy(tables), self.device)
         # top_k beyond the vocabulary keeps every token, as top_k = 0 does (and fits int64).
         vocab = self.sampling.presence.shape[1]
         ints = upload([[s.num_tokens, s.rope_delta, min(s.sampling_params.top_k, vocab), s.seed,
@@ -132,14 +134,15 @@ class DeviceBatch:
                 self.decode_positions[first_row + i, :, : table.shape[1]] = upload(table, self.device)
             lens = upload([[s.num_prompt_tokens, s.decode_positions.shape[1]] for s in seqs], self.device, torch.int64)
             self.prompt_lens[rows], self.decode_lens[rows] = lens[:, 0], lens[:, 1]
-        # Presence of every distinct id seen so far that the sampler can emit (a page prompt is
-        # thousands of <|image|> ids; GLM-Image's prompt text lies outside its output vocabulary).
-        vocab = st.presence.shape[1]
-        pairs = [(first_row + i, t) for i, s in enumerate(seqs) for t in set(s.all_token_ids) if t < vocab]
+        # Presence of every id seen so far that the sampler can emit (GLM-Image's prompt text lies
+        # outside its output vocabulary); an id set twice is set all the same, so no dedup.
+        ids = [s.token_array(0, s.num_tokens) for s in seqs]
+        row_of = np.repeat(np.arange(first_row, first_row + len(seqs)), [len(a) for a in ids])
+        ids = np.concatenate(ids)
+        emittable = ids < vocab
         st.presence[rows] = False
-        if pairs:
-            index = upload(pairs, self.device, torch.int64)
-            st.presence[index[:, 0], index[:, 1]] = True
+        row_of, ids = upload_arrays([row_of[emittable], ids[emittable]], self.device, torch.int64)
+        st.presence[row_of, ids] = True
 
     def set_blocks(self, new_blocks: list[tuple[int, int, int]]) -> None:
         """(row, table index, block id) for each sequence that crossed into a new block."""
@@ -301,7 +304,7 @@ class ModelRunner:
         todo = [s for s in seqs if s.pixel_values is not None]
         if not todo:
             return
-        pixels = self.normalize_pixels(upload(torch.cat([s.pixel_values for s in todo]), self.model.device))
+        pixels = self.normalize_pixels(upload_cat([s.pixel_values for s in todo], self.model.device))
         codes = iter(c.tolist() for c in self.model.encode_images(pixels, [g for s in todo for g in s.image_grid_thw]))
         placeholder = self.model.config.image_token_id
         for s in todo:
@@ -313,6 +316,7 @@ class ModelRunner:
             for i, code in zip(slots, filled):
                 ids[i] = code
             s.pixel_values = None
+            s._prompt_array = None  # made again from the ids with their codes
 
     def _image_embeds(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
         """The image embeddings of the chunks' <|image|> slots, in order -> [slots, hidden]. One
@@ -321,8 +325,7 @@ class ModelRunner:
         sequence's embeddings stay cached until it finishes (recompute, later chunks)."""
         todo = [c.seq for c in chunks if c.seq.request_id not in self.image_cache and c.seq.pixel_values is not None]
         if todo:
-            pixels = torch.cat([s.pixel_values for s in todo])
-            pixels = self.normalize_pixels(upload(pixels, self.model.device))
+            pixels = self.normalize_pixels(upload_cat([s.pixel_values for s in todo], self.model.device))
             grids = [g for s in todo for g in s.image_grid_thw]
             embeds = self.model.encode_images(pixels, grids)
             m2 = self.model.config.vision.spatial_merge_size**2
@@ -347,38 +350,47 @@ class ModelRunner:
         parts = [p for p in parts if p.shape[0]]
         return torch.cat(parts) if parts else None
 
-    def _prefill_inputs(self, chunks: list[PrefillChunk]):
+    def _prefill_inputs(self, chunks: list[PrefillChunk], num_decode: int):
         """Host work and the vision pass of a step's chunks, before any device state of the batch
-        changes -> (ids, positions, slot mapping, image embeds, image mask, cu_seqlens [N+1] (host),
-        attention fields of the prefill part)."""
-        device, bs = self.model.device, self.block_size
+        changes -> (ids [T], positions [3, T], slot mapping [T], image embeds, image mask [T], the
+        rows to sample [num_decode + sampling chunks] (the decode rows come first in the step's
+        forward), each chunk's token count (host), attention fields of the prefill part). The host
+        arrays are built with numpy and go up in two copies (int64 and int32 packs)."""
+        bs = self.block_size
         if self.model.images_as_codes:
             self._write_image_codes([c.seq for c in chunks])
-        ids = torch.cat([torch.tensor(c.seq.all_token_ids[c.start: c.end], dtype=torch.int64) for c in chunks])
-        index = torch.cat([torch.arange(c.start, c.end) for c in chunks])  # [T] cache index of each token
-        seq_of = torch.cat([torch.full((c.end - c.start,), i) for i, c in enumerate(chunks)])  # [T] its chunk
-        width = max(len(c.seq.block_table) for c in chunks)
-        tables = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks])
+        n = len(chunks)
+        starts = np.array([c.start for c in chunks])
+        lens = np.array([c.end - c.start for c in chunks])
+        cu = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        ids = np.concatenate([c.seq.token_array(c.start, c.end) for c in chunks])
+        positions = np.concatenate([c.seq.position_array(c.start, c.end) for c in chunks], axis=1)
+        seq_of = np.repeat(np.arange(n), lens)  # [T] the chunk of each token
+        index = np.arange(cu[-1]) + np.repeat(starts - cu[:-1], lens)  # [T] its cache index
+        tables = np.zeros((n, max(len(c.seq.block_table) for c in chunks)), dtype=np.int64)
+        for i, c in enumerate(chunks):
+            tables[i, : len(c.seq.block_table)] = c.seq.block_table
         slots = tables[seq_of, index // bs] * bs + index % bs
         # Only prompt tokens can be image slots (a generated <|image|> id is embedded as text).
-        prompt_lens = torch.tensor([c.seq.num_prompt_tokens for c in chunks])
+        prompt_lens = np.array([c.seq.num_prompt_tokens for c in chunks])
         image_mask = (ids == self.model.config.image_token_id) & (index < prompt_lens[seq_of])
-        lens = torch.tensor([c.end - c.start for c in chunks], dtype=torch.int32)
-        cu = torch.zeros(len(chunks) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lens, 0)
-        fields = dict(cu_seqlens=upload(cu, device), max_seqlen=int(lens.max()))
-        # Chunks after a cached prefix attend to it through the cache; batch-invariant ops read
-        # every prompt from the cache, so a chunk's attention is reduced as the whole prompt's.
-        if any(c.start for c in chunks) or self.model.ops.batch_invariant:
-            fields["prefill_block_tables"] = upload(tables, device, torch.int32)
-            fields["prefill_context_lens"] = upload([c.end for c in chunks], device, torch.int32)
-        positions = torch.cat([c.seq.positions()[:, c.start: c.end] for c in chunks], dim=1)
+        samples = np.array([c.samples for c in chunks], dtype=bool)
+        last = np.concatenate([np.arange(num_decode), cu[1:][samples] - 1 + num_decode])
         image_embeds = self._image_embeds(chunks)
         num_slots, num_embeds = int(image_mask.sum()), 0 if image_embeds is None else image_embeds.shape[0]
         if num_slots != num_embeds:
             raise ValueError(f"{num_slots} <|image|> tokens but {num_embeds} image embeddings")
-        return (upload(ids, device), upload(positions, device), upload(slots, device), image_embeds,
-                upload(image_mask, device), cu, fields)
+        device = self.model.device
+        ids, positions, slots, image_mask, last = upload_arrays([ids, positions, slots, image_mask, last],
+                                                                device, torch.int64)
+        # Chunks after a cached prefix attend to it through the cache; batch-invariant ops read
+        # every prompt from the cache, so a chunk's attention is reduced as the whole prompt's.
+        with_tables = bool(starts.any()) or self.model.ops.batch_invariant
+        ints = [cu] + ([tables, starts + lens] if with_tables else [])
+        fields = dict(zip(("cu_seqlens", "prefill_block_tables", "prefill_context_lens"),
+                          upload_arrays(ints, device, torch.int32)), max_seqlen=int(lens.max()))
+        return ids, positions, slots, image_embeds, image_mask.bool(), last, lens.tolist(), fields
 
     @torch.inference_mode()
     def prefill(self, step: ScheduledStep, masks: torch.Tensor | None = None) -> StepHandle:
@@ -394,28 +406,25 @@ class ModelRunner:
         """`prefill`'s first half, launched: the forward -> (logits [rows sampled, V], their last
         hidden states), or None when no row samples; `prefill_sample` takes it (a step with
         constrained decode rows fills their masks in between, as a constrained decode step does)."""
-        chunks, device = step.chunks, self.model.device
+        chunks, nd = step.chunks, len(step.decode)
         try:
-            ids, positions, slots, image_embeds, image_mask, cu, fields = self._prefill_inputs(chunks)
+            ids, positions, slots, image_embeds, image_mask, last, lens, fields = self._prefill_inputs(chunks, nd)
         except Exception as exc:
             raise PrefillInputError(exc) from exc
-        last = cu[1:][torch.tensor([c.samples for c in chunks])] - 1  # [sampled] rows in the prefill part
-        nd = len(step.decode)
         if nd:
             dec_ids, dec_positions, dec = self.batch.decode_inputs(self._start_decode(step, exact=True))
             ids, positions = torch.cat([dec_ids, ids]), torch.cat([dec_positions, positions], dim=1)
             slots = torch.cat([dec.slot_mapping, slots])
-            image_mask = torch.cat([torch.zeros(nd, dtype=torch.bool, device=device), image_mask])
+            image_mask = torch.cat([torch.zeros(nd, dtype=torch.bool, device=ids.device), image_mask])
             fields.update(block_tables=dec.block_tables, context_lens=dec.context_lens)
-            last = torch.cat([torch.arange(nd, dtype=last.dtype), last + nd])
         attn = AttentionMetadata(slot_mapping=slots, **fields)
         hidden = self.model.forward(ids, positions, attn, self.kv_caches, image_embeds, image_mask)
         if self.has_mtp:  # the MTP layer prefills whole prompts, never mixed with decode rows
             assert not nd and all(c.start == 0 and c.samples for c in chunks)
-            self.spec.prefill(ids, image_embeds, image_mask, hidden, positions, slots, (cu[1:] - cu[:-1]).tolist())
+            self.spec.prefill(ids, image_embeds, image_mask, hidden, positions, slots, lens)
         if last.numel() == 0:
             return None
-        last_hidden = hidden[upload(last, device, torch.int64)]  # [rows sampled, H]
+        last_hidden = hidden[last]  # [rows sampled, H]
         return self.model.compute_logits(last_hidden), last_hidden
 
     @torch.inference_mode()

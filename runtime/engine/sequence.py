@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..sampling_params import SamplingParams
@@ -62,6 +63,9 @@ class Sequence:
     # SamplingParams.logprobs set: one entry per output token ({token id: log-probability}, the
     # token's and its step's top N), appended as tokens are read back; None when not asked for.
     logprobs: list[dict[int, float]] | None = None
+    # The prompt's ids as an int64 array, made at its first prefill chunk (after GLM-Image wrote its
+    # condition images' codes into prompt_token_ids) and kept for its later chunks and recomputes.
+    _prompt_array: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -78,10 +82,6 @@ class Sequence:
         return len(self.prompt_token_ids)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
@@ -91,22 +91,39 @@ class Sequence:
         outputs = len(self.output_token_ids) + self.num_pending
         return outputs < self.sampling_params.max_tokens and self.num_prompt_tokens + outputs < self.max_total_tokens
 
-    def positions(self) -> torch.Tensor:
-        """[3, num_tokens]: the prompt's M-RoPE positions, then those of the generated tokens
-        (p + rope_delta at cache index p, or their decode_positions columns)."""
+    def token_array(self, start: int, end: int) -> np.ndarray:
+        """int64 [end - start]: the ids at cache indices [start, end) (prompt, then generated)."""
+        if self._prompt_array is None:
+            self._prompt_array = np.array(self.prompt_token_ids, dtype=np.int64)
         p = self.num_prompt_tokens
+        if end <= p:
+            return self._prompt_array[start:end]
+        generated = np.array(self.output_token_ids[max(start - p, 0): end - p], dtype=np.int64)
+        return np.concatenate([self._prompt_array[start:p], generated]) if start < p else generated
+
+    def position_array(self, start: int, end: int) -> np.ndarray:
+        """int64 [3, end - start]: the M-RoPE positions at cache indices [start, end): the prompt's,
+        then those of generated tokens (p + rope_delta at cache index p, or their decode_positions
+        columns)."""
+        p = self.num_prompt_tokens
+        prompt = self.prompt_positions[:, start: end].numpy()
+        if end <= p:
+            return prompt
+        generated = np.arange(max(start, p), end)
         if self.decode_positions is not None:
-            columns = torch.arange(len(self.output_token_ids)).clamp(max=self.decode_positions.shape[1] - 1)
-            return torch.cat([self.prompt_positions, self.decode_positions[:, columns]], dim=1)
-        gen = torch.arange(p, self.num_tokens) + self.rope_delta
-        return torch.cat([self.prompt_positions, gen.expand(3, -1)], dim=1)
+            columns = np.minimum(generated - p, self.decode_positions.shape[1] - 1)
+            generated = self.decode_positions.numpy()[:, columns]
+        else:
+            generated = np.broadcast_to(generated + self.rope_delta, (3, len(generated)))
+        return np.concatenate([prompt, generated], axis=1) if start < p else generated
 
     def append_token(self, token_id: int) -> None:
         """Record a token read back from the device and finish the request if it ends here.
         As in vLLM, the length limit is checked first: a stop token that is also the
         max_tokens-th token ends the request with "length"."""
-        self.output_token_ids.append(token_id)
-        if len(self.output_token_ids) >= self.sampling_params.max_tokens or self.num_tokens >= self.max_total_tokens:
+        outputs = self.output_token_ids
+        outputs.append(token_id)
+        if len(outputs) >= self.sampling_params.max_tokens or len(self.prompt_token_ids) + len(outputs) >= self.max_total_tokens:
             self.finish("length")
         elif token_id in self.stop_token_ids:
             self.finish("stop")

@@ -7,6 +7,7 @@ queues the copy and returns at once; the pinned buffer is kept until the copy ha
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -17,3 +18,25 @@ def upload(host: torch.Tensor | list, device: torch.device, dtype: torch.dtype |
         host = host.to(dtype) if dtype is not None else host
         return host.pin_memory().to(device, non_blocking=True) if pinned else host.to(device)
     return torch.tensor(host, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
+
+
+def upload_arrays(arrays: list[np.ndarray], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Host arrays of any shapes -> each on `device` as `dtype`, in one copy: they are packed into
+    one (pinned, on CUDA) buffer, whose device copy they are views of."""
+    sizes = [a.size for a in arrays]
+    host = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
+    if arrays:
+        np.concatenate([a.ravel() for a in arrays], out=host.numpy(), casting="same_kind")
+    packed = host.to(device, non_blocking=device.type == "cuda")
+    return [part.view(a.shape) for part, a in zip(packed.split(sizes), arrays)]
+
+
+def upload_cat(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """torch.cat(tensors) (host tensors, along dim 0) on `device`: on CUDA concatenated straight
+    into a pinned buffer, one host copy where cat + upload would make two."""
+    if device.type != "cuda":
+        return torch.cat(tensors).to(device)
+    host = torch.empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype,
+                       pin_memory=True)
+    torch.cat(tensors, out=host)
+    return host.to(device, non_blocking=True)
