@@ -69,8 +69,12 @@ class StubDevice:
             sum(t * h * w for t, h, w in grids) // 4, hidden)
         model.compute_logits = lambda h: h[:, :1]
         runner.sampler = self.sample
-        # (tokens, the logits they came from): what a decode step returns
-        runner.decode_step = lambda bs, do_sample: (self.sample(None, slice(0, bs), do_sample), torch.zeros(bs, 1))
+        # (tokens, the logits they came from): what a decode step returns (tokens alone before the
+        # runner computed log-probabilities, 2026-12-06: so that --baseline measures older commits)
+        if hasattr(runner, "logprobs_of"):
+            runner.decode_step = lambda bs, do_sample: (self.sample(None, slice(0, bs), do_sample), torch.zeros(bs, 1))
+        else:
+            runner.decode_step = lambda bs, do_sample: self.sample(None, slice(0, bs), do_sample)
         runner.decode_logits = lambda bs: torch.zeros(bs, 1)  # the forward half of a constrained step
 
     def sample(self, logits, rows: slice, do_sample: bool, token_mask: torch.Tensor | None = None) -> torch.Tensor:
