@@ -385,15 +385,15 @@ def test_ctrl_c_inside_a_step_prints_the_text_read_before_it(tiny_checkpoint, im
     assert main(["ocr", image_files[0], "--model", str(tiny_checkpoint), "--json", "--max-tokens", "12",
                  *TORCH_CPU]) == 0
     full = json.loads(capsys.readouterr().out)
-    decode, calls = ModelRunner.decode, []
+    launch, calls = ModelRunner.launch, []
 
     def interrupted(self, *args, **kwargs):
         calls.append(None)
         if len(calls) == 6:
             raise KeyboardInterrupt
-        return decode(self, *args, **kwargs)
+        return launch(self, *args, **kwargs)
 
-    monkeypatch.setattr(ModelRunner, "decode", interrupted)
+    monkeypatch.setattr(ModelRunner, "launch", interrupted)
     assert main(["ocr", image_files[0], "--model", str(tiny_checkpoint), "--json", "--max-tokens", "12",
                  *TORCH_CPU]) == 130
     out, err = capsys.readouterr()

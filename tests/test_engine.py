@@ -101,18 +101,14 @@ def record_steps(engine):
     """Wrap the runner's step launches -> the list of (decode rows, [(start, end, samples, tokens
     of its images not yet encoded)] per chunk) they are appended to."""
     runner, steps = engine.runner, []
-    prefill, decode = runner.prefill, runner.decode
+    launch = runner.launch
 
-    def recording_prefill(step, masks=None):
+    def recording_launch(step, *args, **kwargs):
         steps.append((len(step.decode), [(c.start, c.end, c.samples, c.seq.num_unencoded_patches)
                                          for c in step.chunks]))
-        return prefill(step, masks)
+        return launch(step, *args, **kwargs)
 
-    def recording_decode(step, speculate=False):
-        steps.append((len(step.decode), []))
-        return decode(step, speculate)
-
-    runner.prefill, runner.decode = recording_prefill, recording_decode
+    runner.launch = recording_launch
     return steps
 
 
@@ -302,14 +298,15 @@ def test_a_shared_prefill_that_fails_is_retried_request_by_request(tiny_checkpoi
     engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=4)
     params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)
     prefills = []
-    prefill = engine.runner.prefill
+    launch = engine.runner.launch
 
-    def counting(step, masks=None):
-        prefills.append([s.request_id for s in step.prefill_seqs])
-        return prefill(step, masks)
+    def counting(step, *args, **kwargs):
+        if step.chunks:
+            prefills.append([s.request_id for s in step.prefill_seqs])
+        return launch(step, *args, **kwargs)
 
     break_vision_of_tall_image(engine, monkeypatch)
-    monkeypatch.setattr(engine.runner, "prefill", counting)
+    monkeypatch.setattr(engine.runner, "launch", counting)
     good = [engine.add_request(as_request(REQUESTS[i]), params) for i in (0, 2)]
     bad = engine.add_request(as_request(REQUESTS[5]), params)
     done = run_until_done(engine)
@@ -346,15 +343,16 @@ def test_a_decode_step_that_fails_once_is_retried_and_nobody_fails(tiny_checkpoi
     engine = make_engine(tiny_checkpoint, "torch", max_num_seqs=2)
     params = glmrt.SamplingParams(max_tokens=MAX_TOKENS)
     ids = [engine.add_request(as_request(REQUESTS[i]), params) for i in range(4)]
-    decode, calls = engine.runner.decode, []
+    launch, calls = engine.runner.launch, []
 
-    def broken(step, *args):
-        calls.append([s.request_id for s in step.seqs])
-        if len(calls) == 3:
-            raise RuntimeError("injected decode fault")
-        return decode(step, *args)
+    def broken(step, *args, **kwargs):
+        if not step.chunks:  # a decode step
+            calls.append([s.request_id for s in step.seqs])
+            if len(calls) == 3:
+                raise RuntimeError("injected decode fault")
+        return launch(step, *args, **kwargs)
 
-    monkeypatch.setattr(engine.runner, "decode", broken)
+    monkeypatch.setattr(engine.runner, "launch", broken)
     done = run_until_done(engine)
     assert calls[2] == ids[:2]
     assert all(done[i].finish_reason in ("stop", "length") for i in ids)
@@ -545,16 +543,18 @@ def test_async_abort_races(tiny_checkpoint, monkeypatch):
 
         # 4. a failed step ends its request with RequestFailed; the next request is unaffected
         monkeypatch.setattr(engine.engine, "prepare", prepare)
-        decode = engine.engine.runner.decode
+        launch = engine.engine.runner.launch
 
-        def broken(step, *args):
-            raise RuntimeError("injected")
+        def broken(step, *args, **kwargs):
+            if not step.chunks:  # its decode step
+                raise RuntimeError("injected")
+            return launch(step, *args, **kwargs)
 
-        monkeypatch.setattr(engine.engine.runner, "decode", broken)
+        monkeypatch.setattr(engine.engine.runner, "launch", broken)
         with pytest.raises(RequestFailed, match="injected"):
             async for _ in engine.generate(as_request(REQUESTS[1]), glmrt.SamplingParams(max_tokens=5)):
                 pass
-        monkeypatch.setattr(engine.engine.runner, "decode", decode)
+        monkeypatch.setattr(engine.engine.runner, "launch", launch)
         outs = [o async for o in engine.generate(as_request(REQUESTS[1]), glmrt.SamplingParams(max_tokens=5))]
         assert outs[-1].finished and outs[-1].finish_reason in ("stop", "length")
         assert_all_free(engine.engine)

@@ -109,7 +109,7 @@ def test_prompt_and_codes_match_transformers(llm, hf_model, hf_processor, case):
                            if processed.pixel_values.dtype == torch.uint8 else processed.pixel_values,
                            inputs["pixel_values"])
     seq = llm.engine.prepare(request(case))
-    llm.engine.runner._write_image_codes([seq])
+    llm.engine.runner._encode_prompt_images([seq])
     assert seq.prompt_token_ids == hf_codes_in_prompt(hf_model, inputs).tolist()
 
 

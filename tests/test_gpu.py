@@ -215,10 +215,10 @@ def test_prefill_and_decode_launch_without_waiting_for_the_device(real_checkpoin
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        handles = [engine.runner.prefill(prefill)]
+        handles = [engine.runner.launch(prefill)]
         decode = engine.scheduler.schedule()
         assert not decode.is_prefill
-        handles.append(engine.runner.decode(decode))
+        handles.append(engine.runner.launch(decode))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(len(h.tokens()) == 1 for h in handles)

@@ -163,13 +163,21 @@ def test_structured_output_reports_the_unmasked_distribution(engine, hf_sdpa):
 # ------------------------------------------------------------------------------ every step kind
 
 class StepKinds:
-    """Wraps a runner's step entry points and logprobs_of: which kinds of steps computed
+    """Wraps a runner's step entry point and logprobs_of: which kinds of steps computed
     log-probabilities, with the raw logits rows they got."""
 
     def __init__(self, runner, monkeypatch):
         self.kind, self.seen = None, []
-        for name, kind in (("prefill", "prefill"), ("decode", "decode"), ("decode_sample", "split")):
-            monkeypatch.setattr(runner, name, self._tagged(getattr(runner, name), kind))
+        launch = runner.launch
+
+        def tagged(step, masks=None, speculate=False, drafts=None):
+            if step.chunks:
+                self.kind = "mixed" if step.decode else "prefill"
+            else:
+                self.kind = "split" if masks is not None else "speculative" if speculate else "decode"
+            return launch(step, masks, speculate, drafts)
+
+        monkeypatch.setattr(runner, "launch", tagged)
         logprobs_of = runner.logprobs_of
 
         def recording(logits, tokens, num_logprobs):
@@ -178,17 +186,6 @@ class StepKinds:
             return logprobs_of(logits, tokens, num_logprobs)
 
         monkeypatch.setattr(runner, "logprobs_of", recording)
-
-    def _tagged(self, run, kind):
-        def tagged(step, *args, **kwargs):
-            self.kind = kind
-            if kind == "prefill" and step.decode:
-                self.kind = "mixed"
-            if kind == "decode" and len(args) > 0 and args[0]:
-                self.kind = "speculative"
-            return run(step, *args, **kwargs)
-
-        return tagged
 
     @property
     def kinds(self) -> set[str]:

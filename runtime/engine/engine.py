@@ -17,7 +17,6 @@ that breaks every step it is in fails; an abort, from any state, frees everythin
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
 import os
@@ -46,7 +45,6 @@ from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
 from .sequence import Sequence
 from .spec_decode import SpecDecodeStats
 from .stats import EngineStats
-from .structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +130,7 @@ class LLMEngine:
 
             check_head_dims(self.config.text.head_dim, self.config.vision.head_dim)
         text = self.config.text
-        if self.generates_images and self.options.num_speculative_tokens:
-            raise ValueError("num_speculative_tokens: GLM-Image has no MTP layer to draft with")
+        self.inputs.check_engine(self.options.num_speculative_tokens)
         self.max_model_len = min(self.options.max_model_len or 16384, text.max_position_embeddings)
         if self.options.kv_cache_tokens is not None and self.options.kv_cache_tokens < self.max_model_len:
             raise ValueError(
@@ -158,14 +155,13 @@ class LLMEngine:
                                   max_blocks_per_seq=-(-table_tokens // block_size), use_graphs=use_graphs,
                                   normalize_pixels=self.processor.image_processor.normalize_patches,
                                   num_speculative_tokens=k,
-                                  max_decode_positions=self.max_model_len if self.generates_images else 0)
+                                  max_decode_positions=self.inputs.decode_positions_width(self.max_model_len))
         self.scheduler = Scheduler(self.block_manager, self.options.max_num_seqs, self.max_num_batched_tokens,
                                    rows=self.runner.batch, tokens_per_step=k + 1,
                                    chunked_prefill=self.chunked_prefill)
         self.spec_stats = SpecDecodeStats(k)
         self._requests: dict[str, RequestState] = {}  # every request queued and not yet finished
-        self.structured = None if self.generates_images else StructuredOutputs(
-            path / "tokenizer.json", text.vocab_size, sorted(self.inputs.eos_token_ids))
+        self.structured = self.inputs.constraints(path)
         self._in_flight: StepHandle | None = None
         self._held_releases: list[Sequence] | None = None  # see _launch
         self._ids = itertools.count()
@@ -277,9 +273,9 @@ class LLMEngine:
                              f"({self.options.max_logprobs})")
         seq = self.inputs.prepare(request, params, request_id, min(self.max_model_len, self.kv_capacity_tokens),
                                   self.max_model_len)
-        if not self.generates_images:  # text: constrained and drafted as the request asks
-            seq.grammar = self.structured.matcher(params)  # compiled once per constraint, then copied
-            seq.drafter = self._drafter(params)
+        if self.structured is not None:  # compiled once per constraint, then copied
+            seq.grammar = self.structured.matcher(params)
+        seq.drafter = self._drafter(params)
         return seq
 
     def _drafter(self, params: SamplingParams) -> Drafter | None:
@@ -416,30 +412,14 @@ class LLMEngine:
 
     def _launch(self, plan: ScheduledStep, outputs: list[RequestOutput]) -> StepHandle | None:
         try:
-            if all(seq.grammar is None for seq in plan.decode):
-                if plan.chunks:  # (a new sequence's constraint is at its start: its mask is ready)
-                    return self.runner.prefill(plan, self._token_masks(plan.seqs))
-                limit = self.options.speculative_max_batch
-                if self.runner.spec is None or (limit is not None and len(plan.seqs) > limit):
-                    return self.runner.decode(plan)
-                return self._speculate(plan)
-            # Constrained decode rows need the previous step's tokens for their masks: the device
-            # runs this step's forward (a decode or a mixed step's) while the host reads them and
-            # fills the masks. Requests that finish meanwhile keep their rows until the sampling is
-            # launched (a row move now would reorder the sampling state under the forward's logits).
-            if plan.chunks:
-                forward = self.runner.prefill_forward(plan)
-                sample = functools.partial(self.runner.prefill_sample, plan, forward)
-            else:
-                sample = functools.partial(self.runner.decode_sample, plan, self.runner.decode_forward(plan))
-            self._held_releases = []
-            try:
-                outputs += self._read_in_flight()
-                return sample(self._token_masks(plan.seqs))
-            finally:
-                held, self._held_releases = self._held_releases, None
-                for seq in held:
-                    self._release(seq)
+            if any(seq.grammar is not None for seq in plan.decode):
+                return self._launch_constrained(plan, outputs)
+            if plan.chunks:  # (a new sequence's constraint is at its start: its mask is ready)
+                return self.runner.launch(plan, self._token_masks(plan.seqs))
+            limit = self.options.speculative_max_batch
+            if self.runner.spec is None or (limit is not None and len(plan.seqs) > limit):
+                return self.runner.launch(plan)
+            return self._speculate(plan)
         except Exception as exc:
             if isinstance(exc, PrefillInputError):
                 return self._prefill_failed(plan, exc.__cause__, outputs)
@@ -448,6 +428,23 @@ class LLMEngine:
         except BaseException as exc:  # an interrupt: fail the step's requests and propagate
             outputs += self._fail(plan.decode + plan.prefill_seqs, exc)
             raise
+
+    def _launch_constrained(self, plan: ScheduledStep, outputs: list[RequestOutput]) -> StepHandle:
+        """A step with constrained decode rows, whose masks need the previous step's tokens: the
+        device runs this step's forward (a decode or a mixed step's) while the host reads them and
+        fills the masks. Requests that finish meanwhile keep their rows until the sampling is
+        launched (a row move now would reorder the sampling state under the forward's logits)."""
+        def masks() -> torch.Tensor | None:
+            outputs.extend(self._read_in_flight())
+            return self._token_masks(plan.seqs)
+
+        self._held_releases = []
+        try:
+            return self.runner.launch(plan, masks)
+        finally:
+            held, self._held_releases = self._held_releases, None
+            for seq in held:
+                self._release(seq)
 
     def _speculate(self, plan: ScheduledStep) -> StepHandle:
         """A speculative decode step: each row's drafts from its drafter's host sources, else the
@@ -462,9 +459,10 @@ class LLMEngine:
             else:
                 proposals.append(("mtp", None) if drafter is not None and drafter.mtp else ("off", []))
         if self.model.mtp is None and self._expected_gain(proposals) < MIN_DRAFT_GAIN * len(plan.decode):
-            return self.runner.decode(plan)
+            return self.runner.launch(plan)
         # Rows hold their admission default (MTP or none) until a host-drafting row makes the upload.
-        handle = self.runner.decode(plan, True, [drafts for _, drafts in proposals] if on_host else None)
+        handle = self.runner.launch(plan, speculate=True,
+                                    drafts=[drafts for _, drafts in proposals] if on_host else None)
         handle.proposals = [(k if drafts is None else len(drafts), source) for source, drafts in proposals]
         return handle
 

@@ -26,6 +26,7 @@ from ..sampling_params import SamplingParams
 from .detokenizer import TokenDecoder
 from .sampler import request_seed
 from .sequence import Sequence
+from .structured import StructuredOutputs
 
 
 class _Inputs:
@@ -47,6 +48,19 @@ class _Inputs:
         stop = set(params.stop_token_ids or [])
         return frozenset(stop if params.ignore_eos else stop | self.eos_token_ids)
 
+    def check_engine(self, num_speculative_tokens: int) -> None:
+        """Refuse engine options this model family cannot run."""
+
+    def decode_positions_width(self, max_model_len: int) -> int:
+        """Columns of the per-row decode position tables the device batch keeps (Sequence.
+        decode_positions); 0: a generated token at cache index p is at position p + rope_delta."""
+        return 0
+
+    def constraints(self, model_dir: Path) -> StructuredOutputs | None:
+        """The structured-output state of this family's requests, or None when they take no
+        constraint."""
+        return None
+
     @staticmethod
     def _where(limit: int, max_model_len: int) -> str:
         return "max_model_len" if limit == max_model_len else "the KV cache"
@@ -66,6 +80,9 @@ class TextInputs(_Inputs):
     def decoder(self, params: SamplingParams) -> Callable[[list[int]], str]:
         """What the request's output tokens are detokenized with."""
         return self._decoders[params.skip_special_tokens]
+
+    def constraints(self, model_dir: Path) -> StructuredOutputs:
+        return StructuredOutputs(model_dir / "tokenizer.json", self.config.text.vocab_size, sorted(self.eos_token_ids))
 
     def prepare(self, request: Request | dict, params: SamplingParams, request_id: str, limit: int,
                 max_model_len: int) -> Sequence:
@@ -126,6 +143,13 @@ class ImageTokenInputs(_Inputs):
 
     def decoder(self, params: SamplingParams) -> Callable[[list[int]], str]:
         return _no_text
+
+    def check_engine(self, num_speculative_tokens: int) -> None:
+        if num_speculative_tokens:
+            raise ValueError("num_speculative_tokens: GLM-Image has no MTP layer to draft with")
+
+    def decode_positions_width(self, max_model_len: int) -> int:
+        return max_model_len  # generated tokens follow the target grids' 2D positions
 
     def prepare(self, request: ImageRequest, params: SamplingParams, request_id: str, limit: int,
                 max_model_len: int) -> Sequence:

@@ -183,6 +183,11 @@ class DeviceBatch:
         return self.next_tokens[:bs], positions, attn
 
 
+# A step's structured-output bitmasks: none, the host tensor [rows, W], or a callable that makes it
+# once the step's forward is launched (ModelRunner.launch).
+Masks = torch.Tensor | Callable[[], torch.Tensor | None] | None
+
+
 class PrefillInputError(Exception):
     """A step's prefill failed on its requests' inputs (images, prompts) before anything ran on
     the device; the exception it wraps is its __cause__."""
@@ -297,44 +302,23 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self.image_cache.pop(seq.request_id, None)
 
-    def _write_image_codes(self, seqs: list[Sequence]) -> None:
-        """GLM-Image: one packed vision + VQ pass over the condition images of the batch not yet
-        encoded; their codes replace the <|image|> placeholders of the prompts, in order (so a
-        recompute after preemption needs no second pass)."""
+    def _encode_prompt_images(self, seqs: list[Sequence]) -> None:
+        """One packed vision pass over the images of `seqs` not yet encoded; pixels travel as uint8
+        (through pinned memory on CUDA) and are normalized on the device. What the model makes of
+        them (GLM-OCR: embeddings for the <|image|> slots, cached here until the sequence finishes,
+        for recompute and later chunks; GLM-Image: codes written into the prompt) is its own."""
         todo = [s for s in seqs if s.pixel_values is not None]
         if not todo:
             return
         pixels = self.normalize_pixels(upload_cat([s.pixel_values for s in todo], self.model.device))
-        codes = iter(c.tolist() for c in self.model.encode_images(pixels, [g for s in todo for g in s.image_grid_thw]))
-        placeholder = self.model.config.image_token_id
+        encoded = self.model.encode_images(pixels, [g for s in todo for g in s.image_grid_thw])
+        self.image_cache.update(self.model.prompt_images(todo, encoded))
         for s in todo:
-            ids = s.prompt_token_ids
-            slots = [i for i, t in enumerate(ids) if t == placeholder]
-            filled = [c for _ in s.image_grid_thw for c in next(codes)]
-            if len(slots) != len(filled):
-                raise ValueError(f"{len(slots)} <|image|> tokens but {len(filled)} condition image codes")
-            for i, code in zip(slots, filled):
-                ids[i] = code
             s.pixel_values = None
-            s._prompt_array = None  # made again from the ids with their codes
 
     def _image_embeds(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
-        """The image embeddings of the chunks' <|image|> slots, in order -> [slots, hidden]. One
-        packed vision pass runs over every image of the chunks' sequences not yet encoded; pixels
-        travel as uint8 (through pinned memory on CUDA) and are normalized on the device. A
-        sequence's embeddings stay cached until it finishes (recompute, later chunks)."""
-        todo = [c.seq for c in chunks if c.seq.request_id not in self.image_cache and c.seq.pixel_values is not None]
-        if todo:
-            pixels = self.normalize_pixels(upload_cat([s.pixel_values for s in todo], self.model.device))
-            grids = [g for s in todo for g in s.image_grid_thw]
-            embeds = self.model.encode_images(pixels, grids)
-            m2 = self.model.config.vision.spatial_merge_size**2
-            offset = 0
-            for s in todo:
-                n = sum(t * h * w for t, h, w in s.image_grid_thw) // m2
-                self.image_cache[s.request_id] = embeds[offset: offset + n]
-                s.pixel_values = None
-                offset += n
+        """The image embeddings of the chunks' <|image|> slots, in order -> [slots, hidden] (None
+        when they have none)."""
         image_id = self.model.config.image_token_id
         parts = []
         for c in chunks:
@@ -357,8 +341,7 @@ class ModelRunner:
         forward), each chunk's token count (host), attention fields of the prefill part). The host
         arrays are built with numpy and go up in two copies (int64 and int32 packs)."""
         bs = self.block_size
-        if self.model.images_as_codes:
-            self._write_image_codes([c.seq for c in chunks])
+        self._encode_prompt_images([c.seq for c in chunks])
         n = len(chunks)
         starts = np.array([c.start for c in chunks])
         lens = np.array([c.end - c.start for c in chunks])
@@ -393,19 +376,32 @@ class ModelRunner:
         return ids, positions, slots, image_embeds, image_mask.bool(), last, lens.tolist(), fields
 
     @torch.inference_mode()
-    def prefill(self, step: ScheduledStep, masks: torch.Tensor | None = None) -> StepHandle:
-        """A step with prefill chunks: their tokens in one varlen batch, and in a mixed step the
-        decode rows' tokens before them in the same forward; then one sampled token for each
-        decode row and each sequence whose last chunk this is (under the host bitmasks [N, W] of
-        those rows, when given). Everything that can fail for one request's input (its images,
-        its prompt) runs first: a PrefillInputError leaves the decode rows untouched."""
-        return self.prefill_sample(step, self.prefill_forward(step), masks)
+    def launch(self, step: ScheduledStep, masks: Masks = None, speculate: bool = False,
+               drafts: list[list[int] | None] | None = None) -> StepHandle:
+        """Launch a scheduled step, without waiting for the device -> its handle. The one entry for
+        every kind of step:
+        - with prefill chunks: their tokens in one varlen forward, the decode rows' tokens (a mixed
+          step) before them, then one sampled token for each decode row and each sequence whose
+          last chunk this is. Everything that can fail for one request's input (its images, its
+          prompt) runs first: a PrefillInputError leaves the decode rows untouched;
+        - a decode step: one token for every running sequence (speculating: 1 to k + 1; drafts:
+          the host's, one per row, see DeviceBatch.set_drafts; None keeps each row's admission
+          default), one graph replay on CUDA.
+        masks: the structured-output bitmasks [len(step.seqs), W] of the step's rows (pinned on
+        CUDA), or a callable that makes them (or None when no row is constrained any more): called
+        once the forward is launched and before the sampling, so the host fills them while the
+        device runs the forward (a decode step then runs as two replays, forward and masked sampling)."""
+        if step.chunks:
+            forward = self._prefill_forward(step)
+            return self._prefill_sample(step, forward, masks() if callable(masks) else masks)
+        if masks is not None:
+            logits = self._decode_forward(step)
+            return self._decode_sample(step, logits, masks() if callable(masks) else masks)
+        return self._decode(step, speculate, drafts)
 
-    @torch.inference_mode()
-    def prefill_forward(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`prefill`'s first half, launched: the forward -> (logits [rows sampled, V], their last
-        hidden states), or None when no row samples; `prefill_sample` takes it (a step with
-        constrained decode rows fills their masks in between, as a constrained decode step does)."""
+    def _prefill_forward(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A step with chunks, first half: the forward -> (logits [rows sampled, V], their last
+        hidden states), or None when no row samples."""
         chunks, nd = step.chunks, len(step.decode)
         try:
             ids, positions, slots, image_embeds, image_mask, last, lens, fields = self._prefill_inputs(chunks, nd)
@@ -427,11 +423,10 @@ class ModelRunner:
         last_hidden = hidden[last]  # [rows sampled, H]
         return self.model.compute_logits(last_hidden), last_hidden
 
-    @torch.inference_mode()
-    def prefill_sample(self, step: ScheduledStep, forward: tuple[torch.Tensor, torch.Tensor] | None,
-                       masks: torch.Tensor | None) -> StepHandle:
-        """`prefill`'s second half: admit the sequences whose last chunk this is, sample the rows
-        (under the host bitmasks [N, W], when given)."""
+    def _prefill_sample(self, step: ScheduledStep, forward: tuple[torch.Tensor, torch.Tensor] | None,
+                        masks: torch.Tensor | None) -> StepHandle:
+        """Second half: admit the sequences whose last chunk this is, sample the rows (under the
+        host bitmasks [N, W], when given)."""
         if forward is None:
             return StepHandle([], torch.empty(0, dtype=torch.int64, device=self.model.device))
         logits, last_hidden = forward
@@ -519,12 +514,8 @@ class ModelRunner:
     def _do_sample(step: ScheduledStep) -> bool:
         return any(not s.sampling_params.greedy for s in step.seqs)
 
-    @torch.inference_mode()
-    def decode(self, step: ScheduledStep, speculate: bool = False,
-               drafts: list[list[int] | None] | None = None) -> StepHandle:
-        """One token for every running sequence (or, speculating, 1 to k + 1), in one launch (no
-        structured-output row). drafts: the host's, one per row (see DeviceBatch.set_drafts);
-        None: every row keeps its admission default."""
+    def _decode(self, step: ScheduledStep, speculate: bool, drafts: list[list[int] | None] | None) -> StepHandle:
+        """A decode step without masks: the whole step (forward and sampling) in one replay."""
         bs, do_sample = self._start_decode(step), self._do_sample(step)
         if drafts is not None:
             self.batch.set_drafts(drafts)
@@ -537,16 +528,13 @@ class ModelRunner:
             tokens, logits = self.decode_step(bs, do_sample)
         return self._handle(step, tokens[: len(step.seqs)], logits)
 
-    @torch.inference_mode()
-    def decode_forward(self, step: ScheduledStep) -> torch.Tensor:
-        """The first half of a step with structured-output rows: launch the forward -> logits to
-        pass to `decode_sample` once the host has the token masks."""
+    def _decode_forward(self, step: ScheduledStep) -> torch.Tensor:
+        """A decode step with masks, first half: the forward -> [bucket, V] logits."""
         bs = self._start_decode(step)
         return self.graphs.replay(("logits", bs)) if self.graphs is not None else self.decode_logits(bs)
 
-    @torch.inference_mode()
-    def decode_sample(self, step: ScheduledStep, logits: torch.Tensor, masks: torch.Tensor | None) -> StepHandle:
-        """The second half: upload the host bitmasks [B, W] of the step's rows (None: every
+    def _decode_sample(self, step: ScheduledStep, logits: torch.Tensor, masks: torch.Tensor | None) -> StepHandle:
+        """Second half: upload the host bitmasks [B, W] of the step's rows (None: every
         constrained row finished while the forward ran, so no row is masked), sample."""
         b = len(step.seqs)
         bs, do_sample = logits.shape[0], self._do_sample(step)

@@ -101,6 +101,16 @@ class Sequence:
         generated = np.array(self.output_token_ids[max(start - p, 0): end - p], dtype=np.int64)
         return np.concatenate([self._prompt_array[start:p], generated]) if start < p else generated
 
+    def fill_placeholders(self, placeholder: int, ids: list[int]) -> None:
+        """Write `ids` into the prompt in place of its `placeholder` tokens, in order (GLM-Image's
+        condition image codes)."""
+        slots = [i for i, t in enumerate(self.prompt_token_ids) if t == placeholder]
+        if len(slots) != len(ids):
+            raise ValueError(f"{len(slots)} <|image|> tokens but {len(ids)} condition image codes")
+        for i, token in zip(slots, ids):
+            self.prompt_token_ids[i] = token
+        self._prompt_array = None  # made again from the filled ids
+
     def position_array(self, start: int, end: int) -> np.ndarray:
         """int64 [3, end - start]: the M-RoPE positions at cache indices [start, end): the prompt's,
         then those of generated tokens (p + rope_delta at cache index p, or their decode_positions

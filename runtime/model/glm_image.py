@@ -20,10 +20,6 @@ from .text import AttentionMetadata, TextDecoder
 
 
 class GlmImageModel:
-    # Whether prompt images enter as codebook ids written into the prompt (GLM-Image) rather
-    # than as embeddings replacing the <|image|> rows (GLM-OCR).
-    images_as_codes = True
-
     def __init__(self, config: GlmImageConfig, weights: dict[str, torch.Tensor], ops: TorchOps):
         self.config = config
         self.ops = ops
@@ -49,6 +45,16 @@ class GlmImageModel:
         features = self.vision(pixel_values.to(self.dtype), image_grid_thw)
         codes = self.vq(features, image_grid_thw)
         return list(codes.split([t * h * w for t, h, w in image_grid_thw]))
+
+    def prompt_images(self, seqs: list, codes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`encode_images`' codes of the condition images of `seqs` (Sequences, images in order)
+        -> {}: the codes replace each prompt's <|image|> placeholders, in order, so the prompt is
+        plain token ids (and a recompute after preemption needs no second pass)."""
+        codes = iter(c.tolist() for c in codes)
+        for s in seqs:
+            filled = [c for _ in s.image_grid_thw for c in next(codes)]
+            s.fill_placeholders(self.config.image_token_id, filled)
+        return {}
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
               image_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,10 +14,6 @@ from .vision import VisionTower
 
 
 class GlmOcrModel:
-    # Whether prompt images enter as codebook ids written into the prompt (GLM-Image) rather
-    # than as embeddings replacing the <|image|> rows (GLM-OCR).
-    images_as_codes = False
-
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ops: TorchOps, load_mtp: bool = False):
         self.config = config
         self.ops = ops
@@ -36,6 +32,13 @@ class GlmOcrModel:
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         """All images of a step in one packed vision pass -> [sum tokens, hidden] in image order."""
         return self.vision(pixel_values, image_grid_thw)
+
+    def prompt_images(self, seqs: list, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`encode_images`' output for the images of `seqs` (Sequences, images in order) -> each
+        sequence's embeddings [its image slots, hidden] by request id: what fills its <|image|> rows."""
+        m2 = self.config.vision.spatial_merge_size**2
+        sizes = [sum(t * h * w for t, h, w in s.image_grid_thw) // m2 for s in seqs]
+        return dict(zip((s.request_id for s in seqs), embeds.split(sizes)))
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
               image_mask: torch.Tensor | None = None, table: torch.Tensor | None = None) -> torch.Tensor:

@@ -37,8 +37,7 @@ class LogitsRecorder:
             return seam(logits, tokens, num_logprobs)
 
         runner.logprobs_of = recording_seam
-        for name in ("prefill", "decode", "decode_sample"):
-            runner.__dict__[name] = self._recording(getattr(runner, name), pending)
+        runner.launch = self._recording(runner.launch, pending)
         preempt = engine.scheduler._preempt
 
         def recording_preempt(seq):

@@ -7,8 +7,8 @@ RuntimeError, as an unexpected bug in the runtime would; every other request run
 - FAIL_PREFILL: in the prefill inputs of a step holding one of its chunks (ModelRunner's
   _prefill_inputs: host work and vision pass, before anything of the step changes on the device;
   the step's decode rows, if any, then run on);
-- FAIL_DECODE: in a decode step (ModelRunner.decode, or decode_forward for a step with
-  structured-output rows), once the request has two tokens (its first output has been delivered,
+- FAIL_DECODE: in a decode step (ModelRunner.launch of a step without prefill chunks), once the
+  request has two tokens (its first output has been delivered,
   so a stream has started).
 
 Importing this module changes nothing (test_server_robustness.py imports its markers); the faults
@@ -26,7 +26,7 @@ FAIL_PREPARE, FAIL_PREFILL, FAIL_DECODE = "FAIL_PREPARE", "FAIL_PREFILL", "FAIL_
 
 _faults: dict[str, str] = {}  # request id -> its marker, from prepare until the request finishes
 _prepare, _prefill_inputs, _release = LLMEngine.prepare, ModelRunner._prefill_inputs, LLMEngine._release
-_decode, _decode_forward = ModelRunner.decode, ModelRunner.decode_forward
+_launch = ModelRunner.launch
 
 
 def _marker_of(engine: LLMEngine, prompt_token_ids: list[int]) -> str | None:
@@ -44,28 +44,20 @@ def prepare(self: LLMEngine, *args, **kwargs):
     return seq
 
 
-def prefill_inputs(self: ModelRunner, chunks):
+def prefill_inputs(self: ModelRunner, chunks, *args):
     failing = [c.seq.request_id for c in chunks if _faults.get(c.seq.request_id) == FAIL_PREFILL]
     if failing:
         raise RuntimeError(f"injected fault in the prefill of {failing}")
-    return _prefill_inputs(self, chunks)
+    return _prefill_inputs(self, chunks, *args)
 
 
-def _fail_decode(step) -> None:
+def launch(self: ModelRunner, step, *args, **kwargs):
+    """A decode step fails for a FAIL_DECODE request that has two tokens."""
     failing = [s.request_id for s in step.seqs
-               if _faults.get(s.request_id) == FAIL_DECODE and len(s.output_token_ids) >= 2]
+               if not step.chunks and _faults.get(s.request_id) == FAIL_DECODE and len(s.output_token_ids) >= 2]
     if failing:
         raise RuntimeError(f"injected fault in a decode step of {failing}")
-
-
-def decode(self: ModelRunner, step, speculate=False):
-    _fail_decode(step)
-    return _decode(self, step, speculate)
-
-
-def decode_forward(self: ModelRunner, step):
-    _fail_decode(step)
-    return _decode_forward(self, step)
+    return _launch(self, step, *args, **kwargs)
 
 
 def release(self: LLMEngine, seq) -> None:
@@ -76,5 +68,5 @@ def release(self: LLMEngine, seq) -> None:
 
 if __name__ == "__main__":
     LLMEngine.prepare, LLMEngine._release = prepare, release
-    ModelRunner._prefill_inputs, ModelRunner.decode, ModelRunner.decode_forward = prefill_inputs, decode, decode_forward
+    ModelRunner._prefill_inputs, ModelRunner.launch = prefill_inputs, launch
     sys.exit(main(sys.argv[1:]))
