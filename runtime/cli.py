@@ -319,7 +319,7 @@ def _read_schema(path: Path | None) -> tuple[str | None, dict | None]:
 
 def _check_flags(overrides: dict, options: dict) -> None:
     """Reject bad sampling and engine flag values before the model loads."""
-    from .engine.engine import EngineConfig
+    from .engine import EngineConfig
 
     for name, value in overrides.items():
         try:
@@ -560,7 +560,7 @@ def _image(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from .engine.async_engine import AsyncEngine
+        from .engine import AsyncEngine
         from .server.app import ServerConfig, build_app
         from .server.connections import connection_limits, guarded_http_protocol, raise_open_file_limit
         from .server.media import MediaPolicy

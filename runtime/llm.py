@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .engine.engine import LLMEngine
+from .engine import LLMEngine
 from .extraction import as_json_schema
 from .glm_image import ImageRequest, ImageTokensOutput, generation_length
 from .outputs import IncompleteOutputError, Request, RequestOutput

@@ -43,7 +43,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from ..engine.sequence import Sequence
+from ..engine import Sequence
 from ..llm import LLM
 from ..outputs import Request as EngineRequest
 from ..prompts import TASK_PROMPTS

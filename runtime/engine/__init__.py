@@ -10,3 +10,10 @@
 - drivers' surface: LLMEngine (add_request, abort, step, stats), AsyncEngine (async_engine.py, the
   engine stepping on a thread of its own, core.py), Sequence (what `prepare` returns), EngineStats.
 """
+
+from .async_engine import AsyncEngine, RequestFailed, gather_or_cancel
+from .engine import EngineConfig, LLMEngine
+from .sequence import Sequence
+from .stats import EngineStats
+
+__all__ = ["AsyncEngine", "EngineConfig", "EngineStats", "LLMEngine", "RequestFailed", "Sequence", "gather_or_cancel"]

@@ -184,7 +184,7 @@ class PageRecognizer:
     def __init__(self, model: str, layout_model: str | None, max_tokens: int, engine_kwargs: dict,
                  draft: str = "auto"):
         from ..documents.layout import LayoutDetector
-        from ..engine.async_engine import AsyncEngine
+        from ..engine import AsyncEngine
 
         self.engine = AsyncEngine(model, **engine_kwargs)
         self.engine.engine.require_text_model("glmrt parse --ray")

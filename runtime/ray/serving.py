@@ -17,7 +17,7 @@ class GlmrtReplica:
     """One replica: the engine, then the app over it (Serve calls __serve_build_asgi_app__)."""
 
     def __init__(self, model: str, engine_kwargs: dict, config: ServerConfig):
-        from ..engine.async_engine import AsyncEngine
+        from ..engine import AsyncEngine
 
         self.engine = AsyncEngine(model, **engine_kwargs)
         self.config = config

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from ..documents.layout import DEFAULT_MODEL as DEFAULT_LAYOUT_MODEL
-from ..engine.async_engine import AsyncEngine, RequestFailed
+from ..engine import AsyncEngine, RequestFailed
 from ..image_processor import load_image
 from ..outputs import Request as EngineRequest
 from ..outputs import RequestOutput

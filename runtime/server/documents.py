@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
-from ..engine.async_engine import AsyncEngine, RequestFailed, gather_or_cancel
+from ..engine import AsyncEngine, RequestFailed, gather_or_cancel
 from .media import MediaLoader
 from .metrics import RequestTimer, ServerMetrics
 from .protocol import APIError, ImageRef

@@ -40,7 +40,7 @@ from prometheus_client import Gauge
 from starlette.datastructures import UploadFile
 
 from ..diffusers_stage import SEED_LIMIT, seeded, to_prior_tokens
-from ..engine.async_engine import AsyncEngine, gather_or_cancel
+from ..engine import AsyncEngine, gather_or_cancel
 from ..glm_image import ImageRequest, check_image_size
 from ..sampling_params import SamplingParams
 from .metrics import ServerMetrics
