@@ -13,3 +13,13 @@ def poison_outputs(monkeypatch):
         return t.fill_(float("nan") if t.is_floating_point() else -7)
 
     monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def end_compiling_processes():
+    """The sm_90 compile tests share long-lived compiling processes (glmrt_testing.hopper): they
+    end with this package's tests."""
+    yield
+    from glmrt_testing import hopper
+
+    hopper.shutdown()
