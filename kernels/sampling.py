@@ -1,4 +1,4 @@
-"""Greedy token choice and the repetition penalty over a batch of logits rows, on the device.
+"""Greedy token choice, repetition penalty, token bitmask and sampling over a batch of logits rows, on the device.
 
 argmax: one program per row loops over the vocabulary (59,392 for GLM-OCR) in BLOCK-wide tiles,
 keeping a per-lane running (max, index); one launch, no partial buffers, so a decode step stays
@@ -33,7 +33,7 @@ import triton.language as tl
 _ARGMAX_BLOCK = 4096  # logits per loop step: 16 per thread at 8 warps
 _PENALTY_BLOCK = 4096  # vocabulary entries per program
 _BITMASK_BLOCK = 4096  # vocabulary entries per program (128 mask words)
-_SAMPLE_BLOCK = 2048  # logits per loop step of `sample` (8 per thread at 8 warps); a search pass holds [BLOCK, SEARCH_WAYS]
+_SAMPLE_BLOCK = 2048  # logits per loop step of `sample`: 8 per thread at 8 warps, [8, SEARCH_WAYS] in a search
 SEARCH_WAYS = 16  # pivots per search pass: 4 bits of the 32-bit key range per pass over the row
 
 # splitmix64's constants as signed int64 (torch has no uint64 arithmetic); products wrap.
@@ -376,7 +376,7 @@ def top_k_top_p_filter_ref(scores: torch.Tensor, top_k: torch.Tensor, top_p: tor
       largest scores that reaches top_p, ties at the cut kept together, never empty; when rounding
       leaves even the whole set short of top_p, the whole set is kept.
     The plain-torch filtering step of `sample` (which finds the same floors without sorting)."""
-    B, V = scores.shape
+    V = scores.shape[-1]
     descending = scores.sort(dim=-1, descending=True).values
     k = torch.where((top_k > 0) & (top_k < V), top_k, V)
     floor = descending.gather(1, (k - 1)[:, None])  # [B, 1]: the k-th largest
