@@ -409,3 +409,23 @@ def test_sampling_cuda_graph_replay():
         ref = apply_repetition_penalty_ref(logits, presence, penalty)
         assert torch.equal(work, ref)
         assert torch.equal(tokens, argmax_ref(ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 32, 256])
+def test_sample_real_sizes_in_a_cuda_graph(batch):
+    # the sampled decode path's op captured once, replayed on new logits and counters; against the
+    # ref (a different log implementation could only flip a near-tie, which random logits never make)
+    gen = torch.Generator().manual_seed(batch)
+    logits = _strided_logits(batch, VOCAB, torch.float32, gen).contiguous()
+    params = _params(batch, VOCAB, gen)
+    sample(logits, *params)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = sample(logits, *params)
+    for step in (1, 2):
+        logits.copy_(_strided_logits(batch, VOCAB, torch.float32, gen))
+        params[4].add_(step)
+        graph.replay()
+        assert torch.equal(tokens, sample_ref(logits, *params))
