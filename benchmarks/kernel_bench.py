@@ -11,6 +11,10 @@ achieved GB/s or TFLOP/s, % of the measured ceiling, and PASS/MISS against the t
   - varlen attention: >= 50% of matmul throughput at >= 4096 tokens;
   - paged decode attention: >= 70% of copy bandwidth at batch >= 32.
 The repetition penalty is one pass over a [B, V] presence mask and the logits: memory-bound too.
+sample (temperature, top-k, top-p and the seeded draw of the sampled decode path, one program per
+row) is timed against its plain-torch twin, sample_ref (a vocabulary sort per row): unfiltered
+rows take two passes over the logits, filtered rows ~19 (two 8-pass threshold searches); its
+bytes are one read of the logits, so "achieved" is that read over the time, with no target.
 norm_linear (a decode GEMM with its sandwich norm and SwiGLU fused) is timed against the unfused
 chain it replaces, sandwich_rms_norm + cuBLAS (+ silu_and_mul): the "ref" columns of its rows.
 mrope_write_kv (M-RoPE fused with the paged KV-cache write) is timed against the torch backend's
@@ -536,6 +540,18 @@ def token_bitmask_case(batch: int) -> Case:
                 check=check, bytes=n, target=memory_target(n))
 
 
+def sample_case(batch: int, top_k: int, top_p: float) -> Case:
+    """The sampled decode path's token choice over fp32 logits, every row sampled alike."""
+    logits = _randn(batch, VOCAB, dtype=torch.float32) * 3
+    params = (torch.full((batch,), 0.8, device=DEVICE), torch.full((batch,), top_k, device=DEVICE),
+              torch.full((batch,), top_p, device=DEVICE), torch.arange(batch, device=DEVICE) * 7919,
+              torch.zeros(batch, dtype=torch.int64, device=DEVICE))
+    return Case("sample", f"B={batch} top_k={top_k} top_p={top_p}",
+                triton=lambda: sampling.sample(logits, *params),
+                reference=lambda: sampling.sample_ref(logits, *params),
+                bytes=batch * VOCAB * logits.element_size(), note="ref: the sort-based sample_ref")
+
+
 def _split(tokens: int, parts: int) -> list[int]:
     """tokens cut into `parts` near-equal sequence lengths (the remainder goes to the last)."""
     return [tokens // parts] * (parts - 1) + [tokens - tokens // parts * (parts - 1)]
@@ -579,6 +595,7 @@ def plan(w: Workload) -> dict[str, list[Callable[[], Case]]]:
                                        for b in w.invariant_rows if b <= max(w.decode_batches)],
         "invariant_prefill_attention": [partial(invariant_prefill_case, c, p) for c, p in w.prefill_chunks[:2]],
         "argmax": [partial(argmax_case, b) for b in w.decode_batches],
+        "sample": [partial(sample_case, b, k, p) for k, p in ((0, 1.0), (50, 0.9)) for b in w.decode_batches],
         "token_bitmask": [partial(token_bitmask_case, b) for b in w.decode_batches],
         "repetition_penalty": [partial(repetition_penalty_case, b, max(w.decode_contexts))
                                for b in (min(w.decode_batches), decode_b)],

@@ -33,7 +33,10 @@ from glmrt.model.ops import TorchOps
 # penalty and argmax (17 launches), and 6 torch ops (the embedding gather, the logits' fp32 copy,
 # the presence, counter and next-token updates). 39 with the decode inputs in torch ops (17, not 1).
 GREEDY_NODES = 23
-SAMPLED_NODES = 84  # 100 with the decode inputs in torch ops; the sampled path is still torch ops
+# Sampled: the same step with argmax's launch replaced by the fused sampler's (temperature, top-k,
+# top-p, the seeded draw and greedy rows in one kernel), so no more nodes than greedy; 84 when the
+# sampled path was torch ops (a vocabulary sort, a softmax, the hash: ~60 of them).
+SAMPLED_NODES = 23
 
 aten = torch.ops.aten
 _ALLOCATIONS = {aten.empty, aten.empty_like, aten.new_empty, aten.empty_strided}

@@ -75,7 +75,8 @@ def test_verify_honours_each_rows_draft_count():
     """Greedy: a row accepts at most its own count of drafts (padding that happens to be right is
     not accepted). Sampled: a row that ran out of drafts samples p itself at the next position, not
     p without its padding token (the residual is only for a rejected draft)."""
-    from glmrt.engine.sampler import Sampler, SamplingState, top_k_top_p_filter
+    from glmrt.engine.sampler import Sampler, SamplingState
+    from glmrt.kernels.sampling import top_k_top_p_filter_ref
     from glmrt.model.ops import TorchOps
 
     vocab, k = 10, 3
@@ -95,7 +96,7 @@ def test_verify_honours_each_rows_draft_count():
     st.temperature.fill_(1.0)
     out = Sampler(TorchOps(), st).verify(base[:3].repeat(n, 1), drafts, slice(0, n), True, torch.ones(n, dtype=torch.int64))
     after = out[:, 0] == 2  # the one draft accepted: token 1 is drawn from p1 whole
-    target = top_k_top_p_filter(base[1][None], torch.tensor([0]), torch.tensor([1.0]))[0].softmax(-1)
+    target = top_k_top_p_filter_ref(base[1][None], torch.tensor([0]), torch.tensor([1.0]))[0].softmax(-1)
     assert after.sum() > 1000 and chi_square_passes(torch.bincount(out[after, 2], minlength=vocab), target)
     assert (out[:, 0] <= 2).all()
 

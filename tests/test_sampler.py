@@ -1,7 +1,8 @@
 """The sampler's draw never leaves the allowed set: top-k/top-p filtering and token bitmasks."""
 import torch
 
-from glmrt.engine.sampler import Sampler, SamplingState, hashed_uniform, uniform_from_bits
+from glmrt.engine.sampler import Sampler, SamplingState
+from glmrt.kernels.sampling import hashed_uniform, uniform_from_bits
 from glmrt.model.ops import TorchOps
 
 VOCAB = 59392  # GLM-OCR's: a full row is where a rare u = 1 showed up

@@ -315,7 +315,8 @@ def test_verification_samples_exactly_the_target_distribution():
     """Sampler.verify over many rows (one seed each) with fixed target logits and drafts: the first
     token follows p0; after an accepted draft the next follows p1 (whose penalty counts the
     draft); temperature, top-k and top-p shape p; greedy rows give the penalised argmax chain."""
-    from glmrt.engine.sampler import Sampler, SamplingState, top_k_top_p_filter
+    from glmrt.engine.sampler import Sampler, SamplingState
+    from glmrt.kernels.sampling import top_k_top_p_filter_ref
     from glmrt.model.ops import TorchOps
 
     n, vocab, k = 20000, 12, 2
@@ -340,7 +341,7 @@ def test_verification_samples_exactly_the_target_distribution():
         return torch.where(seen, torch.where(base[j] < 0, base[j] * 1.5, base[j] / 1.5), base[j])
 
     def target(j):
-        return top_k_top_p_filter(penalised(j)[None] / 0.8, torch.tensor([8]), torch.tensor([0.95]))[0].softmax(-1)
+        return top_k_top_p_filter_ref(penalised(j)[None] / 0.8, torch.tensor([8]), torch.tensor([0.95]))[0].softmax(-1)
 
     st = state(n, 0.8)
     out = Sampler(TorchOps(), st).verify(base.repeat(n, 1), drafts, slice(0, n), do_sample=True)

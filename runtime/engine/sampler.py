@@ -3,15 +3,22 @@
 Semantics follow transformers' logits processors (and vLLM): a structured-output request's token
 bitmask comes first (disallowed tokens -inf), then the repetition penalty covers
 prompt + generated tokens (x < 0 -> x * p, else x / p) on fp32 logits, then temperature, top-k,
-top-p (the smallest set whose probability reaches top_p, at least one token), then a draw.
-Temperature 0 is greedy: argmax after the penalty. Greedy and sampled rows share one step.
+top-p, then a draw. Temperature 0 is greedy: argmax after the penalty. Greedy and sampled rows
+share one step.
+
+top-k keeps every score >= the k-th largest and top-p the smallest set of the largest scores
+whose probability reaches top_p (at least one token); both keep ties at their cut together, as
+the threshold samplers of FlashInfer and vLLM do (transformers' sort-based top-p splits ties at
+the cut by sort order). See glmrt.kernels.sampling.top_k_top_p_filter_ref.
 
 Everything reads per-row state from device tensors of static shape (no host sync, no per-step
-upload), so the sampler is captured in the decode graph. The draw is the exponential race
-argmax(p / E), E = -log(u), which samples exactly from p. u comes from a counter-based hash of
-(row seed, tokens generated so far, vocabulary id), so a request's draws depend on its own seed
-and position only: a fixed seed reproduces whatever else is in the batch, and a preempted request
-recomputed later continues the same stream.
+upload), so the sampler is captured in the decode graph: after the mask and the penalty, a step's
+tokens are one op, `ops.sample` (on the Triton backend one kernel, no vocabulary sort). The draw
+is the exponential race argmax(p / E), E = -log(u), taken in the log domain,
+argmax(s - log(E)) over the kept scores s, which samples exactly from p = softmax(s). u comes from
+a counter-based hash of (row seed, tokens generated so far, vocabulary id), so a request's draws
+depend on its own seed and position only: a fixed seed reproduces whatever else is in the batch,
+and a preempted request recomputed later continues the same stream.
 
 Speculative decoding verifies k drafted tokens per row in one step (`Sampler.verify`): position j
 is sampled as above from the target's logits there, with the drafts before it counted by the
@@ -26,13 +33,9 @@ import random
 
 import torch
 
+from glmrt.kernels.sampling import hashed_uniform, top_k_top_p_filter_ref
+
 from ..model.ops import TorchOps
-
-# splitmix64's constants as signed int64 (torch has no uint64 arithmetic); products wrap.
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
-_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
-_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
-
 
 _seed_source = random.Random()
 
@@ -48,45 +51,6 @@ def request_seed(seed: int | None) -> int:
     if seed is None:
         return random_seed()
     return seed - 2**64 if seed >= 2**63 else seed
-
-
-def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 bit patterns."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
-
-
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    return z ^ _shr(z, 31)
-
-
-def hashed_uniform(seeds: torch.Tensor, counters: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
-    """seeds, counters [N] int64, vocab_ids [V] int64 -> [N, V] float32 uniform in (0, 1): the
-    midpoints (2k + 1) / 2**24 of 2**23 cells, all exact in float32, so u < 1 and -log(u) > 0
-    (with 24 bits, k + 0.5 rounds to 2**24 for the top cell: u = 1 would make a filtered-out
-    token's 0 / 0 a NaN that wins the race)."""
-    key = _mix64(seeds * _GOLDEN + counters)  # [N]: one stream per (request, step)
-    return uniform_from_bits(_mix64(key[:, None] + (vocab_ids + 1)[None, :] * _GOLDEN))
-
-
-def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    """int64 random bit patterns -> float32 in (0, 1) from their top 23 bits."""
-    return (_shr(bits, 41) * 2 + 1).float() * (1.0 / (1 << 24))
-
-
-def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] float32; top_k [B] int64 (<= 0: off); top_p [B] float32 -> filtered logits (-inf)."""
-    vocab = logits.shape[-1]
-    ascending, order = torch.sort(logits, dim=-1)
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
-    kth = ascending.gather(1, (vocab - k)[:, None])  # the k-th largest value
-    ascending = ascending.masked_fill(ascending < kth, float("-inf"))
-    cumulative = ascending.softmax(-1).cumsum(-1)
-    remove = cumulative <= (1.0 - top_p)[:, None]
-    remove[:, -1] = False  # always keep the most likely token
-    ascending = ascending.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, ascending)
 
 
 class SamplingState:
@@ -112,20 +76,21 @@ class Sampler:
         self.ops = ops
         self.state = state
 
-    def _probs(self, logits: torch.Tensor, rows: slice, per_row: int = 1) -> torch.Tensor:
-        """Penalised fp32 logits [N * per_row, V] of batch rows `rows` -> the sampling distribution
-        (temperature, top-k, top-p) of each; greedy rows get a finite but unused one."""
+    def _scores(self, logits: torch.Tensor, rows: slice, per_row: int = 1) -> torch.Tensor:
+        """Penalised fp32 logits [N * per_row, V] of batch rows `rows` -> the kept scores of each
+        (temperature, top-k, top-p; -inf elsewhere), those `ops.sample` draws from; greedy rows
+        get finite but unused ones."""
         st = self.state
         temperature = st.temperature[rows].repeat_interleave(per_row)
         scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
-        return top_k_top_p_filter(scaled, st.top_k[rows].repeat_interleave(per_row),
-                                  st.top_p[rows].repeat_interleave(per_row)).softmax(-1)
+        return top_k_top_p_filter_ref(scaled, st.top_k[rows].repeat_interleave(per_row),
+                                      st.top_p[rows].repeat_interleave(per_row))
 
     def __call__(self, logits: torch.Tensor, rows: slice, do_sample: bool,
                  token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """logits [N, V] of the batch rows `rows` -> [N] int64 tokens; records them in the
-        presence mask and advances the rows' RNG counters. do_sample=False skips the sampled
-        path (every row greedy), which keeps the common greedy step free of a vocabulary sort.
+        presence mask and advances the rows' RNG counters. do_sample=False takes every row's argmax
+        (every row greedy), which keeps the common greedy step to the cheapest op.
         token_mask [N, ceil(V / 32)] int32: the structured-output bitmask (1 bits = allowed),
         applied first, as in vLLM, so that the penalty, temperature and draw see allowed tokens only.
         `logits` itself is left unchanged."""
@@ -136,11 +101,11 @@ class Sampler:
         if token_mask is not None:
             logits = self.ops.apply_token_bitmask(logits, token_mask)
         logits = self.ops.apply_repetition_penalty(logits, st.presence[rows], st.penalty[rows])
-        tokens = self.ops.argmax(logits)
         if do_sample:
-            probs = self._probs(logits, rows)
-            race = -torch.log(hashed_uniform(st.seeds[rows], st.counters[rows], st.vocab_ids))
-            tokens = torch.where(st.temperature[rows] > 0, (probs / race).argmax(-1), tokens)
+            tokens = self.ops.sample(logits, st.temperature[rows], st.top_k[rows], st.top_p[rows],
+                                     st.seeds[rows], st.counters[rows])
+        else:
+            tokens = self.ops.argmax(logits)
         st.presence[rows].scatter_(1, tokens[:, None], True)
         st.counters[rows] += 1
         return tokens
@@ -166,7 +131,8 @@ class Sampler:
         target = self.ops.argmax(logits).view(n, q)  # greedy choice at every position
         accept = drafts == target[:, :k]
         if do_sample:
-            probs = self._probs(logits, rows, q).view(n, q, vocab)
+            scores = self._scores(logits, rows, q).view(n, q, vocab)
+            probs = scores.softmax(-1)
             counters = st.counters[rows, None] + position  # [N, q]: the stream of output index j
             seeds = st.seeds[rows, None].expand(n, q)
             race = -torch.log(hashed_uniform(seeds.reshape(-1), counters.reshape(-1), st.vocab_ids)).view(n, q, vocab)
@@ -180,12 +146,13 @@ class Sampler:
         bonus = target.gather(1, num_accepted[:, None])[:, 0]
         if do_sample:
             at = num_accepted[:, None, None].expand(n, 1, vocab)
-            p = probs.gather(1, at)[:, 0]  # [N, V]: the distribution at the first unaccepted position
+            s = scores.gather(1, at)[:, 0]  # [N, V]: the kept scores at the first unaccepted position
             rejected = drafts.gather(1, num_accepted.clamp(max=k - 1)[:, None])  # [N, 1]
-            # The residual, p without the rejected draft; a row that ran out of drafts samples p.
+            # The residual, p without the rejected draft; a row that ran out of drafts samples p,
+            # by the same race as ops.sample.
             proposed = num_accepted < (k if draft_lens is None else draft_lens)
-            p = torch.where(proposed[:, None] & (st.vocab_ids == rejected), 0.0, p)
-            bonus = torch.where(sampled, (p / race.gather(1, at)[:, 0]).argmax(-1), bonus)
+            s = s.masked_fill(proposed[:, None] & (st.vocab_ids == rejected), float("-inf"))
+            bonus = torch.where(sampled, (s - torch.log(race.gather(1, at)[:, 0])).argmax(-1), bonus)
         tokens = torch.where(position[:k] < num_accepted[:, None], drafts, bonus[:, None])
         tokens = torch.cat([tokens, bonus[:, None]], dim=1)  # [N, q]
         valid = position <= num_accepted[:, None]

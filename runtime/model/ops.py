@@ -154,6 +154,13 @@ class TorchOps:
         """logits [B, V] -> [B] int64, lowest index on ties."""
         return sampling.argmax_ref(logits)
 
+    def sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor,
+               counters: Tensor) -> Tensor:
+        """logits [B, V] fp32, per-row temperature (0: greedy), top_k, top_p, seeds, counters [B]
+        -> [B] int64 tokens: temperature, top-k, top-p and the seeded draw, or argmax for greedy
+        rows (see glmrt.kernels.sampling.sample_ref)."""
+        return sampling.sample_ref(logits, temperature, top_k, top_p, seeds, counters)
+
     def decode_inputs(self, context_lens: Tensor, active: Tensor, block_tables: Tensor, block_size: int,
                       rope_deltas: Tensor, decode_positions: Tensor | None = None, prompt_lens: Tensor | None = None,
                       decode_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -257,6 +264,9 @@ class TritonOps(TorchOps):
 
     def argmax(self, logits):
         return sampling.argmax(logits)
+
+    def sample(self, logits, temperature, top_k, top_p, seeds, counters):
+        return sampling.sample(logits, temperature, top_k, top_p, seeds, counters)  # one launch, no sort
 
     def decode_inputs(self, context_lens, active, block_tables, block_size, rope_deltas, decode_positions=None,
                       prompt_lens=None, decode_lens=None):

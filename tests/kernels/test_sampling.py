@@ -1,5 +1,6 @@
-"""Device argmax, repetition penalty and token bitmask against torch.argmax, transformers' penalty
-math and a plain-torch unpacking of llguidance's bitmask layout."""
+"""Device argmax, repetition penalty, token bitmask and fused sampler against torch.argmax,
+transformers' penalty math, a plain-torch unpacking of llguidance's bitmask layout and the
+sort-based plain-torch sampler."""
 import pytest
 import torch
 
@@ -10,6 +11,10 @@ from glmrt.kernels.sampling import (
     apply_token_bitmask_ref,
     argmax,
     argmax_ref,
+    hashed_uniform,
+    sample,
+    sample_ref,
+    top_k_top_p_filter_ref,
 )
 from glmrt_testing.hopper import compile_for_hopper
 
@@ -162,6 +167,182 @@ def test_token_bitmask_rejects_bad_masks():
             apply_token_bitmask_(logits, bad.to(DEVICE))
 
 
+# ----------------------------------------------------------------------------- fused sampler
+
+
+def _params(batch: int, vocab: int, gen: torch.Generator, top_ks=(0, 1, 5, None, -1), top_ps=(1.0, 0.9, 0.5, 1e-6),
+            greedy_every: int = 4) -> tuple[torch.Tensor, ...]:
+    """(temperature, top_k, top_p, seeds, counters) [batch] cycling through the given top_k (None:
+    V, -1: past V) and top_p, every greedy_every-th row greedy."""
+    rows = torch.arange(batch)
+    temperature = 0.5 + torch.rand(batch, generator=gen) * 1.5
+    temperature[rows % greedy_every == greedy_every - 1] = 0.0
+    ks = [vocab if k is None else vocab + 7 if k == -1 else k for k in top_ks]
+    top_k = torch.tensor([ks[i % len(ks)] for i in range(batch)])
+    top_p = torch.tensor([top_ps[(i // len(ks)) % len(top_ps) if batch > len(ks) else i % len(top_ps)]
+                          for i in range(batch)], dtype=torch.float32)
+    seeds = torch.randint(-2**62, 2**62, (batch,), generator=gen)
+    counters = torch.randint(0, 4000, (batch,), generator=gen)
+    return tuple(t.to(DEVICE) for t in (temperature, top_k, top_p, seeds, counters))
+
+
+def _kept(logits, temperature, top_k, top_p) -> torch.Tensor:
+    """[B, V] bool: the ref's kept set of each row."""
+    scores = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    return top_k_top_p_filter_ref(scores, top_k, top_p) > float("-inf")
+
+
+@pytest.mark.parametrize("batch,vocab", [(1, 1), (3, 7), (20, 1000), (7, 4097), (3, VOCAB)])
+@pytest.mark.parametrize("integer_valued", [False, True])
+def test_sample_matches_reference(batch, vocab, integer_valued):
+    gen = torch.Generator().manual_seed(batch * vocab + integer_valued)
+    logits = _strided_logits(batch, vocab, torch.float32, gen, integer_valued)  # ties, with integer values
+    logits[0, :: max(vocab // 7, 2)] = float("-inf")  # masked entries
+    params = _params(batch, vocab, gen)
+    out = sample(logits, *params)
+    assert out.dtype == torch.int64 and out.shape == (batch,)
+    assert torch.equal(out, sample_ref(logits, *params))
+    temperature, top_k, top_p = params[:3]
+    greedy = (temperature == 0) | (logits.max(-1).values == float("-inf"))
+    assert torch.equal(out[greedy], argmax_ref(logits)[greedy])
+    assert _kept(logits, temperature, top_k, top_p)[torch.arange(batch), out][~greedy].all()
+
+
+def test_sample_edge_rows():
+    vocab = 4500  # three loop tiles
+    logits = torch.randn(10, vocab, generator=torch.Generator().manual_seed(0))
+    logits[0] = float("-inf")  # all -inf: token 0, as argmax
+    logits[1] = float("-inf")
+    logits[1, 4321] = 2.0  # all -inf but one, whatever top_k and top_p
+    logits[2, [7, 3000]] = float("nan")  # a NaN: the first NaN, as argmax
+    logits[3, [10, 4400]] = float("inf")  # +inf: the first +inf
+    logits[4] = 1.0  # constant: every token ties at both cuts, all kept
+    logits[5, :] = float("-inf")
+    logits[5, [5, 2500, 4499]] = 3.0  # three tied maxima; top_k 1 keeps all three
+    logits[6, :] = -1.0
+    logits[6, [1, 2]] = torch.tensor([0.0, -0.0])  # +0 and -0 tie; top_k 1 keeps both
+    logits[7, 9] = 1e30  # x / temperature overflows: greedy
+    logits[8, 4100:] = float("-inf")  # top_k past the finite entries keeps them all
+    logits[9, 100:] = float("-inf")
+    temperature = torch.tensor([1.0, 0.7, 1.0, 1.0, 1.0, 1.0, 1.0, 1e-10, 1.0, 1.0])
+    top_k = torch.tensor([5, 1, 0, 0, 2, 1, 1, 0, 4200, 0])
+    top_p = torch.tensor([0.5, 1e-6, 1.0, 0.9, 0.3, 0.9, 1.0, 1.0, 0.99, 1e-6])
+    seeds, counters = torch.arange(10) * 31 + 1, torch.arange(10)
+    args = [t.to(DEVICE) for t in (logits, temperature, top_k, top_p, seeds, counters)]
+    out = sample(*args)
+    assert torch.equal(out, sample_ref(*args))
+    assert out[:4].tolist() == [0, 4321, 7, 10] and out[7] == 9
+    assert out[5] in (5, 2500, 4499) and out[6] in (1, 2) and out[8] < 4100 and out[9] < 100
+    # ties kept together at both cuts: over many seeds every tied maximum is drawn
+    row = torch.full((50,), -1.0)
+    row[[5, 20, 49]] = 3.0
+    assert set(sample(*_many_seeds(row, 40, 1.0, 1, 0.2)).tolist()) == {5, 20, 49}
+
+
+def test_sample_overwrites_a_poisoned_output(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    logits = _strided_logits(5, 300, torch.float32, gen)
+    params = _params(5, 300, gen)
+    poison = torch.full((5,), -12345, dtype=torch.int64, device=DEVICE)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison)
+    out = sample(logits, *params)
+    assert out is poison and torch.equal(out, sample_ref(logits, *params))
+
+
+def test_top_p_keeps_ties_at_the_cut_and_the_smallest_reaching_set():
+    # p = [0.4, 0.2, 0.2, 0.1, 0.1] up to rounding: 0.5 is reached at the 0.2s, both kept
+    scores = torch.tensor([[0.4, 0.2, 0.1, 0.2, 0.1]]).log()
+    kept = lambda p, k=0: (top_k_top_p_filter_ref(scores, torch.tensor([k]), torch.tensor([p])) > float("-inf"))[0].tolist()
+    assert kept(0.5) == [True, True, False, True, False]
+    assert kept(0.3) == [True, False, False, False, False]
+    assert kept(1e-9) == [True, False, False, False, False]
+    assert kept(0.85) == [True, True, True, True, True]
+    assert kept(1.0, k=2) == [True, True, False, True, False]  # the 2nd largest is 0.2: both kept
+    assert kept(0.5, k=1) == [True, False, False, False, False]  # top_p within top-k's set
+
+
+def _chi_square_passes(tokens: torch.Tensor, scores: torch.Tensor) -> bool:
+    """tokens [n] drawn from softmax(scores) [V] (-inf: never): nothing outside the support, and a
+    chi-square statistic below its mean + ~5 standard deviations."""
+    expected = scores.softmax(-1) * len(tokens)
+    counts = torch.bincount(tokens.cpu(), minlength=len(scores)).float()
+    kept = expected > 0
+    dof = max(int(kept.sum()) - 1, 1)
+    chi2 = ((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum().item()
+    return bool((counts[~kept] == 0).all()) and chi2 < dof + 5 * (2 * dof) ** 0.5 + 5
+
+
+def _many_seeds(row: torch.Tensor, n: int, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, ...]:
+    """One row's logits and parameters repeated n times, each copy with its own seed."""
+    full = lambda value: torch.full((n,), value, device=DEVICE)
+    return (row.to(DEVICE).expand(n, -1), full(temperature), full(top_k), full(top_p),
+            torch.arange(n, device=DEVICE) * 1_000_003 + 17, full(5))
+
+
+def test_sample_draws_the_filtered_softmax():
+    """Over many seeds (one row each) the draw's frequencies match softmax of the kept scores. The
+    interpreter runs a threshold search slowly (~0.15 s a row), so the filtered configurations
+    count the reference's draws over 20,000 seeds, and the kernel is held to the reference's
+    tokens on a slice of them; the unfiltered one counts the kernel's own draws."""
+    vocab = 12
+    row = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * 1.5
+    row[3] = float("-inf")
+    args = _many_seeds(row, 1200, 1.0, 0, 1.0)
+    assert _chi_square_passes(sample(*args), row)
+    for top_k, top_p, temperature in ((6, 1.0, 0.7), (0, 0.8, 1.3), (8, 0.9, 1.0)):
+        args = _many_seeds(row, 20000, temperature, top_k, top_p)
+        drawn = sample_ref(*args)
+        scores = top_k_top_p_filter_ref(row[None] / temperature, torch.tensor([top_k]), torch.tensor([top_p]))[0]
+        assert _chi_square_passes(drawn, scores), (top_k, top_p, temperature)
+        assert torch.equal(sample(*(t[:40] for t in args)), drawn[:40])
+
+
+def test_sample_is_reproducible_and_independent_of_the_batch():
+    gen = torch.Generator().manual_seed(11)
+    batch, vocab = 7, 300
+    logits = _strided_logits(batch, vocab, torch.float32, gen)
+    params = _params(batch, vocab, gen, greedy_every=100)
+    out = sample(logits, *params)
+    assert torch.equal(out, sample(logits, *params))
+    # each row alone, and rows in another order, draw the same tokens
+    for i in range(batch):
+        assert sample(logits[i: i + 1], *(t[i: i + 1] for t in params)) == out[i]
+    order = torch.randperm(batch, generator=gen).to(DEVICE)
+    assert torch.equal(sample(logits[order], *(t[order] for t in params)), out[order])
+    # the counter (the step) and the seed pick the stream
+    temperature, top_k, top_p, seeds, counters = params
+    moved = sample(logits, temperature, top_k, top_p, seeds, counters + 1)
+    reseeded = sample(logits, temperature, top_k, top_p, seeds + 1, counters)
+    assert (moved != out).any() and (reseeded != out).any()
+
+
+def test_kernel_hash_is_hashed_uniform():
+    """With a flat row and no filter the race is argmax(-log(-log u)) = argmax(u): the kernel's hash
+    picks hashed_uniform's largest u, for seeds and counters across the int64 range."""
+    vocab = 3000
+    seeds = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 123456789012345, -98765], device=DEVICE)
+    counters = torch.tensor([0, 5, 2**40, 7, 1, 0, 3], device=DEVICE)
+    n = len(seeds)
+    out = sample(torch.zeros(n, vocab, device=DEVICE), torch.ones(n, device=DEVICE),
+                 torch.zeros(n, dtype=torch.int64, device=DEVICE), torch.ones(n, device=DEVICE), seeds, counters)
+    assert torch.equal(out, hashed_uniform(seeds, counters, torch.arange(vocab, device=DEVICE)).argmax(-1))
+
+
+def test_sample_rejects_bad_arguments():
+    logits = torch.randn(2, 10, device=DEVICE)
+    good = [torch.ones(2, device=DEVICE), torch.zeros(2, dtype=torch.int64, device=DEVICE),
+            torch.ones(2, device=DEVICE), torch.zeros(2, dtype=torch.int64, device=DEVICE),
+            torch.zeros(2, dtype=torch.int64, device=DEVICE)]
+    with pytest.raises(ValueError, match="fp32"):
+        sample(logits.half(), *good)
+    for i, name in enumerate(("temperature", "top_k", "top_p", "seeds", "counters")):
+        bad = list(good)
+        bad[i] = bad[i][:1]
+        with pytest.raises(ValueError, match=name):
+            sample(logits, *bad)
+    assert sample(torch.randn(0, 5, device=DEVICE), *(t[:0] for t in good)).shape == (0,)
+
+
 # ----------------------------------------------------------------------------- sm_90 compile
 
 
@@ -180,6 +361,11 @@ def test_sampling_kernels_compile_for_sm90():
         sig = {"logits_ptr": f"*{dtype}", "mask_ptr": "*i32", "V": "i32", "stride_lrow": "i32",
                "stride_mrow": "i32", "BLOCK": "constexpr"}
         specs.append(("glmrt.kernels.sampling", "_token_bitmask_kernel", sig, dict(BLOCK=4096)))
+    sig = {"logits_ptr": "*fp32", "out_ptr": "*i64", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
+           "top_p_ptr": "*fp32", "seeds_ptr": "*i64", "counters_ptr": "*i64", "V": "i32", "stride_row": "i32",
+           "BLOCK": "constexpr", "WAYS": "constexpr"}
+    for block in (8, 2048):
+        specs.append(("glmrt.kernels.sampling", "_sample_kernel", sig, dict(BLOCK=block, WAYS=16)))
     compile_for_hopper(specs)
 
 
@@ -223,3 +409,23 @@ def test_sampling_cuda_graph_replay():
         ref = apply_repetition_penalty_ref(logits, presence, penalty)
         assert torch.equal(work, ref)
         assert torch.equal(tokens, argmax_ref(ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 32, 256])
+def test_sample_real_sizes_in_a_cuda_graph(batch):
+    # the sampled decode path's op captured once, replayed on new logits and counters; against the
+    # ref (a different log implementation could only flip a near-tie, which random logits never make)
+    gen = torch.Generator().manual_seed(batch)
+    logits = _strided_logits(batch, VOCAB, torch.float32, gen).contiguous()
+    params = _params(batch, VOCAB, gen)
+    sample(logits, *params)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = sample(logits, *params)
+    for step in (1, 2):
+        logits.copy_(_strided_logits(batch, VOCAB, torch.float32, gen))
+        params[4].add_(step)
+        graph.replay()
+        assert torch.equal(tokens, sample_ref(logits, *params))
