@@ -5,8 +5,9 @@ A decode step of this small decoder is bound by kernel-launch overhead, so each 
 replay. The step reads only the device-resident batch (block tables of fixed width, context
 lengths, last tokens, sampling state), so a replay needs no input copy at all; rows past the
 running count are inactive (no KV write, context 0). Per bucket (ModelRunner._capture_graphs): the
-whole step greedy-only and with the sampled path (temperature, top-k/top-p sort, draw), so greedy
-steps never pay for a sort; with speculation the whole speculative step in both modes too; and for
+whole step greedy-only and with the sampled path (temperature, top-k/top-p, draw: its threshold
+searches cost a filtered row ~19 passes over the vocabulary), so greedy steps never pay for them;
+with speculation the whole speculative step in both modes too; and for
 steps with a structured-output row, the forward up to the logits plus the masked sampling in both
 modes, replayed one after the other (the host fills the token masks in between): 5 graphs per
 bucket, 7 with speculation. A whole step's graph outputs
