@@ -62,12 +62,9 @@ class SyncCheck:
     the exception a step raised (the engine turns a failed device step into failed requests, so the
     runner's launches are wrapped to see the exception itself) and failed outputs."""
 
-    LAUNCHES = ("prefill", "decode", "decode_forward", "decode_sample")
-
     def __init__(self, engine: LLMEngine):
         self.engine, self.errors, self.armed = engine, [], False
-        for name in self.LAUNCHES:
-            setattr(engine.runner, name, self._watch(getattr(engine.runner, name)))
+        engine.runner.launch = self._watch(engine.runner.launch)  # every step's one entry
 
     def _watch(self, launch):
         def watched(*args, **kwargs):
