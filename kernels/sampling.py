@@ -44,16 +44,15 @@ _MIX2 = tl.constexpr(-7723592293110705685)  # 0x94D049BB133111EB
 
 
 @triton.jit
-def _argmax_kernel(logits_ptr, out_ptr, V, stride_row, BLOCK: tl.constexpr):
-    # logits [B, V] (row stride stride_row) -> out [B] int64
-    row = tl.program_id(0).to(tl.int64)
+def _row_argmax(row_ptr, V, BLOCK: tl.constexpr):
+    # one row [V] -> (its argmax as int64: the lowest index among equal maxima, the first NaN if
+    # any; its largest non-NaN value; the first NaN's index, or V without one)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = lanes  # an all -inf row (any length) still resolves to index 0 below
     for start in range(0, V, BLOCK):
         cols = start + lanes
-        x = tl.load(logits_ptr + row * stride_row + cols, mask=cols < V,
-                    other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         # strictly greater keeps a lane's earliest index among equals; the first NaN sticks
         take = (x > best) | ((x != x) & (best == best))
         best = tl.where(take, x, best)
@@ -62,7 +61,15 @@ def _argmax_kernel(logits_ptr, out_ptr, V, stride_row, BLOCK: tl.constexpr):
     first_nan = tl.min(tl.where(is_nan, best_idx, V), axis=0)
     top = tl.max(tl.where(is_nan, float("-inf"), best), axis=0)
     first_top = tl.min(tl.where(best == top, best_idx, V), axis=0)
-    tl.store(out_ptr + row, tl.where(first_nan < V, first_nan, first_top).to(tl.int64))
+    return tl.where(first_nan < V, first_nan, first_top).to(tl.int64), top, first_nan
+
+
+@triton.jit
+def _argmax_kernel(logits_ptr, out_ptr, V, stride_row, BLOCK: tl.constexpr):
+    # logits [B, V] (row stride stride_row) -> out [B] int64
+    row = tl.program_id(0).to(tl.int64)
+    token, _, _ = _row_argmax(logits_ptr + row * stride_row, V, BLOCK)
+    tl.store(out_ptr + row, token)
 
 
 @triton.jit
@@ -164,20 +171,7 @@ def _sample_kernel(logits_ptr, out_ptr, temperature_ptr, top_k_ptr, top_p_ptr, s
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     lanes = tl.arange(0, BLOCK)
-    # pass 1: the greedy token, as _argmax_kernel (lowest index on ties, the first NaN wins)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_idx = lanes
-    for start in range(0, V, BLOCK):
-        cols = start + lanes
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        take = (x > best) | ((x != x) & (best == best))
-        best = tl.where(take, x, best)
-        best_idx = tl.where(take, cols, best_idx)
-    is_nan = best != best
-    first_nan = tl.min(tl.where(is_nan, best_idx, V), axis=0)
-    top = tl.max(tl.where(is_nan, float("-inf"), best), axis=0)
-    first_top = tl.min(tl.where(best == top, best_idx, V), axis=0)
-    token = tl.where(first_nan < V, first_nan, first_top).to(tl.int64)
+    token, top, first_nan = _row_argmax(row_ptr, V, BLOCK)  # the greedy token, as argmax's
 
     temperature = tl.load(temperature_ptr + row)
     top = tl.math.div_rn(top, tl.where(temperature > 0, temperature, 1.0))  # the largest score
