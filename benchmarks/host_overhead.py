@@ -13,7 +13,10 @@ prompt tokens, repetition penalty 1.1 as the glmocr SDK sends), and a prefill of
 (the engine's step, and the crops' preprocessing on the worker pool beside it), and mixed steps:
 31 sequences decoding while 4,000-token prompts are prefilled beside them in 2048-token steps;
 and the cost of a step by output length: 32 sequences at ~100 and at ~4,000 generated tokens
-(host work per step must not grow with the output).
+(host work per step must not grow with the output). Requests get an output every step (streaming,
+the server's), and, at batch 32 and in the mixed steps, also only a final one (output_kind
+"final_only": LLM.generate and glmrt parse); a commit without output kinds runs those cases
+streaming, as its LLM.generate did.
 
     python benchmarks/host_overhead.py [--steps N] [--out DIR] [--smoke] [--baseline REV [--rounds N]]
 
@@ -95,27 +98,36 @@ class StubDevice:
         return tokens
 
 
-def decode_case(path: Path, batch: int, prompt_tokens: int, steps: int) -> dict:
+def sampling_params(final_only: bool, **options) -> glmrt.SamplingParams:
+    """SamplingParams(**options), with output_kind "final_only" if asked: what LLM.generate and glmrt
+    parse use (a commit from before 2026-12-07 has no output kinds: it makes every step's outputs)."""
+    if final_only and "output_kind" in glmrt.SamplingParams.__dataclass_fields__:
+        options["output_kind"] = "final_only"
+    return glmrt.SamplingParams(**options)
+
+
+def decode_case(path: Path, batch: int, prompt_tokens: int, steps: int, final_only: bool = False) -> dict:
     context = prompt_tokens + steps + 64
     engine = LLMEngine(str(path), device="cpu", dtype="float32", backend="torch", max_num_seqs=batch,
                        max_model_len=context, kv_cache_tokens=batch * context, max_num_batched_tokens=batch * context)
     StubDevice(engine)
     prompt = "x" * (prompt_tokens - 16)  # one byte-level token per character, plus the template
-    params = glmrt.SamplingParams(max_tokens=steps + 8, ignore_eos=True, repetition_penalty=1.1)
+    params = sampling_params(final_only, max_tokens=steps + 8, ignore_eos=True, repetition_penalty=1.1)
     for _ in range(batch):
         engine.add_request({"prompt": prompt, "images": []}, params)
     engine.step()  # prefill of the whole batch in one step
     engine.step()  # first decode (the prefill's tokens are read here)
     assert len(engine.scheduler.running) == batch
-    times = []
-    for _ in range(steps):
+    running, times = engine.scheduler.running, []
+    for i in range(steps):
+        before = running[0].num_tokens
         start = time.perf_counter()
-        outputs = engine.step()
+        engine.step()
         times.append(time.perf_counter() - start)
-        assert len(outputs) == batch, "every sequence must advance each step"
-    history = engine.scheduler.running[0].num_tokens
-    return dict(batch=batch, history_tokens=history, steps=steps, median_us=statistics.median(times) * 1e6,
-                p90_us=sorted(times)[int(0.9 * len(times))] * 1e6)
+        assert len(running) == batch and all(seq.num_tokens == before + 1 for seq in running), \
+            "every sequence must advance each step"
+    return dict(batch=batch, history_tokens=running[0].num_tokens, steps=steps, final_only=final_only,
+                median_us=statistics.median(times) * 1e6, p90_us=sorted(times)[int(0.9 * len(times))] * 1e6)
 
 
 def reserved(seq) -> int:
@@ -145,14 +157,14 @@ def output_length_case(path: Path, batch: int, lengths: tuple[int, ...], window:
         n: statistics.median(times[n - window: n]) * 1e6 for n in lengths})
 
 
-def mixed_case(path: Path, batch: int, prompt_tokens: int, budget: int, steps: int) -> dict:
+def mixed_case(path: Path, batch: int, prompt_tokens: int, budget: int, steps: int, final_only: bool = False) -> dict:
     """`batch` sequences decoding while long prompts arrive one after another: the host time of
     the mixed steps (the decode rows + a prefill chunk of the rest of the step's token budget)."""
     context = prompt_tokens + 64
     engine = LLMEngine(str(path), device="cpu", dtype="float32", backend="torch", max_num_seqs=batch + 1,
                        max_model_len=context, kv_cache_tokens=(batch + 1) * context, max_num_batched_tokens=budget)
     StubDevice(engine)
-    params = glmrt.SamplingParams(max_tokens=10_000, ignore_eos=True, repetition_penalty=1.1)
+    params = sampling_params(final_only, max_tokens=10_000, ignore_eos=True, repetition_penalty=1.1)
     for _ in range(batch):
         engine.add_request({"prompt": "x" * 48, "images": []}, params)
     engine.step()
@@ -169,7 +181,8 @@ def mixed_case(path: Path, batch: int, prompt_tokens: int, budget: int, steps: i
             if reserved(seq) > before:  # this step ran one of its chunks beside the decode rows
                 times.append(elapsed)
                 chunks.append(reserved(seq) - before)
-    return dict(batch=batch, prompt_tokens=prompt_tokens, steps=len(times), median_chunk_tokens=statistics.median(chunks),
+    return dict(batch=batch, prompt_tokens=prompt_tokens, steps=len(times), final_only=final_only,
+                median_chunk_tokens=statistics.median(chunks),
                 median_us=statistics.median(times) * 1e6, budget=engine.max_num_batched_tokens)
 
 
@@ -211,16 +224,25 @@ def measure(steps: int, smoke: bool) -> dict:
             decode.append(row)
             print(f"decode batch {batch:4d}, history {row['history_tokens']:5d}: "
                   f"median {row['median_us']:7.1f} us/step, p90 {row['p90_us']:7.1f}")
+        final_batch = batches[-1] if smoke else 32
+        row = decode_case(path, final_batch, history, steps, final_only=True)
+        decode.append(row)
+        print(f"decode batch {final_batch:4d}, history {row['history_tokens']:5d}, final only: "
+              f"median {row['median_us']:7.1f} us/step, p90 {row['p90_us']:7.1f}")
     outputs = output_length_case(path, 4, (20, 60), 10) if smoke else output_length_case(path, 32, (100, 4000), 100)
     print("output length: " + ", ".join(f"{n} tokens {us:.0f} us/step" for n, us in outputs["median_us"].items()))
     # the tiny checkpoint's context is 4096 tokens: 4000-token prompts in chunks of vLLM's 2048-token server budget
-    mixed = mixed_case(path, 3, 300, 128, 2) if smoke else mixed_case(path, 31, 4000, 2048, 20)
-    print(f"mixed step, {mixed['batch']} decoding + a {mixed['median_chunk_tokens']:.0f}-token chunk: "
-          f"median {mixed['median_us']:.0f} us/step")
+    mixed = {}
+    for final_only in (False, True):
+        mixed[final_only] = row = (mixed_case(path, 3, 300, 128, 2, final_only) if smoke
+                                   else mixed_case(path, 31, 4000, 2048, 20, final_only))
+        print(f"mixed step, {row['batch']} decoding + a {row['median_chunk_tokens']:.0f}-token chunk"
+              f"{', final only' * final_only}: median {row['median_us']:.0f} us/step")
     prefill = prefill_case(path, crops, 3 if smoke else 10)
     print(f"prefill of {crops} crops ({prefill['prompt_tokens']} tokens): engine step "
           f"{prefill['prefill_step_median_us']:.0f} us; preprocessing {prefill['preprocess_median_ms']:.1f} ms")
-    return dict(decode=decode, outputs=outputs, mixed=mixed, prefill=prefill, glmrt=str(Path(glmrt.__file__).parent))
+    return dict(decode=decode, outputs=outputs, mixed=mixed[False], mixed_final_only=mixed[True], prefill=prefill,
+                glmrt=str(Path(glmrt.__file__).parent))
 
 
 def measure_in_child(rev: str | None, steps: int, smoke: bool) -> dict:
@@ -255,10 +277,12 @@ def measure_in_child(rev: str | None, steps: int, smoke: bool) -> dict:
 
 def _cases(data: dict) -> dict[str, float]:
     """The side-by-side numbers of one run: case name -> us."""
-    cases = {f"decode batch {r['batch']}, history {r['history_tokens']}": r["median_us"] for r in data["decode"]}
+    cases = {f"decode batch {r['batch']}, history {r['history_tokens']}{', final only' * r['final_only']}":
+             r["median_us"] for r in data["decode"]}
     cases.update({f"output length {n}, batch {data['outputs']['batch']}": us
                   for n, us in data["outputs"]["median_us"].items()})
     cases["mixed step"] = data["mixed"]["median_us"]
+    cases["mixed step, final only"] = data["mixed_final_only"]["median_us"]
     cases[f"prefill of {data['prefill']['crops']} crops"] = data["prefill"]["prefill_step_median_us"]
     return cases
 
@@ -313,18 +337,21 @@ def main(argv: list[str] | None = None) -> int:
     meta = metadata(smoke=args.smoke, torch_threads=1)
     lines = [f"# host overhead per engine step, device work stubbed, on {meta['host']['cpu']} "
              f"({meta['host']['cores']} cores)", "", provenance(meta), "",
-             "| batch | history tokens | median us/step | p90 us/step | target |", "|---|---|---|---|---|"]
+             "| batch | history tokens | outputs | median us/step | p90 us/step | target |", "|---|---|---|---|---|---|"]
     for r in decode:
         target = TARGET_US.get(r["batch"])
         verdict = "-" if target is None else f"<= {target} ({'PASS' if r['median_us'] <= target else 'MISS'})"
-        lines.append(f"| {r['batch']} | {r['history_tokens']} | {r['median_us']:.0f} | {r['p90_us']:.0f} | {verdict} |")
+        kind = "final only" if r["final_only"] else "every step"
+        lines.append(f"| {r['batch']} | {r['history_tokens']} | {kind} | {r['median_us']:.0f} | {r['p90_us']:.0f} "
+                     f"| {verdict} |")
     by_length = ", ".join(f"{us:.0f} us/step at {n} tokens" for n, us in outputs["median_us"].items())
     lines += ["", f"By output length ({outputs['batch']} sequences, median of the {outputs['window']} steps up to "
               f"each length): {by_length}."]
     lines += ["", f"Mixed step (chunked prefill): {mixed['batch']} sequences decoding while {mixed['prompt_tokens']}-token "
               f"prompts arrive, each prefilled in chunks of the {mixed['budget']}-token budget beside the decode rows: "
               f"{mixed['median_us']:.0f} us of host work per step (median over {mixed['steps']} steps, chunks of "
-              f"{mixed['median_chunk_tokens']:.0f} tokens)."]
+              f"{mixed['median_chunk_tokens']:.0f} tokens); {data['mixed_final_only']['median_us']:.0f} us when the "
+              "requests' outputs are final only."]
     lines += ["", f"Prefill of {crops} region crops ({prefill['prompt_tokens']} prompt tokens): engine step "
               f"{prefill['prefill_step_median_us']:.0f} us (host side of the step, including concatenating the "
               f"crops' {prefill['pixel_mb']:.1f} MB of uint8 patch pixels, normalized on the device); "
@@ -333,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     if compared_lines:
         lines += [""] + compared_lines
     write_report(output_dir(args.out, args.smoke), "host_overhead", meta,
-                 dict(decode=decode, outputs=outputs, mixed=mixed, prefill=prefill, **compared), lines)
+                 dict(decode=decode, outputs=outputs, mixed=mixed, mixed_final_only=data["mixed_final_only"],
+                      prefill=prefill, **compared), lines)
     return 0
 
 

@@ -48,7 +48,7 @@ class LLM:
         if isinstance(requests, (Request, dict)):
             requests = [requests]
         requests = list(requests)
-        return self.engine.generate(requests, self._params_list(sampling_params, len(requests)))
+        return self.engine.generate(requests, _final_only(self._params_list(sampling_params, len(requests))))
 
     def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
         """One SamplingParams per request: given once for all, per request, or None (defaults)."""
@@ -92,8 +92,9 @@ class LLM:
             if None in per_prompt or len(per_prompt) != len(prompts):
                 raise ValueError(f"images must hold one list of condition images per prompt ({len(prompts)} prompts)")
         requests = [ImageRequest(p, height, width, imgs) for p, imgs in zip(prompts, per_prompt)]
-        seqs = self.engine.prepare_many(requests, self._params_list(sampling_params, len(requests)))
-        if use_tqdm:
+        params = self._params_list(sampling_params, len(requests))
+        seqs = self.engine.prepare_many(requests, params if use_tqdm else _final_only(params))
+        if use_tqdm:  # fed every step's outputs
             with _TokenProgress(sum(generation_length(r.targets) for r in requests)) as progress:
                 outputs = self.engine.run(seqs, on_output=progress.update)
         else:
@@ -125,6 +126,15 @@ class LLM:
         if schema is not None and out.finish_reason != "stop":
             raise IncompleteOutputError(out)
         return out.text
+
+
+def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
+    """params for requests whose outputs are read only when they finish (as vLLM's LLM.generate)."""
+    copies: dict[int, SamplingParams] = {}  # one copy per distinct object (often one for all requests)
+    for p in params:
+        if id(p) not in copies:
+            copies[id(p)] = dataclasses.replace(p, output_kind="final_only")
+    return [copies[id(p)] for p in params]
 
 
 class _TokenProgress:

@@ -20,6 +20,7 @@ SEED_RANGE = (-(2**63), 2**64)
 MAX_TEMPERATURE = 1e4
 REPETITION_PENALTY_RANGE = (1e-4, 1e4)
 DRAFT_SOURCES = ("auto", "mtp", "text", "ngram", "off")
+OUTPUT_KINDS = ("stream", "final_only")
 # The structured-output constraints (at most one per request), compiled by the engine.
 CONSTRAINTS = ("json_schema", "json_object", "regex", "choice", "grammar")
 # Size limits on a constraint, checked here, before the engine compiles anything: compile time grows
@@ -93,6 +94,11 @@ class SamplingParams:
     # its continuation proposed as drafts.
     draft: str = "auto"
     reference_text: str | None = None
+    # Which outputs a request gets: "stream", one every step that reads tokens of it back (deltas
+    # and the whole output so far); "final_only", one when it finishes (vLLM's
+    # RequestOutputKind.FINAL_ONLY, what LLM.generate uses): no per-step output is built, and
+    # without stop strings no text either until the end (the final text is the same).
+    output_kind: str = "stream"
 
     def __post_init__(self) -> None:
         self.max_tokens = _int("max_tokens", self.max_tokens)
@@ -152,6 +158,9 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.seed must be in [-2**63, 2**64), got {self.seed}")
         if self.draft not in DRAFT_SOURCES:
             raise ValueError(f"SamplingParams.draft must be one of {', '.join(DRAFT_SOURCES)}, got {self.draft!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"SamplingParams.output_kind must be one of {', '.join(OUTPUT_KINDS)}, "
+                             f"got {self.output_kind!r}")
         if self.reference_text is not None and not isinstance(self.reference_text, str):
             raise TypeError(f"SamplingParams.reference_text must be a str or None, got "
                             f"{type(self.reference_text).__name__} {self.reference_text!r:.80}")

@@ -294,3 +294,49 @@ def test_async_engine_streams_only_text_that_stays(tiny_checkpoint, unstopped):
         engine.close()
 
     asyncio.run(main())
+
+
+def run_to_end(engine: LLMEngine, request: dict, params: glmrt.SamplingParams, abort_after: int | None = None):
+    """Every output of one request on `engine`, in order; aborted after `abort_after` steps if given."""
+    request_id, outputs, steps = engine.add_request(request, params), [], 0
+    while not outputs or not outputs[-1].finished:
+        outputs += engine.step()
+        steps += 1
+        if steps == abort_after:
+            outputs.append(engine.abort(request_id))
+    while engine.has_unfinished():
+        engine.step()
+    return outputs
+
+
+def test_a_final_only_request_gets_the_streamed_requests_last_output_once(tiny_checkpoint, unstopped):
+    """output_kind "final_only": one output, when the request ends, equal to the streamed request's
+    last one in every field, with every token and all the text as its delta; its text is decoded
+    at the end (no stop strings) or as it streams (stop strings), and the ending is the same:
+    length, a stop token kept out of the text or in it, a stop string, an abort."""
+    engine = LLMEngine(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch")
+    tokens, text = unstopped[2]
+    stop_token = tokens[7]
+    cases = [
+        (dict(), None),
+        (dict(logprobs=2), None),
+        (dict(stop_token_ids=[stop_token]), None),
+        (dict(stop_token_ids=[stop_token], include_stop_str_in_output=True), None),
+        (dict(stop=stop_in_middle(text)), None),
+        (dict(stop=stop_in_middle(text) + "\x00"), 5),  # aborted while text is held back
+        (dict(), 5),
+    ]
+    for options, abort_after in cases:
+        params = glmrt.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **options)
+        streamed = run_to_end(engine, REQUESTS[2], params, abort_after)
+        final = run_to_end(engine, REQUESTS[2], glmrt.SamplingParams(**{**vars(params), "output_kind": "final_only"}),
+                           abort_after)
+        assert len(final) == 1 and final[0].finished, options
+        last, out = streamed[-1], final[0]
+        assert len(streamed) > 2 and out.finish_reason == last.finish_reason == ("abort" if abort_after else
+                                                                                 last.finish_reason)
+        for name in ("token_ids", "text", "finish_reason", "stop_reason", "logprobs", "error"):
+            assert getattr(out, name) == getattr(last, name), (options, name)
+        assert out.delta_text == out.text == "".join(o.delta_text for o in streamed)
+        assert out.delta_token_ids == [t for o in streamed for t in o.delta_token_ids], options
+    assert_all_free(engine)

@@ -74,11 +74,13 @@ DRAFT_ENGINE_OPTIONS = {"auto": _LOOKUP, "text": _LOOKUP, "ngram": _LOOKUP,
                         "mtp": {"num_speculative_tokens": 3, "speculative_method": "mtp"}, "off": {}}
 
 
-def sdk_params(max_tokens: int = SDK_MAX_TOKENS, draft: str = "auto") -> SamplingParams:
+def sdk_params(max_tokens: int = SDK_MAX_TOKENS, draft: str = "auto", output_kind: str = "final_only",
+               ) -> SamplingParams:
     """The SDK's recognition sampling: greedy, repetition penalty 1.1; `draft` the speculative
-    drafts' source."""
+    drafts' source. output_kind: "final_only" where only a region's final text is read (glmrt
+    parse, its Ray job); the server streams them ("stream"), to time their tokens in /metrics."""
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=SDK_REPETITION_PENALTY,
-                          draft=draft)
+                          draft=draft, output_kind=output_kind)
 
 
 def region_params(params: SamplingParams, reference: str | None) -> SamplingParams:

@@ -48,6 +48,11 @@ class IncrementalDetokenizer:
         self._deltas.append(delta)
         return delta
 
+    def extend(self, token_ids: Sequence[int]) -> None:
+        """Append tokens without decoding anything: their text comes with `finish` (a request that
+        is shown only its final text and has no stop strings to look for)."""
+        self.token_ids.extend(token_ids)
+
     def finish(self) -> str:
         """Flush: the final text is the plain decode of all tokens; return what was not yet emitted."""
         final, text = self._decode(self.token_ids), self.text

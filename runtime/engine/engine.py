@@ -387,7 +387,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Launch the next step and return the outputs (with deltas) of the sequences whose
-        tokens were read back in this call: the previous step's with async_scheduling, else this one's."""
+        tokens were read back in this call: the previous step's with async_scheduling, else this
+        one's (a final_only request's only when it finished)."""
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and self._drafts_on_host():
             outputs += self._read_in_flight()  # host drafts continue the output, so it must be known
@@ -532,6 +533,8 @@ class LLMEngine:
                 out = state.read(new_tokens, None if logprobs is None else logprobs[i], accept)
             except Exception as exc:  # e.g. detokenization: this request's own host work failed
                 outputs += self._fail([seq], exc)
+                continue
+            if out is None:  # a final_only request that goes on
                 continue
             if out.finished:
                 del requests[seq.request_id]

@@ -4,7 +4,9 @@ The engine core reads tokens back and appends them to the Sequence; a RequestSta
 text (incremental detokenization), finds stop strings in it and makes the request's outputs. The
 work per token is O(1) in the length of the output: deltas are decoded from a short window, stop
 strings are searched in the new text only, and an output refers to the request's growing lists
-(outputs.Prefix) rather than copying them.
+(outputs.Prefix) rather than copying them. A "final_only" request (SamplingParams.output_kind) gets
+no output before it finishes, and without stop strings its text is decoded once, at the end: per
+token only the token checks remain.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ FINISHED = SequenceStatus.FINISHED
 
 
 class RequestState:
-    __slots__ = ("seq", "detokenizer", "stops", "eos_token_ids")
+    __slots__ = ("seq", "detokenizer", "stops", "eos_token_ids", "final_only", "text_at_end")
 
     def __init__(self, seq: Sequence, decode: Callable[[Ids[int]], str], eos_token_ids: frozenset[int]):
         self.seq = seq
@@ -28,13 +30,16 @@ class RequestState:
         self.stops = StopChecker(params.stop or [], params.include_stop_str_in_output)
         # An eos token that ends a request is no stop_reason, even when stop_token_ids lists it (vLLM).
         self.eos_token_ids = eos_token_ids
+        self.final_only = params.output_kind == "final_only"
+        self.text_at_end = self.final_only and not self.stops.stop  # no text is needed before the end
 
     def read(self, new_tokens: list[int], logprobs: list[dict[int, float]] | None,
-             accept: Callable[[object, int], bool]) -> RequestOutput:
-        """A step's tokens for this request, read back -> its output. Token by token, as without
-        speculation: tokens after the one that ends the request (stop token or string, length, a
-        completed constraint) are dropped. logprobs: one entry per token, when it asked for them;
-        accept(grammar, token): whether the token completes a constrained request."""
+             accept: Callable[[object, int], bool]) -> RequestOutput | None:
+        """A step's tokens for this request, read back -> its output (None for a final_only request
+        that has not finished). Token by token, as without speculation: tokens after the one that
+        ends the request (stop token or string, length, a completed constraint) are dropped.
+        logprobs: one entry per token, when it asked for them; accept(grammar, token): whether the
+        token completes a constrained request."""
         seq, by_token, count = self.seq, False, 0
         for token in new_tokens:
             if logprobs is not None:  # O(1): the one list of the request grows
@@ -46,6 +51,8 @@ class RequestState:
             by_token = self.absorb(token)  # may finish the request on a stop string
             if seq.status is FINISHED:
                 break
+        if self.final_only and seq.status is not FINISHED:
+            return None
         return self.output(new_tokens if count == len(new_tokens) else new_tokens[:count], by_token)
 
     def absorb(self, token: int) -> bool:
@@ -56,6 +63,10 @@ class RequestState:
         seq = self.seq
         by_token = seq.finish_reason == "stop"
         keep = not by_token or seq.sampling_params.include_stop_str_in_output
+        if self.text_at_end:
+            if keep:
+                self.detokenizer.extend((token,))
+            return by_token
         self.stops.add(self.detokenizer.add([token] if keep else []))
         if self.stops.stop_str is not None and seq.finish_reason in (None, "length", "stop"):
             seq.finish("stop")
@@ -65,8 +76,11 @@ class RequestState:
         """The request's output after `new_tokens` were read back and absorbed ([] when it was
         aborted or failed); by_token: the last of them is a stop token that ended it, which
         delta_token_ids leaves out, as the text does (unless include_stop_str_in_output). An
-        aborted or failed request keeps its reason."""
+        aborted or failed request keeps its reason. A final_only request's one output has every
+        token in its delta."""
         seq, stops, params = self.seq, self.stops, self.seq.sampling_params
+        if self.final_only:
+            new_tokens = list(seq.output_token_ids)
         if seq.is_finished:
             stops.add(self.detokenizer.finish())  # the tail held back as an incomplete character
         if stops.stop_str is not None and seq.finish_reason in (None, "length", "stop"):
