@@ -171,6 +171,9 @@ class RequestOutput:
     # The request's own list, grown in place as tokens are read (as vLLM's): an output read later may
     # already hold entries past its token_ids. None when not asked for.
     logprobs: list[dict[int, float]] | None = None
+    # time.monotonic() when the engine read the request's first generated token back (None before):
+    # a final_only request's time to first token.
+    first_token_time: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -209,6 +209,21 @@ def test_metrics_count_a_prefilling_request_as_running(server):
     assert (0, 0) not in during and during.count((0, 1)) >= 3, scrapes
 
 
+def test_a_request_not_streamed_is_timed_from_its_first_token(server):
+    """A request that is not streamed gets only its final output from the engine (output_kind
+    "final_only"), and /metrics still times it as one that streams: its time to first token is when
+    the engine read that token (before the end), the rest one inter-token latency, every token counted."""
+    before = server.wait_idle()
+    body = {"model": "glm-ocr", "prompt": [1000 + i for i in range(40)], "max_tokens": 12, "ignore_eos": True}
+    response = httpx.post(server.url + COMPLETIONS, json=body, timeout=60)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 12
+    moved = changes(before, server.metrics(), "glmrt:")
+    assert moved["glmrt:time_to_first_token_seconds_count"] == moved["glmrt:inter_token_latency_seconds_count"] == 1
+    assert moved["glmrt:generation_tokens_total"] == 12
+    ttft, e2e = moved["glmrt:time_to_first_token_seconds_sum"], moved["glmrt:e2e_request_latency_seconds_sum"]
+    assert 0 < ttft < e2e
+
+
 def test_a_client_that_leaves_is_an_abort_and_logs_no_error(server):
     """A non-streaming client that gives up mid-decode, and one that leaves while sending its
     body: 499s in the status counts, the first an "abort" in the finish reasons, nothing logged."""

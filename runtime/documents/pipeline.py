@@ -78,7 +78,8 @@ def sdk_params(max_tokens: int = SDK_MAX_TOKENS, draft: str = "auto", output_kin
                ) -> SamplingParams:
     """The SDK's recognition sampling: greedy, repetition penalty 1.1; `draft` the speculative
     drafts' source. output_kind: "final_only" where only a region's final text is read (glmrt
-    parse, its Ray job); the server streams them ("stream"), to time their tokens in /metrics."""
+    parse, its Ray job); the server streams them ("stream"): /metrics counts a region's prompt and
+    tokens as they are read, so a parse whose client leaves is seen at work."""
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=SDK_REPETITION_PENALTY,
                           draft=draft, output_kind=output_kind)
 

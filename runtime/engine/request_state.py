@@ -10,6 +10,7 @@ token only the token checks remain.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence as Ids
 
 from ..outputs import Prefix, RequestOutput
@@ -21,7 +22,7 @@ FINISHED = SequenceStatus.FINISHED
 
 
 class RequestState:
-    __slots__ = ("seq", "detokenizer", "stops", "eos_token_ids", "final_only", "text_at_end")
+    __slots__ = ("seq", "detokenizer", "stops", "eos_token_ids", "final_only", "text_at_end", "first_token_time")
 
     def __init__(self, seq: Sequence, decode: Callable[[Ids[int]], str], eos_token_ids: frozenset[int]):
         self.seq = seq
@@ -32,6 +33,7 @@ class RequestState:
         self.eos_token_ids = eos_token_ids
         self.final_only = params.output_kind == "final_only"
         self.text_at_end = self.final_only and not self.stops.stop  # no text is needed before the end
+        self.first_token_time: float | None = None  # time.monotonic() when its first token was read
 
     def read(self, new_tokens: list[int], logprobs: list[dict[int, float]] | None,
              accept: Callable[[object, int], bool]) -> RequestOutput | None:
@@ -41,6 +43,8 @@ class RequestState:
         logprobs: one entry per token, when it asked for them; accept(grammar, token): whether the
         token completes a constrained request."""
         seq, by_token, count = self.seq, False, 0
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
         for token in new_tokens:
             if logprobs is not None:  # O(1): the one list of the request grows
                 seq.logprobs.append(logprobs[count])
@@ -98,5 +102,5 @@ class RequestState:
             token_ids=Prefix(seq.output_token_ids), text=Prefix(stops.sent, "".join),
             finish_reason=seq.finish_reason, delta_text=delta,
             delta_token_ids=new_tokens[:-1] if by_token and not params.include_stop_str_in_output else new_tokens,
-            error=seq.error, stop_reason=stop_reason, logprobs=seq.logprobs,
+            error=seq.error, stop_reason=stop_reason, logprobs=seq.logprobs, first_token_time=self.first_token_time,
         )

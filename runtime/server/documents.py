@@ -52,7 +52,7 @@ def add_document_routes(app: FastAPI, engine: AsyncEngine, media: MediaLoader, m
     from ..documents.pipeline import lay_out, layout_batches, page_record, recognise_pages, sdk_params
     from ..image_processor import load_image
 
-    params = sdk_params(output_kind="stream")  # each region's tokens are timed in /metrics
+    params = sdk_params(output_kind="stream")  # /metrics counts each region's tokens as they come
     # PDF pages bring their text layer, each region's reference to draft from, when the engine speculates.
     text_layer = engine.engine.options.num_speculative_tokens > 0
     counted = _CountedEngine(engine, metrics)

@@ -273,12 +273,12 @@ def completion_logprobs(body: dict, max_logprobs: int) -> int | None:
     return _logprobs_count(body, "logprobs", max_logprobs)
 
 
-def sampling_params(body: dict, defaults: dict[str, Any],
-                    logprobs: int | None = None) -> tuple[SamplingParams, dict[str, str]]:
+def sampling_params(body: dict, defaults: dict[str, Any], logprobs: int | None = None,
+                    stream: bool = False) -> tuple[SamplingParams, dict[str, str]]:
     """SamplingParams from the request fields over the server's defaults (and `logprobs`, parsed
     from the endpoint's own fields), and which request field set each SamplingParams field; errors
-    name the field."""
-    values = dict(defaults, logprobs=logprobs)
+    name the field. A request that is not streamed gets only its final output from the engine."""
+    values = dict(defaults, logprobs=logprobs, output_kind="stream" if stream else "final_only")
     given: dict[str, str] = {}  # SamplingParams field -> request field, for error messages
     for name, target in SAMPLING_FIELDS.items():
         value = body.get(name)
@@ -405,7 +405,7 @@ def parse_chat(body: Any, defaults: dict[str, Any], max_images: int, limit: Prom
         raise APIError(f"the request has {len(images)} images; at most {max_images} are allowed per request",
                        "messages")
     stream, include_usage, continuous = _stream_options(body)
-    params, fields = sampling_params(body, defaults, chat_logprobs(body, max_logprobs))
+    params, fields = sampling_params(body, defaults, chat_logprobs(body, max_logprobs), stream)
     return ParsedRequest(model=model, params=params, stream=stream, include_usage=include_usage,
                          continuous_usage=continuous, messages=rendered, images=images, fields=fields)
 
@@ -460,7 +460,7 @@ def parse_completion(body: Any, defaults: dict[str, Any], limit: PromptLimit, ma
     else:
         PromptText(limit).take(prompt, "prompt")
     stream, include_usage, continuous = _stream_options(body)
-    params, fields = sampling_params(body, defaults, completion_logprobs(body, max_logprobs))
+    params, fields = sampling_params(body, defaults, completion_logprobs(body, max_logprobs), stream)
     return ParsedRequest(model=model, params=params, stream=stream, include_usage=include_usage,
                          continuous_usage=continuous, prompt=prompt, fields=fields)
 
