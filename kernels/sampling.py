@@ -7,8 +7,10 @@ graph-capturable. Ties go to the lowest index and a NaN wins over any number, as
 repetition penalty (transformers' RepetitionPenaltyLogitsProcessor): every vocabulary entry that
 a row's prompt or output contains is penalised once, however often it occurs. The engine keeps a
 per-row presence mask [B, V] on the device (seeded from the prompt at admission, one entry set per
-sampled token), so the penalty is one elementwise pass whose cost does not grow with the history
-and whose inputs never change shape: it is captured in the decode graph.
+sampled token), so the penalty's cost does not grow with the history and its inputs never change
+shape: it is captured in the decode graph. argmax and sample take the mask and apply the penalty
+as they read each tile of the row (no pass, no copy of the logits of their own); the elementwise
+kernel remains for the speculative verify step, whose positions each see their own mask.
 
 token bitmask (structured outputs): the engine computes, on the host with llguidance, which tokens
 each constrained row may take next (bit v % 32 of int32 word v // 32 set = token v allowed) while
@@ -44,15 +46,26 @@ _MIX2 = tl.constexpr(-7723592293110705685)  # 0x94D049BB133111EB
 
 
 @triton.jit
-def _row_argmax(row_ptr, V, BLOCK: tl.constexpr):
-    # one row [V] -> (its argmax as int64: the lowest index among equal maxima, the first NaN if
-    # any; its largest non-NaN value; the first NaN's index, or V without one)
+def _logits(row_ptr, seen_ptr, penalty, cols, V, HAS_PENALTY: tl.constexpr):
+    # the fp32 logits of one row's tile at cols (-inf past the row), with the repetition penalty
+    # where the row's presence mask (seen_ptr, uint8) is set: the math of _penalty_kernel
+    x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    if HAS_PENALTY:
+        seen = tl.load(seen_ptr + cols, mask=cols < V, other=0) != 0
+        x = tl.where(seen, tl.where(x < 0, x * penalty, tl.math.div_rn(x, penalty)), x)
+    return x
+
+
+@triton.jit
+def _row_argmax(row_ptr, seen_ptr, penalty, V, BLOCK: tl.constexpr, HAS_PENALTY: tl.constexpr):
+    # one row [V] (penalised, see _logits) -> (its argmax as int64: the lowest index among equal
+    # maxima, the first NaN if any; its largest non-NaN value; the first NaN's index, or V without one)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = lanes  # an all -inf row (any length) still resolves to index 0 below
     for start in range(0, V, BLOCK):
         cols = start + lanes
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        x = _logits(row_ptr, seen_ptr, penalty, cols, V, HAS_PENALTY)
         # strictly greater keeps a lane's earliest index among equals; the first NaN sticks
         take = (x > best) | ((x != x) & (best == best))
         best = tl.where(take, x, best)
@@ -65,10 +78,14 @@ def _row_argmax(row_ptr, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _argmax_kernel(logits_ptr, out_ptr, V, stride_row, BLOCK: tl.constexpr):
-    # logits [B, V] (row stride stride_row) -> out [B] int64
+def _argmax_kernel(logits_ptr, out_ptr, presence_ptr, penalty_ptr, V, stride_row, stride_prow, BLOCK: tl.constexpr,
+                   HAS_PENALTY: tl.constexpr):
+    # logits [B, V] (row stride stride_row), penalised where presence [B, V] (uint8, row stride
+    # stride_prow) is set by penalty [B] when HAS_PENALTY -> out [B] int64
     row = tl.program_id(0).to(tl.int64)
-    token, _, _ = _row_argmax(logits_ptr + row * stride_row, V, BLOCK)
+    penalty = tl.load(penalty_ptr + row) if HAS_PENALTY else 1.0
+    token, _, _ = _row_argmax(logits_ptr + row * stride_row, presence_ptr + row * stride_prow, penalty, V, BLOCK,
+                              HAS_PENALTY)
     tl.store(out_ptr + row, token)
 
 
@@ -128,15 +145,14 @@ def _key_value(key):
 
 
 @triton.jit
-def _scores(row_ptr, cols, V, temperature):
-    # the temperature-scaled fp32 scores of the tile at cols; -inf past the row
-    x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-    return tl.math.div_rn(x, temperature)
+def _scores(row_ptr, seen_ptr, penalty, cols, V, temperature, HAS_PENALTY: tl.constexpr):
+    # the temperature-scaled fp32 scores of the tile at cols (penalised, see _logits); -inf past the row
+    return tl.math.div_rn(_logits(row_ptr, seen_ptr, penalty, cols, V, HAS_PENALTY), temperature)
 
 
 @triton.jit
-def _largest_reaching_key(row_ptr, V, temperature, top, lo, hi, target, MASS: tl.constexpr,
-                          BLOCK: tl.constexpr, WAYS: tl.constexpr):
+def _largest_reaching_key(row_ptr, seen_ptr, penalty, V, temperature, top, lo, hi, target, MASS: tl.constexpr,
+                          BLOCK: tl.constexpr, WAYS: tl.constexpr, HAS_PENALTY: tl.constexpr):
     # The largest key t in [lo, hi] whose scores >= t weigh at least target, taking lo to reach
     # (the caller's fallback). Weight: 1 per score (MASS False), or exp(s - top). Each pass over
     # the row weighs WAYS pivots spread over (lo, hi], the last one hi, and keeps the range between
@@ -150,7 +166,7 @@ def _largest_reaching_key(row_ptr, V, temperature, top, lo, hi, target, MASS: tl
         weight = tl.zeros([WAYS], tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + lanes
-            s = _scores(row_ptr, cols, V, temperature)
+            s = _scores(row_ptr, seen_ptr, penalty, cols, V, temperature, HAS_PENALTY)
             if MASS:
                 w = tl.exp(s - top)  # 0 past the row (-inf)
             else:
@@ -165,13 +181,17 @@ def _largest_reaching_key(row_ptr, V, temperature, top, lo, hi, target, MASS: tl
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, out_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seeds_ptr, counters_ptr,
-                   V, stride_row, BLOCK: tl.constexpr, WAYS: tl.constexpr):
-    # logits [B, V] fp32 (row stride stride_row), per-row parameters [B] -> out [B] int64
+def _sample_kernel(logits_ptr, out_ptr, presence_ptr, penalty_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seeds_ptr,
+                   counters_ptr, V, stride_row, stride_prow, BLOCK: tl.constexpr, WAYS: tl.constexpr,
+                   HAS_PENALTY: tl.constexpr):
+    # logits [B, V] (row stride stride_row; penalised as in _argmax_kernel), per-row parameters [B]
+    # -> out [B] int64
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
+    seen_ptr = presence_ptr + row * stride_prow
+    penalty = tl.load(penalty_ptr + row) if HAS_PENALTY else 1.0
     lanes = tl.arange(0, BLOCK)
-    token, top, first_nan = _row_argmax(row_ptr, V, BLOCK)  # the greedy token, as argmax's
+    token, top, first_nan = _row_argmax(row_ptr, seen_ptr, penalty, V, BLOCK, HAS_PENALTY)  # the greedy token
 
     temperature = tl.load(temperature_ptr + row)
     top = tl.math.div_rn(top, tl.where(temperature > 0, temperature, 1.0))  # the largest score
@@ -180,23 +200,25 @@ def _sample_kernel(logits_ptr, out_ptr, temperature_ptr, top_k_ptr, top_p_ptr, s
         top_p = tl.load(top_p_ptr + row)
         floor = tl.full([], float("-inf"), tl.float32)  # the smallest kept score
         if (top_k > 0) & (top_k < V):  # the k-th largest score
-            floor = _key_value(_largest_reaching_key(row_ptr, V, temperature, top, _order_key(floor),
-                                                     _order_key(top), top_k.to(tl.float32), False, BLOCK, WAYS))
+            floor = _key_value(_largest_reaching_key(row_ptr, seen_ptr, penalty, V, temperature, top,
+                                                     _order_key(floor), _order_key(top), top_k.to(tl.float32),
+                                                     False, BLOCK, WAYS, HAS_PENALTY))
         if top_p < 1:  # the largest score whose scores at or above it hold top_p of the kept mass
             mass = tl.zeros([BLOCK], tl.float32)
             for start in range(0, V, BLOCK):
-                s = _scores(row_ptr, start + lanes, V, temperature)
+                s = _scores(row_ptr, seen_ptr, penalty, start + lanes, V, temperature, HAS_PENALTY)
                 mass += tl.where(s >= floor, tl.exp(s - top), 0.0)
             target = top_p * tl.sum(mass, axis=0)
-            floor = _key_value(_largest_reaching_key(row_ptr, V, temperature, top, _order_key(floor),
-                                                     _order_key(top), target, True, BLOCK, WAYS))
+            floor = _key_value(_largest_reaching_key(row_ptr, seen_ptr, penalty, V, temperature, top,
+                                                     _order_key(floor), _order_key(top), target, True, BLOCK, WAYS,
+                                                     HAS_PENALTY))
         # the race over the kept scores: argmax of s - log(E), lowest index on ties
         stream = _mix64_t(tl.load(seeds_ptr + row) * _GOLDEN + tl.load(counters_ptr + row))
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         best_idx = lanes
         for start in range(0, V, BLOCK):
             cols = start + lanes
-            s = _scores(row_ptr, cols, V, temperature)
+            s = _scores(row_ptr, seen_ptr, penalty, cols, V, temperature, HAS_PENALTY)
             bits = _mix64_t(stream + (cols.to(tl.int64) + 1) * _GOLDEN)
             u = (_shr_t(bits, 41) * 2 + 1).to(tl.float32) * (1.0 / (1 << 24))
             key = tl.where(s >= floor, s - tl.log(-tl.log(u)), float("-inf"))
@@ -217,32 +239,51 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise ValueError(f"logits must be contiguous over the vocab, got strides {logits.stride()}")
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] (rows may be strided) -> [B] int64 index of each row's max (lowest on ties)."""
+def _penalty_args(logits: torch.Tensor, presence: torch.Tensor | None, penalty: torch.Tensor | None) -> tuple:
+    """A kernel's (presence, penalty, presence row stride, HAS_PENALTY) arguments; without a
+    presence mask, logits stands in for the pointers the kernel does not read."""
+    if presence is None and penalty is None:
+        return logits, logits, 0, False
+    if presence is None or penalty is None:
+        raise ValueError("presence and penalty go together: give both or neither")
+    _check_presence(logits, presence, penalty)
+    return presence.view(torch.uint8), penalty, presence.stride(0), True
+
+
+def argmax(logits: torch.Tensor, presence: torch.Tensor | None = None,
+           penalty: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] (rows may be strided) -> [B] int64 index of each row's max (lowest on ties).
+    With presence [B, V] bool and penalty [B] fp32: the max of the repetition-penalised fp32 logits
+    (apply_repetition_penalty_'s math, applied as the row is read: logits are not written)."""
     _check_logits(logits)
     B, V = logits.shape
     if V == 0:
         raise ValueError("logits has an empty vocab dim; argmax is undefined")
+    presence_arg, penalty_arg, stride_prow, has_penalty = _penalty_args(logits, presence, penalty)
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B > 0:
         block = min(triton.next_power_of_2(V), _ARGMAX_BLOCK)
-        _argmax_kernel[(B,)](logits, out, V, logits.stride(0), BLOCK=block,
-                             num_warps=min(max(block // 512, 1), 8))
+        _argmax_kernel[(B,)](logits, out, presence_arg, penalty_arg, V, logits.stride(0), stride_prow, BLOCK=block,
+                             HAS_PENALTY=has_penalty, num_warps=min(max(block // 512, 1), 8))
     return out
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] fp32 (rows may be strided); temperature [B] fp32 (0: greedy); top_k [B] int64
-    (<= 0 or >= V: off); top_p [B] fp32 (>= 1: off); seeds, counters [B] int64 -> [B] int64 tokens,
-    those `sample_ref` picks (see there)."""
+           seeds: torch.Tensor, counters: torch.Tensor, presence: torch.Tensor | None = None,
+           penalty: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] fp32, fp16 or bf16 (rows may be strided; read as fp32); temperature [B] fp32
+    (0: greedy); top_k [B] int64 (<= 0 or >= V: off); top_p [B] fp32 (>= 1: off); seeds, counters
+    [B] int64; presence [B, V] bool and penalty [B] fp32 (optional: the repetition penalty, as in
+    `argmax`) -> [B] int64 tokens, those `sample_ref` picks (see there). logits are not written."""
     _check_sample(logits, temperature, top_k, top_p, seeds, counters)
+    presence_arg, penalty_arg, stride_prow, has_penalty = _penalty_args(logits, presence, penalty)
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B > 0:
         block = min(triton.next_power_of_2(V), _SAMPLE_BLOCK)
-        _sample_kernel[(B,)](logits, out, temperature, top_k, top_p, seeds, counters, V, logits.stride(0),
-                             BLOCK=block, WAYS=SEARCH_WAYS, num_warps=min(max(block // 256, 1), 8))
+        _sample_kernel[(B,)](logits, out, presence_arg, penalty_arg, temperature, top_k, top_p, seeds, counters, V,
+                             logits.stride(0), stride_prow, BLOCK=block, WAYS=SEARCH_WAYS, HAS_PENALTY=has_penalty,
+                             num_warps=min(max(block // 256, 1), 8))
     return out
 
 
@@ -300,8 +341,8 @@ def _check_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
                   seeds: torch.Tensor, counters: torch.Tensor) -> None:
     _check_logits(logits)
     B, V = logits.shape
-    if logits.dtype != torch.float32 or not 0 < V < 2**24:  # counts of scores are exact fp32 sums
-        raise ValueError(f"logits must be fp32 with 0 < vocab < 2**24, got {logits.dtype} {tuple(logits.shape)}")
+    if not 0 < V < 2**24:  # counts of scores are exact fp32 sums
+        raise ValueError(f"logits must have 0 < vocab < 2**24, got {tuple(logits.shape)}")
     for name, t, dtype in (("temperature", temperature, torch.float32), ("top_k", top_k, torch.int64),
                            ("top_p", top_p, torch.float32), ("seeds", seeds, torch.int64),
                            ("counters", counters, torch.int64)):
@@ -310,8 +351,12 @@ def _check_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
-def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
-    """Plain-torch twin of `argmax`."""
+def argmax_ref(logits: torch.Tensor, presence: torch.Tensor | None = None,
+               penalty: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch twin of `argmax`: the penalty (when given) on the fp32 logits, then torch.argmax."""
+    _penalty_args(logits, presence, penalty)  # both or neither, and their shapes
+    if presence is not None:
+        logits = apply_repetition_penalty_ref(logits.float(), presence, penalty)
     return torch.argmax(logits, dim=-1)
 
 
@@ -387,8 +432,10 @@ def top_k_top_p_filter_ref(scores: torch.Tensor, top_k: torch.Tensor, top_p: tor
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-               seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """Plain-torch twin of `sample`: one token per row of fp32 logits [B, V].
+               seeds: torch.Tensor, counters: torch.Tensor, presence: torch.Tensor | None = None,
+               penalty: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch twin of `sample`: one token per row of logits [B, V], taken as fp32 and, with
+    presence and penalty, repetition-penalised (apply_repetition_penalty_ref); then:
     - temperature > 0: the scores s = logits / temperature are filtered by top_k and top_p
       (`top_k_top_p_filter_ref`), and the token is the exponential race over the kept set,
       argmax of s_v - log(-log(u_v)) with u = hashed_uniform(seeds, counters, 0..V-1), lowest index
@@ -397,6 +444,10 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
       -inf, a temperature so small that x / temperature overflows): the greedy token, argmax's
       (lowest index on ties, the first NaN wins)."""
     _check_sample(logits, temperature, top_k, top_p, seeds, counters)
+    _penalty_args(logits, presence, penalty)
+    logits = logits.float()
+    if presence is not None:
+        logits = apply_repetition_penalty_ref(logits, presence, penalty)
     greedy = argmax_ref(logits)
     scores = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
     sampled = (temperature > 0) & scores.max(-1).values.isfinite()  # torch.max propagates NaN

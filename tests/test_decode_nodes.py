@@ -29,14 +29,15 @@ from glmrt.kernels import sampling
 from glmrt.model.ops import TorchOps
 
 # Measured. Greedy: 2 layers x 6 launches (4 projections, M-RoPE + KV write, attention: no split-KV
-# combine at the tiny context), the final sandwich norm, lm_head, the decode inputs, the repetition
-# penalty and argmax (17 launches), and 6 torch ops (the embedding gather, the logits' fp32 copy,
-# the presence, counter and next-token updates). 39 with the decode inputs in torch ops (17, not 1).
-GREEDY_NODES = 23
+# combine at the tiny context), the final sandwich norm, lm_head, the decode inputs and argmax,
+# which applies the repetition penalty as it reads the logits (16 launches), and 5 torch ops (the
+# embedding gather, the presence, counter and next-token updates). 23 when the penalty was a launch
+# of its own on an fp32 copy of the logits; 37 with the decode inputs in torch ops (17, not 1).
+GREEDY_NODES = 21
 # Sampled: the same step with argmax's launch replaced by the fused sampler's (temperature, top-k,
 # top-p, the seeded draw and greedy rows in one kernel), so no more nodes than greedy; 84 when the
 # sampled path was torch ops (a vocabulary sort, a softmax, the hash: ~60 of them).
-SAMPLED_NODES = 23
+SAMPLED_NODES = 21
 
 aten = torch.ops.aten
 _ALLOCATIONS = {aten.empty, aten.empty_like, aten.new_empty, aten.empty_strided}

@@ -12,8 +12,9 @@ the threshold samplers of FlashInfer and vLLM do (transformers' sort-based top-p
 the cut by sort order). See glmrt.kernels.sampling.top_k_top_p_filter_ref.
 
 Everything reads per-row state from device tensors of static shape (no host sync, no per-step
-upload), so the sampler is captured in the decode graph: after the mask and the penalty, a step's
-tokens are one op, `ops.sample` (on the Triton backend one kernel, no vocabulary sort). The draw
+upload), so the sampler is captured in the decode graph: after the mask (constrained steps only),
+a step's tokens are one op, `ops.sample` or `ops.argmax`, which applies the repetition penalty as
+it reads the logits (on the Triton backend one kernel, no vocabulary sort). The draw
 is the exponential race argmax(p / E), E = -log(u), taken in the log domain,
 argmax(s - log(E)) over the kept scores s, which samples exactly from p = softmax(s). u comes from
 a counter-based hash of (row seed, tokens generated so far, vocabulary id), so a request's draws
@@ -95,17 +96,16 @@ class Sampler:
         applied first, as in vLLM, so that the penalty, temperature and draw see allowed tokens only.
         `logits` itself is left unchanged."""
         st = self.state
-        # A copy (the mask and penalty ops may work in place): the raw logits stay intact for
-        # ModelRunner.logprobs_of. From bf16 logits the fp32 conversion is this copy anyway.
-        logits = logits.to(torch.float32, copy=True)
-        if token_mask is not None:
-            logits = self.ops.apply_token_bitmask(logits, token_mask)
-        logits = self.ops.apply_repetition_penalty(logits, st.presence[rows], st.penalty[rows])
+        if token_mask is not None:  # on a copy (the mask op may work in place): the raw logits stay
+            # intact for ModelRunner.logprobs_of
+            logits = self.ops.apply_token_bitmask(logits.to(torch.float32, copy=True), token_mask)
+        # the penalty is applied as the sampling op reads the (fp32-converted) logits: no copy, no pass of its own
+        presence, penalty = st.presence[rows], st.penalty[rows]
         if do_sample:
             tokens = self.ops.sample(logits, st.temperature[rows], st.top_k[rows], st.top_p[rows],
-                                     st.seeds[rows], st.counters[rows])
+                                     st.seeds[rows], st.counters[rows], presence, penalty)
         else:
-            tokens = self.ops.argmax(logits)
+            tokens = self.ops.argmax(logits, presence, penalty)
         st.presence[rows].scatter_(1, tokens[:, None], True)
         st.counters[rows] += 1
         return tokens

@@ -208,6 +208,35 @@ def test_sample_matches_reference(batch, vocab, integer_valued):
     assert _kept(logits, temperature, top_k, top_p)[torch.arange(batch), out][~greedy].all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch,vocab", [(1, 1), (4, 7), (6, 4097), (2, VOCAB)])
+def test_penalty_read_with_the_row_is_the_penalty_pass_then_the_op(dtype, batch, vocab, monkeypatch):
+    """argmax and sample with presence and penalty give the tokens of the old two-op path (the
+    penalty kernel on an fp32 copy, then the op), bit for bit, leave their logits alone, and
+    overwrite a poisoned output; rows whose penalty is 1 or whose mask is empty are unpenalised."""
+    gen = torch.Generator().manual_seed(batch * vocab + (dtype == torch.float16))
+    logits = _strided_logits(batch, vocab, dtype, gen, integer_valued=vocab < 100)
+    logits[-1, ::3] = -logits[-1, ::3]  # negative scores, scaled up by the penalty
+    raw = logits.clone()
+    presence = _presence(batch, vocab, gen)
+    penalty = (1.0 + 3 * torch.rand(batch, generator=gen)).to(DEVICE)
+    penalty[batch // 2] = 1.0
+    penalised = apply_repetition_penalty_(logits.to(torch.float32, copy=True), presence, penalty)
+    params = _params(batch, vocab, gen, greedy_every=3)
+    for op, ref, args in ((argmax, argmax_ref, ()), (sample, sample_ref, params)):
+        expected = op(penalised, *args)
+        out = op(logits, *args, presence, penalty)
+        assert torch.equal(out, expected) and torch.equal(out, ref(logits, *args, presence, penalty)), op.__name__
+        assert torch.equal(logits, raw)
+    assert torch.equal(argmax(logits, presence, torch.ones_like(penalty)), argmax(logits))
+    assert torch.equal(sample(logits, *params, torch.zeros_like(presence), penalty), sample(logits.float(), *params))
+    expected = argmax_ref(logits, presence, penalty)
+    poison = torch.full((batch,), -12345, dtype=torch.int64, device=DEVICE)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison)
+    out = argmax(logits, presence, penalty)
+    assert out is poison and torch.equal(out, expected)
+
+
 def test_sample_edge_rows():
     vocab = 4500  # three loop tiles
     logits = torch.randn(10, vocab, generator=torch.Generator().manual_seed(0))
@@ -333,8 +362,14 @@ def test_sample_rejects_bad_arguments():
     good = [torch.ones(2, device=DEVICE), torch.zeros(2, dtype=torch.int64, device=DEVICE),
             torch.ones(2, device=DEVICE), torch.zeros(2, dtype=torch.int64, device=DEVICE),
             torch.zeros(2, dtype=torch.int64, device=DEVICE)]
-    with pytest.raises(ValueError, match="fp32"):
-        sample(logits.half(), *good)
+    with pytest.raises(ValueError, match="vocab < 2"):
+        sample(torch.randn(2, 2**24, device=DEVICE).as_strided((2, 2**24), (0, 1)), *good)
+    with pytest.raises(ValueError, match="both or neither"):
+        sample(logits, *good, torch.zeros(2, 10, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="presence"):
+        sample(logits, *good, torch.zeros(2, 9, dtype=torch.bool, device=DEVICE), torch.ones(2, device=DEVICE))
+    with pytest.raises(ValueError, match="penalty"):
+        argmax(logits, torch.zeros(2, 10, dtype=torch.bool, device=DEVICE), torch.ones(3, device=DEVICE))
     for i, name in enumerate(("temperature", "top_k", "top_p", "seeds", "counters")):
         bad = list(good)
         bad[i] = bad[i][:1]
@@ -349,10 +384,11 @@ def test_sample_rejects_bad_arguments():
 def test_sampling_kernels_compile_for_sm90():
     specs = []
     for dtype in ("fp16", "bf16", "fp32"):
-        for block in (64, 4096):
-            sig = {"logits_ptr": f"*{dtype}", "out_ptr": "*i64", "V": "i32", "stride_row": "i32",
-                   "BLOCK": "constexpr"}
-            specs.append(("glmrt.kernels.sampling", "_argmax_kernel", sig, dict(BLOCK=block)))
+        for block, has_penalty in ((64, False), (4096, False), (4096, True)):
+            sig = {"logits_ptr": f"*{dtype}", "out_ptr": "*i64", "presence_ptr": "*u8" if has_penalty else f"*{dtype}",
+                   "penalty_ptr": "*fp32" if has_penalty else f"*{dtype}", "V": "i32", "stride_row": "i32",
+                   "stride_prow": "i32", "BLOCK": "constexpr", "HAS_PENALTY": "constexpr"}
+            specs.append(("glmrt.kernels.sampling", "_argmax_kernel", sig, dict(BLOCK=block, HAS_PENALTY=has_penalty)))
     for dtype in ("fp16", "bf16", "fp32"):
         sig = {"logits_ptr": f"*{dtype}", "presence_ptr": "*u8", "penalty_ptr": "*fp32", "V": "i32",
                "stride_lrow": "i32", "stride_prow": "i32", "BLOCK": "constexpr"}
@@ -361,11 +397,13 @@ def test_sampling_kernels_compile_for_sm90():
         sig = {"logits_ptr": f"*{dtype}", "mask_ptr": "*i32", "V": "i32", "stride_lrow": "i32",
                "stride_mrow": "i32", "BLOCK": "constexpr"}
         specs.append(("glmrt.kernels.sampling", "_token_bitmask_kernel", sig, dict(BLOCK=4096)))
-    sig = {"logits_ptr": "*fp32", "out_ptr": "*i64", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
-           "top_p_ptr": "*fp32", "seeds_ptr": "*i64", "counters_ptr": "*i64", "V": "i32", "stride_row": "i32",
-           "BLOCK": "constexpr", "WAYS": "constexpr"}
-    for block in (8, 2048):
-        specs.append(("glmrt.kernels.sampling", "_sample_kernel", sig, dict(BLOCK=block, WAYS=16)))
+    for dtype, block, has_penalty in (("fp32", 8, False), ("fp32", 2048, False), ("bf16", 2048, True)):
+        sig = {"logits_ptr": f"*{dtype}", "out_ptr": "*i64", "presence_ptr": "*u8" if has_penalty else f"*{dtype}",
+               "penalty_ptr": "*fp32" if has_penalty else f"*{dtype}", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
+               "top_p_ptr": "*fp32", "seeds_ptr": "*i64", "counters_ptr": "*i64", "V": "i32", "stride_row": "i32",
+               "stride_prow": "i32", "BLOCK": "constexpr", "WAYS": "constexpr", "HAS_PENALTY": "constexpr"}
+        specs.append(("glmrt.kernels.sampling", "_sample_kernel", sig,
+                      dict(BLOCK=block, WAYS=16, HAS_PENALTY=has_penalty)))
     compile_for_hopper(specs)
 
 
