@@ -56,7 +56,9 @@ TEXT_TOKENS = torch.arange(300, 364)  # byte-level ids of ordinary characters: r
 
 class StubDevice:
     """Stands in for the device work of a step: forward, vision (with the pixels' normalization),
-    lm_head, sampler. Tokens cycle
+    lm_head, sampler, and the decode rows' inputs of a mixed step where they are one op (one Triton
+    launch on the GPU; the CPU backend's twin is ~17 torch ops; commits before it launched those
+    ops from the runner, and keep them). Tokens cycle
     through ordinary text ids so that detokenization does its usual work; under a structured-output
     mask, a row takes a pseudo-random allowed token instead (that choice is the stub's own work:
     `seconds` accumulates it, for callers to subtract)."""
@@ -72,6 +74,10 @@ class StubDevice:
             sum(t * h * w for t, h, w in grids) // 4, hidden)
         model.compute_logits = lambda h: h[:, :1]
         runner.sampler = self.sample
+        ops = getattr(getattr(runner, "batch", None), "ops", None)
+        if hasattr(ops, "decode_inputs"):  # (slot mapping [B], positions [3, B]) of B rows
+            ops.decode_inputs = lambda context_lens, *a, **k: (
+                torch.zeros(len(context_lens), dtype=torch.int64), torch.zeros(3, len(context_lens), dtype=torch.int64))
         # (tokens, the logits they came from): what a decode step returns (tokens alone before the
         # runner computed log-probabilities, 2026-12-06: so that --baseline measures older commits)
         if hasattr(runner, "logprobs_of"):
