@@ -61,6 +61,8 @@ BAD = [
     ("ignore_eos", "no", "'no'"),
     ("skip_special_tokens", None, "None"),
     ("skip_special_tokens", 0, "0"),
+    ("output_kind", "delta", "'delta'"),
+    ("output_kind", None, "None"),
 ]
 
 
