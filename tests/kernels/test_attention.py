@@ -194,7 +194,11 @@ def test_attention_kernel_compiles_for_sm90():
     specs += [_spec(("fp16", "bf16")[i % 2], head_dim, i % 3 == 0, 2)
               for i, head_dim in enumerate((8, 24, 40, 80, 96, 160, 256))]
     specs += [_spec("fp32", 256, True, 2), _spec("fp32", 40, False, 1)]
-    compile_for_hopper(specs)
+    # bf16 with group 2 at the head dims and masks of _RESOURCE_CASES is compiled for sm_90 by
+    # test_attention_kernel_hopper_resources, as a launch specializes it: not compiled twice.
+    compile_for_hopper([(module, name, sig, consts) for module, name, sig, consts in specs
+                        if not (sig["q_ptr"] == "*bf16" and consts["GROUP"] == 2
+                                and (consts["HEAD_DIM"], consts["CAUSAL"]) in _RESOURCE_CASES)])
 
 
 _RESOURCE_CASES = [(64, False), (64, True), (128, False), (128, True),

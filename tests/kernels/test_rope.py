@@ -594,16 +594,20 @@ def test_compiles_for_sm90():
             specs += [_mrope_write_kv_spec(dtype, pos, slot, bt, **GLM_IMAGE_ROPE)
                       for bt in (1, 2)]
         specs += [_mrope_write_kv_spec(dtype, "i64", "i64", 2, block_size=32)]
-        for D in (4, 24, 40, 80, 256):
-            specs += [_vision_spec(dtype, "i64", D, H=3, block_s=2)]
-        for D in (2, 8, 24, 40, 80, 96, 160, 256):  # with the head dims of test_paged's
-            specs += [_mrope_write_kv_spec(dtype, "i64", "i64", bt, D, HQ=5, HK=3)
-                      for bt in (1, 2)]
-        # partial and full NeoX, partial interleaved, sizes that are not powers of two
-        for D, rotary, interleaved in ((48, 24, False), (80, 32, False), (40, 40, False),
-                                       (256, 128, False), (64, 2, False), (64, 32, True),
-                                       (48, 24, True)):
-            specs += [_mrope_write_kv_spec(dtype, "i64", "i32", 2, D, 5, 3, rotary, interleaved)]
+    # Other sizes, each once, fp16 and bf16 alternating: both are 16-bit, so a size compiles to the
+    # same tiles, layouts and register and shared-memory footprint in either, and each dtype's own
+    # conversions are compiled above, for every position and slot dtype.
+    dtypes = ("fp16", "bf16")
+    for i, D in enumerate((4, 24, 40, 80, 256)):
+        specs += [_vision_spec(dtypes[i % 2], "i64", D, H=3, block_s=2)]
+    for i, D in enumerate((2, 8, 24, 40, 80, 96, 160, 256)):  # with the head dims of test_paged's
+        specs += [_mrope_write_kv_spec(dtypes[(i + bt) % 2], "i64", "i64", bt, D, HQ=5, HK=3)
+                  for bt in (1, 2)]
+    # partial and full NeoX, partial interleaved, sizes that are not powers of two
+    for i, (D, rotary, interleaved) in enumerate(((48, 24, False), (80, 32, False), (40, 40, False),
+                                                  (256, 128, False), (64, 2, False), (64, 32, True),
+                                                  (48, 24, True))):
+        specs += [_mrope_write_kv_spec(dtypes[i % 2], "i64", "i32", 2, D, 5, 3, rotary, interleaved)]
     compile_for_hopper(specs)
 
 
