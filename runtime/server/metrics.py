@@ -114,8 +114,8 @@ class RequestTimer:
         self.num_tokens += n
         if n:
             m.generation_tokens.inc(n)
-            if self.last is None:  # the first token was read at first_token_time (earlier, when final only)
-                first = now if out.first_token_time is None else min(now, out.first_token_time)
+            if self.last is None:  # the engine read the first token at first_token_time (well before now, when final only)
+                first = now if out.first_token_time is None else out.first_token_time
                 m.ttft.observe(first - self.arrival)
                 if n > 1:  # the tokens after it, in the same output
                     m.itl.observe((now - first) / (n - 1))
