@@ -14,8 +14,11 @@ kernel remains for the speculative verify step, whose positions each see their o
 
 token bitmask (structured outputs): the engine computes, on the host with llguidance, which tokens
 each constrained row may take next (bit v % 32 of int32 word v // 32 set = token v allowed) while
-the device runs the decoder forward; this kernel then sets every disallowed logit to -inf, before
-the penalty, temperature and draw. Allowed entries are never rewritten (masked store).
+the device runs the decoder forward. argmax and sample take the mask [B, >= ceil(V / 32)] and
+apply it as they read each tile of the row: every disallowed logit is -inf before the penalty,
+temperature and draw, at the cost of reading the row's words (an unconstrained row's are all -1).
+The elementwise kernel, which writes -inf over the disallowed entries and never rewrites allowed
+ones (masked store), remains for the speculative verify step and the reference.
 
 sample: temperature, top-k, top-p and the seeded draw of a row in one program, without sorting the
 vocabulary. The top-k and top-p cuts are values found by searching the order-preserving int32
@@ -46,10 +49,16 @@ _MIX2 = tl.constexpr(-7723592293110705685)  # 0x94D049BB133111EB
 
 
 @triton.jit
-def _logits(row_ptr, seen_ptr, penalty, cols, V, HAS_PENALTY: tl.constexpr):
-    # the fp32 logits of one row's tile at cols (-inf past the row), with the repetition penalty
-    # where the row's presence mask (seen_ptr, uint8) is set: the math of _penalty_kernel
+def _logits(row_ptr, seen_ptr, penalty, words_ptr, cols, V, HAS_PENALTY: tl.constexpr, HAS_MASK: tl.constexpr):
+    # the fp32 logits of one row's tile at cols (-inf past the row): -inf where the row's token
+    # bitmask (words_ptr, int32) has the token's bit clear, as _token_bitmask_kernel writes; then
+    # the repetition penalty where the row's presence mask (seen_ptr, uint8) is set: the math of
+    # _penalty_kernel (-inf stays -inf)
     x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    if HAS_MASK:
+        words = tl.load(words_ptr + cols // 32, mask=cols < V, other=0)
+        allowed = ((words >> (cols % 32)) & 1) != 0  # arithmetic shift: `& 1` keeps the wanted bit
+        x = tl.where(allowed, x, float("-inf"))
     if HAS_PENALTY:
         seen = tl.load(seen_ptr + cols, mask=cols < V, other=0) != 0
         x = tl.where(seen, tl.where(x < 0, x * penalty, tl.math.div_rn(x, penalty)), x)
@@ -57,15 +66,17 @@ def _logits(row_ptr, seen_ptr, penalty, cols, V, HAS_PENALTY: tl.constexpr):
 
 
 @triton.jit
-def _row_argmax(row_ptr, seen_ptr, penalty, V, BLOCK: tl.constexpr, HAS_PENALTY: tl.constexpr):
-    # one row [V] (penalised, see _logits) -> (its argmax as int64: the lowest index among equal
-    # maxima, the first NaN if any; its largest non-NaN value; the first NaN's index, or V without one)
+def _row_argmax(row_ptr, seen_ptr, penalty, words_ptr, V, BLOCK: tl.constexpr, HAS_PENALTY: tl.constexpr,
+                HAS_MASK: tl.constexpr):
+    # one row [V] (masked and penalised, see _logits) -> (its argmax as int64: the lowest index
+    # among equal maxima, the first NaN if any; its largest non-NaN value; the first NaN's index, or
+    # V without one)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = lanes  # an all -inf row (any length) still resolves to index 0 below
     for start in range(0, V, BLOCK):
         cols = start + lanes
-        x = _logits(row_ptr, seen_ptr, penalty, cols, V, HAS_PENALTY)
+        x = _logits(row_ptr, seen_ptr, penalty, words_ptr, cols, V, HAS_PENALTY, HAS_MASK)
         # strictly greater keeps a lane's earliest index among equals; the first NaN sticks
         take = (x > best) | ((x != x) & (best == best))
         best = tl.where(take, x, best)
@@ -78,14 +89,16 @@ def _row_argmax(row_ptr, seen_ptr, penalty, V, BLOCK: tl.constexpr, HAS_PENALTY:
 
 
 @triton.jit
-def _argmax_kernel(logits_ptr, out_ptr, presence_ptr, penalty_ptr, V, stride_row, stride_prow, BLOCK: tl.constexpr,
-                   HAS_PENALTY: tl.constexpr):
-    # logits [B, V] (row stride stride_row), penalised where presence [B, V] (uint8, row stride
-    # stride_prow) is set by penalty [B] when HAS_PENALTY -> out [B] int64
+def _argmax_kernel(logits_ptr, out_ptr, presence_ptr, penalty_ptr, mask_ptr, V, stride_row, stride_prow, stride_mrow,
+                   BLOCK: tl.constexpr, HAS_PENALTY: tl.constexpr, HAS_MASK: tl.constexpr):
+    # logits [B, V] (row stride stride_row), -inf where the token bitmask [B, >= ceil(V / 32)]
+    # (int32, row stride stride_mrow) has the bit clear when HAS_MASK, then penalised where
+    # presence [B, V] (uint8, row stride stride_prow) is set by penalty [B] when HAS_PENALTY
+    # -> out [B] int64
     row = tl.program_id(0).to(tl.int64)
     penalty = tl.load(penalty_ptr + row) if HAS_PENALTY else 1.0
-    token, _, _ = _row_argmax(logits_ptr + row * stride_row, presence_ptr + row * stride_prow, penalty, V, BLOCK,
-                              HAS_PENALTY)
+    token, _, _ = _row_argmax(logits_ptr + row * stride_row, presence_ptr + row * stride_prow, penalty,
+                              mask_ptr + row * stride_mrow, V, BLOCK, HAS_PENALTY, HAS_MASK)
     tl.store(out_ptr + row, token)
 
 
@@ -145,14 +158,18 @@ def _key_value(key):
 
 
 @triton.jit
-def _scores(row_ptr, seen_ptr, penalty, cols, V, temperature, HAS_PENALTY: tl.constexpr):
-    # the temperature-scaled fp32 scores of the tile at cols (penalised, see _logits); -inf past the row
-    return tl.math.div_rn(_logits(row_ptr, seen_ptr, penalty, cols, V, HAS_PENALTY), temperature)
+def _scores(row_ptr, seen_ptr, penalty, words_ptr, cols, V, temperature, HAS_PENALTY: tl.constexpr,
+            HAS_MASK: tl.constexpr):
+    # the temperature-scaled fp32 scores of the tile at cols (masked and penalised, see _logits);
+    # -inf past the row
+    return tl.math.div_rn(_logits(row_ptr, seen_ptr, penalty, words_ptr, cols, V, HAS_PENALTY, HAS_MASK),
+                          temperature)
 
 
 @triton.jit
-def _largest_reaching_key(row_ptr, seen_ptr, penalty, V, temperature, top, lo, hi, target, MASS: tl.constexpr,
-                          BLOCK: tl.constexpr, WAYS: tl.constexpr, HAS_PENALTY: tl.constexpr):
+def _largest_reaching_key(row_ptr, seen_ptr, penalty, words_ptr, V, temperature, top, lo, hi, target,
+                          MASS: tl.constexpr, BLOCK: tl.constexpr, WAYS: tl.constexpr, HAS_PENALTY: tl.constexpr,
+                          HAS_MASK: tl.constexpr):
     # The largest key t in [lo, hi] whose scores >= t weigh at least target, taking lo to reach
     # (the caller's fallback). Weight: 1 per score (MASS False), or exp(s - top). Each pass over
     # the row weighs WAYS pivots spread over (lo, hi], the last one hi, and keeps the range between
@@ -166,7 +183,7 @@ def _largest_reaching_key(row_ptr, seen_ptr, penalty, V, temperature, top, lo, h
         weight = tl.zeros([WAYS], tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + lanes
-            s = _scores(row_ptr, seen_ptr, penalty, cols, V, temperature, HAS_PENALTY)
+            s = _scores(row_ptr, seen_ptr, penalty, words_ptr, cols, V, temperature, HAS_PENALTY, HAS_MASK)
             if MASS:
                 w = tl.exp(s - top)  # 0 past the row (-inf)
             else:
@@ -181,17 +198,19 @@ def _largest_reaching_key(row_ptr, seen_ptr, penalty, V, temperature, top, lo, h
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, out_ptr, presence_ptr, penalty_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seeds_ptr,
-                   counters_ptr, V, stride_row, stride_prow, BLOCK: tl.constexpr, WAYS: tl.constexpr,
-                   HAS_PENALTY: tl.constexpr):
-    # logits [B, V] (row stride stride_row; penalised as in _argmax_kernel), per-row parameters [B]
-    # -> out [B] int64
+def _sample_kernel(logits_ptr, out_ptr, presence_ptr, penalty_ptr, mask_ptr, temperature_ptr, top_k_ptr, top_p_ptr,
+                   seeds_ptr, counters_ptr, V, stride_row, stride_prow, stride_mrow, BLOCK: tl.constexpr,
+                   WAYS: tl.constexpr, HAS_PENALTY: tl.constexpr, HAS_MASK: tl.constexpr):
+    # logits [B, V] (row stride stride_row; masked and penalised as in _argmax_kernel), per-row
+    # parameters [B] -> out [B] int64
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     seen_ptr = presence_ptr + row * stride_prow
+    words_ptr = mask_ptr + row * stride_mrow
     penalty = tl.load(penalty_ptr + row) if HAS_PENALTY else 1.0
     lanes = tl.arange(0, BLOCK)
-    token, top, first_nan = _row_argmax(row_ptr, seen_ptr, penalty, V, BLOCK, HAS_PENALTY)  # the greedy token
+    # the greedy token
+    token, top, first_nan = _row_argmax(row_ptr, seen_ptr, penalty, words_ptr, V, BLOCK, HAS_PENALTY, HAS_MASK)
 
     temperature = tl.load(temperature_ptr + row)
     top = tl.math.div_rn(top, tl.where(temperature > 0, temperature, 1.0))  # the largest score
@@ -200,25 +219,26 @@ def _sample_kernel(logits_ptr, out_ptr, presence_ptr, penalty_ptr, temperature_p
         top_p = tl.load(top_p_ptr + row)
         floor = tl.full([], float("-inf"), tl.float32)  # the smallest kept score
         if (top_k > 0) & (top_k < V):  # the k-th largest score
-            floor = _key_value(_largest_reaching_key(row_ptr, seen_ptr, penalty, V, temperature, top,
+            floor = _key_value(_largest_reaching_key(row_ptr, seen_ptr, penalty, words_ptr, V, temperature, top,
                                                      _order_key(floor), _order_key(top), top_k.to(tl.float32),
-                                                     False, BLOCK, WAYS, HAS_PENALTY))
+                                                     False, BLOCK, WAYS, HAS_PENALTY, HAS_MASK))
         if top_p < 1:  # the largest score whose scores at or above it hold top_p of the kept mass
             mass = tl.zeros([BLOCK], tl.float32)
             for start in range(0, V, BLOCK):
-                s = _scores(row_ptr, seen_ptr, penalty, start + lanes, V, temperature, HAS_PENALTY)
+                s = _scores(row_ptr, seen_ptr, penalty, words_ptr, start + lanes, V, temperature, HAS_PENALTY,
+                            HAS_MASK)
                 mass += tl.where(s >= floor, tl.exp(s - top), 0.0)
             target = top_p * tl.sum(mass, axis=0)
-            floor = _key_value(_largest_reaching_key(row_ptr, seen_ptr, penalty, V, temperature, top,
+            floor = _key_value(_largest_reaching_key(row_ptr, seen_ptr, penalty, words_ptr, V, temperature, top,
                                                      _order_key(floor), _order_key(top), target, True, BLOCK, WAYS,
-                                                     HAS_PENALTY))
+                                                     HAS_PENALTY, HAS_MASK))
         # the race over the kept scores: argmax of s - log(E), lowest index on ties
         stream = _mix64_t(tl.load(seeds_ptr + row) * _GOLDEN + tl.load(counters_ptr + row))
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         best_idx = lanes
         for start in range(0, V, BLOCK):
             cols = start + lanes
-            s = _scores(row_ptr, seen_ptr, penalty, cols, V, temperature, HAS_PENALTY)
+            s = _scores(row_ptr, seen_ptr, penalty, words_ptr, cols, V, temperature, HAS_PENALTY, HAS_MASK)
             bits = _mix64_t(stream + (cols.to(tl.int64) + 1) * _GOLDEN)
             u = (_shr_t(bits, 41) * 2 + 1).to(tl.float32) * (1.0 / (1 << 24))
             key = tl.where(s >= floor, s - tl.log(-tl.log(u)), float("-inf"))
@@ -250,40 +270,57 @@ def _penalty_args(logits: torch.Tensor, presence: torch.Tensor | None, penalty: 
     return presence.view(torch.uint8), penalty, presence.stride(0), True
 
 
-def argmax(logits: torch.Tensor, presence: torch.Tensor | None = None,
-           penalty: torch.Tensor | None = None) -> torch.Tensor:
+def _bitmask_args(logits: torch.Tensor, bitmask: torch.Tensor | None) -> tuple:
+    """A kernel's (bitmask, bitmask row stride, HAS_MASK) arguments; without a bitmask, logits
+    stands in for the pointer the kernel does not read."""
+    if bitmask is None:
+        return logits, 0, False
+    _check_bitmask(logits, bitmask)
+    return bitmask, bitmask.stride(0), True
+
+
+def argmax(logits: torch.Tensor, presence: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
+           bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] (rows may be strided) -> [B] int64 index of each row's max (lowest on ties).
-    With presence [B, V] bool and penalty [B] fp32: the max of the repetition-penalised fp32 logits
-    (apply_repetition_penalty_'s math, applied as the row is read: logits are not written)."""
+    With bitmask [B, >= ceil(V / 32)] int32 (llguidance's layout, rows may be strided): every entry
+    whose bit is clear is -inf first (apply_token_bitmask_'s rule); a row that allows nothing gives
+    index 0. With presence [B, V] bool and penalty [B] fp32: the max of the repetition-penalised
+    fp32 logits (apply_repetition_penalty_'s math). Both are applied as the row is read: logits
+    are not written."""
     _check_logits(logits)
     B, V = logits.shape
     if V == 0:
         raise ValueError("logits has an empty vocab dim; argmax is undefined")
     presence_arg, penalty_arg, stride_prow, has_penalty = _penalty_args(logits, presence, penalty)
+    bitmask_arg, stride_mrow, has_mask = _bitmask_args(logits, bitmask)
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B > 0:
         block = min(triton.next_power_of_2(V), _ARGMAX_BLOCK)
-        _argmax_kernel[(B,)](logits, out, presence_arg, penalty_arg, V, logits.stride(0), stride_prow, BLOCK=block,
-                             HAS_PENALTY=has_penalty, num_warps=min(max(block // 512, 1), 8))
+        _argmax_kernel[(B,)](logits, out, presence_arg, penalty_arg, bitmask_arg, V, logits.stride(0), stride_prow,
+                             stride_mrow, BLOCK=block, HAS_PENALTY=has_penalty, HAS_MASK=has_mask,
+                             num_warps=min(max(block // 512, 1), 8))
     return out
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            seeds: torch.Tensor, counters: torch.Tensor, presence: torch.Tensor | None = None,
-           penalty: torch.Tensor | None = None) -> torch.Tensor:
+           penalty: torch.Tensor | None = None, bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] fp32, fp16 or bf16 (rows may be strided; read as fp32); temperature [B] fp32
     (0: greedy); top_k [B] int64 (<= 0 or >= V: off); top_p [B] fp32 (>= 1: off); seeds, counters
     [B] int64; presence [B, V] bool and penalty [B] fp32 (optional: the repetition penalty, as in
-    `argmax`) -> [B] int64 tokens, those `sample_ref` picks (see there). logits are not written."""
+    `argmax`); bitmask [B, >= ceil(V / 32)] int32 (optional: the token bitmask, as in `argmax`,
+    before everything else; a row that allows nothing gives its greedy token, 0) -> [B] int64
+    tokens, those `sample_ref` picks (see there). logits are not written."""
     _check_sample(logits, temperature, top_k, top_p, seeds, counters)
     presence_arg, penalty_arg, stride_prow, has_penalty = _penalty_args(logits, presence, penalty)
+    bitmask_arg, stride_mrow, has_mask = _bitmask_args(logits, bitmask)
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B > 0:
         block = min(triton.next_power_of_2(V), _SAMPLE_BLOCK)
-        _sample_kernel[(B,)](logits, out, presence_arg, penalty_arg, temperature, top_k, top_p, seeds, counters, V,
-                             logits.stride(0), stride_prow, BLOCK=block, WAYS=SEARCH_WAYS, HAS_PENALTY=has_penalty,
-                             num_warps=min(max(block // 256, 1), 8))
+        _sample_kernel[(B,)](logits, out, presence_arg, penalty_arg, bitmask_arg, temperature, top_k, top_p, seeds,
+                             counters, V, logits.stride(0), stride_prow, stride_mrow, BLOCK=block, WAYS=SEARCH_WAYS,
+                             HAS_PENALTY=has_penalty, HAS_MASK=has_mask, num_warps=min(max(block // 256, 1), 8))
     return out
 
 
@@ -351,10 +388,13 @@ def _check_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
-def argmax_ref(logits: torch.Tensor, presence: torch.Tensor | None = None,
-               penalty: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-torch twin of `argmax`: the penalty (when given) on the fp32 logits, then torch.argmax."""
+def argmax_ref(logits: torch.Tensor, presence: torch.Tensor | None = None, penalty: torch.Tensor | None = None,
+               bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch twin of `argmax`: the bitmask (when given, apply_token_bitmask_ref) on the fp32
+    logits, then the penalty (when given) on the fp32 logits, then torch.argmax."""
     _penalty_args(logits, presence, penalty)  # both or neither, and their shapes
+    if bitmask is not None:
+        logits = apply_token_bitmask_ref(logits.float(), bitmask)
     if presence is not None:
         logits = apply_repetition_penalty_ref(logits.float(), presence, penalty)
     return torch.argmax(logits, dim=-1)
@@ -433,19 +473,22 @@ def top_k_top_p_filter_ref(scores: torch.Tensor, top_k: torch.Tensor, top_p: tor
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                seeds: torch.Tensor, counters: torch.Tensor, presence: torch.Tensor | None = None,
-               penalty: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-torch twin of `sample`: one token per row of logits [B, V], taken as fp32 and, with
-    presence and penalty, repetition-penalised (apply_repetition_penalty_ref); then:
+               penalty: torch.Tensor | None = None, bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch twin of `sample`: one token per row of logits [B, V], taken as fp32, with a
+    bitmask every disallowed entry -inf (apply_token_bitmask_ref), and with presence and penalty
+    repetition-penalised (apply_repetition_penalty_ref); then:
     - temperature > 0: the scores s = logits / temperature are filtered by top_k and top_p
       (`top_k_top_p_filter_ref`), and the token is the exponential race over the kept set,
       argmax of s_v - log(-log(u_v)) with u = hashed_uniform(seeds, counters, 0..V-1), lowest index
       on ties: a draw from softmax(s) over the kept set, fixed by (seed, counter) alone;
     - temperature 0, or a row whose largest score is not finite (a NaN or +inf logit, every logit
-      -inf, a temperature so small that x / temperature overflows): the greedy token, argmax's
-      (lowest index on ties, the first NaN wins)."""
+      -inf, as when the bitmask allows nothing, a temperature so small that x / temperature
+      overflows): the greedy token, argmax's (lowest index on ties, the first NaN wins)."""
     _check_sample(logits, temperature, top_k, top_p, seeds, counters)
     _penalty_args(logits, presence, penalty)
     logits = logits.float()
+    if bitmask is not None:
+        logits = apply_token_bitmask_ref(logits, bitmask)
     if presence is not None:
         logits = apply_repetition_penalty_ref(logits, presence, penalty)
     greedy = argmax_ref(logits)

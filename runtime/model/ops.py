@@ -150,18 +150,23 @@ class TorchOps:
         disallowed entry -inf (maybe in place)."""
         return sampling.apply_token_bitmask_ref(logits, bitmask)
 
-    def argmax(self, logits: Tensor, presence: Tensor | None = None, penalty: Tensor | None = None) -> Tensor:
-        """logits [B, V] -> [B] int64, lowest index on ties; with presence [B, V] bool and penalty
-        [B] fp32, of the repetition-penalised fp32 logits (logits are not written)."""
-        return sampling.argmax_ref(logits, presence, penalty)
+    def argmax(self, logits: Tensor, presence: Tensor | None = None, penalty: Tensor | None = None,
+               bitmask: Tensor | None = None) -> Tensor:
+        """logits [B, V] -> [B] int64, lowest index on ties; with bitmask [B, >= ceil(V / 32)] int32
+        (bit set = allowed), of the logits with every disallowed entry -inf (0 for a row that
+        allows nothing); with presence [B, V] bool and penalty [B] fp32, of the
+        repetition-penalised fp32 logits (the mask first; logits are not written)."""
+        return sampling.argmax_ref(logits, presence, penalty, bitmask)
 
     def sample(self, logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor,
-               counters: Tensor, presence: Tensor | None = None, penalty: Tensor | None = None) -> Tensor:
+               counters: Tensor, presence: Tensor | None = None, penalty: Tensor | None = None,
+               bitmask: Tensor | None = None) -> Tensor:
         """logits [B, V], per-row temperature (0: greedy), top_k, top_p, seeds, counters [B], and
-        optionally presence [B, V] and penalty [B] -> [B] int64 tokens: the repetition penalty,
-        temperature, top-k, top-p and the seeded draw on fp32 logits, or argmax for greedy rows
+        optionally presence [B, V] and penalty [B], and bitmask [B, >= ceil(V / 32)] int32 -> [B]
+        int64 tokens: the token bitmask, the repetition penalty, temperature, top-k, top-p and the
+        seeded draw on fp32 logits, or argmax for greedy rows and rows the mask allows nothing
         (see glmrt.kernels.sampling.sample_ref); logits are not written."""
-        return sampling.sample_ref(logits, temperature, top_k, top_p, seeds, counters, presence, penalty)
+        return sampling.sample_ref(logits, temperature, top_k, top_p, seeds, counters, presence, penalty, bitmask)
 
     def decode_inputs(self, context_lens: Tensor, active: Tensor, block_tables: Tensor, block_size: int,
                       rope_deltas: Tensor, decode_positions: Tensor | None = None, prompt_lens: Tensor | None = None,
@@ -264,11 +269,13 @@ class TritonOps(TorchOps):
     def apply_token_bitmask(self, logits, bitmask):
         return sampling.apply_token_bitmask_(logits, bitmask)
 
-    def argmax(self, logits, presence=None, penalty=None):
-        return sampling.argmax(logits, presence, penalty)  # one launch, the penalty applied as rows are read
+    def argmax(self, logits, presence=None, penalty=None, bitmask=None):
+        # one launch, the bitmask and the penalty applied as rows are read
+        return sampling.argmax(logits, presence, penalty, bitmask)
 
-    def sample(self, logits, temperature, top_k, top_p, seeds, counters, presence=None, penalty=None):
-        return sampling.sample(logits, temperature, top_k, top_p, seeds, counters, presence, penalty)  # one launch, no sort
+    def sample(self, logits, temperature, top_k, top_p, seeds, counters, presence=None, penalty=None, bitmask=None):
+        # one launch, no sort; the bitmask and the penalty applied as rows are read
+        return sampling.sample(logits, temperature, top_k, top_p, seeds, counters, presence, penalty, bitmask)
 
     def decode_inputs(self, context_lens, active, block_tables, block_size, rope_deltas, decode_positions=None,
                       prompt_lens=None, decode_lens=None):

@@ -386,11 +386,15 @@ def test_sample_rejects_bad_arguments():
 def test_sampling_kernels_compile_for_sm90():
     specs = []
     for dtype in ("fp16", "bf16", "fp32"):
-        for block, has_penalty in ((64, False), (4096, False), (4096, True)):
+        for block, has_penalty, has_mask in ((64, False, False), (4096, False, False), (4096, True, False),
+                                             (4096, True, True)):
             sig = {"logits_ptr": f"*{dtype}", "out_ptr": "*i64", "presence_ptr": "*u8" if has_penalty else f"*{dtype}",
-                   "penalty_ptr": "*fp32" if has_penalty else f"*{dtype}", "V": "i32", "stride_row": "i32",
-                   "stride_prow": "i32", "BLOCK": "constexpr", "HAS_PENALTY": "constexpr"}
-            specs.append(("glmrt.kernels.sampling", "_argmax_kernel", sig, dict(BLOCK=block, HAS_PENALTY=has_penalty)))
+                   "penalty_ptr": "*fp32" if has_penalty else f"*{dtype}",
+                   "mask_ptr": "*i32" if has_mask else f"*{dtype}", "V": "i32", "stride_row": "i32",
+                   "stride_prow": "i32", "stride_mrow": "i32", "BLOCK": "constexpr", "HAS_PENALTY": "constexpr",
+                   "HAS_MASK": "constexpr"}
+            specs.append(("glmrt.kernels.sampling", "_argmax_kernel", sig,
+                          dict(BLOCK=block, HAS_PENALTY=has_penalty, HAS_MASK=has_mask)))
     for dtype in ("fp16", "bf16", "fp32"):
         sig = {"logits_ptr": f"*{dtype}", "presence_ptr": "*u8", "penalty_ptr": "*fp32", "V": "i32",
                "stride_lrow": "i32", "stride_prow": "i32", "BLOCK": "constexpr"}
@@ -399,13 +403,16 @@ def test_sampling_kernels_compile_for_sm90():
         sig = {"logits_ptr": f"*{dtype}", "mask_ptr": "*i32", "V": "i32", "stride_lrow": "i32",
                "stride_mrow": "i32", "BLOCK": "constexpr"}
         specs.append(("glmrt.kernels.sampling", "_token_bitmask_kernel", sig, dict(BLOCK=4096)))
-    for dtype, block, has_penalty in (("fp32", 8, False), ("fp32", 2048, False), ("bf16", 2048, True)):
+    for dtype, block, has_penalty, has_mask in (("fp32", 8, False, False), ("fp32", 2048, False, False),
+                                                ("bf16", 2048, True, False), ("fp32", 2048, True, True),
+                                                ("fp16", 2048, True, True), ("bf16", 2048, True, True)):
         sig = {"logits_ptr": f"*{dtype}", "out_ptr": "*i64", "presence_ptr": "*u8" if has_penalty else f"*{dtype}",
-               "penalty_ptr": "*fp32" if has_penalty else f"*{dtype}", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
-               "top_p_ptr": "*fp32", "seeds_ptr": "*i64", "counters_ptr": "*i64", "V": "i32", "stride_row": "i32",
-               "stride_prow": "i32", "BLOCK": "constexpr", "WAYS": "constexpr", "HAS_PENALTY": "constexpr"}
+               "penalty_ptr": "*fp32" if has_penalty else f"*{dtype}", "mask_ptr": "*i32" if has_mask else f"*{dtype}",
+               "temperature_ptr": "*fp32", "top_k_ptr": "*i64", "top_p_ptr": "*fp32", "seeds_ptr": "*i64",
+               "counters_ptr": "*i64", "V": "i32", "stride_row": "i32", "stride_prow": "i32", "stride_mrow": "i32",
+               "BLOCK": "constexpr", "WAYS": "constexpr", "HAS_PENALTY": "constexpr", "HAS_MASK": "constexpr"}
         specs.append(("glmrt.kernels.sampling", "_sample_kernel", sig,
-                      dict(BLOCK=block, WAYS=16, HAS_PENALTY=has_penalty)))
+                      dict(BLOCK=block, WAYS=16, HAS_PENALTY=has_penalty, HAS_MASK=has_mask)))
     compile_for_hopper(specs)
 
 
