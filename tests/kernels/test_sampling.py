@@ -237,6 +237,77 @@ def test_penalty_read_with_the_row_is_the_penalty_pass_then_the_op(dtype, batch,
     assert out is poison and torch.equal(out, expected)
 
 
+def _row_masks(batch: int, vocab: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bitmask [batch, ceil(vocab / 32) + 1] whose rows are, by row % 4, random bits (sign bit and
+    the bits past the vocab included: rows 0 and 1), all allowed (-1 words: row 2), and a single
+    allowed token or none (row 3, alternately); its rows are a strided, offset slice of a wider
+    tensor. -> (bitmask, [batch] the single allowed token of each such row, else -1)."""
+    words = (vocab + 31) // 32
+    wide = torch.randint(-2**31, 2**31 - 1, (batch, words + 5), generator=gen, dtype=torch.int32)
+    bitmask = wide[:, 1: words + 2]  # one extra trailing word, ignored
+    single = torch.full((batch,), -1)
+    for row in range(2, batch, 4):
+        bitmask[row] = -1
+    for row in range(3, batch, 4):
+        bitmask[row] = 0
+        if row % 8 == 3:
+            token = int(torch.randint(0, vocab, (1,), generator=gen))
+            bit = 1 << (token % 32)
+            bitmask[row, token // 32] = bit - 2**32 if bit >= 2**31 else bit
+            single[row] = token
+    return bitmask.to(DEVICE), single.to(DEVICE)
+
+
+# the full vocabulary once, one row: the interpreter is slow
+@pytest.mark.parametrize("dtype,batch,vocab", [(dtype, batch, vocab) for dtype in (torch.float32, torch.float16)
+                                               for batch, vocab in ((1, 1), (4, 7), (8, 33), (8, 4097))]
+                         + [(torch.float16, 1, VOCAB)])
+def test_bitmask_read_with_the_row_is_the_mask_pass_then_the_op(dtype, batch, vocab, monkeypatch):
+    """argmax and sample with a token bitmask, with and without presence and penalty, give the
+    tokens of the old two-op path (the bitmask kernel on an fp32 copy, then the op) bit for bit,
+    and the refs' tokens; they leave their logits alone and overwrite a poisoned output. A row
+    that allows one token takes it; a row that allows nothing takes token 0, greedy or sampled.
+    The random-mask rows sample with no filter, top-k, top-p and both (rows 0, 1, 4, 5)."""
+    gen = torch.Generator().manual_seed(batch * vocab + (dtype == torch.float16))
+    logits = _strided_logits(batch, vocab, dtype, gen, integer_valued=vocab < 100)
+    logits[-1, ::3] = -logits[-1, ::3]  # negative scores, scaled up by the penalty
+    bitmask, single = _row_masks(batch, vocab, gen)
+    allowed = apply_token_bitmask_ref(torch.zeros(batch, vocab, device=DEVICE), bitmask) == 0
+    logits[0][~allowed[0]] = float("nan")  # disallowed NaNs are -inf: row 0 (random bits) still samples
+    # the filtered random-mask rows: flatter, so that their cuts keep several tokens, and their largest
+    # logits disallowed, so that a pass that missed the mask would move the cuts
+    filtered = [row for row in (1, 4, 5) if row < batch]
+    logits[filtered] = torch.where(allowed[filtered], logits[filtered] / 4, logits[filtered] / 4 + 40)
+    logits[6:7, 1:][allowed[6:7, 1:]] = float("nan")  # an allowed NaN wins: row 6 (all allowed) is greedy
+    raw = logits.clone()
+    masked = apply_token_bitmask_(logits.to(torch.float32, copy=True), bitmask)
+    presence = _presence(batch, vocab, gen)
+    penalty = (1.0 + 3 * torch.rand(batch, generator=gen)).to(DEVICE)
+    temperature, _, _, seeds, counters = _params(batch, vocab, gen, greedy_every=batch + 1)
+    temperature[2:3] = 0.0  # row 2 (all allowed) greedy; row 7 (none allowed) samples
+    top_k = torch.tensor([0, 5, 0, 0, 0, 5, 0, 0], device=DEVICE)[:batch]  # searches cost the interpreter
+    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 1.0, 1.0], device=DEVICE)[:batch]  # dearly: rows 1, 4, 5
+    params = (temperature, top_k, top_p, seeds, counters)
+    two_op = {}
+    for op, ref, args in ((argmax, argmax_ref, ()), (sample, sample_ref, params)):
+        for penalised in ((), (presence, penalty)):
+            expected = two_op[op, penalised != ()] = op(masked, *args, *penalised)
+            out = op(logits, *args, *penalised, bitmask=bitmask)
+            assert torch.equal(out, expected), (op.__name__, penalised != ())
+            assert torch.equal(out, ref(logits, *args, *penalised, bitmask=bitmask)), (op.__name__, penalised != ())
+            assert torch.equal(logits.isnan(), raw.isnan()) and torch.equal(logits.nan_to_num(), raw.nan_to_num())
+            assert torch.equal(out[single >= 0], single[single >= 0])
+            assert (out[~allowed.any(1)] == 0).all()
+    everything = torch.full_like(bitmask, -1)  # a mask that allows everything is no mask
+    assert torch.equal(argmax(logits, presence, penalty, everything), argmax(logits, presence, penalty))
+    poison = torch.full((batch,), -12345, dtype=torch.int64, device=DEVICE)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison)
+    for op, args in ((argmax, ()), (sample, params)):
+        poison.fill_(-12345)
+        out = op(logits, *args, bitmask=bitmask)
+        assert out is poison and torch.equal(out, two_op[op, False])
+
+
 def test_sample_edge_rows():
     vocab = 4500  # three loop tiles
     logits = torch.randn(10, vocab, generator=torch.Generator().manual_seed(0))
@@ -372,6 +443,14 @@ def test_sample_rejects_bad_arguments():
         sample(logits, *good, torch.zeros(2, 9, dtype=torch.bool, device=DEVICE), torch.ones(2, device=DEVICE))
     with pytest.raises(ValueError, match="penalty"):
         argmax(logits, torch.zeros(2, 10, dtype=torch.bool, device=DEVICE), torch.ones(3, device=DEVICE))
+    for bad in (torch.zeros(2, 0, dtype=torch.int32), torch.zeros(3, 1, dtype=torch.int32),
+                torch.zeros(2, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int64),
+                torch.zeros(2, 1, dtype=torch.uint8), torch.zeros(2, 1), torch.zeros(2, 2, dtype=torch.int32)[:, 1:]
+                .as_strided((2, 1), (2, 2))):
+        bad = bad.to(DEVICE)
+        for op, args in ((argmax, ()), (argmax_ref, ()), (sample, good), (sample_ref, good)):
+            with pytest.raises(ValueError, match="bitmask must be"):
+                op(logits, *args, bitmask=bad)
     for i, name in enumerate(("temperature", "top_k", "top_p", "seeds", "counters")):
         bad = list(good)
         bad[i] = bad[i][:1]
