@@ -180,8 +180,18 @@ def decode_device_ops(engine: LLMEngine) -> tuple[int, int] | None:
     return step, two - one
 
 
+def replay_decode_step(graphs) -> None:
+    """One batch-1 greedy decode step from its captured graphs: the whole step (commits before
+    2026-12-07), else its two halves, the forward and the sampling."""
+    if ("step", 1, False) in graphs.graphs:
+        graphs.replay(("step", 1, False))
+    else:
+        graphs.replay(("forward", 1))
+        graphs.replay(("sample", 1, False))
+
+
 def trace_decode_replay(engine: LLMEngine, prompt: list[int]) -> dict:
-    """Profile of one replay of the captured batch-1 greedy decode step, its row holding
+    """Profile of one replay of the captured batch-1 greedy decode step (both its graphs), its row holding
     len(prompt) tokens: device ops (kernels, memsets, copies), their summed time, the replay's
     wall time on the device (first op's start to last op's end; wall - kernel time = the gaps
     between ops) and the 10 op names with the most total time. The row is a request prefilled for
@@ -196,7 +206,7 @@ def trace_decode_replay(engine: LLMEngine, prompt: list[int]) -> dict:
             for _ in range(2):  # the first session warms the profiler (CUPTI) up; the second is kept
                 sync()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    engine.runner.graphs.replay(("step", 1, False))
+                    replay_decode_step(engine.runner.graphs)
                     sync()
     finally:
         engine.abort(request_id)

@@ -84,13 +84,16 @@ class StubDevice:
             runner.decode_step = lambda bs, do_sample: (self.sample(None, slice(0, bs), do_sample), torch.zeros(bs, 1))
         else:
             runner.decode_step = lambda bs, do_sample: self.sample(None, slice(0, bs), do_sample)
-        runner.decode_logits = lambda bs: torch.zeros(bs, 1)  # the forward half of a constrained step
+        runner.decode_logits = lambda bs: torch.zeros(bs, 1)  # the forward half of a step
+        self.batch = getattr(runner, "batch", None)
 
     def sample(self, logits, rows: slice, do_sample: bool, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         self.step += 1
         n = rows.stop - rows.start
         tokens = TEXT_TOKENS[(torch.arange(n) + self.step) % len(TEXT_TOKENS)]
-        if token_mask is not None:
+        # Every step samples under the token masks since 2026-12-07; all ones unless a row is
+        # constrained (DeviceBatch._masked_rows), when the stub has no choice to make.
+        if token_mask is not None and getattr(self.batch, "_masked_rows", 1):
             start = time.perf_counter()
             words = token_mask[:n].numpy()
             for i in range(n):

@@ -10,7 +10,8 @@ before it) raises, and the case fails with the operation named. Cases:
   - prefill of a request with an image, batch 1;
   - speculative decode, batch 1;
   - plain decode, batch 32 (above the speculation limit);
-  - structured decode: one json_schema row at batch 1, and one among 31 plain rows at batch 32.
+  - structured decode: one json_schema row at batch 1 (speculating: the host waits for its drafts
+    too, on an event, to mask the verified positions), and one among 31 plain rows at batch 32.
 Every case also checks that each row advanced and no request failed. Without CUDA (the suite's dry
 run) the same steps run on the CPU, where there is nothing to wait for.
 

@@ -9,12 +9,10 @@ Cases are (batch, constrained rows): all rows unconstrained, one json_schema row
   step's forward, so it is hidden as long as it is shorter than the forward (~0.4-0.5 ms for
   GLM-OCR's decoder at batch 1 on an H100).
 - device (cuda when present, or --device cpu for a smoke run of the real path): wall time per
-  engine step of the real checkpoint, CUDA graphs on, against all rows unconstrained. One
-  constrained row changes how the whole batch runs: every row's step is split into the forward
-  (one graph) and the masked sampling (another), with the host reading the previous step's tokens
-  and filling the masks between the two launches, and while it runs the scheduler makes no mixed
-  steps (a prefill then pauses every row's decoding for a step). The steady decode measured here
-  carries the first cost, which is the per-token overhead of the batch; no prefill arrives in it.
+  engine step of the real checkpoint, CUDA graphs on, against all rows unconstrained. Every step
+  runs as two graphs, the forward and the sampling under the token masks, with the host reading
+  the previous step's tokens between the two launches; a constrained row adds filling its mask
+  and uploading the masks there, which is what this measures.
 
 The schema is an extraction schema of the model card's kind (strings, a nested object, an array of
 line items) whose array must hold 10,000 items, so that no request can complete it while timed.

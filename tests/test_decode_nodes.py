@@ -3,7 +3,8 @@
 A decode step of a small decoder is bound by its launches, each one a node of the step's graph
 (runtime/engine/graphs.py), so their number is pinned here: the Triton backend (in the
 interpreter) on the tiny checkpoint (2 decoder layers), batch bucket 1, the step
-`ModelRunner._capture_graphs` captures (`decode_step`), greedy and sampled. A node is
+`ModelRunner._capture_graphs` captures as its two graphs, the forward and the sampling under the
+token masks (`decode_step` runs both), greedy and sampled. A node is
 - every Triton kernel launch, counted where every `@triton.jit` kernel is launched (the `run` of
   the class it makes: the interpreter's or the compiler's); the torch calls the interpreter makes
   inside a launch (copying arguments) are not nodes;
@@ -30,7 +31,8 @@ from glmrt.model.ops import TorchOps
 
 # Measured. Greedy: 2 layers x 6 launches (4 projections, M-RoPE + KV write, attention: no split-KV
 # combine at the tiny context), the final sandwich norm, lm_head, the decode inputs and argmax,
-# which applies the repetition penalty as it reads the logits (16 launches), and 5 torch ops (the
+# which applies the token mask and the repetition penalty as it reads the logits (16 launches),
+# and 5 torch ops (the
 # embedding gather, the presence, counter and next-token updates). 23 when the penalty was a launch
 # of its own on an fp32 copy of the logits; 37 with the decode inputs in torch ops (17, not 1).
 GREEDY_NODES = 21

@@ -1,6 +1,6 @@
 """GPU-only end-to-end checks at GLM-OCR's real size (random bf16 weights): CUDA-graph decode with
-overlapped steps vs eager serial decode (also with structured-output rows, whose steps replay the
-forward and the masked sampling as two graphs, and with MTP speculation), and speculative vs
+overlapped steps vs eager serial decode (every step replays the forward and the sampling under the
+token masks as two graphs; with structured-output rows and with MTP speculation too), and speculative vs
 plain decode, compared bitwise: every token's raw bf16 logits with torch.equal (the batch-invariant
 kernels promise the same bits whatever the batch, bucket or step kind), and logits close to
 transformers' bf16 forward. Skipped without a GPU.
@@ -94,15 +94,16 @@ CONSTRAINED = [  # constrained rows beside unconstrained ones, greedy and sample
 
 
 def test_graph_decode_with_structured_outputs_matches_eager_and_serial(real_checkpoint):
-    """The split step (forward graph, host masks, masked-sampling graph) under overlapped steps
-    gives eager serial decode's tokens, and every constrained output is complete and valid."""
+    """The two graphs of a step (the forward, then the sampling under the masks the host made
+    meanwhile) under overlapped steps give eager serial decode's tokens, and every constrained
+    output is complete and valid."""
     import json
     import re
 
     import jsonschema
 
     graphs = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, gpu_memory_utilization=0.4)
-    assert ("masked", 8, True) in graphs.engine.runner.graphs.graphs
+    assert ("sample", 8, True) in graphs.engine.runner.graphs.graphs
     with_graphs = recorded(graphs, CONSTRAINED)
     outputs = [out for out, _ in with_graphs]
     del graphs
@@ -118,12 +119,12 @@ def test_graph_decode_with_structured_outputs_matches_eager_and_serial(real_chec
 
 @pytest.mark.parametrize("params", [PARAMS, CONSTRAINED], ids=["plain", "constrained"])
 def test_speculative_graph_decode_matches_eager(real_checkpoint, params):
-    """MTP speculation (k = 3): the captured speculative step (catch-up, chained drafts, multi-
-    query verify, rejection sampling) under overlapped steps gives eager serial speculation's
-    tokens, with structured-output rows (plain steps that keep the MTP cache) in the batch too."""
+    """MTP speculation (k = 3): the captured speculative step (catch-up and chained drafts, then
+    multi-query verify and rejection sampling under the masks of the verified positions) under
+    overlapped steps gives eager serial speculation's tokens, constrained rows speculating too."""
     options = dict(max_num_seqs=8, max_model_len=8192, num_speculative_tokens=3)
     graphs = glmrt.LLM(str(real_checkpoint), gpu_memory_utilization=0.4, **options)
-    assert ("spec", 8, True) in graphs.engine.runner.graphs.graphs
+    assert ("verify", 8, True) in graphs.engine.runner.graphs.graphs
     with_graphs = recorded(graphs, params)
     assert graphs.engine.spec_stats.num_drafts > 0
     del graphs

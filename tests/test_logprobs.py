@@ -5,7 +5,7 @@ The reference is transformers' `generate(output_logits=True)`, whose logits are 
 (before its logits processors): log_softmax of them in fp32 is what glmrt reports, bit for bit on
 the torch backend in fp32 (its logits are transformers' own bits, see test_parity_dtypes). The
 values must not move with the repetition penalty or temperature, nor with the structured-output
-mask; speculative steps, mixed steps and the structured-output split report what plain steps do;
+mask; speculative steps, mixed steps and steps with constrained rows report what plain steps do;
 `ModelRunner.logprobs_of` is the one place they are computed, and never for a step that did not
 ask.
 """
@@ -174,8 +174,15 @@ class StepKinds:
             if step.chunks:
                 self.kind = "mixed" if step.decode else "prefill"
             else:
-                self.kind = "split" if masks is not None else "speculative" if speculate else "decode"
-            return launch(step, masks, speculate, drafts)
+                self.kind = "speculative" if speculate else "decode"
+
+            def tagged_masks(read_drafts):  # a decode step whose rows include a constrained one
+                made = masks(read_drafts)
+                if made is not None and not step.chunks:
+                    self.kind = "constrained " + self.kind
+                return made
+
+            return launch(step, tagged_masks if callable(masks) else masks, speculate, drafts)
 
         monkeypatch.setattr(runner, "launch", tagged)
         logprobs_of = runner.logprobs_of
@@ -216,10 +223,10 @@ def run_staggered(engine, arrivals: dict[int, list[tuple[dict, glmrt.SamplingPar
     return [done[i] for i in order]
 
 
-def test_mixed_and_split_steps_report_what_a_request_alone_does(tiny_checkpoint, monkeypatch):
+def test_mixed_and_constrained_steps_report_what_a_request_alone_does(tiny_checkpoint, monkeypatch):
     """Three requests (logprobs 2, a json_schema with logprobs 3, none) arriving at different steps:
-    prefills, mixed steps (decode rows + a chunk), plain decode steps and the structured-output
-    split all report, each row what it reports alone (within 1e-5: the torch backend is not
+    prefills, mixed steps (decode rows + a chunk), plain decode steps and decode steps with a
+    constrained row all report, each row what it reports alone (within 1e-5: the torch backend is not
     batch-invariant)."""
     cases = [(request(), glmrt.SamplingParams(max_tokens=10, logprobs=2)),
              (request("wide", "Table Recognition:"), glmrt.SamplingParams(max_tokens=10, json_schema=SCHEMA,
@@ -229,7 +236,7 @@ def test_mixed_and_split_steps_report_what_a_request_alone_does(tiny_checkpoint,
     engine = make_engine(tiny_checkpoint, max_num_batched_tokens=64)  # prompts in several chunks
     steps = StepKinds(engine.runner, monkeypatch)
     outs = run_staggered(engine, {0: [cases[0]], 2: [cases[1]], 4: [cases[2]]})
-    assert steps.kinds == {"prefill", "mixed", "decode", "split"}, steps.seen
+    assert steps.kinds == {"prefill", "mixed", "decode", "constrained decode"}, steps.seen
     assert max(num for _, _, num in steps.seen) == 3
     assert_same_outputs(outs, alone)
     assert_all_free(engine)

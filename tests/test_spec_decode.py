@@ -362,6 +362,52 @@ def test_verification_samples_exactly_the_target_distribution():
     assert greedy[0, 0] == len(chain) and greedy[0, 1: 1 + len(chain)].tolist() == chain
 
 
+def test_verification_under_token_masks_rejects_the_drafts_a_mask_refuses():
+    """Sampler.verify with a structured-output mask per verified position: a draft its position's
+    mask refuses is rejected even when it is the unmasked argmax, and the token drawn there
+    follows the masked distribution (greedy: the masked argmax)."""
+    from glmrt.engine.sampler import Sampler, SamplingState
+    from glmrt.kernels.sampling import apply_token_bitmask_ref
+    from glmrt.model.ops import TorchOps
+
+    n, vocab, k = 20000, 45, 2  # two mask words, the second partly past the vocabulary
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(k + 1, vocab, generator=gen) * 1.5
+    drafts = torch.tensor([[int(base[0].argmax()), int(base[1].argmax())]])
+    allowed = torch.ones(k + 1, vocab, dtype=torch.bool)
+    allowed[1, drafts[0, 1]] = False  # the second draft, position 1's argmax, is refused there
+    allowed[1, base[1].argsort()[-4:-2]] = False
+    allowed[2, :30] = False
+    words = torch.zeros(k + 1, 2, dtype=torch.int64)
+    for j in range(k + 1):
+        for v in allowed[j].nonzero()[:, 0].tolist():
+            words[j, v // 32] |= 1 << (v % 32)
+    masks = torch.where(words >= 2**31, words - 2**32, words).int()  # int32 bit patterns
+    masked = apply_token_bitmask_ref(base, masks)
+
+    def state(rows, temperature):
+        st = SamplingState(rows, vocab, torch.device("cpu"))
+        st.seeds.copy_(torch.arange(rows) * 7919 + 5)
+        st.temperature.fill_(temperature)
+        return st
+
+    greedy = Sampler(TorchOps(), state(1, 0.0))
+    out = greedy.verify(base, drafts, slice(0, 1), do_sample=False, token_mask=masks)
+    assert out[0, :3].tolist() == [2, drafts[0, 0], int(masked[1].argmax())]
+    unmasked = Sampler(TorchOps(), state(1, 0.0)).verify(base, drafts, slice(0, 1), do_sample=False)
+    assert unmasked[0, 0] == 3  # the mask is what rejected the second draft
+
+    rows = drafts.expand(n, k)
+    out = Sampler(TorchOps(), state(n, 1.0)).verify(base.repeat(n, 1), rows, slice(0, n), do_sample=True,
+                                                     token_mask=masks.repeat(n, 1))
+    count, tokens = out[:, 0], out[:, 1:]
+    assert count.max() <= 2
+    assert chi_square_passes(torch.bincount(tokens[:, 0], minlength=vocab), masked[0].softmax(-1))
+    after = count == 2  # the first draft was accepted: token 1 is position 1's masked draw
+    assert after.sum() > 1000 and allowed[1, tokens[after, 1]].all()
+    assert chi_square_passes(torch.bincount(tokens[after, 1], minlength=vocab), masked[1].softmax(-1))
+
+
 def test_sampled_requests_follow_the_target_distribution(tiny_checkpoint, hf_model, hf_processor):
     """The engine end to end: the token drawn by the first speculative step (drafts from an oracle
     of greedy tokens, so some are accepted and some rejected), against transformers' distribution

@@ -194,6 +194,108 @@ def test_serial_steps_and_preemption_give_the_same_constrained_outputs(llm, tiny
     assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
 
 
+def test_the_masks_of_verified_positions_are_each_rows_grammar_after_its_drafts(llm):
+    """fill_masks with drafts: row i's position j is its grammar's mask after its first j drafts
+    (the matcher itself not advanced); a row with no drafts or no constraint, and the positions
+    after a draft its grammar refuses, are as documented."""
+    structured = llm.engine.structured
+    params = SamplingParams(json_schema=SCHEMAS["flat"])
+    text = json.dumps({"name": "ab", "date": "x"}, separators=(", ", ": "))
+    ids = llm.engine.processor.tokenizer.encode(text, add_special_tokens=False).ids
+    fresh = structured.matcher(params)
+    assert fresh.validate_tokens(ids) == len(ids) > 3
+    refused = next(t for t in range(7, 59392, 101) if fresh.validate_tokens(ids[:1] + [t]) == 1)
+    matchers = [structured.matcher(params), None, structured.matcher(params), structured.matcher(params)]
+    drafts = [ids[:3], [5, 6, 7], [], [ids[0], refused, ids[1]]]
+    masks = structured.fill_masks(matchers, pin=False, drafts=drafts, positions=4)
+    assert masks.shape == (4, 4, structured.mask_words)
+
+    def mask_after(tokens):
+        m = structured.matcher(params)
+        assert m.consume_tokens(tokens)
+        return structured.fill_masks([m], pin=False)[0]
+
+    start = mask_after([])
+    assert not torch.equal(start, torch.full_like(start, -1))
+    for j in range(4):
+        assert torch.equal(masks[0, j], mask_after(ids[:j])), j
+    assert (masks[1] == -1).all()  # no constraint
+    assert torch.equal(masks[2, 0], start) and (masks[2, 1:] == -1).all()  # no drafts: its next token only
+    assert torch.equal(masks[3, 0], start) and torch.equal(masks[3, 1], mask_after(ids[:1]))
+    assert (masks[3, 2:] == -1).all()  # after the refused draft: never reached
+    assert torch.equal(structured.fill_masks([matchers[0]], pin=False)[0], start)  # not advanced
+
+
+class _OracleDrafts:
+    """Drafts each running request's known continuation (by its prompt), every draft after the
+    first replaced, with probability `corrupt`, by a token its grammar refuses there. It keeps the
+    MTP cache as the MTP drafter does."""
+
+    def __init__(self, engine, continuations: dict[tuple, list[int]], corrupt: float):
+        self.engine, self.continuations, self.corrupt = engine, continuations, corrupt
+        self.gen = torch.Generator().manual_seed(0)
+        self.spec = engine.runner.spec
+        self.spec.propose = self
+
+    def __call__(self, bs):
+        self.spec.catch_up(bs)
+        k, drafts = self.spec.k, torch.zeros(bs, self.spec.k, dtype=torch.int64)
+        for row, seq in enumerate(self.engine.scheduler.running):
+            full = seq.prompt_token_ids + self.continuations[tuple(seq.prompt_token_ids)]
+            n = int(self.spec.batch.context_lens[row])
+            known = (full[n + 1: n + 1 + k] + [0] * k)[:k]
+            for j in range(1, k):
+                corrupt = torch.rand(1, generator=self.gen) < self.corrupt
+                if seq.grammar is not None and corrupt and n + 1 + j <= len(full):
+                    matcher = self.engine.structured.matcher(seq.sampling_params)
+                    assert matcher.consume_tokens(full[len(seq.prompt_token_ids): n + 1 + j])
+                    known[j] = next(t for t in range(7, 59392, 101) if not matcher.validate_tokens([t]))
+            drafts[row] = torch.tensor(known)
+        return drafts
+
+
+@pytest.mark.parametrize("drafts", ["mtp", "right", "refused"])
+def test_constrained_rows_speculate_under_the_masks_of_their_verified_positions(llm, tiny_checkpoint, drafts):
+    """Constrained rows speculate like any other (k = 3): the host fills the masks of the k + 1
+    verified positions between the drafts and the verify, each row's grammar advanced through its
+    drafts. Greedy outputs are those without speculation whatever the drafts: the MTP layer's,
+    the right continuation (accepted, so every later position is sampled under its own mask), or
+    right drafts with some replaced by tokens the grammar refuses there (rejected by the mask)."""
+    cases = [case for case in _constrained_cases() if case[0].temperature == 0][:5]
+    params = [p for p, _ in cases] + [SamplingParams(max_tokens=30, repetition_penalty=1.1)]
+    # distinct prompts, which the oracle tells the requests by
+    requests = [{**_request(i), "prompt": f"{_request(i)['prompt']} ({i})"} for i in range(len(params))]
+    reference = llm.generate(requests, params)
+    spec = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch", max_num_seqs=16,
+                     num_speculative_tokens=3)
+    if drafts != "mtp":
+        _OracleDrafts(spec.engine, {tuple(o.prompt_token_ids): o.token_ids for o in reference},
+                      corrupt=0.5 if drafts == "refused" else 0.0)
+    outputs = spec.generate(requests, params)
+    assert [(o.token_ids, o.finish_reason) for o in outputs] == [(o.token_ids, o.finish_reason) for o in reference]
+    for (_, check), out in zip(cases, outputs):
+        assert check(out.text) is not False, out.text
+    stats = spec.engine.spec_stats
+    assert stats.num_drafts > 0
+    if drafts == "right":  # short of every draft only where a request ends inside a step
+        assert stats.num_accepted_tokens > 0.8 * stats.num_draft_tokens
+    elif drafts == "refused":
+        assert 0 < stats.num_accepted_tokens < 0.8 * stats.num_draft_tokens
+
+
+def test_sampled_constrained_rows_speculate_to_valid_outputs(tiny_checkpoint):
+    """Sampled constrained rows (rejection sampling under the masks of the verified positions)
+    with the MTP layer's drafts: every output is complete and valid."""
+    cases = [case for case in _constrained_cases() if case[0].temperature > 0]
+    spec = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch", max_num_seqs=16,
+                     num_speculative_tokens=2)
+    outputs = spec.generate([_request(i) for i in range(len(cases))], [p for p, _ in cases])
+    for (_, check), out in zip(cases, outputs):
+        assert out.finish_reason == "stop", (out.finish_reason, out.error, out.text)
+        assert check(out.text) is not False, out.text
+    assert spec.engine.spec_stats.num_drafts > 0
+
+
 def test_greedy_constrained_tokens_equal_transformers_generate_with_the_same_mask(llm, hf_model, hf_processor):
     from transformers import LogitsProcessor, LogitsProcessorList
 

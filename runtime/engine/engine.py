@@ -38,7 +38,7 @@ from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .drafters import Drafter
 from .inputs import input_processor
-from .runner import ModelRunner, PrefillInputError, StepHandle, allocate_kv_cache, kv_bytes_per_token
+from .runner import Masks, ModelRunner, PrefillInputError, StepHandle, allocate_kv_cache, kv_bytes_per_token
 from .sampler import Sampler, SamplingState
 from .request_state import RequestState
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
@@ -412,15 +412,23 @@ class LLMEngine:
             s.drafter is not None and s.drafter.on_host for s in running)
 
     def _launch(self, plan: ScheduledStep, outputs: list[RequestOutput]) -> StepHandle | None:
+        """Launch the step: its forward, then (in `masks`, called between the forward and the
+        sampling) the previous step's tokens read into `outputs` and the token masks of the
+        step's constrained rows, which have then seen every token before this step. Requests that
+        finish meanwhile keep their rows until the sampling is launched (a row move now would
+        reorder the sampling state under the forward's logits)."""
+        def masks(read_drafts: Callable[[], list[list[int]]] | None) -> torch.Tensor | None:
+            outputs.extend(self._read_in_flight())
+            return self._token_masks(plan.seqs, read_drafts)
+
+        outermost = self._held_releases is None  # a failed prefill relaunches the decode rows inside
+        if outermost:
+            self._held_releases = []
         try:
-            if any(seq.grammar is not None for seq in plan.decode):
-                return self._launch_constrained(plan, outputs)
-            if plan.chunks:  # (a new sequence's constraint is at its start: its mask is ready)
-                return self.runner.launch(plan, self._token_masks(plan.seqs))
             limit = self.options.speculative_max_batch
-            if self.runner.spec is None or (limit is not None and len(plan.seqs) > limit):
-                return self.runner.launch(plan)
-            return self._speculate(plan)
+            if plan.chunks or self.runner.spec is None or (limit is not None and len(plan.seqs) > limit):
+                return self.runner.launch(plan, masks)
+            return self._speculate(plan, masks)
         except Exception as exc:
             if isinstance(exc, PrefillInputError):
                 return self._prefill_failed(plan, exc.__cause__, outputs)
@@ -429,25 +437,13 @@ class LLMEngine:
         except BaseException as exc:  # an interrupt: fail the step's requests and propagate
             outputs += self._fail(plan.decode + plan.prefill_seqs, exc)
             raise
-
-    def _launch_constrained(self, plan: ScheduledStep, outputs: list[RequestOutput]) -> StepHandle:
-        """A step with constrained decode rows, whose masks need the previous step's tokens: the
-        device runs this step's forward (a decode or a mixed step's) while the host reads them and
-        fills the masks. Requests that finish meanwhile keep their rows until the sampling is
-        launched (a row move now would reorder the sampling state under the forward's logits)."""
-        def masks() -> torch.Tensor | None:
-            outputs.extend(self._read_in_flight())
-            return self._token_masks(plan.seqs)
-
-        self._held_releases = []
-        try:
-            return self.runner.launch(plan, masks)
         finally:
-            held, self._held_releases = self._held_releases, None
-            for seq in held:
-                self._release(seq)
+            if outermost:
+                held, self._held_releases = self._held_releases, None
+                for seq in held:
+                    self._release(seq)
 
-    def _speculate(self, plan: ScheduledStep) -> StepHandle:
+    def _speculate(self, plan: ScheduledStep, masks: Masks) -> StepHandle:
         """A speculative decode step: each row's drafts from its drafter's host sources, else the
         MTP layer's; without the MTP layer, a plain step when no row proposes anything."""
         k, on_host = self.options.num_speculative_tokens, False
@@ -460,9 +456,9 @@ class LLMEngine:
             else:
                 proposals.append(("mtp", None) if drafter is not None and drafter.mtp else ("off", []))
         if self.model.mtp is None and self._expected_gain(proposals) < MIN_DRAFT_GAIN * len(plan.decode):
-            return self.runner.launch(plan)
+            return self.runner.launch(plan, masks)
         # Rows hold their admission default (MTP or none) until a host-drafting row makes the upload.
-        handle = self.runner.launch(plan, speculate=True,
+        handle = self.runner.launch(plan, masks, speculate=True,
                                     drafts=[drafts for _, drafts in proposals] if on_host else None)
         handle.proposals = [(k if drafts is None else len(drafts), source) for source, drafts in proposals]
         return handle
@@ -502,13 +498,20 @@ class LLMEngine:
         self.scheduler.isolate(suspects)
         return outputs
 
-    def _token_masks(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Host bitmasks [len(seqs), W] for a step's rows (their grammars have seen every token
-        before this step), or None when no row is constrained."""
-        if all(seq.grammar is None for seq in seqs):
+    def _token_masks(self, seqs: list[Sequence], read_drafts: Callable[[], list[list[int]]] | None = None
+                     ) -> torch.Tensor | None:
+        """Host bitmasks of a step's rows (their grammars have seen every token before this
+        step): [len(seqs), W], or with read_drafts (a speculative step) [len(seqs), k + 1, W] for
+        the verified positions, each row's grammar advanced through its drafts; None when no row
+        is constrained."""
+        if all(seq.grammar is None or seq.is_finished for seq in seqs):
             return None
         matchers = [None if seq.is_finished else seq.grammar for seq in seqs]
-        return self.structured.fill_masks(matchers, pin=self.device.type == "cuda")
+        pin = self.device.type == "cuda"
+        if read_drafts is None:
+            return self.structured.fill_masks(matchers, pin=pin)
+        return self.structured.fill_masks(matchers, pin=pin, drafts=read_drafts(),
+                                          positions=self.options.num_speculative_tokens + 1)
 
     def _read_in_flight(self) -> list[RequestOutput]:
         handle, self._in_flight = self._in_flight, None

@@ -1,20 +1,21 @@
-"""CUDA-graph decode: the whole decode step (inputs from device state, decoder, lm_head,
-sampling, state updates) captured once per batch-size bucket and per sampling mode.
+"""CUDA-graph decode: each decode step (inputs from device state, decoder, lm_head, sampling,
+state updates) as two captured graphs per batch-size bucket, replayed one after the other.
 
-A decode step of this small decoder is bound by kernel-launch overhead, so each step is one
+A decode step of this small decoder is bound by kernel-launch overhead, so each half is one
 replay. The step reads only the device-resident batch (block tables of fixed width, context
-lengths, last tokens, sampling state), so a replay needs no input copy at all; rows past the
-running count are inactive (no KV write, context 0). Per bucket (ModelRunner._capture_graphs): the
-whole step greedy-only and with the sampled path (temperature, top-k/top-p, draw: its threshold
-searches cost a filtered row ~19 passes over the vocabulary), so greedy steps never pay for them;
-with speculation the whole speculative step in both modes too; and for
-steps with a structured-output row, the forward up to the logits plus the masked sampling in both
-modes, replayed one after the other (the host fills the token masks in between): 5 graphs per
-bucket, 7 with speculation. A whole step's graph outputs
-its raw logits beside its tokens, so that a step whose requests ask for log-probabilities computes
-them eagerly after the replay (steps that do not, pay nothing). All graphs share one memory
-pool. Capture happens at start-up, while every row is inactive, so warm-up runs touch no
-request's state.
+lengths, last tokens, sampling state, token masks), so a replay needs no input copy at all; rows
+past the running count are inactive (no KV write, context 0). Per bucket
+(ModelRunner._capture_graphs): the forward up to the logits, then the sampling under the token
+masks (all ones for rows without a constraint), greedy-only and with the sampled path
+(temperature, top-k/top-p, draw: its threshold searches cost a filtered row ~19 passes over the
+vocabulary), so greedy steps never pay for them. Between the two replays the host reads the
+previous step's tokens and, when a row is constrained, uploads the masks they lead to: a batch
+with a json_schema row runs the same graphs as one without, plus that upload. With speculation
+also the drafts and the verify in both modes: 3 graphs per bucket, 6 with speculation. The
+forward's raw logits are a static output, so that a step whose requests ask for
+log-probabilities computes them eagerly after the replay (steps that do not, pay nothing). All
+graphs share one memory pool. Capture happens at start-up, while every row is inactive, so
+warm-up runs touch no request's state.
 """
 from __future__ import annotations
 

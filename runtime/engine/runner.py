@@ -65,9 +65,13 @@ class DeviceBatch:
         self.rope_deltas = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.next_tokens = torch.zeros(max_rows, dtype=torch.int64, device=device)  # last sampled token
         self.sampling = SamplingState(max_rows, vocab_size, device)
-        # Structured-output bitmasks of the step being sampled (rows without a constraint: all
-        # ones); uploaded for every step that has a constrained row, so never moved with rows.
-        self.token_masks = torch.full((max_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32, device=device)
+        # Structured-output bitmasks of the step being sampled [R, k + 1, W] (a decode step reads
+        # position 0, a verify step all k + 1; all ones for a row without a constraint), which
+        # every decode step's sampling applies; uploaded for every step that has a constrained
+        # row and reset to all ones after it (`set_token_masks`), so never moved with rows.
+        self.token_masks = torch.full((max_rows, num_speculative_tokens + 1, (vocab_size + 31) // 32), -1,
+                                      dtype=torch.int32, device=device)
+        self._masked_rows = 0  # rows [0, n) of token_masks may hold a constraint's bits
         self._row_tensors = [self.block_tables, self.context_lens, self.active, self.rope_deltas, self.next_tokens,
                              *self.sampling.row_tensors]
         self.decode_positions = None
@@ -87,6 +91,10 @@ class DeviceBatch:
             self.drafts = torch.zeros(max_rows, num_speculative_tokens, dtype=torch.int64, device=device)
             self.draft_lens = torch.zeros(max_rows, dtype=torch.int64, device=device)
             self._row_tensors += [self.drafts, self.draft_lens]
+            # The drafts the step's verify checks [R, k] and how many [R] (SpeculativeDecoder.
+            # propose_drafts: the host's, or the MTP layer's k); written every speculative step.
+            self.verify_drafts = torch.zeros(max_rows, num_speculative_tokens, dtype=torch.int64, device=device)
+            self.verify_lens = torch.zeros(max_rows, dtype=torch.int64, device=device)
             # What the MTP layer's next catch-up needs of the last step (see spec_decode.py): its
             # target hidden states [R, k+1, H], the target's tokens after them, and how many of
             # the rows were accepted drafts (rows 0..carry_accepted are valid).
@@ -159,12 +167,31 @@ class DeviceBatch:
         self.drafts[: len(drafts)] = host[:, :k]
         self.draft_lens[: len(drafts)] = host[:, k]
 
-    def set_token_masks(self, first_row: int, masks: torch.Tensor) -> torch.Tensor:
-        """Upload host bitmasks [N, W] (pinned on CUDA) for rows [first_row, first_row + N) -> that
-        device slice."""
+    def set_token_masks(self, first_row: int, masks: torch.Tensor | None) -> None:
+        """Upload host bitmasks (pinned on CUDA) for rows [first_row, first_row + N): [N, W] for
+        the step's one token per row, or [N, k + 1, W] for a verify step's positions. None: the
+        step has no constrained row, so rows a previous step masked are set back to all ones."""
+        if masks is None:
+            if self._masked_rows:
+                self.token_masks[: self._masked_rows] = -1
+                self._masked_rows = 0
+            return
+        # Rows outside the upload are not sampled under these masks (a decode step's past its
+        # rows are inactive), so they need no reset now.
         rows = self.token_masks[first_row: first_row + masks.shape[0]]
-        rows.copy_(masks, non_blocking=masks.is_pinned())
-        return rows
+        (rows if masks.dim() == 3 else rows[:, 0]).copy_(masks, non_blocking=masks.is_pinned())
+        self._masked_rows = max(self._masked_rows, first_row + masks.shape[0])
+
+    def verify_drafts_host(self, rows: int) -> list[list[int]]:
+        """The drafts the launched verify step checks, of rows [0, rows): copied to host memory
+        behind the step's drafts, then waited for (on an event, like a step's tokens)."""
+        on_cuda = self.device.type == "cuda"
+        drafts, lens = _to_host(self.verify_drafts[:rows], on_cuda), _to_host(self.verify_lens[:rows], on_cuda)
+        if on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            event.synchronize()
+        return [d[:n] for d, n in zip(drafts.tolist(), lens.tolist())]
 
     def slots(self, bs: int, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Cache indices [bs, N] of rows [0, bs) -> their slots [bs, N] through the block tables;
@@ -183,9 +210,12 @@ class DeviceBatch:
         return self.next_tokens[:bs], positions, attn
 
 
-# A step's structured-output bitmasks: none, the host tensor [rows, W], or a callable that makes it
-# once the step's forward is launched (ModelRunner.launch).
-Masks = torch.Tensor | Callable[[], torch.Tensor | None] | None
+# A step's structured-output bitmasks: a callable that makes them once the step's forward is
+# launched (ModelRunner.launch), or the host tensor itself, or None (no row is constrained).
+# The callable gets None, or for a speculative step a function that reads the drafts its verify
+# checks (each row's list; it waits for them), and returns [rows, W] or, speculative,
+# [rows, k + 1, W] (None when no row is constrained).
+Masks = torch.Tensor | Callable[[Callable[[], list[list[int]]] | None], torch.Tensor | None] | None
 
 
 class PrefillInputError(Exception):
@@ -283,20 +313,22 @@ class ModelRunner:
         self.graphs = self._capture_graphs() if use_graphs else None
 
     def _capture_graphs(self) -> DecodeGraphs:
-        """Per bucket: the whole step (greedy-only and sampled; with speculation also the whole
-        speculative step), and for steps with structured-output rows the forward to the logits
-        plus the masked sampling of those logits. Every graph's raw logits are a static output,
-        which `logprobs_of` reads after the replay, for the steps that ask for log-probabilities."""
+        """Per bucket, the two halves of a decode step, which the host's work on the previous
+        step's tokens (and the token masks they lead to) goes between: the forward to the logits,
+        and the sampling under the token masks, greedy-only and sampled. With speculation, the
+        halves of a speculative step: the drafts, and the verify under the masks of its k + 1
+        positions. Each forward's raw logits are a static output, which `logprobs_of` reads after
+        the replay, for the steps that ask for log-probabilities."""
         graphs = DecodeGraphs()
         for bs in reversed(self.buckets):  # largest first, so later captures fit in its pool
+            graphs.capture(("forward", bs), lambda: self.decode_logits(bs))
+            logits = graphs.outputs["forward", bs]
             for do_sample in (True, False):
-                graphs.capture(("step", bs, do_sample), lambda: self.decode_step(bs, do_sample))
-                if self.spec is not None:
-                    graphs.capture(("spec", bs, do_sample), lambda: self.spec.step(bs, do_sample))
-            graphs.capture(("logits", bs), lambda: self.decode_logits(bs))
-            logits = graphs.outputs["logits", bs]
-            for do_sample in (True, False):
-                graphs.capture(("masked", bs, do_sample), lambda: self.sample_rows(logits, bs, do_sample, masked=True))
+                graphs.capture(("sample", bs, do_sample), lambda: self.sample_rows(logits, bs, do_sample))
+            if self.spec is not None:
+                graphs.capture(("propose", bs), lambda: self.spec.propose_drafts(bs))
+                for do_sample in (True, False):
+                    graphs.capture(("verify", bs, do_sample), lambda: self.spec.verify_step(bs, do_sample))
         return graphs
 
     def release(self, seq: Sequence) -> None:
@@ -379,25 +411,37 @@ class ModelRunner:
     def launch(self, step: ScheduledStep, masks: Masks = None, speculate: bool = False,
                drafts: list[list[int] | None] | None = None) -> StepHandle:
         """Launch a scheduled step, without waiting for the device -> its handle. The one entry for
-        every kind of step:
+        every kind of step, each launched in two halves, the forward then the sampling, with
+        `masks` called between them (see Masks): the host reads the previous step's tokens while
+        the device runs this one's forward, and the sampling then has every row's token mask.
         - with prefill chunks: their tokens in one varlen forward, the decode rows' tokens (a mixed
           step) before them, then one sampled token for each decode row and each sequence whose
           last chunk this is. Everything that can fail for one request's input (its images, its
           prompt) runs first: a PrefillInputError leaves the decode rows untouched;
-        - a decode step: one token for every running sequence (speculating: 1 to k + 1; drafts:
-          the host's, one per row, see DeviceBatch.set_drafts; None keeps each row's admission
-          default), one graph replay on CUDA.
-        masks: the structured-output bitmasks [len(step.seqs), W] of the step's rows (pinned on
-        CUDA), or a callable that makes them (or None when no row is constrained any more): called
-        once the forward is launched and before the sampling, so the host fills them while the
-        device runs the forward (a decode step then runs as two replays, forward and masked sampling)."""
+        - a decode step: one token for every running sequence, two graph replays on CUDA;
+        - speculating: 1 to k + 1 tokens per row, the drafts (drafts: the host's, one list per row,
+          see DeviceBatch.set_drafts; None keeps each row's admission default) then their verify."""
         if step.chunks:
             forward = self._prefill_forward(step)
-            return self._prefill_sample(step, forward, masks() if callable(masks) else masks)
-        if masks is not None:
-            logits = self._decode_forward(step)
-            return self._decode_sample(step, logits, masks() if callable(masks) else masks)
-        return self._decode(step, speculate, drafts)
+            return self._prefill_sample(step, forward, masks(None) if callable(masks) else masks)
+        bs, do_sample = self._start_decode(step), self._do_sample(step)
+        if speculate:
+            if drafts is not None:
+                self.batch.set_drafts(drafts)
+            self._run(("propose", bs), lambda: self.spec.propose_drafts(bs))
+            rows = len(step.seqs)
+            self.batch.set_token_masks(0, masks(lambda: self.batch.verify_drafts_host(rows)) if callable(masks)
+                                       else masks)
+            tokens, logits = self._run(("verify", bs, do_sample), lambda: self.spec.verify_step(bs, do_sample))
+        else:
+            logits = self._run(("forward", bs), lambda: self.decode_logits(bs))
+            self.batch.set_token_masks(0, masks(None) if callable(masks) else masks)
+            tokens = self._run(("sample", bs, do_sample), lambda: self.sample_rows(logits, bs, do_sample))
+        return self._handle(step, tokens[: len(step.seqs)], logits)
+
+    def _run(self, key: tuple, run: Callable[[], object]):
+        """The graph captured under `key`, replayed (its static output), or `run` eagerly."""
+        return self.graphs.replay(key) if self.graphs is not None else run()
 
     def _prefill_forward(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A step with chunks, first half: the forward -> (logits [rows sampled, V], their last
@@ -434,7 +478,10 @@ class ModelRunner:
         if sampled:
             self.batch.admit([c.seq for c in sampled], step.first_row)
         rows = slice(0 if nd else step.first_row, step.first_row + len(sampled))
-        token_mask = self.batch.set_token_masks(rows.start, masks) if masks is not None else None
+        token_mask = None
+        if masks is not None:
+            self.batch.set_token_masks(rows.start, masks)
+            token_mask = self.batch.token_masks[rows, 0]
         tokens = self.sampler(logits, rows, self._do_sample(step), token_mask)
         self.batch.next_tokens[rows] = tokens
         if self.has_mtp:
@@ -453,10 +500,10 @@ class ModelRunner:
             self.batch.carry_hidden[:bs, 0] = hidden
         return self.model.compute_logits(hidden)
 
-    def sample_rows(self, logits: torch.Tensor, bs: int, do_sample: bool, masked: bool) -> torch.Tensor:
-        """Sample rows [0, bs) (with the uploaded token masks when `masked`) -> [bs] tokens, which
-        the next step reads as its inputs."""
-        tokens = self.sampler(logits, slice(0, bs), do_sample, self.batch.token_masks[:bs] if masked else None)
+    def sample_rows(self, logits: torch.Tensor, bs: int, do_sample: bool) -> torch.Tensor:
+        """Sample rows [0, bs) under their token masks (all ones where no constraint) -> [bs]
+        tokens, which the next step reads as its inputs."""
+        tokens = self.sampler(logits, slice(0, bs), do_sample, self.batch.token_masks[:bs, 0])
         self.batch.next_tokens[:bs] = tokens
         if self.has_mtp:
             self.batch.carry_tokens[:bs, 0] = tokens
@@ -464,10 +511,10 @@ class ModelRunner:
         return tokens
 
     def decode_step(self, bs: int, do_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole decode step of rows [0, bs) on device state only -> ([bs] tokens, the raw
-        [bs, V] logits they were sampled from). Captured per (bucket, do_sample), or run as is."""
+        """A whole decode step of rows [0, bs) on device state only, eagerly (both halves, under
+        the masks uploaded last) -> ([bs] tokens, the raw [bs, V] logits they were sampled from)."""
         logits = self.decode_logits(bs)
-        return self.sample_rows(logits, bs, do_sample, masked=False), logits
+        return self.sample_rows(logits, bs, do_sample), logits
 
     def _start_decode(self, step: ScheduledStep, exact: bool = False) -> int:
         """Upload the step's new block ids -> the number of rows it runs: the bucket size (eager
@@ -485,7 +532,7 @@ class ModelRunner:
         logits [N, V]: the raw logits the step sampled from (the model's, before the structured-output
         mask, the repetition penalty and temperature), one row per token row of its StepHandle, in
         the order of handle.seqs: a prefill or mixed step's decode rows then its sampling chunks
-        (one each); a decode step's (graph, eager, or structured-output split) first len(seqs) rows
+        (one each); a decode step's first len(seqs) rows
         of its bucket; a speculative step's verify logits [len(seqs) * (k + 1), V], row b * (k + 1)
         + j the target's distribution for sequence b's j-th new token. tokens [N] int64: the token
         sampled at each row (speculative: the verify output's token columns, of which only the
@@ -513,37 +560,3 @@ class ModelRunner:
     @staticmethod
     def _do_sample(step: ScheduledStep) -> bool:
         return any(not s.sampling_params.greedy for s in step.seqs)
-
-    def _decode(self, step: ScheduledStep, speculate: bool, drafts: list[list[int] | None] | None) -> StepHandle:
-        """A decode step without masks: the whole step (forward and sampling) in one replay."""
-        bs, do_sample = self._start_decode(step), self._do_sample(step)
-        if drafts is not None:
-            self.batch.set_drafts(drafts)
-        key = ("spec" if speculate else "step", bs, do_sample)
-        if self.graphs is not None:
-            tokens, logits = self.graphs.replay(key)
-        elif speculate:
-            tokens, logits = self.spec.step(bs, do_sample)
-        else:
-            tokens, logits = self.decode_step(bs, do_sample)
-        return self._handle(step, tokens[: len(step.seqs)], logits)
-
-    def _decode_forward(self, step: ScheduledStep) -> torch.Tensor:
-        """A decode step with masks, first half: the forward -> [bucket, V] logits."""
-        bs = self._start_decode(step)
-        return self.graphs.replay(("logits", bs)) if self.graphs is not None else self.decode_logits(bs)
-
-    def _decode_sample(self, step: ScheduledStep, logits: torch.Tensor, masks: torch.Tensor | None) -> StepHandle:
-        """Second half: upload the host bitmasks [B, W] of the step's rows (None: every
-        constrained row finished while the forward ran, so no row is masked), sample."""
-        b = len(step.seqs)
-        bs, do_sample = logits.shape[0], self._do_sample(step)
-        if masks is None:
-            self.batch.token_masks[:bs] = -1
-        else:
-            self.batch.set_token_masks(0, masks)
-        if self.graphs is not None:
-            tokens = self.graphs.replay(("masked", bs, do_sample))
-        else:
-            tokens = self.sample_rows(logits, bs, do_sample, masked=True)
-        return self._handle(step, tokens[:b], logits)

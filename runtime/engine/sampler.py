@@ -12,10 +12,10 @@ the threshold samplers of FlashInfer and vLLM do (transformers' sort-based top-p
 the cut by sort order). See glmrt.kernels.sampling.top_k_top_p_filter_ref.
 
 Everything reads per-row state from device tensors of static shape (no host sync, no per-step
-upload), so the sampler is captured in the decode graph: after the mask (constrained steps only),
-a step's tokens are one op, `ops.sample` or `ops.argmax`, which applies the repetition penalty as
-it reads the logits (on the Triton backend one kernel, no vocabulary sort). The draw
-is the exponential race argmax(p / E), E = -log(u), taken in the log domain,
+upload), so the sampler is captured in the decode graph: a step's tokens are one op, `ops.sample`
+or `ops.argmax`, which applies the token mask (all ones for a row without a constraint) and the
+repetition penalty as it reads the logits (on the Triton backend one kernel, no vocabulary
+sort). The draw is the exponential race argmax(p / E), E = -log(u), taken in the log domain,
 argmax(s - log(E)) over the kept scores s, which samples exactly from p = softmax(s). u comes from
 a counter-based hash of (row seed, tokens generated so far, vocabulary id), so a request's draws
 depend on its own seed and position only: a fixed seed reproduces whatever else is in the batch,
@@ -96,24 +96,24 @@ class Sampler:
         applied first, as in vLLM, so that the penalty, temperature and draw see allowed tokens only.
         `logits` itself is left unchanged."""
         st = self.state
-        if token_mask is not None:  # on a copy (the mask op may work in place): the raw logits stay
-            # intact for ModelRunner.logprobs_of
-            logits = self.ops.apply_token_bitmask(logits.to(torch.float32, copy=True), token_mask)
-        # the penalty is applied as the sampling op reads the (fp32-converted) logits: no copy, no pass of its own
+        # the mask and the penalty are applied as the sampling op reads the (fp32-converted)
+        # logits: no copy, no pass of their own, and the raw logits stay intact for logprobs_of
         presence, penalty = st.presence[rows], st.penalty[rows]
         if do_sample:
             tokens = self.ops.sample(logits, st.temperature[rows], st.top_k[rows], st.top_p[rows],
-                                     st.seeds[rows], st.counters[rows], presence, penalty)
+                                     st.seeds[rows], st.counters[rows], presence, penalty, token_mask)
         else:
-            tokens = self.ops.argmax(logits, presence, penalty)
+            tokens = self.ops.argmax(logits, presence, penalty, token_mask)
         st.presence[rows].scatter_(1, tokens[:, None], True)
         st.counters[rows] += 1
         return tokens
 
     def verify(self, logits: torch.Tensor, drafts: torch.Tensor, rows: slice, do_sample: bool,
-               draft_lens: torch.Tensor | None = None) -> torch.Tensor:
+               draft_lens: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """logits [N * (k + 1), V]: the target's at each row's input token and at its k drafts
-        [N, k], of which the first draft_lens [N] (default: all) are proposed -> [N, k + 2] int64:
+        [N, k], of which the first draft_lens [N] (default: all) are proposed, under the
+        structured-output bitmask token_mask [N * (k + 1), W] of each position (optional; a draft
+        it disallows is rejected, as its probability is 0) -> [N, k + 2] int64:
         column 0 the count c of new tokens (accepted drafts + 1), then the tokens (the first c are
         valid: the accepted drafts and one token from the target). Records them in the presence
         mask and advances the RNG counters by c; `logits` itself is left unchanged."""
@@ -125,7 +125,9 @@ class Sampler:
         presence = st.presence[rows].repeat_interleave(q, dim=0).view(n, q, vocab)
         for j in range(1, q):
             presence[:, j:].scatter_(2, drafts[:, j - 1, None, None].expand(n, q - j, 1), True)
-        logits = logits.to(torch.float32, copy=True)  # as in __call__: the raw logits stay intact
+        logits = logits.to(torch.float32, copy=True)  # the raw logits stay intact for logprobs_of
+        if token_mask is not None:
+            logits = self.ops.apply_token_bitmask(logits, token_mask)
         logits = self.ops.apply_repetition_penalty(logits, presence.view(n * q, vocab),
                                                    st.penalty[rows].repeat_interleave(q))
         target = self.ops.argmax(logits).view(n, q)  # greedy choice at every position

@@ -10,7 +10,7 @@ greedy output is token-identical to plain decoding, sampled output keeps its dis
 Cache indices: a sequence whose target cache holds n tokens (context_lens) has its next input
 token t[n] in next_tokens. The MTP layer's entry at index i is computed from (h[i], t[i+1]), h
 the target's final-normed hidden state, so it lags the target by one. A speculative step, all on
-the device (one CUDA graph per batch bucket and sampling mode):
+the device:
 
 1. catch-up: the MTP layer over the rows the previous step verified (`carry_*`: their target
    hidden states and the target's tokens after them; rows 0..m valid, m = drafts accepted then)
@@ -20,13 +20,19 @@ the device (one CUDA graph per batch bucket and sampling mode):
    attention per layer), the sampler accepts the longest valid prefix (`Sampler.verify`) and
    the step's hidden states and tokens become the next carry.
 
+Steps 1 and 2 (with the host's drafts merged in) are one graph, step 3 another: between them the
+host reads the previous step's tokens and, when a row is constrained, the drafts, to compute the
+token masks of the k + 1 verified positions (llguidance advances a row's grammar through its
+drafts). A draft its grammar does not allow is masked out at its position, so it is rejected and
+the positions after it are never reached.
+
 Steps 1 and 2 run whatever the rows' sources, so the MTP cache never has holes (an engine
 without the MTP layer runs step 3 alone). Nothing is rolled back explicitly: cache entries past
 the accepted tokens are simply overwritten by later steps before any query reads them, and the
 scheduler gives back the slots it reserved. A prefill runs the MTP layer over the prompt (rows
 0..P-2, embeddings of the next tokens, image tokens taking the target's image embeddings) and
-leaves row P-1 as the carry; a plain decode step (structured output, or a batch above
-speculative_max_batch) runs the catch-up without the head and leaves its one row as the carry.
+leaves row P-1 as the carry; a plain decode step (a batch above speculative_max_batch, or
+host drafts not worth a verify) runs the catch-up without the head and leaves its one row as the carry.
 """
 from __future__ import annotations
 
@@ -172,12 +178,13 @@ class SpeculativeDecoder:
             drafts.append(draft)
         return torch.stack(drafts, dim=1)
 
-    def verify(self, bs: int, drafts: torch.Tensor, draft_lens: torch.Tensor,
-               do_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def verify(self, bs: int, drafts: torch.Tensor, draft_lens: torch.Tensor, do_sample: bool,
+               token_masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The target over [next token, drafts [bs, k]] of rows [0, bs), of which the first
-        draft_lens [bs] are proposed -> ([bs, k + 2] tokens (see Sampler.verify), the raw logits
-        [bs * (k + 1), V] they were sampled from); advances the rows past their new tokens and
-        carries the step into the next catch-up."""
+        draft_lens [bs] are proposed, sampled under token_masks [bs * (k + 1), W] when given ->
+        ([bs, k + 2] tokens (see Sampler.verify), the raw logits [bs * (k + 1), V] they were
+        sampled from); advances the rows past their new tokens and carries the step into the next
+        catch-up."""
         b, q = self.batch, self.k + 1
         n, active = b.context_lens[:bs].long(), b.active[:bs]
         index = n[:, None] + self.positions  # [bs, q]
@@ -188,7 +195,7 @@ class SpeculativeDecoder:
         tokens = torch.cat([b.next_tokens[:bs, None], drafts], dim=1)
         hidden = self.model.forward(tokens.view(-1), positions, attn, self.kv_caches)  # [bs * q, H]
         logits = self.model.compute_logits(hidden)
-        out = self.sampler.verify(logits, drafts, slice(0, bs), do_sample, draft_lens)
+        out = self.sampler.verify(logits, drafts, slice(0, bs), do_sample, draft_lens, token_masks)
         count = out[:, 0]
         b.context_lens[:bs] += torch.where(active, count, 0).int()
         b.next_tokens[:bs] = out[:, 1:].gather(1, (count - 1)[:, None])[:, 0]
@@ -198,14 +205,23 @@ class SpeculativeDecoder:
             b.carry_accepted[:bs] = count - 1
         return out, logits
 
-    def step(self, bs: int, do_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole speculative step of rows [0, bs) -> (tokens [bs, k + 2], raw logits
-        [bs * (k + 1), V]), as `verify`: the host's drafts, or the MTP layer's where a row's
-        draft_lens is -1. Captured per (bucket, do_sample)."""
+    def propose_drafts(self, bs: int) -> None:
+        """A speculative step's first half: the drafts of rows [0, bs) that its verify checks,
+        into batch.verify_drafts [bs, k] and verify_lens [bs]: the host's, or the MTP layer's k
+        where a row's draft_lens is -1. Captured per bucket; the host may read them (for the token
+        masks of the verified positions) before the verify is launched."""
         b = self.batch
         drafts, lens = b.drafts[:bs], b.draft_lens[:bs]
         if self.mtp is not None:
             from_mtp = lens < 0
             drafts = torch.where(from_mtp[:, None], self.propose(bs), drafts)
             lens = torch.where(from_mtp, self.k, lens)
-        return self.verify(bs, drafts, lens, do_sample)
+        b.verify_drafts[:bs] = drafts
+        b.verify_lens[:bs] = lens
+
+    def verify_step(self, bs: int, do_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second half: `verify` of the proposed drafts under the token masks of their
+        k + 1 positions (all ones where a row has no constraint). Captured per (bucket, do_sample)."""
+        b = self.batch
+        masks = b.token_masks[:bs].view(bs * (self.k + 1), -1)
+        return self.verify(bs, b.verify_drafts[:bs], b.verify_lens[:bs], do_sample, masks)

@@ -175,17 +175,30 @@ class StructuredOutputs:
                                   + (f": {why[0][:300]}" if why else ""))
         return token in self._eos_token_ids and matcher.is_stopped()
 
-    def fill_masks(self, matchers: list[Any | None], pin: bool) -> torch.Tensor | None:
+    def fill_masks(self, matchers: list[Any | None], pin: bool, drafts: list[list[int]] | None = None,
+                   positions: int = 1) -> torch.Tensor | None:
         """[len(matchers), W] int32 host bitmask (pinned when `pin`): row i from matchers[i], or all
-        ones (no constraint) where it is None; None when no row is constrained."""
+        ones (no constraint) where it is None; None when no row is constrained. With drafts (a
+        speculative step: each row's drafts, at most positions - 1): [len(matchers), positions, W],
+        row i's mask at its next token then after each of its drafts, while its grammar allows
+        them (llguidance advances the matcher through them and rolls it back); the positions
+        after a draft the grammar refuses stay all ones (the refused draft is masked out at its
+        own position, so they are never reached)."""
         rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
-        masks = torch.full((len(matchers), self.mask_words), -1, dtype=torch.int32, pin_memory=pin)
+        shape = (len(matchers), self.mask_words) if drafts is None else (len(matchers), positions, self.mask_words)
+        masks = torch.full(shape, -1, dtype=torch.int32, pin_memory=pin)
         row_bytes = self.mask_words * 4
+        if drafts is not None:  # llguidance takes no empty drafts: those rows' one position as below
+            drafting = [(m, i * positions, drafts[i]) for m, i in rows if drafts[i]]
+            if drafting:
+                self._executor.unsafe_compute_mask_ptr_with_draft_token(
+                    drafting, masks.data_ptr(), row_bytes, len(matchers) * positions)
+            rows = [(m, i * positions) for m, i in rows if not drafts[i]]
         if len(rows) == 1:
             matcher, i = rows[0]
-            matcher.unsafe_compute_mask_ptr(masks[i].data_ptr(), row_bytes)
-        else:
-            self._executor.unsafe_compute_mask_ptr(rows, masks.data_ptr(), row_bytes, len(matchers))
+            matcher.unsafe_compute_mask_ptr(masks.data_ptr() + i * row_bytes, row_bytes)
+        elif rows:
+            self._executor.unsafe_compute_mask_ptr(rows, masks.data_ptr(), row_bytes, masks.numel() // self.mask_words)
         return masks
