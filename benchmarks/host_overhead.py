@@ -86,6 +86,11 @@ class StubDevice:
             runner.decode_step = lambda bs, do_sample: self.sample(None, slice(0, bs), do_sample)
         runner.decode_logits = lambda bs: torch.zeros(bs, 1)  # the forward half of a step
         self.batch = getattr(runner, "batch", None)
+        if hasattr(runner, "sample_rows"):  # the sampling half (a graph on the GPU), under the step's masks
+            def sample_rows(logits, bs, do_sample, masked=True):
+                masks = self.batch.token_masks[:bs]
+                return self.sample(None, slice(0, bs), do_sample, masks[:, 0] if masks.dim() == 3 else masks)
+            runner.sample_rows = sample_rows
 
     def sample(self, logits, rows: slice, do_sample: bool, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         self.step += 1
