@@ -88,6 +88,8 @@ class StubDevice:
         self.batch = getattr(runner, "batch", None)
         if hasattr(runner, "sample_rows"):  # the sampling half (a graph on the GPU), under the step's masks
             def sample_rows(logits, bs, do_sample, masked=True):
+                if not getattr(self.batch, "_masked_rows", 1):  # all ones: no row is constrained
+                    return self.sample(None, slice(0, bs), do_sample)
                 masks = self.batch.token_masks[:bs]
                 return self.sample(None, slice(0, bs), do_sample, masks[:, 0] if masks.dim() == 3 else masks)
             runner.sample_rows = sample_rows
@@ -96,9 +98,7 @@ class StubDevice:
         self.step += 1
         n = rows.stop - rows.start
         tokens = TEXT_TOKENS[(torch.arange(n) + self.step) % len(TEXT_TOKENS)]
-        # Every step samples under the token masks since 2026-12-07; all ones unless a row is
-        # constrained (DeviceBatch._masked_rows), when the stub has no choice to make.
-        if token_mask is not None and getattr(self.batch, "_masked_rows", 1):
+        if token_mask is not None:
             start = time.perf_counter()
             words = token_mask[:n].numpy()
             for i in range(n):
