@@ -16,7 +16,7 @@ import glmrt
 from glmrt.engine.engine import EngineConfig, LLMEngine
 from glmrt.engine.sampler import Sampler, SamplingState
 from glmrt.model.ops import make_ops
-from glmrt_testing.engine_checks import assert_all_free
+from glmrt_testing.engine_checks import OracleDrafts, assert_all_free
 from glmrt_testing.helpers import IMAGES
 
 IMAGE_TOKEN_ID = 59280
@@ -170,7 +170,7 @@ class StepKinds:
         self.kind, self.seen = None, []
         launch = runner.launch
 
-        def tagged(step, masks=None, speculate=False, drafts=None):
+        def tagged(step, masks, speculate=False, drafts=None):
             if step.chunks:
                 self.kind = "mixed" if step.decode else "prefill"
             else:
@@ -182,7 +182,7 @@ class StepKinds:
                     self.kind = "constrained " + self.kind
                 return made
 
-            return launch(step, tagged_masks if callable(masks) else masks, speculate, drafts)
+            return launch(step, tagged_masks, speculate, drafts)
 
         monkeypatch.setattr(runner, "launch", tagged)
         logprobs_of = runner.logprobs_of
@@ -252,24 +252,6 @@ def test_steps_that_ask_for_none_never_compute_them(engine, monkeypatch):
     assert all(o.logprobs is None and o.token_ids for o in out)
 
 
-class Oracle:
-    """Drafts each running request's known continuation (so drafts are accepted and a verify step's
-    rows past the first are reported), keeping the MTP cache as the real drafter does."""
-
-    def __init__(self, engine, continuations: dict[str, list[int]]):
-        self.engine, self.continuations, self.spec = engine, continuations, engine.runner.spec
-        self.spec.propose = self
-
-    def __call__(self, bs):
-        self.spec.catch_up(bs)
-        k, drafts = self.spec.k, torch.zeros(bs, self.spec.k, dtype=torch.int64)
-        for row, seq in enumerate(self.engine.scheduler.running):
-            full = seq.prompt_token_ids + self.continuations[seq.request_id]
-            n = int(self.spec.batch.context_lens[row])
-            drafts[row] = torch.tensor((full[n + 1: n + 1 + k] + [0] * k)[:k])
-        return drafts
-
-
 def test_speculative_steps_report_what_plain_steps_do(tiny_checkpoint, monkeypatch):
     """num_speculative_tokens 3 with the MTP layer's drafts (random weights: mostly rejected) and
     with drafts that are accepted: the same tokens and logprobs as plain decoding, one entry per
@@ -288,7 +270,8 @@ def test_speculative_steps_report_what_plain_steps_do(tiny_checkpoint, monkeypat
         engine = make_engine(tiny_checkpoint, num_speculative_tokens=3)
         steps = StepKinds(engine.runner, monkeypatch)
         if oracle:
-            Oracle(engine, {f"req-{i}": p.token_ids for i, p in enumerate(plain)})
+            continuations = {f"req-{i}": p.token_ids for i, p in enumerate(plain)}
+            OracleDrafts(engine, lambda seq: continuations[seq.request_id])
         outs = engine.generate(reqs, ps)
         assert "speculative" in steps.kinds
         assert any(rows == 3 * 4 for kind, rows, _ in steps.seen if kind == "speculative")  # bs * (k + 1)

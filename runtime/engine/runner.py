@@ -210,12 +210,15 @@ class DeviceBatch:
         return self.next_tokens[:bs], positions, attn
 
 
-# A step's structured-output bitmasks: a callable that makes them once the step's forward is
-# launched (ModelRunner.launch), or the host tensor itself, or None (no row is constrained).
-# The callable gets None, or for a speculative step a function that reads the drafts its verify
-# checks (each row's list; it waits for them), and returns [rows, W] or, speculative,
-# [rows, k + 1, W] (None when no row is constrained).
-Masks = torch.Tensor | Callable[[Callable[[], list[list[int]]] | None], torch.Tensor | None] | None
+# What makes a step's structured-output bitmasks, called once its forward is launched
+# (ModelRunner.launch): with None, or for a speculative step with a function that reads the
+# drafts its verify checks (each row's list; it waits for them) -> [rows, W] or, speculative,
+# [rows, k + 1, W] host bitmasks (pinned on CUDA), or None when no row is constrained.
+Masks = Callable[[Callable[[], list[list[int]]] | None], torch.Tensor | None]
+
+
+def _no_masks(read_drafts: Callable[[], list[list[int]]] | None) -> None:
+    return None
 
 
 class PrefillInputError(Exception):
@@ -408,7 +411,7 @@ class ModelRunner:
         return ids, positions, slots, image_embeds, image_mask.bool(), last, lens.tolist(), fields
 
     @torch.inference_mode()
-    def launch(self, step: ScheduledStep, masks: Masks = None, speculate: bool = False,
+    def launch(self, step: ScheduledStep, masks: Masks = _no_masks, speculate: bool = False,
                drafts: list[list[int] | None] | None = None) -> StepHandle:
         """Launch a scheduled step, without waiting for the device -> its handle. The one entry for
         every kind of step, each launched in two halves, the forward then the sampling, with
@@ -423,19 +426,18 @@ class ModelRunner:
           see DeviceBatch.set_drafts; None keeps each row's admission default) then their verify."""
         if step.chunks:
             forward = self._prefill_forward(step)
-            return self._prefill_sample(step, forward, masks(None) if callable(masks) else masks)
+            return self._prefill_sample(step, forward, masks(None))
         bs, do_sample = self._start_decode(step), self._do_sample(step)
         if speculate:
             if drafts is not None:
                 self.batch.set_drafts(drafts)
             self._run(("propose", bs), lambda: self.spec.propose_drafts(bs))
             rows = len(step.seqs)
-            self.batch.set_token_masks(0, masks(lambda: self.batch.verify_drafts_host(rows)) if callable(masks)
-                                       else masks)
+            self.batch.set_token_masks(0, masks(lambda: self.batch.verify_drafts_host(rows)))
             tokens, logits = self._run(("verify", bs, do_sample), lambda: self.spec.verify_step(bs, do_sample))
         else:
             logits = self._run(("forward", bs), lambda: self.decode_logits(bs))
-            self.batch.set_token_masks(0, masks(None) if callable(masks) else masks)
+            self.batch.set_token_masks(0, masks(None))
             tokens = self._run(("sample", bs, do_sample), lambda: self.sample_rows(logits, bs, do_sample))
         return self._handle(step, tokens[: len(step.seqs)], logits)
 
