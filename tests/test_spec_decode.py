@@ -21,6 +21,7 @@ from glmrt.model.ops import make_ops
 from glmrt.model.positions import mrope_positions
 from glmrt.model.text import AttentionMetadata
 from glmrt.engine.runner import allocate_kv_cache
+from glmrt_testing.engine_checks import OracleDrafts
 from glmrt_testing.helpers import IMAGES, chi_square_passes, hf_greedy, hf_inputs
 from glmrt_testing.mtp_reference import MtpReference
 
@@ -260,32 +261,21 @@ def test_stop_tokens_and_strings_end_a_speculative_step_where_plain_decoding_end
     expected = engine_tokens(tiny_checkpoint, requests, params)[:3]
     assert expected[1][1] == "stop" and expected[0][0][-1] == base[9] and len(expected[1][0]) < 24
     assert engine_tokens(tiny_checkpoint, requests, params, num_speculative_tokens=3)[:3] == expected
-    oracle = engine_tokens(tiny_checkpoint, requests, params, drafter=lambda e: OracleDrafter(e, [base] * 3),
+    oracle = engine_tokens(tiny_checkpoint, requests, params, drafter=lambda e: oracle_drafter(e, [base] * 3),
                            num_speculative_tokens=3)
     assert oracle[:3] == expected and oracle[3].spec_stats.num_accepted_tokens > 0
 
 
-class OracleDrafter:
+def oracle_drafter(engine, outputs, corrupt: float = 0.0, seed: int = 0) -> OracleDrafts:
     """Drafts the known continuation of each running request (outputs[i] for request req-i), with
-    each draft replaced by a random token with probability `corrupt`. It keeps the MTP cache as
-    the real drafter does."""
+    each draft replaced by a random token with probability `corrupt`."""
+    gen = torch.Generator().manual_seed(seed)
 
-    def __init__(self, engine, outputs, corrupt: float = 0.0, seed: int = 0):
-        self.engine, self.outputs, self.corrupt = engine, outputs, corrupt
-        self.gen = torch.Generator().manual_seed(seed)
-        self.spec = engine.runner.spec
-        self.spec.propose = self
+    def replace(seq, n, known):
+        noise = torch.randint(0, 59392, (len(known),), generator=gen)
+        return torch.where(torch.rand(len(known), generator=gen) < corrupt, noise, torch.tensor(known)).tolist()
 
-    def __call__(self, bs):
-        self.spec.catch_up(bs)
-        k, drafts = self.spec.k, torch.zeros(bs, self.spec.k, dtype=torch.int64)
-        for row, seq in enumerate(self.engine.scheduler.running):
-            full = seq.prompt_token_ids + self.outputs[int(seq.request_id.split("-")[1])]
-            n = int(self.spec.batch.context_lens[row])
-            known = torch.tensor((full[n + 1: n + 1 + k] + [0] * k)[:k])
-            noise = torch.randint(0, 59392, (k,), generator=self.gen)
-            drafts[row] = torch.where(torch.rand(k, generator=self.gen) < self.corrupt, noise, known)
-        return drafts
+    return OracleDrafts(engine, lambda seq: outputs[int(seq.request_id.split("-")[1])], replace)
 
 
 @pytest.mark.parametrize("corrupt", [0.0, 0.3, 1.0])
@@ -294,7 +284,7 @@ def test_oracle_and_random_drafts_accept_what_they_should(tiny_checkpoint, plain
     wrong ones are all rejected; either way the tokens are plain greedy's."""
     k = 3
     tokens, reasons, texts, engine = engine_tokens(
-        tiny_checkpoint, REQUESTS, greedy_params(), drafter=lambda e: OracleDrafter(e, plain[0], corrupt),
+        tiny_checkpoint, REQUESTS, greedy_params(), drafter=lambda e: oracle_drafter(e, plain[0], corrupt),
         num_speculative_tokens=k)
     assert (tokens, reasons, texts) == plain
     stats = engine.spec_stats
@@ -417,7 +407,7 @@ def test_sampled_requests_follow_the_target_distribution(tiny_checkpoint, hf_mod
     n = 256
     params = [glmrt.SamplingParams(max_tokens=2, temperature=1.0, top_k=4, seed=s) for s in range(n)]
     tokens, _, _, engine = engine_tokens(tiny_checkpoint, [request] * n, params, max_num_seqs=64,
-                                         drafter=lambda e: OracleDrafter(e, [greedy] * n), num_speculative_tokens=2)
+                                         drafter=lambda e: oracle_drafter(e, [greedy] * n), num_speculative_tokens=2)
     assert engine.spec_stats.num_accepted_tokens > 0
     firsts = torch.tensor([t[0] for t in tokens])
     first = int(firsts.mode().values)

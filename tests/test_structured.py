@@ -15,6 +15,7 @@ import torch
 
 import glmrt
 from glmrt import SamplingParams
+from glmrt_testing.engine_checks import OracleDrafts
 from glmrt_testing.helpers import hf_inputs, make_image
 
 MAX_TOKENS = 400
@@ -226,32 +227,22 @@ def test_the_masks_of_verified_positions_are_each_rows_grammar_after_its_drafts(
     assert torch.equal(structured.fill_masks([matchers[0]], pin=False)[0], start)  # not advanced
 
 
-class _OracleDrafts:
-    """Drafts each running request's known continuation (by its prompt), every draft after the
-    first replaced, with probability `corrupt`, by a token its grammar refuses there. It keeps the
-    MTP cache as the MTP drafter does."""
+def _refusing_drafts(engine, continuation, corrupt: float):
+    """OracleDrafts' `replace`: every draft of a constrained row after the first replaced, with
+    probability `corrupt`, by a token its grammar refuses there (`continuation(seq)`: the
+    request's known output)."""
+    gen = torch.Generator().manual_seed(0)
 
-    def __init__(self, engine, continuations: dict[tuple, list[int]], corrupt: float):
-        self.engine, self.continuations, self.corrupt = engine, continuations, corrupt
-        self.gen = torch.Generator().manual_seed(0)
-        self.spec = engine.runner.spec
-        self.spec.propose = self
-
-    def __call__(self, bs):
-        self.spec.catch_up(bs)
-        k, drafts = self.spec.k, torch.zeros(bs, self.spec.k, dtype=torch.int64)
-        for row, seq in enumerate(self.engine.scheduler.running):
-            full = seq.prompt_token_ids + self.continuations[tuple(seq.prompt_token_ids)]
-            n = int(self.spec.batch.context_lens[row])
-            known = (full[n + 1: n + 1 + k] + [0] * k)[:k]
-            for j in range(1, k):
-                corrupt = torch.rand(1, generator=self.gen) < self.corrupt
-                if seq.grammar is not None and corrupt and n + 1 + j <= len(full):
-                    matcher = self.engine.structured.matcher(seq.sampling_params)
-                    assert matcher.consume_tokens(full[len(seq.prompt_token_ids): n + 1 + j])
-                    known[j] = next(t for t in range(7, 59392, 101) if not matcher.validate_tokens([t]))
-            drafts[row] = torch.tensor(known)
-        return drafts
+    def replace(seq, n, known):
+        full = seq.prompt_token_ids + continuation(seq)
+        for j in range(1, len(known)):
+            corrupt_it = torch.rand(1, generator=gen) < corrupt
+            if seq.grammar is not None and corrupt_it and n + 1 + j <= len(full):
+                matcher = engine.structured.matcher(seq.sampling_params)
+                assert matcher.consume_tokens(full[len(seq.prompt_token_ids): n + 1 + j])
+                known[j] = next(t for t in range(7, 59392, 101) if not matcher.validate_tokens([t]))
+        return known
+    return replace
 
 
 @pytest.mark.parametrize("drafts", ["mtp", "right", "refused"])
@@ -269,8 +260,13 @@ def test_constrained_rows_speculate_under_the_masks_of_their_verified_positions(
     spec = glmrt.LLM(str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch", max_num_seqs=16,
                      num_speculative_tokens=3)
     if drafts != "mtp":
-        _OracleDrafts(spec.engine, {tuple(o.prompt_token_ids): o.token_ids for o in reference},
-                      corrupt=0.5 if drafts == "refused" else 0.0)
+        continuations = {tuple(o.prompt_token_ids): o.token_ids for o in reference}
+
+        def continuation(seq):
+            return continuations[tuple(seq.prompt_token_ids)]
+
+        refuse = _refusing_drafts(spec.engine, continuation, corrupt=0.5) if drafts == "refused" else None
+        OracleDrafts(spec.engine, continuation, refuse)
     outputs = spec.generate(requests, params)
     assert [(o.token_ids, o.finish_reason) for o in outputs] == [(o.token_ids, o.finish_reason) for o in reference]
     for (_, check), out in zip(cases, outputs):

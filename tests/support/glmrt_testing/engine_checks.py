@@ -1,4 +1,7 @@
 """Driving an LLMEngine step by step in tests, and checking that it holds nothing afterwards."""
+from collections.abc import Callable
+
+import torch
 
 
 def run_until_done(engine) -> dict:
@@ -92,3 +95,25 @@ def logits_differences(got, want) -> list[str]:
     if entries(out) != entries(ref):
         found.append("log-probabilities differ")
     return found
+
+
+class OracleDrafts:
+    """Stands in for an engine's MTP drafter (SpeculativeDecoder.propose): each running request's
+    known continuation, `continuation(seq)` (its generated tokens), from its context on, after
+    the MTP catch-up the real drafter runs (so the MTP cache is kept). `replace(seq, n, drafts)`,
+    when given, may change a row's k drafts (n: the row's context length) -> the k to propose."""
+
+    def __init__(self, engine, continuation: Callable, replace: Callable | None = None):
+        self.engine, self.continuation, self.replace = engine, continuation, replace
+        self.spec = engine.runner.spec
+        self.spec.propose = self
+
+    def __call__(self, bs):
+        self.spec.catch_up(bs)
+        k, drafts = self.spec.k, torch.zeros(bs, self.spec.k, dtype=torch.int64)
+        for row, seq in enumerate(self.engine.scheduler.running):
+            full = seq.prompt_token_ids + self.continuation(seq)
+            n = int(self.spec.batch.context_lens[row])
+            known = (full[n + 1: n + 1 + k] + [0] * k)[:k]
+            drafts[row] = torch.tensor(known if self.replace is None else self.replace(seq, n, known))
+        return drafts
