@@ -114,17 +114,27 @@ class DeviceBatch:
 
     def admit(self, seqs: list[Sequence], first_row: int) -> None:
         """Upload the rows of newly admitted sequences (after their prefill, the context holds
-        every known token)."""
+        every known token): their integers in one copy, their floats in another."""
         rows = slice(first_row, first_row + len(seqs))
-        tables = np.zeros((len(seqs), self.block_tables.shape[1]), dtype=np.int32)
+        tables = np.zeros((len(seqs), self.block_tables.shape[1]), dtype=np.int64)
         for i, s in enumerate(seqs):
             tables[i, : len(s.block_table)] = s.block_table
-        self.block_tables[rows] = upload(torch.from_numpy(tables), self.device)
-        # top_k beyond the vocabulary keeps every token, as top_k = 0 does (and fits int64).
+        # top_k beyond the vocabulary keeps every token, as top_k = 0 does (and fits int64); the
+        # last column is the row's draft-length default (-1: the MTP layer drafts, see `drafts`).
         vocab = self.sampling.presence.shape[1]
-        ints = upload([[s.num_tokens, s.rope_delta, min(s.sampling_params.top_k, vocab), s.seed,
-                        len(s.output_token_ids)] for s in seqs], self.device, torch.int64)
-        self.context_lens[rows] = ints[:, 0].int()
+        ints = np.array([[s.num_tokens, s.rope_delta, min(s.sampling_params.top_k, vocab), s.seed,
+                          len(s.output_token_ids), -1 if s.drafter is not None and s.drafter.mtp else 0]
+                         for s in seqs], dtype=np.int64)
+        # Presence of every id seen so far that the sampler can emit (GLM-Image's prompt text lies
+        # outside its output vocabulary); an id set twice is set all the same, so no dedup.
+        ids = [s.input_array(0, s.num_tokens)[0] for s in seqs]
+        row_of = np.repeat(np.arange(first_row, first_row + len(seqs)), [len(a) for a in ids])
+        ids = np.concatenate(ids)
+        emittable = ids < vocab
+        tables, ints, row_of, ids = upload_arrays([tables, ints, row_of[emittable], ids[emittable]], self.device,
+                                                  torch.int64)
+        self.block_tables[rows] = tables
+        self.context_lens[rows] = ints[:, 0]
         self.rope_deltas[rows] = ints[:, 1]
         st = self.sampling
         st.top_k[rows], st.seeds[rows], st.counters[rows] = ints[:, 2], ints[:, 3], ints[:, 4]
@@ -134,22 +144,14 @@ class DeviceBatch:
         st.temperature[rows], st.top_p[rows], st.penalty[rows] = floats[:, 0], floats[:, 1], floats[:, 2]
         self.active[rows] = True
         if self.draft_lens is not None:
-            mtp = [-1 if s.drafter is not None and s.drafter.mtp else 0 for s in seqs]
-            self.draft_lens[rows] = upload(mtp, self.device, torch.int64)
+            self.draft_lens[rows] = ints[:, 5]
         if self.decode_positions is not None:
             for i, s in enumerate(seqs):
                 table = s.decode_positions
                 self.decode_positions[first_row + i, :, : table.shape[1]] = upload(table, self.device)
             lens = upload([[s.num_prompt_tokens, s.decode_positions.shape[1]] for s in seqs], self.device, torch.int64)
             self.prompt_lens[rows], self.decode_lens[rows] = lens[:, 0], lens[:, 1]
-        # Presence of every id seen so far that the sampler can emit (GLM-Image's prompt text lies
-        # outside its output vocabulary); an id set twice is set all the same, so no dedup.
-        ids = [s.token_array(0, s.num_tokens) for s in seqs]
-        row_of = np.repeat(np.arange(first_row, first_row + len(seqs)), [len(a) for a in ids])
-        ids = np.concatenate(ids)
-        emittable = ids < vocab
         st.presence[rows] = False
-        row_of, ids = upload_arrays([row_of[emittable], ids[emittable]], self.device, torch.int64)
         st.presence[row_of, ids] = True
 
     def set_blocks(self, new_blocks: list[tuple[int, int, int]]) -> None:
@@ -382,8 +384,9 @@ class ModelRunner:
         lens = np.array([c.end - c.start for c in chunks])
         cu = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lens, out=cu[1:])
-        ids = np.concatenate([c.seq.token_array(c.start, c.end) for c in chunks])
-        positions = np.concatenate([c.seq.position_array(c.start, c.end) for c in chunks], axis=1)
+        rows = [c.seq.input_array(c.start, c.end) for c in chunks]
+        inputs = np.concatenate(rows, axis=1) if n > 1 else rows[0]  # [4, T]: ids, then positions
+        ids = inputs[0]
         seq_of = np.repeat(np.arange(n), lens)  # [T] the chunk of each token
         index = np.arange(cu[-1]) + np.repeat(starts - cu[:-1], lens)  # [T] its cache index
         tables = np.zeros((n, max(len(c.seq.block_table) for c in chunks)), dtype=np.int64)
@@ -400,15 +403,14 @@ class ModelRunner:
         if num_slots != num_embeds:
             raise ValueError(f"{num_slots} <|image|> tokens but {num_embeds} image embeddings")
         device = self.model.device
-        ids, positions, slots, image_mask, last = upload_arrays([ids, positions, slots, image_mask, last],
-                                                                device, torch.int64)
+        inputs, slots, image_mask, last = upload_arrays([inputs, slots, image_mask, last], device, torch.int64)
         # Chunks after a cached prefix attend to it through the cache; batch-invariant ops read
         # every prompt from the cache, so a chunk's attention is reduced as the whole prompt's.
         with_tables = bool(starts.any()) or self.model.ops.batch_invariant
         ints = [cu] + ([tables, starts + lens] if with_tables else [])
         fields = dict(zip(("cu_seqlens", "prefill_block_tables", "prefill_context_lens"),
                           upload_arrays(ints, device, torch.int32)), max_seqlen=int(lens.max()))
-        return ids, positions, slots, image_embeds, image_mask.bool(), last, lens.tolist(), fields
+        return inputs[0], inputs[1:], slots, image_embeds, image_mask.bool(), last, lens.tolist(), fields
 
     @torch.inference_mode()
     def launch(self, step: ScheduledStep, masks: Masks = _no_masks, speculate: bool = False,

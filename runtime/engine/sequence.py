@@ -63,9 +63,14 @@ class Sequence:
     # SamplingParams.logprobs set: one entry per output token ({token id: log-probability}, the
     # token's and its step's top N), appended as tokens are read back; None when not asked for.
     logprobs: list[dict[int, float]] | None = None
-    # The prompt's ids as an int64 array, made at its first prefill chunk (after GLM-Image wrote its
-    # condition images' codes into prompt_token_ids) and kept for its later chunks and recomputes.
-    _prompt_array: np.ndarray | None = field(default=None, repr=False)
+    # int64 [4, P]: the prompt's ids (row 0) and M-RoPE positions (rows 1-3), made with the
+    # Sequence (on the preprocessing worker, not in a step) and sliced by its prefill chunks.
+    _prompt_rows: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._prompt_rows = np.empty((4, len(self.prompt_token_ids)), dtype=np.int64)
+        self._prompt_rows[0] = self.prompt_token_ids
+        self._prompt_rows[1:] = self.prompt_positions.numpy()
 
     @property
     def num_tokens(self) -> int:
@@ -91,16 +96,6 @@ class Sequence:
         outputs = len(self.output_token_ids) + self.num_pending
         return outputs < self.sampling_params.max_tokens and self.num_prompt_tokens + outputs < self.max_total_tokens
 
-    def token_array(self, start: int, end: int) -> np.ndarray:
-        """int64 [end - start]: the ids at cache indices [start, end) (prompt, then generated)."""
-        if self._prompt_array is None:
-            self._prompt_array = np.array(self.prompt_token_ids, dtype=np.int64)
-        p = self.num_prompt_tokens
-        if end <= p:
-            return self._prompt_array[start:end]
-        generated = np.array(self.output_token_ids[max(start - p, 0): end - p], dtype=np.int64)
-        return np.concatenate([self._prompt_array[start:p], generated]) if start < p else generated
-
     def fill_placeholders(self, placeholder: int, ids: list[int]) -> None:
         """Write `ids` into the prompt in place of its `placeholder` tokens, in order (GLM-Image's
         condition image codes)."""
@@ -109,23 +104,23 @@ class Sequence:
             raise ValueError(f"{len(slots)} <|image|> tokens but {len(ids)} condition image codes")
         for i, token in zip(slots, ids):
             self.prompt_token_ids[i] = token
-        self._prompt_array = None  # made again from the filled ids
+        self._prompt_rows[0, slots] = ids
 
-    def position_array(self, start: int, end: int) -> np.ndarray:
-        """int64 [3, end - start]: the M-RoPE positions at cache indices [start, end): the prompt's,
-        then those of generated tokens (p + rope_delta at cache index p, or their decode_positions
-        columns)."""
+    def input_array(self, start: int, end: int) -> np.ndarray:
+        """int64 [4, end - start]: the ids (row 0) and M-RoPE positions (rows 1-3) at cache indices
+        [start, end): the prompt's, then those of generated tokens (p + rope_delta at cache index
+        p, or their decode_positions columns)."""
         p = self.num_prompt_tokens
-        prompt = self.prompt_positions[:, start: end].numpy()
         if end <= p:
-            return prompt
+            return self._prompt_rows[:, start: end]
         generated = np.arange(max(start, p), end)
+        rows = np.empty((4, len(generated)), dtype=np.int64)
+        rows[0] = self.output_token_ids[max(start - p, 0): end - p]
         if self.decode_positions is not None:
-            columns = np.minimum(generated - p, self.decode_positions.shape[1] - 1)
-            generated = self.decode_positions.numpy()[:, columns]
+            rows[1:] = self.decode_positions.numpy()[:, np.minimum(generated - p, self.decode_positions.shape[1] - 1)]
         else:
-            generated = np.broadcast_to(generated + self.rope_delta, (3, len(generated)))
-        return np.concatenate([prompt, generated], axis=1) if start < p else generated
+            rows[1:] = generated + self.rope_delta
+        return np.concatenate([self._prompt_rows[:, start: p], rows], axis=1) if start < p else rows
 
     def append_token(self, token_id: int) -> None:
         """Record a token read back from the device and finish the request if it ends here.
