@@ -108,9 +108,22 @@ def test_prompt_and_codes_match_transformers(llm, hf_model, hf_processor, case):
         assert torch.equal(llm.processor.image_processor.normalize_patches(processed.pixel_values)
                            if processed.pixel_values.dtype == torch.uint8 else processed.pixel_values,
                            inputs["pixel_values"])
+    # The prefill puts the codes in place of the placeholders on the device without waiting for
+    # them; the host prompt gets them when that step is read (one step later, with overlap).
     seq = llm.engine.prepare(request(case))
-    llm.engine.runner._encode_prompt_images([seq])
-    assert seq.prompt_token_ids == hf_codes_in_prompt(hf_model, inputs).tolist()
+    llm.engine.enqueue(seq)
+    llm.engine.step()
+    assert seq.prompt_token_ids == inputs["input_ids"][0].tolist()
+    # ... while the repetition penalty already counts them as seen (as every prompt id it can emit)
+    codes_in_prompt = hf_codes_in_prompt(hf_model, inputs)
+    vocab = llm.engine.config.text.output_vocab_size
+    seen = set(llm.engine.runner.batch.sampling.presence[seq.row].nonzero()[:, 0].tolist())
+    prompt_seen = {t for t in codes_in_prompt.tolist() if t < vocab}
+    assert prompt_seen <= seen and len(seen - prompt_seen) <= 1  # and the token the prefill sampled
+    llm.engine.step()
+    assert seq.prompt_token_ids == codes_in_prompt.tolist()
+    assert seq.request_id not in llm.engine.runner.image_cache  # the prompt holds the codes now
+    llm.engine.abort(seq.request_id)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -208,12 +221,18 @@ def greedy() -> glmrt.SamplingParams:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_image_tokens_match_generate(llm, hf_greedy, case):
+def test_greedy_image_tokens_match_generate(llm, hf_greedy, hf_model, hf_processor, case):
     prompt, names, height, width = CASES[case]
     [out] = llm.generate_image_tokens(prompt, height=height, width=width, images=[CONDITIONS[n] for n in names],
                                       sampling_params=greedy())
     theirs = hf_greedy[case]
     assert out.token_ids == theirs
+    codes_in_prompt = hf_codes_in_prompt(hf_model, hf_inputs(hf_processor, case))
+    assert out.prompt_token_ids == codes_in_prompt.tolist()
+    if names:
+        inputs = hf_inputs(hf_processor, case)
+        assert torch.equal(torch.cat([c.reshape(-1) for c in out.condition_image_tokens]),
+                           codes_in_prompt[inputs["input_ids"][0] == IMAGE_TOKEN])
     assert out.finish_reason == ("stop" if theirs[-1] == IMAGE_END else "length")
     targets = request(case).targets
     assert out.target_grid == targets[0][1:]

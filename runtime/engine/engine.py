@@ -522,6 +522,7 @@ class LLMEngine:
             logprobs = handle.logprobs(tokens) if handle.has_logprobs else None
         except Exception as exc:
             return self._fail(handle.seqs, exc)
+        self.runner.fill_prompts(handle)
         outputs, requests = [], self._requests
         accept = None if self.structured is None else self.structured.accept
         for i, (seq, new_tokens) in enumerate(zip(handle.seqs, tokens)):

@@ -112,9 +112,11 @@ class DeviceBatch:
         self.context_lens[row] = 0
         self.active[row] = False
 
-    def admit(self, seqs: list[Sequence], first_row: int) -> None:
+    def admit(self, seqs: list[Sequence], first_row: int, image_ids: list[torch.Tensor | None] | None = None) -> None:
         """Upload the rows of newly admitted sequences (after their prefill, the context holds
-        every known token): their integers in one copy, their floats in another."""
+        every known token): their integers in one copy, their floats in another. image_ids: per
+        sequence, the device ids its host prompt does not hold yet (GLM-Image's codes, see
+        ModelRunner.fill_prompts), or None."""
         rows = slice(first_row, first_row + len(seqs))
         tables = np.zeros((len(seqs), self.block_tables.shape[1]), dtype=np.int64)
         for i, s in enumerate(seqs):
@@ -153,6 +155,9 @@ class DeviceBatch:
             self.prompt_lens[rows], self.decode_lens[rows] = lens[:, 0], lens[:, 1]
         st.presence[rows] = False
         st.presence[row_of, ids] = True
+        for row, device_ids in enumerate(image_ids or ()):
+            if device_ids is not None:  # codes are in the output vocabulary (the config checks)
+                st.presence[first_row + row, device_ids] = True
 
     def set_blocks(self, new_blocks: list[tuple[int, int, int]]) -> None:
         """(row, table index, block id) for each sequence that crossed into a new block."""
@@ -250,6 +255,8 @@ class StepHandle:
         self.reserved = reserved if reserved is not None else [1] * len(seqs)
         self.speculative = tokens.dim() == 2
         self.proposals: list[tuple[int, str]] = []  # speculative: each row's (drafts proposed, their source)
+        # (sequence, host ids) to write into prompts once the step is read (ModelRunner.fill_prompts)
+        self.prompt_fills: list[tuple[Sequence, torch.Tensor]] = []
         on_cuda = tokens.device.type == "cuda"
         self._host = _to_host(tokens, on_cuda)
         self._host_logprobs = None if logprobs is None else [_to_host(t, on_cuda) for t in logprobs]
@@ -314,6 +321,9 @@ class ModelRunner:
         # The MTP layer is loaded: it follows every step (prefill, catch-up, carry) to draft.
         self.has_mtp = self.spec is not None and self.spec.mtp is not None
         self.image_cache: dict[str, torch.Tensor] = {}  # request id -> image embeddings, kept for recompute
+        # (sequence, its prompt's image ids in host memory) of encoded images not yet in a step's
+        # handle: the next handle made takes them (`fill_prompts`).
+        self._prompt_fills: list[tuple[Sequence, torch.Tensor]] = []
         self.buckets = batch_buckets(max_num_seqs)
         self.graphs = self._capture_graphs() if use_graphs else None
 
@@ -342,16 +352,29 @@ class ModelRunner:
     def _encode_prompt_images(self, seqs: list[Sequence]) -> None:
         """One packed vision pass over the images of `seqs` not yet encoded; pixels travel as uint8
         (through pinned memory on CUDA) and are normalized on the device. What the model makes of
-        them (GLM-OCR: embeddings for the <|image|> slots, cached here until the sequence finishes,
-        for recompute and later chunks; GLM-Image: codes written into the prompt) is its own."""
+        them (GLM-OCR: embeddings for the <|image|> slots; GLM-Image: the codes that replace them)
+        is cached here for the sequence's chunks and recomputes. Where they are token ids of the
+        prompt (GLM-Image), they are also copied to host memory behind the step, for the host
+        prompt to get them when the step is read (`fill_prompts`): nothing here waits."""
         todo = [s for s in seqs if s.pixel_values is not None]
         if not todo:
             return
         pixels = self.normalize_pixels(upload_cat([s.pixel_values for s in todo], self.model.device))
         encoded = self.model.encode_images(pixels, [g for s in todo for g in s.image_grid_thw])
-        self.image_cache.update(self.model.prompt_images(todo, encoded))
+        images = self.model.prompt_images(todo, encoded)
+        self.image_cache.update(images)
         for s in todo:
             s.pixel_values = None
+            ids = self.model.prompt_image_ids(images[s.request_id])
+            if ids is not None:
+                self._prompt_fills.append((s, _to_host(ids, ids.device.type == "cuda")))
+
+    def fill_prompts(self, handle: StepHandle) -> None:
+        """A read step's (its tokens() returned) image codes into their host prompts, in place of
+        the <|image|> placeholders; the cache entry goes, as the prompt now holds the ids."""
+        for seq, ids in handle.prompt_fills:
+            seq.fill_placeholders(self.model.config.image_token_id, ids.tolist())
+            self.image_cache.pop(seq.request_id, None)
 
     def _image_embeds(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
         """The image embeddings of the chunks' <|image|> slots, in order -> [slots, hidden] (None
@@ -476,11 +499,13 @@ class ModelRunner:
         """Second half: admit the sequences whose last chunk this is, sample the rows (under the
         host bitmasks [N, W], when given)."""
         if forward is None:
-            return StepHandle([], torch.empty(0, dtype=torch.int64, device=self.model.device))
+            return self._take_fills(StepHandle([], torch.empty(0, dtype=torch.int64, device=self.model.device)))
         logits, last_hidden = forward
         sampled, nd = [c for c in step.chunks if c.samples], len(step.decode)
         if sampled:
-            self.batch.admit([c.seq for c in sampled], step.first_row)
+            seqs = [c.seq for c in sampled]
+            cached = [self.image_cache.get(seq.request_id) for seq in seqs]
+            self.batch.admit(seqs, step.first_row, [None if c is None else self.model.prompt_image_ids(c) for c in cached])
         rows = slice(0 if nd else step.first_row, step.first_row + len(sampled))
         token_mask = None
         if masks is not None:
@@ -559,7 +584,12 @@ class ModelRunner:
         if asked:
             rows = tokens if tokens.dim() == 1 else tokens[:, 1:]  # [N] or [len(seqs), k + 1]
             logprobs = self.logprobs_of(logits[: rows.numel()], rows.reshape(-1), max(asked))
-        return StepHandle(seqs, tokens, reserved, logprobs)
+        return self._take_fills(StepHandle(seqs, tokens, reserved, logprobs))
+
+    def _take_fills(self, handle: StepHandle) -> StepHandle:
+        """Give the pending prompt fills to a just-made handle (whose wait covers their copies)."""
+        handle.prompt_fills, self._prompt_fills = self._prompt_fills, []
+        return handle
 
     @staticmethod
     def _do_sample(step: ScheduledStep) -> bool:

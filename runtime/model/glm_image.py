@@ -2,8 +2,9 @@
 ids in the prompt) and the GLM text decoder, over one set of ops.
 
 Unlike GLM-OCR, images never reach the decoder as embeddings: each condition image becomes one
-codebook id per patch, written into the prompt in place of its `<|image|>` placeholders, so a
-request is plain token ids by the time the engine schedules it. The decoder's lm_head covers
+codebook id per patch, which takes the place of one of its `<|image|>` placeholders: on the
+device in the prefill that encoded it, in the host prompt once that step is read (so a recompute
+after preemption, and the request's output, see plain token ids). The decoder's lm_head covers
 only the vision vocabulary (the codes, image start/end).
 """
 from __future__ import annotations
@@ -39,27 +40,31 @@ class GlmImageModel:
         return cls(config, load_checkpoint(path, config, device, dtype).weights, ops)
 
     @torch.inference_mode()
-    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         """Condition images packed as pixel_values [S, C*P*P] (any float dtype) with their grids
-        -> per image its codebook ids [h * w] int64, in prompt order."""
-        features = self.vision(pixel_values.to(self.dtype), image_grid_thw)
-        codes = self.vq(features, image_grid_thw)
-        return list(codes.split([t * h * w for t, h, w in image_grid_thw]))
+        -> their codebook ids [sum h * w] int64, image after image in prompt order."""
+        return self.vq(self.vision(pixel_values.to(self.dtype), image_grid_thw), image_grid_thw).reshape(-1)
 
-    def prompt_images(self, seqs: list, codes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def prompt_images(self, seqs: list, codes: torch.Tensor) -> dict[str, torch.Tensor]:
         """`encode_images`' codes of the condition images of `seqs` (Sequences, images in order)
-        -> {}: the codes replace each prompt's <|image|> placeholders, in order, so the prompt is
-        plain token ids (and a recompute after preemption needs no second pass)."""
-        codes = iter(c.tolist() for c in codes)
-        for s in seqs:
-            filled = [c for _ in s.image_grid_thw for c in next(codes)]
-            s.fill_placeholders(self.config.image_token_id, filled)
-        return {}
+        -> each sequence's codes [its <|image|> placeholders] int64 by request id: the token ids
+        that take the placeholders' places, on the device (`embed`), without waiting for them."""
+        sizes = [sum(t * h * w for t, h, w in s.image_grid_thw) for s in seqs]
+        return dict(zip((s.request_id for s in seqs), codes.split(sizes)))
+
+    def prompt_image_ids(self, images: torch.Tensor) -> torch.Tensor:
+        """A sequence's `prompt_images` entry as token ids of its prompt: the codes themselves (the
+        host prompt gets them once the step is read, ModelRunner.fill_prompts)."""
+        return images
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
               image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [T] -> [T, hidden]; where image_mask [T] is set the id is replaced, in order,
+        by the condition images' codes `image_embeds` [image_mask.sum()] (a gather and a select:
+        no wait for the device)."""
         if image_embeds is not None:
-            raise ValueError("GLM-Image prompts carry condition images as codebook ids, not embeddings")
+            order = (image_mask.cumsum(0) - 1).clamp(min=0)  # [T]: which code each slot takes
+            input_ids = torch.where(image_mask, image_embeds[order], input_ids)
         return self.text.embed_tokens[input_ids]
 
     @torch.inference_mode()
@@ -67,7 +72,7 @@ class GlmImageModel:
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], image_embeds: torch.Tensor | None = None,
                 image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [T] (vision and text ids alike), positions [3, T] -> final hidden states [T, hidden]."""
-        return self.text.forward(self.embed(input_ids, image_embeds), positions, attn, kv_caches)
+        return self.text.forward(self.embed(input_ids, image_embeds, image_mask), positions, attn, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """-> [N, vision vocabulary] logits."""

@@ -40,6 +40,10 @@ class GlmOcrModel:
         sizes = [sum(t * h * w for t, h, w in s.image_grid_thw) // m2 for s in seqs]
         return dict(zip((s.request_id for s in seqs), embeds.split(sizes)))
 
+    def prompt_image_ids(self, images: torch.Tensor) -> None:
+        """A sequence's `prompt_images` entry as token ids of its prompt: none (embeddings)."""
+        return None
+
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
               image_mask: torch.Tensor | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [T] -> [T, hidden] rows of `table` (default: the decoder's embedding); rows where
