@@ -1,9 +1,10 @@
 """Block manager, scheduler and detokenizer in isolation (no model)."""
 import pytest
 import torch
+from tokenizers.decoders import DecodeStream
 
 from glmrt.engine.block_manager import BlockManager
-from glmrt.engine.detokenizer import IncrementalDetokenizer
+from glmrt.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from glmrt.engine.scheduler import NEEDS_DRAIN, Scheduler
 from glmrt.engine.sequence import Sequence, SequenceStatus
 from glmrt.sampling_params import SamplingParams
@@ -265,12 +266,70 @@ def test_length_is_checked_before_stop():
     assert t.finish_reason == "length"
 
 
+def decoders(tok):
+    """The detokenizer's two ways: tokenizers' DecodeStream (a TokenDecoder) and the window method
+    (any other decode function)."""
+    return {"stream": TokenDecoder(tok, False), "window": lambda t: tok.decode(list(t))}
+
+
+@pytest.mark.parametrize("way", ["stream", "window"])
 @pytest.mark.parametrize("text", ["plain ascii text", "你好, 世界 ✓ — émigré", "a\nb\tc  "])
-def test_incremental_detokenizer_streams_whole_characters(text):
+def test_incremental_detokenizer_streams_whole_characters(text, way):
     tok = build_tokenizer()
     ids = tok.encode(text, add_special_tokens=False).ids
-    detok = IncrementalDetokenizer(lambda t: tok.decode(list(t)))
+    detok = IncrementalDetokenizer(decoders(tok)[way])
     deltas = [detok.add([i]) for i in ids]
+    assert "".join(deltas) == text  # all of it before finish: nothing is left held back
     deltas.append(detok.finish())
     assert "".join(deltas) == text == detok.text
     assert all("\ufffd" not in d for d in deltas)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("way", ["stream", "window"])
+def test_any_token_sequence_streams_a_prefix_of_its_decode(way, skip):
+    """Random ids (special tokens and bytes that are no UTF-8 among them), one or several per step:
+    the streamed text is always a prefix of the plain decode, which is the final text."""
+    import random
+
+    tok = build_tokenizer()
+    decode = TokenDecoder(tok, skip) if way == "stream" else (lambda t: tok.decode(list(t), skip_special_tokens=skip))
+    rng = random.Random(7)
+    for _ in range(200):
+        ids = [rng.randrange(tok.get_vocab_size()) for _ in range(rng.randrange(1, 40))]
+        detok, i = IncrementalDetokenizer(decode), 0
+        while i < len(ids):
+            n = rng.randrange(1, 4)
+            detok.add(ids[i: i + n])
+            i += n
+            assert tok.decode(ids[:i], skip_special_tokens=skip).startswith(detok.text)
+        detok.finish()
+        assert detok.text == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_a_stream_that_fails_on_an_invalid_prefix_starts_over_from_that_token(monkeypatch):
+    tok = build_tokenizer()
+    ids = tok.encode("one two three", add_special_tokens=False).ids
+    decoder, streams = TokenDecoder(tok, False), []
+
+    class Failing:  # tokenizers' error on the 4th token of the first stream
+        def __init__(self):
+            self.inner, self.steps = DecodeStream(skip_special_tokens=False), 0
+            streams.append(self)
+
+        def step(self, tokenizer, token):
+            self.steps += 1
+            if len(streams) == 1 and self.steps == 4:
+                raise Exception("Invalid prefix encountered while decoding stream")
+            return self.inner.step(tokenizer, token)
+
+    monkeypatch.setattr(decoder, "stream", Failing)
+    detok = IncrementalDetokenizer(decoder)
+    streamed = "".join(detok.add([i]) for i in ids)
+    assert len(streams) == 2 and streamed.startswith(tok.decode(ids[:3])) and streamed.endswith("three")
+    detok.finish()
+    assert detok.text == "one two three"
+    other = TokenDecoder(tok, False)
+    monkeypatch.setattr(other, "stream", lambda: type("Broken", (), {"step": lambda *a: 1 / 0})())
+    with pytest.raises(ZeroDivisionError):  # any other error is the request's own (it fails alone)
+        IncrementalDetokenizer(other).add(ids[:1])

@@ -1,52 +1,77 @@
 """Incremental detokenization for streaming.
 
 Decoding one token at a time breaks multi-byte characters and merges that depend on their
-neighbours, so each step decodes a short window (from `prefix_offset`) and emits only the text
-beyond what that window already produced, holding back while the tail is an incomplete
-character (U+FFFD).
+neighbours. With a tokenizer's own decoder (`TokenDecoder`), the text comes from tokenizers'
+DecodeStream, which keeps that state in Rust and yields the text each token completes. Any other
+decode function gets the window method: each step decodes a short window (from `prefix_offset`)
+and emits only the text beyond what that window already produced, holding back while the tail is
+an incomplete character (U+FFFD). Either way the final text is the plain decode of all tokens.
 """
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable, Sequence
 
+from tokenizers.decoders import DecodeStream
+
+# What tokenizers raises when a stream's text so far stops being a prefix of its text with the next
+# token (a tokenizer that rewrites earlier text): the stream starts over from that token (as vLLM).
+INVALID_PREFIX = "Invalid prefix encountered"
+
 
 class TokenDecoder:
-    """A tokenizer's decode for one skip_special_tokens setting, single tokens cached: the
-    detokenizer's prefix window is one token at most steps (a vocabulary's worth of strings at most)."""
+    """A tokenizer's decode for one skip_special_tokens setting, and its token streams."""
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self._decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens)
-        self._single: dict[int, str] = {}
 
-    def __call__(self, token_ids: list[int]) -> str:
-        if len(token_ids) != 1:
-            return self._decode(token_ids)
-        text = self._single.get(token_ids[0])
-        if text is None:
-            text = self._single[token_ids[0]] = self._decode(token_ids)
-        return text
+    def __call__(self, token_ids: Sequence[int]) -> str:
+        return self._decode(list(token_ids))
+
+    def stream(self) -> DecodeStream:
+        return DecodeStream(skip_special_tokens=self.skip_special_tokens)
 
 
 class IncrementalDetokenizer:
     def __init__(self, decode: Callable[[Sequence[int]], str]):
         self._decode = decode
+        self._stream = decode.stream() if isinstance(decode, TokenDecoder) else None
         self.token_ids: list[int] = []
         self._deltas: list[str] = []  # the text so far, in the pieces `add` returned (no O(text) += per step)
-        self._prefix_offset = 0
+        self._prefix_offset = 0  # the window method's
         self._read_offset = 0
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Append tokens; return the newly completed text (possibly empty)."""
         self.token_ids.extend(token_ids)
+        delta = self._step(token_ids) if self._stream is not None else self._window()
+        if delta:
+            self._deltas.append(delta)
+        return delta
+
+    def _step(self, token_ids: Sequence[int]) -> str:
+        tokenizer, pieces = self._decode.tokenizer, []
+        for token in token_ids:
+            try:
+                piece = self._stream.step(tokenizer, token)
+            except Exception as exc:
+                if not str(exc).startswith(INVALID_PREFIX):
+                    raise
+                self._stream = self._decode.stream()
+                piece = self._stream.step(tokenizer, token)
+            if piece:
+                pieces.append(piece)
+        return "".join(pieces)
+
+    def _window(self) -> str:
         prefix = self._decode(self.token_ids[self._prefix_offset: self._read_offset])
         full = self._decode(self.token_ids[self._prefix_offset:])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
-        delta = full[len(prefix):]
         self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
-        self._deltas.append(delta)
-        return delta
+        return full[len(prefix):]
 
     def extend(self, token_ids: Sequence[int]) -> None:
         """Append tokens without decoding anything: their text comes with `finish` (a request that

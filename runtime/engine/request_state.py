@@ -2,9 +2,9 @@
 
 The engine core reads tokens back and appends them to the Sequence; a RequestState turns them into
 text (incremental detokenization), finds stop strings in it and makes the request's outputs. The
-work per token is O(1) in the length of the output: deltas are decoded from a short window, stop
-strings are searched in the new text only, and an output refers to the request's growing lists
-(outputs.Prefix) rather than copying them. A "final_only" request (SamplingParams.output_kind) gets
+work per token is O(1) in the length of the output: deltas come from the tokenizer's
+DecodeStream, stop strings are searched in the new text only, and an output refers to the
+request's growing lists (outputs.Prefix) rather than copying them. A "final_only" request (SamplingParams.output_kind) gets
 no output before it finishes, and without stop strings its text is decoded once, at the end: per
 token only the token checks remain.
 """
