@@ -42,11 +42,12 @@ from .runner import Masks, ModelRunner, PrefillInputError, StepHandle, allocate_
 from .sampler import Sampler, SamplingState
 from .request_state import RequestState
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 from .spec_decode import SpecDecodeStats
 from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
+FINISHED = SequenceStatus.FINISHED
 
 # A verify step runs k + 1 query rows for every sequence, so without the MTP layer (whose rows
 # always speculate) one runs only when the host's drafts are expected to be accepted for at least
@@ -526,7 +527,7 @@ class LLMEngine:
         outputs, requests = [], self._requests
         accept = None if self.structured is None else self.structured.accept
         for i, (seq, new_tokens) in enumerate(zip(handle.seqs, tokens)):
-            if seq.is_finished:  # finished or aborted after this step was launched: drop the tokens
+            if seq.status is FINISHED:  # finished or aborted after this step was launched: drop the tokens
                 continue
             state = requests[seq.request_id]
             if handle.speculative:

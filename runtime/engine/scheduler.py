@@ -160,12 +160,11 @@ class Scheduler:
             if self.draining or any(s.num_pending for s in self.running):
                 return NEEDS_DRAIN
             self._preempt(self.running[-1])
-        new_blocks = []
+        new_blocks, step, block_size = [], self.tokens_per_step, self.block_manager.block_size
         for row, seq in enumerate(self.running):
-            block_id = self.block_manager.grow(seq, seq.num_reserved + self.tokens_per_step)
-            if block_id is not None:
-                new_blocks.append((row, len(seq.block_table) - 1, block_id))
-            seq.num_reserved += self.tokens_per_step
+            seq.num_reserved += step
+            if seq.num_reserved > len(seq.block_table) * block_size:  # it crosses into a new block
+                new_blocks.append((row, len(seq.block_table), self.block_manager.grow(seq, seq.num_reserved)))
             seq.num_pending += 1
         return list(self.running), new_blocks
 
@@ -234,8 +233,9 @@ class Scheduler:
         return all(s.isolation_group == seq.isolation_group for s in (*self.running, *self.prefilling))
 
     def _new_blocks_needed(self) -> int:
-        bm = self.block_manager
-        return sum(len(s.block_table) < bm.blocks_needed(s.num_reserved + self.tokens_per_step) for s in self.running)
+        """Blocks the running sequences' next decode tokens need (at most one each: see _schedule_decode)."""
+        reach, block_size = self.tokens_per_step, self.block_manager.block_size
+        return sum(s.num_reserved + reach > len(s.block_table) * block_size for s in self.running)
 
     def _release_row(self, seq: Sequence) -> None:
         row, last = seq.row, len(self.running) - 1

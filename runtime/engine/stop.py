@@ -58,8 +58,13 @@ class StopChecker:
     def pop_delta(self, finished: bool) -> str:
         """The text not handed out yet that can no longer be cut: all of it once the request has
         finished or a stop string was found, else all but the last `hold` characters."""
-        n = len(self._unsent) if finished or self.stop_str is not None else max(0, len(self._unsent) - self.hold)
-        delta, self._unsent = self._unsent[:n], self._unsent[n:]
+        if not self._unsent:
+            return ""
+        if finished or self.stop_str is not None or not self.hold:
+            delta, self._unsent = self._unsent, ""
+        else:
+            n = max(0, len(self._unsent) - self.hold)
+            delta, self._unsent = self._unsent[:n], self._unsent[n:]
         if delta:
             self.sent.append(delta)
             self._tail = (self._tail + delta)[-self._context:] if self._context else ""
