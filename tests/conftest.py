@@ -27,6 +27,11 @@ from glmrt_testing.vendored_torchvision import TORCHVISION_DIR, use_vendored_tor
 use_vendored_torchvision()
 
 HAS_CUDA = torch.cuda.is_available()
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's command): the workers share the cores, so each runs torch on one
+    # thread, and so do the servers and scripts its tests start (they inherit the variable).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
