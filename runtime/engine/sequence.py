@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
-    prompt_positions: torch.Tensor  # [3, P] int64 M-RoPE positions of the prompt
+    prompt_positions: InitVar[torch.Tensor]  # [3, P] int64 M-RoPE positions of the prompt (kept in _prompt_rows)
     rope_delta: int  # a token at cache index p has position p + rope_delta on all rows
     sampling_params: SamplingParams
     stop_token_ids: frozenset[int]
@@ -67,10 +67,10 @@ class Sequence:
     # Sequence (on the preprocessing worker, not in a step) and sliced by its prefill chunks.
     _prompt_rows: np.ndarray = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, prompt_positions: torch.Tensor) -> None:
         self._prompt_rows = np.empty((4, len(self.prompt_token_ids)), dtype=np.int64)
         self._prompt_rows[0] = self.prompt_token_ids
-        self._prompt_rows[1:] = self.prompt_positions.numpy()
+        self._prompt_rows[1:] = prompt_positions.numpy()
 
     @property
     def num_tokens(self) -> int:
