@@ -229,8 +229,11 @@ class Scheduler:
 
     def _may_join(self, seq: Sequence) -> bool:
         """Whether seq may be admitted beside the admitted sequences: only within its isolation
-        group (see isolate); a group waiting at the head of the queue holds back the rest."""
-        return all(s.isolation_group == seq.isolation_group for s in (*self.running, *self.prefilling))
+        group (see isolate); a group waiting at the head of the queue holds back the rest. The
+        admitted sequences all share one group (each was admitted against all of them), so one
+        of them stands for all."""
+        admitted = self.running or self.prefilling
+        return not admitted or admitted[0].isolation_group == seq.isolation_group
 
     def _new_blocks_needed(self) -> int:
         """Blocks the running sequences' next decode tokens need (at most one each: see _schedule_decode)."""
