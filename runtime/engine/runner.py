@@ -13,6 +13,7 @@ log-probabilities computes them from the raw logits it sampled from, in one plac
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -396,44 +397,43 @@ class ModelRunner:
 
     def _prefill_inputs(self, chunks: list[PrefillChunk], num_decode: int):
         """Host work and the vision pass of a step's chunks, before any device state of the batch
-        changes -> (ids [T], positions [3, T], slot mapping [T], image embeds, image mask [T], the
-        rows to sample [num_decode + sampling chunks] (the decode rows come first in the step's
-        forward), each chunk's token count (host), attention fields of the prefill part). The host
-        arrays are built with numpy and go up in two copies (int64 and int32 packs)."""
-        bs = self.block_size
+        changes -> (ids [T], positions [3, T], slot mapping [T], image embeds, image mask [T] (None
+        when the step has no images), the rows to sample [num_decode + sampling chunks] (the
+        decode rows come first in the step's forward), each chunk's token count (host), attention
+        fields of the prefill part). A handful of numpy calls per chunk, whatever its length; the
+        arrays go up in two copies (an int64 and an int32 pack)."""
+        bs, image_id = self.block_size, self.model.config.image_token_id
         self._encode_prompt_images([c.seq for c in chunks])
-        n = len(chunks)
-        starts = np.array([c.start for c in chunks])
-        lens = np.array([c.end - c.start for c in chunks])
-        cu = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lens, out=cu[1:])
-        rows = [c.seq.input_array(c.start, c.end) for c in chunks]
-        inputs = np.concatenate(rows, axis=1) if n > 1 else rows[0]  # [4, T]: ids, then positions
-        ids = inputs[0]
-        seq_of = np.repeat(np.arange(n), lens)  # [T] the chunk of each token
-        index = np.arange(cu[-1]) + np.repeat(starts - cu[:-1], lens)  # [T] its cache index
-        tables = np.zeros((n, max(len(c.seq.block_table) for c in chunks)), dtype=np.int64)
-        for i, c in enumerate(chunks):
-            tables[i, : len(c.seq.block_table)] = c.seq.block_table
-        slots = tables[seq_of, index // bs] * bs + index % bs
-        # Only prompt tokens can be image slots (a generated <|image|> id is embedded as text).
-        prompt_lens = np.array([c.seq.num_prompt_tokens for c in chunks])
-        image_mask = (ids == self.model.config.image_token_id) & (index < prompt_lens[seq_of])
-        samples = np.array([c.samples for c in chunks], dtype=bool)
-        last = np.concatenate([np.arange(num_decode), cu[1:][samples] - 1 + num_decode])
+        lens = [c.end - c.start for c in chunks]
+        cu = list(itertools.accumulate(lens, initial=0))
+        inputs = [c.seq.input_array(c.start, c.end) for c in chunks]  # [4, len]: ids, then positions
+        inputs = np.concatenate(inputs, axis=1) if len(inputs) > 1 else inputs[0]
+        slots = np.concatenate([c.seq.slot_array(c.start, c.end, bs) for c in chunks]) if len(chunks) > 1 \
+            else chunks[0].seq.slot_array(chunks[0].start, chunks[0].end, bs)
         image_embeds = self._image_embeds(chunks)
-        num_slots, num_embeds = int(image_mask.sum()), 0 if image_embeds is None else image_embeds.shape[0]
+        image_mask = inputs[0] == image_id  # [T]
+        for c, offset in zip(chunks, cu):  # only prompt tokens are image slots (a generated <|image|> is text)
+            if c.end > c.seq.num_prompt_tokens:
+                image_mask[offset + max(c.seq.num_prompt_tokens - c.start, 0): offset + c.end - c.start] = False
+        num_slots, num_embeds = int(np.count_nonzero(image_mask)), 0 if image_embeds is None else image_embeds.shape[0]
         if num_slots != num_embeds:
             raise ValueError(f"{num_slots} <|image|> tokens but {num_embeds} image embeddings")
+        last = list(range(num_decode)) + [num_decode + end - 1 for c, end in zip(chunks, cu[1:]) if c.samples]
         device = self.model.device
-        inputs, slots, image_mask, last = upload_arrays([inputs, slots, image_mask, last], device, torch.int64)
+        packed = [inputs, slots, np.array(last, dtype=np.int64)] + ([image_mask] if num_slots else [])
+        inputs, slots, last, *image_mask = upload_arrays(packed, device, torch.int64)
         # Chunks after a cached prefix attend to it through the cache; batch-invariant ops read
         # every prompt from the cache, so a chunk's attention is reduced as the whole prompt's.
-        with_tables = bool(starts.any()) or self.model.ops.batch_invariant
-        ints = [cu] + ([tables, starts + lens] if with_tables else [])
+        ints = [np.array(cu)]
+        if self.model.ops.batch_invariant or any(c.start for c in chunks):
+            tables = np.zeros((len(chunks), max(len(c.seq.block_table) for c in chunks)), dtype=np.int64)
+            for i, c in enumerate(chunks):
+                tables[i, : len(c.seq.block_table)] = c.seq.block_table
+            ints += [tables, np.array([c.end for c in chunks])]
         fields = dict(zip(("cu_seqlens", "prefill_block_tables", "prefill_context_lens"),
-                          upload_arrays(ints, device, torch.int32)), max_seqlen=int(lens.max()))
-        return inputs[0], inputs[1:], slots, image_embeds, image_mask.bool(), last, lens.tolist(), fields
+                          upload_arrays(ints, device, torch.int32)), max_seqlen=max(lens))
+        image_mask = image_mask[0].bool() if image_mask else None
+        return inputs[0], inputs[1:], slots, image_embeds, image_mask, last, lens, fields
 
     @torch.inference_mode()
     def launch(self, step: ScheduledStep, masks: Masks = _no_masks, speculate: bool = False,
@@ -482,7 +482,8 @@ class ModelRunner:
             dec_ids, dec_positions, dec = self.batch.decode_inputs(self._start_decode(step, exact=True))
             ids, positions = torch.cat([dec_ids, ids]), torch.cat([dec_positions, positions], dim=1)
             slots = torch.cat([dec.slot_mapping, slots])
-            image_mask = torch.cat([torch.zeros(nd, dtype=torch.bool, device=ids.device), image_mask])
+            if image_mask is not None:
+                image_mask = torch.cat([torch.zeros(nd, dtype=torch.bool, device=ids.device), image_mask])
             fields.update(block_tables=dec.block_tables, context_lens=dec.context_lens)
         attn = AttentionMetadata(slot_mapping=slots, **fields)
         hidden = self.model.forward(ids, positions, attn, self.kv_caches, image_embeds, image_mask)

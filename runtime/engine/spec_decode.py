@@ -107,9 +107,9 @@ class SpeculativeDecoder:
 
     # --------------------------------------------------------------------------------- prefill
 
-    def prefill(self, ids: torch.Tensor, image_embeds: torch.Tensor | None, image_mask: torch.Tensor,
+    def prefill(self, ids: torch.Tensor, image_embeds: torch.Tensor | None, image_mask: torch.Tensor | None,
                 hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, lens: list[int]) -> None:
-        """The MTP layer over a packed prefill: ids, image_mask [T], hidden [T, H], positions [3, T],
+        """The MTP layer over a packed prefill: ids, image_mask [T] (None without images), hidden [T, H], positions [3, T],
         slots [T] of the target's prefill, sequences of `lens` tokens -> MTP cache entries for all
         but each sequence's last token (that one is carried into the first decode step)."""
         device = hidden.device
@@ -128,7 +128,8 @@ class SpeculativeDecoder:
         packed = upload(torch.cat([rows, cu.long()]), device)  # one asynchronous copy (pinned on CUDA)
         rows_d, cu_d = packed[: rows.numel()], packed[rows.numel():].int()
         next_d = rows_d + 1
-        embeds = self.model.embed(ids[next_d], image_embeds, image_mask[next_d], table=self.mtp.embed_tokens)
+        embeds = self.model.embed(ids[next_d], image_embeds, None if image_mask is None else image_mask[next_d],
+                                  table=self.mtp.embed_tokens)
         attn = AttentionMetadata(slot_mapping=slots[rows_d], cu_seqlens=cu_d, max_seqlen=max(lens) - 1)
         self.mtp.forward(embeds, hidden[rows_d], positions[:, rows_d], attn, self.mtp_kv_cache)
 
