@@ -1,4 +1,5 @@
-"""A decode step's inputs from the device-resident batch, in one launch.
+"""A step's inputs on the device, each in one launch: a decode step's from the device-resident
+batch (`decode_inputs_`), and the KV slots of a step's prefill chunks (`prefill_slots`).
 
 Each row r of a decode step feeds one token, its last sampled one, at cache index
 pos = context_lens[r] - 1 after the step's context_lens += active (inactive rows keep their
@@ -11,6 +12,12 @@ In plain torch (`decode_inputs_ref`) this is 17 tiny ops, each a node of the cap
 (and a launch of an eager step). The kernel is one launch of one program per row, each a few scalar
 loads and stores: its cost is the launch itself. Static shapes, no host sync: it is captured with
 the rest of the step.
+
+A prefill chunk covers cache indices [start, start + n) of its sequence, and its tokens' KV slots
+go through its block table. The host would build them token by token (a few numpy calls per chunk,
+~10 us each for a step of region crops); `prefill_slots` makes them from the chunks' block tables,
+starts and cu_seqlens: one program per 128 tokens, each token's chunk found by a binary search of
+cu_seqlens.
 """
 import torch
 import triton
@@ -121,3 +128,63 @@ def decode_inputs_ref(context_lens: torch.Tensor, active: torch.Tensor, block_ta
         column = torch.minimum((pos - prompt_lens).clamp(min=0), decode_lens - 1)
         positions = decode_positions.gather(2, column.view(bs, 1, 1).expand(bs, 3, 1))[:, :, 0].T
     return slots, positions
+
+
+@triton.jit
+def _prefill_slots_kernel(cu_ptr, starts_ptr, tables_ptr, slots_ptr, num_tokens, num_chunks, search_steps,
+                          stride_table, block_size, max_blocks, BLOCK: tl.constexpr):
+    # grid (cdiv(T, BLOCK),): tokens t of the program; chunk c with cu[c] <= t < cu[c + 1]
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = t < num_tokens
+    lo = tl.zeros([BLOCK], tl.int32)  # cu[lo] <= t throughout
+    hi = lo + num_chunks - 1  # the chunk is at most hi
+    for _ in range(search_steps):  # ceil(log2(num_chunks)) halvings
+        mid = (lo + hi + 1) // 2
+        right = tl.load(cu_ptr + mid, mask=valid, other=0) <= t
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid - 1)
+    index = (tl.load(starts_ptr + lo, mask=valid, other=0) + t - tl.load(cu_ptr + lo, mask=valid, other=0)).to(tl.int64)
+    inside = valid & (index >= 0) & (index < max_blocks * block_size)
+    block = tl.load(tables_ptr + lo.to(tl.int64) * stride_table + index // block_size, mask=inside, other=0)
+    tl.store(slots_ptr + t, tl.where(inside, block.to(tl.int64) * block_size + index % block_size, -1), mask=valid)
+
+
+def _check_prefill(cu_seqlens: torch.Tensor, starts: torch.Tensor, block_tables: torch.Tensor,
+                   num_tokens: int) -> None:
+    n = starts.shape[0]
+    for name, t, shape in (("cu_seqlens", cu_seqlens, (n + 1,)), ("starts", starts, (n,)),
+                           ("block_tables", block_tables, (n, block_tables.shape[-1]))):
+        if t.shape != shape or t.dtype != torch.int32 or t.device != starts.device or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be a contiguous {list(shape)} int32 tensor on {starts.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if n < 1 or num_tokens < 1:
+        raise ValueError(f"a prefill needs a chunk and a token, got {n} chunks and {num_tokens} tokens")
+
+
+def prefill_slots(cu_seqlens: torch.Tensor, starts: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                  num_tokens: int) -> torch.Tensor:
+    """The KV slots of a step's prefill tokens [num_tokens] int64: chunk i (cu_seqlens [n + 1]
+    int32, num_tokens = cu_seqlens[-1], each chunk at least one token) holds cache indices
+    starts[i] .. of its sequence, whose block table is block_tables [n, max_blocks] int32; -1
+    for an index outside the table. One launch, no host sync."""
+    _check_prefill(cu_seqlens, starts, block_tables, num_tokens)
+    slots = torch.empty(num_tokens, dtype=torch.int64, device=starts.device)
+    n, block = starts.shape[0], 128
+    _prefill_slots_kernel[(triton.cdiv(num_tokens, block),)](
+        cu_seqlens, starts, block_tables, slots, num_tokens, n, (n - 1).bit_length(), block_tables.stride(0),
+        block_size, block_tables.shape[1], BLOCK=block, num_warps=4,
+    )
+    return slots
+
+
+def prefill_slots_ref(cu_seqlens: torch.Tensor, starts: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                      num_tokens: int) -> torch.Tensor:
+    """Plain-torch twin of `prefill_slots` (a handful of ops over the step's tokens)."""
+    _check_prefill(cu_seqlens, starts, block_tables, num_tokens)
+    cu, device = cu_seqlens.long(), starts.device
+    chunk = torch.repeat_interleave(torch.arange(starts.shape[0], device=device), cu[1:] - cu[:-1],
+                                    output_size=num_tokens)  # [T]
+    index = starts.long()[chunk] + torch.arange(num_tokens, device=device) - cu[chunk]
+    limit = block_tables.shape[1] * block_size
+    block = block_tables[chunk, index.clamp(0, limit - 1) // block_size].long()
+    return torch.where((index >= 0) & (index < limit), block * block_size + index % block_size, -1)

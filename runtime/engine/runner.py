@@ -400,16 +400,15 @@ class ModelRunner:
         changes -> (ids [T], positions [3, T], slot mapping [T], image embeds, image mask [T] (None
         when the step has no images), the rows to sample [num_decode + sampling chunks] (the
         decode rows come first in the step's forward), each chunk's token count (host), attention
-        fields of the prefill part). A handful of numpy calls per chunk, whatever its length; the
-        arrays go up in two copies (an int64 and an int32 pack)."""
-        bs, image_id = self.block_size, self.model.config.image_token_id
+        fields of the prefill part). Per token the host only concatenates the chunks' ids and
+        positions (made with their Sequences) and looks for image slots; the KV slots are made on
+        the device from the chunks' block tables. Two uploads: an int64 and an int32 pack."""
+        image_id = self.model.config.image_token_id
         self._encode_prompt_images([c.seq for c in chunks])
         lens = [c.end - c.start for c in chunks]
         cu = list(itertools.accumulate(lens, initial=0))
         inputs = [c.seq.input_array(c.start, c.end) for c in chunks]  # [4, len]: ids, then positions
         inputs = np.concatenate(inputs, axis=1) if len(inputs) > 1 else inputs[0]
-        slots = np.concatenate([c.seq.slot_array(c.start, c.end, bs) for c in chunks]) if len(chunks) > 1 \
-            else chunks[0].seq.slot_array(chunks[0].start, chunks[0].end, bs)
         image_embeds = self._image_embeds(chunks)
         image_mask = inputs[0] == image_id  # [T]
         for c, offset in zip(chunks, cu):  # only prompt tokens are image slots (a generated <|image|> is text)
@@ -419,19 +418,20 @@ class ModelRunner:
         if num_slots != num_embeds:
             raise ValueError(f"{num_slots} <|image|> tokens but {num_embeds} image embeddings")
         last = list(range(num_decode)) + [num_decode + end - 1 for c, end in zip(chunks, cu[1:]) if c.samples]
+        tables = np.zeros((len(chunks), max(len(c.seq.block_table) for c in chunks)), dtype=np.int64)
+        for i, c in enumerate(chunks):
+            tables[i, : len(c.seq.block_table)] = c.seq.block_table
         device = self.model.device
-        packed = [inputs, slots, np.array(last, dtype=np.int64)] + ([image_mask] if num_slots else [])
-        inputs, slots, last, *image_mask = upload_arrays(packed, device, torch.int64)
+        packed = [inputs, np.array(last, dtype=np.int64)] + ([image_mask] if num_slots else [])
+        inputs, last, *image_mask = upload_arrays(packed, device, torch.int64)
+        cu_d, tables, starts, ends = upload_arrays([np.array(cu), tables, np.array([c.start for c in chunks]),
+                                                    np.array([c.end for c in chunks])], device, torch.int32)
+        slots = self.model.ops.prefill_slots(cu_d, starts, tables, self.block_size, cu[-1])
         # Chunks after a cached prefix attend to it through the cache; batch-invariant ops read
         # every prompt from the cache, so a chunk's attention is reduced as the whole prompt's.
-        ints = [np.array(cu)]
+        fields = dict(cu_seqlens=cu_d, max_seqlen=max(lens))
         if self.model.ops.batch_invariant or any(c.start for c in chunks):
-            tables = np.zeros((len(chunks), max(len(c.seq.block_table) for c in chunks)), dtype=np.int64)
-            for i, c in enumerate(chunks):
-                tables[i, : len(c.seq.block_table)] = c.seq.block_table
-            ints += [tables, np.array([c.end for c in chunks])]
-        fields = dict(zip(("cu_seqlens", "prefill_block_tables", "prefill_context_lens"),
-                          upload_arrays(ints, device, torch.int32)), max_seqlen=max(lens))
+            fields.update(prefill_block_tables=tables, prefill_context_lens=ends)
         image_mask = image_mask[0].bool() if image_mask else None
         return inputs[0], inputs[1:], slots, image_embeds, image_mask, last, lens, fields
 

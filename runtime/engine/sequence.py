@@ -122,13 +122,6 @@ class Sequence:
             rows[1:] = generated + self.rope_delta
         return np.concatenate([self._prompt_rows[:, start: p], rows], axis=1) if start < p else rows
 
-    def slot_array(self, start: int, end: int, block_size: int) -> np.ndarray:
-        """int64 [end - start]: the cache slots of cache indices [start, end) through its block table."""
-        first = start // block_size
-        blocks = np.array(self.block_table[first: (end - 1) // block_size + 1], dtype=np.int64)
-        slots = (blocks[:, None] * block_size + np.arange(block_size)).ravel()
-        return slots[start - first * block_size: end - first * block_size]
-
     def append_token(self, token_id: int) -> None:
         """Record a token read back from the device and finish the request if it ends here.
         As in vLLM, the length limit is checked first: a stop token that is also the

@@ -176,6 +176,12 @@ class TorchOps:
         return decode_inputs.decode_inputs_ref(context_lens, active, block_tables, block_size, rope_deltas,
                                                decode_positions, prompt_lens, decode_lens)
 
+    def prefill_slots(self, cu_seqlens: Tensor, starts: Tensor, block_tables: Tensor, block_size: int,
+                      num_tokens: int) -> Tensor:
+        """The KV slots [T] of a step's prefill chunks (cu_seqlens [n + 1], each chunk's first cache
+        index starts [n] and block table [n, max_blocks], all int32; see glmrt.kernels.decode_inputs)."""
+        return decode_inputs.prefill_slots_ref(cu_seqlens, starts, block_tables, block_size, num_tokens)
+
 
 class TritonOps(TorchOps):
     """Every op that has a Triton kernel runs it.
@@ -281,6 +287,9 @@ class TritonOps(TorchOps):
                       prompt_lens=None, decode_lens=None):
         return decode_inputs.decode_inputs_(context_lens, active, block_tables, block_size, rope_deltas,
                                             decode_positions, prompt_lens, decode_lens)  # one launch
+
+    def prefill_slots(self, cu_seqlens, starts, block_tables, block_size, num_tokens):
+        return decode_inputs.prefill_slots(cu_seqlens, starts, block_tables, block_size, num_tokens)  # one launch
 
 
 def make_ops(backend: str, batch_invariant: bool = True) -> TorchOps:

@@ -1,10 +1,11 @@
-"""The decode-inputs kernel against its plain-torch twin (the engine's former torch code): context
-lengths advanced in place, slots and positions exactly equal, on random batches laid out as the
-engine's DeviceBatch holds them (rows [0, bs) of wider buffers)."""
+"""The step-input kernels against their plain-torch twins. Decode inputs (the engine's former torch
+code): context lengths advanced in place, slots and positions exactly equal, on random batches
+laid out as the engine's DeviceBatch holds them (rows [0, bs) of wider buffers). Prefill slots:
+ragged chunks after cached prefixes, against the slot arithmetic written out token by token."""
 import pytest
 import torch
 
-from glmrt.kernels.decode_inputs import decode_inputs_, decode_inputs_ref
+from glmrt.kernels.decode_inputs import decode_inputs_, decode_inputs_ref, prefill_slots, prefill_slots_ref
 from glmrt_testing.hopper import compile_for_hopper
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,6 +108,69 @@ def test_decode_inputs_kernel_compiles_for_sm90():
            "TABLE_POSITIONS": "constexpr"}
     compile_for_hopper([("glmrt.kernels.decode_inputs", "_decode_inputs_kernel", sig, dict(TABLE_POSITIONS=t))
                         for t in (False, True)])
+
+
+def _prefill_slots_by_token(lens: list[int], starts: list[int], tables: torch.Tensor, block_size: int) -> list[int]:
+    """Each chunk's tokens' slots, one token at a time: block (index // block_size) of its table,
+    at index % block_size; -1 past the table."""
+    slots, limit = [], tables.shape[1] * block_size
+    for i, (n, start) in enumerate(zip(lens, starts)):
+        for index in range(start, start + n):
+            slots.append(int(tables[i, index // block_size]) * block_size + index % block_size if index < limit else -1)
+    return slots
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_chunks", [1, 2, 3, 5, 21, 64])
+def test_prefill_slots_match_reference_and_token_by_token(num_chunks, block_size):
+    gen = torch.Generator().manual_seed(num_chunks * 100 + block_size)
+    max_blocks = int(torch.randint(1, 40, (1,), generator=gen))
+    limit = max_blocks * block_size
+    lens = torch.randint(1, 300, (num_chunks,), generator=gen)
+    lens[torch.rand(num_chunks, generator=gen) < 0.3] = 1  # single-token chunks among them
+    starts = torch.randint(0, limit + 1, (num_chunks,), generator=gen)
+    starts[torch.rand(num_chunks, generator=gen) < 0.4] = 0  # whole prompts
+    starts = torch.minimum(starts, (limit - lens).clamp(min=0))  # mostly inside the table ...
+    starts[-1], lens[-1] = limit - 1, max(int(lens[-1]), 2)  # ... and one chunk that runs past it (-1 there)
+    cu = torch.zeros(num_chunks + 1, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    tables = torch.randint(0, 100_000, (num_chunks, max_blocks), generator=gen, dtype=torch.int32)
+    args = [t.to(DEVICE) for t in (cu, starts.int(), tables)]
+    total = int(cu[-1])
+    slots = prefill_slots(*args, block_size, total)
+    assert slots.dtype == torch.int64 and slots.shape == (total,)
+    assert torch.equal(slots, prefill_slots_ref(*args, block_size, total))
+    assert slots.tolist() == _prefill_slots_by_token(lens.tolist(), starts.tolist(), tables, block_size)
+    assert slots[-1] == -1
+
+
+def test_prefill_slots_values():
+    # block_size 4: chunk 0 is a whole 6-token prompt; chunk 1 three tokens from cache index 3 on
+    tables = torch.tensor([[7, 2], [5, 9]], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 6, 9], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+    expected = [28, 29, 30, 31, 8, 9, 23, 36, 37]
+    assert prefill_slots(cu, starts, tables, 4, 9).tolist() == expected
+    assert prefill_slots_ref(cu, starts, tables, 4, 9).tolist() == expected
+
+
+def test_prefill_slots_rejects_bad_arguments():
+    tables = torch.zeros(2, 3, dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)
+    starts = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="cu_seqlens must be"):
+        prefill_slots(cu.long(), starts, tables, 16, 5)
+    with pytest.raises(ValueError, match="block_tables must be"):
+        prefill_slots(cu, starts, tables[:1], 16, 5)
+    with pytest.raises(ValueError, match="a prefill needs a chunk"):
+        prefill_slots_ref(cu[:1], starts[:0], tables[:0], 16, 0)
+
+
+def test_prefill_slots_kernel_compiles_for_sm90():
+    sig = {"cu_ptr": "*i32", "starts_ptr": "*i32", "tables_ptr": "*i32", "slots_ptr": "*i64", "num_tokens": "i32",
+           "num_chunks": "i32", "search_steps": "i32", "stride_table": "i32", "block_size": "i32",
+           "max_blocks": "i32", "BLOCK": "constexpr"}
+    compile_for_hopper([("glmrt.kernels.decode_inputs", "_prefill_slots_kernel", sig, dict(BLOCK=128))])
 
 
 @pytest.mark.gpu
