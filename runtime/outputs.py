@@ -179,6 +179,14 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @classmethod
+    def made(cls, **fields: Any) -> RequestOutput:
+        """An output from every field (the engine's, once per request and step): the fields are
+        stored as they are, Prefix values included, without the per-field calls of __init__."""
+        out = cls.__new__(cls)
+        out.__dict__.update(fields)
+        return out
+
 
 class IncompleteOutputError(Exception):
     """A constrained output (LLM.ocr with a schema) that did not end with finish_reason "stop", so

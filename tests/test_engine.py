@@ -5,6 +5,7 @@ transformers' generate must be identical for requests submitted together, stagge
 a KV budget small enough to force queueing and preemption.
 """
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -251,6 +252,28 @@ def test_abort_in_every_state_frees_everything(tiny_checkpoint):
     assert_all_free(engine)
 
 
+def test_every_output_has_every_field(tiny_checkpoint):
+    """The engine makes its outputs without RequestOutput.__init__ (RequestOutput.made): each one,
+    streamed, final only, stopped by a string, at the length limit or aborted, has every field, and
+    equals the output __init__ makes of the same values."""
+    engine = make_engine(tiny_checkpoint, "torch")
+    text = engine.generate([as_request(REQUESTS[2])], [glmrt.SamplingParams(max_tokens=12, ignore_eos=True)])[0].text
+    cases = [glmrt.SamplingParams(max_tokens=6, ignore_eos=True),
+             glmrt.SamplingParams(max_tokens=6, ignore_eos=True, output_kind="final_only"),
+             glmrt.SamplingParams(max_tokens=30, ignore_eos=True, stop=[text[len(text) // 2:][:2]]),
+             glmrt.SamplingParams(max_tokens=50, ignore_eos=True)]
+    ids = [engine.add_request(as_request(REQUESTS[i]), params) for i, params in enumerate(cases)]
+    outputs = engine.step() + engine.step() + engine.step()
+    outputs.append(engine.abort(ids[3]))
+    outputs += run_until_done(engine).values()
+    names = [f.name for f in dataclasses.fields(glmrt.RequestOutput)]
+    for out in outputs:
+        values = {name: getattr(out, name) for name in names}
+        assert out == glmrt.RequestOutput(**values)
+    reasons = {o.finish_reason for o in outputs}
+    assert {None, "length", "abort"} <= reasons and any(o.stop_reason for o in outputs)
+
+
 def test_abort_of_a_draining_request(tiny_checkpoint):
     """A request whose last token is scheduled but not read back yet (no row, still holds blocks)."""
     engine = make_engine(tiny_checkpoint, "torch")
@@ -324,13 +347,13 @@ def test_a_request_whose_detokenization_fails_fails_alone(tiny_checkpoint, expec
     detok = engine._requests[ids[1]].detokenizer
     calls = []
 
-    def broken(tokens):
+    def broken(token):
         calls.append(1)
         if len(calls) == 3:
             raise UnicodeDecodeError("utf-8", b"", 0, 1, "injected")
-        return type(detok).add(detok, tokens)
+        return type(detok).add_token(detok, token)
 
-    monkeypatch.setattr(detok, "add", broken)
+    monkeypatch.setattr(detok, "add_token", broken)
     done = run_until_done(engine)
     assert done[ids[1]].finish_reason == "error" and "injected" in done[ids[1]].error
     assert [done[ids[i]].token_ids for i in (0, 2)] == [expected[0], expected[2]]

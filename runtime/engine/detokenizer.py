@@ -38,6 +38,7 @@ class IncrementalDetokenizer:
     def __init__(self, decode: Callable[[Sequence[int]], str]):
         self._decode = decode
         self._stream = decode.stream() if isinstance(decode, TokenDecoder) else None
+        self._tokenizer = decode.tokenizer if self._stream is not None else None
         self.token_ids: list[int] = []
         self._deltas: list[str] = []  # the text so far, in the pieces `add` returned (no O(text) += per step)
         self._prefix_offset = 0  # the window method's
@@ -45,25 +46,24 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Append tokens; return the newly completed text (possibly empty)."""
-        self.token_ids.extend(token_ids)
-        delta = self._step(token_ids) if self._stream is not None else self._window()
-        if delta:
-            self._deltas.append(delta)
-        return delta
+        return "".join([self.add_token(token) for token in token_ids])
 
-    def _step(self, token_ids: Sequence[int]) -> str:
-        tokenizer, pieces = self._decode.tokenizer, []
-        for token in token_ids:
+    def add_token(self, token: int) -> str:
+        """Append one token; return the text it completed (possibly empty)."""
+        self.token_ids.append(token)
+        if self._stream is None:
+            delta = self._window()
+        else:
             try:
-                piece = self._stream.step(tokenizer, token)
+                delta = self._stream.step(self._tokenizer, token) or ""
             except Exception as exc:
                 if not str(exc).startswith(INVALID_PREFIX):
                     raise
                 self._stream = self._decode.stream()
-                piece = self._stream.step(tokenizer, token)
-            if piece:
-                pieces.append(piece)
-        return "".join(pieces)
+                delta = self._stream.step(self._tokenizer, token) or ""
+        if delta:
+            self._deltas.append(delta)
+        return delta
 
     def _window(self) -> str:
         prefix = self._decode(self.token_ids[self._prefix_offset: self._read_offset])

@@ -524,16 +524,16 @@ class LLMEngine:
         except Exception as exc:
             return self._fail(handle.seqs, exc)
         self.runner.fill_prompts(handle)
-        outputs, requests = [], self._requests
+        outputs, requests, speculative, reserved = [], self._requests, handle.speculative, handle.reserved
         accept = None if self.structured is None else self.structured.accept
         for i, (seq, new_tokens) in enumerate(zip(handle.seqs, tokens)):
             if seq.status is FINISHED:  # finished or aborted after this step was launched: drop the tokens
                 continue
             state = requests[seq.request_id]
-            if handle.speculative:
+            if speculative:
                 self.spec_stats.record(len(new_tokens) - 1, *handle.proposals[i])
             seq.num_pending -= 1
-            seq.num_reserved -= handle.reserved[i] - len(new_tokens)  # slots reserved but not used
+            seq.num_reserved -= reserved[i] - len(new_tokens)  # slots reserved but not used
             try:
                 out = state.read(new_tokens, None if logprobs is None else logprobs[i], accept)
             except Exception as exc:  # e.g. detokenization: this request's own host work failed

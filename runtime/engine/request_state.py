@@ -41,8 +41,11 @@ class RequestState:
         that has not finished). Token by token, as without speculation: tokens after the one that
         ends the request (stop token or string, length, a completed constraint) are dropped.
         logprobs: one entry per token, when it asked for them; accept(grammar, token): whether the
-        token completes a constrained request."""
-        seq, by_token, count = self.seq, False, 0
+        token completes a constrained request. Each token is added to the text (and searched for
+        stop strings) here; as in vLLM, a stop token is left out of the text (kept with
+        include_stop_str_in_output), and a stop string in the new text ends the request with
+        "stop", also when this token reached the length limit."""
+        seq, stops, detokenizer, by_token, count = self.seq, self.stops, self.detokenizer, False, 0
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         for token in new_tokens:
@@ -52,29 +55,26 @@ class RequestState:
             seq.append_token(token)
             if seq.grammar is not None and accept(seq.grammar, token) and seq.status is not FINISHED:
                 seq.finish("stop")  # an ignored eos that completes the constraint still ends it
-            by_token = self.absorb(token)  # may finish the request on a stop string
+            by_token = seq.finish_reason == "stop"  # so far only a stop token (or constraint) ends it so
+            if by_token and not seq.sampling_params.include_stop_str_in_output:
+                pass  # the stop token is no text
+            elif self.text_at_end:
+                detokenizer.extend((token,))
+            elif stops.add(detokenizer.add_token(token)) is not None and seq.finish_reason in (None, "length", "stop"):
+                seq.finish("stop")
             if seq.status is FINISHED:
                 break
-        if self.final_only and seq.status is not FINISHED:
-            return None
+        if seq.status is not FINISHED:
+            if self.final_only:
+                return None
+            # Streaming and going on (no stop string found: it would have finished the request).
+            delta = stops.pop_delta(False)  # before the text's Prefix, which it extends
+            return RequestOutput.made(
+                request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+                token_ids=Prefix(seq.output_token_ids), text=Prefix(stops.sent, "".join), finish_reason=None,
+                delta_text=delta, delta_token_ids=new_tokens, error=None, stop_reason=None,
+                logprobs=seq.logprobs, first_token_time=self.first_token_time)
         return self.output(new_tokens if count == len(new_tokens) else new_tokens[:count], by_token)
-
-    def absorb(self, token: int) -> bool:
-        """Add a token just appended to the sequence to its text -> whether it ended the request as
-        a stop token. As in vLLM, a stop token is left out of the text (kept with
-        include_stop_str_in_output), and a stop string in the new text ends the request with
-        "stop", also when this token reached the length limit."""
-        seq = self.seq
-        by_token = seq.finish_reason == "stop"
-        keep = not by_token or seq.sampling_params.include_stop_str_in_output
-        if self.text_at_end:
-            if keep:
-                self.detokenizer.extend((token,))
-            return by_token
-        self.stops.add(self.detokenizer.add([token] if keep else []))
-        if self.stops.stop_str is not None and seq.finish_reason in (None, "length", "stop"):
-            seq.finish("stop")
-        return by_token
 
     def output(self, new_tokens: list[int], by_token: bool = False) -> RequestOutput:
         """The request's output after `new_tokens` were read back and absorbed ([] when it was
@@ -97,7 +97,7 @@ class RequestState:
                     params.ignore_eos or token not in self.eos_token_ids):
                 stop_reason = token
         delta = stops.pop_delta(seq.is_finished)
-        return RequestOutput(
+        return RequestOutput.made(
             request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
             token_ids=Prefix(seq.output_token_ids), text=Prefix(stops.sent, "".join),
             finish_reason=seq.finish_reason, delta_text=delta,
