@@ -153,7 +153,9 @@ class Scheduler:
     def _schedule_decode(self) -> tuple[list[Sequence], list[tuple[int, int, int]]] | str:
         """Reserve the next decode token(s) of every running sequence -> (them in row order, new
         blocks), preempting as needed, or NEEDS_DRAIN."""
-        while self._new_blocks_needed() > self.block_manager.num_free_blocks:
+        # Each row needs at most one new block: only a shortfall that large is counted.
+        while len(self.running) > self.block_manager.num_free_blocks and \
+                self._new_blocks_needed() > self.block_manager.num_free_blocks:
             if self.prefilling:
                 self._preempt(self.prefilling[-1])
                 continue
