@@ -511,6 +511,8 @@ class DocumentParser:
                     item.requests[i] = self.llm.engine.prepare(request, region_params(self.params, item.references[i]))
                 except (ValueError, TypeError, OSError) as exc:  # reported with the page, the rest goes on
                     item.requests[i] = str(exc)
+            # the page's crops in one buffer: the step that admits them does not concatenate them
+            self.llm.engine.pack_pixels([r for r in item.requests.values() if not isinstance(r, str)])
         return work
 
     # --------------------------------------------------------------- consumer: recognition

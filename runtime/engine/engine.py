@@ -33,6 +33,7 @@ from ..loader import model_dirs, resolve_model_path
 from ..model.ops import make_ops
 from ..model.registry import model_class
 from ..model.text import AttentionMetadata
+from ..model.transfer import pack
 from ..outputs import Request, RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
@@ -302,7 +303,18 @@ class LLMEngine:
         jobs = [(request, p, self.new_request_id()) for request, p in zip(requests, params, strict=True)]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="glmrt-prep")
-        return list(self._pool.map(lambda job: self.prepare(*job), jobs))
+        seqs = list(self._pool.map(lambda job: self.prepare(*job), jobs))
+        self.pack_pixels(seqs)
+        return seqs
+
+    def pack_pixels(self, seqs: list[Sequence]) -> None:
+        """Put prepared sequences' image pixels in one buffer (pinned on CUDA), in order: a step
+        that admits them together (a page's region crops) then takes them without concatenating
+        them on the engine's thread, and on CUDA uploads them in one asynchronous copy. Call it
+        where they were prepared (prepare_many does)."""
+        with_pixels = [s for s in seqs if s.pixel_values is not None]
+        for seq, pixels in zip(with_pixels, pack([s.pixel_values for s in with_pixels], self.device.type == "cuda")):
+            seq.pixel_values = pixels
 
     def enqueue(self, seq: Sequence) -> str:
         if seq.request_id in self._requests:

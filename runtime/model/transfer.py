@@ -31,11 +31,42 @@ def upload_arrays(arrays: list[np.ndarray], device: torch.device, dtype: torch.d
     return [part.view(a.shape) for part, a in zip(packed.split(sizes), arrays)]
 
 
+def pack(tensors: list[torch.Tensor], pin: bool) -> list[torch.Tensor]:
+    """Copies of host tensors (one dtype and row shape) as back-to-back views of one buffer, pinned
+    if `pin`: what `upload_cat` then takes as it is, without concatenating them again."""
+    if len(tensors) < 2 or len({(t.dtype, t.shape[1:]) for t in tensors}) > 1:
+        return tensors
+    buffer = torch.empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype,
+                         pin_memory=pin)
+    torch.cat(tensors, out=buffer)
+    return list(buffer.split([t.shape[0] for t in tensors]))
+
+
+def _spanned(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one view covering `tensors` when they lie back to back in one buffer, in order (as
+    `pack` leaves them); None otherwise."""
+    first = tensors[0]
+    if not first.is_contiguous():
+        return None
+    end, storage = first.data_ptr(), first.untyped_storage().data_ptr()
+    for t in tensors:
+        if (t.data_ptr() != end or not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]
+                or t.untyped_storage().data_ptr() != storage):
+            return None
+        end += t.nbytes
+    return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride())
+
+
 def upload_cat(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """torch.cat(tensors) (host tensors, along dim 0) on `device`: on CUDA concatenated straight
-    into a pinned buffer, one host copy where cat + upload would make two."""
+    """torch.cat(tensors) (host tensors, along dim 0) on `device`. Tensors that lie back to back in
+    one buffer (`pack`) are not copied on the host: on the CPU they are used where they are, on
+    CUDA uploaded in one copy (asynchronous when the buffer is pinned). Others are concatenated,
+    on CUDA straight into a pinned buffer (one host copy where cat + upload would make two)."""
+    spanned = _spanned(tensors)
     if device.type != "cuda":
-        return torch.cat(tensors).to(device)
+        return spanned if spanned is not None else torch.cat(tensors)
+    if spanned is not None:
+        return upload(spanned, device) if not spanned.is_pinned() else spanned.to(device, non_blocking=True)
     host = torch.empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype,
                        pin_memory=True)
     torch.cat(tensors, out=host)

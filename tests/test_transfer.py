@@ -1,0 +1,42 @@
+"""Host -> device copies (glmrt.model.transfer) on the CPU: packed arrays come back as themselves,
+and image pixels packed into one buffer are taken without another concatenation."""
+import numpy as np
+import torch
+
+from glmrt.model.transfer import pack, upload_arrays, upload_cat
+
+CPU = torch.device("cpu")
+
+
+def _pixels(rows: list[int], seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n, 12), generator=gen, dtype=torch.uint8) for n in rows]
+
+
+def test_upload_arrays_returns_each_array_in_its_shape():
+    arrays = [np.arange(12).reshape(3, 4)[:, 1:], np.array([7]), np.zeros((0, 5), dtype=np.int64), np.array([True, False])]
+    out = upload_arrays(arrays, CPU, torch.int64)
+    for a, t in zip(arrays, out):
+        assert t.dtype == torch.int64 and tuple(t.shape) == a.shape and (t.numpy() == a).all()
+
+
+def test_packed_pixels_are_taken_in_place():
+    parts = _pixels([5, 1, 9, 3])
+    packed = pack(parts, pin=False)
+    assert all(torch.equal(a, b) for a, b in zip(parts, packed))
+    whole = upload_cat(packed, CPU)
+    assert torch.equal(whole, torch.cat(parts)) and whole.data_ptr() == packed[0].data_ptr()  # no copy
+    middle = upload_cat(packed[1:3], CPU)  # a step that admits some of them, in order
+    assert torch.equal(middle, torch.cat(parts[1:3])) and middle.data_ptr() == packed[1].data_ptr()
+
+
+def test_pixels_not_back_to_back_are_concatenated():
+    parts = _pixels([4, 2, 6], seed=1)
+    packed = pack(parts, pin=False)
+    others = _pixels([3], seed=2)
+    for tensors in ([packed[2], packed[0]], [packed[0], packed[2]], [packed[0], others[0]], parts):
+        out = upload_cat(tensors, CPU)
+        assert torch.equal(out, torch.cat(tensors))
+        assert all(out.data_ptr() != t.data_ptr() for t in tensors[1:])  # a copy, not a stretched view
+    mixed = [torch.zeros(2, 12, dtype=torch.uint8), torch.zeros(2, 6, dtype=torch.uint8)]
+    assert pack(mixed, pin=False) is mixed  # rows of different shapes stay as they are
