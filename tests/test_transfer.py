@@ -3,7 +3,7 @@ and image pixels packed into one buffer are taken without another concatenation.
 import numpy as np
 import torch
 
-from glmrt.model.transfer import pack, upload_arrays, upload_cat
+from glmrt.model.transfer import pack, spanned, upload_arrays, upload_cat
 
 CPU = torch.device("cpu")
 
@@ -40,3 +40,16 @@ def test_pixels_not_back_to_back_are_concatenated():
         assert all(out.data_ptr() != t.data_ptr() for t in tensors[1:])  # a copy, not a stretched view
     mixed = [torch.zeros(2, 12, dtype=torch.uint8), torch.zeros(2, 6, dtype=torch.uint8)]
     assert pack(mixed, pin=False) is mixed  # rows of different shapes stay as they are
+
+
+def test_splits_back_to_back_span_their_whole():
+    """What the runner does with a step's image embeddings: whole prompts encoded together come back
+    as the encoder's output itself; any other selection is None (then concatenated)."""
+    encoded = torch.randn(20, 8)
+    parts = list(encoded.split([3, 5, 1, 11]))
+    whole = spanned(parts)
+    assert torch.equal(whole, encoded) and whole.data_ptr() == encoded.data_ptr()
+    assert torch.equal(spanned(parts[1:3]), encoded[3:9])
+    assert spanned([parts[0], parts[2]]) is None and spanned([parts[1], parts[0]]) is None
+    assert spanned([parts[0], torch.randn(5, 8)]) is None
+    assert spanned([encoded[:, :4]]) is None  # not contiguous

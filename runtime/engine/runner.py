@@ -24,7 +24,7 @@ from glmrt.kernels.decode_inputs import table_slots
 from ..model.glm_ocr import GlmOcrModel
 from ..model.ops import TorchOps
 from ..model.text import AttentionMetadata
-from ..model.transfer import upload, upload_arrays, upload_cat
+from ..model.transfer import spanned, upload, upload_arrays, upload_cat
 from .graphs import DecodeGraphs, batch_buckets
 from .sampler import Sampler, SamplingState
 from .scheduler import PrefillChunk, ScheduledStep
@@ -393,7 +393,10 @@ class ModelRunner:
                 first = ids[: c.start].count(image_id)
                 parts.append(embeds[first: first + ids[c.start: c.end].count(image_id)])
         parts = [p for p in parts if p.shape[0]]
-        return torch.cat(parts) if parts else None
+        if not parts:
+            return None
+        whole = spanned(parts)  # whole prompts encoded together, in order: the encoder's output as it is
+        return whole if whole is not None else torch.cat(parts)
 
     def _prefill_inputs(self, chunks: list[PrefillChunk], num_decode: int):
         """Host work and the vision pass of a step's chunks, before any device state of the batch

@@ -42,9 +42,9 @@ def pack(tensors: list[torch.Tensor], pin: bool) -> list[torch.Tensor]:
     return list(buffer.split([t.shape[0] for t in tensors]))
 
 
-def _spanned(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The one view covering `tensors` when they lie back to back in one buffer, in order (as
-    `pack` leaves them); None otherwise."""
+def spanned(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one view covering `tensors` (any device) when they lie back to back in one buffer, in
+    order (as `pack` or a split leaves them): their concatenation without a copy; None otherwise."""
     first = tensors[0]
     if not first.is_contiguous():
         return None
@@ -62,11 +62,11 @@ def upload_cat(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     one buffer (`pack`) are not copied on the host: on the CPU they are used where they are, on
     CUDA uploaded in one copy (asynchronous when the buffer is pinned). Others are concatenated,
     on CUDA straight into a pinned buffer (one host copy where cat + upload would make two)."""
-    spanned = _spanned(tensors)
+    span = spanned(tensors)
     if device.type != "cuda":
-        return spanned if spanned is not None else torch.cat(tensors)
-    if spanned is not None:
-        return upload(spanned, device) if not spanned.is_pinned() else spanned.to(device, non_blocking=True)
+        return span if span is not None else torch.cat(tensors)
+    if span is not None:
+        return upload(span, device) if not span.is_pinned() else span.to(device, non_blocking=True)
     host = torch.empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype,
                        pin_memory=True)
     torch.cat(tensors, out=host)
