@@ -10,7 +10,8 @@ the device: at batch 1 an H100 decode step of GLM-OCR is ~0.4-0.5 ms.
 
 Cases: decode steps at batch 1, 8, 32 and 128, each at a short and a long history (64 and 3,500
 prompt tokens, repetition penalty 1.1 as the glmocr SDK sends), and a prefill of 32 region crops
-(the engine's step, and the crops' preprocessing on the worker pool beside it), and mixed steps:
+prepared together, as LLM.generate and glmrt parse's pages prepare them (the engine's step, and the
+crops' preprocessing on the worker pool beside it), and mixed steps:
 31 sequences decoding while 4,000-token prompts are prefilled beside them in 2048-token steps;
 and the cost of a step by output length: 32 sequences at ~100 and at ~4,000 generated tokens
 (host work per step must not grow with the output). Requests get an output every step (streaming,
@@ -370,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{mixed['median_chunk_tokens']:.0f} tokens); {data['mixed_final_only']['median_us']:.0f} us when the "
               "requests' outputs are final only."]
     lines += ["", f"Prefill of {crops} region crops ({prefill['prompt_tokens']} prompt tokens): engine step "
-              f"{prefill['prefill_step_median_us']:.0f} us (host side of the step, including concatenating the "
-              f"crops' {prefill['pixel_mb']:.1f} MB of uint8 patch pixels, normalized on the device); "
+              f"{prefill['prefill_step_median_us']:.0f} us (host side of the step; the crops' {prefill['pixel_mb']:.1f} MB "
+              "of uint8 patch pixels are normalized on the device, and since 2026-12-07 crops prepared together "
+              "share one buffer that the step takes as it is, where older commits concatenated them in the step); "
               f"preprocessing on the worker pool {prefill['preprocess_median_ms']:.1f} ms (overlaps running steps in "
               "the async engine)."]
     if compared_lines:
