@@ -55,13 +55,12 @@ class RequestState:
             seq.append_token(token)
             if seq.grammar is not None and accept(seq.grammar, token) and seq.status is not FINISHED:
                 seq.finish("stop")  # an ignored eos that completes the constraint still ends it
-            by_token = seq.finish_reason == "stop"  # so far only a stop token (or constraint) ends it so
-            if by_token and not seq.sampling_params.include_stop_str_in_output:
-                pass  # the stop token is no text
-            elif self.text_at_end:
-                detokenizer.extend((token,))
-            elif stops.add(detokenizer.add_token(token)) is not None and seq.finish_reason in (None, "length", "stop"):
-                seq.finish("stop")
+            by_token = seq.finish_reason == "stop"  # a stop token (or a completed constraint) ended it
+            if not by_token or seq.sampling_params.include_stop_str_in_output:  # else the token is no text
+                if self.text_at_end:
+                    detokenizer.extend((token,))
+                elif stops.add(detokenizer.add_token(token)) is not None and seq.finish_reason in (None, "length", "stop"):
+                    seq.finish("stop")
             if seq.status is FINISHED:
                 break
         if seq.status is not FINISHED:

@@ -36,10 +36,14 @@ def pack(tensors: list[torch.Tensor], pin: bool) -> list[torch.Tensor]:
     if `pin`: what `upload_cat` then takes as it is, without concatenating them again."""
     if len(tensors) < 2 or len({(t.dtype, t.shape[1:]) for t in tensors}) > 1:
         return tensors
+    return list(_concatenated(tensors, pin).split([t.shape[0] for t in tensors]))
+
+
+def _concatenated(tensors: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    """torch.cat(tensors) written straight into a new (pinned, if `pin`) host buffer."""
     buffer = torch.empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype,
                          pin_memory=pin)
-    torch.cat(tensors, out=buffer)
-    return list(buffer.split([t.shape[0] for t in tensors]))
+    return torch.cat(tensors, out=buffer)
 
 
 def spanned(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -66,8 +70,5 @@ def upload_cat(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     if device.type != "cuda":
         return span if span is not None else torch.cat(tensors)
     if span is not None:
-        return upload(span, device) if not span.is_pinned() else span.to(device, non_blocking=True)
-    host = torch.empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype,
-                       pin_memory=True)
-    torch.cat(tensors, out=host)
-    return host.to(device, non_blocking=True)
+        return upload(span, device)  # pin_memory() keeps a pinned buffer as it is
+    return _concatenated(tensors, pin=True).to(device, non_blocking=True)
