@@ -57,10 +57,11 @@ TEXT_TOKENS = torch.arange(300, 364)  # byte-level ids of ordinary characters: r
 
 class StubDevice:
     """Stands in for the device work of a step: forward, vision (with the pixels' normalization),
-    lm_head, sampler, and the step inputs the device makes in one op each (one Triton launch on
-    the GPU, where the CPU backend's twins are several torch ops): the decode rows' inputs of a
-    mixed step and a prefill's KV slots (commits before those ops launched the torch ops from
-    the runner, or built the slots on the host, and keep that work). Tokens cycle
+    lm_head, sampler, and the step inputs and state the device makes in one op each (one Triton
+    launch on the GPU, where the CPU backend's twins are several torch ops): the decode rows'
+    inputs of a mixed step, a prefill's KV slots and the batch rows of admitted sequences (commits
+    before those ops launched the torch ops from the runner, or built the slots on the host, and
+    keep that work; the host's part of admission, its one upload, is measured). Tokens cycle
     through ordinary text ids so that detokenization does its usual work; under a structured-output
     mask, a row takes a pseudo-random allowed token instead (that choice is the stub's own work:
     `seconds` accumulates it, for callers to subtract)."""
@@ -89,6 +90,8 @@ class StubDevice:
         runner.decode_logits = lambda bs: torch.zeros(bs, 1)  # the forward half of a step
         if hasattr(ops, "prefill_slots"):  # [T] slots of a prefill's tokens
             ops.prefill_slots = lambda cu_seqlens, starts, tables, block_size, n: torch.zeros(n, dtype=torch.int64)
+        if hasattr(ops, "admit_rows"):  # the batch rows of sequences admitted after their prefill
+            ops.admit_rows = lambda *args: None
         self.batch = getattr(runner, "batch", None)
         if hasattr(runner, "sample_rows"):  # the sampling half (a graph on the GPU), under the step's masks
             def sample_rows(logits, bs, do_sample, masked=True):

@@ -1,6 +1,7 @@
 """Host -> device copies (glmrt.model.transfer) on the CPU: packed arrays come back as themselves,
 and image pixels packed into one buffer are taken without another concatenation."""
 import numpy as np
+import pytest
 import torch
 
 from glmrt.model.transfer import pack, spanned, upload_arrays, upload_cat
@@ -13,11 +14,17 @@ def _pixels(rows: list[int], seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (n, 12), generator=gen, dtype=torch.uint8) for n in rows]
 
 
-def test_upload_arrays_returns_each_array_in_its_shape():
-    arrays = [np.arange(12).reshape(3, 4)[:, 1:], np.array([7]), np.zeros((0, 5), dtype=np.int64), np.array([True, False])]
-    out = upload_arrays(arrays, CPU, torch.int64)
-    for a, t in zip(arrays, out):
-        assert t.dtype == torch.int64 and tuple(t.shape) == a.shape and (t.numpy() == a).all()
+def test_upload_arrays_returns_each_array_in_its_shape_and_dtype():
+    arrays = [np.arange(12).reshape(3, 4)[:, 1:], np.array([7], dtype=np.int32), np.zeros((0, 5), dtype=np.int64),
+              np.array([True, False, True]), np.arange(5, dtype=np.int32).reshape(5, 1), np.array([1.5, -2], np.float32),
+              np.array([-(1 << 62)])]
+    out = upload_arrays(arrays, CPU)
+    dtypes = [torch.int64, torch.int32, torch.int64, torch.bool, torch.int32, torch.float32, torch.int64]
+    for a, t, dtype in zip(arrays, out, dtypes):
+        assert t.dtype == dtype and tuple(t.shape) == a.shape and (t.numpy() == a).all()
+    assert len({t.untyped_storage().data_ptr() for t in out}) == 1  # one buffer
+    with pytest.raises(ValueError, match="got float64"):
+        upload_arrays([np.zeros(2)], CPU)
 
 
 def test_packed_pixels_are_taken_in_place():

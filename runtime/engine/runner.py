@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from glmrt.kernels.admission import BatchRows, Column, float32_bits
 from glmrt.kernels.decode_inputs import table_slots
 
 from ..model.glm_ocr import GlmOcrModel
@@ -104,6 +106,9 @@ class DeviceBatch:
             self.carry_tokens = torch.zeros(max_rows, q, dtype=torch.int64, device=device)
             self.carry_accepted = torch.zeros(max_rows, dtype=torch.int64, device=device)
             self._row_tensors += [self.carry_hidden, self.carry_tokens, self.carry_accepted]
+        st = self.sampling
+        self.rows = BatchRows(self.block_tables, self.context_lens, self.active, self.rope_deltas, st.top_k, st.seeds,
+                              st.counters, st.temperature, st.top_p, st.penalty, st.presence, self.draft_lens)
 
     def move_row(self, src: int, dst: int) -> None:
         for t in self._row_tensors:
@@ -113,52 +118,45 @@ class DeviceBatch:
         self.context_lens[row] = 0
         self.active[row] = False
 
-    def admit(self, seqs: list[Sequence], first_row: int, image_ids: list[torch.Tensor | None] | None = None) -> None:
-        """Upload the rows of newly admitted sequences (after their prefill, the context holds
-        every known token): their integers in one copy, their floats in another. image_ids: per
-        sequence, the device ids its host prompt does not hold yet (GLM-Image's codes, see
-        ModelRunner.fill_prompts), or None."""
-        rows = slice(first_row, first_row + len(seqs))
-        tables = np.zeros((len(seqs), self.block_tables.shape[1]), dtype=np.int64)
-        for i, s in enumerate(seqs):
-            tables[i, : len(s.block_table)] = s.block_table
-        # top_k beyond the vocabulary keeps every token, as top_k = 0 does (and fits int64); the
-        # last column is the row's draft-length default (-1: the MTP layer drafts, see `drafts`).
-        vocab = self.sampling.presence.shape[1]
-        ints = np.array([[s.num_tokens, s.rope_delta, min(s.sampling_params.top_k, vocab), s.seed,
-                          len(s.output_token_ids), -1 if s.drafter is not None and s.drafter.mtp else 0]
-                         for s in seqs], dtype=np.int64)
-        # Presence of every id seen so far that the sampler can emit (GLM-Image's prompt text lies
-        # outside its output vocabulary); an id set twice is set all the same, so no dedup.
-        ids = [s.input_array(0, s.num_tokens)[0] for s in seqs]
-        row_of = np.repeat(np.arange(first_row, first_row + len(seqs)), [len(a) for a in ids])
-        ids = np.concatenate(ids)
-        emittable = ids < vocab
-        tables, ints, row_of, ids = upload_arrays([tables, ints, row_of[emittable], ids[emittable]], self.device,
-                                                  torch.int64)
-        self.block_tables[rows] = tables
-        self.context_lens[rows] = ints[:, 0]
-        self.rope_deltas[rows] = ints[:, 1]
-        st = self.sampling
-        st.top_k[rows], st.seeds[rows], st.counters[rows] = ints[:, 2], ints[:, 3], ints[:, 4]
-        floats = upload([[0.0 if s.sampling_params.greedy else s.sampling_params.temperature,
-                          s.sampling_params.top_p, s.sampling_params.repetition_penalty] for s in seqs],
-                        self.device, torch.float32)
-        st.temperature[rows], st.top_p[rows], st.penalty[rows] = floats[:, 0], floats[:, 1], floats[:, 2]
-        self.active[rows] = True
-        if self.draft_lens is not None:
-            self.draft_lens[rows] = ints[:, 5]
+    def admit(self, chunks: list[PrefillChunk], first_row: int, cu: list[int], ids: torch.Tensor,
+              tables: torch.Tensor, image_ids: list[torch.Tensor | None] | None = None) -> None:
+        """Write the rows of the sequences whose last chunk is among a prefill step's `chunks`
+        (those that sample, in order, take rows first_row on; after their prefill the context
+        holds every known token) in one backend op (glmrt.kernels.admission): one int64 upload of
+        the rows, whose block tables and presence masks come from the step's own uploads, chunk
+        i's ids[cu[i]: cu[i + 1]] and tables[i]; a sequence's ids before its chunk go up with the
+        rows. image_ids: per admitted sequence, the device ids its host prompt does not hold yet
+        (GLM-Image's codes, see ModelRunner.fill_prompts), or None."""
+        vocab, rows, floats, history, history_len = self.sampling.presence.shape[1], [], [], [], 0
+        seqs = []
+        for i, c in enumerate(chunks):
+            if not c.samples:
+                continue
+            s, p = c.seq, c.seq.sampling_params
+            seqs.append(s)
+            rows.append((s.num_tokens, s.rope_delta, min(p.top_k, vocab), s.seed, len(s.output_token_ids),
+                         -1 if s.drafter is not None and s.drafter.mtp else 0, i, cu[i], cu[i + 1] - cu[i],
+                         history_len, c.start))
+            floats.append((0.0 if p.greedy else p.temperature, p.top_p, p.repetition_penalty))
+            if c.start:
+                history.append(s.input_array(0, c.start)[0])
+                history_len += c.start
+        admitted = np.empty((len(rows), len(Column)), dtype=np.int64)
+        admitted[:, : Column.TEMPERATURE] = rows
+        admitted[:, Column.TEMPERATURE:] = float32_bits(floats)
+        history = np.concatenate(history) if history else np.empty(0, dtype=np.int64)
+        admitted, history = upload_arrays([admitted, history], self.device)
+        self.ops.admit_rows(self.rows, first_row, admitted, tables, ids, history)
         if self.decode_positions is not None:
             for i, s in enumerate(seqs):
                 table = s.decode_positions
                 self.decode_positions[first_row + i, :, : table.shape[1]] = upload(table, self.device)
             lens = upload([[s.num_prompt_tokens, s.decode_positions.shape[1]] for s in seqs], self.device, torch.int64)
-            self.prompt_lens[rows], self.decode_lens[rows] = lens[:, 0], lens[:, 1]
-        st.presence[rows] = False
-        st.presence[row_of, ids] = True
+            self.prompt_lens[first_row: first_row + len(seqs)], self.decode_lens[first_row: first_row + len(seqs)] = \
+                lens[:, 0], lens[:, 1]
         for row, device_ids in enumerate(image_ids or ()):
             if device_ids is not None:  # codes are in the output vocabulary (the config checks)
-                st.presence[first_row + row, device_ids] = True
+                self.sampling.presence[first_row + row, device_ids] = True
 
     def set_blocks(self, new_blocks: list[tuple[int, int, int]]) -> None:
         """(row, table index, block id) for each sequence that crossed into a new block."""
@@ -302,6 +300,21 @@ class StepHandle:
         return entries
 
 
+@dataclass
+class PrefillInputs:
+    """The prefill part of a step on the device: its chunks' tokens, in order (`_prefill_inputs`)."""
+
+    ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [3, T] int64
+    slots: torch.Tensor  # [T] KV slots
+    image_embeds: torch.Tensor | None  # the <|image|> slots' embeddings (GLM-Image: codes), in order
+    image_mask: torch.Tensor | None  # [T] bool, the image slots; None when the step has none
+    last: torch.Tensor  # rows of the step's forward to sample: its decode rows, then sampling chunks' last tokens
+    cu: list[int]  # host: chunk i's tokens are [cu[i], cu[i + 1])
+    tables: torch.Tensor  # [chunks, W] int32: the chunks' block tables
+    attention: dict  # AttentionMetadata fields of the prefill part
+
+
 class ModelRunner:
     def __init__(self, model: GlmOcrModel, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_blocks_per_seq: int, normalize_pixels: Callable[[torch.Tensor], torch.Tensor],
@@ -398,14 +411,12 @@ class ModelRunner:
         whole = spanned(parts)  # whole prompts encoded together, in order: the encoder's output as it is
         return whole if whole is not None else torch.cat(parts)
 
-    def _prefill_inputs(self, chunks: list[PrefillChunk], num_decode: int):
+    def _prefill_inputs(self, chunks: list[PrefillChunk], num_decode: int) -> PrefillInputs:
         """Host work and the vision pass of a step's chunks, before any device state of the batch
-        changes -> (ids [T], positions [3, T], slot mapping [T], image embeds, image mask [T] (None
-        when the step has no images), the rows to sample [num_decode + sampling chunks] (the
-        decode rows come first in the step's forward), each chunk's token count (host), attention
-        fields of the prefill part). Per token the host only concatenates the chunks' ids and
-        positions (made with their Sequences) and looks for image slots; the KV slots are made on
-        the device from the chunks' block tables. Two uploads: an int64 and an int32 pack."""
+        changes (num_decode: the decode rows that come first in the step's forward). Per token
+        the host only concatenates the chunks' ids and positions (made with their Sequences) and
+        looks for image slots; the KV slots are made on the device from the chunks' block tables.
+        One upload."""
         image_id = self.model.config.image_token_id
         self._encode_prompt_images([c.seq for c in chunks])
         lens = [c.end - c.start for c in chunks]
@@ -413,30 +424,32 @@ class ModelRunner:
         inputs = [c.seq.input_array(c.start, c.end) for c in chunks]  # [4, len]: ids, then positions
         inputs = np.concatenate(inputs, axis=1) if len(inputs) > 1 else inputs[0]
         image_embeds = self._image_embeds(chunks)
-        image_mask = inputs[0] == image_id  # [T]
-        for c, offset in zip(chunks, cu):  # only prompt tokens are image slots (a generated <|image|> is text)
-            if c.end > c.seq.num_prompt_tokens:
-                image_mask[offset + max(c.seq.num_prompt_tokens - c.start, 0): offset + c.end - c.start] = False
-        num_slots, num_embeds = int(np.count_nonzero(image_mask)), 0 if image_embeds is None else image_embeds.shape[0]
+        image_mask = None  # only a prompt with images has image slots (the input processor checks)
+        if any(c.seq.image_grid_thw for c in chunks):
+            image_mask = inputs[0] == image_id  # [T]
+            for c, offset in zip(chunks, cu):  # only prompt tokens are image slots (a generated <|image|> is text)
+                if c.end > c.seq.num_prompt_tokens:
+                    image_mask[offset + max(c.seq.num_prompt_tokens - c.start, 0): offset + c.end - c.start] = False
+        num_slots = 0 if image_mask is None else int(np.count_nonzero(image_mask))
+        num_embeds = 0 if image_embeds is None else image_embeds.shape[0]
         if num_slots != num_embeds:
             raise ValueError(f"{num_slots} <|image|> tokens but {num_embeds} image embeddings")
         last = list(range(num_decode)) + [num_decode + end - 1 for c, end in zip(chunks, cu[1:]) if c.samples]
-        tables = np.zeros((len(chunks), max(len(c.seq.block_table) for c in chunks)), dtype=np.int64)
+        tables = np.zeros((len(chunks), max(len(c.seq.block_table) for c in chunks)), dtype=np.int32)
         for i, c in enumerate(chunks):
             tables[i, : len(c.seq.block_table)] = c.seq.block_table
-        device = self.model.device
-        packed = [inputs, np.array(last, dtype=np.int64)] + ([image_mask] if num_slots else [])
-        inputs, last, *image_mask = upload_arrays(packed, device, torch.int64)
-        cu_d, tables, starts, ends = upload_arrays([np.array(cu), tables, np.array([c.start for c in chunks]),
-                                                    np.array([c.end for c in chunks])], device, torch.int32)
+        arrays = [inputs, np.array(last, dtype=np.int64), np.array(cu, dtype=np.int32), tables,
+                  np.array([c.start for c in chunks], dtype=np.int32), np.array([c.end for c in chunks], dtype=np.int32)]
+        inputs, last, cu_d, tables, starts, ends, *image_mask = upload_arrays(
+            arrays + ([image_mask] if num_slots else []), self.model.device)
         slots = self.model.ops.prefill_slots(cu_d, starts, tables, self.block_size, cu[-1])
         # Chunks after a cached prefix attend to it through the cache; batch-invariant ops read
         # every prompt from the cache, so a chunk's attention is reduced as the whole prompt's.
         fields = dict(cu_seqlens=cu_d, max_seqlen=max(lens))
         if self.model.ops.batch_invariant or any(c.start for c in chunks):
             fields.update(prefill_block_tables=tables, prefill_context_lens=ends)
-        image_mask = image_mask[0].bool() if image_mask else None
-        return inputs[0], inputs[1:], slots, image_embeds, image_mask, last, lens, fields
+        image_mask = image_mask[0] if image_mask else None
+        return PrefillInputs(inputs[0], inputs[1:], slots, image_embeds, image_mask, last, cu, tables, fields)
 
     @torch.inference_mode()
     def launch(self, step: ScheduledStep, masks: Masks = _no_masks, speculate: bool = False,
@@ -473,14 +486,16 @@ class ModelRunner:
         """The graph captured under `key`, replayed (its static output), or `run` eagerly."""
         return self.graphs.replay(key) if self.graphs is not None else run()
 
-    def _prefill_forward(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _prefill_forward(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, PrefillInputs] | None:
         """A step with chunks, first half: the forward -> (logits [rows sampled, V], their last
-        hidden states), or None when no row samples."""
+        hidden states, the prefill's inputs), or None when no row samples."""
         chunks, nd = step.chunks, len(step.decode)
         try:
-            ids, positions, slots, image_embeds, image_mask, last, lens, fields = self._prefill_inputs(chunks, nd)
+            prefill = self._prefill_inputs(chunks, nd)
         except Exception as exc:
             raise PrefillInputError(exc) from exc
+        ids, positions, slots, image_mask = prefill.ids, prefill.positions, prefill.slots, prefill.image_mask
+        fields = dict(prefill.attention)
         if nd:
             dec_ids, dec_positions, dec = self.batch.decode_inputs(self._start_decode(step, exact=True))
             ids, positions = torch.cat([dec_ids, ids]), torch.cat([dec_positions, positions], dim=1)
@@ -489,27 +504,28 @@ class ModelRunner:
                 image_mask = torch.cat([torch.zeros(nd, dtype=torch.bool, device=ids.device), image_mask])
             fields.update(block_tables=dec.block_tables, context_lens=dec.context_lens)
         attn = AttentionMetadata(slot_mapping=slots, **fields)
-        hidden = self.model.forward(ids, positions, attn, self.kv_caches, image_embeds, image_mask)
+        hidden = self.model.forward(ids, positions, attn, self.kv_caches, prefill.image_embeds, image_mask)
         if self.has_mtp:  # the MTP layer prefills whole prompts, never mixed with decode rows
             assert not nd and all(c.start == 0 and c.samples for c in chunks)
-            self.spec.prefill(ids, image_embeds, image_mask, hidden, positions, slots, lens)
-        if last.numel() == 0:
+            lens = [end - start for start, end in zip(prefill.cu, prefill.cu[1:])]
+            self.spec.prefill(ids, prefill.image_embeds, image_mask, hidden, positions, slots, lens)
+        if prefill.last.numel() == 0:
             return None
-        last_hidden = hidden[last]  # [rows sampled, H]
-        return self.model.compute_logits(last_hidden), last_hidden
+        last_hidden = hidden[prefill.last]  # [rows sampled, H]
+        return self.model.compute_logits(last_hidden), last_hidden, prefill
 
-    def _prefill_sample(self, step: ScheduledStep, forward: tuple[torch.Tensor, torch.Tensor] | None,
+    def _prefill_sample(self, step: ScheduledStep, forward: tuple[torch.Tensor, torch.Tensor, PrefillInputs] | None,
                         masks: torch.Tensor | None) -> StepHandle:
         """Second half: admit the sequences whose last chunk this is, sample the rows (under the
         host bitmasks [N, W], when given)."""
         if forward is None:
             return self._take_fills(StepHandle([], torch.empty(0, dtype=torch.int64, device=self.model.device)))
-        logits, last_hidden = forward
+        logits, last_hidden, prefill = forward
         sampled, nd = [c for c in step.chunks if c.samples], len(step.decode)
         if sampled:
-            seqs = [c.seq for c in sampled]
-            cached = [self.image_cache.get(seq.request_id) for seq in seqs]
-            self.batch.admit(seqs, step.first_row, [None if c is None else self.model.prompt_image_ids(c) for c in cached])
+            cached = [self.image_cache.get(c.seq.request_id) for c in sampled]
+            self.batch.admit(step.chunks, step.first_row, prefill.cu, prefill.ids, prefill.tables,
+                             [None if c is None else self.model.prompt_image_ids(c) for c in cached])
         rows = slice(0 if nd else step.first_row, step.first_row + len(sampled))
         token_mask = None
         if masks is not None:

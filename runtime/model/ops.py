@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmrt.kernels import (activation, attention, decode_inputs, invariant_attention, linear, paged, rmsnorm, rope,
-                           sampling)
+from glmrt.kernels import (activation, admission, attention, decode_inputs, invariant_attention, linear, paged,
+                           rmsnorm, rope, sampling)
 
 Tensor = torch.Tensor
 # Weights (or biases) of projections sharing an input, in the backend's form (see fuse_rows).
@@ -182,6 +182,13 @@ class TorchOps:
         index starts [n] and block table [n, max_blocks], all int32; see glmrt.kernels.decode_inputs)."""
         return decode_inputs.prefill_slots_ref(cu_seqlens, starts, block_tables, block_size, num_tokens)
 
+    def admit_rows(self, rows: admission.BatchRows, first_row: int, admitted: Tensor, tables: Tensor, ids: Tensor,
+                   history: Tensor) -> None:
+        """Write the batch rows of sequences admitted after their prefill, in place (admitted [n, C]
+        int64 rows, the step's block tables [c, W] int32 and prefill ids [T], earlier ids [H]; see
+        glmrt.kernels.admission)."""
+        admission.admit_rows_ref(rows, first_row, admitted, tables, ids, history)
+
 
 class TritonOps(TorchOps):
     """Every op that has a Triton kernel runs it.
@@ -290,6 +297,9 @@ class TritonOps(TorchOps):
 
     def prefill_slots(self, cu_seqlens, starts, block_tables, block_size, num_tokens):
         return decode_inputs.prefill_slots(cu_seqlens, starts, block_tables, block_size, num_tokens)  # one launch
+
+    def admit_rows(self, rows, first_row, admitted, tables, ids, history):
+        admission.admit_rows(rows, first_row, admitted, tables, ids, history)  # one launch
 
 
 def make_ops(backend: str, batch_invariant: bool = True) -> TorchOps:

@@ -20,15 +20,27 @@ def upload(host: torch.Tensor | list, device: torch.device, dtype: torch.dtype |
     return torch.tensor(host, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
 
 
-def upload_arrays(arrays: list[np.ndarray], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Host arrays of any shapes -> each on `device` as `dtype`, in one copy: they are packed into
-    one (pinned, on CUDA) buffer, whose device copy they are views of."""
-    sizes = [a.size for a in arrays]
-    host = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
-    if arrays:
-        np.concatenate([a.ravel() for a in arrays], out=host.numpy(), casting="same_kind")
+# The dtypes upload_arrays takes, as torch names them.
+_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool,
+           np.dtype(np.float32): torch.float32}
+
+
+def upload_arrays(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host arrays of any shapes -> each on `device` in its own dtype (int64, int32, bool or
+    float32), in one copy: they are packed into one (pinned, on CUDA) byte buffer, each at an
+    8-byte-aligned offset, whose device copy they are views of."""
+    offsets, end = [], 0
+    for a in arrays:
+        if a.dtype not in _DTYPES:
+            raise ValueError(f"upload_arrays takes {sorted(map(str, _DTYPES))} arrays, got {a.dtype}")
+        offsets.append(end)
+        end += -(-a.nbytes // 8) * 8
+    host = torch.empty(end, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    buffer = host.numpy()
+    for a, offset in zip(arrays, offsets):
+        buffer[offset: offset + a.nbytes].view(a.dtype).reshape(a.shape)[...] = a
     packed = host.to(device, non_blocking=device.type == "cuda")
-    return [part.view(a.shape) for part, a in zip(packed.split(sizes), arrays)]
+    return [packed[offset: offset + a.nbytes].view(_DTYPES[a.dtype]).view(a.shape) for a, offset in zip(arrays, offsets)]
 
 
 def pack(tensors: list[torch.Tensor], pin: bool) -> list[torch.Tensor]:
