@@ -184,7 +184,7 @@ class RequestOutput:
         """An output from every field (the engine's, once per request and step): the fields are
         stored as they are, Prefix values included, without the per-field calls of __init__."""
         out = cls.__new__(cls)
-        out.__dict__.update(fields)
+        out.__dict__ = fields  # a new dict, made for this call
         return out
 
 

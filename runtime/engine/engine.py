@@ -545,7 +545,8 @@ class LLMEngine:
             if speculative:
                 self.spec_stats.record(len(new_tokens) - 1, *handle.proposals[i])
             seq.num_pending -= 1
-            seq.num_reserved -= reserved[i] - len(new_tokens)  # slots reserved but not used
+            if reserved is not None:
+                seq.num_reserved -= reserved[i] - len(new_tokens)  # slots reserved but not used
             try:
                 out = state.read(new_tokens, None if logprobs is None else logprobs[i], accept)
             except Exception as exc:  # e.g. detokenization: this request's own host work failed

@@ -22,7 +22,8 @@ FINISHED = SequenceStatus.FINISHED
 
 
 class RequestState:
-    __slots__ = ("seq", "detokenizer", "stops", "eos_token_ids", "final_only", "text_at_end", "first_token_time")
+    __slots__ = ("seq", "detokenizer", "stops", "eos_token_ids", "final_only", "text_at_end", "searching",
+                 "first_token_time")
 
     def __init__(self, seq: Sequence, decode: Callable[[Ids[int]], str], eos_token_ids: frozenset[int]):
         self.seq = seq
@@ -32,7 +33,8 @@ class RequestState:
         # An eos token that ends a request is no stop_reason, even when stop_token_ids lists it (vLLM).
         self.eos_token_ids = eos_token_ids
         self.final_only = params.output_kind == "final_only"
-        self.text_at_end = self.final_only and not self.stops.stop  # no text is needed before the end
+        self.searching = bool(self.stops.stop)  # stop strings to look for in the new text
+        self.text_at_end = self.final_only and not self.searching  # no text is needed before the end
         self.first_token_time: float | None = None  # time.monotonic() when its first token was read
 
     def read(self, new_tokens: list[int], logprobs: list[dict[int, float]] | None,
@@ -46,6 +48,7 @@ class RequestState:
         include_stop_str_in_output), and a stop string in the new text ends the request with
         "stop", also when this token reached the length limit."""
         seq, stops, detokenizer, by_token, count = self.seq, self.stops, self.detokenizer, False, 0
+        searching, text = self.searching, ""  # text: without stop strings, the tokens' text, handed out whole
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         for token in new_tokens:
@@ -59,6 +62,8 @@ class RequestState:
             if not by_token or seq.sampling_params.include_stop_str_in_output:  # else the token is no text
                 if self.text_at_end:
                     detokenizer.extend((token,))
+                elif not searching:
+                    text += detokenizer.add_token(token)
                 elif stops.add(detokenizer.add_token(token)) is not None and seq.finish_reason in (None, "length", "stop"):
                     seq.finish("stop")
             if seq.status is FINISHED:
@@ -67,12 +72,13 @@ class RequestState:
             if self.final_only:
                 return None
             # Streaming and going on (no stop string found: it would have finished the request).
-            delta = stops.pop_delta(False)  # before the text's Prefix, which it extends
+            delta = stops.pop_delta(False) if searching else stops.send(text)  # before the text's Prefix, which it extends
             return RequestOutput.made(
                 request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
                 token_ids=Prefix(seq.output_token_ids), text=Prefix(stops.sent, "".join), finish_reason=None,
                 delta_text=delta, delta_token_ids=new_tokens, error=None, stop_reason=None,
                 logprobs=seq.logprobs, first_token_time=self.first_token_time)
+        stops.add(text)  # output() hands it out with the rest
         return self.output(new_tokens if count == len(new_tokens) else new_tokens[:count], by_token)
 
     def output(self, new_tokens: list[int], by_token: bool = False) -> RequestOutput:

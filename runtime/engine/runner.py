@@ -251,7 +251,8 @@ class StepHandle:
         self.seqs = seqs
         # Cache slots the scheduler reserved for each sequence's new tokens: a decode row's step
         # reserves k + 1 with speculation; a sequence sampling its first token after its prefill, 1.
-        self.reserved = reserved if reserved is not None else [1] * len(seqs)
+        # None: one each, every one of which its token fills (nothing is given back).
+        self.reserved = reserved
         self.speculative = tokens.dim() == 2
         self.proposals: list[tuple[int, str]] = []  # speculative: each row's (drafts proposed, their source)
         # (sequence, host ids) to write into prompts once the step is read (ModelRunner.fill_prompts)
@@ -598,7 +599,8 @@ class ModelRunner:
         """The handle of a step that sampled tokens [len(seqs)] (speculative: [len(seqs), k + 2])
         from the raw logits whose first rows are theirs, with log-probabilities if a row asks."""
         seqs = step.seqs
-        reserved = [step.reserved_tokens] * len(step.decode) + [1] * (len(seqs) - len(step.decode))
+        reserved = None if step.reserved_tokens == 1 else \
+            [step.reserved_tokens] * len(step.decode) + [1] * (len(seqs) - len(step.decode))
         asked = [s.sampling_params.logprobs for s in seqs if s.sampling_params.logprobs is not None]
         logprobs = None
         if asked:

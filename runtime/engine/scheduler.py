@@ -38,6 +38,7 @@ narrowed down by bisection and fails alone.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class ScheduledStep:
         """Prefill only: no decode row."""
         return not self.decode
 
-    @property
+    @functools.cached_property
     def seqs(self) -> list[Sequence]:
         """The sequences the step samples, in row order: the decode rows, then the last chunks'."""
         return self.decode + [c.seq for c in self.chunks if c.samples]

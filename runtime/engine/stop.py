@@ -55,6 +55,14 @@ class StopChecker:
         self._unsent = window[len(self._tail): cut]
         return self.stop_str
 
+    def send(self, text: str) -> str:
+        """Append text of a request without stop strings (nothing is held back) and hand it out
+        at once: add + pop_delta in one call -> text."""
+        assert not self.stop, "a request with stop strings adds its text (add) and hands it out (pop_delta)"
+        if text:
+            self.sent.append(text)
+        return text
+
     def pop_delta(self, finished: bool) -> str:
         """The text not handed out yet that can no longer be cut: all of it once the request has
         finished or a stop string was found, else all but the last `hold` characters."""

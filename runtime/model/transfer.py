@@ -64,13 +64,13 @@ def spanned(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     first = tensors[0]
     if not first.is_contiguous():
         return None
-    end, storage = first.data_ptr(), first.untyped_storage().data_ptr()
+    row, dtype, end, storage = first.shape[1:], first.dtype, first.data_ptr(), first.untyped_storage().data_ptr()
     for t in tensors:
-        if (t.data_ptr() != end or not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]
+        if (t.data_ptr() != end or not t.is_contiguous() or t.dtype != dtype or t.shape[1:] != row
                 or t.untyped_storage().data_ptr() != storage):
             return None
         end += t.nbytes
-    return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride())
+    return first.as_strided((sum(t.shape[0] for t in tensors), *row), first.stride())
 
 
 def upload_cat(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
