@@ -364,16 +364,17 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self.image_cache.pop(seq.request_id, None)
 
-    def _encode_prompt_images(self, seqs: list[Sequence]) -> None:
+    def _encode_prompt_images(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor] | None:
         """One packed vision pass over the images of `seqs` not yet encoded; pixels travel as uint8
         (through pinned memory on CUDA) and are normalized on the device. What the model makes of
         them (GLM-OCR: embeddings for the <|image|> slots; GLM-Image: the codes that replace them)
         is cached here for the sequence's chunks and recomputes. Where they are token ids of the
         prompt (GLM-Image), they are also copied to host memory behind the step, for the host
-        prompt to get them when the step is read (`fill_prompts`): nothing here waits."""
+        prompt to get them when the step is read (`fill_prompts`): nothing here waits.
+        -> (the sequences encoded, the model's output for them, theirs one after another), or None."""
         todo = [s for s in seqs if s.pixel_values is not None]
         if not todo:
-            return
+            return None
         pixels = self.normalize_pixels(upload_cat([s.pixel_values for s in todo], self.model.device))
         encoded = self.model.encode_images(pixels, [g for s in todo for g in s.image_grid_thw])
         images = self.model.prompt_images(todo, encoded)
@@ -383,6 +384,7 @@ class ModelRunner:
             ids = self.model.prompt_image_ids(images[s.request_id])
             if ids is not None:
                 self._prompt_fills.append((s, _to_host(ids, ids.device.type == "cuda")))
+        return todo, encoded
 
     def fill_prompts(self, handle: StepHandle) -> None:
         """A read step's (its tokens() returned) image codes into their host prompts, in place of
@@ -419,12 +421,16 @@ class ModelRunner:
         looks for image slots; the KV slots are made on the device from the chunks' block tables.
         One upload."""
         image_id = self.model.config.image_token_id
-        self._encode_prompt_images([c.seq for c in chunks])
+        encoded = self._encode_prompt_images([c.seq for c in chunks])
         lens = [c.end - c.start for c in chunks]
         cu = list(itertools.accumulate(lens, initial=0))
         inputs = [c.seq.input_array(c.start, c.end) for c in chunks]  # [4, len]: ids, then positions
         inputs = np.concatenate(inputs, axis=1) if len(inputs) > 1 else inputs[0]
-        image_embeds = self._image_embeds(chunks)
+        if encoded is not None and len(encoded[0]) == len(chunks) and all(
+                c.start == 0 and c.end >= len(c.seq.prompt_token_ids) for c in chunks):
+            image_embeds = encoded[1]  # whole prompts, every one encoded now: the model's output is the step's
+        else:
+            image_embeds = self._image_embeds(chunks)
         image_mask = None  # only a prompt with images has image slots (the input processor checks)
         if any(c.seq.image_grid_thw for c in chunks):
             image_mask = inputs[0] == image_id  # [T]
