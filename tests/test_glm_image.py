@@ -300,8 +300,9 @@ def test_first_sampled_token_follows_transformers_distribution(checkpoint, hf_mo
     wide = glmrt.LLM(str(checkpoint), device="cpu", dtype="float32", backend="torch", max_num_seqs=256)
     defaults = wide.get_default_sampling_params()
     seqs = wide.engine.prepare_many([request("t2i")] * n, [dataclasses.replace(defaults, seed=i) for i in range(n)])
-    for seq in seqs:
+    for seq in seqs:  # one token each (t2i requests are given their grids' length): the limit cut to one
         seq.sampling_params = dataclasses.replace(seq.sampling_params, max_tokens=1)
+        seq.max_total_tokens = seq.num_prompt_tokens + 1
     firsts = torch.tensor([o.token_ids[0] for o in wide.engine.run(seqs)])
     assert int((probs > 0).sum()) > 50  # a wide distribution, not a near-greedy one
     assert chi_square_passes(torch.bincount(firsts, minlength=probs.shape[0]), probs)

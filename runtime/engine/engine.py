@@ -419,6 +419,8 @@ class LLMEngine:
 
     def _drafts_on_host(self) -> bool:
         """Whether a running request may draft from its output so far (the next step needs it read)."""
+        if self.runner.spec is None:  # an engine that does not speculate gives no request a drafter
+            return False
         limit = self.options.speculative_max_batch
         running = self.scheduler.running
         return (limit is None or len(running) <= limit) and any(

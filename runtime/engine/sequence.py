@@ -27,7 +27,9 @@ class Sequence:
     rope_delta: int  # a token at cache index p has position p + rope_delta on all rows
     sampling_params: SamplingParams
     stop_token_ids: frozenset[int]
-    max_total_tokens: int  # prompt + generated may not exceed this (context limit and max_tokens)
+    # prompt + generated may not exceed this: min(the context limit, prompt + max_tokens), the one
+    # length limit the engine checks (set where the Sequence is made; sampling_params is not read)
+    max_total_tokens: int
     seed: int  # the per-request RNG stream: the user's seed, or a random one
     pixel_values: torch.Tensor | None = None  # uint8 [N, 3*P*P] raw patch pixels, until the vision pass ran
     image_grid_thw: list[tuple[int, int, int]] = field(default_factory=list)
@@ -93,8 +95,7 @@ class Sequence:
     def can_schedule_more(self) -> bool:
         """Whether one more step may be scheduled (max_tokens and the context limit, counting one
         token per step already scheduled); stop tokens are only known once read back."""
-        outputs = len(self.output_token_ids) + self.num_pending
-        return outputs < self.sampling_params.max_tokens and self.num_prompt_tokens + outputs < self.max_total_tokens
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending < self.max_total_tokens
 
     def fill_placeholders(self, placeholder: int, ids: list[int]) -> None:
         """Write `ids` into the prompt in place of its `placeholder` tokens, in order (GLM-Image's
@@ -128,7 +129,7 @@ class Sequence:
         max_tokens-th token ends the request with "length"."""
         outputs = self.output_token_ids
         outputs.append(token_id)
-        if len(outputs) >= self.sampling_params.max_tokens or len(self.prompt_token_ids) + len(outputs) >= self.max_total_tokens:
+        if len(self.prompt_token_ids) + len(outputs) >= self.max_total_tokens:
             self.finish("length")
         elif token_id in self.stop_token_ids:
             self.finish("stop")
