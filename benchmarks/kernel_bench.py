@@ -618,14 +618,18 @@ def time_ms(fn: Callable[[], object], smoke: bool) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def _copy_ms(copy_bytes: int, smoke: bool) -> float:
+    """Milliseconds of one device-to-device copy of copy_bytes."""
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src), smoke)
+
+
 def measure_peaks(smoke: bool) -> Peaks:
     """The device's own ceilings: a large device-to-device copy (read + write bytes) and a square
     matmul in the benchmark dtype (2 n^3 FLOPs)."""
     copy_bytes = 64 * 2**20 if smoke else 2 * 2**30
-    src = torch.empty(copy_bytes, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), smoke)
-    del src, dst
+    copy_ms = _copy_ms(copy_bytes, smoke)  # its 4 GiB of buffers are freed before the matmul's
     n = 512 if smoke else 8192
     a, b, c = _randn(n, n), _randn(n, n), _randn(n, n)
     matmul_ms = time_ms(lambda: torch.mm(a, b, out=c), smoke)

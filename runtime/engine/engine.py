@@ -43,12 +43,11 @@ from .runner import Masks, ModelRunner, PrefillInputError, StepHandle, allocate_
 from .sampler import Sampler, SamplingState
 from .request_state import RequestState
 from .scheduler import NEEDS_DRAIN, ScheduledStep, Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import FINISHED, Sequence
 from .spec_decode import SpecDecodeStats
 from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
-FINISHED = SequenceStatus.FINISHED
 
 # A verify step runs k + 1 query rows for every sequence, so without the MTP layer (whose rows
 # always speculate) one runs only when the host's drafts are expected to be accepted for at least

@@ -15,10 +15,9 @@ from collections.abc import Callable, Sequence as Ids
 
 from ..outputs import Prefix, RequestOutput
 from .detokenizer import IncrementalDetokenizer
-from .sequence import Sequence, SequenceStatus
+from .sequence import FINISHED, Sequence
 from .stop import StopChecker
 
-FINISHED = SequenceStatus.FINISHED
 
 
 class RequestState:

@@ -19,6 +19,9 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+FINISHED = SequenceStatus.FINISHED  # for the per-row checks of the engine's hot loops (`is FINISHED`)
+
+
 @dataclass(eq=False)  # a request is itself: identity, never field-by-field (tensors) equality
 class Sequence:
     request_id: str
