@@ -36,11 +36,20 @@ def upload_arrays(arrays: list[np.ndarray], device: torch.device) -> list[torch.
         offsets.append(end)
         end += -(-a.nbytes // 8) * 8
     host = torch.empty(end, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    buffer = host.numpy()
+    buffer, strides = host.numpy(), []
     for a, offset in zip(arrays, offsets):
-        buffer[offset: offset + a.nbytes].view(a.dtype).reshape(a.shape)[...] = a
+        part = buffer[offset: offset + a.nbytes].view(a.dtype).reshape(a.shape)
+        part[...] = a
+        strides.append([stride // a.itemsize for stride in part.strides])
     packed = host.to(device, non_blocking=device.type == "cuda")
-    return [packed[offset: offset + a.nbytes].view(_DTYPES[a.dtype]).view(a.shape) for a, offset in zip(arrays, offsets)]
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype (offsets are 8-byte aligned)
+    out = []
+    for a, offset, stride in zip(arrays, offsets, strides):
+        dtype = _DTYPES[a.dtype]
+        if dtype not in typed:
+            typed[dtype] = packed.view(dtype)
+        out.append(typed[dtype].as_strided(a.shape, stride, offset // a.itemsize))
+    return out
 
 
 def pack(tensors: list[torch.Tensor], pin: bool) -> list[torch.Tensor]:
