@@ -162,6 +162,27 @@ def test_chunked_prefill_with_preemption_and_sampling_equals_serial_and_unchunke
     assert [results[0][i][0] for i in (3, 5)] == [expected[3], expected[5]]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_row_admitted_after_chunks_sees_its_whole_prompt(tiny_checkpoint, backend):
+    """A 45-token prompt prefilled in 16-token chunks takes a row that another request used
+    before it: at its admission the row's presence mask (what the repetition penalty reads) is
+    every id of the prompt, the earlier chunks' ids (sent with the admission) and the last
+    chunk's (from the step's own upload), plus the token it sampled, and nothing the row held
+    before; its block table is the sequence's, zeros after it."""
+    engine = make_engine(tiny_checkpoint, backend, max_num_batched_tokens=16, async_scheduling=False)
+    engine.generate([{"prompt_token_ids": list(range(400, 430))}], [glmrt.SamplingParams(max_tokens=3)])
+    prompt = [300 + (i * 7) % 97 for i in range(45)]
+    engine.add_request({"prompt_token_ids": prompt}, glmrt.SamplingParams(max_tokens=8, repetition_penalty=1.2))
+    while not engine.scheduler.running:
+        engine.step()
+    [seq] = engine.scheduler.running
+    batch = engine.runner.batch
+    assert set(batch.sampling.presence[seq.row].nonzero()[:, 0].tolist()) == set(prompt) | set(seq.output_token_ids)
+    table = batch.block_tables[seq.row].tolist()
+    assert table[: len(seq.block_table)] == seq.block_table and not any(table[len(seq.block_table):])
+    assert batch.context_lens[seq.row] == len(prompt) and batch.active[seq.row]
+
+
 def test_a_prefilling_request_preempted_for_a_decode_block_is_recomputed(tiny_checkpoint):
     """A 16-block cache: a (31 tokens, 2 blocks) decodes while b (224 tokens, the other 14
     blocks) is prefilled in chunks. a's token at index 32 needs a third block: b is preempted
