@@ -278,7 +278,7 @@ def test_incremental_detokenizer_streams_whole_characters(text, way):
     tok = build_tokenizer()
     ids = tok.encode(text, add_special_tokens=False).ids
     detok = IncrementalDetokenizer(decoders(tok)[way])
-    deltas = [detok.add([i]) for i in ids]
+    deltas = [detok.add_token(i) for i in ids]
     assert "".join(deltas) == text  # all of it before finish: nothing is left held back
     deltas.append(detok.finish())
     assert "".join(deltas) == text == detok.text
@@ -300,7 +300,8 @@ def test_any_token_sequence_streams_a_prefix_of_its_decode(way, skip):
         detok, i = IncrementalDetokenizer(decode), 0
         while i < len(ids):
             n = rng.randrange(1, 4)
-            detok.add(ids[i: i + n])
+            for token in ids[i: i + n]:
+                detok.add_token(token)
             i += n
             assert tok.decode(ids[:i], skip_special_tokens=skip).startswith(detok.text)
         detok.finish()
@@ -325,11 +326,11 @@ def test_a_stream_that_fails_on_an_invalid_prefix_starts_over_from_that_token(mo
 
     monkeypatch.setattr(decoder, "stream", Failing)
     detok = IncrementalDetokenizer(decoder)
-    streamed = "".join(detok.add([i]) for i in ids)
+    streamed = "".join(detok.add_token(i) for i in ids)
     assert len(streams) == 2 and streamed.startswith(tok.decode(ids[:3])) and streamed.endswith("three")
     detok.finish()
     assert detok.text == "one two three"
     other = TokenDecoder(tok, False)
     monkeypatch.setattr(other, "stream", lambda: type("Broken", (), {"step": lambda *a: 1 / 0})())
     with pytest.raises(ZeroDivisionError):  # any other error is the request's own (it fails alone)
-        IncrementalDetokenizer(other).add(ids[:1])
+        IncrementalDetokenizer(other).add_token(ids[0])

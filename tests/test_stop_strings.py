@@ -71,7 +71,7 @@ def test_multi_byte_characters_through_the_incremental_detokenizer():
     for stop in (["你好"], ["😀"], ["€ — 你"], ["é", "✓"], ["not there"]):
         detok, checker, sent = IncrementalDetokenizer(lambda t: tok.decode(list(t))), StopChecker(stop), []
         for i in ids:
-            checker.add(detok.add([i]))
+            checker.add(detok.add_token(i))
             sent.append(checker.pop_delta(finished=checker.stop_str is not None))
             if checker.stop_str is not None:
                 break

@@ -44,10 +44,6 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # the window method's
         self._read_offset = 0
 
-    def add(self, token_ids: Sequence[int]) -> str:
-        """Append tokens; return the newly completed text (possibly empty)."""
-        return "".join([self.add_token(token) for token in token_ids])
-
     def add_token(self, token: int) -> str:
         """Append one token; return the text it completed (possibly empty)."""
         self.token_ids.append(token)

@@ -19,7 +19,6 @@ from .sequence import FINISHED, Sequence
 from .stop import StopChecker
 
 
-
 class RequestState:
     __slots__ = ("seq", "detokenizer", "stops", "eos_token_ids", "final_only", "text_at_end", "searching",
                  "first_token_time")

@@ -393,9 +393,13 @@ class ModelRunner:
             seq.fill_placeholders(self.model.config.image_token_id, ids.tolist())
             self.image_cache.pop(seq.request_id, None)
 
-    def _image_embeds(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
+    def _image_embeds(self, chunks: list[PrefillChunk], encoded: tuple[list[Sequence], torch.Tensor] | None
+                      ) -> torch.Tensor | None:
         """The image embeddings of the chunks' <|image|> slots, in order -> [slots, hidden] (None
-        when they have none)."""
+        when they have none). encoded: what the step's own vision pass made (_encode_prompt_images)."""
+        if encoded is not None and len(encoded[0]) == len(chunks) and all(
+                c.start == 0 and c.end >= len(c.seq.prompt_token_ids) for c in chunks):
+            return encoded[1]  # whole prompts, every one encoded now: the model's output is the step's
         image_id = self.model.config.image_token_id
         parts = []
         for c in chunks:
@@ -426,11 +430,7 @@ class ModelRunner:
         cu = list(itertools.accumulate(lens, initial=0))
         inputs = [c.seq.input_array(c.start, c.end) for c in chunks]  # [4, len]: ids, then positions
         inputs = np.concatenate(inputs, axis=1) if len(inputs) > 1 else inputs[0]
-        if encoded is not None and len(encoded[0]) == len(chunks) and all(
-                c.start == 0 and c.end >= len(c.seq.prompt_token_ids) for c in chunks):
-            image_embeds = encoded[1]  # whole prompts, every one encoded now: the model's output is the step's
-        else:
-            image_embeds = self._image_embeds(chunks)
+        image_embeds = self._image_embeds(chunks, encoded)
         image_mask = None  # only a prompt with images has image slots (the input processor checks)
         if any(c.seq.image_grid_thw for c in chunks):
             image_mask = inputs[0] == image_id  # [T]
