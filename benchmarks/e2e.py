@@ -10,9 +10,9 @@ exactly its number of tokens whatever the tokenizer.
 
 (a) decode ms/token at batch 1, contexts 1k and 5k, and the steady-state decode ms/step of a full
     batch (32 rows at 1k and 4k contexts: every prompt prefilled before the timed steps, which
-    are decode-only; 32 timed steps with --key, 64 without). transformers' per-step time is
-    (time of N + 1 tokens - time of 1) / N, each time the best of two runs, one (left-padded)
-    generate call for the whole batch. Floors: the decoder's weight bytes (every text layer +
+    are decode-only; 32 timed steps with --key, 64 without). transformers' per-step time is that
+    of the N tokens after the first within one generate call of N + 1 tokens (the device drained
+    at each token), the best of two runs, one (left-padded) generate call for the whole batch. Floors: the decoder's weight bytes (every text layer +
     final norm + lm_head, read once per step) and weights + KV (every layer's K and V of every
     context token of every row, in the cache's dtype), over the measured copy bandwidth.
 (b) time to first token of one 1700x2200 page and of one 300x100 region crop (preprocessing +
@@ -39,6 +39,7 @@ import dataclasses
 import os
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,9 +143,28 @@ class HFSide:
         return self.token_inputs([p.input_ids for p in processed], pixels)
 
     @torch.inference_mode()
-    def generate(self, inputs: dict, new_tokens: int) -> int:
-        out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    def generate(self, inputs: dict, new_tokens: int, **kwargs) -> int:
+        out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  **kwargs)
         return (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
+
+    def decode_seconds(self, inputs: dict, steps: int) -> float:
+        """Seconds from the first generated token to the last of a steps + 1 token generate call:
+        generate consults its stopping criteria once per token, so one that drains the device and
+        reads the clock marks each token's end."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stamps = []
+
+        class Clock(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                sync()
+                stamps.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        self.generate(inputs, steps + 1, stopping_criteria=StoppingCriteriaList([Clock()]))
+        assert len(stamps) == steps + 1, f"generate made {len(stamps)} tokens, asked for {steps + 1}"
+        return stamps[-1] - stamps[0]
 
 
 def decode_device_ops(engine: LLMEngine) -> tuple[int, int] | None:
@@ -246,14 +266,12 @@ def glmrt_decode_ms(engine: LLMEngine, prompts: list[list[int]], steps: int) -> 
 
 
 def hf_decode_ms(hf: HFSide, prompts: list[list[int]], steps: int) -> float:
-    """(time of steps + 1 tokens - time of 1 token) / steps, each time the best of two runs (the
-    first also warms up the allocations of this batch's shapes)."""
+    """transformers' decode ms/step: one generate call of steps + 1 tokens, timed from the first
+    token (the prefill's) to the last, the device drained at each; the best of two runs (the
+    first also warms up the allocations of this batch's shapes). Timed within one call, so the
+    steps' time cannot be lost in the noise of two calls' difference."""
     inputs = hf.token_inputs(prompts)
-
-    def best_seconds(new_tokens: int) -> float:
-        return min(timed(lambda: hf.generate(inputs, new_tokens))[0] for _ in range(2))
-
-    return (best_seconds(steps + 1) - best_seconds(1)) / steps * 1e3
+    return min(hf.decode_seconds(inputs, steps) for _ in range(2)) / steps * 1e3
 
 
 def ttft_ms(engine: LLMEngine, hf: HFSide, image: Image.Image) -> tuple[float, float]:
