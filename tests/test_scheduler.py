@@ -308,6 +308,29 @@ def test_any_token_sequence_streams_a_prefix_of_its_decode(way, skip):
         assert detok.text == tok.decode(ids, skip_special_tokens=skip)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_byte_level_lookups_stream_what_the_stream_alone_does(skip):
+    """A byte-level tokenizer's tokens are looked up by their own text where that is exact: every
+    step's delta is the one tokenizers' DecodeStream alone gives, over random ids (special tokens,
+    bytes that split characters or are no UTF-8) and over text with multi-byte characters."""
+    import random
+
+    tok = build_tokenizer()
+    decoder, alone = TokenDecoder(tok, skip), TokenDecoder(tok, skip)
+    alone.texts = None
+    assert decoder.texts == {}  # the test tokenizer's decoder is byte-level
+    rng = random.Random(11)
+    texts = ["你好, 世界 ✓ — émigré", "plain ascii text", "a\nb\tc  ", "\ufffd ok \ufffd"]
+    cases = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    cases += [[rng.randrange(tok.get_vocab_size()) for _ in range(rng.randrange(1, 40))] for _ in range(300)]
+    for ids in cases:
+        fast, slow = IncrementalDetokenizer(decoder), IncrementalDetokenizer(alone)
+        assert [fast.add_token(i) for i in ids] == [slow.add_token(i) for i in ids], ids
+        assert fast.finish() == slow.finish() and fast.text == tok.decode(ids, skip_special_tokens=skip)
+    looked_up = [t for t, text in decoder.texts.items() if text is not None]
+    assert len(looked_up) > 100 and any(text is None for text in decoder.texts.values())
+
+
 def test_a_stream_that_fails_on_an_invalid_prefix_starts_over_from_that_token(monkeypatch):
     tok = build_tokenizer()
     ids = tok.encode("one two three", add_special_tokens=False).ids
@@ -325,6 +348,7 @@ def test_a_stream_that_fails_on_an_invalid_prefix_starts_over_from_that_token(mo
             return self.inner.step(tokenizer, token)
 
     monkeypatch.setattr(decoder, "stream", Failing)
+    monkeypatch.setattr(decoder, "texts", None)  # every token through the stream (no byte-level lookups)
     detok = IncrementalDetokenizer(decoder)
     streamed = "".join(detok.add_token(i) for i in ids)
     assert len(streams) == 2 and streamed.startswith(tok.decode(ids[:3])) and streamed.endswith("three")
@@ -332,5 +356,6 @@ def test_a_stream_that_fails_on_an_invalid_prefix_starts_over_from_that_token(mo
     assert detok.text == "one two three"
     other = TokenDecoder(tok, False)
     monkeypatch.setattr(other, "stream", lambda: type("Broken", (), {"step": lambda *a: 1 / 0})())
+    monkeypatch.setattr(other, "texts", None)
     with pytest.raises(ZeroDivisionError):  # any other error is the request's own (it fails alone)
         IncrementalDetokenizer(other).add_token(ids[0])
