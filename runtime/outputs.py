@@ -115,22 +115,23 @@ def _token_ids(ids: Any) -> list[int]:
 
 
 class Prefix:
-    """The first `n` items of a list that the engine keeps growing (a request's tokens, its text
-    deltas): what an output holds in place of a copy, so that making one costs the same whatever
-    the length of the output. `join` makes the value (a list, a string) when it is first read."""
+    """What an engine output holds in place of copies of its request's token ids and text: the two
+    lists the engine keeps growing for the request (its tokens, the text deltas handed out) and how
+    long each was when the output was made, so that making one costs the same whatever the length
+    of the output. RequestOutput makes token_ids and text from it when each is first read."""
 
-    __slots__ = ("items", "n", "join")
+    __slots__ = ("tokens", "num_tokens", "deltas", "num_deltas")
 
-    def __init__(self, items: list, join: Callable[[list], Any] = list):
-        self.items, self.n, self.join = items, len(items), join
-
-    def value(self) -> Any:
-        return self.join(self.items[: self.n])
+    def __init__(self, tokens: list[int], deltas: list[str]):
+        self.tokens, self.num_tokens, self.deltas, self.num_deltas = tokens, len(tokens), deltas, len(deltas)
 
 
 class _MadeOnRead:
-    """A RequestOutput field that may be given a Prefix: its value is made on the first read and
-    kept (so a caller's changes to it stick, as with a plain field)."""
+    """A RequestOutput field that may be given a Prefix: its value, make(prefix), is made on the
+    first read and kept (so a caller's changes to it stick, as with a plain field)."""
+
+    def __init__(self, make: Callable[[Prefix], Any]):
+        self.make = make
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -140,7 +141,7 @@ class _MadeOnRead:
             raise AttributeError(self.name)
         value = obj.__dict__[self.name]
         if isinstance(value, Prefix):
-            value = obj.__dict__[self.name] = value.value()
+            value = obj.__dict__[self.name] = self.make(value)
         return value
 
     def __set__(self, obj: Any, value: Any) -> None:
@@ -153,10 +154,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     # Generated tokens, including the stop token or the token that completed the stop string.
     # (The engine's outputs make it, and `text`, when first read: O(1) per step while streaming.)
-    token_ids: list[int] = _MadeOnRead()
+    token_ids: list[int] = _MadeOnRead(lambda p: p.tokens[: p.num_tokens])
     # Detokenized output without the stop token, cut before the stop string (after it with
     # include_stop_str_in_output); while streaming, the text sent so far (all deltas joined).
-    text: str = _MadeOnRead()
+    text: str = _MadeOnRead(lambda p: "".join(p.deltas[: p.num_deltas]))
     finish_reason: str | None  # "stop" | "length" | "abort" | "error"; None while streaming
     delta_text: str = ""  # streaming: text added by this step
     delta_token_ids: list[int] = field(default_factory=list)
@@ -180,11 +181,11 @@ class RequestOutput:
         return self.finish_reason is not None
 
     @classmethod
-    def made(cls, **fields: Any) -> RequestOutput:
-        """An output from every field (the engine's, once per request and step): the fields are
-        stored as they are, Prefix values included, without the per-field calls of __init__."""
+    def made(cls, fields: dict[str, Any]) -> RequestOutput:
+        """An output from a new dict of every field (the engine's, once per request and step),
+        which it adopts as it is, Prefix values included, without the per-field calls of __init__."""
         out = cls.__new__(cls)
-        out.__dict__ = fields  # a new dict, made for this call
+        out.__dict__ = fields
         return out
 
 

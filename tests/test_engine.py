@@ -295,6 +295,38 @@ def test_every_output_has_every_field(tiny_checkpoint):
     assert {None, "length", "abort"} <= reasons and any(o.stop_reason for o in outputs)
 
 
+def test_streamed_outputs_read_later_hold_their_own_step(tiny_checkpoint):
+    """An output refers to its request's growing token and text lists (outputs.Prefix) instead of
+    copying them: read only after the request ended, each still has the tokens and text of the
+    step that made it, with and without stop strings, and a value read once is the one kept."""
+    engine = make_engine(tiny_checkpoint, "torch")
+    text = engine.generate([as_request(REQUESTS[2])], [glmrt.SamplingParams(max_tokens=12, ignore_eos=True)])[0].text
+    stop = next(text[-n:] for n in range(1, len(text)) if text[-n:] not in text[:-1])  # first seen at its end
+    cases = [glmrt.SamplingParams(max_tokens=12, ignore_eos=True),
+             glmrt.SamplingParams(max_tokens=30, ignore_eos=True, stop=[stop])]
+    reasons = []
+    for params in cases:
+        engine.add_request(as_request(REQUESTS[2]), params)
+        streamed = []
+        while engine.has_unfinished():
+            streamed += engine.step()
+        tokens, deltas = [], []
+        for out in streamed:
+            tokens += out.delta_token_ids
+            deltas.append(out.delta_text)
+        last = streamed[-1]
+        assert last.finished and len(streamed) > 3 and last.text == "".join(deltas)
+        stop = last.token_ids[-1:] if last.finish_reason == "stop" and len(tokens) < len(last.token_ids) else []
+        assert tokens + stop == last.token_ids
+        for i, out in enumerate(streamed[:-1]):
+            assert out.token_ids == last.token_ids[: i + 1] and out.text == "".join(deltas[: i + 1])
+        first = streamed[0]
+        first.token_ids.append(-1)
+        assert first.token_ids == [last.token_ids[0], -1] and last.token_ids[-1] != -1
+        reasons.append(last.finish_reason)
+    assert reasons == ["length", "stop"]
+
+
 def test_abort_of_a_draining_request(tiny_checkpoint):
     """A request whose last token is scheduled but not read back yet (no row, still holds blocks)."""
     engine = make_engine(tiny_checkpoint, "torch")

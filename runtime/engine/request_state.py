@@ -70,12 +70,12 @@ class RequestState:
             if self.final_only:
                 return None
             # Streaming and going on (no stop string found: it would have finished the request).
-            delta = stops.pop_delta(False) if searching else stops.send(text)  # before the text's Prefix, which it extends
-            return RequestOutput.made(
-                request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
-                token_ids=Prefix(seq.output_token_ids), text=Prefix(stops.sent, "".join), finish_reason=None,
-                delta_text=delta, delta_token_ids=new_tokens, error=None, stop_reason=None,
-                logprobs=seq.logprobs, first_token_time=self.first_token_time)
+            delta = stops.pop_delta(False) if searching else stops.send(text)  # before the Prefix, which counts its deltas
+            so_far = Prefix(seq.output_token_ids, stops.sent)
+            return RequestOutput.made({
+                "request_id": seq.request_id, "prompt_token_ids": seq.prompt_token_ids, "token_ids": so_far,
+                "text": so_far, "finish_reason": None, "delta_text": delta, "delta_token_ids": new_tokens,
+                "error": None, "stop_reason": None, "logprobs": seq.logprobs, "first_token_time": self.first_token_time})
         stops.add(text)  # output() hands it out with the rest
         return self.output(new_tokens if count == len(new_tokens) else new_tokens[:count], by_token)
 
@@ -100,10 +100,10 @@ class RequestState:
                     params.ignore_eos or token not in self.eos_token_ids):
                 stop_reason = token
         delta = stops.pop_delta(seq.is_finished)
-        return RequestOutput.made(
-            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
-            token_ids=Prefix(seq.output_token_ids), text=Prefix(stops.sent, "".join),
-            finish_reason=seq.finish_reason, delta_text=delta,
-            delta_token_ids=new_tokens[:-1] if by_token and not params.include_stop_str_in_output else new_tokens,
-            error=seq.error, stop_reason=stop_reason, logprobs=seq.logprobs, first_token_time=self.first_token_time,
-        )
+        so_far = Prefix(seq.output_token_ids, stops.sent)
+        return RequestOutput.made({
+            "request_id": seq.request_id, "prompt_token_ids": seq.prompt_token_ids, "token_ids": so_far, "text": so_far,
+            "finish_reason": seq.finish_reason, "delta_text": delta,
+            "delta_token_ids": new_tokens[:-1] if by_token and not params.include_stop_str_in_output else new_tokens,
+            "error": seq.error, "stop_reason": stop_reason, "logprobs": seq.logprobs,
+            "first_token_time": self.first_token_time})
