@@ -18,7 +18,8 @@ exactly its number of tokens whatever the tokenizer.
 (b) time to first token of one 1700x2200 page and of one 300x100 region crop (preprocessing +
     vision + prefill + first sample).
 (c) memory: free GPU memory once the engine is built (weights, KV cache and CUDA-graph pools
-    allocated) and the KV-cache capacity in tokens.
+    allocated), the memory the graph capture kept reserved (not yet counted by the KV-cache
+    budget) and the KV-cache capacity in tokens.
 (d) a profile of one replay of the captured batch-1 decode step at context 1k: device ops, their
     summed time vs the replay's wall time on the device (the difference is the gaps), the 10
     longest ops.
@@ -331,8 +332,12 @@ def memory_key_rows(memory: dict) -> list[dict]:
     free = [] if memory["free_gib"] is None else [key_row(
         "free GPU memory after engine start (weights, KV cache, CUDA graphs allocated), GiB", "GiB",
         memory["free_gib"], better="higher")]
-    return free + [key_row(f"KV cache capacity, tokens (gpu_memory_utilization {memory['gpu_memory_utilization']})",
-                           "tokens", memory["kv_cache_tokens"], better="higher")]
+    graphs = [] if memory["graph_gib"] is None else [key_row(
+        "CUDA-graph capture memory (pool, static outputs, warm-up blocks kept), outside the KV budget, GiB", "GiB",
+        memory["graph_gib"])]
+    return free + graphs + [key_row(
+        f"KV cache capacity, tokens (gpu_memory_utilization {memory['gpu_memory_utilization']})", "tokens",
+        memory["kv_cache_tokens"], better="higher")]
 
 
 def trace_key_rows(trace: dict, floor_us: float) -> list[dict]:
@@ -376,9 +381,11 @@ def main(argv: list[str] | None = None) -> int:
             f"the KV cache ({engine.kv_capacity_tokens} tokens) cannot hold the batch ({batch_tokens})"
 
         kv_token_bytes = kv_bytes_per_token(engine)  # (c)
+        graph_bytes = engine.runner.graph_memory_bytes
         memory = dict(kv_cache_tokens=engine.kv_capacity_tokens,
                       kv_cache_gib=engine.kv_capacity_tokens * kv_token_bytes / 2**30,
-                      gpu_memory_utilization=KV_SHARE, free_gib=None, total_gib=None)
+                      gpu_memory_utilization=KV_SHARE, free_gib=None, total_gib=None,
+                      graph_gib=None if graph_bytes is None else graph_bytes / 2**30)
         if CUDA:
             free, total = torch.cuda.mem_get_info()
             memory.update(free_gib=free / 2**30, total_gib=total / 2**30)

@@ -70,6 +70,7 @@ def test_graph_decode_matches_eager_and_serial(real_checkpoint):
     serial decode: graph and eager share the bucket size, block-table width and split-KV choice."""
     graphs = glmrt.LLM(str(real_checkpoint), max_num_seqs=8, max_model_len=8192, gpu_memory_utilization=0.4)
     assert graphs.engine.backend == "triton" and graphs.engine.runner.graphs is not None
+    assert graphs.engine.runner.graph_memory_bytes > 0  # the pool and static outputs, at least
     with_graphs = recorded(graphs, PARAMS)
     del graphs
     torch.cuda.empty_cache()

@@ -340,7 +340,14 @@ class ModelRunner:
         # handle: the next handle made takes them (`fill_prompts`).
         self._prompt_fills: list[tuple[Sequence, torch.Tensor]] = []
         self.buckets = batch_buckets(max_num_seqs)
-        self.graphs = self._capture_graphs() if use_graphs else None
+        # Device memory the capture left reserved (its pool, the static outputs, the warm-up runs'
+        # cached blocks), which the KV-cache budget does not count yet; None without graphs.
+        self.graph_memory_bytes: int | None = None
+        self.graphs = None
+        if use_graphs:
+            reserved = torch.cuda.memory_reserved(model.device)
+            self.graphs = self._capture_graphs()
+            self.graph_memory_bytes = torch.cuda.memory_reserved(model.device) - reserved
 
     def _capture_graphs(self) -> DecodeGraphs:
         """Per bucket, the two halves of a decode step, which the host's work on the previous
