@@ -70,12 +70,7 @@ class RequestState:
             if self.final_only:
                 return None
             # Streaming and going on (no stop string found: it would have finished the request).
-            delta = stops.pop_delta(False) if searching else stops.send(text)  # before the Prefix, which counts its deltas
-            so_far = Prefix(seq.output_token_ids, stops.sent)
-            return RequestOutput.made({
-                "request_id": seq.request_id, "prompt_token_ids": seq.prompt_token_ids, "token_ids": so_far,
-                "text": so_far, "finish_reason": None, "delta_text": delta, "delta_token_ids": new_tokens,
-                "error": None, "stop_reason": None, "logprobs": seq.logprobs, "first_token_time": self.first_token_time})
+            return self._made(stops.pop_delta(False) if searching else stops.send(text), new_tokens, None)
         stops.add(text)  # output() hands it out with the rest
         return self.output(new_tokens if count == len(new_tokens) else new_tokens[:count], by_token)
 
@@ -99,11 +94,18 @@ class RequestState:
             if stop_reason is None and token in (params.stop_token_ids or ()) and (
                     params.ignore_eos or token not in self.eos_token_ids):
                 stop_reason = token
-        delta = stops.pop_delta(seq.is_finished)
-        so_far = Prefix(seq.output_token_ids, stops.sent)
+        return self._made(stops.pop_delta(seq.is_finished),
+                          new_tokens[:-1] if by_token and not params.include_stop_str_in_output else new_tokens,
+                          stop_reason)
+
+    def _made(self, delta_text: str, delta_token_ids: list[int], stop_reason: int | str | None) -> RequestOutput:
+        """The request's output now: its tokens and text so far (a Prefix of its growing lists,
+        taken after delta_text was handed out), its sequence's finish reason and error, and the
+        step's deltas."""
+        seq = self.seq
+        so_far = Prefix(seq.output_token_ids, self.stops.sent)
         return RequestOutput.made({
             "request_id": seq.request_id, "prompt_token_ids": seq.prompt_token_ids, "token_ids": so_far, "text": so_far,
-            "finish_reason": seq.finish_reason, "delta_text": delta,
-            "delta_token_ids": new_tokens[:-1] if by_token and not params.include_stop_str_in_output else new_tokens,
+            "finish_reason": seq.finish_reason, "delta_text": delta_text, "delta_token_ids": delta_token_ids,
             "error": seq.error, "stop_reason": stop_reason, "logprobs": seq.logprobs,
             "first_token_time": self.first_token_time})
