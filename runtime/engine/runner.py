@@ -118,22 +118,17 @@ class DeviceBatch:
         self.context_lens[row] = 0
         self.active[row] = False
 
-    def admit(self, chunks: list[PrefillChunk], first_row: int, cu: list[int], ids: torch.Tensor,
-              tables: torch.Tensor, image_ids: list[torch.Tensor | None] | None = None) -> None:
-        """Write the rows of the sequences whose last chunk is among a prefill step's `chunks`
-        (those that sample, in order, take rows first_row on; after their prefill the context
-        holds every known token) in one backend op (glmrt.kernels.admission): one int64 upload of
-        the rows, whose block tables and presence masks come from the step's own uploads, chunk
-        i's ids[cu[i]: cu[i + 1]] and tables[i]; a sequence's ids before its chunk go up with the
-        rows. image_ids: per admitted sequence, the device ids its host prompt does not hold yet
-        (GLM-Image's codes, see ModelRunner.fill_prompts), or None."""
+    def admission(self, chunks: list[PrefillChunk], cu: list[int]) -> list[np.ndarray]:
+        """The host part of admitting the sequences whose last chunk is among a prefill step's
+        `chunks` (those that sample; chunk i fed the step's ids [cu[i], cu[i + 1])) -> [their int64
+        rows [n, len(Column)], history]: history (int64 [H]) holds each admitted sequence's ids
+        before its chunk, for a chunk that starts after a cached or earlier-computed part. The step
+        uploads them with its other inputs, and `admit` writes the rows from the upload."""
         vocab, rows, floats, history, history_len = self.sampling.presence.shape[1], [], [], [], 0
-        seqs = []
         for i, c in enumerate(chunks):
             if not c.samples:
                 continue
             s, p = c.seq, c.seq.sampling_params
-            seqs.append(s)
             rows.append((s.num_tokens, s.rope_delta, min(p.top_k, vocab), s.seed, len(s.output_token_ids),
                          -1 if s.drafter is not None and s.drafter.mtp else 0, i, cu[i], cu[i + 1] - cu[i],
                          history_len, c.start))
@@ -144,8 +139,16 @@ class DeviceBatch:
         admitted = np.empty((len(rows), len(Column)), dtype=np.int64)
         admitted[:, : Column.TEMPERATURE] = rows
         admitted[:, Column.TEMPERATURE:] = float32_bits(floats)
-        history = np.concatenate(history) if history else np.empty(0, dtype=np.int64)
-        admitted, history = upload_arrays([admitted, history], self.device)
+        return [admitted, np.concatenate(history) if history else np.empty(0, dtype=np.int64)]
+
+    def admit(self, seqs: list[Sequence], first_row: int, admitted: torch.Tensor, history: torch.Tensor,
+              tables: torch.Tensor, ids: torch.Tensor, image_ids: list[torch.Tensor | None] | None = None) -> None:
+        """Write the rows of the admitted sequences `seqs` (in order, rows first_row on) in one
+        backend op (glmrt.kernels.admission), from their uploaded `admission` arrays and the step's
+        own uploads: its block tables and prefill ids, which hold their chunks' tables and ids.
+        After their prefill a row's context holds every known token. image_ids: per admitted
+        sequence, the device ids its host prompt does not hold yet (GLM-Image's codes, see
+        ModelRunner.fill_prompts), or None."""
         self.ops.admit_rows(self.rows, first_row, admitted, tables, ids, history)
         if self.decode_positions is not None:
             for i, s in enumerate(seqs):
@@ -158,10 +161,12 @@ class DeviceBatch:
             if device_ids is not None:  # codes are in the output vocabulary (the config checks)
                 self.sampling.presence[first_row + row, device_ids] = True
 
-    def set_blocks(self, new_blocks: list[tuple[int, int, int]]) -> None:
-        """(row, table index, block id) for each sequence that crossed into a new block."""
-        if new_blocks:
-            index = upload(new_blocks, self.device, torch.int64)
+    def set_blocks(self, new_blocks: list[tuple[int, int, int]] | torch.Tensor) -> None:
+        """(row, table index, block id) for each sequence that crossed into a new block: a host
+        list, or those triples as an int64 [n, 3] tensor already on the device (uploaded with a
+        step's other inputs)."""
+        if len(new_blocks):
+            index = new_blocks if isinstance(new_blocks, torch.Tensor) else upload(new_blocks, self.device, torch.int64)
             self.block_tables[index[:, 0], index[:, 1]] = index[:, 2].int()
 
     def set_drafts(self, drafts: list[list[int] | None]) -> None:
@@ -314,6 +319,8 @@ class PrefillInputs:
     cu: list[int]  # host: chunk i's tokens are [cu[i], cu[i + 1])
     tables: torch.Tensor  # [chunks, W] int32: the chunks' block tables
     attention: dict  # AttentionMetadata fields of the prefill part
+    new_blocks: torch.Tensor  # [n, 3] int64: the decode rows' (row, table index, block id) to set
+    admission: tuple[torch.Tensor, torch.Tensor] | None  # DeviceBatch.admission's arrays, when a chunk samples
 
 
 class ModelRunner:
@@ -425,12 +432,14 @@ class ModelRunner:
         whole = spanned(parts)  # whole prompts encoded together, in order: the encoder's output as it is
         return whole if whole is not None else torch.cat(parts)
 
-    def _prefill_inputs(self, chunks: list[PrefillChunk], num_decode: int) -> PrefillInputs:
+    def _prefill_inputs(self, step: ScheduledStep) -> PrefillInputs:
         """Host work and the vision pass of a step's chunks, before any device state of the batch
-        changes (num_decode: the decode rows that come first in the step's forward). Per token
-        the host only concatenates the chunks' ids and positions (made with their Sequences) and
-        looks for image slots; the KV slots are made on the device from the chunks' block tables.
-        One upload."""
+        changes (the step's decode rows come first in its forward). Per token the host only
+        concatenates the chunks' ids and positions (made with their Sequences) and looks for image
+        slots; the KV slots are made on the device from the chunks' block tables. One upload,
+        which also carries the decode rows' new block ids and the admission of the sequences
+        whose last chunk this is."""
+        chunks, num_decode = step.chunks, len(step.decode)
         image_id = self.model.config.image_token_id
         encoded = self._encode_prompt_images([c.seq for c in chunks])
         lens = [c.end - c.start for c in chunks]
@@ -448,22 +457,29 @@ class ModelRunner:
         num_embeds = 0 if image_embeds is None else image_embeds.shape[0]
         if num_slots != num_embeds:
             raise ValueError(f"{num_slots} <|image|> tokens but {num_embeds} image embeddings")
-        last = list(range(num_decode)) + [num_decode + end - 1 for c, end in zip(chunks, cu[1:]) if c.samples]
+        sampled = [num_decode + end - 1 for c, end in zip(chunks, cu[1:]) if c.samples]
+        last = np.array(list(range(num_decode)) + sampled, dtype=np.int64)  # rows of the forward: decode rows first
         tables = np.zeros((len(chunks), max(len(c.seq.block_table) for c in chunks)), dtype=np.int32)
         for i, c in enumerate(chunks):
             tables[i, : len(c.seq.block_table)] = c.seq.block_table
-        arrays = [inputs, np.array(last, dtype=np.int64), np.array(cu, dtype=np.int32), tables,
-                  np.array([c.start for c in chunks], dtype=np.int32), np.array([c.end for c in chunks], dtype=np.int32)]
-        inputs, last, cu_d, tables, starts, ends, *image_mask = upload_arrays(
-            arrays + ([image_mask] if num_slots else []), self.model.device)
-        slots = self.model.ops.prefill_slots(cu_d, starts, tables, self.block_size, cu[-1])
+        spans = np.array([[c.start for c in chunks], [c.end for c in chunks]], dtype=np.int32)  # [2, chunks]
+        arrays = [inputs, last, np.array(cu, dtype=np.int32), tables, spans,
+                  np.array(step.new_blocks, dtype=np.int64).reshape(-1, 3)]
+        if sampled:
+            arrays += self.batch.admission(chunks, cu)
+        if num_slots:
+            arrays.append(image_mask)
+        inputs, last, cu_d, tables, spans, new_blocks, *rest = upload_arrays(arrays, self.model.device)
+        admission = (rest.pop(0), rest.pop(0)) if sampled else None
+        slots = self.model.ops.prefill_slots(cu_d, spans[0], tables, self.block_size, cu[-1])
         # Chunks after a cached prefix attend to it through the cache; batch-invariant ops read
         # every prompt from the cache, so a chunk's attention is reduced as the whole prompt's.
         fields = dict(cu_seqlens=cu_d, max_seqlen=max(lens))
         if self.model.ops.batch_invariant or any(c.start for c in chunks):
-            fields.update(prefill_block_tables=tables, prefill_context_lens=ends)
-        image_mask = image_mask[0] if image_mask else None
-        return PrefillInputs(inputs[0], inputs[1:], slots, image_embeds, image_mask, last, cu, tables, fields)
+            fields.update(prefill_block_tables=tables, prefill_context_lens=spans[1])
+        image_mask = rest[0] if num_slots else None
+        return PrefillInputs(inputs[0], inputs[1:], slots, image_embeds, image_mask, last, cu, tables, fields,
+                             new_blocks, admission)
 
     @torch.inference_mode()
     def launch(self, step: ScheduledStep, masks: Masks = _no_masks, speculate: bool = False,
@@ -505,13 +521,14 @@ class ModelRunner:
         hidden states, the prefill's inputs), or None when no row samples."""
         chunks, nd = step.chunks, len(step.decode)
         try:
-            prefill = self._prefill_inputs(chunks, nd)
+            prefill = self._prefill_inputs(step)
         except Exception as exc:
             raise PrefillInputError(exc) from exc
         ids, positions, slots, image_mask = prefill.ids, prefill.positions, prefill.slots, prefill.image_mask
         fields = dict(prefill.attention)
         if nd:
-            dec_ids, dec_positions, dec = self.batch.decode_inputs(self._start_decode(step, exact=True))
+            self.batch.set_blocks(prefill.new_blocks)
+            dec_ids, dec_positions, dec = self.batch.decode_inputs(nd)
             ids, positions = torch.cat([dec_ids, ids]), torch.cat([dec_positions, positions], dim=1)
             slots = torch.cat([dec.slot_mapping, slots])
             if image_mask is not None:
@@ -538,7 +555,7 @@ class ModelRunner:
         sampled, nd = [c for c in step.chunks if c.samples], len(step.decode)
         if sampled:
             cached = [self.image_cache.get(c.seq.request_id) for c in sampled]
-            self.batch.admit(step.chunks, step.first_row, prefill.cu, prefill.ids, prefill.tables,
+            self.batch.admit([c.seq for c in sampled], step.first_row, *prefill.admission, prefill.tables, prefill.ids,
                              [None if c is None else self.model.prompt_image_ids(c) for c in cached])
         rows = slice(0 if nd else step.first_row, step.first_row + len(sampled))
         token_mask = None
@@ -579,12 +596,11 @@ class ModelRunner:
         logits = self.decode_logits(bs)
         return self.sample_rows(logits, bs, do_sample), logits
 
-    def _start_decode(self, step: ScheduledStep, exact: bool = False) -> int:
+    def _start_decode(self, step: ScheduledStep) -> int:
         """Upload the step's new block ids -> the number of rows it runs: the bucket size (eager
-        and graph decode share every kernel's grid, and split-KV choice), or with `exact` (the
-        decode rows of a mixed step, always eager) just the decode rows."""
+        and graph decode share every kernel's grid, and split-KV choice)."""
         self.batch.set_blocks(step.new_blocks)
-        return len(step.decode) if exact else next(x for x in self.buckets if x >= len(step.decode))
+        return next(x for x in self.buckets if x >= len(step.decode))
 
     def logprobs_of(self, logits: torch.Tensor, tokens: torch.Tensor,
                     num_logprobs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
