@@ -188,7 +188,10 @@ def _e2e_numbers(data: dict) -> list[str]:
     free = ("no GPU" if memory["free_gib"] is None
             else f"{memory['free_gib']:.1f} of {memory['total_gib']:.1f} GiB of GPU memory free")
     if memory.get("graph_gib") is not None:  # results from before 2026-12-07 have no graph_gib
-        free += f"; the CUDA-graph capture keeps {memory['graph_gib']:.2f} GiB (outside the KV budget)"
+        free += f"; the CUDA graphs keep {memory['graph_gib']:.2f} GiB"
+    if memory.get("runner_gib") is not None:  # measured before the KV cache is sized, since 2026-12-07
+        free += (f"; the KV budget left {memory['runner_gib']:.2f} GiB for what the runner keeps beside its cache "
+                 "(graphs, batch state)")
     lines = [f"- backend {data['backend']}, CUDA graphs {data['cuda_graphs']}, copy bandwidth "
              f"{data['copy_bandwidth_gbps']:.0f} GB/s; decoder weights {data['decoder_weight_bytes'] / 1e9:.3f} GB "
              f"(floor {data['hbm_floor_ms_per_token']:.3f} ms/step), KV cache "

@@ -333,7 +333,7 @@ def memory_key_rows(memory: dict) -> list[dict]:
         "free GPU memory after engine start (weights, KV cache, CUDA graphs allocated), GiB", "GiB",
         memory["free_gib"], better="higher")]
     graphs = [] if memory["graph_gib"] is None else [key_row(
-        "CUDA-graph capture memory (pool, static outputs, warm-up blocks kept), outside the KV budget, GiB", "GiB",
+        "CUDA-graph memory (pool, static outputs), which the KV budget leaves room for, GiB", "GiB",
         memory["graph_gib"])]
     return free + graphs + [key_row(
         f"KV cache capacity, tokens (gpu_memory_utilization {memory['gpu_memory_utilization']})", "tokens",
@@ -385,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         memory = dict(kv_cache_tokens=engine.kv_capacity_tokens,
                       kv_cache_gib=engine.kv_capacity_tokens * kv_token_bytes / 2**30,
                       gpu_memory_utilization=KV_SHARE, free_gib=None, total_gib=None,
-                      graph_gib=None if graph_bytes is None else graph_bytes / 2**30)
+                      graph_gib=None if graph_bytes is None else graph_bytes / 2**30,
+                      runner_gib=None if engine.runner_memory_bytes is None else engine.runner_memory_bytes / 2**30)
         if CUDA:
             free, total = torch.cuda.mem_get_info()
             memory.update(free_gib=free / 2**30, total_gib=total / 2**30)

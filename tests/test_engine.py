@@ -13,6 +13,7 @@ import torch
 import glmrt
 from glmrt.engine.async_engine import AsyncEngine, RequestFailed
 from glmrt.engine.engine import LLMEngine
+from glmrt.engine.runner import kv_bytes_per_token
 from glmrt_testing.engine_checks import assert_all_free, run_until_done
 from glmrt_testing.helpers import IMAGES, hf_greedy, make_image
 
@@ -234,6 +235,39 @@ def test_prompt_that_cannot_fit_is_rejected(tiny_checkpoint):
 def test_kv_cache_smaller_than_max_model_len_is_refused_at_start(tiny_checkpoint):
     with pytest.raises(ValueError, match="kv_cache_tokens=256 cannot hold one request of max_model_len=4096"):
         make_engine(tiny_checkpoint, "torch", kv_cache_tokens=256)
+
+
+def test_the_gpu_kv_budget_leaves_room_for_what_the_runner_keeps(tiny_checkpoint, monkeypatch):
+    """The GPU's KV budget, worked out on a CPU under a stand-in of CUDA's memory accounting: a
+    trial runner (over a one-block cache, made and released) is measured, and what it keeps beside
+    its cache (on a GPU its graphs' pool and static outputs, its batch state) is taken off the
+    memory the cache may use, with the weights and the worst step's peak."""
+    engine = make_engine(tiny_checkpoint, "torch", max_model_len=256)
+    per_token, block = kv_bytes_per_token(engine.model), engine.options.block_size
+    kept, peak, other, total = 3000 * per_token, 2000 * per_token, 1000 * per_token, 20_000 * per_token
+    reserved = [5000 * per_token]  # the weights and whatever the allocator holds
+    make_runner = engine._make_runner
+
+    def measured_runner(num_blocks):
+        assert num_blocks == 1
+        reserved[0] += kept + num_blocks * block * per_token
+        return make_runner(num_blocks)
+
+    for name, fake in dict(synchronize=lambda device=None: None, empty_cache=lambda: None,
+                           memory_reserved=lambda device=None: reserved[0],
+                           mem_get_info=lambda device=None: (total - other - reserved[0], total)).items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(engine, "_make_runner", measured_runner)
+    monkeypatch.setattr(engine, "_profile_peak_memory", lambda: peak)
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    monkeypatch.setattr(engine.options, "kv_cache_tokens", None)
+    tokens = engine._kv_cache_tokens()
+    assert engine.runner_memory_bytes == kept
+    budget = (total - other - peak - kept) * engine.options.gpu_memory_utilization
+    assert tokens == int(budget) // per_token
+    kept = total  # a runner that keeps more than there is leaves no KV cache: refused, naming the option
+    with pytest.raises(ValueError, match="KV-cache tokens fit in GPU memory at gpu_memory_utilization"):
+        engine._kv_cache_tokens()
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(tiny_checkpoint, monkeypatch):

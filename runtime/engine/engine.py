@@ -118,6 +118,9 @@ class LLMEngine:
         if unknown:
             raise ValueError(f"unknown engine options {sorted(unknown)} (known: {sorted(EngineConfig.__dataclass_fields__)})")
         self.options = EngineConfig(**options)
+        # Device bytes the runner keeps beside its KV cache, measured before the cache is sized
+        # (_profile_runner_memory); None where nothing was measured (CPU, or kv_cache_tokens given).
+        self.runner_memory_bytes: int | None = None
         self.model_path = resolve_model_path(model)
         path, processor_path = model_dirs(self.model_path)
         self.config = load_config(path)
@@ -149,14 +152,7 @@ class LLMEngine:
         block_size = self.options.block_size
         num_blocks = -(-self._kv_cache_tokens() // block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
-        use_graphs = self.device.type == "cuda" and self.backend == "triton" and not self.options.enforce_eager
-        # Room for the slots the in-flight steps reserve past a sequence's last token (k + 1 each).
-        table_tokens = self.max_model_len + 2 * (k + 1)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.options.max_num_seqs,
-                                  max_blocks_per_seq=-(-table_tokens // block_size), use_graphs=use_graphs,
-                                  normalize_pixels=self.processor.image_processor.normalize_patches,
-                                  num_speculative_tokens=k,
-                                  max_decode_positions=self.inputs.decode_positions_width(self.max_model_len))
+        self.runner = self._make_runner(num_blocks)
         self.scheduler = Scheduler(self.block_manager, self.options.max_num_seqs, self.max_num_batched_tokens,
                                    rows=self.runner.batch, tokens_per_step=k + 1,
                                    chunked_prefill=self.chunked_prefill)
@@ -184,17 +180,32 @@ class LLMEngine:
             raise ValueError(f"{what} runs GLM-OCR text generation, but {self.model_path} is GLM-Image's "
                              "autoregressive stage: use glmrt.LLM(...).generate_image_tokens")
 
+    def _make_runner(self, num_blocks: int) -> ModelRunner:
+        """The model runner over a KV cache of num_blocks blocks (with its CUDA graphs on the GPU)."""
+        k, block_size = self.options.num_speculative_tokens, self.options.block_size
+        use_graphs = self.device.type == "cuda" and self.backend == "triton" and not self.options.enforce_eager
+        # Room for the slots the in-flight steps reserve past a sequence's last token (k + 1 each).
+        table_tokens = self.max_model_len + 2 * (k + 1)
+        return ModelRunner(self.model, num_blocks, block_size, self.options.max_num_seqs,
+                           max_blocks_per_seq=-(-table_tokens // block_size), use_graphs=use_graphs,
+                           normalize_pixels=self.processor.image_processor.normalize_patches,
+                           num_speculative_tokens=k,
+                           max_decode_positions=self.inputs.decode_positions_width(self.max_model_len))
+
     def _kv_cache_tokens(self) -> int:
         if self.options.kv_cache_tokens is not None:
             return self.options.kv_cache_tokens
         if self.device.type != "cuda":
             return self.max_model_len
-        # gpu_memory_utilization is the fraction of the memory still free once the weights and the
-        # peak activations of the worst step are accounted for that goes to the KV cache.
+        # gpu_memory_utilization is the fraction of the memory still free once the weights, the
+        # peak activations of the worst step and what the runner keeps beside its KV cache (the
+        # batch's state, the CUDA graphs' pool and static outputs) are accounted for that goes to
+        # the KV cache.
         peak = self._profile_peak_memory()
+        self.runner_memory_bytes = self._profile_runner_memory()
         free, total = torch.cuda.mem_get_info(self.device)
         other = total - free - torch.cuda.memory_reserved(self.device)  # other processes, CUDA context
-        budget = int((total - other - peak) * self.options.gpu_memory_utilization)
+        budget = int((total - other - peak - self.runner_memory_bytes) * self.options.gpu_memory_utilization)
         tokens = budget // kv_bytes_per_token(self.model)
         if tokens < self.max_model_len:
             raise ValueError(
@@ -213,6 +224,24 @@ class LLMEngine:
         peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.empty_cache()
         return peak
+
+    def _profile_runner_memory(self) -> int:
+        """Device bytes a runner keeps apart from its KV cache (the device batch's state, the CUDA
+        graphs' pool and static outputs), measured on the GPU: a trial runner over a one-block
+        cache is made, its graphs captured, and released again. Capture binds the graphs to the
+        KV cache's addresses, so the runner that serves is made anew once the budget is known."""
+        device = self.device
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(device)
+        runner = self._make_runner(1)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # blocks the warm-up runs freed; the graphs' pool stays theirs
+        kept = torch.cuda.memory_reserved(device) - before - kv_bytes_per_token(self.model) * self.options.block_size
+        del runner
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        return max(kept, 0)
 
     @torch.inference_mode()
     def run_worst_step(self) -> None:

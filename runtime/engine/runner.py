@@ -347,13 +347,15 @@ class ModelRunner:
         # handle: the next handle made takes them (`fill_prompts`).
         self._prompt_fills: list[tuple[Sequence, torch.Tensor]] = []
         self.buckets = batch_buckets(max_num_seqs)
-        # Device memory the capture left reserved (its pool, the static outputs, the warm-up runs'
-        # cached blocks), which the KV-cache budget does not count yet; None without graphs.
+        # Device memory the graphs keep (their pool, the static outputs; the engine's KV-cache
+        # budget leaves room for it, measured on a trial runner); None without graphs.
         self.graph_memory_bytes: int | None = None
         self.graphs = None
         if use_graphs:
+            torch.cuda.empty_cache()
             reserved = torch.cuda.memory_reserved(model.device)
             self.graphs = self._capture_graphs()
+            torch.cuda.empty_cache()  # blocks the warm-up runs freed
             self.graph_memory_bytes = torch.cuda.memory_reserved(model.device) - reserved
 
     def _capture_graphs(self) -> DecodeGraphs:
