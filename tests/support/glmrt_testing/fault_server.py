@@ -44,11 +44,11 @@ def prepare(self: LLMEngine, *args, **kwargs):
     return seq
 
 
-def prefill_inputs(self: ModelRunner, chunks, *args):
-    failing = [c.seq.request_id for c in chunks if _faults.get(c.seq.request_id) == FAIL_PREFILL]
+def prefill_inputs(self: ModelRunner, step):
+    failing = [c.seq.request_id for c in step.chunks if _faults.get(c.seq.request_id) == FAIL_PREFILL]
     if failing:
         raise RuntimeError(f"injected fault in the prefill of {failing}")
-    return _prefill_inputs(self, chunks, *args)
+    return _prefill_inputs(self, step)
 
 
 def launch(self: ModelRunner, step, *args, **kwargs):
