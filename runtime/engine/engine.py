@@ -17,6 +17,7 @@ that breaks every step it is in fails; an abort, from any state, frees everythin
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -239,6 +240,7 @@ class LLMEngine:
         torch.cuda.empty_cache()  # blocks the warm-up runs freed; the graphs' pool stays theirs
         kept = torch.cuda.memory_reserved(device) - before - kv_bytes_per_token(self.model) * self.options.block_size
         del runner
+        gc.collect()  # whatever of it a reference cycle holds: its memory must be free for the cache
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         return max(kept, 0)
